@@ -1,0 +1,16 @@
+# Writes OUT: a C file holding each of SOURCES (lua/lpar/*.lua) as a
+# string, and lpar_embedded(), a name -> source lookup.
+set(body "/* generated from the files of lua/lpar by scripts/embed.cmake */\n#include <stddef.h>\n#include <string.h>\n")
+set(table "")
+foreach(src ${SOURCES})
+  get_filename_component(name ${src} NAME_WE)
+  file(READ ${src} hex HEX)
+  string(REGEX REPLACE "([0-9a-f][0-9a-f])" "0x\\1," hex "${hex}")
+  string(APPEND body "static const char src_${name}[] = {${hex}0};\n")
+  string(APPEND table "  {\"lpar.${name}\", src_${name}, sizeof src_${name} - 1},\n")
+endforeach()
+string(APPEND body "static const struct { const char *name, *src; size_t len; } files[] = {\n${table}  {NULL, NULL, 0}};\n")
+string(APPEND body "const char *lpar_embedded(const char *name, size_t *len);\n")
+string(APPEND body "const char *lpar_embedded(const char *name, size_t *len) {\n  size_t i;\n  for (i = 0; files[i].name; i++)\n    if (strcmp(files[i].name, name) == 0) {\n      *len = files[i].len;\n      return files[i].src;\n    }\n  return NULL;\n}\n")
+file(WRITE ${OUT}.tmp "${body}")
+execute_process(COMMAND ${CMAKE_COMMAND} -E copy_if_different ${OUT}.tmp ${OUT})

@@ -1,0 +1,326 @@
+/*
+** lmodule.c: luaopen_lpar and the Lua-facing functions: parallel, imap,
+** encode, decode.
+*/
+#include <math.h>
+#include <string.h>
+
+#include "codec.h"
+#include "lauxlib.h"
+#include "lpar.h"
+#include "run.h"
+#include "worker.h"
+
+const char *lpar_version(void) {
+  return LPAR_VERSION;
+}
+
+static void checkcallable(lua_State *L, int arg) {
+  if (lua_type(L, arg) != LUA_TFUNCTION) {
+    if (luaL_getmetafield(L, arg, "__call") == LUA_TNIL)
+      luaL_typeerror(L, arg, "function");
+    lua_pop(L, 1); /* pop __call */
+  }
+}
+
+/* A non-negative integer from the value at the top (popped), or raise
+   naming 'what'. */
+static lua_Integer getcount(lua_State *L, int arg, const char *what) {
+  lua_Integer v;
+  int isnum;
+  if (lua_type(L, -1) != LUA_TNUMBER)
+    luaL_argerror(L, arg,
+                  lua_pushfstring(L, "%s must be a number, got %s", what,
+                                  luaL_typename(L, -1)));
+  v = lua_tointegerx(L, -1, &isnum);
+  if (!isnum || v < 0)
+    luaL_argerror(L, arg,
+                  lua_pushfstring(L, "%s must be a non-negative integer",
+                                  what));
+  lua_pop(L, 1);
+  return v;
+}
+
+static const char *const optnames[] = {"n_workers", "chunksize", "on_error",
+                                       "timeout", "unordered", NULL};
+
+/* Read the options at 'arg': nil, a worker count, or a table. */
+static void getopts(lua_State *L, int arg, RunOpts *o) {
+  lua_Integer nw = LPAR_DEFWORKERS;
+  memset(o, 0, sizeof *o);
+  switch (lua_type(L, arg)) {
+  case LUA_TNONE:
+  case LUA_TNIL:
+    break;
+  case LUA_TNUMBER:
+    lua_pushvalue(L, arg);
+    nw = getcount(L, arg, "n_workers");
+    break;
+  case LUA_TTABLE:
+    lua_pushnil(L);
+    while (lua_next(L, arg)) {
+      lua_pop(L, 1);
+      if (lua_type(L, -1) != LUA_TSTRING)
+        luaL_argerror(L, arg, "option names must be strings");
+      luaL_checkoption(L, -1, NULL, optnames); /* names a bad key */
+    }
+    if (lua_getfield(L, arg, "n_workers") != LUA_TNIL)
+      nw = getcount(L, arg, "n_workers");
+    else
+      lua_pop(L, 1);
+    if (lua_getfield(L, arg, "chunksize") != LUA_TNIL) {
+      o->chunk = getcount(L, arg, "chunksize");
+      if (o->chunk == 0)
+        luaL_argerror(L, arg, "chunksize must be at least 1");
+    }
+    else
+      lua_pop(L, 1);
+    if (lua_getfield(L, arg, "on_error") != LUA_TNIL) {
+      const char *s = lua_tostring(L, -1);
+      if (s == NULL || (strcmp(s, "raise") != 0 && strcmp(s, "collect") != 0))
+        luaL_argerror(L, arg, "on_error must be 'raise' or 'collect'");
+      o->collect = s[0] == 'c';
+    }
+    lua_pop(L, 1);
+    if (lua_getfield(L, arg, "timeout") != LUA_TNIL) {
+      int isnum;
+      double t = (double)lua_tonumberx(L, -1, &isnum);
+      if (!isnum || !(t > 0) || t > 1e9)
+        luaL_argerror(L, arg, "timeout must be a positive number of seconds");
+      o->timeout = t;
+    }
+    lua_pop(L, 1);
+    lua_getfield(L, arg, "unordered");
+    o->unordered = lua_toboolean(L, -1);
+    lua_pop(L, 1);
+    break;
+  default:
+    luaL_typeerror(L, arg, "number or table");
+  }
+  o->nworkers = nw > LPAR_MAXWORKERS ? LPAR_MAXWORKERS : (int)nw;
+}
+
+/* Number of items of the table at 'idx': items.n if it is an integer
+   (as table.pack makes), else its length. */
+static lua_Integer itemcount(lua_State *L, int idx) {
+  lua_Integer n;
+  if (lua_getfield(L, idx, "n") == LUA_TNUMBER && lua_isinteger(L, -1))
+    n = lua_tointeger(L, -1);
+  else {
+    lua_pop(L, 1);
+    return luaL_len(L, idx);
+  }
+  lua_pop(L, 1);
+  if (n < 0)
+    luaL_argerror(L, idx, "'n' must not be negative");
+  return n;
+}
+
+/*
+** Run f over the items in this process (n_workers = 0, or inside a
+** worker). Values are not copied. Stack: f at 1, items at 2.
+*/
+static int serial(lua_State *L, lua_Integer n, const RunOpts *o) {
+  lua_Integer i;
+  int stream = n < 0;
+  lua_newtable(L); /* results */
+  lua_newtable(L); /* errors */
+  lua_pushcfunction(L, lpar_worker_traceback);
+  for (i = 1; stream || i <= n; i++) {
+    if (stream) {
+      lua_pushvalue(L, 2);
+      lua_call(L, 0, 1);
+      if (lua_isnil(L, -1)) {
+        lua_pop(L, 1);
+        n = i - 1;
+        break;
+      }
+    }
+    else
+      lua_geti(L, 2, i);
+    lua_pushvalue(L, 1);
+    lua_insert(L, -2);
+    if (lua_pcall(L, 1, 1, -3) == LUA_OK) {
+      lua_seti(L, -4, i);
+      continue;
+    }
+    if (o->collect) {
+      lua_seti(L, -3, i);
+      continue;
+    }
+    if (lua_type(L, -1) == LUA_TSTRING)
+      lua_pushfstring(L, "item %I: %s", (LUAI_UACINT)i, lua_tostring(L, -1));
+    lua_error(L);
+  }
+  lua_pop(L, 1); /* message handler */
+  if (!o->collect)
+    lua_pop(L, 1); /* errors */
+  lua_pushinteger(L, n);
+  if (o->collect)
+    lua_insert(L, -2); /* results, n, errors */
+  return o->collect ? 3 : 2;
+}
+
+/* Check f, items and options; leaves them at 1, 2 and returns the item
+   count (-1 for an iterator). */
+static lua_Integer checkargs(lua_State *L, RunOpts *o) {
+  lua_Integer n = -1;
+  checkcallable(L, 1);
+  if (lua_type(L, 2) == LUA_TTABLE)
+    n = itemcount(L, 2);
+  else if (lua_type(L, 2) != LUA_TFUNCTION)
+    luaL_typeerror(L, 2, "table or iterator function");
+  getopts(L, 3, o);
+  lua_settop(L, 2);
+  if (n >= 0 && o->nworkers > n)
+    o->nworkers = (int)n;
+  return n;
+}
+
+/*
+** parallel(f, items [, n_workers | opts]) -> results, n [, errors]
+** Forks workers that inherit the whole state, hands out index ranges and
+** gathers the results in item order.
+*/
+static int l_parallel(lua_State *L) {
+  RunOpts o;
+  lua_Integer n = checkargs(L, &o);
+  int status;
+  if (o.unordered)
+    luaL_argerror(L, 3, "option 'unordered' is for lpar.imap");
+  if (n == 0) {
+    lua_newtable(L);
+    lua_pushinteger(L, 0);
+    if (o.collect)
+      lua_newtable(L);
+    return o.collect ? 3 : 2;
+  }
+  if (o.nworkers == 0 || lpar_worker_inside(L))
+    return serial(L, n, &o);
+  lpar_run_new(L, 1, 2, n, &o); /* 3 */
+  lua_pushcfunction(L, lpar_run_finish);
+  lua_pushvalue(L, 3);
+  status = lua_pcall(L, 1, LUA_MULTRET, 0);
+  lpar_run_stop(L, 3);
+  if (status != LUA_OK)
+    lua_error(L);
+  return lua_gettop(L) - 3;
+}
+
+/* Iterator of lpar.imap: (run) -> index, value, error. */
+static int imapnext(lua_State *L) {
+  int status;
+  lua_settop(L, 1);
+  lua_pushcfunction(L, lpar_run_next);
+  lua_pushvalue(L, 1);
+  status = lua_pcall(L, 1, LUA_MULTRET, 0);
+  if (status != LUA_OK) {
+    lpar_run_stop(L, 1);
+    lua_error(L);
+  }
+  if (lua_gettop(L) == 1) /* all done */
+    lpar_run_stop(L, 1);
+  return lua_gettop(L) - 1;
+}
+
+/* Serial imap: (state) -> index, value, error, for n_workers = 0. */
+static int imapserial(lua_State *L) {
+  lua_Integer i = luaL_optinteger(L, 2, 0) + 1;
+  int collect = lua_toboolean(L, lua_upvalueindex(3));
+  lua_settop(L, 0);
+  if (lua_type(L, lua_upvalueindex(2)) == LUA_TTABLE) {
+    if (i > (lua_Integer)lua_tointeger(L, lua_upvalueindex(4)))
+      return 0;
+    lua_geti(L, lua_upvalueindex(2), i);
+  }
+  else {
+    lua_pushvalue(L, lua_upvalueindex(2));
+    lua_call(L, 0, 1);
+    if (lua_isnil(L, -1))
+      return 0;
+  }
+  lua_pushcfunction(L, lpar_worker_traceback);
+  lua_pushvalue(L, lua_upvalueindex(1));
+  lua_pushvalue(L, 1);
+  if (lua_pcall(L, 1, 1, 2) == LUA_OK) {
+    lua_pushinteger(L, i);
+    lua_insert(L, -2);
+    return 2;
+  }
+  if (!collect) {
+    if (lua_type(L, -1) == LUA_TSTRING)
+      lua_pushfstring(L, "item %I: %s", (LUAI_UACINT)i, lua_tostring(L, -1));
+    lua_error(L);
+  }
+  lua_pushinteger(L, i);
+  lua_pushnil(L);
+  lua_pushvalue(L, -3);
+  return 3;
+}
+
+/*
+** imap(f, items [, n_workers | opts]) -> iterator for a generic for:
+**   for i, v, err in lpar.imap(f, io.lines(path)) do ... end
+** Items may come from an iterator; results come in item order (or in
+** completion order with opts.unordered), a bounded number at a time.
+*/
+static int l_imap(lua_State *L) {
+  RunOpts o;
+  lua_Integer n = checkargs(L, &o);
+  if (n == 0 || o.nworkers == 0 || lpar_worker_inside(L)) {
+    lua_pushboolean(L, o.collect);
+    lua_pushinteger(L, n);
+    lua_pushcclosure(L, imapserial, 4);
+    return 1;
+  }
+  lua_pushcfunction(L, imapnext);
+  lpar_run_new(L, 1, 2, n, &o);
+  lua_pushnil(L);
+  lua_pushvalue(L, -2); /* to-be-closed: stops workers on break */
+  return 4;
+}
+
+/* encode(v) -> string: the codec's bytes for v (tests, tools). */
+static int l_encode(lua_State *L) {
+  Buf *b;
+  luaL_checkany(L, 1);
+  lua_settop(L, 1);
+  b = lpar_codec_newbuf(L); /* 2: freed by its __gc */
+  if (lpar_codec_encode(L, 1, b) != 0)
+    return luaL_error(L, "cannot serialize: %s", lua_tostring(L, -1));
+  lua_pushlstring(L, b->p, b->n);
+  return 1;
+}
+
+/* decode(s) -> v: one value; raises on bad or trailing bytes. */
+static int l_decode(lua_State *L) {
+  size_t len, pos = 0;
+  const char *s = luaL_checklstring(L, 1, &len);
+  if (lpar_codec_decode(L, s, len, &pos) != 0)
+    return luaL_error(L, "bad encoding (%s)", lua_tostring(L, -1));
+  if (pos != len)
+    return luaL_error(L, "bad encoding (trailing bytes at byte %I)",
+                      (LUAI_UACINT)pos);
+  return 1;
+}
+
+static const luaL_Reg funcs[] = {{"parallel", l_parallel},
+                                 {"imap", l_imap},
+                                 {"encode", l_encode},
+                                 {"decode", l_decode},
+                                 {NULL, NULL}};
+
+int luaopen_lpar(lua_State *L) {
+  lpar_run_open(L);
+  luaL_newlib(L, funcs);
+  lua_pushliteral(L, LPAR_VERSION);
+  lua_setfield(L, -2, "_VERSION");
+  lua_pushinteger(L, LPAR_DEFWORKERS);
+  lua_setfield(L, -2, "default_workers");
+  return 1;
+}
+
+void lpar_openlib(lua_State *L) {
+  luaL_requiref(L, "lpar", luaopen_lpar, 1);
+  lua_pop(L, 1);
+}

@@ -1,0 +1,70 @@
+/*
+** lpar.h: public header of lpar, a fork pool for Lua 5.4.
+** Version, tunable limits and the C entry points an embedding host needs.
+*/
+#ifndef lpar_h
+#define lpar_h
+
+#include "lua.h"
+
+#define LPAR_VERSION_MAJOR 0
+#define LPAR_VERSION_MINOR 1
+#define LPAR_VERSION_PATCH 0
+#define LPAR_VERSION "lpar 0.1.0"
+
+/* workers used when the caller gives no count */
+#if !defined(LPAR_DEFWORKERS)
+#define LPAR_DEFWORKERS 8
+#endif
+
+/* most workers one run may start */
+#if !defined(LPAR_MAXWORKERS)
+#define LPAR_MAXWORKERS 1024
+#endif
+
+/* deepest table nesting the codec accepts */
+#if !defined(LPAR_MAXDEPTH)
+#define LPAR_MAXDEPTH 200
+#endif
+
+/* a worker sends its buffered results once they exceed this many bytes */
+#if !defined(LPAR_FLUSHSIZE)
+#define LPAR_FLUSHSIZE (256 * 1024)
+#endif
+
+/* the scheduler aims for chunks that take at least this long (ns) */
+#if !defined(LPAR_MINCHUNKNS)
+#define LPAR_MINCHUNKNS 2000000
+#endif
+
+/* before the time per item is known, a first chunk gets this long (ns)
+   to come back before another worker is started */
+#if !defined(LPAR_SPAWNWAITNS)
+#define LPAR_SPAWNWAITNS 1000000
+#endif
+
+/* most items one chunk of a streamed run may carry */
+#if !defined(LPAR_MAXSTREAMCHUNK)
+#define LPAR_MAXSTREAMCHUNK 4096
+#endif
+
+#if defined(__GNUC__)
+#define LPAR_EXPORT __attribute__((visibility("default")))
+#else
+#define LPAR_EXPORT
+#endif
+
+/* Open the module: pushes the lpar table (for luaL_requiref). */
+LPAR_EXPORT int luaopen_lpar(lua_State *L);
+
+/* The library's version string, e.g. "lpar 0.1.0". */
+const char *lpar_version(void);
+
+/*
+** Register lpar in a host's state: package.loaded.lpar and the global
+** 'lpar', as luaL_requiref(L, "lpar", luaopen_lpar, 1) would. Leaves the
+** stack as it was.
+*/
+void lpar_openlib(lua_State *L);
+
+#endif

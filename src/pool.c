@@ -1,0 +1,184 @@
+/*
+** pool.c: fork, channels, waitpid and shutdown of worker processes.
+** Plain C: returns 0 or -errno, never prints, never exits the parent.
+*/
+#include "pool.h"
+
+#include <assert.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <stdatomic.h>
+#include <stdio.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <sys/socket.h>
+#include <sys/wait.h>
+#include <time.h>
+#include <unistd.h>
+
+#if defined(__linux__)
+#include <sys/prctl.h>
+#endif
+
+#if !defined(LPAR_MAXTRACKFD)
+#define LPAR_MAXTRACKFD 65536
+#endif
+
+/*
+** The set of open lpar fds. Fds belong to the process, not to a Lua state,
+** so this one table is process-wide; atomics make it safe for hosts that
+** use lpar from several threads.
+*/
+#define WORDBITS 64
+static _Atomic unsigned long long tracked[LPAR_MAXTRACKFD / WORDBITS];
+
+void lpar_pool_track(int fd) {
+  if (fd >= 0 && fd < LPAR_MAXTRACKFD)
+    atomic_fetch_or(&tracked[fd / WORDBITS], 1ULL << (fd % WORDBITS));
+}
+
+static void untrack(int fd) {
+  if (fd >= 0 && fd < LPAR_MAXTRACKFD)
+    atomic_fetch_and(&tracked[fd / WORDBITS], ~(1ULL << (fd % WORDBITS)));
+}
+
+void lpar_pool_closefd(int *fd) {
+  if (*fd >= 0) {
+    assert(*fd > 2);
+    untrack(*fd);
+    close(*fd); /* never retried: the fd is gone either way */
+    *fd = -1;
+  }
+}
+
+/* In a new child: close every tracked fd but 'keep1' and 'keep2'. */
+static void closeothers(int keep1, int keep2) {
+  size_t w;
+  for (w = 0; w < LPAR_MAXTRACKFD / WORDBITS; w++) {
+    unsigned long long bits = atomic_load(&tracked[w]);
+    while (bits) {
+      int b = __builtin_ctzll(bits);
+      int fd = (int)(w * WORDBITS) + b;
+      bits &= bits - 1;
+      if (fd != keep1 && fd != keep2) {
+        close(fd);
+        untrack(fd);
+      }
+    }
+  }
+}
+
+long long lpar_pool_now(void) {
+  struct timespec ts;
+  clock_gettime(CLOCK_MONOTONIC, &ts);
+  return (long long)ts.tv_sec * 1000000000LL + ts.tv_nsec;
+}
+
+static void childsignals(const ChildSetup *cs) {
+  struct sigaction sa;
+  memset(&sa, 0, sizeof sa);
+  sigemptyset(&sa.sa_mask);
+  sa.sa_handler = SIG_DFL;
+  sigaction(SIGTERM, &sa, NULL);
+  sigaction(SIGPIPE, &sa, NULL);
+  sigaction(SIGCHLD, &sa, NULL);
+  sa.sa_handler = cs->ignint ? SIG_IGN : SIG_DFL;
+  sigaction(SIGINT, &sa, NULL);
+  sigprocmask(SIG_SETMASK, cs->mask, NULL);
+}
+
+pid_t lpar_pool_fork(Proc *p, const ChildSetup *cs) {
+  int cmd[2] = {-1, -1}, res[2] = {-1, -1};
+  pid_t parent = getpid(), pid;
+  int rc;
+  if (socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, cmd) == -1)
+    return -errno;
+  lpar_pool_track(cmd[0]);
+  lpar_pool_track(cmd[1]);
+  if (pipe2(res, O_CLOEXEC) == -1) {
+    rc = -errno;
+    goto fail;
+  }
+  lpar_pool_track(res[0]);
+  lpar_pool_track(res[1]);
+#if defined(F_SETPIPE_SZ)
+  fcntl(res[1], F_SETPIPE_SZ, 1 << 20); /* best effort: fewer wake-ups */
+#endif
+  if (fcntl(res[0], F_SETFL, O_NONBLOCK) == -1) {
+    rc = -errno;
+    goto fail;
+  }
+  fflush(NULL); /* nothing buffered is written twice */
+  pid = fork();
+  if (pid == -1) {
+    rc = -errno;
+    goto fail;
+  }
+  if (pid == 0) {
+    closeothers(cmd[1], res[1]);
+#if defined(__linux__)
+    prctl(PR_SET_PDEATHSIG, SIGKILL);
+#endif
+    if (getppid() != parent) /* the parent died before prctl */
+      _exit(1);
+    childsignals(cs);
+    p->pid = 0;
+    p->cmdfd = cmd[1];
+    p->resfd = res[1];
+    return 0;
+  }
+  lpar_pool_closefd(&cmd[1]);
+  lpar_pool_closefd(&res[1]);
+  p->pid = pid;
+  p->cmdfd = cmd[0];
+  p->resfd = res[0];
+  return pid;
+fail:
+  lpar_pool_closefd(&cmd[0]);
+  lpar_pool_closefd(&cmd[1]);
+  lpar_pool_closefd(&res[0]);
+  lpar_pool_closefd(&res[1]);
+  return rc;
+}
+
+void lpar_pool_close(Proc *p) {
+  lpar_pool_closefd(&p->cmdfd);
+  lpar_pool_closefd(&p->resfd);
+}
+
+int lpar_pool_wait(pid_t pid, int *status, int block) {
+  pid_t r;
+  do
+    r = waitpid(pid, status, block ? 0 : WNOHANG);
+  while (r == -1 && errno == EINTR);
+  if (r == -1)
+    return -errno;
+  return r == pid;
+}
+
+const char *lpar_pool_describe(int status, char *buf, size_t size) {
+  if (WIFSIGNALED(status)) {
+    int sig = WTERMSIG(status);
+    const char *name = sigabbrev_np(sig);
+    if (name)
+      snprintf(buf, size, "killed by signal %d (SIG%s)", sig, name);
+    else
+      snprintf(buf, size, "killed by signal %d", sig);
+  }
+  else if (WIFEXITED(status))
+    snprintf(buf, size, "exited with status %d", WEXITSTATUS(status));
+  else
+    snprintf(buf, size, "ended with wait status %d", status);
+  return buf;
+}
+
+Slot *lpar_pool_slots(size_t n) {
+  void *p = mmap(NULL, n * sizeof(Slot), PROT_READ | PROT_WRITE,
+                 MAP_SHARED | MAP_ANONYMOUS, -1, 0);
+  return p == MAP_FAILED ? NULL : p;
+}
+
+void lpar_pool_freeslots(Slot *s, size_t n) {
+  if (s)
+    munmap(s, n * sizeof(Slot));
+}

@@ -1,0 +1,914 @@
+/*
+** run.c: the parent side of a run. Starts workers as they are needed,
+** hands out chunks of items, gathers results, and stops every worker
+** before a call returns or raises.
+*/
+#include "run.h"
+
+#include <errno.h>
+#include <poll.h>
+#include <signal.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "codec.h"
+#include "lauxlib.h"
+#include "lpar.h"
+#include "pool.h"
+#include "wire.h"
+#include "worker.h"
+
+/* items pulled from an iterator but not yet emitted, at most */
+#if !defined(LPAR_WINDOW)
+#define LPAR_WINDOW 16384
+#endif
+
+/* after SIGTERM for a timeout, SIGKILL follows this much later (ns) */
+#define KILLGRACE 500000000LL
+
+/* fields of the run's uservalue table */
+enum { ENV_RESULTS = 1, ENV_ERRORS, ENV_F, ENV_ITEMS, ENV_FAILURE, ENV_INFLIGHT };
+
+/* stack slots of a step function: the run and what it uses most */
+enum { S_RUN = 1, S_ENV, S_RESULTS, S_ERRORS, S_INFLIGHT, S_TOP = S_INFLIGHT };
+
+typedef struct Range {
+  lua_Integer first, count;
+} Range;
+
+typedef struct Worker {
+  Proc proc;         /* proc.pid == 0: nobody in this place */
+  lua_Integer first; /* chunk being run */
+  lua_Integer count; /* items in it; 0 when idle */
+  lua_Integer got;   /* items of it reported so far */
+  long long sent;    /* when it was sent */
+  long long busy;    /* ns the worker reports spending on it so far */
+  Buf in;            /* bytes received and not yet handled */
+  Buf out;           /* bytes to send */
+  size_t outpos;     /* bytes of 'out' already sent */
+  lua_Integer timedout; /* item it was killed for, 0 if none */
+  long long killat;  /* if > 0: SIGKILL due at this time */
+} Worker;
+
+typedef struct Run {
+  RunOpts o;
+  int stream;          /* items come from an iterator */
+  int emitting;        /* results are taken one by one (lpar.imap) */
+  int cap;             /* most workers to run at once */
+  int started;         /* signals changed, slots mapped */
+  int stopped;
+  int live;            /* workers running */
+  Worker *w;           /* o.nworkers places */
+  Slot *slots;
+  struct pollfd *pfd;
+  int *pfdw;           /* worker of each pollfd */
+  lua_Integer n;       /* items: known count, or pulled so far */
+  lua_Integer next;    /* next item never handed out */
+  int exhausted;       /* the iterator returned nil */
+  Range *redo;         /* items to hand out again */
+  int nredo, capredo;
+  lua_Integer done;    /* items reported */
+  lua_Integer emit;    /* next index to emit (imap) */
+  unsigned char *fin;  /* ring of LPAR_WINDOW flags: item done (imap) */
+  lua_Integer *queue;  /* ring of done indices (unordered imap) */
+  lua_Integer qhead, qtail;
+  double tns;          /* estimated ns per item; 0 until measured */
+  int failed;          /* an item failed and the run must stop */
+  int lost;            /* workers lost without a culprit */
+  struct sigaction oldint;
+  sigset_t oldmask;
+  int ignint;
+  struct sigaction oldterm;
+  int watchterm;       /* SIGTERM ends the run too (the CLI) */
+} Run;
+
+/* the signal that interrupted the current run; a handler can only reach
+   static data */
+static volatile sig_atomic_t interrupted;
+
+static void onint(int sig) {
+  interrupted = sig;
+}
+
+static Run *checkrun(lua_State *L, int idx) {
+  return luaL_checkudata(L, idx, LPAR_RUNMT);
+}
+
+/* Take over SIGINT for the run: block it outside ppoll, note it inside. */
+static void startsignals(Run *r) {
+  sigset_t block;
+  struct sigaction sa;
+  memset(&sa, 0, sizeof sa);
+  sa.sa_handler = onint;
+  sigemptyset(&sa.sa_mask);
+  sigemptyset(&block);
+  sigaddset(&block, SIGINT);
+  if (r->watchterm)
+    sigaddset(&block, SIGTERM);
+  sigprocmask(SIG_BLOCK, &block, &r->oldmask);
+  sigaction(SIGINT, NULL, &r->oldint);
+  r->ignint = r->oldint.sa_handler == SIG_IGN;
+  if (!r->ignint)
+    sigaction(SIGINT, &sa, NULL);
+  if (r->watchterm)
+    sigaction(SIGTERM, &sa, &r->oldterm);
+  interrupted = 0;
+}
+
+static void stopsignals(Run *r) {
+  if (!r->ignint)
+    sigaction(SIGINT, &r->oldint, NULL);
+  if (r->watchterm)
+    sigaction(SIGTERM, &r->oldterm, NULL);
+  sigprocmask(SIG_SETMASK, &r->oldmask, NULL);
+}
+
+void lpar_run_new(lua_State *L, int fidx, int iidx, lua_Integer n,
+                  const RunOpts *o) {
+  Run *r;
+  int i;
+  fidx = lua_absindex(L, fidx);
+  iidx = lua_absindex(L, iidx);
+  r = lua_newuserdatauv(L, sizeof(Run), 1);
+  memset(r, 0, sizeof *r);
+  luaL_setmetatable(L, LPAR_RUNMT);
+  r->o = *o;
+  r->cap = o->nworkers;
+  r->watchterm = o->sigterm;
+  r->stream = n < 0;
+  r->n = n < 0 ? 0 : n;
+  r->next = 1;
+  r->emit = 1;
+  lua_createtable(L, 6, 0);
+  lua_createtable(L, n > 0 && n < INT32_MAX ? (int)n : 0, 0);
+  lua_rawseti(L, -2, ENV_RESULTS);
+  lua_newtable(L);
+  lua_rawseti(L, -2, ENV_ERRORS);
+  lua_pushvalue(L, fidx);
+  lua_rawseti(L, -2, ENV_F);
+  lua_pushvalue(L, iidx);
+  lua_rawseti(L, -2, ENV_ITEMS);
+  lua_newtable(L);
+  lua_rawseti(L, -2, ENV_INFLIGHT);
+  lua_setiuservalue(L, -2, 1);
+  r->w = calloc((size_t)o->nworkers, sizeof(Worker));
+  r->pfd = calloc((size_t)o->nworkers * 2, sizeof(struct pollfd));
+  r->pfdw = calloc((size_t)o->nworkers * 2, sizeof(int));
+  if (!r->w || !r->pfd || !r->pfdw)
+    luaL_error(L, "not enough memory"); /* __gc frees what was made */
+  for (i = 0; i < o->nworkers; i++)
+    r->w[i].proc.cmdfd = r->w[i].proc.resfd = -1;
+  r->slots = lpar_pool_slots((size_t)o->nworkers);
+  if (r->slots == NULL)
+    luaL_error(L, "cannot map shared memory: %s", strerror(errno));
+}
+
+/* Push the run's tables into the fixed slots of a step function. */
+static Run *stepsetup(lua_State *L) {
+  Run *r = checkrun(L, S_RUN);
+  lua_settop(L, S_RUN);
+  lua_getiuservalue(L, S_RUN, 1);
+  lua_rawgeti(L, S_ENV, ENV_RESULTS);
+  lua_rawgeti(L, S_ENV, ENV_ERRORS);
+  lua_rawgeti(L, S_ENV, ENV_INFLIGHT);
+  if (r->stopped)
+    luaL_error(L, "run already finished");
+  if (!r->started) {
+    startsignals(r);
+    r->started = 1;
+  }
+  return r;
+}
+
+/* ---- scheduling ---- */
+
+/* Items handed out so far (fresh ones, not counting hand-outs again). */
+static lua_Integer handed(Run *r) {
+  return r->stream ? r->n : r->next - 1;
+}
+
+/* How many more items may be handed out now: results waiting to be
+   emitted, or items in flight, stay within LPAR_WINDOW. */
+static lua_Integer room(Run *r) {
+  if (r->emitting)
+    return LPAR_WINDOW - (handed(r) - (r->emit - 1));
+  if (r->stream)
+    return LPAR_WINDOW - (handed(r) - r->done);
+  return r->n - r->next + 1;
+}
+
+static int hasroom(Run *r) {
+  return room(r) > 0;
+}
+
+static int workleft(Run *r) {
+  if (r->failed)
+    return 0;
+  if (r->nredo > 0)
+    return 1;
+  if (r->stream)
+    return !r->exhausted && hasroom(r);
+  return r->next <= r->n && hasroom(r);
+}
+
+/* Chunk size for the next hand-out: guided self-scheduling (a share of
+   what is left) raised so that a chunk takes at least LPAR_MINCHUNKNS. */
+static lua_Integer chunksize(Run *r) {
+  lua_Integer c;
+  if (r->o.chunk > 0)
+    return r->o.chunk;
+  if (!r->stream) {
+    lua_Integer left = r->n - r->next + 1;
+    c = (left + 2 * r->o.nworkers - 1) / (2 * r->o.nworkers);
+  }
+  else
+    c = r->tns > 0 ? LPAR_MAXSTREAMCHUNK : 1;
+  if (r->tns > 0) {
+    double lo = (double)LPAR_MINCHUNKNS / r->tns;
+    if (lo > (double)c)
+      c = lo > 1e15 ? (lua_Integer)1e15 : (lua_Integer)lo;
+  }
+  if (r->stream && c > LPAR_MAXSTREAMCHUNK)
+    c = LPAR_MAXSTREAMCHUNK;
+  return c < 1 ? 1 : c;
+}
+
+/* Start writing the frame in w->out: header then the u64 first index. */
+static void beginframe(lua_State *L, Worker *w, lua_Integer first) {
+  w->out.n = 0;
+  w->outpos = 0;
+  if (lpar_buf_reserve(&w->out, LPAR_HDRSIZE + 8) != 0)
+    luaL_error(L, "not enough memory");
+  w->out.n = LPAR_HDRSIZE + 8;
+  lpar_wire_put64(w->out.p + LPAR_HDRSIZE, (uint64_t)first);
+}
+
+static void endframe(Worker *w, int type, lua_Integer count) {
+  Frame f;
+  f.type = (uint32_t)type;
+  f.count = (uint32_t)count;
+  f.len = w->out.n - LPAR_HDRSIZE;
+  lpar_wire_putheader(w->out.p, &f);
+}
+
+/* Encode the item at the top of the stack (popped) into w->out. */
+static void additem(lua_State *L, Worker *w, lua_Integer i) {
+  if (lpar_codec_encode(L, -1, &w->out) != 0)
+    luaL_error(L, "item %I: cannot send item: %s", (LUAI_UACINT)i,
+               lua_tostring(L, -1));
+  lua_pop(L, 1);
+}
+
+/* Pull up to 'max' new items from the iterator into w->out and the
+   in-flight table; returns how many. */
+static lua_Integer pull(lua_State *L, Run *r, Worker *w, lua_Integer max) {
+  lua_Integer k = 0;
+  while (k < max && !r->exhausted && hasroom(r)) {
+    lua_rawgeti(L, S_ENV, ENV_ITEMS);
+    lua_call(L, 0, 1);
+    if (lua_isnil(L, -1)) {
+      lua_pop(L, 1);
+      r->exhausted = 1;
+      break;
+    }
+    r->n++;
+    lua_pushvalue(L, -1);
+    lua_rawseti(L, S_INFLIGHT, r->n);
+    additem(L, w, r->n);
+    k++;
+  }
+  return k;
+}
+
+static int sendsome(Worker *w);
+
+/* Hand worker 'w' its next chunk, if there is one. */
+static void assign(lua_State *L, Run *r, Worker *w) {
+  lua_Integer first, count;
+  if (r->nredo > 0) {
+    Range *g = &r->redo[r->nredo - 1];
+    lua_Integer c = chunksize(r);
+    first = g->first;
+    count = c < g->count ? c : g->count;
+    g->first += count;
+    g->count -= count;
+    if (g->count == 0)
+      r->nredo--;
+    beginframe(L, w, first);
+    if (r->stream) {
+      lua_Integer i;
+      for (i = first; i < first + count; i++) {
+        lua_rawgeti(L, S_INFLIGHT, i);
+        additem(L, w, i);
+      }
+    }
+  }
+  else if (r->stream) {
+    first = r->n + 1;
+    beginframe(L, w, first);
+    count = pull(L, r, w, chunksize(r));
+    if (count == 0)
+      return;
+  }
+  else {
+    lua_Integer c = chunksize(r), left = r->n - r->next + 1;
+    if (left > room(r))
+      left = room(r);
+    first = r->next;
+    count = c < left ? c : left;
+    r->next += count;
+    beginframe(L, w, first);
+  }
+  endframe(w, r->stream ? LPAR_FITEMS : LPAR_FWORK, count);
+  w->first = first;
+  w->count = count;
+  w->got = 0;
+  w->sent = lpar_pool_now();
+  w->busy = 0;
+  sendsome(w);
+}
+
+/* Send what is pending; 0, or -errno if the worker cannot be written. */
+static int sendsome(Worker *w) {
+  while (w->outpos < w->out.n) {
+    long k = lpar_wire_trywrite(w->proc.cmdfd, w->out.p + w->outpos,
+                                w->out.n - w->outpos);
+    if (k < 0)
+      return (int)k;
+    if (k == 0)
+      break;
+    w->outpos += (size_t)k;
+  }
+  return 0;
+}
+
+/* ---- workers ---- */
+
+static void spawn(lua_State *L, Run *r) {
+  int i;
+  pid_t pid;
+  Worker *w = NULL;
+  ChildSetup cs;
+  for (i = 0; i < r->o.nworkers; i++)
+    if (r->w[i].proc.pid == 0) {
+      w = &r->w[i];
+      break;
+    }
+  if (w == NULL)
+    return;
+  cs.mask = &r->oldmask;
+  cs.ignint = r->ignint;
+  r->slots[i].item = 0;
+  lua_rawgeti(L, S_ENV, ENV_F);
+  lua_rawgeti(L, S_ENV, ENV_ITEMS);
+  pid = lpar_pool_fork(&w->proc, &cs);
+  if (pid == 0) {
+    WorkerArgs a;
+    lua_Integer seed = (lua_Integer)getpid() ^ lpar_pool_now();
+    a.cmdfd = w->proc.cmdfd;
+    a.resfd = w->proc.resfd;
+    a.fidx = lua_gettop(L) - 1;
+    a.itemsidx = r->stream ? 0 : lua_gettop(L);
+    a.collect = r->o.collect;
+    a.timed = r->o.timeout > 0;
+    a.slot = &r->slots[i];
+    /* reseed math.random: every worker draws its own numbers */
+    lua_getfield(L, LUA_REGISTRYINDEX, LUA_LOADED_TABLE);
+    if (lua_getfield(L, -1, "math") == LUA_TTABLE &&
+        lua_getfield(L, -1, "randomseed") == LUA_TFUNCTION) {
+      lua_pushinteger(L, seed);
+      lua_pushinteger(L, (lua_Integer)i);
+      lua_pcall(L, 2, 0, 0);
+    }
+    lua_settop(L, a.itemsidx ? a.itemsidx : a.fidx + 1);
+    lpar_worker_run(L, &a);
+  }
+  lua_pop(L, 2);
+  if (pid < 0) {
+    if (r->live > 0) { /* go on with the workers there are */
+      r->cap = r->live;
+      return;
+    }
+    luaL_error(L, "cannot start a worker: %s", strerror(-pid));
+  }
+  r->live++;
+  w->count = 0;
+  w->in.n = 0;
+  w->timedout = 0;
+  w->killat = 0;
+}
+
+static void addredo(lua_State *L, Run *r, lua_Integer first,
+                    lua_Integer count) {
+  if (count <= 0)
+    return;
+  if (r->nredo == r->capredo) {
+    int cap = r->capredo ? 2 * r->capredo : 8;
+    Range *g = realloc(r->redo, (size_t)cap * sizeof(Range));
+    if (g == NULL)
+      luaL_error(L, "not enough memory");
+    r->redo = g;
+    r->capredo = cap;
+  }
+  r->redo[r->nredo].first = first;
+  r->redo[r->nredo].count = count;
+  r->nredo++;
+}
+
+/* ---- results ---- */
+
+/* The value at the top of the stack is the result of item i (popped). */
+static void store(lua_State *L, Run *r, lua_Integer i) {
+  if (r->stream) {
+    lua_pushnil(L);
+    lua_rawseti(L, S_INFLIGHT, i);
+  }
+  if (r->emitting) {
+    r->fin[(i - 1) % LPAR_WINDOW] = 1;
+    if (r->o.unordered)
+      r->queue[r->qtail++ % LPAR_WINDOW] = i;
+  }
+  if (lua_isnil(L, -1))
+    lua_pop(L, 1);
+  else
+    lua_rawseti(L, S_RESULTS, i);
+  r->done++;
+}
+
+/* Record that item i failed with the error value and traceback at the
+   top of the stack (both popped). */
+static void itemfailed(lua_State *L, Run *r, lua_Integer i) {
+  if (lua_type(L, -2) == LUA_TSTRING) {
+    if (lua_type(L, -1) == LUA_TSTRING)
+      lua_pushfstring(L, "%s\n%s", lua_tostring(L, -2), lua_tostring(L, -1));
+    else
+      lua_pushvalue(L, -2);
+  }
+  else
+    lua_pushvalue(L, -2);
+  lua_replace(L, -3);
+  lua_pop(L, 1);
+  if (r->o.collect) {
+    lua_rawseti(L, S_ERRORS, i);
+    lua_pushnil(L);
+    store(L, r, i);
+    return;
+  }
+  if (!r->failed) {
+    if (lua_type(L, -1) == LUA_TSTRING)
+      lua_pushfstring(L, "item %I: %s", (LUAI_UACINT)i, lua_tostring(L, -1));
+    else
+      lua_pushvalue(L, -1);
+    lua_rawseti(L, S_ENV, ENV_FAILURE);
+    r->failed = 1;
+  }
+  lua_pop(L, 1);
+}
+
+/* The chunk of w is fully reported: learn from its timing. */
+static void chunkdone(Run *r, Worker *w) {
+  double per = (double)(w->busy > 0 ? w->busy : 1) / (double)w->count;
+  r->tns = r->tns > 0 ? 0.5 * r->tns + 0.5 * per : per;
+  w->count = 0;
+}
+
+static void protoerror(lua_State *L, Run *r, Worker *w, const char *what);
+
+/* Handle the whole frames in w->in. Returns 0, or -1 if the worker broke
+   the protocol (it has been dealt with). */
+static int frames(lua_State *L, Run *r, Worker *w) {
+  size_t at = 0;
+  int rc = 0;
+  while (w->in.n - at >= LPAR_HDRSIZE) {
+    Frame f;
+    const char *p;
+    size_t pos;
+    if (lpar_wire_getheader(w->in.p + at, &f) != 0 ||
+        (f.type != LPAR_FRESULT && f.type != LPAR_FERROR) ||
+        f.len < (f.type == LPAR_FRESULT ? 16u : 8u)) {
+      protoerror(L, r, w, "bad frame header");
+      return -1;
+    }
+    if (f.len > w->in.n - at - LPAR_HDRSIZE)
+      break; /* not all there yet */
+    p = w->in.p + at + LPAR_HDRSIZE;
+    {
+      lua_Integer first = (lua_Integer)lpar_wire_get64(p);
+      uint32_t k, nvals = f.type == LPAR_FRESULT ? f.count : 2;
+      pos = 8;
+      if (f.type == LPAR_FRESULT) {
+        w->busy += (long long)lpar_wire_get64(p + 8);
+        pos = 16;
+      }
+      if (w->count == 0 || first < w->first + w->got ||
+          first - w->first + (lua_Integer)(f.type == LPAR_FRESULT ? f.count : 1) > w->count) {
+        protoerror(L, r, w, "result for an item it was not given");
+        return -1;
+      }
+      for (k = 0; k < nvals; k++) {
+        if (lpar_codec_decode(L, p, (size_t)f.len, &pos) != 0) {
+          protoerror(L, r, w, lua_tostring(L, -1));
+          return -1;
+        }
+        if (f.type == LPAR_FRESULT)
+          store(L, r, first + k);
+      }
+      if (pos != f.len) {
+        protoerror(L, r, w, "trailing bytes in a frame");
+        return -1;
+      }
+      if (f.type == LPAR_FERROR)
+        itemfailed(L, r, first);
+      w->got = first - w->first + (f.type == LPAR_FRESULT ? f.count : 1);
+      if (w->got == w->count)
+        chunkdone(r, w);
+    }
+    at += LPAR_HDRSIZE + (size_t)f.len;
+  }
+  if (at > 0) {
+    memmove(w->in.p, w->in.p + at, w->in.n - at);
+    w->in.n -= at;
+  }
+  return rc;
+}
+
+/*
+** Worker w is gone or must go: reap it (killing it first if 'kill'),
+** name the item it was running, and queue the rest of its chunk again.
+** 'why' overrides the wait status in the message.
+*/
+static void lose(lua_State *L, Run *r, Worker *w, int force, const char *why) {
+  int status = 0, rc = 0, tries;
+  char desc[96];
+  pid_t pid = w->proc.pid;
+  Slot *slot = &r->slots[w - r->w];
+  lua_Integer culprit;
+  lpar_pool_close(&w->proc);
+  if (force)
+    kill(pid, SIGKILL);
+  /* it closed its pipe, so it is exiting: give it a moment, then force */
+  for (tries = 0; (rc = lpar_pool_wait(pid, &status, 0)) == 0; tries++) {
+    if (tries == 200)
+      kill(pid, SIGKILL);
+    poll(NULL, 0, 1);
+  }
+  w->proc.pid = 0;
+  r->live--;
+  culprit = slot->item;
+  if (w->timedout)
+    culprit = w->timedout;
+  if (w->count == 0 || culprit < w->first + w->got ||
+      culprit >= w->first + w->count)
+    culprit = 0;
+  if (w->count > 0) {
+    lua_Integer from = w->first + w->got, end = w->first + w->count;
+    if (culprit) {
+      addredo(L, r, culprit + 1, end - culprit - 1);
+      addredo(L, r, from, culprit - from);
+    }
+    else
+      addredo(L, r, from, end - from);
+    w->count = 0;
+  }
+  if (why == NULL) {
+    if (rc < 0)
+      why = "vanished (reaped elsewhere)";
+    else
+      why = lpar_pool_describe(status, desc, sizeof desc);
+  }
+  if (culprit) {
+    if (w->timedout)
+      lua_pushfstring(L, "timed out after %.1f s", r->o.timeout);
+    else
+      lua_pushfstring(L, "worker %d %s", (int)pid, why);
+    lua_pushnil(L);
+    itemfailed(L, r, culprit);
+  }
+  else if (++r->lost > 2 * r->o.nworkers + 2 && !r->failed) {
+    lua_pushfstring(L, "workers keep dying (worker %d %s)", (int)pid, why);
+    lua_rawseti(L, S_ENV, ENV_FAILURE);
+    r->failed = 1;
+  }
+}
+
+static void protoerror(lua_State *L, Run *r, Worker *w, const char *what) {
+  char why[256];
+  snprintf(why, sizeof why, "broke the protocol (%s)", what);
+  lose(L, r, w, 1, why);
+}
+
+/* Read what worker w has sent and handle it. */
+static void readworker(lua_State *L, Run *r, Worker *w) {
+  for (;;) {
+    size_t want = 0;
+    long k;
+    if (w->in.n >= LPAR_HDRSIZE) {
+      Frame f;
+      if (lpar_wire_getheader(w->in.p, &f) == 0 &&
+          f.len + LPAR_HDRSIZE > w->in.n)
+        want = (size_t)(f.len + LPAR_HDRSIZE - w->in.n);
+    }
+    k = lpar_wire_tryread(w->proc.resfd, &w->in, want);
+    if (k == -EAGAIN)
+      return;
+    if (k <= 0) { /* end of file (a partial frame is dropped) or error */
+      lose(L, r, w, k < 0, NULL);
+      return;
+    }
+    if (frames(L, r, w) != 0)
+      return;
+  }
+}
+
+/* ---- the loop ---- */
+
+static int anyidle(Run *r) {
+  int i;
+  for (i = 0; i < r->o.nworkers; i++)
+    if (r->w[i].proc.pid != 0 && r->w[i].count == 0)
+      return 1;
+  return 0;
+}
+
+static void dispatch(lua_State *L, Run *r) {
+  int i;
+  for (i = 0; i < r->o.nworkers && workleft(r); i++) {
+    Worker *w = &r->w[i];
+    if (w->proc.pid != 0 && w->count == 0)
+      assign(L, r, w);
+  }
+}
+
+/* Deadline handling: timeouts per item and TERM -> KILL escalation.
+   Returns the poll timeout in ms (-1: none). */
+static int deadlines(lua_State *L, Run *r) {
+  long long now = lpar_pool_now(), next = -1;
+  int i;
+  for (i = 0; i < r->o.nworkers; i++) {
+    Worker *w = &r->w[i];
+    long long due = -1;
+    if (w->proc.pid == 0)
+      continue;
+    if (w->killat > 0) {
+      if (now >= w->killat) {
+        kill(w->proc.pid, SIGKILL);
+        w->killat = 0;
+      }
+      else
+        due = w->killat;
+    }
+    else if (r->o.timeout > 0 && w->count > 0) {
+      lua_Integer item = r->slots[i].item;
+      long long since = r->slots[i].since;
+      long long limit = since + (long long)(r->o.timeout * 1e9);
+      if (item != 0 && now >= limit) {
+        w->timedout = item;
+        kill(w->proc.pid, SIGTERM);
+        w->killat = now + KILLGRACE;
+        due = w->killat;
+      }
+      else
+        due = item != 0 ? limit : now + 10000000LL; /* look again soon */
+    }
+    if (due >= 0 && (next < 0 || due < next))
+      next = due;
+  }
+  (void)L;
+  if (next < 0)
+    return -1;
+  return (int)((next - now) / 1000000 + 1);
+}
+
+/* Wait for events (up to 'ms', -1 forever) and handle them. Returns the
+   number of workers that had something. */
+static int events(lua_State *L, Run *r, int ms) {
+  int i, n = 0, rc, handled = 0;
+  struct timespec ts, *tsp = NULL;
+  sigset_t mask = r->oldmask;
+  for (i = 0; i < r->o.nworkers; i++) {
+    Worker *w = &r->w[i];
+    if (w->proc.pid == 0)
+      continue;
+    r->pfd[n].fd = w->proc.resfd;
+    r->pfd[n].events = POLLIN;
+    r->pfdw[n++] = i;
+    if (w->outpos < w->out.n) {
+      r->pfd[n].fd = w->proc.cmdfd;
+      r->pfd[n].events = POLLOUT;
+      r->pfdw[n++] = i;
+    }
+  }
+  if (ms >= 0) {
+    ts.tv_sec = ms / 1000;
+    ts.tv_nsec = (long)(ms % 1000) * 1000000L;
+    tsp = &ts;
+  }
+  sigdelset(&mask, SIGINT);
+  if (r->watchterm)
+    sigdelset(&mask, SIGTERM);
+  rc = ppoll(r->pfd, (nfds_t)n, tsp, &mask);
+  if (interrupted) {
+    lua_pushstring(L, interrupted == SIGTERM ? "terminated" : "interrupted");
+    lua_rawseti(L, S_ENV, ENV_FAILURE);
+    r->failed = 1;
+    return 0;
+  }
+  if (rc <= 0) {
+    if (rc == -1 && errno != EINTR)
+      luaL_error(L, "poll: %s", strerror(errno));
+    return 0;
+  }
+  for (i = 0; i < n; i++) {
+    Worker *w = &r->w[r->pfdw[i]];
+    if (r->pfd[i].revents == 0 || w->proc.pid == 0)
+      continue;
+    handled++;
+    if (r->pfd[i].fd == w->proc.resfd)
+      readworker(L, r, w);
+    else if (sendsome(w) != 0 && w->proc.pid != 0)
+      lose(L, r, w, 1, NULL);
+  }
+  return handled;
+}
+
+static int finished(Run *r) {
+  if (r->failed)
+    return 1;
+  if (r->stream)
+    return r->exhausted && r->nredo == 0 && r->done == r->n;
+  return r->done == r->n;
+}
+
+/*
+** Whether to start another worker now that all are busy: 0 yes, -1 no
+** (not worth a fork), else wait this many ms and ask again. Until the
+** time per item is known, a worker's first chunk gets LPAR_SPAWNWAITNS to
+** come back; after that, another worker is started only while the items
+** not yet handed out would keep each worker busy for LPAR_MINCHUNKNS.
+*/
+static int spawndelay(Run *r) {
+  long long now = lpar_pool_now(), oldest = now;
+  int i;
+  if (r->tns > 0) {
+    lua_Integer left = r->stream ? 0 : r->n - r->next + 1;
+    if (r->stream && !r->exhausted)
+      return 0;
+    for (i = 0; i < r->nredo; i++)
+      left += r->redo[i].count;
+    return (double)left * r->tns > (double)LPAR_MINCHUNKNS * r->live ? 0 : -1;
+  }
+  for (i = 0; i < r->o.nworkers; i++)
+    if (r->w[i].proc.pid != 0 && r->w[i].count > 0 && r->w[i].sent < oldest)
+      oldest = r->w[i].sent;
+  if (now - oldest >= LPAR_SPAWNWAITNS)
+    return 0;
+  return (int)((LPAR_SPAWNWAITNS - (now - oldest)) / 1000000 + 1);
+}
+
+/* One turn of the loop: hand out work, start a worker if all are busy
+   and it is worth it, wait for and handle events. */
+static void turn(lua_State *L, Run *r) {
+  dispatch(L, r);
+  if (r->failed)
+    return;
+  if (workleft(r) && r->live < r->cap && !anyidle(r)) {
+    int wait = -1;
+    if (r->live == 0 || (events(L, r, 0) == 0 && !r->failed &&
+                         (wait = spawndelay(r)) == 0)) {
+      spawn(L, r);
+      return;
+    }
+    if (r->failed || anyidle(r))
+      return;
+    if (wait > 0) {
+      int d = deadlines(L, r);
+      events(L, r, d >= 0 && d < wait ? d : wait);
+      return;
+    }
+  }
+  if (r->live == 0) {
+    if (!finished(r))
+      spawn(L, r);
+    return;
+  }
+  events(L, r, deadlines(L, r));
+}
+
+static void raisefailure(lua_State *L) {
+  lua_rawgeti(L, S_ENV, ENV_FAILURE);
+  lua_error(L);
+}
+
+int lpar_run_finish(lua_State *L) {
+  Run *r = stepsetup(L);
+  while (!finished(r))
+    turn(L, r);
+  if (r->failed)
+    raisefailure(L);
+  lua_pushvalue(L, S_RESULTS);
+  lua_pushinteger(L, r->n);
+  if (!r->o.collect)
+    return 2;
+  lua_pushvalue(L, S_ERRORS);
+  return 3;
+}
+
+/* Push index, value, error of item i and forget them. */
+static int emit(lua_State *L, Run *r, lua_Integer i) {
+  r->fin[(i - 1) % LPAR_WINDOW] = 0;
+  lua_pushinteger(L, i);
+  lua_rawgeti(L, S_RESULTS, i);
+  lua_rawgeti(L, S_ERRORS, i);
+  lua_pushnil(L);
+  lua_rawseti(L, S_RESULTS, i);
+  lua_pushnil(L);
+  lua_rawseti(L, S_ERRORS, i);
+  return 3;
+}
+
+int lpar_run_next(lua_State *L) {
+  Run *r = stepsetup(L);
+  if (!r->emitting) {
+    r->fin = calloc(LPAR_WINDOW, 1);
+    r->queue = calloc(LPAR_WINDOW, sizeof(lua_Integer));
+    if (!r->fin || !r->queue)
+      luaL_error(L, "not enough memory");
+    r->emitting = 1;
+  }
+  for (;;) {
+    if (r->o.unordered) {
+      if (r->qhead < r->qtail) {
+        lua_Integer i = r->queue[r->qhead++ % LPAR_WINDOW];
+        r->emit++;
+        return emit(L, r, i);
+      }
+    }
+    else if (r->emit <= r->n && r->fin[(r->emit - 1) % LPAR_WINDOW]) {
+      r->emit++;
+      return emit(L, r, r->emit - 1);
+    }
+    if (finished(r))
+      break;
+    turn(L, r);
+  }
+  if (r->failed)
+    raisefailure(L);
+  return 0;
+}
+
+void lpar_run_stop(lua_State *L, int idx) {
+  Run *r = lua_touserdata(L, idx);
+  int i, status, hard;
+  if (r == NULL || r->stopped)
+    return;
+  r->stopped = 1;
+  hard = r->failed || !finished(r);
+  for (i = 0; r->w && i < r->o.nworkers; i++) {
+    Worker *w = &r->w[i];
+    if (w->proc.pid == 0)
+      continue;
+    if (hard)
+      kill(w->proc.pid, SIGKILL);
+    lpar_pool_close(&w->proc); /* end of file: an idle worker leaves */
+  }
+  for (i = 0; r->w && i < r->o.nworkers; i++) {
+    Worker *w = &r->w[i];
+    if (w->proc.pid != 0)
+      lpar_pool_wait(w->proc.pid, &status, 1);
+    w->proc.pid = 0;
+    lpar_buf_free(&w->in);
+    lpar_buf_free(&w->out);
+  }
+  r->live = 0;
+  if (r->started)
+    stopsignals(r);
+  lpar_pool_freeslots(r->slots, (size_t)r->o.nworkers);
+  r->slots = NULL;
+  free(r->w);
+  free(r->pfd);
+  free(r->pfdw);
+  free(r->redo);
+  free(r->fin);
+  free(r->queue);
+  r->w = NULL;
+  r->pfd = NULL;
+  r->pfdw = NULL;
+  r->redo = NULL;
+  r->fin = NULL;
+  r->queue = NULL;
+}
+
+static int run_gc(lua_State *L) {
+  lpar_run_stop(L, 1);
+  return 0;
+}
+
+void lpar_run_open(lua_State *L) {
+  if (luaL_newmetatable(L, LPAR_RUNMT)) {
+    lua_pushcfunction(L, run_gc);
+    lua_setfield(L, -2, "__gc");
+    lua_pushcfunction(L, run_gc);
+    lua_setfield(L, -2, "__close");
+  }
+  lua_pop(L, 1);
+}

@@ -1,0 +1,132 @@
+/*
+** wire.c: framed send and receive on a pipe or socket; EINTR-safe full
+** reads and writes, non-blocking variants for the parent's poll loop.
+*/
+#include "wire.h"
+
+#include <errno.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+void lpar_wire_put64(char *p, uint64_t v) {
+  int i;
+  for (i = 0; i < 8; i++)
+    p[i] = (char)(v >> (8 * i));
+}
+
+uint64_t lpar_wire_get64(const char *p) {
+  uint64_t v = 0;
+  int i;
+  for (i = 0; i < 8; i++)
+    v |= (uint64_t)(unsigned char)p[i] << (8 * i);
+  return v;
+}
+
+static void put32(char *p, uint32_t v) {
+  int i;
+  for (i = 0; i < 4; i++)
+    p[i] = (char)(v >> (8 * i));
+}
+
+static uint32_t get32(const char *p) {
+  uint32_t v = 0;
+  int i;
+  for (i = 0; i < 4; i++)
+    v |= (uint32_t)(unsigned char)p[i] << (8 * i);
+  return v;
+}
+
+void lpar_wire_putheader(char *h, const Frame *f) {
+  put32(h, f->type);
+  put32(h + 4, f->count);
+  lpar_wire_put64(h + 8, f->len);
+}
+
+int lpar_wire_getheader(const char *h, Frame *f) {
+  f->type = get32(h);
+  f->count = get32(h + 4);
+  f->len = lpar_wire_get64(h + 8);
+  if (f->type < LPAR_FWORK || f->type >= LPAR_FLAST || f->len > LPAR_MAXFRAME)
+    return -EPROTO;
+  return 0;
+}
+
+int lpar_wire_write(int fd, const void *p, size_t n) {
+  const char *s = p;
+  while (n > 0) {
+    ssize_t k;
+    do
+      k = write(fd, s, n);
+    while (k == -1 && errno == EINTR);
+    if (k == -1)
+      return -errno;
+    s += k;
+    n -= (size_t)k;
+  }
+  return 0;
+}
+
+/* Blocking full read: 0, 1 if end of file came before any byte, -EPROTO
+   if it came after some, -errno. */
+static int readfull(int fd, char *p, size_t n) {
+  size_t got = 0;
+  while (got < n) {
+    ssize_t k;
+    do
+      k = read(fd, p + got, n - got);
+    while (k == -1 && errno == EINTR);
+    if (k == -1)
+      return -errno;
+    if (k == 0)
+      return got == 0 ? 1 : -EPROTO;
+    got += (size_t)k;
+  }
+  return 0;
+}
+
+int lpar_wire_recv(int fd, Frame *f, Buf *b) {
+  char h[LPAR_HDRSIZE];
+  int rc = readfull(fd, h, sizeof h);
+  if (rc != 0)
+    return rc;
+  if ((rc = lpar_wire_getheader(h, f)) != 0)
+    return rc;
+  b->n = 0;
+  if ((rc = lpar_buf_reserve(b, (size_t)f->len)) != 0)
+    return rc;
+  if (f->len > 0 && (rc = readfull(fd, b->p, (size_t)f->len)) != 0)
+    return rc == 1 ? -EPROTO : rc;
+  b->n = (size_t)f->len;
+  return 0;
+}
+
+long lpar_wire_trywrite(int fd, const void *p, size_t n) {
+  ssize_t k;
+  do
+    k = send(fd, p, n, MSG_NOSIGNAL | MSG_DONTWAIT);
+  while (k == -1 && errno == EINTR);
+  if (k == -1 && errno == ENOTSOCK) {
+    do
+      k = write(fd, p, n);
+    while (k == -1 && errno == EINTR);
+  }
+  if (k == -1)
+    return (errno == EAGAIN || errno == EWOULDBLOCK) ? 0 : -errno;
+  return (long)k;
+}
+
+long lpar_wire_tryread(int fd, Buf *b, size_t want) {
+  ssize_t k;
+  int rc;
+  if (want < 65536)
+    want = 65536;
+  if ((rc = lpar_buf_reserve(b, want)) != 0)
+    return rc;
+  do
+    k = read(fd, b->p + b->n, b->cap - b->n);
+  while (k == -1 && errno == EINTR);
+  if (k == -1)
+    return (errno == EAGAIN || errno == EWOULDBLOCK) ? -EAGAIN : -errno;
+  b->n += (size_t)k;
+  return (long)k;
+}

@@ -1,0 +1,70 @@
+/*
+** wire.h: framed messages on pipes and sockets. A frame is a 16-byte
+** header (type, count, payload length; little-endian) and its payload.
+*/
+#ifndef lpar_wire_h
+#define lpar_wire_h
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "buf.h"
+
+#define LPAR_HDRSIZE 16
+
+/* largest payload a frame may announce (1 TiB: a sanity bound) */
+#if !defined(LPAR_MAXFRAME)
+#define LPAR_MAXFRAME ((uint64_t)1 << 40)
+#endif
+
+enum {
+  LPAR_FWORK = 1, /* parent -> worker: u64 first index; count items */
+  LPAR_FITEMS,    /* parent -> worker: u64 first index, count encoded items */
+  LPAR_FRESULT,   /* worker -> parent: u64 first index, count encoded values */
+  LPAR_FERROR,    /* worker -> parent: u64 index, error value, traceback */
+  LPAR_FREADY,    /* worker -> parent: started (count = 1) or init failed */
+  LPAR_FCALL,     /* parent -> worker: a function and its upvalues (pools) */
+  LPAR_FLAST
+};
+
+typedef struct Frame {
+  uint32_t type;
+  uint32_t count;
+  uint64_t len; /* payload bytes */
+} Frame;
+
+/* Write the header of 'f' into h[0..LPAR_HDRSIZE). */
+void lpar_wire_putheader(char *h, const Frame *f);
+
+/* Parse a header; 0, or -EPROTO for a bad type or length. */
+int lpar_wire_getheader(const char *h, Frame *f);
+
+/* Little-endian u64 helpers for payloads. */
+void lpar_wire_put64(char *p, uint64_t v);
+uint64_t lpar_wire_get64(const char *p);
+
+/* Blocking full write; 0 or -errno. EINTR-safe, SIGPIPE is the caller's. */
+int lpar_wire_write(int fd, const void *p, size_t n);
+
+/*
+** Blocking read of one whole frame into 'b' (payload only, b->n = len).
+** 0, 1 on end of file at a frame boundary, -EPROTO on a bad header or
+** end of file inside a frame, -errno on a failed read.
+*/
+int lpar_wire_recv(int fd, Frame *f, Buf *b);
+
+/*
+** Non-blocking write of what it can; returns bytes written (maybe 0) or
+** -errno. Uses send(MSG_NOSIGNAL) on sockets, so a dead peer is -EPIPE,
+** never a signal.
+*/
+long lpar_wire_trywrite(int fd, const void *p, size_t n);
+
+/*
+** Non-blocking read appending to 'b', at most 'want' bytes (at least
+** 64 KiB of room is made). Returns bytes read, 0 at end of file, -EAGAIN
+** when nothing is there, or -errno.
+*/
+long lpar_wire_tryread(int fd, Buf *b, size_t want);
+
+#endif

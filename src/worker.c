@@ -1,0 +1,218 @@
+/*
+** worker.c: child side of a run. Runs the user's function on the items it
+** is sent, in a coroutine of its own, and sends back encoded results.
+*/
+#include "worker.h"
+
+#include <errno.h>
+#include <stdint.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "codec.h"
+#include "lauxlib.h"
+#include "lpar.h"
+#include "wire.h"
+
+#define WORKERKEY "lpar.inworker"
+
+void lpar_worker_mark(lua_State *L) {
+  lua_pushboolean(L, 1);
+  lua_setfield(L, LUA_REGISTRYINDEX, WORKERKEY);
+}
+
+int lpar_worker_inside(lua_State *L) {
+  int r = lua_getfield(L, LUA_REGISTRYINDEX, WORKERKEY) != LUA_TNIL;
+  lua_pop(L, 1);
+  return r;
+}
+
+int lpar_worker_traceback(lua_State *L) {
+  const char *msg = lua_tostring(L, 1);
+  if (msg == NULL && !lua_isnoneornil(L, 1))
+    return 1; /* keep a non-string error value as it is */
+  luaL_traceback(L, L, msg, 1);
+  return 1;
+}
+
+typedef struct WState {
+  lua_State *L;
+  const WorkerArgs *a;
+  int co;            /* stack index of the coroutine running items */
+  Buf out;           /* results frame being built: header, first, values */
+  lua_Integer first; /* index of the first result in 'out' */
+  uint32_t count;    /* results in 'out' */
+  long long mark;    /* when the items of 'out' began to run */
+  Buf in;            /* last frame received */
+} WState;
+
+/* a results frame: header, u64 first index, u64 ns spent, values */
+#define RESHDR (LPAR_HDRSIZE + 16)
+
+static void check(int rc) {
+  if (rc != 0) /* parent gone or out of memory: nothing more to do */
+    _exit(rc == -EPIPE ? 0 : 3);
+}
+
+static void startresults(WState *ws, lua_Integer first) {
+  ws->out.n = RESHDR;
+  ws->first = first;
+  ws->count = 0;
+}
+
+static void flush(WState *ws) {
+  Frame f;
+  long long now;
+  if (ws->count == 0)
+    return;
+  f.type = LPAR_FRESULT;
+  f.count = ws->count;
+  f.len = ws->out.n - LPAR_HDRSIZE;
+  lpar_wire_putheader(ws->out.p, &f);
+  lpar_wire_put64(ws->out.p + LPAR_HDRSIZE, (uint64_t)ws->first);
+  now = lpar_pool_now();
+  lpar_wire_put64(ws->out.p + LPAR_HDRSIZE + 8, (uint64_t)(now - ws->mark));
+  ws->mark = now;
+  check(lpar_wire_write(ws->a->resfd, ws->out.p, ws->out.n));
+  startresults(ws, ws->first + ws->count);
+}
+
+/* Send an error frame for item 'i': error value and traceback at the
+   top of the stack (pops both). */
+static void senderror(WState *ws, lua_Integer i) {
+  lua_State *L = ws->L;
+  Buf b = {NULL, 0, 0};
+  Frame f;
+  char h[LPAR_HDRSIZE + 8];
+  flush(ws);
+  if (lpar_codec_encode(L, -2, &b) != 0) { /* not encodable: use text */
+    lua_pop(L, 1);
+    b.n = 0;
+    lua_pushstring(L, luaL_tolstring(L, -2, NULL));
+    lua_remove(L, -2);
+    lpar_codec_encode(L, -1, &b);
+    lua_pop(L, 1);
+  }
+  check(lpar_codec_encode(L, -1, &b) == 0 ? 0 : -ENOMEM);
+  lua_pop(L, 2);
+  f.type = LPAR_FERROR;
+  f.count = 1;
+  f.len = 8 + b.n;
+  lpar_wire_putheader(h, &f);
+  lpar_wire_put64(h + LPAR_HDRSIZE, (uint64_t)i);
+  check(lpar_wire_write(ws->a->resfd, h, sizeof h));
+  check(lpar_wire_write(ws->a->resfd, b.p, b.n));
+  lpar_buf_free(&b);
+}
+
+/*
+** Run the function on the value at the top of the stack (popped), item
+** 'i'. Returns 0, or 1 if the item failed.
+*/
+static int runitem(WState *ws, lua_Integer i) {
+  lua_State *L = ws->L;
+  lua_State *co = lua_tothread(L, ws->co);
+  Slot *slot = ws->a->slot;
+  int status, nres;
+  lua_pushvalue(L, ws->a->fidx);
+  lua_insert(L, -2);
+  lua_xmove(L, co, 2);
+  if (ws->a->timed)
+    slot->since = lpar_pool_now();
+  slot->item = i;
+  status = lua_resume(co, L, 1, &nres);
+  slot->item = 0;
+  if (status == LUA_OK) {
+    if (nres == 0)
+      lua_pushnil(co);
+    size_t mark = ws->out.n;
+    if (ws->count == 0)
+      ws->first = i;
+    if (lpar_codec_encode(co, 1, &ws->out) == 0) {
+      lua_settop(co, 0);
+      ws->count++;
+      if (ws->out.n >= LPAR_FLUSHSIZE)
+        flush(ws);
+      return 0;
+    }
+    /* the result cannot travel: an error for this item */
+    ws->out.n = mark;
+    lua_pushfstring(L, "cannot serialize result: %s", lua_tostring(co, -1));
+    lua_settop(co, 0);
+    lua_pushnil(L);
+  }
+  else {
+    if (status == LUA_YIELD) {
+      lua_pushliteral(L, "attempt to yield across lpar.parallel");
+      lua_pushnil(L);
+    }
+    else {
+      lua_xmove(co, L, 1); /* error value */
+      luaL_traceback(L, co, NULL, 0);
+    }
+    lua_newthread(L); /* the failed coroutine cannot be reused */
+    lua_replace(L, ws->co);
+  }
+  senderror(ws, i);
+  return 1;
+}
+
+static void serve(WState *ws) {
+  lua_State *L = ws->L;
+  const WorkerArgs *a = ws->a;
+  Frame f;
+  for (;;) {
+    lua_Integer first, k;
+    size_t pos = 8;
+    int rc = lpar_wire_recv(a->cmdfd, &f, &ws->in);
+    if (rc == 1)
+      return; /* parent closed the channel: done */
+    check(rc);
+    if (ws->in.n < 8)
+      _exit(4);
+    first = (lua_Integer)lpar_wire_get64(ws->in.p);
+    startresults(ws, first);
+    ws->mark = lpar_pool_now();
+    for (k = 0; k < (lua_Integer)f.count; k++) {
+      if (f.type == LPAR_FWORK)
+        lua_geti(L, a->itemsidx, first + k);
+      else if (lpar_codec_decode(L, ws->in.p, ws->in.n, &pos) != 0)
+        _exit(4); /* the parent sent bad bytes */
+      if (runitem(ws, first + k) && !a->collect)
+        break;
+    }
+    flush(ws);
+  }
+}
+
+/* Stack: f, items (or nil), WState. */
+static int workermain(lua_State *L) {
+  WState *ws = lua_touserdata(L, 3);
+  lua_newthread(L);
+  ws->co = lua_gettop(L);
+  serve(ws);
+  return 0;
+}
+
+_Noreturn void lpar_worker_run(lua_State *L, const WorkerArgs *a) {
+  WState ws;
+  WorkerArgs own = *a;
+  int status;
+  memset(&ws, 0, sizeof ws);
+  lpar_worker_mark(L);
+  if (lpar_buf_reserve(&ws.out, LPAR_FLUSHSIZE + RESHDR) != 0)
+    _exit(3);
+  lua_pushcfunction(L, workermain);
+  lua_pushvalue(L, a->fidx);
+  if (a->itemsidx)
+    lua_pushvalue(L, a->itemsidx);
+  else
+    lua_pushnil(L);
+  lua_pushlightuserdata(L, &ws);
+  own.fidx = 1; /* as workermain sees them */
+  own.itemsidx = a->itemsidx ? 2 : 0;
+  ws.L = L;
+  ws.a = &own;
+  status = lua_pcall(L, 3, 0, 0);
+  _exit(status == LUA_OK ? 0 : 3);
+}
