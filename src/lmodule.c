@@ -42,7 +42,8 @@ static lua_Integer getcount(lua_State *L, int arg, const char *what) {
 }
 
 static const char *const optnames[] = {"n_workers", "chunksize", "on_error",
-                                       "timeout", "unordered", NULL};
+                                       "timeout", "unordered", "init",
+                                       "close", NULL};
 
 /* Read the options at 'arg': nil, a worker count, or a table. */
 static void getopts(lua_State *L, int arg, RunOpts *o) {
@@ -123,6 +124,10 @@ static lua_Integer itemcount(lua_State *L, int idx) {
 static int serial(lua_State *L, lua_Integer n, const RunOpts *o) {
   lua_Integer i;
   int stream = n < 0;
+  if (!lua_isnil(L, 3)) {
+    lua_pushvalue(L, 3);
+    lua_call(L, 0, 0);
+  }
   lua_newtable(L); /* results */
   lua_newtable(L); /* errors */
   lua_pushcfunction(L, lpar_worker_traceback);
@@ -153,6 +158,10 @@ static int serial(lua_State *L, lua_Integer n, const RunOpts *o) {
     lua_error(L);
   }
   lua_pop(L, 1); /* message handler */
+  if (!lua_isnil(L, 4)) {
+    lua_pushvalue(L, 4);
+    lua_call(L, 0, 0);
+  }
   if (!o->collect)
     lua_pop(L, 1); /* errors */
   lua_pushinteger(L, n);
@@ -161,8 +170,18 @@ static int serial(lua_State *L, lua_Integer n, const RunOpts *o) {
   return o->collect ? 3 : 2;
 }
 
-/* Check f, items and options; leaves them at 1, 2 and returns the item
-   count (-1 for an iterator). */
+/* Push option 'name' of the table at 'arg' if it is a function, nil if
+   absent; raise otherwise. */
+static void gethook(lua_State *L, int arg, const char *name) {
+  if (lua_type(L, arg) != LUA_TTABLE)
+    lua_pushnil(L);
+  else if (lua_getfield(L, arg, name) != LUA_TNIL &&
+           lua_type(L, -1) != LUA_TFUNCTION)
+    luaL_argerror(L, arg, lua_pushfstring(L, "%s must be a function", name));
+}
+
+/* Check f, items and options; leaves f, items, init, close at 1..4 and
+   returns the item count (-1 for an iterator). */
 static lua_Integer checkargs(lua_State *L, RunOpts *o) {
   lua_Integer n = -1;
   checkcallable(L, 1);
@@ -171,7 +190,10 @@ static lua_Integer checkargs(lua_State *L, RunOpts *o) {
   else if (lua_type(L, 2) != LUA_TFUNCTION)
     luaL_typeerror(L, 2, "table or iterator function");
   getopts(L, 3, o);
-  lua_settop(L, 2);
+  lua_settop(L, 3);
+  gethook(L, 3, "init");
+  gethook(L, 3, "close");
+  lua_remove(L, 3);
   if (n >= 0 && o->nworkers > n)
     o->nworkers = (int)n;
   return n;
@@ -197,7 +219,7 @@ static int l_parallel(lua_State *L) {
   }
   if (o.nworkers == 0 || lpar_worker_inside(L))
     return serial(L, n, &o);
-  lpar_run_new(L, 1, 2, n, &o); /* 3 */
+  lpar_run_new(L, 1, 2, n, &o); /* 3: replaces init, close */
   lua_pushcfunction(L, lpar_run_finish);
   lua_pushvalue(L, 3);
   status = lua_pcall(L, 1, LUA_MULTRET, 0);
@@ -268,6 +290,11 @@ static int l_imap(lua_State *L) {
   RunOpts o;
   lua_Integer n = checkargs(L, &o);
   if (n == 0 || o.nworkers == 0 || lpar_worker_inside(L)) {
+    if (!lua_isnil(L, 3) && n != 0) { /* init runs once, here */
+      lua_pushvalue(L, 3);
+      lua_call(L, 0, 0);
+    }
+    lua_settop(L, 2);
     lua_pushboolean(L, o.collect);
     lua_pushinteger(L, n);
     lua_pushcclosure(L, imapserial, 4);

@@ -27,7 +27,16 @@
 #define KILLGRACE 500000000LL
 
 /* fields of the run's uservalue table */
-enum { ENV_RESULTS = 1, ENV_ERRORS, ENV_F, ENV_ITEMS, ENV_FAILURE, ENV_INFLIGHT };
+enum {
+  ENV_RESULTS = 1,
+  ENV_ERRORS,
+  ENV_F,
+  ENV_ITEMS,
+  ENV_FAILURE,
+  ENV_INFLIGHT,
+  ENV_INIT,
+  ENV_CLOSE
+};
 
 /* stack slots of a step function: the run and what it uses most */
 enum { S_RUN = 1, S_ENV, S_RESULTS, S_ERRORS, S_INFLIGHT, S_TOP = S_INFLIGHT };
@@ -126,7 +135,7 @@ static void stopsignals(Run *r) {
 void lpar_run_new(lua_State *L, int fidx, int iidx, lua_Integer n,
                   const RunOpts *o) {
   Run *r;
-  int i;
+  int i, hooks = lua_gettop(L) - 1; /* init, close on top */
   fidx = lua_absindex(L, fidx);
   iidx = lua_absindex(L, iidx);
   r = lua_newuserdatauv(L, sizeof(Run), 1);
@@ -150,7 +159,13 @@ void lpar_run_new(lua_State *L, int fidx, int iidx, lua_Integer n,
   lua_rawseti(L, -2, ENV_ITEMS);
   lua_newtable(L);
   lua_rawseti(L, -2, ENV_INFLIGHT);
+  lua_pushvalue(L, hooks);
+  lua_rawseti(L, -2, ENV_INIT);
+  lua_pushvalue(L, hooks + 1);
+  lua_rawseti(L, -2, ENV_CLOSE);
   lua_setiuservalue(L, -2, 1);
+  lua_replace(L, hooks); /* the run replaces the hooks */
+  lua_settop(L, hooks);
   r->w = calloc((size_t)o->nworkers, sizeof(Worker));
   r->pfd = calloc((size_t)o->nworkers * 2, sizeof(struct pollfd));
   r->pfdw = calloc((size_t)o->nworkers * 2, sizeof(int));
@@ -361,14 +376,19 @@ static void spawn(lua_State *L, Run *r) {
   r->slots[i].item = 0;
   lua_rawgeti(L, S_ENV, ENV_F);
   lua_rawgeti(L, S_ENV, ENV_ITEMS);
+  lua_rawgeti(L, S_ENV, ENV_INIT);
+  lua_rawgeti(L, S_ENV, ENV_CLOSE);
   pid = lpar_pool_fork(&w->proc, &cs);
   if (pid == 0) {
     WorkerArgs a;
     lua_Integer seed = (lua_Integer)getpid() ^ lpar_pool_now();
+    int top = lua_gettop(L);
     a.cmdfd = w->proc.cmdfd;
     a.resfd = w->proc.resfd;
-    a.fidx = lua_gettop(L) - 1;
-    a.itemsidx = r->stream ? 0 : lua_gettop(L);
+    a.fidx = top - 3;
+    a.itemsidx = r->stream ? 0 : top - 2;
+    a.initidx = lua_isnil(L, top - 1) ? 0 : top - 1;
+    a.closeidx = lua_isnil(L, top) ? 0 : top;
     a.collect = r->o.collect;
     a.timed = r->o.timeout > 0;
     a.slot = &r->slots[i];
@@ -380,10 +400,10 @@ static void spawn(lua_State *L, Run *r) {
       lua_pushinteger(L, (lua_Integer)i);
       lua_pcall(L, 2, 0, 0);
     }
-    lua_settop(L, a.itemsidx ? a.itemsidx : a.fidx + 1);
+    lua_settop(L, top);
     lpar_worker_run(L, &a);
   }
-  lua_pop(L, 2);
+  lua_pop(L, 4);
   if (pid < 0) {
     if (r->live > 0) { /* go on with the workers there are */
       r->cap = r->live;
@@ -473,6 +493,33 @@ static void chunkdone(Run *r, Worker *w) {
 }
 
 static void protoerror(lua_State *L, Run *r, Worker *w, const char *what);
+static void lose(lua_State *L, Run *r, Worker *w, int force, const char *why);
+
+/* A worker's init function failed: the run fails with its error (and
+   traceback), without starting more workers that would fail the same. */
+static void initfailed(lua_State *L, Run *r, Worker *w, const char *p,
+                       size_t len) {
+  size_t pos = 8;
+  if (lpar_codec_decode(L, p, len, &pos) != 0 ||
+      lpar_codec_decode(L, p, len, &pos) != 0) {
+    protoerror(L, r, w, lua_tostring(L, -1));
+    return;
+  }
+  if (lua_type(L, -2) == LUA_TSTRING)
+    lua_pushfstring(L, "worker init failed: %s%s%s", lua_tostring(L, -2),
+                    lua_isstring(L, -1) ? "\n" : "",
+                    lua_isstring(L, -1) ? lua_tostring(L, -1) : "");
+  else
+    lua_pushvalue(L, -2);
+  if (!r->failed) {
+    lua_rawseti(L, S_ENV, ENV_FAILURE);
+    r->failed = 1;
+  }
+  else
+    lua_pop(L, 1);
+  lua_pop(L, 2);
+  lose(L, r, w, 1, "failed in init");
+}
 
 /* Handle the whole frames in w->in. Returns 0, or -1 if the worker broke
    the protocol (it has been dealt with). */
@@ -496,6 +543,10 @@ static int frames(lua_State *L, Run *r, Worker *w) {
       lua_Integer first = (lua_Integer)lpar_wire_get64(p);
       uint32_t k, nvals = f.type == LPAR_FRESULT ? f.count : 2;
       pos = 8;
+      if (f.type == LPAR_FERROR && first == 0) { /* its init failed */
+        initfailed(L, r, w, p, (size_t)f.len);
+        return -1;
+      }
       if (f.type == LPAR_FRESULT) {
         w->busy += (long long)lpar_wire_get64(p + 8);
         pos = 16;

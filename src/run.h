@@ -19,9 +19,11 @@ typedef struct RunOpts {
 } RunOpts;
 
 /*
-** Push a new run of the function at 'fidx' over 'iidx': a table of 'n'
-** items (n >= 0), or an iterator function (n < 0) whose items travel to
-** the workers. No worker starts before the first step.
+** Replace the two values on top of the stack (the per-worker 'init' and
+** 'close' functions, or nils) with a new run of the function at 'fidx'
+** over 'iidx': a table of 'n' items (n >= 0), or an iterator function
+** (n < 0) whose items travel to the workers. No worker starts before the
+** first step.
 */
 void lpar_run_new(lua_State *L, int fidx, int iidx, lua_Integer n,
                   const RunOpts *o);

@@ -5,6 +5,7 @@
 #include "worker.h"
 
 #include <errno.h>
+#include <stdio.h>
 #include <stdint.h>
 #include <string.h>
 #include <unistd.h>
@@ -185,12 +186,55 @@ static void serve(WState *ws) {
   }
 }
 
-/* Stack: f, items (or nil), WState. */
+static void pushornil(lua_State *L, int idx) {
+  if (idx)
+    lua_pushvalue(L, idx);
+  else
+    lua_pushnil(L);
+}
+
+/* Write the error value and traceback on top of the stack to stderr
+   (a failed close hook has nobody else to tell). */
+static void report(lua_State *L) {
+  const char *msg = lua_tostring(L, -2);
+  fprintf(stderr, "lpar: worker %d: close failed: %s\n%s\n", (int)getpid(),
+          msg ? msg : luaL_typename(L, -2),
+          lua_isstring(L, -1) ? lua_tostring(L, -1) : "");
+  fflush(stderr);
+}
+
+/* Run the hook at 'idx' (init or close) in the coroutine; 0 or 1 with
+   the error value and traceback pushed. */
+static int hook(WState *ws, int idx) {
+  lua_State *L = ws->L;
+  lua_State *co = lua_tothread(L, ws->co);
+  int status, nres;
+  lua_pushvalue(L, idx);
+  lua_xmove(L, co, 1);
+  status = lua_resume(co, L, 0, &nres);
+  if (status == LUA_OK) {
+    lua_settop(co, 0);
+    return 0;
+  }
+  lua_xmove(co, L, 1);
+  luaL_traceback(L, co, NULL, 0);
+  lua_newthread(L);
+  lua_replace(L, ws->co);
+  return 1;
+}
+
+/* Stack: f, items, init, close (nil when absent), WState. */
 static int workermain(lua_State *L) {
-  WState *ws = lua_touserdata(L, 3);
+  WState *ws = lua_touserdata(L, 5);
   lua_newthread(L);
   ws->co = lua_gettop(L);
+  if (!lua_isnil(L, 3) && hook(ws, 3)) {
+    senderror(ws, 0); /* index 0: init failed */
+    return 0;
+  }
   serve(ws);
+  if (!lua_isnil(L, 4) && hook(ws, 4)) /* close: report, then leave */
+    report(L);
   return 0;
 }
 
@@ -204,15 +248,16 @@ _Noreturn void lpar_worker_run(lua_State *L, const WorkerArgs *a) {
     _exit(3);
   lua_pushcfunction(L, workermain);
   lua_pushvalue(L, a->fidx);
-  if (a->itemsidx)
-    lua_pushvalue(L, a->itemsidx);
-  else
-    lua_pushnil(L);
+  pushornil(L, a->itemsidx);
+  pushornil(L, a->initidx);
+  pushornil(L, a->closeidx);
   lua_pushlightuserdata(L, &ws);
   own.fidx = 1; /* as workermain sees them */
   own.itemsidx = a->itemsidx ? 2 : 0;
+  own.initidx = a->initidx ? 3 : 0;
+  own.closeidx = a->closeidx ? 4 : 0;
   ws.L = L;
   ws.a = &own;
-  status = lua_pcall(L, 3, 0, 0);
+  status = lua_pcall(L, 5, 0, 0);
   _exit(status == LUA_OK ? 0 : 3);
 }

@@ -13,6 +13,8 @@ typedef struct WorkerArgs {
   int resfd;    /* write results here */
   int fidx;     /* stack index of the function */
   int itemsidx; /* stack index of the items table, 0 when items travel */
+  int initidx;  /* stack index of a function run once first, or 0 */
+  int closeidx; /* stack index of a function run once last, or 0 */
   int collect;  /* go on with a chunk after an item fails */
   int timed;    /* note when each item starts (for timeouts) */
   Slot *slot;   /* this worker's shared status */

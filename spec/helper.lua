@@ -1,0 +1,77 @@
+-- Loaded by busted before the specs: finds the build tree (LPAR_BUILD, by
+-- default ./build) and gives specs a few process-level helpers.
+local build = os.getenv("LPAR_BUILD") or "./build"
+package.cpath = build .. "/?.so;" .. package.cpath
+
+local unistd = require "posix.unistd"
+local time = require "posix.time"
+local dirent = require "posix.dirent"
+local wait = require "posix.sys.wait"
+
+local H = {build = build, cli = build .. "/lpar"}
+
+-- Seconds on the monotonic clock.
+function H.now()
+  local t = time.clock_gettime(time.CLOCK_MONOTONIC)
+  return t.tv_sec + t.tv_nsec * 1e-9
+end
+
+function H.sleep(s)
+  local sec = math.floor(s)
+  time.nanosleep({tv_sec = sec, tv_nsec = math.floor((s - sec) * 1e9)})
+end
+
+-- Open file descriptors of this process.
+function H.fdcount()
+  local n = 0
+  for name in dirent.files("/proc/self/fd") do
+    if name ~= "." and name ~= ".." then n = n + 1 end
+  end
+  return n - 1 -- the directory stream's own fd
+end
+
+-- Pids of this process's children (zombies included), from /proc.
+function H.children()
+  local me, kids = unistd.getpid(), {}
+  for name in dirent.files("/proc") do
+    local pid = tonumber(name)
+    if pid then
+      local f = io.open("/proc/" .. name .. "/stat")
+      local stat = f and f:read("a")
+      if f then f:close() end
+      -- pid (comm) state ppid ...: comm may hold spaces and parentheses
+      local state, ppid = stat and stat:match("%) (%S) (%d+)")
+      if ppid and tonumber(ppid) == me then kids[#kids + 1] = {pid = pid, state = state} end
+    end
+  end
+  return kids
+end
+
+-- Whether a process exists (not reaped).
+function H.alive(pid)
+  local f = io.open("/proc/" .. pid .. "/stat")
+  if f then f:close() end
+  return f ~= nil
+end
+
+-- Run a shell command; returns exit code (or 128+signal), stdout, stderr.
+function H.run(cmd, input)
+  local out, err = os.tmpname(), os.tmpname()
+  local inp
+  if input then
+    inp = os.tmpname()
+    local f = assert(io.open(inp, "wb")); f:write(input); f:close()
+  end
+  local full = string.format("(%s) <%s >%s 2>%s", cmd, inp or "/dev/null", out, err)
+  local ok, how, code = os.execute(full)
+  local function slurp(p) local f = io.open(p, "rb"); local s = f:read("a"); f:close(); os.remove(p); return s end
+  if inp then os.remove(inp) end
+  if how == "signal" then code = 128 + code end
+  return ok and 0 or code, slurp(out), slurp(err)
+end
+
+-- Reap a child pid, blocking; returns the posix.sys.wait results.
+function H.waitpid(pid) return wait.wait(pid) end
+
+_G.lpar_helper = H
+return H
