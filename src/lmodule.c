@@ -60,10 +60,15 @@ static void getopts(lua_State *L, int arg, RunOpts *o) {
   case LUA_TTABLE:
     lua_pushnil(L);
     while (lua_next(L, arg)) {
+      int i;
+      const char *name = lua_type(L, -2) == LUA_TSTRING ? lua_tostring(L, -2) : NULL;
       lua_pop(L, 1);
-      if (lua_type(L, -1) != LUA_TSTRING)
-        luaL_argerror(L, arg, "option names must be strings");
-      luaL_checkoption(L, -1, NULL, optnames); /* names a bad key */
+      for (i = 0; name && optnames[i] && strcmp(optnames[i], name) != 0; i++)
+        ;
+      if (name == NULL || optnames[i] == NULL)
+        luaL_argerror(L, arg,
+                      lua_pushfstring(L, "unknown option '%s'",
+                                      name ? name : luaL_typename(L, -1)));
     }
     if (lua_getfield(L, arg, "n_workers") != LUA_TNIL)
       nw = getcount(L, arg, "n_workers");
@@ -300,10 +305,11 @@ static int l_imap(lua_State *L) {
     lua_pushcclosure(L, imapserial, 4);
     return 1;
   }
+  lpar_run_new(L, 1, 2, n, &o); /* 3: the run replaces init, close */
   lua_pushcfunction(L, imapnext);
-  lpar_run_new(L, 1, 2, n, &o);
+  lua_insert(L, 3);
   lua_pushnil(L);
-  lua_pushvalue(L, -2); /* to-be-closed: stops workers on break */
+  lua_pushvalue(L, 4); /* to-be-closed: stops workers on break */
   return 4;
 }
 

@@ -34,7 +34,13 @@
 
 /* the scheduler aims for chunks that take at least this long (ns) */
 #if !defined(LPAR_MINCHUNKNS)
-#define LPAR_MINCHUNKNS 2000000
+#define LPAR_MINCHUNKNS 250000
+#endif
+
+/* another worker is forked only while the work not yet handed out would
+   keep every worker busy at least this long (ns) */
+#if !defined(LPAR_FORKWORTHNS)
+#define LPAR_FORKWORTHNS 2000000
 #endif
 
 /* before the time per item is known, a first chunk gets this long (ns)

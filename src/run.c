@@ -493,6 +493,7 @@ static void chunkdone(Run *r, Worker *w) {
 }
 
 static void protoerror(lua_State *L, Run *r, Worker *w, const char *what);
+static void dispatch(lua_State *L, Run *r);
 static void lose(lua_State *L, Run *r, Worker *w, int force, const char *why);
 
 /* A worker's init function failed: the run fails with its error (and
@@ -541,38 +542,52 @@ static int frames(lua_State *L, Run *r, Worker *w) {
     p = w->in.p + at + LPAR_HDRSIZE;
     {
       lua_Integer first = (lua_Integer)lpar_wire_get64(p);
-      uint32_t k, nvals = f.type == LPAR_FRESULT ? f.count : 2;
+      int isres = f.type == LPAR_FRESULT;
+      lua_Integer nrep = isres ? (lua_Integer)f.count : 1;
+      uint32_t k, nvals = isres ? f.count : 2;
+      int complete;
       pos = 8;
-      if (f.type == LPAR_FERROR && first == 0) { /* its init failed */
+      if (!isres && first == 0) { /* its init failed */
         initfailed(L, r, w, p, (size_t)f.len);
         return -1;
       }
-      if (f.type == LPAR_FRESULT) {
+      if (isres) {
         w->busy += (long long)lpar_wire_get64(p + 8);
         pos = 16;
       }
       if (w->count == 0 || first < w->first + w->got ||
-          first - w->first + (lua_Integer)(f.type == LPAR_FRESULT ? f.count : 1) > w->count) {
+          first - w->first + nrep > w->count) {
         protoerror(L, r, w, "result for an item it was not given");
         return -1;
       }
+      complete = first - w->first + nrep == w->count;
+      if (!complete)
+        w->got = first - w->first + nrep;
+      else {
+        chunkdone(r, w);
+        if (isres) /* keep the worker busy while its results are decoded */
+          dispatch(L, r);
+      }
       for (k = 0; k < nvals; k++) {
         if (lpar_codec_decode(L, p, (size_t)f.len, &pos) != 0) {
+          if (!isres)
+            addredo(L, r, first, 1);
+          else if (complete)
+            addredo(L, r, first + k, nrep - k);
+          else
+            w->got = first - w->first + k;
           protoerror(L, r, w, lua_tostring(L, -1));
           return -1;
         }
-        if (f.type == LPAR_FRESULT)
+        if (isres)
           store(L, r, first + k);
       }
       if (pos != f.len) {
         protoerror(L, r, w, "trailing bytes in a frame");
         return -1;
       }
-      if (f.type == LPAR_FERROR)
+      if (!isres)
         itemfailed(L, r, first);
-      w->got = first - w->first + (f.type == LPAR_FRESULT ? f.count : 1);
-      if (w->got == w->count)
-        chunkdone(r, w);
     }
     at += LPAR_HDRSIZE + (size_t)f.len;
   }
@@ -795,7 +810,7 @@ static int finished(Run *r) {
 ** (not worth a fork), else wait this many ms and ask again. Until the
 ** time per item is known, a worker's first chunk gets LPAR_SPAWNWAITNS to
 ** come back; after that, another worker is started only while the items
-** not yet handed out would keep each worker busy for LPAR_MINCHUNKNS.
+** not yet handed out would keep each worker busy for LPAR_FORKWORTHNS.
 */
 static int spawndelay(Run *r) {
   long long now = lpar_pool_now(), oldest = now;
@@ -806,7 +821,7 @@ static int spawndelay(Run *r) {
       return 0;
     for (i = 0; i < r->nredo; i++)
       left += r->redo[i].count;
-    return (double)left * r->tns > (double)LPAR_MINCHUNKNS * r->live ? 0 : -1;
+    return (double)left * r->tns > (double)LPAR_FORKWORTHNS * r->live ? 0 : -1;
   }
   for (i = 0; i < r->o.nworkers; i++)
     if (r->w[i].proc.pid != 0 && r->w[i].count > 0 && r->w[i].sent < oldest)

@@ -39,7 +39,7 @@ int lpar_worker_traceback(lua_State *L) {
 typedef struct WState {
   lua_State *L;
   const WorkerArgs *a;
-  int co;            /* stack index of the coroutine running items */
+  int msgh;          /* stack index of the message handler */
   Buf out;           /* results frame being built: header, first, values */
   lua_Integer first; /* index of the first result in 'out' */
   uint32_t count;    /* results in 'out' */
@@ -78,6 +78,66 @@ static void flush(WState *ws) {
   startresults(ws, ws->first + ws->count);
 }
 
+/*
+** Push the traceback of L's levels 'from' .. 'to'-1 (the levels of the
+** user's code only, not those of the caller the worker was forked from).
+*/
+static void traceback(lua_State *L, int from, int to) {
+  luaL_Buffer B;
+  lua_Debug ar;
+  int level;
+  luaL_buffinit(L, &B);
+  luaL_addstring(&B, "stack traceback:");
+  for (level = from; level < to && lua_getstack(L, level, &ar); level++) {
+    lua_getinfo(L, "Slnt", &ar);
+    if (ar.currentline > 0)
+      lua_pushfstring(L, "\n\t%s:%d: in ", ar.short_src, ar.currentline);
+    else
+      lua_pushfstring(L, "\n\t%s: in ", ar.short_src);
+    luaL_addvalue(&B);
+    if (*ar.namewhat != '\0')
+      lua_pushfstring(L, "%s '%s'", ar.namewhat, ar.name);
+    else if (*ar.what == 'm')
+      lua_pushliteral(L, "main chunk");
+    else if (*ar.what != 'C')
+      lua_pushfstring(L, "function <%s:%d>", ar.short_src, ar.linedefined);
+    else
+      lua_pushliteral(L, "?");
+    luaL_addvalue(&B);
+    if (ar.istailcall)
+      luaL_addstring(&B, "\n\t(...tail calls...)");
+  }
+  luaL_pushresult(&B);
+}
+
+/*
+** Message handler of the worker: error -> {error, traceback}. Upvalue 1
+** is the stack depth of the worker loop, whose levels are left out.
+*/
+static int msghandler(lua_State *L) {
+  lua_Debug ar;
+  int depth = 0, base = (int)lua_tointeger(L, lua_upvalueindex(1));
+  while (lua_getstack(L, depth, &ar))
+    depth++;
+  lua_createtable(L, 2, 0);
+  lua_pushvalue(L, 1);
+  lua_rawseti(L, -2, 1);
+  traceback(L, 1, depth - base);
+  lua_rawseti(L, -2, 2);
+  return 1;
+}
+
+/* Replace the {error, traceback} pair at the top by its two values. */
+static void unpackerror(lua_State *L) {
+  if (lua_type(L, -1) == LUA_TTABLE && lua_rawlen(L, -1) == 2) {
+    lua_rawgeti(L, -1, 1);
+    lua_rawgeti(L, -2, 2);
+    lua_remove(L, -3);
+  }
+  else
+    lua_pushnil(L); /* an error in the handler itself */
+}
+
 /* Send an error frame for item 'i': error value and traceback at the
    top of the stack (pops both). */
 static void senderror(WState *ws, lua_Integer i) {
@@ -107,30 +167,24 @@ static void senderror(WState *ws, lua_Integer i) {
 }
 
 /*
-** Run the function on the value at the top of the stack (popped), item
+** Call the function and item pushed on the stack (both popped) for item
 ** 'i'. Returns 0, or 1 if the item failed.
 */
 static int runitem(WState *ws, lua_Integer i) {
   lua_State *L = ws->L;
-  lua_State *co = lua_tothread(L, ws->co);
   Slot *slot = ws->a->slot;
-  int status, nres;
-  lua_pushvalue(L, ws->a->fidx);
-  lua_insert(L, -2);
-  lua_xmove(L, co, 2);
+  int status;
   if (ws->a->timed)
     slot->since = lpar_pool_now();
   slot->item = i;
-  status = lua_resume(co, L, 1, &nres);
+  status = lua_pcall(L, 1, 1, ws->msgh);
   slot->item = 0;
   if (status == LUA_OK) {
-    if (nres == 0)
-      lua_pushnil(co);
     size_t mark = ws->out.n;
     if (ws->count == 0)
       ws->first = i;
-    if (lpar_codec_encode(co, 1, &ws->out) == 0) {
-      lua_settop(co, 0);
+    if (lpar_codec_encode(L, -1, &ws->out) == 0) {
+      lua_pop(L, 1);
       ws->count++;
       if (ws->out.n >= LPAR_FLUSHSIZE)
         flush(ws);
@@ -138,22 +192,13 @@ static int runitem(WState *ws, lua_Integer i) {
     }
     /* the result cannot travel: an error for this item */
     ws->out.n = mark;
-    lua_pushfstring(L, "cannot serialize result: %s", lua_tostring(co, -1));
-    lua_settop(co, 0);
-    lua_pushnil(L);
+    lua_pushfstring(L, "cannot serialize result: %s", lua_tostring(L, -1));
+    lua_replace(L, -3);
+    lua_pop(L, 1);
+    lua_pushnil(L); /* no traceback */
   }
-  else {
-    if (status == LUA_YIELD) {
-      lua_pushliteral(L, "attempt to yield across lpar.parallel");
-      lua_pushnil(L);
-    }
-    else {
-      lua_xmove(co, L, 1); /* error value */
-      luaL_traceback(L, co, NULL, 0);
-    }
-    lua_newthread(L); /* the failed coroutine cannot be reused */
-    lua_replace(L, ws->co);
-  }
+  else
+    unpackerror(L);
   senderror(ws, i);
   return 1;
 }
@@ -175,6 +220,7 @@ static void serve(WState *ws) {
     startresults(ws, first);
     ws->mark = lpar_pool_now();
     for (k = 0; k < (lua_Integer)f.count; k++) {
+      lua_pushvalue(L, a->fidx);
       if (f.type == LPAR_FWORK)
         lua_geti(L, a->itemsidx, first + k);
       else if (lpar_codec_decode(L, ws->in.p, ws->in.n, &pos) != 0)
@@ -203,31 +249,27 @@ static void report(lua_State *L) {
   fflush(stderr);
 }
 
-/* Run the hook at 'idx' (init or close) in the coroutine; 0 or 1 with
-   the error value and traceback pushed. */
+/* Run the hook at 'idx' (init or close); 0, or 1 with the error value
+   and traceback pushed. */
 static int hook(WState *ws, int idx) {
   lua_State *L = ws->L;
-  lua_State *co = lua_tothread(L, ws->co);
-  int status, nres;
   lua_pushvalue(L, idx);
-  lua_xmove(L, co, 1);
-  status = lua_resume(co, L, 0, &nres);
-  if (status == LUA_OK) {
-    lua_settop(co, 0);
+  if (lua_pcall(L, 0, 0, ws->msgh) == LUA_OK)
     return 0;
-  }
-  lua_xmove(co, L, 1);
-  luaL_traceback(L, co, NULL, 0);
-  lua_newthread(L);
-  lua_replace(L, ws->co);
+  unpackerror(L);
   return 1;
 }
 
 /* Stack: f, items, init, close (nil when absent), WState. */
 static int workermain(lua_State *L) {
   WState *ws = lua_touserdata(L, 5);
-  lua_newthread(L);
-  ws->co = lua_gettop(L);
+  lua_Debug ar;
+  int depth = 0;
+  while (lua_getstack(L, depth, &ar))
+    depth++;
+  lua_pushinteger(L, depth);
+  lua_pushcclosure(L, msghandler, 1);
+  ws->msgh = lua_gettop(L);
   if (!lua_isnil(L, 3) && hook(ws, 3)) {
     senderror(ws, 0); /* index 0: init failed */
     return 0;
