@@ -84,6 +84,8 @@ typedef struct Run {
   double tns;          /* estimated ns per item; 0 until measured */
   int failed;          /* an item failed and the run must stop */
   int lost;            /* workers lost without a culprit */
+  pid_t *retired;      /* workers told to leave, to reap at the end */
+  int nretired, capretired;
   struct sigaction oldint;
   sigset_t oldmask;
   int ignint;
@@ -609,6 +611,8 @@ static void lose(lua_State *L, Run *r, Worker *w, int force, const char *why) {
   pid_t pid = w->proc.pid;
   Slot *slot = &r->slots[w - r->w];
   lua_Integer culprit;
+  if (pid <= 0) /* nobody there: kill(0) would hit the process group */
+    return;
   lpar_pool_close(&w->proc);
   if (force)
     kill(pid, SIGKILL);
@@ -681,8 +685,8 @@ static void readworker(lua_State *L, Run *r, Worker *w) {
       lose(L, r, w, k < 0, NULL);
       return;
     }
-    if (frames(L, r, w) != 0)
-      return;
+    if (frames(L, r, w) != 0 || w->proc.pid == 0)
+      return; /* it broke the protocol, or was let go meanwhile */
   }
 }
 
@@ -696,12 +700,38 @@ static int anyidle(Run *r) {
   return 0;
 }
 
+/* Whether every item has been handed out (none left to send again). */
+static int drained(Run *r) {
+  return r->nredo == 0 && (r->stream ? r->exhausted : r->next > r->n);
+}
+
+/* Let an idle worker go: end of file on its channel makes it leave, and
+   it exits while the others finish. It is reaped when the run stops. */
+static void retire(lua_State *L, Run *r, Worker *w) {
+  if (r->nretired == r->capretired) {
+    int cap = r->capretired ? 2 * r->capretired : 8;
+    pid_t *p = realloc(r->retired, (size_t)cap * sizeof(pid_t));
+    if (p == NULL)
+      luaL_error(L, "not enough memory");
+    r->retired = p;
+    r->capretired = cap;
+  }
+  r->retired[r->nretired++] = w->proc.pid;
+  lpar_pool_close(&w->proc);
+  w->proc.pid = 0;
+  r->live--;
+}
+
 static void dispatch(lua_State *L, Run *r) {
   int i;
-  for (i = 0; i < r->o.nworkers && workleft(r); i++) {
+  for (i = 0; i < r->o.nworkers; i++) {
     Worker *w = &r->w[i];
-    if (w->proc.pid != 0 && w->count == 0)
+    if (w->proc.pid == 0 || w->count != 0)
+      continue;
+    if (workleft(r))
       assign(L, r, w);
+    else if (drained(r) && !r->failed)
+      retire(L, r, w);
   }
 }
 
@@ -945,6 +975,9 @@ void lpar_run_stop(lua_State *L, int idx) {
     lpar_buf_free(&w->in);
     lpar_buf_free(&w->out);
   }
+  for (i = 0; i < r->nretired; i++)
+    lpar_pool_wait(r->retired[i], &status, 1);
+  r->nretired = 0;
   r->live = 0;
   if (r->started)
     stopsignals(r);
@@ -954,12 +987,14 @@ void lpar_run_stop(lua_State *L, int idx) {
   free(r->pfd);
   free(r->pfdw);
   free(r->redo);
+  free(r->retired);
   free(r->fin);
   free(r->queue);
   r->w = NULL;
   r->pfd = NULL;
   r->pfdw = NULL;
   r->redo = NULL;
+  r->retired = NULL;
   r->fin = NULL;
   r->queue = NULL;
 }
