@@ -6,6 +6,9 @@
 
 #include <errno.h>
 #include <stdio.h>
+#if defined(__GLIBC__)
+#include <malloc.h>
+#endif
 #include <stdint.h>
 #include <string.h>
 #include <unistd.h>
@@ -286,6 +289,12 @@ _Noreturn void lpar_worker_run(lua_State *L, const WorkerArgs *a) {
   int status;
   memset(&ws, 0, sizeof ws);
   lpar_worker_mark(L);
+#if defined(__GLIBC__)
+  /* keep freed memory for reuse: big results are built and dropped item
+     after item, and fresh pages cost a fault each */
+  mallopt(M_MMAP_THRESHOLD, 32 << 20);
+  mallopt(M_TRIM_THRESHOLD, 256 << 20);
+#endif
   if (lpar_buf_reserve(&ws.out, LPAR_FLUSHSIZE + RESHDR) != 0)
     _exit(3);
   lua_pushcfunction(L, workermain);
