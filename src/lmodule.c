@@ -43,7 +43,7 @@ static lua_Integer getcount(lua_State *L, int arg, const char *what) {
 
 static const char *const optnames[] = {"n_workers", "chunksize", "on_error",
                                        "timeout", "unordered", "init",
-                                       "close", NULL};
+                                       "close", "sigterm", NULL};
 
 /* Read the options at 'arg': nil, a worker count, or a table. */
 static void getopts(lua_State *L, int arg, RunOpts *o) {
@@ -98,6 +98,9 @@ static void getopts(lua_State *L, int arg, RunOpts *o) {
     lua_pop(L, 1);
     lua_getfield(L, arg, "unordered");
     o->unordered = lua_toboolean(L, -1);
+    lua_pop(L, 1);
+    lua_getfield(L, arg, "sigterm"); /* SIGTERM ends the run like SIGINT */
+    o->sigterm = lua_toboolean(L, -1);
     lua_pop(L, 1);
     break;
   default:
