@@ -1,49 +1,847 @@
 /*
-** main.c: the lpar command: runs a Lua script with lpar preloaded.
-** (Item streaming over a file is the CLI's own issue.)
+** main.c: the lpar command. Creates the state and runs lua/lpar/cli.lua,
+** giving it the C parts of the hot path: item reader, output, signals.
 */
+#include <errno.h>
+#include <fcntl.h>
+#include <poll.h>
+#include <pthread.h>
+#include <signal.h>
+#include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <time.h>
+#include <unistd.h>
 
 #include "lauxlib.h"
 #include "lpar.h"
 #include "lualib.h"
 
+/* the files of lua/lpar, built in (embedded.c in the build tree) */
+const char *lpar_embedded(const char *name, size_t *len);
+
+/* bytes asked of read() at a time; a longer item grows the buffer */
+#if !defined(LPAR_READSIZE)
+#define LPAR_READSIZE (256 * 1024)
+#endif
+
+/* output is written at most this long after it is produced (ns) */
+#if !defined(LPAR_OUTDELAYNS)
+#define LPAR_OUTDELAYNS 10000000LL
+#endif
+
+/* buffered output beyond this many bytes is written at once */
+#if !defined(LPAR_OUTHIGH)
+#define LPAR_OUTHIGH (64 * 1024)
+#endif
+
+/* input that stays silent this long (ms) ends the current batch of items */
+#if !defined(LPAR_IDLEMS)
+#define LPAR_IDLEMS 50
+#endif
+
+#define READERMT "lpar.cli.Reader"
+
+static long long now(void) {
+  struct timespec ts;
+  clock_gettime(CLOCK_MONOTONIC, &ts);
+  return (long long)ts.tv_sec * 1000000000LL + ts.tv_nsec;
+}
+
+/* Write all of p to fd; 0 or an errno. */
+static int writeall(int fd, const char *p, size_t n) {
+  while (n > 0) {
+    ssize_t k;
+    do
+      k = write(fd, p, n);
+    while (k == -1 && errno == EINTR);
+    if (k < 0)
+      return errno;
+    p += k;
+    n -= (size_t)k;
+  }
+  return 0;
+}
+
+/* ---- signals ---- */
+
+/* SIGINT or SIGTERM caught outside a run (inside one, the run takes
+   them, or they stay pending while it has them blocked) */
+static volatile sig_atomic_t caught;
+
+static void oncatch(int sig) {
+  caught = sig;
+}
+
+/*
+** signals() -> watching SIGTERM: ignore SIGPIPE (a closed output shows as
+** EPIPE) and note SIGINT and SIGTERM, unless they were ignored.
+*/
+static int l_signals(lua_State *L) {
+  struct sigaction sa, old;
+  int term = 0;
+  memset(&sa, 0, sizeof sa);
+  sigemptyset(&sa.sa_mask);
+  sa.sa_handler = SIG_IGN;
+  sigaction(SIGPIPE, &sa, NULL);
+  sa.sa_handler = oncatch; /* no SA_RESTART: a wait sees EINTR */
+  if (sigaction(SIGINT, NULL, &old) == 0 && old.sa_handler != SIG_IGN)
+    sigaction(SIGINT, &sa, NULL);
+  if (sigaction(SIGTERM, NULL, &old) == 0 && old.sa_handler != SIG_IGN) {
+    sigaction(SIGTERM, &sa, NULL);
+    term = 1;
+  }
+  lua_pushboolean(L, term);
+  return 1;
+}
+
+/* The signal caught or pending (blocked by a run), 0 if none. */
+static int stopsignal(void) {
+  sigset_t pend;
+  if (caught)
+    return caught;
+  if (sigpending(&pend) == 0) {
+    if (sigismember(&pend, SIGINT))
+      return SIGINT;
+    if (sigismember(&pend, SIGTERM))
+      return SIGTERM;
+  }
+  return 0;
+}
+
+/* caught() -> signal number, or 0 */
+static int l_caught(lua_State *L) {
+  lua_pushinteger(L, stopsignal());
+  return 1;
+}
+
+/* ---- output ---- */
+
+/*
+** Results go to fd 1 through one buffer. A flusher thread writes what is
+** buffered at most LPAR_OUTDELAYNS after it was added, so a result shows
+** even while the main thread waits in the engine for the next one; the
+** main thread writes the buffer itself once it exceeds LPAR_OUTHIGH.
+** Every write to fd 1 or 2 happens under 'mu', in order. The flusher has
+** every signal blocked, so signals reach the main thread only. With
+** --progress on a terminal the bar is lifted before output and redrawn.
+*/
+typedef struct Out {
+  pthread_mutex_t mu;
+  pthread_cond_t cv;
+  pthread_t thread;
+  int started;      /* the flusher runs */
+  int quit;         /* the flusher must leave */
+  char *p;          /* pending bytes */
+  size_t n, cap;
+  long long since;  /* when the oldest pending byte was added */
+  atomic_int err;   /* errno of the first failed write of fd 1; sticky */
+  char bar[512];    /* the progress line, with its escapes */
+  size_t barlen;
+  int barshown;     /* the bar is on the terminal */
+  int bartty;       /* stderr is a terminal */
+  int shared;       /* stdout is a terminal too: lift the bar to write */
+} Out;
+
+static Out out = {.mu = PTHREAD_MUTEX_INITIALIZER};
+
+static void liftbar(void) {
+  if (out.barshown && out.bartty)
+    writeall(2, "\r\033[K", 4);
+}
+
+static void dropbar(void) {
+  if (out.barshown && out.bartty)
+    writeall(2, out.bar, out.barlen);
+}
+
+/* Write the pending bytes (mu held). */
+static void drain(void) {
+  if (out.n == 0)
+    return;
+  if (out.shared)
+    liftbar();
+  if (atomic_load(&out.err) == 0) {
+    int e = writeall(1, out.p, out.n);
+    if (e != 0)
+      atomic_store(&out.err, e);
+  }
+  out.n = 0;
+  if (out.shared)
+    dropbar();
+}
+
+static void *flusher(void *ud) {
+  (void)ud;
+  pthread_mutex_lock(&out.mu);
+  while (!out.quit) {
+    long long due = out.since + LPAR_OUTDELAYNS;
+    if (out.n == 0)
+      pthread_cond_wait(&out.cv, &out.mu);
+    else if (now() < due) {
+      struct timespec ts;
+      ts.tv_sec = (time_t)(due / 1000000000LL);
+      ts.tv_nsec = (long)(due % 1000000000LL);
+      pthread_cond_timedwait(&out.cv, &out.mu, &ts);
+    }
+    else
+      drain();
+  }
+  pthread_mutex_unlock(&out.mu);
+  return NULL;
+}
+
+/* startoutput(): flush what the script printed and start the flusher. */
+static int l_startoutput(lua_State *L) {
+  pthread_condattr_t ca;
+  sigset_t all, old;
+  int rc;
+  if (out.started)
+    return 0;
+  fflush(stdout);
+  out.bartty = isatty(2);
+  out.shared = out.bartty && isatty(1);
+  pthread_condattr_init(&ca);
+  pthread_condattr_setclock(&ca, CLOCK_MONOTONIC);
+  pthread_cond_init(&out.cv, &ca);
+  pthread_condattr_destroy(&ca);
+  sigfillset(&all);
+  pthread_sigmask(SIG_BLOCK, &all, &old);
+  rc = pthread_create(&out.thread, NULL, flusher, NULL);
+  pthread_sigmask(SIG_SETMASK, &old, NULL);
+  if (rc != 0)
+    return luaL_error(L, "cannot start the output thread: %s", strerror(rc));
+  out.started = 1;
+  return 0;
+}
+
+/* Raise for a failed output: "output closed" for EPIPE. */
+static int outerror(lua_State *L, int e) {
+  if (e == EPIPE)
+    return luaL_error(L, "output closed");
+  return luaL_error(L, "cannot write output: %s", strerror(e));
+}
+
+/* Make room for 'need' more pending bytes (mu held); 0 or -1. */
+static int reserve(size_t need) {
+  if (out.cap - out.n < need) {
+    size_t cap = out.cap ? out.cap : LPAR_OUTHIGH + 4096;
+    char *p;
+    while (cap - out.n < need)
+      cap *= 2;
+    p = realloc(out.p, cap);
+    if (p == NULL)
+      return -1;
+    out.p = p;
+    out.cap = cap;
+  }
+  return 0;
+}
+
+/* Buffer s (and a newline if 'nl'). Raises if the output failed. */
+static int put(lua_State *L, int nl) {
+  size_t len;
+  const char *s = luaL_checklstring(L, 1, &len);
+  int e, nomem = 0;
+  pthread_mutex_lock(&out.mu);
+  e = atomic_load(&out.err);
+  if (e == 0 && reserve(len + 1) != 0)
+    nomem = 1;
+  else if (e == 0) {
+    if (out.n == 0 && out.started) {
+      out.since = now();
+      pthread_cond_signal(&out.cv);
+    }
+    memcpy(out.p + out.n, s, len);
+    out.n += len;
+    if (nl)
+      out.p[out.n++] = '\n';
+    if (out.n >= LPAR_OUTHIGH || !out.started)
+      drain();
+    e = atomic_load(&out.err);
+  }
+  pthread_mutex_unlock(&out.mu);
+  if (nomem)
+    return luaL_error(L, "not enough memory");
+  if (e != 0)
+    return outerror(L, e);
+  return 0;
+}
+
+/* write(s): output the bytes of s */
+static int l_write(lua_State *L) {
+  return put(L, 0);
+}
+
+/* writeln(s): output s and a newline */
+static int l_writeln(lua_State *L) {
+  return put(L, 1);
+}
+
+/* report(msg): write msg and a newline on stderr, after the output
+   produced before it. */
+static int l_report(lua_State *L) {
+  size_t len;
+  const char *s = luaL_checklstring(L, 1, &len);
+  pthread_mutex_lock(&out.mu);
+  drain();
+  liftbar();
+  writeall(2, s, len);
+  writeall(2, "\n", 1);
+  dropbar();
+  pthread_mutex_unlock(&out.mu);
+  return 0;
+}
+
+/* bar(text): show the progress line (on a terminal, in place); bar():
+   end it with a newline. */
+static int l_bar(lua_State *L) {
+  size_t len;
+  const char *s = luaL_optlstring(L, 1, NULL, &len);
+  pthread_mutex_lock(&out.mu);
+  if (s == NULL) {
+    if (out.barshown && out.bartty)
+      writeall(2, "\n", 1);
+    out.barshown = 0;
+  }
+  else if (out.bartty) {
+    if (len > sizeof out.bar - 8)
+      len = sizeof out.bar - 8;
+    out.bar[0] = '\r';
+    memcpy(out.bar + 1, s, len);
+    memcpy(out.bar + 1 + len, "\033[K", 3);
+    out.barlen = len + 4;
+    out.barshown = 1;
+    writeall(2, out.bar, out.barlen);
+  }
+  else {
+    drain();
+    writeall(2, s, len);
+    writeall(2, "\n", 1);
+  }
+  pthread_mutex_unlock(&out.mu);
+  return 0;
+}
+
+/* finish() -> nil, or the error message of the output: stop the flusher
+   and write what is left. */
+static int l_finish(lua_State *L) {
+  int e;
+  if (out.started) {
+    pthread_mutex_lock(&out.mu);
+    out.quit = 1;
+    pthread_cond_signal(&out.cv);
+    pthread_mutex_unlock(&out.mu);
+    pthread_join(out.thread, NULL);
+    out.started = 0;
+  }
+  pthread_mutex_lock(&out.mu);
+  drain();
+  e = atomic_load(&out.err);
+  pthread_mutex_unlock(&out.mu);
+  if (e == 0)
+    return 0;
+  lua_pushstring(L, e == EPIPE ? "output closed" : strerror(e));
+  return 1;
+}
+
+/* ---- items ---- */
+
+/*
+** The items go to the engine in batches: one engine item is a block of
+** consecutive records, raw bytes with their separators, which a worker
+** splits (split()). The parent's work per record is then a memchr and a
+** memcpy; the engine's cost is paid per batch. Batches are sized from
+** the time workers report for them, to take about LPAR_BATCHSECS each,
+** so slow items still go one at a time.
+*/
+
+/* a batch should take a worker about this long (s) */
+#if !defined(LPAR_BATCHSECS)
+#define LPAR_BATCHSECS 0.001
+#endif
+
+/* most records in a batch */
+#if !defined(LPAR_BATCHMAX)
+#define LPAR_BATCHMAX 1024
+#endif
+
+/* most bytes in a batch (a longer record goes alone) */
+#if !defined(LPAR_BATCHBYTES)
+#define LPAR_BATCHBYTES (64 * 1024)
+#endif
+
+/* records handed out and not yet taken back, at most: past this the run
+   gets no more items, finishes, and a new run goes on (which bounds the
+   memory a very slow item can make the others pile up) */
+#if !defined(LPAR_AHEAD)
+#define LPAR_AHEAD 65536
+#endif
+
+typedef struct Reader {
+  int fd;              /* -1 once closed */
+  int own;             /* fd was opened here (not stdin) */
+  int sep;             /* '\n' or '\0' */
+  int regular;         /* a regular file: a read never waits */
+  int eof;             /* read returned 0 */
+  char *buf;           /* unread bytes are buf[pos, len) */
+  size_t cap, pos, len;
+  lua_Integer count;   /* records read so far */
+  lua_Integer batches; /* batches handed out in this run */
+  lua_Integer ahead;   /* records handed out, not yet taken back */
+  int batchmax;        /* records per batch now */
+  int fixed;           /* batchmax was set, not learned */
+  double per;          /* seconds per record, 0 until known */
+  lua_Integer *first;  /* ring of LPAR_AHEAD: first record of a batch */
+  int *size;           /* ring of LPAR_AHEAD: records in a batch */
+} Reader;
+
+/* Raise if a signal asks to stop or the output is gone. */
+static void checkstop(lua_State *L) {
+  int sig = stopsignal(), e;
+  if (sig)
+    luaL_error(L, sig == SIGTERM ? "terminated" : "interrupted");
+  e = atomic_load(&out.err);
+  if (e != 0)
+    outerror(L, e);
+}
+
+/*
+** Wait until the input can be read: 1, or 0 if 'idlems' >= 0 passed
+** first. Wakes every 100 ms to look for signals, which a run keeps
+** blocked (pending) while it is not polling.
+*/
+static int waitinput(lua_State *L, Reader *r, int idlems) {
+  long long end = now() + (long long)idlems * 1000000LL;
+  for (;;) {
+    struct pollfd p;
+    int ms = 100, rc;
+    checkstop(L);
+    if (idlems >= 0) {
+      long long left = (end - now()) / 1000000LL;
+      if (left <= 0)
+        return 0;
+      if (left < ms)
+        ms = (int)left;
+    }
+    p.fd = r->fd;
+    p.events = POLLIN;
+    p.revents = 0;
+    rc = poll(&p, 1, ms);
+    if (rc > 0)
+      return 1; /* data, end of file or an error: read() tells */
+    if (rc < 0 && errno != EINTR)
+      luaL_error(L, "cannot poll the input: %s", strerror(errno));
+  }
+}
+
+/* Read more input into r->buf, moving the unread bytes to its start
+   (and growing it if they fill it). */
+static void fill(lua_State *L, Reader *r) {
+  ssize_t k;
+  if (r->pos > 0) {
+    memmove(r->buf, r->buf + r->pos, r->len - r->pos);
+    r->len -= r->pos;
+    r->pos = 0;
+  }
+  if (r->len == r->cap) {
+    size_t cap = r->cap ? 2 * r->cap : LPAR_READSIZE;
+    char *p = realloc(r->buf, cap);
+    if (p == NULL)
+      luaL_error(L, "not enough memory for an item of %I bytes",
+                 (LUAI_UACINT)r->len);
+    r->buf = p;
+    r->cap = cap;
+  }
+  do
+    k = read(r->fd, r->buf + r->len, r->cap - r->len);
+  while (k == -1 && errno == EINTR && !stopsignal());
+  if (k < 0) {
+    checkstop(L);
+    luaL_error(L, "cannot read the items: %s", strerror(errno));
+  }
+  if (k == 0)
+    r->eof = 1;
+  r->len += (size_t)k;
+}
+
+/* Whether the input has data now (never waits). */
+static int ready(Reader *r) {
+  struct pollfd p;
+  p.fd = r->fd;
+  p.events = POLLIN;
+  p.revents = 0;
+  return r->regular || poll(&p, 1, 0) > 0;
+}
+
+/*
+** Cut the next batch from the buffer (reading more first while less than
+** a batch is buffered and more is at hand): up to batchmax complete
+** records within LPAR_BATCHBYTES, at least one. Pushes the block, notes
+** it in the ring and in the table at 'blocks', and returns 1; returns 0
+** if no complete record is buffered.
+*/
+static int cut(lua_State *L, Reader *r, int blocks) {
+  char *s, *p, *end;
+  int k = 0;
+  lua_Integer slot;
+  while (!r->eof && r->len - r->pos < LPAR_BATCHBYTES && ready(r))
+    fill(L, r);
+  s = p = r->buf + r->pos;
+  end = r->buf + r->len;
+  while (k < r->batchmax && p < end) {
+    char *e = memchr(p, r->sep, (size_t)(end - p));
+    if (e == NULL) {
+      if (!r->eof || (k > 0 && end - s > LPAR_BATCHBYTES))
+        break;
+      e = end - 1; /* a last record without separator */
+    }
+    else if (k > 0 && e + 1 - s > LPAR_BATCHBYTES)
+      break;
+    p = e + 1;
+    k++;
+  }
+  if (k == 0)
+    return 0;
+  lua_pushlstring(L, s, (size_t)(p - s));
+  r->pos += (size_t)(p - s);
+  r->batches++;
+  slot = r->batches % LPAR_AHEAD;
+  r->first[slot] = r->count + 1;
+  r->size[slot] = k;
+  r->count += k;
+  r->ahead += k;
+  lua_pushvalue(L, -1);
+  lua_rawseti(L, blocks, r->batches);
+  return 1;
+}
+
+/*
+** The items iterator handed to lpar.imap: () -> the next batch, or
+** nothing at the end of the input; or when LPAR_AHEAD records are out;
+** or when the input (a pipe, a terminal) has been silent for LPAR_IDLEMS
+** after batches of this run: then the run finishes and writes their
+** results; wait() starts the next run.
+*/
+static int reader_next(lua_State *L) {
+  Reader *r = lua_touserdata(L, lua_upvalueindex(1));
+  lua_settop(L, 0);
+  lua_getiuservalue(L, lua_upvalueindex(1), 1); /* 1: blocks */
+  if (r->fd < 0 || r->ahead >= LPAR_AHEAD)
+    return 0;
+  for (;;) {
+    if (cut(L, r, 1))
+      return 1;
+    if (r->eof)
+      return 0;
+    if (!ready(r) && !waitinput(L, r, r->batches > 0 ? LPAR_IDLEMS : -1))
+      return 0;
+    fill(L, r);
+  }
+}
+
+static Reader *checkreader(lua_State *L) {
+  return luaL_checkudata(L, 1, READERMT);
+}
+
+/* reader:wait() -> whether a record is there: waits for one or for the
+   end of the input, and starts a new run. */
+static int reader_wait(lua_State *L) {
+  Reader *r = checkreader(L);
+  r->batches = 0;
+  r->ahead = 0;
+  lua_newtable(L);
+  lua_setiuservalue(L, 1, 1); /* blocks of the run */
+  while (r->fd >= 0) {
+    char *s = r->buf + r->pos;
+    size_t avail = r->len - r->pos;
+    if ((avail > 0 && r->eof) || memchr(s, r->sep, avail) != NULL) {
+      lua_pushboolean(L, 1);
+      return 1;
+    }
+    if (r->eof)
+      break;
+    if (!ready(r))
+      waitinput(L, r, -1);
+    fill(L, r);
+  }
+  lua_pushboolean(L, 0);
+  return 1;
+}
+
+/*
+** reader:take(i [, secs]) -> first, n, block: batch i of this run (its
+** first record's number, its record count, its bytes), forgotten here.
+** 'secs', the time a worker took for it, tunes the batch size.
+*/
+static int reader_take(lua_State *L) {
+  Reader *r = checkreader(L);
+  lua_Integer i = luaL_checkinteger(L, 2), slot = i % LPAR_AHEAD;
+  luaL_argcheck(L, i >= 1 && i <= r->batches, 2, "no such batch");
+  if (lua_type(L, 3) == LUA_TNUMBER && !r->fixed) {
+    double per = lua_tonumber(L, 3) / r->size[slot], b;
+    r->per = r->per > 0 ? 0.7 * r->per + 0.3 * per : per;
+    b = r->per > 0 ? LPAR_BATCHSECS / r->per : LPAR_BATCHMAX;
+    r->batchmax = b < 1 ? 1 : b > LPAR_BATCHMAX ? LPAR_BATCHMAX : (int)b;
+  }
+  r->ahead -= r->size[slot];
+  lua_pushinteger(L, r->first[slot]);
+  lua_pushinteger(L, r->size[slot]);
+  lua_getiuservalue(L, 1, 1);
+  lua_rawgeti(L, -1, i);
+  lua_pushnil(L);
+  lua_rawseti(L, -3, i);
+  lua_remove(L, -2); /* pop blocks */
+  return 3;
+}
+
+/* reader:setbatch(n): n records per batch from now on, not learned */
+static int reader_setbatch(lua_State *L) {
+  Reader *r = checkreader(L);
+  lua_Integer n = luaL_checkinteger(L, 2);
+  luaL_argcheck(L, n >= 1, 2, "must be positive");
+  r->batchmax = n > LPAR_BATCHMAX ? LPAR_BATCHMAX : (int)n;
+  r->fixed = 1;
+  return 0;
+}
+
+/* reader:count() -> records read so far */
+static int reader_count(lua_State *L) {
+  lua_pushinteger(L, checkreader(L)->count);
+  return 1;
+}
+
+/* reader:items() -> the iterator function */
+static int reader_items(lua_State *L) {
+  checkreader(L);
+  lua_settop(L, 1);
+  lua_pushcclosure(L, reader_next, 1);
+  return 1;
+}
+
+static int reader_close(lua_State *L) {
+  Reader *r = checkreader(L);
+  if (r->own && r->fd >= 0)
+    close(r->fd);
+  r->fd = -1;
+  free(r->buf);
+  free(r->first);
+  free(r->size);
+  r->buf = NULL;
+  r->first = NULL;
+  r->size = NULL;
+  r->cap = r->pos = r->len = 0;
+  return 0;
+}
+
+/* open(path | nil, nul) -> reader | nil, message: records of a file, or
+   of stdin when path is nil. */
+static int l_open(lua_State *L) {
+  const char *path = luaL_optstring(L, 1, NULL);
+  int nul = lua_toboolean(L, 2), fd = 0;
+  struct stat st;
+  Reader *r;
+  r = lua_newuserdatauv(L, sizeof(Reader), 1);
+  memset(r, 0, sizeof *r);
+  r->fd = -1;
+  luaL_setmetatable(L, READERMT); /* __gc frees what follows */
+  r->first = malloc(LPAR_AHEAD * sizeof *r->first);
+  r->size = malloc(LPAR_AHEAD * sizeof *r->size);
+  if (r->first == NULL || r->size == NULL)
+    return luaL_error(L, "not enough memory");
+  if (path != NULL) {
+    do
+      fd = open(path, O_RDONLY | O_CLOEXEC);
+    while (fd == -1 && errno == EINTR);
+    if (fd == -1) {
+      luaL_pushfail(L);
+      lua_pushfstring(L, "cannot open %s: %s", path, strerror(errno));
+      return 2;
+    }
+  }
+  r->fd = fd;
+  r->own = path != NULL;
+  if (fstat(fd, &st) == 0 && S_ISDIR(st.st_mode)) {
+    luaL_pushfail(L);
+    lua_pushfstring(L, "cannot read %s: %s", path ? path : "stdin",
+                    strerror(EISDIR));
+    return 2;
+  }
+  r->sep = nul ? '\0' : '\n';
+  r->regular = S_ISREG(st.st_mode);
+  r->batchmax = 1;
+  lua_newtable(L);
+  lua_setiuservalue(L, -2, 1);
+  return 1;
+}
+
+/* split(block, nul) -> {records}: in a worker, the records of a batch,
+   each without its separator (and a CR before a newline). */
+static int l_split(lua_State *L) {
+  size_t len;
+  const char *s = luaL_checklstring(L, 1, &len), *end = s + len;
+  int sep = lua_toboolean(L, 2) ? '\0' : '\n';
+  lua_Integer k = 0;
+  lua_createtable(L, 64, 0);
+  while (s < end) {
+    const char *e = memchr(s, sep, (size_t)(end - s));
+    size_t n;
+    if (e == NULL) /* the last record of the input, without separator */
+      e = end;
+    n = (size_t)(e - s);
+    if (sep == '\n' && e < end && n > 0 && s[n - 1] == '\r')
+      n--;
+    lua_pushlstring(L, s, n);
+    lua_rawseti(L, -2, ++k);
+    s = e + 1;
+  }
+  return 1;
+}
+
+/* count(path, nul) -> number of records in a regular file, or nil */
+static int l_count(lua_State *L) {
+  const char *path = luaL_checkstring(L, 1);
+  int sep = lua_toboolean(L, 2) ? '\0' : '\n', fd;
+  struct stat st;
+  lua_Integer n = 0;
+  char last = (char)sep, *buf;
+  ssize_t k;
+  fd = open(path, O_RDONLY | O_CLOEXEC);
+  if (fd == -1)
+    return 0;
+  buf = malloc(1 << 20);
+  if (buf == NULL || fstat(fd, &st) != 0 || !S_ISREG(st.st_mode)) {
+    free(buf);
+    close(fd);
+    return 0;
+  }
+  while ((k = read(fd, buf, 1 << 20)) > 0) {
+    const char *p = buf, *end = buf + k;
+    while ((p = memchr(p, sep, (size_t)(end - p))) != NULL) {
+      n++;
+      p++;
+    }
+    last = buf[k - 1];
+  }
+  free(buf);
+  close(fd);
+  if (k < 0)
+    return 0;
+  lua_pushinteger(L, n + (last != (char)sep));
+  return 1;
+}
+
+/* ---- odds and ends ---- */
+
+/* now() -> seconds on the monotonic clock */
+static int l_now(lua_State *L) {
+  lua_pushnumber(L, (lua_Number)now() * 1e-9);
+  return 1;
+}
+
+/* isatty(fd) -> boolean */
+static int l_isatty(lua_State *L) {
+  lua_pushboolean(L, isatty((int)luaL_checkinteger(L, 1)));
+  return 1;
+}
+
+/* isolate(): in a worker, send what the script prints to stderr, so it
+   cannot mix with the results, and read stdin from /dev/null, so it cannot
+   take the parent's items. */
+static int l_isolate(lua_State *L) {
+  int fd;
+  (void)L;
+  fflush(stdout);
+  dup2(2, 1);
+  fd = open("/dev/null", O_RDONLY | O_CLOEXEC);
+  if (fd > 0) {
+    dup2(fd, 0);
+    close(fd);
+  }
+  return 0;
+}
+
+static const luaL_Reg readermethods[] = {
+    {"wait", reader_wait},   {"take", reader_take},   {"setbatch", reader_setbatch},
+    {"count", reader_count}, {"items", reader_items}, {"close", reader_close},
+    {NULL, NULL}};
+
+static const luaL_Reg helpers[] = {
+    {"signals", l_signals},   {"caught", l_caught},
+    {"startoutput", l_startoutput}, {"write", l_write},
+    {"writeln", l_writeln},
+    {"report", l_report},     {"bar", l_bar},
+    {"finish", l_finish},     {"open", l_open},
+    {"count", l_count},       {"split", l_split},       {"now", l_now},
+    {"isatty", l_isatty},     {"isolate", l_isolate},
+    {NULL, NULL}};
+
+/* Push the table of C helpers that lpar.cli gets. */
+static void pushhelpers(lua_State *L) {
+  if (luaL_newmetatable(L, READERMT)) {
+    luaL_newlib(L, readermethods);
+    lua_setfield(L, -2, "__index");
+    lua_pushcfunction(L, reader_close);
+    lua_setfield(L, -2, "__gc");
+  }
+  lua_pop(L, 1);
+  luaL_newlib(L, helpers);
+  lua_pushliteral(L, LPAR_VERSION);
+  lua_setfield(L, -2, "version");
+}
+
 static int msghandler(lua_State *L) {
   const char *msg = lua_tostring(L, 1);
   if (msg == NULL)
-    msg = lua_pushfstring(L, "(error object is a %s value)", luaL_typename(L, 1));
+    msg = lua_pushfstring(L, "(error object is a %s value)",
+                          luaL_typename(L, 1));
   luaL_traceback(L, L, msg, 1);
   return 1;
 }
 
+/*
+** Stack: argc, argv. Opens the libraries and lpar (with the global
+** 'parallel'), loads the built-in lpar.cli and returns the exit status
+** of its main(argv, helpers).
+*/
 static int pmain(lua_State *L) {
   int argc = (int)lua_tointeger(L, 1);
   char **argv = lua_touserdata(L, 2);
+  const char *src;
+  size_t len;
   int i;
   luaL_openlibs(L);
   lpar_openlib(L);
   lua_getglobal(L, "lpar");
   lua_getfield(L, -1, "parallel");
   lua_setglobal(L, "parallel");
-  lua_pop(L, 1);
-  if (argc < 2)
-    return luaL_error(L, "usage: lpar script.lua [args]");
+  lua_pop(L, 1); /* pop lpar */
+  src = lpar_embedded("lpar.cli", &len);
+  if (src == NULL)
+    return luaL_error(L, "lpar.cli is not built in");
+  if (luaL_loadbufferx(L, src, len, "=lpar.cli", "t") != LUA_OK)
+    return lua_error(L);
+  lua_call(L, 0, 1);
+  lua_getfield(L, LUA_REGISTRYINDEX, LUA_LOADED_TABLE);
+  lua_pushvalue(L, -2);
+  lua_setfield(L, -2, "lpar.cli");
+  lua_pop(L, 1); /* pop package.loaded */
+  lua_getfield(L, -1, "main");
   lua_createtable(L, argc, 1);
   for (i = 0; i < argc; i++) {
     lua_pushstring(L, argv[i]);
-    lua_rawseti(L, -2, i - 1);
+    lua_rawseti(L, -2, i);
   }
-  lua_setglobal(L, "arg");
-  if (luaL_loadfile(L, argv[1]) != LUA_OK)
-    return lua_error(L);
-  lua_call(L, 0, 0);
-  return 0;
+  pushhelpers(L);
+  lua_call(L, 2, 1);
+  return 1;
 }
 
 int main(int argc, char **argv) {
   lua_State *L = luaL_newstate();
-  int status;
+  int status, code;
   if (L == NULL) {
     fprintf(stderr, "lpar: cannot create Lua state: not enough memory\n");
     return 2;
@@ -52,12 +850,15 @@ int main(int argc, char **argv) {
   lua_pushcfunction(L, pmain);
   lua_pushinteger(L, argc);
   lua_pushlightuserdata(L, argv);
-  status = lua_pcall(L, 2, 0, 1);
+  status = lua_pcall(L, 2, 1, 1);
   if (status != LUA_OK) {
+    fflush(stdout);
     fprintf(stderr, "lpar: %s\n", lua_tostring(L, -1));
-    lua_close(L);
-    return 1;
+    code = 1;
   }
+  else
+    code = (int)lua_tointeger(L, -1);
+  l_finish(L);
   lua_close(L);
-  return 0;
+  return code;
 }

@@ -1,0 +1,600 @@
+-- lpar.cli: the lpar command: options, the script, the loop over the
+-- items, how results are printed and how failures are reported.
+-- main.c runs M.main(argv, c) with c, the C parts of the hot path.
+
+local M = {}
+
+-- How this file names itself in tracebacks: frames from here are cut.
+local SELF = debug.getinfo(1, "S").short_src
+
+M.usage = "usage: lpar [options] script.lua [items.txt | -] [args...]\n" ..
+  "       lpar [options] -e CODE [items.txt | -] [args...]"
+
+M.help = M.usage .. [[
+
+
+Runs the function that the script returns on each line of items.txt (or
+of stdin) in worker processes, and prints one line per result, in input
+order, as soon as every earlier item is done.
+
+options:
+  -j, --jobs N        run at most N workers (default 8)
+      --chunk N       hand out N items at a time (default: adaptive)
+      --unordered     print results as they finish, not in input order
+      --timeout SECS  stop an item that runs longer than SECS seconds
+      --halt          stop at the first failed item
+  -0, --null          items end with NUL bytes, not newlines
+  -e CODE             the script is CODE, not a file
+      --progress      show done/total, rate and ETA on stderr
+      --version       print the version
+  -h, --help          print this help
+
+Options come before the script; what follows it is the script's (in
+'arg'). The script returns f(item), or {map = f, init = fn, close = fn}
+where init and close run once in each worker. A script that returns
+nothing is just run, with the 'parallel' function and require "lpar".
+
+Results: a string as is; numbers and booleans as tostring gives them;
+several values joined by tabs; a table as one line of JSON; nil: no line.
+
+exit status: 0 all items succeeded, 1 one or more failed, 2 usage or
+script error, 128+N on signal N (130 Ctrl-C, 141 output closed).
+
+examples:
+  lpar -e 'return function(s) return s:upper() end' words.txt
+  lpar -j4 --progress fetch.lua urls.txt > pages.jsonl
+  find . -name '*.log' -print0 | lpar -0 count.lua
+  tail -f access.log | lpar parse.lua
+]]
+
+-- ---- options ----
+
+local function posint(name, v)
+  local n = math.tointeger(tonumber(v))
+  if not n or n < 1 then
+    return nil, ("bad value for '%s': '%s' (expected a positive integer)")
+      :format(name, v)
+  end
+  return n
+end
+
+local function seconds(name, v)
+  local n = tonumber(v)
+  if not n or not (n > 0) or n > 1e9 then
+    return nil, ("bad value for '%s': '%s' (expected a number of seconds)")
+      :format(name, v)
+  end
+  return n
+end
+
+-- option -> field, and the check of its value (true: any string)
+local valued = {
+  ["-j"] = "jobs", ["--jobs"] = "jobs", ["--chunk"] = "chunk",
+  ["--timeout"] = "timeout", ["-e"] = "code",
+}
+local checks = {jobs = posint, chunk = posint, timeout = seconds}
+local flags = {
+  ["--unordered"] = "unordered", ["--halt"] = "halt", ["-0"] = "nul",
+  ["--null"] = "nul", ["--progress"] = "progress", ["--version"] = "version",
+  ["-h"] = "help", ["--help"] = "help",
+}
+
+-- Parse argv (argv[1..n], as main gets it) into options, or nil and a
+-- message. o.script is the script's path (nil with -e); o.at is where
+-- the script stands in argv: arg[k] of the script is argv[o.at + k].
+function M.parse(argv)
+  local o = {jobs = 8}
+  local i = 1
+  while argv[i] ~= nil do
+    local a = argv[i]
+    if a == "--" then
+      i = i + 1
+      break
+    end
+    if a == "-" or a:sub(1, 1) ~= "-" then break end
+    local name, value = a:match("^(%-%-[^=]+)=(.*)$")
+    if not name then
+      name = a
+      if not valued[a] and not flags[a] and a:match("^%-[je].") then
+        name, value = a:sub(1, 2), a:sub(3)
+      end
+    end
+    if flags[name] then
+      if value then return nil, ("option '%s' takes no value"):format(name) end
+      o[flags[name]] = true
+    elseif valued[name] then
+      if not value then
+        i = i + 1
+        value = argv[i]
+        if value == nil then
+          return nil, ("option '%s' needs a value"):format(name)
+        end
+      end
+      local key = valued[name]
+      if checks[key] then
+        local v, err = checks[key](name, value)
+        if not v then return nil, err end
+        value = v
+      end
+      o[key] = value
+    else
+      return nil, ("unknown option '%s'"):format(a)
+    end
+    i = i + 1
+  end
+  if o.help or o.version then return o end
+  if o.code then
+    o.at = i - 1
+  else
+    o.script = argv[i]
+    if o.script == nil then return nil, "no script given" end
+    o.at = i
+  end
+  return o
+end
+
+-- ---- results ----
+
+local function jsonencoder()
+  local ok, cjson = pcall(require, "cjson")
+  if not ok then
+    error("cannot print a table: lua-cjson is not installed", 0)
+  end
+  local j = cjson.new()
+  j.encode_sparse_array(true) -- a sparse array becomes an object
+  return j.encode
+end
+
+-- A function that turns f's return values into one output line, or nil
+-- for none. 'encode' (a table -> JSON function) is optional.
+function M.formatter(encode)
+  local function field(v)
+    local t = type(v)
+    if t == "string" then return v end
+    if t == "number" or t == "boolean" then return tostring(v) end
+    if t == "nil" then return "" end
+    if t == "table" then
+      encode = encode or jsonencoder()
+      local ok, s = pcall(encode, v)
+      if not ok then error("cannot print the result as JSON: " .. tostring(s), 0) end
+      return s
+    end
+    local mt = getmetatable(v)
+    if type(mt) == "table" and mt.__tostring then return tostring(v) end
+    error(("cannot print a %s result"):format(t), 0)
+  end
+  return function(...)
+    local n, v = select("#", ...), ...
+    if n == 1 then
+      if type(v) == "string" then return v end
+      if v == nil then return nil end
+      return field(v)
+    end
+    if n == 0 then return nil end
+    local t, any = {...}, false
+    for k = 1, n do
+      if t[k] ~= nil then any = true end
+      t[k] = field(t[k])
+    end
+    if not any then return nil end
+    return table.concat(t, "\t", 1, n)
+  end
+end
+
+-- ---- failures ----
+
+local escapes = {["\n"] = "\\n", ["\r"] = "\\r", ["\t"] = "\\t",
+                 ['"'] = '\\"', ["\\"] = "\\\\"}
+
+-- An item as it is shown in a message: quoted, control bytes escaped (and
+-- every byte >= 128 unless the text is valid UTF-8), cut after 'max' bytes.
+function M.shorten(s, max)
+  max = max or 40
+  s = tostring(s)
+  local cut = #s > max
+  if cut then
+    local k = max -- do not split a UTF-8 sequence
+    while k > 0 and (s:byte(k + 1) or 0) >= 0x80 and s:byte(k + 1) < 0xC0 do
+      k = k - 1
+    end
+    s = s:sub(1, k)
+  end
+  local class = utf8.len(s) and '[%c"\\]' or '[%c"\\\128-\255]'
+  s = s:gsub(class, function(ch)
+    return escapes[ch] or ("\\x%02x"):format(ch:byte())
+  end)
+  return '"' .. s .. '"' .. (cut and "..." or "")
+end
+
+-- Text (a message, a traceback) without the frames of this file and what
+-- lies below them.
+function M.clean(text)
+  local lines = {}
+  for line in (text .. "\n"):gmatch("(.-)\n") do
+    if line:sub(1, #SELF + 2) == "\t" .. SELF .. ":" then break end
+    lines[#lines + 1] = line
+  end
+  while lines[#lines] == "stack traceback:" or lines[#lines] == "" do
+    lines[#lines] = nil
+  end
+  return table.concat(lines, "\n")
+end
+
+-- A failed item travels from the worker as one string: a tag, then the
+-- shortened item, the message and the traceback, each as <length>:<bytes>
+-- (no NUL byte: the engine handles the message as a C string).
+local TAG = "\1lpar-failure\1"
+
+local function packfailure(...)
+  local t = {TAG}
+  for k = 1, select("#", ...) do
+    local s = select(k, ...)
+    t[#t + 1] = #s .. ":" .. s
+  end
+  return table.concat(t)
+end
+
+function M.unpackfailure(e)
+  if type(e) ~= "string" or e:sub(1, #TAG) ~= TAG then return nil end
+  local pos, parts = #TAG + 1, {}
+  for k = 1, 3 do
+    local n, at = e:match("^(%d+):()", pos)
+    if not n then return nil end
+    parts[k] = e:sub(at, at + n - 1)
+    pos = at + n
+  end
+  return parts[1], parts[2], parts[3]
+end
+
+local function errortext(e)
+  if type(e) == "string" then return e end
+  local mt = getmetatable(e)
+  if type(mt) == "table" and mt.__tostring then return tostring(e) end
+  return ("(error object is a %s value)"):format(type(e))
+end
+
+-- A function that runs f on one record in a worker: true and the output
+-- line (or nil), or false and the failure, which carries the record and
+-- a traceback cut at this file.
+local function runner(map, fmt)
+  local function call(item) return fmt(map(item)) end
+  local function handler(e)
+    return {errortext(e), debug.traceback("", 2):sub(2)}
+  end
+  return function(item)
+    local ok, r = xpcall(call, handler, item)
+    if ok then return true, r end
+    if type(r) ~= "table" then r = {tostring(r), ""} end
+    return false, packfailure(M.shorten(item), (r[1]:gsub("%z", "\\0")),
+                              M.clean(r[2]))
+  end
+end
+
+-- The function the workers run when each engine item is one record: its
+-- output line, or nil; a failure raises.
+function M.mapper(map, fmt)
+  local run = runner(map, fmt)
+  return function(item)
+    local ok, r = run(item)
+    if ok then return r end
+    error(r, 0)
+  end
+end
+
+-- The function the workers run on a batch (a block of records, see
+-- main.c): returns {secs, parts...} where secs is the time it took and a
+-- part is output (lines, each ended by a newline) or a failure {k, text}
+-- of the batch's k-th record. With 'halt' it stops at the first failure.
+function M.batcher(map, fmt, nul, halt, split, now)
+  local run, concat = runner(map, fmt), table.concat
+  local out = {}
+  return function(block)
+    local t0 = now()
+    local recs = split(block, nul)
+    local res, n = nil, 0
+    for k = 1, #recs do
+      local ok, r = run(recs[k])
+      if ok then
+        if r ~= nil then
+          n = n + 1
+          out[n] = r
+        end
+      else
+        res = res or {0}
+        if n > 0 then
+          out[n + 1] = ""
+          res[#res + 1] = concat(out, "\n", 1, n + 1)
+          n = 0
+        end
+        res[#res + 1] = {k, r}
+        if halt then break end
+      end
+    end
+    res = res or {0}
+    if n > 0 then
+      out[n + 1] = ""
+      res[#res + 1] = concat(out, "\n", 1, n + 1)
+    end
+    res[1] = now() - t0
+    return res
+  end
+end
+
+-- The message for item n that failed with e.
+function M.describe(n, e, nul)
+  local what = (nul and "item " or "line ") .. n
+  local item, msg, tb = M.unpackfailure(e)
+  if item then
+    return ("lpar: %s (%s): %s%s"):format(what, item, msg,
+                                          tb ~= "" and "\n" .. tb or "")
+  end
+  return ("lpar: %s: %s"):format(what, M.clean(errortext(e)))
+end
+
+-- ---- progress ----
+
+local function clock(s)
+  s = math.floor(s + 0.5)
+  if s >= 3600 then
+    return ("%d:%02d:%02d"):format(s // 3600, s % 3600 // 60, s % 60)
+  end
+  return ("%d:%02d"):format(s // 60, s % 60)
+end
+
+-- The progress line for 'done' of 'total' (nil if unknown) items after
+-- 'elapsed' seconds.
+function M.progressline(done, total, failed, elapsed)
+  local rate = elapsed > 0 and done / elapsed or 0
+  local s
+  if total and total > 0 then
+    local frac = math.min(done / total, 1)
+    local width = 20
+    local full = math.floor(frac * width)
+    s = ("[%s%s] %d/%d %d%%"):format(("#"):rep(full), ("."):rep(width - full),
+                                     done, total, math.floor(frac * 100))
+  else
+    s = ("%d done"):format(done)
+  end
+  s = s .. (" %.0f/s"):format(rate)
+  if total and rate > 0 and done < total then
+    s = s .. " ETA " .. clock((total - done) / rate)
+  end
+  if failed > 0 then s = s .. (" %d failed"):format(failed) end
+  return s
+end
+
+local function progress(c, total)
+  local start = c.now()
+  local tty = c.isatty(2)
+  local every = tty and 0.1 or 1
+  local last, done, failed = -1, 0, 0
+  local p = {}
+  local function draw()
+    local line = M.progressline(done, total, failed, c.now() - start)
+    c.bar(tty and line or "lpar: " .. line)
+  end
+  function p.step(n, nfailed)
+    done = done + n
+    failed = nfailed
+    local t = c.now()
+    if t - last >= every then
+      last = t
+      draw()
+    end
+  end
+  function p.finish()
+    draw()
+    c.bar()
+  end
+  draw()
+  return p
+end
+
+-- ---- the run ----
+
+local function say(c, msg)
+  if c.report then
+    c.report(msg)
+  else
+    io.stderr:write(msg, "\n")
+  end
+end
+
+local function fail(code, msg)
+  io.stderr:write("lpar: ", msg, "\n")
+  return code
+end
+
+-- exit status and message for an error that ended a run
+local function stopped(e)
+  if e == "interrupted" then return 130, "lpar: interrupted" end
+  if e == "terminated" then return 143, "lpar: terminated" end
+  if e == "output closed" then return 141, nil end
+  local text = M.clean(errortext(e))
+  if text:find("^worker init failed") then return 2, "lpar: " .. text end
+  return 1, "lpar: " .. text
+end
+
+-- Map f over the records of 'reader', writing results; returns the exit
+-- status.
+function M.run(o, c, reader, countpath, map, init, close)
+  local lpar = require "lpar"
+  local fmt = M.formatter()
+  local nul, halt = o.nul, o.halt
+  local isolate = c.isolate
+  local opts = {
+    n_workers = o.jobs, on_error = "collect", unordered = o.unordered or nil,
+    timeout = o.timeout,
+    init = function()
+      isolate()
+      if init then init() end
+    end,
+    close = function()
+      if close then close() end
+      io.stdout:flush()
+    end,
+  }
+  if o.chunk then
+    reader:setbatch(o.chunk)
+    opts.chunksize = 1
+  end
+  opts.sigterm = c.signals()
+  c.startoutput()
+  local prog = o.progress and progress(c, countpath and c.count(countpath, nul))
+  local write, writeln, report = c.write, c.writeln, c.report
+  local failed, halted = 0, false
+  local items = reader:items()
+  local batchf = M.batcher(map, fmt, nul, halt, c.split, c.now)
+  local single, singleopts
+
+  local function failure(line, e)
+    failed = failed + 1
+    report(M.describe(line, e, nul))
+    if halt then halted = true end
+  end
+
+  -- The engine lost a batch (its worker died, or it ran past the
+  -- timeout): run its records again one by one, which names the culprit.
+  local function rerun(first, block)
+    if not single then
+      single = M.mapper(map, fmt)
+      singleopts = {chunksize = 1}
+      for k, v in pairs(opts) do
+        if k ~= "chunksize" then singleopts[k] = v end
+      end
+    end
+    for j, v, e in lpar.imap(single, c.split(block, nul), singleopts) do
+      if v ~= nil then
+        writeln(v)
+      elseif e ~= nil then
+        failure(first + j - 1, e)
+        if halted then break end
+      end
+    end
+  end
+
+  local function batch()
+    for i, r, e in lpar.imap(batchf, items, opts) do
+      local first, n, block = reader:take(i, r and r[1])
+      if r then
+        local np = #r
+        if np == 2 and type(r[2]) == "string" then
+          write(r[2])
+        else
+          for k = 2, np do
+            local p = r[k]
+            if type(p) == "string" then
+              write(p)
+            else
+              failure(first + p[1] - 1, p[2])
+              if halted then break end
+            end
+          end
+        end
+      elseif n == 1 then
+        failure(first, e)
+      else
+        rerun(first, block)
+      end
+      if halted then break end
+      if prog then prog.step(n, failed) end
+    end
+  end
+
+  -- One run of workers per stretch of input: a new run starts when the
+  -- input resumes after going quiet (see reader_next in main.c).
+  local ok, err = pcall(function()
+    while not halted and reader:wait() do batch() end
+  end)
+  if prog then prog.finish() end
+  local outerr = c.finish()
+  local code, msg = 0, nil
+  if not ok then
+    code, msg = stopped(err)
+  elseif outerr then
+    code, msg = stopped(outerr == "output closed" and outerr
+                        or "cannot write output: " .. outerr)
+  elseif c.caught() ~= 0 then
+    code = 128 + c.caught()
+    msg = code == 143 and "lpar: terminated" or "lpar: interrupted"
+  end
+  if msg then say(c, msg) end
+  if code ~= 0 then return code end
+  if halted then
+    say(c, "lpar: stopped at the first failure (--halt)")
+    return 1
+  end
+  if failed > 0 then
+    say(c, ("lpar: %d of %d items failed"):format(failed, reader:count()))
+    return 1
+  end
+  return 0
+end
+
+local function traceback(e)
+  return M.clean(debug.traceback(errortext(e), 2))
+end
+
+-- The command: argv[0..n] as C gives it, c the C helpers. Returns the
+-- exit status.
+function M.main(argv, c)
+  local o, err = M.parse(argv)
+  if not o then
+    io.stderr:write("lpar: ", err, "\n", M.usage, "\n",
+                    "try 'lpar --help' for more\n")
+    return 2
+  end
+  if o.help then
+    io.stdout:write(M.help)
+    return 0
+  end
+  if o.version then
+    io.stdout:write(c.version, "\n")
+    return 0
+  end
+  local chunk, msg
+  if o.code then
+    chunk, msg = load(o.code, "=(command line)", "t")
+  else
+    chunk, msg = loadfile(o.script, "t")
+  end
+  if not chunk then return fail(2, msg) end
+  local args = {}
+  for k = 0, #argv do args[k - o.at] = argv[k] end
+  _G.arg = args
+  local res = table.pack(xpcall(chunk, traceback,
+                                table.unpack(args, 1, #argv - o.at)))
+  if not res[1] then
+    local e = res[2]
+    if e == "interrupted" then return fail(130, e) end
+    if e == "terminated" then return fail(143, e) end
+    return fail(2, tostring(e))
+  end
+  local r = res[2]
+  if r == nil then return 0 end -- the script did its own work
+  local name = o.script or "the script"
+  local map, init, close
+  if type(r) == "function" then
+    map = r
+  elseif type(r) == "table" and type(r.map) == "function" then
+    map, init, close = r.map, r.init, r.close
+    for _, k in ipairs({"init", "close"}) do
+      if r[k] ~= nil and type(r[k]) ~= "function" then
+        return fail(2, ("%s: '%s' must be a function, got %s")
+                    :format(name, k, type(r[k])))
+      end
+    end
+  else
+    return fail(2, ("%s must return a function, a table with a 'map' " ..
+                    "function, or nothing (got %s)"):format(name, type(r)))
+  end
+  local path = args[1]
+  if path == "-" then path = nil end
+  local reader, rerr = c.open(path, o.nul)
+  if not reader then return fail(2, rerr) end
+  local code = M.run(o, c, reader, path or "/dev/stdin", map, init, close)
+  reader:close()
+  return code
+end
+
+return M
