@@ -11,6 +11,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/mman.h>
 #include <sys/stat.h>
 #include <time.h>
 #include <unistd.h>
@@ -217,11 +218,18 @@ static int l_startoutput(lua_State *L) {
   return 0;
 }
 
+/* Raise msg as it is (no position: lpar.cli matches these). */
+static int raisemsg(lua_State *L, const char *msg) {
+  lua_pushstring(L, msg);
+  return lua_error(L);
+}
+
 /* Raise for a failed output: "output closed" for EPIPE. */
 static int outerror(lua_State *L, int e) {
   if (e == EPIPE)
-    return luaL_error(L, "output closed");
-  return luaL_error(L, "cannot write output: %s", strerror(e));
+    return raisemsg(L, "output closed");
+  lua_pushfstring(L, "cannot write output: %s", strerror(e));
+  return lua_error(L);
 }
 
 /* Make room for 'need' more pending bytes (mu held); 0 or -1. */
@@ -373,6 +381,10 @@ static int l_finish(lua_State *L) {
 #define LPAR_BATCHBYTES (64 * 1024)
 #endif
 
+/* the time per record the workers measured last (ns; 0 until known), in
+   memory shared with them */
+static _Atomic long long *pertime;
+
 /* records handed out and not yet taken back, at most: past this the run
    gets no more items, finishes, and a new run goes on (which bounds the
    memory a very slow item can make the others pile up) */
@@ -393,7 +405,6 @@ typedef struct Reader {
   lua_Integer ahead;   /* records handed out, not yet taken back */
   int batchmax;        /* records per batch now */
   int fixed;           /* batchmax was set, not learned */
-  double per;          /* seconds per record, 0 until known */
   lua_Integer *first;  /* ring of LPAR_AHEAD: first record of a batch */
   int *size;           /* ring of LPAR_AHEAD: records in a batch */
 } Reader;
@@ -402,7 +413,7 @@ typedef struct Reader {
 static void checkstop(lua_State *L) {
   int sig = stopsignal(), e;
   if (sig)
-    luaL_error(L, sig == SIGTERM ? "terminated" : "interrupted");
+    raisemsg(L, sig == SIGTERM ? "terminated" : "interrupted");
   e = atomic_load(&out.err);
   if (e != 0)
     outerror(L, e);
@@ -487,6 +498,11 @@ static int cut(lua_State *L, Reader *r, int blocks) {
   char *s, *p, *end;
   int k = 0;
   lua_Integer slot;
+  long long per = pertime ? atomic_load(pertime) : 0;
+  if (per > 0 && !r->fixed) {
+    double b = LPAR_BATCHSECS * 1e9 / (double)per;
+    r->batchmax = b < 1 ? 1 : b > LPAR_BATCHMAX ? LPAR_BATCHMAX : (int)b;
+  }
   while (!r->eof && r->len - r->pos < LPAR_BATCHBYTES && ready(r))
     fill(L, r);
   s = p = r->buf + r->pos;
@@ -571,21 +587,12 @@ static int reader_wait(lua_State *L) {
   return 1;
 }
 
-/*
-** reader:take(i [, secs]) -> first, n, block: batch i of this run (its
-** first record's number, its record count, its bytes), forgotten here.
-** 'secs', the time a worker took for it, tunes the batch size.
-*/
+/* reader:take(i) -> first, n, block: batch i of this run (its first
+   record's number, its record count, its bytes), forgotten here. */
 static int reader_take(lua_State *L) {
   Reader *r = checkreader(L);
   lua_Integer i = luaL_checkinteger(L, 2), slot = i % LPAR_AHEAD;
   luaL_argcheck(L, i >= 1 && i <= r->batches, 2, "no such batch");
-  if (lua_type(L, 3) == LUA_TNUMBER && !r->fixed) {
-    double per = lua_tonumber(L, 3) / r->size[slot], b;
-    r->per = r->per > 0 ? 0.7 * r->per + 0.3 * per : per;
-    b = r->per > 0 ? LPAR_BATCHSECS / r->per : LPAR_BATCHMAX;
-    r->batchmax = b < 1 ? 1 : b > LPAR_BATCHMAX ? LPAR_BATCHMAX : (int)b;
-  }
   r->ahead -= r->size[slot];
   lua_pushinteger(L, r->first[slot]);
   lua_pushinteger(L, r->size[slot]);
@@ -595,6 +602,18 @@ static int reader_take(lua_State *L) {
   lua_rawseti(L, -3, i);
   lua_remove(L, -2); /* pop blocks */
   return 3;
+}
+
+/* note(t0, n): in a worker, a batch of n records begun at t0 (now())
+   is done: tell the parent the time per record. */
+static int l_note(lua_State *L) {
+  double t0 = luaL_checknumber(L, 1);
+  lua_Integer n = luaL_checkinteger(L, 2);
+  if (pertime != NULL && n > 0) {
+    long long per = (long long)(((double)now() - t0 * 1e9) / (double)n);
+    atomic_store(pertime, per > 0 ? per : 1);
+  }
+  return 0;
 }
 
 /* reader:setbatch(n): n records per batch from now on, not learned */
@@ -647,6 +666,14 @@ static int l_open(lua_State *L) {
   memset(r, 0, sizeof *r);
   r->fd = -1;
   luaL_setmetatable(L, READERMT); /* __gc frees what follows */
+  if (pertime == NULL) {
+    void *m = mmap(NULL, sizeof *pertime, PROT_READ | PROT_WRITE,
+                   MAP_SHARED | MAP_ANONYMOUS, -1, 0);
+    if (m == MAP_FAILED)
+      return luaL_error(L, "cannot map shared memory: %s", strerror(errno));
+    pertime = m;
+    atomic_store(pertime, 0);
+  }
   r->first = malloc(LPAR_AHEAD * sizeof *r->first);
   r->size = malloc(LPAR_AHEAD * sizeof *r->size);
   if (r->first == NULL || r->size == NULL)
@@ -774,7 +801,8 @@ static const luaL_Reg helpers[] = {
     {"writeln", l_writeln},
     {"report", l_report},     {"bar", l_bar},
     {"finish", l_finish},     {"open", l_open},
-    {"count", l_count},       {"split", l_split},       {"now", l_now},
+    {"count", l_count},       {"split", l_split},       {"note", l_note},
+    {"now", l_now},
     {"isatty", l_isatty},     {"isolate", l_isolate},
     {NULL, NULL}};
 

@@ -282,16 +282,18 @@ function M.mapper(map, fmt)
 end
 
 -- The function the workers run on a batch (a block of records, see
--- main.c): returns {secs, parts...} where secs is the time it took and a
--- part is output (lines, each ended by a newline) or a failure {k, text}
--- of the batch's k-th record. With 'halt' it stops at the first failure.
-function M.batcher(map, fmt, nul, halt, split, now)
+-- main.c): returns the output (lines, each ended by a newline) or, if a
+-- record failed, a table of parts: output text, or {k, failure} for the
+-- batch's k-th record. With 'halt' it stops at the first failure. It
+-- tells the parent (note) the time a record took.
+function M.batcher(map, fmt, nul, halt, c)
   local run, concat = runner(map, fmt), table.concat
+  local split, now, note = c.split, c.now, c.note
   local out = {}
   return function(block)
     local t0 = now()
     local recs = split(block, nul)
-    local res, n = nil, 0
+    local parts, n = nil, 0
     for k = 1, #recs do
       local ok, r = run(recs[k])
       if ok then
@@ -300,23 +302,24 @@ function M.batcher(map, fmt, nul, halt, split, now)
           out[n] = r
         end
       else
-        res = res or {0}
+        parts = parts or {}
         if n > 0 then
           out[n + 1] = ""
-          res[#res + 1] = concat(out, "\n", 1, n + 1)
+          parts[#parts + 1] = concat(out, "\n", 1, n + 1)
           n = 0
         end
-        res[#res + 1] = {k, r}
+        parts[#parts + 1] = {k, r}
         if halt then break end
       end
     end
-    res = res or {0}
+    note(t0, #recs)
     if n > 0 then
       out[n + 1] = ""
-      res[#res + 1] = concat(out, "\n", 1, n + 1)
+      local text = concat(out, "\n", 1, n + 1)
+      if not parts then return text end
+      parts[#parts + 1] = text
     end
-    res[1] = now() - t0
-    return res
+    return parts or ""
   end
 end
 
@@ -434,17 +437,17 @@ function M.run(o, c, reader, countpath, map, init, close)
       io.stdout:flush()
     end,
   }
-  if o.chunk then
-    reader:setbatch(o.chunk)
-    opts.chunksize = 1
-  end
+  -- The engine hands out one batch at a time: batches are sized to take
+  -- about a millisecond (or hold one slow record) already.
+  opts.chunksize = 1
+  if o.chunk then reader:setbatch(o.chunk) end
   opts.sigterm = c.signals()
   c.startoutput()
   local prog = o.progress and progress(c, countpath and c.count(countpath, nul))
   local write, writeln, report = c.write, c.writeln, c.report
   local failed, halted = 0, false
   local items = reader:items()
-  local batchf = M.batcher(map, fmt, nul, halt, c.split, c.now)
+  local batchf = M.batcher(map, fmt, nul, halt, c)
   local single, singleopts
 
   local function failure(line, e)
@@ -475,20 +478,17 @@ function M.run(o, c, reader, countpath, map, init, close)
 
   local function batch()
     for i, r, e in lpar.imap(batchf, items, opts) do
-      local first, n, block = reader:take(i, r and r[1])
-      if r then
-        local np = #r
-        if np == 2 and type(r[2]) == "string" then
-          write(r[2])
-        else
-          for k = 2, np do
-            local p = r[k]
-            if type(p) == "string" then
-              write(p)
-            else
-              failure(first + p[1] - 1, p[2])
-              if halted then break end
-            end
+      local first, n, block = reader:take(i)
+      if type(r) == "string" then
+        if r ~= "" then write(r) end
+      elseif r then
+        for k = 1, #r do
+          local p = r[k]
+          if type(p) == "string" then
+            write(p)
+          else
+            failure(first + p[1] - 1, p[2])
+            if halted then break end
           end
         end
       elseif n == 1 then

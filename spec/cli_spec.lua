@@ -1,0 +1,526 @@
+-- The lpar command, run as a user runs it: the built binary, fixtures in
+-- spec/fixtures/cli/, exit status, stdout and stderr.
+local H = lpar_helper
+local unistd = require "posix.unistd"
+local poll = require "posix.poll"
+local wait = require "posix.sys.wait"
+local signal = require "posix.signal"
+local cjson = require "cjson"
+
+local FIX = "spec/fixtures/cli/"
+
+local function quote(s)
+  return "'" .. s:gsub("'", "'\\''") .. "'"
+end
+
+-- Run lpar with a shell-quoted argument string; returns code, out, err.
+local function lpar(args, input)
+  return H.run(quote(H.cli) .. " " .. args, input)
+end
+
+local function writefile(path, s)
+  local f = assert(io.open(path, "wb"))
+  f:write(s)
+  f:close()
+  return path
+end
+
+local function readfile(path)
+  local f = io.open(path, "rb")
+  if not f then return nil end
+  local s = f:read("a")
+  f:close()
+  return s
+end
+
+local function lines(s)
+  local t = {}
+  for l in s:gmatch("([^\n]*)\n") do t[#t + 1] = l end
+  return t
+end
+
+local function pidsof(path)
+  local t = {}
+  for l in (readfile(path) or ""):gmatch("%d+") do t[#t + 1] = tonumber(l) end
+  return t
+end
+
+local function anyalive(pids)
+  for _, p in ipairs(pids) do
+    if H.alive(p) then return p end
+  end
+  return nil
+end
+
+-- Start lpar with pipes on stdin, stdout and stderr.
+local function spawn(args)
+  local inr, inw = unistd.pipe()
+  local outr, outw = unistd.pipe()
+  local errr, errw = unistd.pipe()
+  local pid = assert(unistd.fork())
+  if pid == 0 then
+    unistd.dup2(inr, 0)
+    unistd.dup2(outw, 1)
+    unistd.dup2(errw, 2)
+    for _, fd in ipairs({inr, inw, outr, outw, errr, errw}) do unistd.close(fd) end
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    local argt = {[0] = H.cli}
+    for i, a in ipairs(args) do argt[i] = a end
+    unistd.execp(H.cli, argt)
+    unistd._exit(127)
+  end
+  unistd.close(inr)
+  unistd.close(outw)
+  unistd.close(errw)
+  return {pid = pid, stdin = inw, stdout = outr, stderr = errr}
+end
+
+-- Read fd until pred(text so far) holds or 'secs' pass; returns the text
+-- and whether pred held.
+local function readuntil(fd, pred, secs)
+  local buf, deadline = "", H.now() + secs
+  while not pred(buf) do
+    local left = deadline - H.now()
+    if left <= 0 then return buf, false end
+    if poll.rpoll(fd, math.ceil(left * 1000)) == 1 then
+      local s = unistd.read(fd, 65536)
+      if not s or s == "" then return buf, pred(buf) end
+      buf = buf .. s
+    end
+  end
+  return buf, true
+end
+
+-- Wait up to 'secs' for pid to exit; returns how ("exited", "killed") and
+-- the code, or nil after killing it if it did not exit in time.
+local function waitexit(pid, secs)
+  local deadline = H.now() + secs
+  repeat
+    local p, how, code = wait.wait(pid, wait.WNOHANG)
+    if p == pid then return how, code end
+    H.sleep(0.01)
+  until H.now() > deadline
+  signal.kill(pid, signal.SIGKILL)
+  wait.wait(pid)
+  return nil
+end
+
+local function closeall(p)
+  for _, fd in ipairs({p.stdin, p.stdout, p.stderr}) do
+    if fd then unistd.close(fd) end
+  end
+end
+
+local tmp = {}
+local function tmpname()
+  local p = os.tmpname()
+  tmp[#tmp + 1] = p
+  return p
+end
+
+after_each(function()
+  for _, p in ipairs(tmp) do os.remove(p) end
+  tmp = {}
+end)
+
+describe("lpar output", function()
+  it("prints each kind of result as documented", function()
+    local items = table.concat({
+      "str:hello", "int:42", "float:0.5", "float:3", "true", "false", "multi",
+      "table", "array", "nil", "none", "nils", "hole", "str:", "int:-7",
+    }, "\n") .. "\n"
+    local code, out, err = lpar(FIX .. "kinds.lua", items)
+    assert.equal("", err)
+    assert.equal(0, code)
+    local l = lines(out)
+    assert.equal(12, #l)
+    assert.equal("hello", l[1])
+    assert.equal("42", l[2])
+    assert.equal("0.5", l[3])
+    assert.equal("3.0", l[4])
+    assert.equal("true", l[5])
+    assert.equal("false", l[6])
+    assert.equal("1\ttwo\t3.5\tfalse", l[7])
+    assert.same({name = "x", list = {1, 2, 3}}, cjson.decode(l[8]))
+    assert.equal('["a","b"]', l[9])
+    assert.equal("\tb", l[10])
+    assert.equal("", l[11])
+    assert.equal("-7", l[12])
+  end)
+
+  it("reports a result it cannot print as a failed item", function()
+    local code, out, err = lpar(FIX .. "kinds.lua", "str:a\nfunc\nstr:b\n")
+    assert.equal(1, code)
+    assert.equal("a\nb\n", out)
+    assert.matches('lpar: line 2 %("func"%): cannot print a function result', err)
+  end)
+
+  it("keeps input order when items take uneven times", function()
+    local items = "300\n0\n120\n0\n0\n60\n10\n0\n200\n0\n"
+    local code, out = lpar("-j4 " .. FIX .. "sleepy.lua", items)
+    assert.equal(0, code)
+    assert.equal(items, out)
+  end)
+
+  it("writes in completion order with --unordered", function()
+    local code, out = lpar("-j4 --chunk 1 --unordered " .. FIX .. "sleepy.lua",
+                           "400\n1\n2\n3\n")
+    assert.equal(0, code)
+    local l = lines(out)
+    table.sort(l, function(a, b) return tonumber(a) < tonumber(b) end)
+    assert.same({"1", "2", "3", "400"}, l)
+    assert.equal("400", lines(out)[4])
+  end)
+
+  it("keeps input order over many quick items", function()
+    local t = {}
+    for i = 1, 20000 do t[i] = tostring(i) end
+    local input = table.concat(t, "\n") .. "\n"
+    local code, out = lpar("-e 'return function(s) return s end'", input)
+    assert.equal(0, code)
+    assert.equal(input, out)
+  end)
+
+  it("sends what f prints to stderr, not among the results", function()
+    local code, out, err = lpar(FIX .. "noisy.lua", "a\nb\n")
+    assert.equal(0, code)
+    assert.equal("a\nb\n", out)
+    assert.matches("noise a", err)
+    assert.matches("more noise", err)
+  end)
+
+  it("shows progress on stderr only", function()
+    local path = writefile(tmpname(), ("x\n"):rep(100))
+    local code, out, err = lpar("--progress " .. FIX .. "upper.lua " .. path)
+    assert.equal(0, code)
+    assert.equal(("X\n"):rep(100), out)
+    assert.matches("100/100 100%%", err)
+  end)
+end)
+
+describe("lpar input", function()
+  it("treats each line as an item, newline and a CR before it stripped", function()
+    local code, out = lpar(FIX .. "echo.lua", "a\r\nb\rc\r\n\r\nd\n")
+    assert.equal(0, code)
+    assert.equal("1:a\n3:b\rc\n0:\n1:d\n", out)
+  end)
+
+  it("takes empty lines as items", function()
+    local code, out = lpar(FIX .. "echo.lua", "\n\nx\n\n")
+    assert.equal(0, code)
+    assert.equal("0:\n0:\n1:x\n0:\n", out)
+  end)
+
+  it("takes a last line without newline as an item", function()
+    local code, out = lpar(FIX .. "echo.lua", "a\nbc")
+    assert.equal(0, code)
+    assert.equal("1:a\n2:bc\n", out)
+  end)
+
+  it("prints nothing for an empty input and starts no worker", function()
+    local log = tmpname()
+    os.remove(log)
+    local code, out, err = lpar(FIX .. "hooks.lua - " .. log, "")
+    assert.equal(0, code)
+    assert.equal("", out)
+    assert.equal("", err)
+    assert.is_nil(readfile(log))
+  end)
+
+  it("splits on NUL with -0, newlines and CRs kept", function()
+    local code, out = lpar("-0 " .. FIX .. "echo.lua", "a\nb\0c\r\0\0last")
+    assert.equal(0, code)
+    assert.equal("3:a\nb\n2:c\r\n0:\n4:last\n", out)
+  end)
+
+  it("passes bytes through untouched: invalid UTF-8, a 1 MB line", function()
+    local long = ("\xff\xfe\0\1abc"):rep(150000)
+    local code, out = lpar(FIX .. "echo.lua", "\xc3\x28\n" .. long .. "\nz\n")
+    assert.equal(0, code)
+    assert.equal("2:\xc3\x28\n" .. #long .. ":" .. long .. "\n1:z\n", out)
+  end)
+
+  it("reads a file given after the script, and '-' as stdin", function()
+    local path = writefile(tmpname(), "x\ny\n")
+    local code, out = lpar(FIX .. "upper.lua " .. path, "ignored\n")
+    assert.equal(0, code)
+    assert.equal("X\nY\n", out)
+    code, out = lpar(FIX .. "upper.lua -", "s\n")
+    assert.equal(0, code)
+    assert.equal("S\n", out)
+  end)
+
+  it("streams: results appear while the input is still open", function()
+    local p = spawn({FIX .. "upper.lua"})
+    unistd.write(p.stdin, "a\nb\n")
+    local out, ok = readuntil(p.stdout, function(s) return s == "A\nB\n" end, 10)
+    assert.is_true(ok, "got only " .. ("%q"):format(out))
+    unistd.write(p.stdin, "c\n")
+    out, ok = readuntil(p.stdout, function(s) return s == "C\n" end, 10)
+    assert.is_true(ok, "got only " .. ("%q"):format(out))
+    unistd.close(p.stdin)
+    p.stdin = nil
+    local how, code = waitexit(p.pid, 10)
+    closeall(p)
+    assert.equal("exited", how)
+    assert.equal(0, code)
+  end)
+
+  it("streams a long input with bounded memory", function()
+    -- 2 million lines through a pipe: peak RSS stays small
+    local code, out, err = H.run("seq 2000000 | /usr/bin/time -f 'rss=%M' " ..
+                                 quote(H.cli) .. " " .. FIX .. "upper.lua | tail -1")
+    assert.equal(0, code)
+    assert.equal("2000000\n", out)
+    local rss = tonumber(err:match("rss=(%d+)"))
+    assert.is_true(rss < 64 * 1024, "peak RSS " .. tostring(rss) .. " KB")
+  end)
+end)
+
+describe("lpar scripts", function()
+  it("takes the script from -e", function()
+    local code, out = lpar("-e 'return function(s) return s:upper() end'", "ab\n")
+    assert.equal(0, code)
+    assert.equal("AB\n", out)
+  end)
+
+  it("runs init once per worker before its items, and close after", function()
+    local log = tmpname()
+    os.remove(log)
+    local items = {}
+    for i = 1, 40 do items[i] = tostring(i) end
+    local code, out = lpar("-j4 --chunk 1 " .. FIX .. "hooks.lua - " .. log,
+                           table.concat(items, "\n") .. "\n")
+    assert.equal(0, code)
+    assert.equal(table.concat(items, "\n") .. "\n", out)
+    local state, seen = {}, 0
+    for l in readfile(log):gmatch("[^\n]+") do
+      local what, pid, rest = l:match("^(%a+) (%d+) ?(.*)$")
+      if what == "init" then
+        assert.is_nil(state[pid], "init twice in " .. pid)
+        state[pid] = "ready"
+      elseif what == "item" then
+        assert.equal("ready", state[pid])
+        assert.matches(" true$", rest)
+        seen = seen + 1
+      else
+        assert.equal("ready", state[pid])
+        state[pid] = "closed"
+      end
+    end
+    assert.equal(40, seen)
+    for pid, s in pairs(state) do assert.equal("closed", s, pid) end
+  end)
+
+  it("runs a script that returns nothing, with parallel and arg", function()
+    local code, out = lpar(FIX .. "job.lua x y", "")
+    assert.equal(0, code)
+    assert.equal("1 4 9\ttrue\n" .. FIX .. "job.lua\t2\tx\ty\nx\ty\ttrue\n", out)
+  end)
+
+  it("gives a map script the arguments after the items file", function()
+    local code, out = lpar("-e 'return function(s) return s .. arg[2] end' - !", "a\n")
+    assert.equal(0, code)
+    assert.equal("a!\n", out)
+  end)
+end)
+
+describe("lpar failures", function()
+  it("reports a failed item with line, item, error and traceback", function()
+    local code, out, err = lpar(FIX .. "fail.lua", "ok1\nbad one\nok2\n")
+    assert.equal(1, code)
+    assert.equal("ok1\nok2\n", out)
+    assert.matches('lpar: line 2 %("bad one"%): ' .. FIX:gsub("%p", "%%%0") ..
+                   'fail.lua:3: cannot take  one\n', err)
+    assert.matches("stack traceback:\n", err)
+    assert.matches("fail.lua:3: in ", err)
+    assert.matches("lpar: 1 of 3 items failed", err)
+    assert.not_matches("lpar.cli", err)
+  end)
+
+  it("shortens a long item and escapes control bytes in the report", function()
+    local code, _, err = lpar(FIX .. "fail.lua", "bad\t" .. ("x"):rep(100) .. "\n")
+    assert.equal(1, code)
+    local shown = err:match("^lpar: line 1 (%b()): ")
+    assert.equal('("bad\\t' .. ("x"):rep(36) .. '"...)', shown)
+  end)
+
+  it("stops at the first failure with --halt", function()
+    local items = "a\nb\nbad1\nc\nbad2\nd\n"
+    local code, out, err = lpar("--halt " .. FIX .. "fail.lua", items)
+    assert.equal(1, code)
+    assert.equal("a\nb\n", out)
+    assert.matches("line 3", err)
+    assert.not_matches("line 5", err)
+    assert.matches("stopped at the first failure", err)
+  end)
+
+  it("names the item whose worker died, and finishes the others", function()
+    local t = {}
+    for i = 1, 3000 do t[i] = tostring(i) end
+    t[1500] = "exit"
+    local code, out, err = lpar(FIX .. "crash.lua", table.concat(t, "\n") .. "\n")
+    assert.equal(1, code)
+    table.remove(t, 1500)
+    assert.equal(table.concat(t, "\n") .. "\n", out)
+    assert.matches("lpar: line 1500: worker %d+ exited with status 3", err)
+    assert.matches("1 of 3000 items failed", err)
+  end)
+
+  it("stops an item that runs past --timeout and goes on", function()
+    local code, out, err = lpar("--timeout 0.3 " .. FIX .. "sleepy.lua",
+                                "0\n5000\n1\n")
+    assert.equal(1, code)
+    assert.equal("0\n1\n", out)
+    assert.matches("lpar: line 2: timed out after 0.3 s", err)
+  end)
+
+  it("fails with status 2 when init fails in a worker", function()
+    local code, out, err = lpar(FIX .. "badinit.lua", "a\n")
+    assert.equal(2, code)
+    assert.equal("", out)
+    assert.matches("lpar: worker init failed: .*no database", err)
+  end)
+end)
+
+describe("lpar usage errors", function()
+  local function usage(args, pattern)
+    local code, out, err = lpar(args, "x\n")
+    assert.equal(2, code)
+    assert.equal("", out)
+    assert.matches(pattern, err)
+    return err
+  end
+
+  it("rejects an unknown option", function()
+    local err = usage("--bogus " .. FIX .. "upper.lua", "lpar: unknown option '%-%-bogus'")
+    assert.matches("usage: lpar", err)
+    usage("-x " .. FIX .. "upper.lua", "unknown option '%-x'")
+  end)
+
+  it("rejects an option without its value", function()
+    usage("-j", "option '%-j' needs a value")
+    usage("-e", "option '%-e' needs a value")
+    usage("--chunk", "option '%-%-chunk' needs a value")
+  end)
+
+  it("rejects bad option values", function()
+    usage("-j 0 " .. FIX .. "upper.lua", "bad value for '%-j': '0'")
+    usage("--jobs=x " .. FIX .. "upper.lua", "bad value for '%-%-jobs': 'x'")
+    usage("--chunk 1.5 " .. FIX .. "upper.lua", "bad value for '%-%-chunk'")
+    usage("--timeout 0 " .. FIX .. "upper.lua", "bad value for '%-%-timeout'")
+    usage("--timeout soon " .. FIX .. "upper.lua", "bad value for '%-%-timeout'")
+    usage("--halt=yes " .. FIX .. "upper.lua", "option '%-%-halt' takes no value")
+  end)
+
+  it("needs a script", function()
+    usage("", "lpar: no script given")
+    usage("-j 2", "lpar: no script given")
+  end)
+
+  it("reports a missing script file", function()
+    usage(FIX .. "nosuch.lua", "lpar: cannot open " .. FIX:gsub("%p", "%%%0") .. "nosuch.lua")
+  end)
+
+  it("reports a missing or unreadable items file", function()
+    usage(FIX .. "upper.lua /nonexistent/items", "lpar: cannot open /nonexistent/items: No such file")
+    usage(FIX .. "upper.lua " .. FIX, "lpar: cannot read .*: Is a directory")
+  end)
+
+  it("reports a syntax error as script.lua:line before starting workers", function()
+    local log = tmpname()
+    local err = usage(FIX .. "syntax.lua - " .. log,
+                      "^lpar: " .. FIX:gsub("%p", "%%%0") .. "syntax.lua:4: ")
+    assert.equal(1, select(2, err:gsub("\n", "")))
+    usage("-e 'return function('", "^lpar: %(command line%):1: ")
+  end)
+
+  it("reports an error raised while the script loads", function()
+    usage(FIX .. "loaderr.lua", "^lpar: " .. FIX:gsub("%p", "%%%0") ..
+          "loaderr.lua:2: attempt to index a nil value")
+  end)
+
+  it("rejects a script that returns something else than a function", function()
+    usage(FIX .. "badret.lua", "must return a function, a table with a 'map' function, or nothing")
+  end)
+
+  it("prints help and version on stdout with status 0", function()
+    local code, out = lpar("--help")
+    assert.equal(0, code)
+    assert.matches("^usage: lpar %[options%] script.lua", out)
+    assert.matches("exit status", out)
+    code, out = lpar("-h")
+    assert.equal(0, code)
+    assert.matches("^usage:", out)
+    code, out = lpar("--version")
+    assert.equal(0, code)
+    assert.matches("^lpar %d+%.%d+%.%d+\n$", out)
+  end)
+end)
+
+describe("lpar and its output pipe", function()
+  local big
+  setup(function()
+    big = os.tmpname()
+    local t = {}
+    for i = 1, 300000 do t[i] = "line " .. i end
+    writefile(big, table.concat(t, "\n") .. "\n")
+  end)
+  teardown(function() os.remove(big) end)
+
+  it("exits quietly when the reader goes away (| head -1), workers reaped", function()
+    local log = tmpname()
+    os.remove(log)
+    local cmd = ("bash -c 'timeout 30 %s %s %s %s | head -1; echo rc=${PIPESTATUS[0]} >&2'")
+      :format(H.cli, FIX .. "pids.lua", big, log)
+    local code, out, err = H.run(cmd)
+    assert.equal(0, code)
+    assert.equal("line 1\n", out)
+    assert.equal("rc=141\n", err)
+    local pids = pidsof(log)
+    assert.is_true(#pids >= 1)
+    assert.is_nil(anyalive(pids))
+  end)
+end)
+
+describe("lpar and signals", function()
+  local function signalled(sig, want, text)
+    local log = tmpname()
+    os.remove(log)
+    local p = spawn({"-j2", "--chunk", "1", FIX .. "sleepy.lua", "-", log})
+    unistd.write(p.stdin, "0\n1\n20000\n20000\n")
+    local out, ok = readuntil(p.stdout, function(s) return s == "0\n1\n" end, 10)
+    assert.is_true(ok, "got only " .. ("%q"):format(out))
+    signal.kill(p.pid, sig)
+    local how, code = waitexit(p.pid, 5)
+    local err = readuntil(p.stderr, function() return false end, 0.2)
+    closeall(p)
+    assert.equal("exited", how)
+    assert.equal(want, code)
+    assert.equal("lpar: " .. text .. "\n", err)
+    local pids = pidsof(log)
+    assert.is_true(#pids >= 1)
+    assert.is_nil(anyalive(pids))
+  end
+
+  it("exits 143 on SIGTERM, workers stopped and reaped", function()
+    signalled(signal.SIGTERM, 143, "terminated")
+  end)
+
+  it("exits 130 on SIGINT, workers stopped and reaped", function()
+    signalled(signal.SIGINT, 130, "interrupted")
+  end)
+
+  it("exits 130 on SIGINT while waiting for input", function()
+    local p = spawn({FIX .. "upper.lua"})
+    unistd.write(p.stdin, "a\n")
+    local _, ok = readuntil(p.stdout, function(s) return s == "A\n" end, 10)
+    assert.is_true(ok)
+    signal.kill(p.pid, signal.SIGINT)
+    local how, code = waitexit(p.pid, 5)
+    closeall(p)
+    assert.equal("exited", how)
+    assert.equal(130, code)
+  end)
+end)
