@@ -133,17 +133,17 @@ typedef struct Out {
   pthread_mutex_t mu;
   pthread_cond_t cv;
   pthread_t thread;
-  int started;      /* the flusher runs */
-  int quit;         /* the flusher must leave */
-  char *p;          /* pending bytes */
+  int started; /* the flusher runs */
+  int quit;    /* the flusher must leave */
+  char *p;     /* pending bytes */
   size_t n, cap;
-  long long since;  /* when the oldest pending byte was added */
-  atomic_int err;   /* errno of the first failed write of fd 1; sticky */
-  char bar[512];    /* the progress line, with its escapes */
+  long long since; /* when the oldest pending byte was added */
+  atomic_int err;  /* errno of the first failed write of fd 1; sticky */
+  char bar[512];   /* the progress line, with its escapes */
   size_t barlen;
-  int barshown;     /* the bar is on the terminal */
-  int bartty;       /* stderr is a terminal */
-  int shared;       /* stdout is a terminal too: lift the bar to write */
+  int barshown; /* the bar is on the terminal */
+  int bartty;   /* stderr is a terminal */
+  int shared;   /* stdout is a terminal too: lift the bar to write */
 } Out;
 
 static Out out = {.mu = PTHREAD_MUTEX_INITIALIZER};
@@ -393,12 +393,12 @@ static _Atomic long long *pertime;
 #endif
 
 typedef struct Reader {
-  int fd;              /* -1 once closed */
-  int own;             /* fd was opened here (not stdin) */
-  int sep;             /* '\n' or '\0' */
-  int regular;         /* a regular file: a read never waits */
-  int eof;             /* read returned 0 */
-  char *buf;           /* unread bytes are buf[pos, len) */
+  int fd;      /* -1 once closed */
+  int own;     /* fd was opened here (not stdin) */
+  int sep;     /* '\n' or '\0' */
+  int regular; /* a regular file: a read never waits */
+  int eof;     /* read returned 0 */
+  char *buf;   /* unread bytes are buf[pos, len) */
   size_t cap, pos, len;
   lua_Integer count;   /* records read so far */
   lua_Integer batches; /* batches handed out in this run */
@@ -790,21 +790,30 @@ static int l_isolate(lua_State *L) {
   return 0;
 }
 
-static const luaL_Reg readermethods[] = {
-    {"wait", reader_wait},   {"take", reader_take},   {"setbatch", reader_setbatch},
-    {"count", reader_count}, {"items", reader_items}, {"close", reader_close},
-    {NULL, NULL}};
+static const luaL_Reg readermethods[] = {{"wait", reader_wait},
+                                         {"take", reader_take},
+                                         {"setbatch", reader_setbatch},
+                                         {"count", reader_count},
+                                         {"items", reader_items},
+                                         {"close", reader_close},
+                                         {NULL, NULL}};
 
-static const luaL_Reg helpers[] = {
-    {"signals", l_signals},   {"caught", l_caught},
-    {"startoutput", l_startoutput}, {"write", l_write},
-    {"writeln", l_writeln},
-    {"report", l_report},     {"bar", l_bar},
-    {"finish", l_finish},     {"open", l_open},
-    {"count", l_count},       {"split", l_split},       {"note", l_note},
-    {"now", l_now},
-    {"isatty", l_isatty},     {"isolate", l_isolate},
-    {NULL, NULL}};
+static const luaL_Reg helpers[] = {{"signals", l_signals},
+                                   {"caught", l_caught},
+                                   {"startoutput", l_startoutput},
+                                   {"write", l_write},
+                                   {"writeln", l_writeln},
+                                   {"report", l_report},
+                                   {"bar", l_bar},
+                                   {"finish", l_finish},
+                                   {"open", l_open},
+                                   {"count", l_count},
+                                   {"split", l_split},
+                                   {"note", l_note},
+                                   {"now", l_now},
+                                   {"isatty", l_isatty},
+                                   {"isolate", l_isolate},
+                                   {NULL, NULL}};
 
 /* Push the table of C helpers that lpar.cli gets. */
 static void pushhelpers(lua_State *L) {
@@ -823,8 +832,8 @@ static void pushhelpers(lua_State *L) {
 static int msghandler(lua_State *L) {
   const char *msg = lua_tostring(L, 1);
   if (msg == NULL)
-    msg = lua_pushfstring(L, "(error object is a %s value)",
-                          luaL_typename(L, 1));
+    msg =
+        lua_pushfstring(L, "(error object is a %s value)", luaL_typename(L, 1));
   luaL_traceback(L, L, msg, 1);
   return 1;
 }

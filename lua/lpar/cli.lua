@@ -60,7 +60,7 @@ end
 
 local function seconds(name, v)
   local n = tonumber(v)
-  if not n or not (n > 0) or n > 1e9 then
+  if not n or n ~= n or n <= 0 or n > 1e9 then
     return nil, ("bad value for '%s': '%s' (expected a number of seconds)")
       :format(name, v)
   end
