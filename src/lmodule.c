@@ -8,6 +8,7 @@
 #include "codec.h"
 #include "lauxlib.h"
 #include "lpar.h"
+#include "lpool.h"
 #include "run.h"
 #include "worker.h"
 
@@ -353,6 +354,7 @@ int luaopen_lpar(lua_State *L) {
   lua_setfield(L, -2, "_VERSION");
   lua_pushinteger(L, LPAR_DEFWORKERS);
   lua_setfield(L, -2, "default_workers");
+  lpar_lpool_open(L);
   return 1;
 }
 

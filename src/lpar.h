@@ -73,4 +73,12 @@ const char *lpar_version(void);
 */
 void lpar_openlib(lua_State *L);
 
+/*
+** 1 if 'L' runs in an lpar worker (a forked child of the host), 0 in the
+** host itself. A host's C functions that touch what only the host may
+** touch (its other threads' data, a GPU context, a window) can check it
+** and refuse to run in a worker.
+*/
+int lpar_inworker(lua_State *L);
+
 #endif

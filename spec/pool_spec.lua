@@ -1,0 +1,724 @@
+-- Persistent pools: workers forked once by lpar.pool and reused; functions
+-- and items that travel to them; jobs polled without blocking; faults.
+local lpar = require "lpar"
+local H = require "spec.helper"
+local unistd = require "posix.unistd"
+local signal = require "posix.signal"
+local poll = require "posix.poll"
+local fcntl = require "posix.fcntl"
+
+-- Pids of this process's children, zombies included, from /proc. (Own
+-- copy: 'stat and stat:match(...)' would keep only the first capture.)
+local function children()
+  local me, kids = unistd.getpid(), {}
+  for name in require("posix.dirent").files("/proc") do
+    local f = tonumber(name) and io.open("/proc/" .. name .. "/stat")
+    if f then
+      local stat = f:read("a") or ""
+      f:close()
+      local ppid = stat:match("%) %S (%d+)") -- comm may hold ") "
+      if tonumber(ppid) == me then kids[#kids + 1] = tonumber(name) end
+    end
+  end
+  return kids
+end
+
+local function range(n)
+  local t = {}
+  for i = 1, n do t[i] = i end
+  return t
+end
+
+local function double(x) return x * 2 end
+
+-- Busy-wait s seconds inside a worker (no sleep function in plain Lua).
+local function spin(s)
+  local t = os.clock()
+  while os.clock() - t < s do end
+end
+
+local function slurp(path)
+  local f = io.open(path)
+  if not f then return nil end
+  local s = f:read("a")
+  f:close()
+  return s
+end
+
+local function lines(path)
+  local t = {}
+  for l in (slurp(path) or ""):gmatch("[^\n]+") do t[#t + 1] = l end
+  table.sort(t)
+  return t
+end
+
+local function sorted(t)
+  local r = {}
+  for _, v in ipairs(t) do r[#r + 1] = v end
+  table.sort(r)
+  return r
+end
+
+-- Run a Lua program in a fresh lua5.4 with the module on its cpath.
+local function lua(code)
+  local f = os.tmpname()
+  local h = assert(io.open(f, "w"))
+  h:write(string.format("package.cpath = %q .. package.cpath\n", H.build .. "/?.so;"), code)
+  h:close()
+  local rc, out, err = H.run("lua5.4 " .. f)
+  os.remove(f)
+  return rc, out, err
+end
+
+-- Wait until cond() holds, pumping the pool; false after 'limit' seconds.
+local function eventually(pool, cond, limit)
+  local deadline = H.now() + (limit or 5)
+  while H.now() < deadline do
+    pool:pump()
+    if cond() then return true end
+    H.sleep(0.01)
+  end
+  return false
+end
+
+describe("lpar.pool", function()
+  local pool
+
+  before_each(function() pool = lpar.pool{n_workers = 2} end)
+  after_each(function() pool:close() end)
+
+  it("forks its workers once and reuses them", function()
+    local pids = pool:pids()
+    assert.equal(2, #pids)
+    assert.equal(2, #children())
+    for _ = 1, 5 do pool:map(double, range(10)) end
+    assert.same(pids, pool:pids())
+    assert.equal(2, #children())
+  end)
+
+  it("runs items in the workers, not in the caller", function()
+    local me = unistd.getpid()
+    local r = pool:map(function() return require("posix.unistd").getpid() end,
+      range(20), {chunksize = 1})
+    for _, pid in ipairs(r) do
+      assert.not_equal(me, pid)
+      assert.is_true(pid == pool:pids()[1] or pid == pool:pids()[2])
+    end
+  end)
+
+  it("returns results in item order and the item count", function()
+    local r, n = pool:map(double, range(1000))
+    assert.equal(1000, n)
+    for i = 1, 1000 do assert.equal(2 * i, r[i]) end
+  end)
+
+  it("leaves holes for nil results and counts items.n", function()
+    local r, n = pool:map(function(x) if x and x % 2 == 0 then return x end end,
+      table.pack(1, 2, 3, 4, nil, 6))
+    assert.equal(6, n)
+    assert.same({[2] = 2, [4] = 4, [6] = 6}, r)
+  end)
+
+  it("takes items from an iterator", function()
+    local r, n = pool:map(double, coroutine.wrap(function()
+      for i = 1, 5 do coroutine.yield(i) end
+    end))
+    assert.equal(5, n)
+    assert.same({2, 4, 6, 8, 10}, r)
+  end)
+
+  it("returns an empty table for no items", function()
+    local r, n = pool:map(double, {})
+    assert.same({}, r)
+    assert.equal(0, n)
+  end)
+
+  it("carries values of every kind both ways, bit-exact", function()
+    local items = {math.maxinteger, math.mininteger, 0, -0.0, 1 / 0, -1 / 0,
+      0.1, "", "a\0b", true, false, {1, {2, {3}}, k = "v"}}
+    local r = pool:map(function(x) return {x} end, items)
+    for i, v in ipairs(items) do
+      if type(v) == "table" then
+        assert.same(v, r[i][1])
+      else
+        assert.equal(math.type(v), math.type(r[i][1]))
+        assert.equal(string.format("%q", v), string.format("%q", r[i][1]))
+      end
+    end
+    local nan = pool:map(function() return 0 / 0 end, {1})[1]
+    assert.is_true(nan ~= nan)
+  end)
+
+  it("raises 'item i:' with the message and the worker's traceback", function()
+    local ok, err = pcall(pool.map, pool, function(x)
+      if x == 3 then error("boom") end
+      return x
+    end, range(5))
+    assert.is_false(ok)
+    assert.matches("^item 3: .-pool_spec.lua:%d+: boom\nstack traceback:\n", err)
+    assert.not_matches("busted", err) -- only the user's levels
+  end)
+
+  it("collects errors by item with on_error = 'collect'", function()
+    local r, n, errs = pool:map(function(x)
+      if x % 3 == 0 then error("no " .. x, 0) end
+      return x
+    end, range(7), {on_error = "collect"})
+    assert.equal(7, n)
+    assert.same({[1] = 1, [2] = 2, [4] = 4, [5] = 5, [7] = 7}, r)
+    assert.matches("^no 3\nstack traceback:", errs[3])
+    assert.matches("^no 6\nstack traceback:", errs[6])
+    assert.is_nil(errs[1])
+  end)
+
+  it("keeps non-string error values", function()
+    local _, _, errs = pool:map(function() error({code = 7}) end, {1},
+      {on_error = "collect"})
+    assert.same({code = 7}, errs[1])
+  end)
+
+  it("stays usable after a failed call", function()
+    assert.has_error(function()
+      pool:map(function() error("x") end, range(10))
+    end)
+    assert.same({2, 4, 6}, (pool:map(double, {1, 2, 3})))
+    assert.equal(2, #pool:pids())
+  end)
+
+  it("refuses a result that cannot travel, for that item", function()
+    local ok, err = pcall(pool.map, pool, function(x)
+      if x == 2 then return {cb = print} end
+      return x
+    end, range(3))
+    assert.is_false(ok)
+    assert.matches("^item 2: cannot serialize result: cb is a function", err)
+  end)
+
+  it("refuses an item that cannot travel", function()
+    local ok, err = pcall(pool.map, pool, double, {1, io.stdout})
+    assert.is_false(ok)
+    assert.matches("item 2: cannot send item: value is a userdata", err, 1, true)
+  end)
+
+  it("hands out fixed chunks with chunksize", function()
+    local r = pool:map(function(x) return require("posix.unistd").getpid() + 0 * x end,
+      range(8), {chunksize = 4})
+    assert.equal(r[1], r[4])
+    assert.equal(r[5], r[8])
+  end)
+
+  it("runs a nested lpar.parallel serially inside a worker", function()
+    local r = pool:map(function(x)
+      local inner = require("lpar").parallel(function(y) return y + 1 end, {x, x})
+      return inner[1] + inner[2]
+    end, {1, 2})
+    assert.same({4, 6}, r)
+    assert.equal(2, #children())
+  end)
+
+  it("cannot be made inside a worker", function()
+    local _, _, errs = pool:map(function()
+      require("lpar").pool{n_workers = 1}
+    end, {1}, {on_error = "collect"})
+    assert.matches("cannot make a pool inside a worker", errs[1])
+  end)
+
+  it("checks its arguments", function()
+    assert.has_error(function() pool:map(42, {1}) end,
+      "bad argument #1 to 'map' (function expected, got number)")
+    assert.has_error(function() pool:map(double, "abc") end,
+      "bad argument #2 to 'map' (table or iterator function expected, got string)")
+    assert.has_error(function() pool:map(double, {1}, {n_workers = 2}) end,
+      "bad argument #3 to 'map' (unknown option 'n_workers')")
+    assert.has_error(function() pool:map(double, {1}, {on_error = "ignore"}) end,
+      "bad argument #3 to 'map' (on_error must be 'raise' or 'collect')")
+    assert.has_error(function() pool:map(double, {1}, {timeout = -1}) end,
+      "bad argument #3 to 'map' (timeout must be a positive number of seconds)")
+    assert.has_error(function() pool:map(double, {1}, {chunksize = 0}) end,
+      "bad argument #3 to 'map' (chunksize must be at least 1)")
+    assert.has_error(function() pool.map({}, double, {1}) end)
+  end)
+end)
+
+describe("lpar.pool options", function()
+  it("checks them", function()
+    assert.has_error(function() lpar.pool{n_workers = 0} end,
+      "bad argument #1 to 'pool' (n_workers must be a positive integer)")
+    assert.has_error(function() lpar.pool{workers = 2} end,
+      "bad argument #1 to 'pool' (unknown option 'workers')")
+    assert.has_error(function() lpar.pool{init = 1} end,
+      "bad argument #1 to 'pool' (init must be a function)")
+    assert.same({}, children())
+  end)
+
+  it("takes a worker count as a number, and defaults to one per CPU", function()
+    local p <close> = lpar.pool(3)
+    assert.equal(3, p:size())
+    local q <close> = lpar.pool()
+    assert.is_true(q:size() >= 1)
+  end)
+
+  it("runs init once in each worker, before any item", function()
+    local path = os.tmpname()
+    local p <close> = lpar.pool{n_workers = 2, init = function()
+      _G.WORKER_BASE = 100
+      local f = io.open(path, "a")
+      f:write(require("posix.unistd").getpid(), "\n")
+      f:close()
+    end}
+    assert.same({101, 102, 103}, (p:map(function(x) return WORKER_BASE + x end, {1, 2, 3}))) -- luacheck: ignore
+    local got = lines(path)
+    for i, v in ipairs(got) do got[i] = tonumber(v) end
+    assert.same(sorted(p:pids()), sorted(got))
+    assert.is_nil(_G.WORKER_BASE)
+    os.remove(path)
+  end)
+
+  it("raises 'worker init failed' and leaves no worker behind", function()
+    local ok, err = pcall(lpar.pool, {n_workers = 2, init = function() error("no db") end})
+    assert.is_false(ok)
+    assert.matches("^worker init failed: .-pool_spec.lua:%d+: no db\nstack traceback:", err)
+    assert.same({}, children())
+  end)
+
+  it("runs close in each worker when the pool closes", function()
+    local path = os.tmpname()
+    local p = lpar.pool{n_workers = 2, close = function()
+      local f = io.open(path, "a")
+      f:write(require("posix.unistd").getpid(), "\n")
+      f:close()
+    end}
+    local pids = sorted(p:pids())
+    p:close()
+    local got = lines(path)
+    for i, v in ipairs(got) do got[i] = tonumber(v) end
+    assert.same(pids, sorted(got))
+    os.remove(path)
+  end)
+
+  it("gives workers the globals and modules of the parent at fork time", function()
+    _G.PARENT_GLOBAL = 41
+    local p <close> = lpar.pool{n_workers = 1}
+    _G.PARENT_GLOBAL = 0
+    assert.same({42}, (p:map(function(x) return PARENT_GLOBAL + x end, {1}))) -- luacheck: ignore
+    _G.PARENT_GLOBAL = nil
+  end)
+
+  it("reseeds math.random in each worker", function()
+    local p <close> = lpar.pool{n_workers = 2}
+    local r = p:map(function() return math.random(1 << 40) end, {1, 2}, {chunksize = 1})
+    assert.not_equal(r[1], r[2])
+  end)
+end)
+
+describe("function transfer", function()
+  local pool
+
+  setup(function() pool = lpar.pool{n_workers = 2} end)
+  teardown(function() pool:close() end)
+
+  local function one(f) return (pool:map(f, {1}))[1] end
+
+  it("carries upvalues that are plain values", function()
+    local n, s, b, none, t = 10, "str", true, nil, {1, 2, {x = 3}}
+    assert.same({11, "str", true, true, 3},
+      one(function(x) return {n + x, s, b, none == nil, t[3].x} end))
+  end)
+
+  it("keeps tables shared between upvalues shared, and cycles", function()
+    local shared = {v = 1}
+    local a, b = shared, shared
+    local cyc = {}
+    cyc.self = cyc
+    assert.same({true, true}, one(function()
+      return {rawequal(a, b), rawequal(cyc.self, cyc)}
+    end))
+  end)
+
+  it("gives the worker copies: changes do not come back", function()
+    local t = {n = 0}
+    pool:map(function() t.n = t.n + 1 end, range(4))
+    assert.equal(0, t.n)
+  end)
+
+  it("rebinds _ENV to the worker's globals", function()
+    -- busted runs specs in an environment of their own: _G is not it
+    local p <close> = lpar.pool{n_workers = 1, init = function() _G.SEEN_IN_WORKER = "w" end}
+    _G.SEEN_IN_WORKER = "parent"
+    assert.same({"w"}, (p:map(function() return SEEN_IN_WORKER end, {1}))) -- luacheck: ignore
+    _G.SEEN_IN_WORKER = nil
+  end)
+
+  it("carries Lua functions held as upvalues, recursively", function()
+    local function sq(x) return x * x end
+    local function sumsq(x) return sq(x) + sq(x + 1) end
+    local function fact(k) if k <= 1 then return 1 end return k * fact(k - 1) end
+    assert.same({5, 13}, (pool:map(function(x) return sumsq(x) end, {1, 2})))
+    assert.same({1, 2, 6, 24}, (pool:map(fact, range(4))))
+  end)
+
+  it("keeps upvalues shared between closures shared", function()
+    local count = 0
+    local function bump() count = count + 1 end
+    local r = pool:map(function() bump(); bump(); return count end, {1},
+      {chunksize = 1})
+    assert.same({2}, r)
+    assert.equal(0, count)
+  end)
+
+  it("carries functions of loaded modules by name", function()
+    local fmt, floor, concat = string.format, math.floor, table.concat
+    local str, getpid = string, require("posix.unistd").getpid
+    assert.equal("3|1-2|x|yes", one(function(x)
+      return fmt("%d", floor(x + 2.5)) .. "|" .. concat({1, 2}, "-") .. "|" ..
+        str.rep("x", x) .. "|" .. (getpid() > 0 and "yes" or "no")
+    end))
+    assert.same({"A", "B"}, (pool:map(string.upper, {"a", "b"})))
+    assert.same({"1", "2"}, (pool:map(tostring, {1, 2})))
+  end)
+
+  it("keeps the source and lines of the function for tracebacks", function()
+    local ok, err = pcall(pool.map, pool, function() local x = nil; return x.y end, {1})
+    assert.is_false(ok)
+    assert.matches("^item 1: .-pool_spec.lua:%d+: attempt to index", err)
+  end)
+
+  it("carries large upvalues", function()
+    local big = string.rep("x", 4 * 1024 * 1024)
+    assert.equal(#big, one(function() return #big end))
+  end)
+
+  it("refuses a userdata upvalue, naming it, before sending anything", function()
+    local path = os.tmpname()
+    local fh = io.stdout
+    local ok, err = pcall(pool.submit, pool, function()
+      local f = io.open(path, "a"); f:write("ran\n"); f:close()
+      fh:write("")
+    end, {1})
+    assert.is_false(ok)
+    assert.equal("cannot send the function: upvalue 'fh' is a userdata", err:match("cannot send.*"))
+    assert.equal(0, pool:pump())
+    H.sleep(0.05)
+    assert.equal("", slurp(path))
+    os.remove(path)
+  end)
+
+  it("refuses a coroutine upvalue", function()
+    local co = coroutine.create(function() end)
+    assert.has_error(function() pool:map(function() return co end, {1}) end,
+      "cannot send the function: upvalue 'co' is a thread")
+  end)
+
+  it("refuses a C function that is not in a loaded module", function()
+    local iter = string.gmatch("a b", "%a")
+    assert.has_error(function() pool:map(function() return iter() end, {1}) end,
+      "cannot send the function: upvalue 'iter' is a C function outside the loaded modules")
+    assert.has_error(function() pool:map(iter, {1}) end,
+      "cannot send the function: it is a C function outside the loaded modules")
+  end)
+
+  it("refuses a table upvalue holding a function, with the path", function()
+    local cfg = {hooks = {on = function() end}}
+    assert.has_error(function() pool:map(function() return cfg end, {1}) end,
+      "cannot send the function: upvalue 'cfg' cannot travel: hooks.on is a function")
+  end)
+
+  it("names the function that holds a bad upvalue", function()
+    local fh = io.stderr
+    local function helper() return fh end
+    assert.has_error(function() pool:map(function() return helper() end, {1}) end,
+      "cannot send the function: upvalue 'fh' of 'helper' is a userdata")
+  end)
+
+  it("refuses a callable table", function()
+    local callable = setmetatable({}, {__call = function() end})
+    assert.has_error(function() pool:map(callable, {1}) end,
+      "bad argument #1 to 'map' (function expected, got table)")
+  end)
+end)
+
+describe("pool:submit and jobs", function()
+  local pool
+
+  before_each(function() pool = lpar.pool{n_workers = 2} end)
+  after_each(function() pool:close() end)
+
+  it("returns at once and finishes in the background", function()
+    local t0 = H.now()
+    local job = pool:submit(function(x) spin(0.1); return x end, range(4))
+    assert.is_true(H.now() - t0 < 0.05)
+    assert.equal("running", job:status())
+    local r, n = job:wait()
+    assert.equal(4, n)
+    assert.same(range(4), r)
+    assert.equal("done", job:status())
+  end)
+
+  it("never blocks in done() and progress(), which advance the job", function()
+    local job = pool:submit(function(x) spin(0.05); return x end, range(8), {chunksize = 1})
+    local frames, worst, seen = 0, 0, {}
+    while true do
+      local t0 = H.now()
+      local finished = job:done()
+      local done, total = job:progress()
+      worst = math.max(worst, H.now() - t0)
+      seen[done] = true
+      assert.equal(8, total)
+      if finished then break end
+      frames = frames + 1
+      H.sleep(0.001)
+    end
+    assert.is_true(worst < 0.02, "done() took " .. worst)
+    assert.is_true(frames > 50, "frames: " .. frames)
+    assert.is_true(seen[8])
+    assert.is_true(seen[2] or seen[4] or seen[6]) -- progress in between
+    assert.same(range(8), (job:wait()))
+    assert.same(range(8), (job:wait())) -- again, the same
+  end)
+
+  it("runs several jobs, oldest first, each with its own function", function()
+    local a = pool:submit(function(x) return x + 1 end, range(50))
+    local b = pool:submit(function(x) return x * 10 end, range(50))
+    local c = pool:submit(function(x) return -x end, range(50))
+    local rb = b:wait()
+    local ra, rc = a:wait(), c:wait()
+    for i = 1, 50 do
+      assert.equal(i + 1, ra[i])
+      assert.equal(i * 10, rb[i])
+      assert.equal(-i, rc[i])
+    end
+  end)
+
+  it("fails a job on an item error: done() is true, wait() raises", function()
+    local job = pool:submit(function(x) if x == 2 then error("bad two") end return x end, range(3))
+    assert.is_true(eventually(pool, function() return job:done() end))
+    assert.equal("failed", job:status())
+    local ok, err = pcall(job.wait, job)
+    assert.is_false(ok)
+    assert.matches("^item 2: .-bad two", err)
+  end)
+
+  it("cancels a job: its workers are replaced and the pool goes on", function()
+    local pids = pool:pids()
+    local job = pool:submit(function(x) spin(10); return x end, range(4))
+    H.sleep(0.1)
+    pool:pump()
+    assert.is_true(job:cancel())
+    assert.is_false(job:cancel())
+    assert.is_true(job:done())
+    assert.equal("cancelled", job:status())
+    assert.has_error(function() job:wait() end, "cancelled")
+    assert.same({3, 4}, (pool:map(function(x) return x + 2 end, {1, 2})))
+    local now = pool:pids()
+    assert.equal(2, #now)
+    for _, pid in ipairs(now) do -- both were running its items: replaced
+      assert.is_true(pid ~= pids[1] and pid ~= pids[2])
+    end
+    for _, pid in ipairs(pids) do
+      assert.is_true(eventually(pool, function() return not H.alive(pid) end))
+    end
+  end)
+
+  it("cancels a job left running when its <close> variable goes", function()
+    local job
+    do
+      local j <close> = pool:submit(function(x) spin(10); return x end, range(2))
+      job = j
+    end
+    assert.equal("cancelled", job:status())
+  end)
+
+  it("finishes a job whose handle was dropped", function()
+    local path = os.tmpname()
+    pool:submit(function(x)
+      local f = io.open(path, "a"); f:write(x, "\n"); f:close()
+    end, range(5))
+    collectgarbage()
+    collectgarbage()
+    assert.is_true(eventually(pool, function() return #lines(path) == 5 end))
+    assert.equal(0, pool:pump())
+    os.remove(path)
+  end)
+
+  it("gives a host an fd that is readable when there is output", function()
+    local fd = pool:fd()
+    assert.is_number(fd)
+    local job = pool:submit(function(x) spin(0.2); return x end, {1})
+    pool:pump()
+    local t0 = H.now()
+    local ready = poll.rpoll(fd, 0)
+    assert.equal(0, ready)
+    ready = poll.rpoll(fd, 5000)
+    assert.equal(1, ready)
+    assert.is_true(H.now() - t0 > 0.1)
+    assert.is_true(eventually(pool, function() return job:done() end))
+    assert.equal(0, poll.rpoll(fd, 0)) -- handled: quiet again
+  end)
+
+  it("wakes the fd for a timeout, which job:done() then applies", function()
+    local job = pool:submit(function() spin(30) end, {1}, {timeout = 0.2})
+    local fd, t0 = pool:fd(), H.now()
+    while not job:done() do poll.rpoll(fd, 1000) end
+    assert.is_true(H.now() - t0 < 3)
+    assert.has_error(function() job:wait() end, "item 1: timed out after 0.2 s")
+  end)
+end)
+
+describe("pool faults", function()
+  local pool
+
+  before_each(function() pool = lpar.pool{n_workers = 2} end)
+  after_each(function() pool:close() end)
+
+  it("replaces a worker killed while idle", function()
+    local pids = pool:pids()
+    signal.kill(pids[1], signal.SIGKILL)
+    assert.is_true(eventually(pool, function()
+      local now = pool:pids()
+      return #now == 2 and now[1] ~= pids[1]
+    end))
+    assert.same({2, 4}, (pool:map(double, {1, 2})))
+  end)
+
+  it("names a worker killed while running an item, then goes on", function()
+    local path = os.tmpname()
+    local job = pool:submit(function(x)
+      if x == 1 then
+        local f = io.open(path, "w")
+        f:write(require("posix.unistd").getpid())
+        f:close()
+        spin(10)
+      end
+      return x
+    end, range(4), {chunksize = 1})
+    assert.is_true(eventually(pool, function() return job:progress() == 3 end))
+    local victim = tonumber(slurp(path))
+    os.remove(path)
+    signal.kill(victim, signal.SIGKILL)
+    local ok, err = pcall(job.wait, job)
+    assert.is_false(ok)
+    assert.equal("item 1: worker " .. victim .. " killed by signal 9 (SIGKILL)", err)
+    assert.same({2, 4, 6}, (pool:map(double, {1, 2, 3})))
+    assert.equal(2, #pool:pids())
+  end)
+
+  it("collects a worker's death as the error of its item", function()
+    local r, n, errs = pool:map(function(x)
+      if x == 3 then os.exit(5) end
+      return x
+    end, range(6), {on_error = "collect", chunksize = 2})
+    assert.equal(6, n)
+    assert.same({[1] = 1, [2] = 2, [4] = 4, [5] = 5, [6] = 6}, r)
+    assert.matches("^worker %d+ exited with status 5", errs[3])
+    assert.equal(2, #pool:pids())
+  end)
+
+  it("stops an item that runs past its timeout", function()
+    local t0 = H.now()
+    local r, _, errs = pool:map(function(x)
+      if x == 2 then spin(30) end
+      return x
+    end, range(3), {timeout = 0.2, on_error = "collect"})
+    assert.is_true(H.now() - t0 < 3)
+    assert.same({[1] = 1, [3] = 3}, r)
+    assert.equal("timed out after 0.2 s", errs[2])
+  end)
+
+  it("survives SIGINT sent to the workers' process group", function()
+    for _, pid in ipairs(pool:pids()) do signal.kill(pid, signal.SIGINT) end
+    H.sleep(0.05)
+    assert.same({2}, (pool:map(double, {1})))
+    assert.equal(2, #pool:pids())
+  end)
+end)
+
+describe("closing a pool", function()
+  it("reaps every worker, frees its fds, and is idempotent", function()
+    local fds = H.fdcount()
+    local p = lpar.pool{n_workers = 3}
+    p:map(double, range(10))
+    p:close()
+    p:close()
+    assert.same({}, children())
+    assert.equal(fds, H.fdcount())
+    assert.equal("lpar.Pool (closed)", tostring(p))
+    assert.has_error(function() p:map(double, {1}) end, "pool is closed")
+  end)
+
+  it("fails the jobs still running with 'pool closed'", function()
+    local p = lpar.pool{n_workers = 1}
+    local job = p:submit(function() spin(10) end, {1})
+    p:close()
+    assert.equal("cancelled", job:status())
+    assert.has_error(function() job:wait() end, "pool closed")
+    assert.same({}, children())
+  end)
+
+  it("closes with a <close> variable", function()
+    do
+      local p <close> = lpar.pool{n_workers = 2}
+      assert.equal(2, #children())
+    end
+    assert.same({}, children())
+  end)
+
+  it("closes when collected", function()
+    local p = lpar.pool{n_workers = 2}
+    p:map(double, {1})
+    assert.equal(2, #children())
+    p = nil -- luacheck: ignore
+    collectgarbage()
+    collectgarbage()
+    assert.same({}, children())
+  end)
+
+  it("keeps its fds out of lpar.parallel's workers", function()
+    local p <close> = lpar.pool{n_workers = 1}
+    local fd = p:fd()
+    local r = lpar.parallel(function()
+      return require("posix.fcntl").fcntl(fd, require("posix.fcntl").F_GETFD) == nil
+    end, {1, 2}, 2)
+    assert.same({true, true}, r)
+    local _ = fcntl
+  end)
+
+  it("is harmless in a process that inherited a copy", function()
+    local p <close> = lpar.pool{n_workers = 1}
+    local r = lpar.parallel(function()
+      local ok, err = pcall(p.map, p, function(x) return x end, {1})
+      collectgarbage()
+      return ok and "ran" or err
+    end, {1}, 1)
+    assert.matches("pool belongs to another process", r[1])
+    assert.same({1}, (p:map(function(x) return x end, {1})))
+  end)
+
+  it("lets its workers die with the parent", function()
+    local rc, out = lua([[
+      local lpar = require "lpar"
+      local p = lpar.pool{n_workers = 2}
+      io.write(table.concat(p:pids(), " "), "\n")
+      io.flush()
+      require("posix.signal").kill(require("posix.unistd").getpid(), 9)
+    ]])
+    assert.equal(128 + 9, rc)
+    local pids = {}
+    for pid in out:gmatch("%d+") do pids[#pids + 1] = tonumber(pid) end
+    assert.equal(2, #pids)
+    local deadline = H.now() + 5
+    while (H.alive(pids[1]) or H.alive(pids[2])) and H.now() < deadline do H.sleep(0.02) end
+    assert.is_false(H.alive(pids[1]))
+    assert.is_false(H.alive(pids[2]))
+  end)
+
+  it("closes at exit of a script that forgot to", function()
+    local rc, out, err = lua([[
+      local lpar = require "lpar"
+      P = lpar.pool{n_workers = 2, close = function() io.stderr:write("bye\n") end}
+      print(P:map(function(x) return x + 1 end, {1})[1])
+    ]])
+    assert.equal(0, rc)
+    assert.equal("2\n", out)
+    assert.equal("bye\nbye\n", err)
+  end)
+end)
