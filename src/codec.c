@@ -4,6 +4,7 @@
 */
 #include "codec.h"
 
+#include <limits.h>
 #include <math.h>
 #include <stdint.h>
 #include <stdio.h>
@@ -16,6 +17,9 @@
 #define LPAR_STR(x) LPAR_STR_(x)
 
 #define BUFMT "lpar.Buf"
+
+/* longest varint: 64 bits in 7-bit groups */
+#define MAXVARINT 10
 
 static int buf_gc(lua_State *L) {
   lpar_buf_free(lua_touserdata(L, 1));
@@ -33,26 +37,23 @@ Buf *lpar_codec_newbuf(lua_State *L) {
   return b;
 }
 
-typedef struct EncState {
-  lua_State *L;
-  Buf *b;
-  int seen;   /* stack index of the table -> id map, 0 until needed */
-  int ntab;   /* tables numbered so far */
-  int depth;  /* current nesting */
-  int errrc;  /* buffer error (-ENOMEM) or 0 */
-  int path[LPAR_MAXDEPTH + 1]; /* stack index of each level's key, or 0 */
-  lua_Integer ipath[LPAR_MAXDEPTH + 1]; /* array index when path[i] == 0 */
-} EncState;
-
-int lpar_codec_putvarint(Buf *b, unsigned long long v) {
-  unsigned char tmp[10];
-  int n = 0;
+/* Write 'v' as a varint at 'p' (room for MAXVARINT bytes); returns the
+   number of bytes written. */
+static inline size_t putuv(char *p, unsigned long long v) {
+  size_t n = 0;
   while (v >= 0x80) {
-    tmp[n++] = (unsigned char)(v | 0x80);
+    p[n++] = (char)(v | 0x80);
     v >>= 7;
   }
-  tmp[n++] = (unsigned char)v;
-  return lpar_buf_add(b, tmp, (size_t)n);
+  p[n++] = (char)v;
+  return n;
+}
+
+int lpar_codec_putvarint(Buf *b, unsigned long long v) {
+  int rc = lpar_buf_reserve(b, MAXVARINT);
+  if (rc == 0)
+    b->n += putuv(b->p + b->n, v);
+  return rc;
 }
 
 int lpar_codec_getvarint(const char *p, size_t len, size_t *pos,
@@ -77,6 +78,31 @@ int lpar_codec_getvarint(const char *p, size_t len, size_t *pos,
   return 0;
 }
 
+static inline unsigned long long zigzag(lua_Integer i) {
+  unsigned long long u = (unsigned long long)i;
+  return (u << 1) ^ (0ULL - (u >> 63));
+}
+
+static inline lua_Integer unzigzag(unsigned long long u) {
+  return (lua_Integer)((u >> 1) ^ (0ULL - (u & 1)));
+}
+
+/*
+** Encoder. The value is walked depth first; tables are numbered in the
+** order they are first met, which is the order the decoder creates them,
+** so a table met again is written as a reference to its number.
+*/
+typedef struct EncState {
+  lua_State *L;
+  Buf *b;
+  int seen;   /* stack index of the table -> id map, 0 until needed */
+  int ntab;   /* tables numbered so far */
+  int depth;  /* current nesting */
+  int errrc;  /* buffer error (-ENOMEM) or 0 */
+  int path[LPAR_MAXDEPTH + 1]; /* stack index of each level's key, or 0 */
+  lua_Integer ipath[LPAR_MAXDEPTH + 1]; /* array index when path[i] == 0 */
+} EncState;
+
 /* Append the path of the part being encoded (levels 1..depth) to B. */
 static void addpath(EncState *es, luaL_Buffer *B) {
   lua_State *L = es->L;
@@ -93,7 +119,8 @@ static void addpath(EncState *es, luaL_Buffer *B) {
     else if (lua_type(L, k) == LUA_TSTRING) {
       const char *s = lua_tostring(L, k);
       size_t j, n = strlen(s);
-      int ident = n > 0 && n == lua_rawlen(L, k) && !(s[0] >= '0' && s[0] <= '9');
+      int ident =
+          n > 0 && n == lua_rawlen(L, k) && !(s[0] >= '0' && s[0] <= '9');
       for (j = 0; ident && j < n; j++)
         ident = (s[j] == '_' || (s[j] >= 'a' && s[j] <= 'z') ||
                  (s[j] >= 'A' && s[j] <= 'Z') || (s[j] >= '0' && s[j] <= '9'));
@@ -128,21 +155,89 @@ static int encerror(EncState *es, const char *what) {
   return -1;
 }
 
-static int putbyte(EncState *es, int c) {
+/* Make room for 'n' more bytes: 0, or -1 with errrc set. */
+static inline int room(EncState *es, size_t n) {
   Buf *b = es->b;
-  if (b->n < b->cap) {
-    b->p[b->n++] = (char)c;
+  if (n <= b->cap - b->n)
     return 0;
-  }
-  return (es->errrc = lpar_buf_add(b, &(char){(char)c}, 1));
+  return (es->errrc = lpar_buf_reserve(b, n)) != 0 ? -1 : 0;
 }
 
-static int encvalue(EncState *es, int idx);
+static int enctable(EncState *es, int idx);
 
+/*
+** Append the value at stack index 'idx'. Returns 0, or -1 with either
+** errrc set (out of memory) or a message pushed.
+*/
+static int encvalue(EncState *es, int idx) {
+  lua_State *L = es->L;
+  Buf *b;
+  if (lua_isinteger(L, idx)) { /* the common case first */
+    if (room(es, 1 + MAXVARINT))
+      return -1;
+    b = es->b;
+    b->p[b->n] = LPAR_TINT;
+    b->n += 1 + putuv(b->p + b->n + 1, zigzag(lua_tointeger(L, idx)));
+    return 0;
+  }
+  switch (lua_type(L, idx)) {
+  case LUA_TNIL:
+  case LUA_TBOOLEAN:
+    if (room(es, 1))
+      return -1;
+    b = es->b;
+    b->p[b->n++] = (char)(lua_isnil(L, idx)          ? LPAR_TNIL
+                          : lua_toboolean(L, idx) ? LPAR_TTRUE
+                                                  : LPAR_TFALSE);
+    return 0;
+  case LUA_TNUMBER: { /* a float */
+    double d = (double)lua_tonumber(L, idx);
+    uint64_t bits;
+    char *p;
+    int i;
+    if (room(es, 9))
+      return -1;
+    b = es->b;
+    p = b->p + b->n;
+    memcpy(&bits, &d, sizeof bits);
+    p[0] = LPAR_TFLOAT;
+    for (i = 0; i < 8; i++)
+      p[i + 1] = (char)(bits >> (8 * i));
+    b->n += 9;
+    return 0;
+  }
+  case LUA_TSTRING: {
+    size_t len;
+    const char *s = lua_tolstring(L, idx, &len);
+    if (room(es, 1 + MAXVARINT + len))
+      return -1;
+    b = es->b;
+    b->p[b->n] = LPAR_TSTR;
+    b->n += 1 + putuv(b->p + b->n + 1, len);
+    memcpy(b->p + b->n, s, len);
+    b->n += len;
+    return 0;
+  }
+  case LUA_TTABLE:
+    return enctable(es, idx);
+  default: {
+    const char *what = lua_pushfstring(L, "is a %s", luaL_typename(L, idx));
+    int rc = encerror(es, what);
+    lua_remove(L, -2); /* remove 'what' */
+    return rc;
+  }
+  }
+}
+
+/*
+** Append the table at 'idx' (an absolute index): a reference if it was
+** met before, else n = #t, the values t[1..n], the other pairs and an
+** end tag. Stack effect: none on success.
+*/
 static int enctable(EncState *es, int idx) {
   lua_State *L = es->L;
   lua_Integer n, i;
-  int rc;
+  int rc, top, restart;
   if (es->depth >= LPAR_MAXDEPTH)
     return encerror(es, "is nested too deeply (limit " LPAR_STR(LPAR_MAXDEPTH)
                         " levels)");
@@ -155,9 +250,10 @@ static int enctable(EncState *es, int idx) {
   if (lua_rawget(L, es->seen) == LUA_TNUMBER) { /* seen: back-reference */
     lua_Integer id = lua_tointeger(L, -1);
     lua_pop(L, 1);
-    if (putbyte(es, LPAR_TREF) ||
-        (es->errrc = lpar_codec_putvarint(es->b, (unsigned long long)id)))
+    if (room(es, 1 + MAXVARINT))
       return -1;
+    es->b->p[es->b->n] = LPAR_TREF;
+    es->b->n += 1 + putuv(es->b->p + es->b->n + 1, (unsigned long long)id);
     return 0;
   }
   lua_pop(L, 1);
@@ -165,85 +261,65 @@ static int enctable(EncState *es, int idx) {
   lua_pushinteger(L, es->ntab++);
   lua_rawset(L, es->seen);
   n = (lua_Integer)lua_rawlen(L, idx);
-  if (putbyte(es, LPAR_TTABLE) ||
-      (es->errrc = lpar_codec_putvarint(es->b, (unsigned long long)n)))
+  if (room(es, 1 + MAXVARINT))
     return -1;
+  es->b->p[es->b->n] = LPAR_TTABLE;
+  es->b->n += 1 + putuv(es->b->p + es->b->n + 1, (unsigned long long)n);
   es->depth++;
   es->path[es->depth] = 0;
-  for (i = 1; i <= n; i++) {
-    es->ipath[es->depth] = i;
-    lua_rawgeti(L, idx, i);
-    rc = encvalue(es, lua_gettop(L));
-    if (rc)
-      return rc;
-    lua_pop(L, 1);
-  }
+  /* lua_next gives the array part first, in order: while its keys are
+     1, 2, 3..., one traversal serves both the array values and the
+     pairs. If it strays (a hole, or part of 1..n in the hash part), the
+     rest of 1..n is read by index and the pairs restart from the top,
+     skipping 1..n; the bytes are the same either way. */
+  restart = 0;
+  top = lua_gettop(L);
   lua_pushnil(L);
+  for (i = 1; i <= n; i++) {
+    if (!lua_next(L, idx)) { /* cannot happen with t[n] ~= nil; be safe */
+      restart = 1;
+      break;
+    }
+    if (!lua_isinteger(L, -2) || lua_tointeger(L, -2) != i) {
+      lua_settop(L, top); /* pop key and value */
+      restart = 1;
+      break;
+    }
+    es->ipath[es->depth] = i;
+    if ((rc = encvalue(es, top + 2)) != 0)
+      return rc;
+    lua_pop(L, 1); /* pop value, keep key */
+  }
+  if (restart) {
+    for (; i <= n; i++) {
+      es->ipath[es->depth] = i;
+      lua_rawgeti(L, idx, i);
+      if ((rc = encvalue(es, top + 1)) != 0)
+        return rc;
+      lua_pop(L, 1);
+    }
+    lua_pushnil(L);
+  }
   while (lua_next(L, idx)) {
-    int k = lua_gettop(L) - 1;
-    if (lua_isinteger(L, k)) {
-      lua_Integer ki = lua_tointeger(L, k);
+    if (restart && lua_isinteger(L, top + 1)) {
+      lua_Integer ki = lua_tointeger(L, top + 1);
       if (ki >= 1 && ki <= n) {
         lua_pop(L, 1);
         continue;
       }
     }
-    es->path[es->depth] = k;
-    if ((rc = encvalue(es, k)) != 0)
+    es->path[es->depth] = top + 1;
+    if ((rc = encvalue(es, top + 1)) != 0)
       return rc; /* key already names itself in the path */
-    if ((rc = encvalue(es, k + 1)) != 0)
+    if ((rc = encvalue(es, top + 2)) != 0)
       return rc;
-    lua_pop(L, 1);
+    lua_pop(L, 1); /* pop value, keep key */
   }
   es->depth--;
-  return putbyte(es, LPAR_TEND);
-}
-
-static int encvalue(EncState *es, int idx) {
-  lua_State *L = es->L;
-  switch (lua_type(L, idx)) {
-  case LUA_TNIL:
-    return putbyte(es, LPAR_TNIL);
-  case LUA_TBOOLEAN:
-    return putbyte(es, lua_toboolean(L, idx) ? LPAR_TTRUE : LPAR_TFALSE);
-  case LUA_TNUMBER:
-    if (lua_isinteger(L, idx)) {
-      unsigned long long u = (unsigned long long)lua_tointeger(L, idx);
-      u = (u << 1) ^ (0ULL - (u >> 63)); /* zigzag */
-      if (putbyte(es, LPAR_TINT) ||
-          (es->errrc = lpar_codec_putvarint(es->b, u)))
-        return -1;
-      return 0;
-    }
-    else {
-      double d = (double)lua_tonumber(L, idx);
-      uint64_t bits;
-      unsigned char tmp[9];
-      int i;
-      memcpy(&bits, &d, sizeof bits);
-      tmp[0] = LPAR_TFLOAT;
-      for (i = 0; i < 8; i++)
-        tmp[i + 1] = (unsigned char)(bits >> (8 * i));
-      return (es->errrc = lpar_buf_add(es->b, tmp, sizeof tmp));
-    }
-  case LUA_TSTRING: {
-    size_t len;
-    const char *s = lua_tolstring(L, idx, &len);
-    if (putbyte(es, LPAR_TSTR) ||
-        (es->errrc = lpar_codec_putvarint(es->b, len)) ||
-        (es->errrc = lpar_buf_add(es->b, s, len)))
-      return -1;
-    return 0;
-  }
-  case LUA_TTABLE:
-    return enctable(es, idx);
-  default: {
-    const char *what = lua_pushfstring(L, "is a %s", luaL_typename(L, idx));
-    int rc = encerror(es, what);
-    lua_remove(L, -2);
-    return rc;
-  }
-  }
+  if (room(es, 1))
+    return -1;
+  es->b->p[es->b->n++] = LPAR_TEND;
+  return 0;
 }
 
 int lpar_codec_encode(lua_State *L, int idx, Buf *b) {
@@ -262,21 +338,30 @@ int lpar_codec_encode(lua_State *L, int idx, Buf *b) {
     lua_settop(L, top);
     return 0;
   }
-  if (es.errrc) { /* out of memory in the buffer, no message pushed yet */
+  if (es.errrc) { /* out of memory in the buffer, no message pushed */
     lua_settop(L, top);
     lua_pushliteral(L, "not enough memory");
     return -1;
   }
-  lua_replace(L, top + 1); /* keep the message only */
-  lua_settop(L, top + 1);
+  if (lua_gettop(L) > top + 1) {
+    lua_replace(L, top + 1); /* keep the message only */
+    lua_settop(L, top + 1);
+  }
   return -1;
 }
 
+/*
+** Decoder. Every count and length is checked against the bytes left
+** before anything is allocated for it. Arrays are preallocated from a
+** budget of one slot per input byte, so tables nested inside each other
+** that all announce the rest of the input cannot multiply the memory.
+*/
 typedef struct DecState {
   lua_State *L;
   const char *p;
   size_t len, pos;
-  int refs;  /* stack index of id -> table, or the nil placeholder */
+  size_t budget; /* array slots that may still be preallocated */
+  int refs;      /* stack index of id -> table, or the nil placeholder */
   int ntab;
   int depth;
 } DecState;
@@ -286,55 +371,34 @@ static int decerror(DecState *ds, const char *what) {
   return -1;
 }
 
-static int decvalue(DecState *ds);
-
-static int dectable(DecState *ds) {
-  lua_State *L = ds->L;
-  unsigned long long n, i;
-  int t;
-  if (ds->depth >= LPAR_MAXDEPTH)
-    return decerror(ds, "value nested too deeply");
-  if (lpar_codec_getvarint(ds->p, ds->len, &ds->pos, &n))
-    return decerror(ds, "truncated table");
-  if (n > ds->len - ds->pos) /* every element takes at least a byte */
-    return decerror(ds, "table longer than its frame");
-  if (!lua_checkstack(L, 4))
-    return decerror(ds, "value nested too deeply for the C stack");
-  lua_createtable(L, n > INT32_MAX ? INT32_MAX : (int)n, 0);
-  t = lua_gettop(L);
-  if (lua_isnil(L, ds->refs)) {
-    lua_newtable(L);
-    lua_replace(L, ds->refs);
+/* Read a varint at ds->pos: 0, or -1 if it is truncated or too long.
+   Up to three bytes are read inline, longer ones by the general loop. */
+static inline int getuv(DecState *ds, unsigned long long *v) {
+  const unsigned char *q = (const unsigned char *)ds->p + ds->pos;
+  size_t left = ds->len - ds->pos;
+  if (left >= 1 && q[0] < 0x80) {
+    *v = q[0];
+    ds->pos += 1;
+    return 0;
   }
-  lua_pushvalue(L, t);
-  lua_rawseti(L, ds->refs, ds->ntab++);
-  ds->depth++;
-  for (i = 1; i <= n; i++) {
-    if (decvalue(ds))
-      return -1;
-    lua_rawseti(L, t, (lua_Integer)i);
+  if (left >= 2 && q[1] < 0x80) {
+    *v = (q[0] & 0x7fu) | (unsigned long long)q[1] << 7;
+    ds->pos += 2;
+    return 0;
   }
-  for (;;) {
-    if (ds->pos >= ds->len)
-      return decerror(ds, "truncated table");
-    if ((unsigned char)ds->p[ds->pos] == LPAR_TEND) {
-      ds->pos++;
-      break;
-    }
-    if (decvalue(ds))
-      return -1;
-    if (lua_isnil(L, -1))
-      return decerror(ds, "nil table key");
-    if (lua_type(L, -1) == LUA_TNUMBER && lua_tonumber(L, -1) != lua_tonumber(L, -1))
-      return decerror(ds, "NaN table key");
-    if (decvalue(ds))
-      return -1;
-    lua_rawset(L, t);
+  if (left >= 3 && q[1] >= 0x80 && q[2] < 0x80) {
+    *v = (q[0] & 0x7fu) | (unsigned long long)(q[1] & 0x7fu) << 7 |
+         (unsigned long long)q[2] << 14;
+    ds->pos += 3;
+    return 0;
   }
-  ds->depth--;
-  return 0;
+  return lpar_codec_getvarint(ds->p, ds->len, &ds->pos, v);
 }
 
+static int dectable(DecState *ds);
+
+/* Push the value at ds->pos and move past it: 0, or -1 with a message
+   pushed. */
 static int decvalue(DecState *ds) {
   lua_State *L = ds->L;
   unsigned long long u;
@@ -343,17 +407,25 @@ static int decvalue(DecState *ds) {
     return decerror(ds, "truncated value");
   tag = (unsigned char)ds->p[ds->pos++];
   switch (tag) {
+  case LPAR_TINT:
+    if (getuv(ds, &u))
+      return decerror(ds, "truncated integer");
+    lua_pushinteger(L, unzigzag(u));
+    return 0;
+  case LPAR_TSTR:
+    if (getuv(ds, &u))
+      return decerror(ds, "truncated string length");
+    if (u > ds->len - ds->pos)
+      return decerror(ds, "truncated string");
+    lua_pushlstring(L, ds->p + ds->pos, (size_t)u);
+    ds->pos += (size_t)u;
+    return 0;
   case LPAR_TNIL:
     lua_pushnil(L);
     return 0;
   case LPAR_TFALSE:
   case LPAR_TTRUE:
     lua_pushboolean(L, tag == LPAR_TTRUE);
-    return 0;
-  case LPAR_TINT:
-    if (lpar_codec_getvarint(ds->p, ds->len, &ds->pos, &u))
-      return decerror(ds, "truncated integer");
-    lua_pushinteger(L, (lua_Integer)((u >> 1) ^ (0ULL - (u & 1))));
     return 0;
   case LPAR_TFLOAT: {
     uint64_t bits = 0;
@@ -368,18 +440,10 @@ static int decvalue(DecState *ds) {
     lua_pushnumber(L, (lua_Number)d);
     return 0;
   }
-  case LPAR_TSTR:
-    if (lpar_codec_getvarint(ds->p, ds->len, &ds->pos, &u))
-      return decerror(ds, "truncated string length");
-    if (u > ds->len - ds->pos)
-      return decerror(ds, "truncated string");
-    lua_pushlstring(L, ds->p + ds->pos, (size_t)u);
-    ds->pos += (size_t)u;
-    return 0;
   case LPAR_TTABLE:
     return dectable(ds);
   case LPAR_TREF:
-    if (lpar_codec_getvarint(ds->p, ds->len, &ds->pos, &u))
+    if (getuv(ds, &u))
       return decerror(ds, "truncated reference");
     if (u >= (unsigned long long)ds->ntab)
       return decerror(ds, "reference to an unknown table");
@@ -389,6 +453,69 @@ static int decvalue(DecState *ds) {
     ds->pos--;
     return decerror(ds, "bad value tag");
   }
+}
+
+/* Decode a table after its tag: push it, or push a message and return
+   -1. */
+static int dectable(DecState *ds) {
+  lua_State *L = ds->L;
+  unsigned long long n, i;
+  size_t pre;
+  int t;
+  if (ds->depth >= LPAR_MAXDEPTH)
+    return decerror(ds, "value nested too deeply (limit " LPAR_STR(
+                            LPAR_MAXDEPTH) " levels)");
+  if (getuv(ds, &n))
+    return decerror(ds, "truncated table");
+  if (n > ds->len - ds->pos) /* every element takes at least a byte */
+    return decerror(ds, "table longer than its frame");
+  if (!lua_checkstack(L, 4))
+    return decerror(ds, "value nested too deeply for the Lua stack");
+  pre = n < ds->budget ? (size_t)n : ds->budget;
+  if (pre > INT_MAX)
+    pre = INT_MAX;
+  ds->budget -= pre;
+  lua_createtable(L, (int)pre, 0);
+  t = lua_gettop(L);
+  if (lua_isnil(L, ds->refs)) {
+    lua_newtable(L);
+    lua_replace(L, ds->refs);
+  }
+  lua_pushvalue(L, t);
+  lua_rawseti(L, ds->refs, ds->ntab++);
+  ds->depth++;
+  for (i = 1; i <= n; i++) {
+    if (ds->pos < ds->len && (unsigned char)ds->p[ds->pos] == LPAR_TINT) {
+      unsigned long long u;
+      ds->pos++;
+      if (getuv(ds, &u))
+        return decerror(ds, "truncated integer");
+      lua_pushinteger(L, unzigzag(u));
+    }
+    else if (decvalue(ds))
+      return -1;
+    lua_rawseti(L, t, (lua_Integer)i);
+  }
+  for (;;) {
+    if (ds->pos >= ds->len)
+      return decerror(ds, "truncated table");
+    if ((unsigned char)ds->p[ds->pos] == LPAR_TEND) {
+      ds->pos++;
+      break;
+    }
+    if (decvalue(ds))
+      return -1;
+    if (lua_type(L, -1) == LUA_TNIL)
+      return decerror(ds, "nil table key");
+    if (lua_type(L, -1) == LUA_TNUMBER && !lua_isinteger(L, -1) &&
+        isnan((double)lua_tonumber(L, -1)))
+      return decerror(ds, "NaN table key");
+    if (decvalue(ds))
+      return -1;
+    lua_rawset(L, t);
+  }
+  ds->depth--;
+  return 0;
 }
 
 int lpar_codec_decode(lua_State *L, const char *p, size_t len, size_t *pos) {
@@ -401,9 +528,15 @@ int lpar_codec_decode(lua_State *L, const char *p, size_t len, size_t *pos) {
   ds.p = p;
   ds.len = len;
   ds.pos = *pos;
+  ds.budget = *pos <= len ? len - *pos : 0;
   ds.refs = base;
   ds.ntab = 0;
   ds.depth = 0;
+  if (ds.pos > len) {
+    decerror(&ds, "start past the end");
+    lua_replace(L, base);
+    return -1;
+  }
   if (decvalue(&ds)) {
     lua_replace(L, base); /* message replaces everything decoded */
     lua_settop(L, base);
