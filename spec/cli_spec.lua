@@ -384,6 +384,87 @@ describe("lpar failures", function()
   end)
 end)
 
+describe("lpar retries, joblog and resume", function()
+  it("tries a failed item again with --retries", function()
+    local dir = tmpname()
+    os.remove(dir)
+    assert(os.execute("mkdir " .. dir))
+    local log = tmpname()
+    local code, out, err = lpar(("--retries 2 --joblog %s %sflaky.lua - %s")
+                                :format(log, FIX, dir), "a\nflaky1\nb\nflaky2\n")
+    os.execute("rm -rf " .. dir)
+    assert.equal("", err)
+    assert.equal(0, code)
+    assert.equal("a\nflaky1\nb\nflaky2\n", out)
+    local attempts = {}
+    for line, status, n in readfile(log):gmatch("(%d+)\t(%a+)\t[%d.]+\t(%d+)\n") do
+      assert.equal("ok", status)
+      attempts[tonumber(line)] = tonumber(n)
+    end
+    assert.same({1, 2, 1, 2}, attempts)
+  end)
+
+  it("reports an item that fails every try", function()
+    local log = tmpname()
+    local code, out, err = lpar("--retries 1 --joblog " .. log .. " " .. FIX .. "fail.lua",
+                                "a\nbad\n")
+    assert.equal(1, code)
+    assert.equal("a\n", out)
+    assert.matches('line 2 %("bad"%)', err)
+    assert.matches("\n2\tfailed\t[%d.]+\t2\n", readfile(log))
+  end)
+
+  it("writes a joblog line per item, in order, and -o writes a file", function()
+    local log, res = tmpname(), tmpname()
+    local code, out = lpar(("--joblog %s -o %s %sfail.lua"):format(log, res, FIX),
+                           "a\nbad\nc\n")
+    assert.equal(1, code)
+    assert.equal("", out)
+    assert.equal("a\nc\n", readfile(res))
+    local text = readfile(log)
+    assert.matches("^# line\tstatus\tseconds\tattempts\n", text)
+    local seen = {}
+    for line, status in text:gmatch("\n(%d+)\t(%a+)\t") do
+      seen[#seen + 1] = line .. " " .. status
+    end
+    assert.same({"1 ok", "2 failed", "3 ok"}, seen)
+    assert.matches("\n# out 4 3\n$", text)
+  end)
+
+  it("resumes a run killed with SIGKILL at any moment, losing and repeating nothing", function()
+    local items, log, res = tmpname(), tmpname(), tmpname()
+    os.remove(log)
+    os.remove(res)
+    local t = {}
+    for i = 1, 3000 do t[i] = tostring(i) end
+    local want = table.concat(t, "\n") .. "\n"
+    writefile(items, want)
+    local args = {"--resume", "--joblog", log, "-o", res, FIX .. "slowecho.lua", items}
+    math.randomseed(7)
+    local killed = 0
+    for _ = 1, 6 do
+      local p = spawn(args)
+      unistd.close(p.stdin)
+      p.stdin = nil
+      H.sleep(0.02 + math.random() * 0.15)
+      if signal.kill(p.pid, signal.SIGKILL) == 0 then killed = killed + 1 end
+      assert.is_not_nil(waitexit(p.pid, 10))
+      closeall(p)
+    end
+    assert.is_true(killed >= 1)
+    local code, out, err = lpar(table.concat(args, " "))
+    assert.equal("", err)
+    assert.equal(0, code)
+    assert.equal("", out)
+    assert.equal(want, readfile(res))
+    local count = {}
+    for line in readfile(log):gmatch("\n(%d+)\tok\t") do
+      count[line] = (count[line] or 0) + 1
+    end
+    for i = 1, 3000 do assert.equal(1, count[tostring(i)], "line " .. i) end
+  end)
+end)
+
 describe("lpar usage errors", function()
   local function usage(args, pattern)
     local code, out, err = lpar(args, "x\n")
@@ -412,6 +493,13 @@ describe("lpar usage errors", function()
     usage("--timeout 0 " .. FIX .. "upper.lua", "bad value for '%-%-timeout'")
     usage("--timeout soon " .. FIX .. "upper.lua", "bad value for '%-%-timeout'")
     usage("--halt=yes " .. FIX .. "upper.lua", "option '%-%-halt' takes no value")
+  end)
+
+  it("rejects --resume without --joblog and -o, or with --unordered", function()
+    usage("--resume -o x " .. FIX .. "upper.lua", "%-%-resume needs %-%-joblog FILE and %-o FILE")
+    usage("--resume --joblog x --unordered -o y " .. FIX .. "upper.lua",
+          "%-%-resume needs ordered output")
+    usage("--retries -1 " .. FIX .. "upper.lua", "bad value for '%-%-retries'")
   end)
 
   it("needs a script", function()

@@ -144,9 +144,33 @@ typedef struct Out {
   int barshown; /* the bar is on the terminal */
   int bartty;   /* stderr is a terminal */
   int shared;   /* stdout is a terminal too: lift the bar to write */
+  /* the joblog: its lines are written up to the last mark, after the
+     output they describe, then (with markers) "# out <bytes> <line>" */
+  int logfd;            /* -1 without a joblog */
+  int markers;          /* write the marker lines (output to a file) */
+  char *log;            /* pending joblog text */
+  size_t logn, logcap;
+  size_t logmark;       /* bytes of 'log' up to the last mark */
+  long long outbytes;   /* output bytes so far, from the file's start */
+  long long markbytes;  /* output bytes at the last mark */
+  lua_Integer markline; /* records done at the last mark */
+  int marked;           /* a mark is waiting to be written */
 } Out;
 
-static Out out = {.mu = PTHREAD_MUTEX_INITIALIZER};
+static Out out = {.mu = PTHREAD_MUTEX_INITIALIZER, .logfd = -1};
+
+/* Whether something waits to be written (mu held). */
+static int pending(void) {
+  return out.n > 0 || out.marked;
+}
+
+/* Something is about to be pending (mu held): start the delay. */
+static void wake(void) {
+  if (!pending() && out.started) {
+    out.since = now();
+    pthread_cond_signal(&out.cv);
+  }
+}
 
 static void liftbar(void) {
   if (out.barshown && out.bartty)
@@ -160,18 +184,31 @@ static void dropbar(void) {
 
 /* Write the pending bytes (mu held). */
 static void drain(void) {
-  if (out.n == 0)
-    return;
-  if (out.shared)
-    liftbar();
-  if (atomic_load(&out.err) == 0) {
-    int e = writeall(1, out.p, out.n);
-    if (e != 0)
-      atomic_store(&out.err, e);
+  if (out.n > 0) {
+    if (out.shared)
+      liftbar();
+    if (atomic_load(&out.err) == 0) {
+      int e = writeall(1, out.p, out.n);
+      if (e != 0)
+        atomic_store(&out.err, e);
+    }
+    out.n = 0;
+    if (out.shared)
+      dropbar();
   }
-  out.n = 0;
-  if (out.shared)
-    dropbar();
+  if (out.marked && out.logfd >= 0 && atomic_load(&out.err) == 0) {
+    writeall(out.logfd, out.log, out.logmark);
+    if (out.markers) {
+      char m[64];
+      int k = snprintf(m, sizeof m, "# out %lld %lld\n", out.markbytes,
+                       (long long)out.markline);
+      writeall(out.logfd, m, (size_t)k);
+    }
+    memmove(out.log, out.log + out.logmark, out.logn - out.logmark);
+    out.logn -= out.logmark;
+    out.logmark = 0;
+  }
+  out.marked = 0;
 }
 
 static void *flusher(void *ud) {
@@ -179,7 +216,7 @@ static void *flusher(void *ud) {
   pthread_mutex_lock(&out.mu);
   while (!out.quit) {
     long long due = out.since + LPAR_OUTDELAYNS;
-    if (out.n == 0)
+    if (!pending())
       pthread_cond_wait(&out.cv, &out.mu);
     else if (now() < due) {
       struct timespec ts;
@@ -232,18 +269,18 @@ static int outerror(lua_State *L, int e) {
   return lua_error(L);
 }
 
-/* Make room for 'need' more pending bytes (mu held); 0 or -1. */
-static int reserve(size_t need) {
-  if (out.cap - out.n < need) {
-    size_t cap = out.cap ? out.cap : LPAR_OUTHIGH + 4096;
-    char *p;
-    while (cap - out.n < need)
-      cap *= 2;
-    p = realloc(out.p, cap);
-    if (p == NULL)
+/* Make room in *p (holding n of cap bytes) for 'need' more; 0 or -1. */
+static int reserve(char **p, size_t n, size_t *cap, size_t need) {
+  if (*cap - n < need) {
+    size_t c = *cap ? *cap : LPAR_OUTHIGH + 4096;
+    char *q;
+    while (c - n < need)
+      c *= 2;
+    q = realloc(*p, c);
+    if (q == NULL)
       return -1;
-    out.p = p;
-    out.cap = cap;
+    *p = q;
+    *cap = c;
   }
   return 0;
 }
@@ -255,17 +292,15 @@ static int put(lua_State *L, int nl) {
   int e, nomem = 0;
   pthread_mutex_lock(&out.mu);
   e = atomic_load(&out.err);
-  if (e == 0 && reserve(len + 1) != 0)
+  if (e == 0 && reserve(&out.p, out.n, &out.cap, len + 1) != 0)
     nomem = 1;
   else if (e == 0) {
-    if (out.n == 0 && out.started) {
-      out.since = now();
-      pthread_cond_signal(&out.cv);
-    }
+    wake();
     memcpy(out.p + out.n, s, len);
     out.n += len;
     if (nl)
       out.p[out.n++] = '\n';
+    out.outbytes += (long long)(len + (nl != 0));
     if (out.n >= LPAR_OUTHIGH || !out.started)
       drain();
     e = atomic_load(&out.err);
@@ -286,6 +321,108 @@ static int l_write(lua_State *L) {
 /* writeln(s): output s and a newline */
 static int l_writeln(lua_State *L) {
   return put(L, 1);
+}
+
+/* log(text): add text to the joblog; it is written at the next mark. */
+static int l_log(lua_State *L) {
+  size_t len;
+  const char *s = luaL_checklstring(L, 1, &len);
+  int nomem;
+  pthread_mutex_lock(&out.mu);
+  nomem = reserve(&out.log, out.logn, &out.logcap, len) != 0;
+  if (!nomem) {
+    memcpy(out.log + out.logn, s, len);
+    out.logn += len;
+  }
+  pthread_mutex_unlock(&out.mu);
+  if (nomem)
+    return luaL_error(L, "not enough memory");
+  return 0;
+}
+
+/* mark(line): records up to 'line' are settled: their output and joblog
+   lines are all given. */
+static int l_mark(lua_State *L) {
+  lua_Integer line = luaL_checkinteger(L, 1);
+  pthread_mutex_lock(&out.mu);
+  wake();
+  out.markline = line;
+  out.markbytes = out.outbytes;
+  out.logmark = out.logn;
+  out.marked = 1;
+  if (!out.started)
+    drain();
+  pthread_mutex_unlock(&out.mu);
+  return 0;
+}
+
+/* Open path for writing, cut to 'keep' bytes; the fd, or -1 with errno
+   set (EINVAL if the file is shorter than 'keep'). */
+static int openkept(const char *path, long long keep, int flags) {
+  struct stat st;
+  int fd;
+  do
+    fd = open(path, O_WRONLY | O_CREAT | O_CLOEXEC | flags, 0666);
+  while (fd == -1 && errno == EINTR);
+  if (fd == -1)
+    return -1;
+  if (fstat(fd, &st) != 0) {
+    int e = errno;
+    close(fd);
+    errno = e;
+    return -1;
+  }
+  if (S_ISREG(st.st_mode) && st.st_size < keep) {
+    close(fd);
+    errno = EINVAL;
+    return -1;
+  }
+  if (S_ISREG(st.st_mode) &&
+      (ftruncate(fd, keep) != 0 || lseek(fd, 0, SEEK_END) < 0)) {
+    int e = errno;
+    close(fd);
+    errno = e;
+    return -1;
+  }
+  return fd;
+}
+
+/* redirect(path, keep) -> true | nil, message: results go to path (cut
+   to 'keep' bytes) instead of stdout. */
+static int l_redirect(lua_State *L) {
+  const char *path = luaL_checkstring(L, 1);
+  long long keep = (long long)luaL_optinteger(L, 2, 0);
+  int fd = openkept(path, keep, 0);
+  if (fd == -1 || dup2(fd, 1) == -1) {
+    luaL_pushfail(L);
+    lua_pushfstring(L, "cannot write %s: %s", path,
+                    errno == EINVAL ? "shorter than its joblog says"
+                                    : strerror(errno));
+    if (fd != -1)
+      close(fd);
+    return 2;
+  }
+  close(fd);
+  out.outbytes = keep;
+  lua_pushboolean(L, 1);
+  return 1;
+}
+
+/* joblog(path, keep, markers) -> true | nil, message: the joblog, cut to
+   'keep' bytes; with 'markers', output positions are recorded in it. */
+static int l_joblog(lua_State *L) {
+  const char *path = luaL_checkstring(L, 1);
+  long long keep = (long long)luaL_optinteger(L, 2, 0);
+  int fd = openkept(path, keep, O_APPEND);
+  if (fd == -1) {
+    luaL_pushfail(L);
+    lua_pushfstring(L, "cannot write %s: %s", path, strerror(errno));
+    return 2;
+  }
+  out.logfd = fd;
+  out.markers = lua_toboolean(L, 3);
+  lua_pushboolean(L, 1);
+  return 1;
 }
 
 /* report(msg): write msg and a newline on stderr, after the output
@@ -347,6 +484,12 @@ static int l_finish(lua_State *L) {
   }
   pthread_mutex_lock(&out.mu);
   drain();
+  if (out.logfd >= 0) {
+    writeall(out.logfd, out.log, out.logn);
+    out.logn = 0;
+    close(out.logfd);
+    out.logfd = -1;
+  }
   e = atomic_load(&out.err);
   pthread_mutex_unlock(&out.mu);
   if (e == 0)
@@ -616,6 +759,34 @@ static int l_note(lua_State *L) {
   return 0;
 }
 
+/* reader:skip(n) -> skipped: read past n records (fewer at the end). */
+static int reader_skip(lua_State *L) {
+  Reader *r = checkreader(L);
+  lua_Integer n = luaL_checkinteger(L, 2), k = 0;
+  while (k < n && r->fd >= 0) {
+    char *s = r->buf + r->pos;
+    char *e = memchr(s, r->sep, r->len - r->pos);
+    if (e != NULL) {
+      r->pos += (size_t)(e - s) + 1;
+      k++;
+    }
+    else if (r->eof) {
+      if (r->pos < r->len)
+        k++;
+      r->pos = r->len;
+      break;
+    }
+    else {
+      if (!ready(r))
+        waitinput(L, r, -1);
+      fill(L, r);
+    }
+  }
+  r->count += k;
+  lua_pushinteger(L, k);
+  return 1;
+}
+
 /* reader:setbatch(n): n records per batch from now on, not learned */
 static int reader_setbatch(lua_State *L) {
   Reader *r = checkreader(L);
@@ -676,8 +847,10 @@ static int l_open(lua_State *L) {
   }
   r->first = malloc(LPAR_AHEAD * sizeof *r->first);
   r->size = malloc(LPAR_AHEAD * sizeof *r->size);
-  if (r->first == NULL || r->size == NULL)
+  r->buf = malloc(LPAR_READSIZE);
+  if (r->first == NULL || r->size == NULL || r->buf == NULL)
     return luaL_error(L, "not enough memory");
+  r->cap = LPAR_READSIZE;
   if (path != NULL) {
     do
       fd = open(path, O_RDONLY | O_CLOEXEC);
@@ -793,6 +966,7 @@ static int l_isolate(lua_State *L) {
 static const luaL_Reg readermethods[] = {{"wait", reader_wait},
                                          {"take", reader_take},
                                          {"setbatch", reader_setbatch},
+                                         {"skip", reader_skip},
                                          {"count", reader_count},
                                          {"items", reader_items},
                                          {"close", reader_close},
@@ -803,6 +977,10 @@ static const luaL_Reg helpers[] = {{"signals", l_signals},
                                    {"startoutput", l_startoutput},
                                    {"write", l_write},
                                    {"writeln", l_writeln},
+    {"log", l_log},
+    {"mark", l_mark},
+    {"redirect", l_redirect},
+    {"joblog", l_joblog},
                                    {"report", l_report},
                                    {"bar", l_bar},
                                    {"finish", l_finish},

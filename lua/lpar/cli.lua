@@ -23,6 +23,11 @@ options:
       --unordered     print results as they finish, not in input order
       --timeout SECS  stop an item that runs longer than SECS seconds
       --halt          stop at the first failed item
+      --retries N     try a failed item up to N more times on fresh workers
+  -o, --output FILE   write the results to FILE instead of stdout
+      --joblog FILE   record each item: line, status, seconds, attempts
+      --resume        go on from where a run with the same --joblog and
+                      -o stopped (even killed): nothing lost or repeated
   -0, --null          items end with NUL bytes, not newlines
   -e CODE             the script is CODE, not a file
       --progress      show done/total, rate and ETA on stderr
@@ -58,6 +63,15 @@ local function posint(name, v)
   return n
 end
 
+local function count(name, v)
+  local n = math.tointeger(tonumber(v))
+  if not n or n < 0 then
+    return nil, ("bad value for '%s': '%s' (expected a whole number)")
+      :format(name, v)
+  end
+  return n
+end
+
 local function seconds(name, v)
   local n = tonumber(v)
   if not n or n ~= n or n <= 0 or n > 1e9 then
@@ -70,13 +84,15 @@ end
 -- option -> field, and the check of its value (true: any string)
 local valued = {
   ["-j"] = "jobs", ["--jobs"] = "jobs", ["--chunk"] = "chunk",
-  ["--timeout"] = "timeout", ["-e"] = "code",
+  ["--timeout"] = "timeout", ["-e"] = "code", ["--retries"] = "retries",
+  ["-o"] = "output", ["--output"] = "output", ["--joblog"] = "joblog",
 }
-local checks = {jobs = posint, chunk = posint, timeout = seconds}
+local checks = {jobs = posint, chunk = posint, timeout = seconds,
+                retries = count}
 local flags = {
   ["--unordered"] = "unordered", ["--halt"] = "halt", ["-0"] = "nul",
   ["--null"] = "nul", ["--progress"] = "progress", ["--version"] = "version",
-  ["-h"] = "help", ["--help"] = "help",
+  ["-h"] = "help", ["--help"] = "help", ["--resume"] = "resume",
 }
 
 -- Parse argv (argv[1..n], as main gets it) into options, or nil and a
@@ -95,7 +111,7 @@ function M.parse(argv)
     local name, value = a:match("^(%-%-[^=]+)=(.*)$")
     if not name then
       name = a
-      if not valued[a] and not flags[a] and a:match("^%-[je].") then
+      if not valued[a] and not flags[a] and a:match("^%-[jeo].") then
         name, value = a:sub(1, 2), a:sub(3)
       end
     end
@@ -123,6 +139,12 @@ function M.parse(argv)
     i = i + 1
   end
   if o.help or o.version then return o end
+  if o.resume and not (o.joblog and o.output) then
+    return nil, "--resume needs --joblog FILE and -o FILE"
+  end
+  if o.resume and o.unordered then
+    return nil, "--resume needs ordered output (no --unordered)"
+  end
   if o.code then
     o.at = i - 1
   else
@@ -270,13 +292,14 @@ local function runner(map, fmt)
   end
 end
 
--- The function the workers run when each engine item is one record: its
--- output line, or nil; a failure raises.
-function M.mapper(map, fmt)
+-- The function the workers run when each engine item is one record:
+-- returns {output line or nil, seconds}; a failure raises.
+function M.mapper(map, fmt, now)
   local run = runner(map, fmt)
   return function(item)
+    local t0 = now()
     local ok, r = run(item)
-    if ok then return r end
+    if ok then return {r, now() - t0} end
     error(r, 0)
   end
 end
@@ -284,18 +307,22 @@ end
 -- The function the workers run on a batch (a block of records, see
 -- main.c): returns the output (lines, each ended by a newline) or, if a
 -- record failed, a table of parts: output text, or {k, failure} for the
--- batch's k-th record. With 'halt' it stops at the first failure. It
--- tells the parent (note) the time a record took.
-function M.batcher(map, fmt, nul, halt, c)
+-- batch's k-th record. With 'halt' it stops at the first failure. With
+-- 'timed' it always returns the table, its field 'times' the seconds each
+-- record took (string.pack'ed doubles). It tells the parent (note) the
+-- time a record took.
+function M.batcher(map, fmt, nul, halt, timed, c)
   local run, concat = runner(map, fmt), table.concat
   local split, now, note = c.split, c.now, c.note
-  local out = {}
+  local out, times = {}, {}
   return function(block)
     local t0 = now()
     local recs = split(block, nul)
-    local parts, n = nil, 0
+    local parts, n, ran = nil, 0, #recs
     for k = 1, #recs do
+      local t1 = timed and now()
       local ok, r = run(recs[k])
+      if timed then times[k] = now() - t1 end
       if ok then
         if r ~= nil then
           n = n + 1
@@ -309,17 +336,26 @@ function M.batcher(map, fmt, nul, halt, c)
           n = 0
         end
         parts[#parts + 1] = {k, r}
-        if halt then break end
+        if halt then
+          ran = k
+          break
+        end
       end
     end
-    note(t0, #recs)
+    note(t0, ran)
+    local text = ""
     if n > 0 then
       out[n + 1] = ""
-      local text = concat(out, "\n", 1, n + 1)
-      if not parts then return text end
-      parts[#parts + 1] = text
+      text = concat(out, "\n", 1, n + 1)
     end
-    return parts or ""
+    if timed then
+      parts = parts or {}
+      parts.times = string.pack(("d"):rep(ran), table.unpack(times, 1, ran))
+    elseif not parts then
+      return text
+    end
+    if text ~= "" then parts[#parts + 1] = text end
+    return parts
   end
 end
 
@@ -403,6 +439,14 @@ local function say(c, msg)
   end
 end
 
+local function readall(path)
+  local f = io.open(path, "rb")
+  if not f then return nil end
+  local s = f:read("a")
+  f:close()
+  return s
+end
+
 local function fail(code, msg)
   io.stderr:write("lpar: ", msg, "\n")
   return code
@@ -418,13 +462,26 @@ local function stopped(e)
   return 1, "lpar: " .. text
 end
 
+-- Where to resume from a joblog's text: output bytes to keep, joblog
+-- bytes to keep, records done (all 0 to start afresh).
+function M.resumepoint(text)
+  local bytes, keep, done = 0, 0, 0
+  for b, l, e in ("\n" .. (text or "")):gmatch("\n# out (%d+) (%d+)\n()") do
+    bytes, done, keep = tonumber(b), tonumber(l), e - 2
+  end
+  return bytes, keep, done
+end
+
+M.logheader = "# line\tstatus\tseconds\tattempts\n"
+
 -- Map f over the records of 'reader', writing results; returns the exit
 -- status.
 function M.run(o, c, reader, countpath, map, init, close)
   local lpar = require "lpar"
   local fmt = M.formatter()
-  local nul, halt = o.nul, o.halt
-  local isolate = c.isolate
+  local nul, halt, retries = o.nul, o.halt, o.retries or 0
+  local logging = o.joblog ~= nil
+  local isolate, now = c.isolate, c.now
   local opts = {
     n_workers = o.jobs, on_error = "collect", unordered = o.unordered or nil,
     timeout = o.timeout,
@@ -441,39 +498,124 @@ function M.run(o, c, reader, countpath, map, init, close)
   -- about a millisecond (or hold one slow record) already.
   opts.chunksize = 1
   if o.chunk then reader:setbatch(o.chunk) end
+
+  -- where results and the joblog go; what a resumed run skips
+  local skipped = 0
+  if o.output or o.joblog then
+    local keepout, keeplog, done = 0, 0, 0
+    if o.resume then
+      keepout, keeplog, done = M.resumepoint(readall(o.joblog))
+    end
+    local ok, err = true, nil
+    if o.output then ok, err = c.redirect(o.output, keepout) end
+    if ok and o.joblog then ok, err = c.joblog(o.joblog, keeplog, o.output ~= nil) end
+    if not ok then return fail(2, err) end
+    if o.joblog and keeplog == 0 then c.log(M.logheader) end
+    if done > 0 then skipped = reader:skip(done) end
+  end
+
   opts.sigterm = c.signals()
   c.startoutput()
-  local prog = o.progress and progress(c, countpath and c.count(countpath, nul))
-  local write, writeln, report = c.write, c.writeln, c.report
-  local failed, halted = 0, false
+  local total = o.progress and countpath and c.count(countpath, nul)
+  local prog = o.progress and progress(c, total and total - skipped)
+  local write, writeln, report, mark = c.write, c.writeln, c.report, c.mark
+  local failed, halted, haltline = 0, false, nil
   local items = reader:items()
-  local batchf = M.batcher(map, fmt, nul, halt, c)
-  local single, singleopts
+  local batchf = M.batcher(map, fmt, nul, halt, logging, c)
+  local single = M.mapper(map, fmt, now)
+  local singleopts = {}
+  for k, v in pairs(opts) do singleopts[k] = v end
+  local lines = {}
 
-  local function failure(line, e)
+  local function logline(line, status, secs, attempt)
+    if logging then
+      lines[#lines + 1] = ("%d\t%s\t%.6f\t%d\n"):format(line, status, secs or 0, attempt)
+    end
+  end
+
+  local function failure(line, e, secs, attempt)
     failed = failed + 1
     report(M.describe(line, e, nul))
-    if halt then halted = true end
+    logline(line, "failed", secs, attempt)
+    if halt then
+      halted, haltline = true, line
+    end
+  end
+
+  -- one record in a fresh run (a fresh worker): {output, secs} | nil, err
+  local function once(rec)
+    local v, err
+    for _, x, y in lpar.imap(single, {rec}, singleopts) do v, err = x, y end
+    return v, err
+  end
+
+  -- Record 'rec' (line 'line') failed with e: try it again on fresh
+  -- workers, up to --retries times, then report it.
+  local function again(line, rec, e, secs)
+    for attempt = 2, retries + 1 do
+      local t0 = now()
+      local v, err = once(rec)
+      if err == nil then
+        if v[1] ~= nil then writeln(v[1]) end
+        logline(line, "ok", v[2], attempt)
+        return
+      end
+      e, secs = err, now() - t0
+    end
+    failure(line, e, secs, retries + 1)
   end
 
   -- The engine lost a batch (its worker died, or it ran past the
   -- timeout): run its records again one by one, which names the culprit.
   local function rerun(first, block)
-    if not single then
-      single = M.mapper(map, fmt)
-      singleopts = {chunksize = 1}
-      for k, v in pairs(opts) do
-        if k ~= "chunksize" then singleopts[k] = v end
-      end
-    end
-    for j, v, e in lpar.imap(single, c.split(block, nul), singleopts) do
+    local recs = c.split(block, nul)
+    for j, v, e in lpar.imap(single, recs, singleopts) do
       if v ~= nil then
-        writeln(v)
-      elseif e ~= nil then
-        failure(first + j - 1, e)
-        if halted then break end
+        if v[1] ~= nil then writeln(v[1]) end
+        logline(first + j - 1, "ok", v[2], 1)
+      else
+        again(first + j - 1, recs[j], e, nil)
+      end
+      if halted then break end
+    end
+  end
+
+  local function logok(first, from, to, times)
+    for k = from, to do
+      logline(first + k - 1, "ok", times and string.unpack("d", times, 8 * k - 7), 1)
+    end
+  end
+
+  -- A batch that is not plain output: failures, joblog times, or lost.
+  local function settle(first, n, block, r, e)
+    if r == nil then
+      if n == 1 then
+        again(first, c.split(block, nul)[1], e, nil)
+      else
+        rerun(first, block)
+      end
+      return
+    end
+    local times, recs, from = r.times, nil, 1
+    for j = 1, #r do
+      local p = r[j]
+      if type(p) == "string" then
+        write(p)
+      else
+        local k = p[1]
+        logok(first, from, k - 1, times)
+        from = k + 1
+        recs = recs or (retries > 0 and c.split(block, nul))
+        local secs = times and string.unpack("d", times, 8 * k - 7)
+        if recs then
+          again(first + k - 1, recs[k], p[2], secs)
+        else
+          failure(first + k - 1, p[2], secs, 1)
+        end
+        if halted then return end
       end
     end
+    logok(first, from, n, times)
   end
 
   local function batch()
@@ -481,20 +623,13 @@ function M.run(o, c, reader, countpath, map, init, close)
       local first, n, block = reader:take(i)
       if type(r) == "string" then
         if r ~= "" then write(r) end
-      elseif r then
-        for k = 1, #r do
-          local p = r[k]
-          if type(p) == "string" then
-            write(p)
-          else
-            failure(first + p[1] - 1, p[2])
-            if halted then break end
-          end
-        end
-      elseif n == 1 then
-        failure(first, e)
       else
-        rerun(first, block)
+        settle(first, n, block, r, e)
+      end
+      if logging then
+        c.log(table.concat(lines))
+        lines = {}
+        mark(haltline or first + n - 1)
       end
       if halted then break end
       if prog then prog.step(n, failed) end
@@ -525,7 +660,7 @@ function M.run(o, c, reader, countpath, map, init, close)
     return 1
   end
   if failed > 0 then
-    say(c, ("lpar: %d of %d items failed"):format(failed, reader:count()))
+    say(c, ("lpar: %d of %d items failed"):format(failed, reader:count() - skipped))
     return 1
   end
   return 0
