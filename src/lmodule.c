@@ -3,6 +3,7 @@
 ** encode, decode.
 */
 #include <math.h>
+#include <stdlib.h>
 #include <string.h>
 
 #include "codec.h"
@@ -42,9 +43,48 @@ static lua_Integer getcount(lua_State *L, int arg, const char *what) {
   return v;
 }
 
+/*
+** A memory size at the top of the stack (left there): bytes as a number,
+** or a string with a K, M or G suffix ("512M", "2GiB").
+*/
+static size_t getsize(lua_State *L, int arg) {
+  double v = 0;
+  int ok = 0;
+  if (lua_type(L, -1) == LUA_TNUMBER) {
+    v = (double)lua_tonumber(L, -1);
+    ok = 1;
+  }
+  else if (lua_type(L, -1) == LUA_TSTRING) {
+    const char *s = lua_tostring(L, -1);
+    char *end;
+    v = strtod(s, &end);
+    ok = end != s;
+    if (ok && *end != '\0') {
+      const char *units = "KMG";
+      const char *u = strchr(units, *end & ~0x20);
+      if (u == NULL)
+        ok = 0;
+      else {
+        v *= (double)(1ULL << (10 * (u - units + 1)));
+        end++;
+        if (*end == 'i')
+          end++;
+        if (*end == 'B')
+          end++;
+        ok = *end == '\0';
+      }
+    }
+  }
+  if (!ok || !(v >= 1024 * 1024) || v > 1e18)
+    luaL_argerror(L, arg,
+                  "max_memory must be at least 1 MiB, in bytes or like '512M'");
+  return (size_t)v;
+}
+
 static const char *const optnames[] = {"n_workers", "chunksize", "on_error",
                                        "timeout", "unordered", "init",
-                                       "close", "sigterm", NULL};
+                                       "close", "sigterm", "retries",
+                                       "max_memory", NULL};
 
 /* Read the options at 'arg': nil, a worker count, or a table. */
 static void getopts(lua_State *L, int arg, RunOpts *o) {
@@ -102,6 +142,15 @@ static void getopts(lua_State *L, int arg, RunOpts *o) {
     lua_pop(L, 1);
     lua_getfield(L, arg, "sigterm"); /* SIGTERM ends the run like SIGINT */
     o->sigterm = lua_toboolean(L, -1);
+    lua_pop(L, 1);
+    if (lua_getfield(L, arg, "retries") != LUA_TNIL) {
+      lua_Integer n = getcount(L, arg, "retries");
+      o->retries = n > 1000000 ? 1000000 : (int)n;
+    }
+    else
+      lua_pop(L, 1);
+    if (lua_getfield(L, arg, "max_memory") != LUA_TNIL)
+      o->maxmem = getsize(L, arg);
     lua_pop(L, 1);
     break;
   default:

@@ -87,12 +87,14 @@ static void childsignals(const ChildSetup *cs) {
   sigprocmask(SIG_SETMASK, cs->mask, NULL);
 }
 
-pid_t lpar_pool_fork(Proc *p, const ChildSetup *cs) {
+pid_t lpar_pool_fork(Proc *p, const ChildSetup *cs, const char **call) {
   int cmd[2] = {-1, -1}, res[2] = {-1, -1};
   pid_t parent = getpid(), pid;
   int rc;
+  *call = "socketpair";
   if (socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, cmd) == -1)
     return -errno;
+  *call = "pipe2";
   lpar_pool_track(cmd[0]);
   lpar_pool_track(cmd[1]);
   if (pipe2(res, O_CLOEXEC) == -1) {
@@ -104,11 +106,13 @@ pid_t lpar_pool_fork(Proc *p, const ChildSetup *cs) {
 #if defined(F_SETPIPE_SZ)
   fcntl(res[1], F_SETPIPE_SZ, 1 << 20); /* best effort: fewer wake-ups */
 #endif
+  *call = "fcntl";
   if (fcntl(res[0], F_SETFL, O_NONBLOCK) == -1) {
     rc = -errno;
     goto fail;
   }
   fflush(NULL); /* nothing buffered is written twice */
+  *call = "fork";
   pid = fork();
   if (pid == -1) {
     rc = -errno;

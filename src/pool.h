@@ -36,9 +36,9 @@ typedef struct ChildSetup {
 ** (results end non-blocking). Child: returns 0 with 'p' holding the
 ** child's ends, every other fd lpar tracks closed, PR_SET_PDEATHSIG set,
 ** SIGINT/SIGTERM/SIGPIPE/SIGCHLD at their defaults. -errno on failure,
-** with nothing left open.
+** with nothing left open and *call naming the call that failed.
 */
-pid_t lpar_pool_fork(Proc *p, const ChildSetup *cs);
+pid_t lpar_pool_fork(Proc *p, const ChildSetup *cs, const char **call);
 
 /* Close the parent's ends of 'p' (safe to call twice). */
 void lpar_pool_close(Proc *p);

@@ -35,7 +35,8 @@ enum {
   ENV_FAILURE,
   ENV_INFLIGHT,
   ENV_INIT,
-  ENV_CLOSE
+  ENV_CLOSE,
+  ENV_ATTEMPTS
 };
 
 /* stack slots of a step function: the run and what it uses most */
@@ -165,6 +166,8 @@ void lpar_run_new(lua_State *L, int fidx, int iidx, lua_Integer n,
   lua_rawseti(L, -2, ENV_INIT);
   lua_pushvalue(L, hooks + 1);
   lua_rawseti(L, -2, ENV_CLOSE);
+  lua_newtable(L);
+  lua_rawseti(L, -2, ENV_ATTEMPTS);
   lua_setiuservalue(L, -2, 1);
   lua_replace(L, hooks); /* the run replaces the hooks */
   lua_settop(L, hooks);
@@ -366,6 +369,7 @@ static void spawn(lua_State *L, Run *r) {
   pid_t pid;
   Worker *w = NULL;
   ChildSetup cs;
+  const char *call = "fork";
   for (i = 0; i < r->o.nworkers; i++)
     if (r->w[i].proc.pid == 0) {
       w = &r->w[i];
@@ -380,7 +384,7 @@ static void spawn(lua_State *L, Run *r) {
   lua_rawgeti(L, S_ENV, ENV_ITEMS);
   lua_rawgeti(L, S_ENV, ENV_INIT);
   lua_rawgeti(L, S_ENV, ENV_CLOSE);
-  pid = lpar_pool_fork(&w->proc, &cs);
+  pid = lpar_pool_fork(&w->proc, &cs, &call);
   if (pid == 0) {
     WorkerArgs a;
     lua_Integer seed = (lua_Integer)getpid() ^ lpar_pool_now();
@@ -391,8 +395,10 @@ static void spawn(lua_State *L, Run *r) {
     a.itemsidx = r->stream ? 0 : top - 2;
     a.initidx = lua_isnil(L, top - 1) ? 0 : top - 1;
     a.closeidx = lua_isnil(L, top) ? 0 : top;
-    a.collect = r->o.collect;
+    /* the run stops at the first failure unless it collects or retries */
+    a.stoponerror = !r->o.collect && r->o.retries == 0;
     a.timed = r->o.timeout > 0;
+    a.maxmem = r->o.maxmem;
     a.slot = &r->slots[i];
     /* reseed math.random: every worker draws its own numbers */
     lua_getfield(L, LUA_REGISTRYINDEX, LUA_LOADED_TABLE);
@@ -411,7 +417,7 @@ static void spawn(lua_State *L, Run *r) {
       r->cap = r->live;
       return;
     }
-    luaL_error(L, "cannot start a worker: %s", strerror(-pid));
+    luaL_error(L, "cannot start a worker: %s: %s", call, strerror(-pid));
   }
   r->live++;
   w->count = 0;
@@ -457,9 +463,27 @@ static void store(lua_State *L, Run *r, lua_Integer i) {
   r->done++;
 }
 
+static void addredo(lua_State *L, Run *r, lua_Integer first,
+                    lua_Integer count);
+
 /* Record that item i failed with the error value and traceback at the
-   top of the stack (both popped). */
+   top of the stack (both popped), unless it has retries left: then it is
+   handed out again. */
 static void itemfailed(lua_State *L, Run *r, lua_Integer i) {
+  if (r->o.retries > 0 && !r->failed) {
+    lua_Integer tries;
+    lua_rawgeti(L, S_ENV, ENV_ATTEMPTS);
+    lua_rawgeti(L, -1, i);
+    tries = lua_tointeger(L, -1);
+    if (tries < r->o.retries) {
+      lua_pushinteger(L, tries + 1);
+      lua_rawseti(L, -3, i);
+      lua_pop(L, 4); /* count, attempts, error, traceback */
+      addredo(L, r, i, 1);
+      return;
+    }
+    lua_pop(L, 2);
+  }
   if (lua_type(L, -2) == LUA_TSTRING) {
     if (lua_type(L, -1) == LUA_TSTRING)
       lua_pushfstring(L, "%s\n%s", lua_tostring(L, -2), lua_tostring(L, -1));
@@ -647,8 +671,10 @@ static void lose(lua_State *L, Run *r, Worker *w, int force, const char *why) {
       why = lpar_pool_describe(status, desc, sizeof desc);
   }
   if (culprit) {
-    if (w->timedout)
-      lua_pushfstring(L, "timed out after %.1f s", r->o.timeout);
+    if (w->timedout) {
+      snprintf(desc, sizeof desc, "timed out after %.1f s", r->o.timeout);
+      lua_pushstring(L, desc);
+    }
     else
       lua_pushfstring(L, "worker %d %s", (int)pid, why);
     lua_pushnil(L);

@@ -16,6 +16,8 @@ typedef struct RunOpts {
   int unordered;     /* emit in completion order (lpar.imap) */
   double timeout;    /* seconds per item, 0 for none */
   int sigterm;       /* SIGTERM ends the run like SIGINT (the CLI) */
+  int retries;       /* times a failed item is run again */
+  size_t maxmem;     /* Lua heap limit per worker in bytes, 0 for none */
 } RunOpts;
 
 /*

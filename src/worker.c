@@ -47,6 +47,7 @@ typedef struct WState {
   lua_Integer first; /* index of the first result in 'out' */
   uint32_t count;    /* results in 'out' */
   long long mark;    /* when the items of 'out' began to run */
+  char limitname[32]; /* the memory limit, as "512 MiB" */
   Buf in;            /* last frame received */
 } WState;
 
@@ -200,10 +201,36 @@ static int runitem(WState *ws, lua_Integer i) {
     lua_pop(L, 1);
     lua_pushnil(L); /* no traceback */
   }
-  else
+  else {
     unpackerror(L);
+    if (status == LUA_ERRMEM && ws->a->maxmem > 0) { /* name the limit */
+      lua_pushfstring(L, "not enough memory (limit %s)", ws->limitname);
+      lua_replace(L, -3);
+    }
+  }
   senderror(ws, i);
   return 1;
+}
+
+/* The allocator of a worker with a memory limit: counts the bytes of the
+   Lua heap and refuses to grow it past the limit. */
+typedef struct Limit {
+  lua_Alloc f;
+  void *ud;
+  size_t used, max;
+} Limit;
+
+static void *limitalloc(void *ud, void *ptr, size_t osize, size_t nsize) {
+  Limit *lim = ud;
+  size_t old = ptr ? osize : 0;
+  void *p;
+  if (nsize > old && (lim->used > lim->max ||
+                      nsize - old > lim->max - lim->used))
+    return NULL; /* Lua collects garbage and tries once more */
+  p = lim->f(lim->ud, ptr, osize, nsize);
+  if (p != NULL || nsize == 0)
+    lim->used = (lim->used > old ? lim->used - old : 0) + nsize;
+  return p;
 }
 
 static void serve(WState *ws) {
@@ -228,7 +255,7 @@ static void serve(WState *ws) {
         lua_geti(L, a->itemsidx, first + k);
       else if (lpar_codec_decode(L, ws->in.p, ws->in.n, &pos) != 0)
         _exit(4); /* the parent sent bad bytes */
-      if (runitem(ws, first + k) && !a->collect)
+      if (runitem(ws, first + k) && a->stoponerror)
         break;
     }
     flush(ws);
@@ -297,6 +324,19 @@ _Noreturn void lpar_worker_run(lua_State *L, const WorkerArgs *a) {
 #endif
   if (lpar_buf_reserve(&ws.out, LPAR_FLUSHSIZE + RESHDR) != 0)
     _exit(3);
+  if (a->maxmem > 0) { /* lives as long as the process: run never returns */
+    static Limit lim;
+    double mib = (double)a->maxmem / (1024.0 * 1024.0);
+    lim.f = lua_getallocf(L, &lim.ud);
+    lim.used = (size_t)lua_gc(L, LUA_GCCOUNT) * 1024 +
+               (size_t)lua_gc(L, LUA_GCCOUNTB);
+    lim.max = a->maxmem;
+    lua_setallocf(L, limitalloc, &lim);
+    if (mib >= 1024 && (a->maxmem & ((1 << 30) - 1)) == 0)
+      snprintf(ws.limitname, sizeof ws.limitname, "%.0f GiB", mib / 1024);
+    else
+      snprintf(ws.limitname, sizeof ws.limitname, "%.0f MiB", mib);
+  }
   lua_pushcfunction(L, workermain);
   lua_pushvalue(L, a->fidx);
   pushornil(L, a->itemsidx);

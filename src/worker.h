@@ -15,8 +15,9 @@ typedef struct WorkerArgs {
   int itemsidx; /* stack index of the items table, 0 when items travel */
   int initidx;  /* stack index of a function run once first, or 0 */
   int closeidx; /* stack index of a function run once last, or 0 */
-  int collect;  /* go on with a chunk after an item fails */
+  int stoponerror; /* leave a chunk at its first failed item */
   int timed;    /* note when each item starts (for timeouts) */
+  size_t maxmem; /* Lua heap limit in bytes, 0 for none */
   Slot *slot;   /* this worker's shared status */
 } WorkerArgs;
 

@@ -1,0 +1,323 @@
+-- Faults provoked for real: workers killed, exiting, hanging, writing
+-- garbage; limits on processes, fds and memory; the parent killed.
+local lpar = require "lpar"
+local H = require "spec.helper"
+local unistd = require "posix.unistd"
+local signal = require "posix.signal"
+local fcntl = require "posix.fcntl"
+local stat = require "posix.sys.stat"
+
+local function range(n)
+  local t = {}
+  for i = 1, n do t[i] = i end
+  return t
+end
+
+local function sorted_keys(t)
+  local k = {}
+  for i in pairs(t) do k[#k + 1] = i end
+  table.sort(k)
+  return k
+end
+
+-- Write a Lua program to a file that loads the built module.
+local function program(code)
+  local f = os.tmpname()
+  local h = assert(io.open(f, "w"))
+  h:write(string.format("package.cpath = %q .. package.cpath\n", H.build .. "/?.so;"), code)
+  h:close()
+  return f
+end
+
+-- Every item but the failed ones came back exactly once, in order.
+local function complete(r, n, failed)
+  for i = 1, n do
+    if failed[i] then
+      assert.is_nil(r[i])
+    else
+      assert.equal(i * 10, r[i])
+    end
+  end
+end
+
+describe("worker faults", function()
+  local fds
+  before_each(function() fds = H.fdcount() end)
+  after_each(function()
+    assert.same({}, H.children())
+    assert.equal(fds, H.fdcount())
+  end)
+
+  for _, case in ipairs{
+    {"SIGKILL", function() signal.kill(unistd.getpid(), signal.SIGKILL) end, "killed by signal 9 %(SIGKILL%)"},
+    {"SIGSEGV", function() signal.kill(unistd.getpid(), signal.SIGSEGV) end, "killed by signal 11 %(SIGSEGV%)"},
+    {"SIGABRT", function() signal.kill(unistd.getpid(), signal.SIGABRT) end, "killed by signal 6 %(SIGABRT%)"},
+    {"os.exit(3)", function() os.exit(3) end, "exited with status 3"},
+    {"os.exit(0)", function() os.exit(0) end, "exited with status 0"},
+  } do
+    it("replaces a worker that dies of " .. case[1] .. " and finishes the other items", function()
+      local die = case[2]
+      local r, n, errs = lpar.parallel(function(x)
+        if x == 13 then die() end
+        return x * 10
+      end, range(40), {n_workers = 3, chunksize = 8, on_error = "collect"})
+      assert.equal(40, n)
+      assert.same({13}, sorted_keys(errs))
+      assert.matches("^worker %d+ " .. case[3] .. "$", errs[13])
+      complete(r, 40, {[13] = true})
+    end)
+  end
+
+  it("runs the unfinished items of a dead worker's chunk again", function()
+    local path = os.tmpname()
+    local r, _, errs = lpar.parallel(function(x)
+      local f = io.open(path, "a"); f:write(x, "\n"); f:close()
+      if x == 3 then os.exit(1) end
+      return x * 10
+    end, range(10), {n_workers = 1, chunksize = 10, on_error = "collect"})
+    local f = io.open(path); local log = f:read("a"); f:close()
+    os.remove(path)
+    assert.same({3}, sorted_keys(errs))
+    complete(r, 10, {[3] = true})
+    local runs = {}
+    for x in log:gmatch("%d+") do runs[tonumber(x)] = (runs[tonumber(x)] or 0) + 1 end
+    assert.equal(1, runs[3])  -- the item that killed it is not run again
+    assert.equal(1, runs[10]) -- the rest of the chunk ran on the new worker
+  end)
+
+  it("detects a worker dying while idle", function()
+    local r, n, errs = lpar.parallel(function(x)
+      if x == 1 then
+        -- a helper process kills this worker once it is idle again
+        local worker = unistd.getpid()
+        local pid = unistd.fork()
+        if pid == 0 then
+          H.sleep(0.2)
+          signal.kill(worker, signal.SIGKILL)
+          unistd._exit(0)
+        end
+      end
+      H.sleep(0.05)
+      return x * 10
+    end, range(6), {n_workers = 2, chunksize = 1, on_error = "collect"})
+    -- the helper killed the worker of item 1 while it was idle or busy
+    -- with a later item: either way every item comes back once
+    assert.equal(6, n)
+    assert.same({}, errs)
+    complete(r, 6, {})
+  end)
+
+  it("treats garbage on a worker's pipe as a protocol error of that worker", function()
+    local r, n, errs = lpar.parallel(function(x)
+      if x == 5 then
+        for fd = 3, 64 do -- the results pipe is the only FIFO a worker holds
+          local st = stat.fstat(fd)
+          if st and stat.S_ISFIFO(st.st_mode) ~= 0 then
+            unistd.write(fd, string.rep("\255", 64))
+          end
+        end
+        H.sleep(1)
+      end
+      return x * 10
+    end, range(12), {n_workers = 2, chunksize = 1, on_error = "collect"})
+    assert.equal(12, n)
+    assert.same({5}, sorted_keys(errs))
+    assert.matches("^worker %d+ broke the protocol %(bad frame header%)", errs[5])
+    complete(r, 12, {[5] = true})
+  end)
+
+  it("times out an item that runs too long, and goes on", function()
+    local r, n, errs = lpar.parallel(function(x)
+      if x == 2 then while true do end end
+      return x * 10
+    end, range(6), {n_workers = 2, timeout = 0.5, on_error = "collect"})
+    assert.equal(6, n)
+    assert.same({2}, sorted_keys(errs))
+    assert.equal("timed out after 0.5 s", errs[2])
+    complete(r, 6, {[2] = true})
+  end)
+
+  it("times out an item blocked in C, ignoring SIGTERM", function()
+    local t0 = H.now()
+    local ok, err = pcall(lpar.parallel, function(x)
+      if x == 1 then
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        unistd.sleep(30)
+      end
+      return x * 10
+    end, range(2), {n_workers = 2, timeout = 0.3})
+    assert.is_false(ok)
+    assert.equal("item 1: timed out after 0.3 s", err)
+    assert.is_true(H.now() - t0 < 10)
+  end)
+
+  it("reruns a failed item with retries", function()
+    local path = os.tmpname()
+    local r, n, errs = lpar.parallel(function(x)
+      if x == 2 then
+        local f = io.open(path, "a"); f:write("x"); f:close()
+        f = io.open(path); local tries = #f:read("a"); f:close()
+        if tries < 3 then os.exit(9) end
+      end
+      return x * 10
+    end, range(4), {n_workers = 2, retries = 2, on_error = "collect"})
+    os.remove(path)
+    assert.equal(4, n)
+    assert.same({}, errs)
+    complete(r, 4, {})
+  end)
+
+  it("gives up after the retries", function()
+    local ok, err = pcall(lpar.parallel, function(x)
+      if x == 2 then error("always", 0) end
+      return x
+    end, range(3), {n_workers = 2, retries = 2})
+    assert.is_false(ok)
+    assert.matches("^item 2: always", err)
+  end)
+
+  it("fails the run once when init fails, without respawning forever", function()
+    local path = os.tmpname()
+    local ok, err = pcall(lpar.parallel, function(x) return x end, range(50), {
+      n_workers = 4,
+      init = function()
+        local f = io.open(path, "a"); f:write("i"); f:close()
+        error("cannot open the database", 0)
+      end,
+    })
+    local f = io.open(path); local inits = #f:read("a"); f:close()
+    os.remove(path)
+    assert.is_false(ok)
+    assert.matches("^worker init failed: cannot open the database", err)
+    assert.is_true(inits <= 4)
+  end)
+
+  it("turns a runaway allocation into an item error with max_memory", function()
+    local r, n, errs = lpar.parallel(function(x)
+      if x == 3 then
+        local t = {}
+        for i = 1, 1e9 do t[i] = i end
+      end
+      return x * 10
+    end, range(5), {n_workers = 2, max_memory = "64M", on_error = "collect"})
+    assert.equal(5, n)
+    assert.same({3}, sorted_keys(errs))
+    assert.equal("not enough memory (limit 64 MiB)", errs[3])
+    complete(r, 5, {[3] = true})
+  end)
+end)
+
+describe("resource limits", function()
+  it("names fork when it fails, and leaves nothing behind", function()
+    local f = program [[
+      local lpar = require "lpar"
+      local ok, err = pcall(lpar.parallel, function(x) return x end, {1, 2, 3}, 2)
+      io.write(tostring(ok), " ", err)
+    ]]
+    stat.chmod(f, tonumber("644", 8)) -- readable by the unprivileged user
+    -- root ignores RLIMIT_NPROC: run as nobody, allowed one process
+    local rc, out, err = H.run("setpriv --reuid=65534 --regid=65534 --clear-groups bash -c 'ulimit -u 1; exec lua5.4 " .. f .. "'")
+    assert.equal("", err)
+    os.remove(f)
+    assert.equal(0, rc)
+    assert.equal("false cannot start a worker: fork: Resource temporarily unavailable", out)
+  end)
+
+  it("names the call when fds run out", function()
+    local f = program [[
+      local lpar = require "lpar"
+      local ok, err = pcall(lpar.parallel, function(x) return x end, {1, 2, 3}, 2)
+      io.write(tostring(ok), " ", err)
+    ]]
+    local rc, out = H.run("bash -c 'ulimit -n 4; exec lua5.4 " .. f .. "'")
+    os.remove(f)
+    assert.equal(0, rc)
+    assert.equal("false cannot start a worker: socketpair: Too many open files", out)
+  end)
+
+  it("goes on with the workers it has when more cannot start", function()
+    local f = program [[
+      local lpar = require "lpar"
+      local unistd = require "posix.unistd"
+      local r = lpar.parallel(function(x) return x * 2 end, {1, 2, 3, 4, 5, 6, 7, 8}, 8)
+      io.write(table.concat(r, ","))
+    ]]
+    -- room for about two workers' channels only
+    local rc, out = H.run("bash -c 'ulimit -n 9; exec lua5.4 " .. f .. "'")
+    os.remove(f)
+    assert.equal(0, rc)
+    assert.equal("2,4,6,8,10,12,14,16", out)
+  end)
+
+  it("keeps fds, processes and memory flat over 1000 calls", function()
+    local fds = H.fdcount()
+    collectgarbage()
+    local mem0 = collectgarbage("count")
+    for _ = 1, 1000 do
+      lpar.parallel(function(x) return x end, {1, 2}, 2)
+    end
+    collectgarbage()
+    assert.equal(fds, H.fdcount())
+    assert.same({}, H.children())
+    assert.is_true(collectgarbage("count") - mem0 < 256, "Lua heap grew")
+  end)
+end)
+
+describe("parent faults", function()
+  it("workers exit within 2 s when the parent is killed", function()
+    local pidfile = os.tmpname()
+    local f = program(string.format([[
+      local lpar = require "lpar"
+      local unistd = require "posix.unistd"
+      lpar.parallel(function(x)
+        local h = io.open(%q, "a"); h:write(unistd.getpid(), "\n"); h:close()
+        unistd.sleep(60)
+      end, {1, 2, 3}, 3)
+    ]], pidfile))
+    local pid = unistd.fork()
+    if pid == 0 then
+      unistd.execp("lua5.4", {f})
+      unistd._exit(127)
+    end
+    local pids
+    local deadline = H.now() + 10
+    repeat
+      H.sleep(0.05)
+      local h = io.open(pidfile); local text = h:read("a"); h:close()
+      pids = {}
+      for p in text:gmatch("%d+") do pids[#pids + 1] = tonumber(p) end
+    until #pids == 3 or H.now() > deadline
+    assert.equal(3, #pids)
+    signal.kill(pid, signal.SIGKILL)
+    H.waitpid(pid)
+    local t0 = H.now()
+    while H.now() - t0 < 2 do
+      local left = 0
+      for _, p in ipairs(pids) do if H.alive(p) then left = left + 1 end end
+      if left == 0 then break end
+      H.sleep(0.02)
+    end
+    for _, p in ipairs(pids) do assert.is_false(H.alive(p), "worker " .. p .. " outlived its parent") end
+    os.remove(f)
+    os.remove(pidfile)
+  end)
+end)
+
+describe("the codec as a boundary", function()
+  it("refuses a truncated frame without crashing", function()
+    local s = lpar.encode({1, 2, "three"})
+    for cut = 0, #s - 1 do
+      assert.has_error(function() lpar.decode(s:sub(1, cut)) end)
+    end
+  end)
+
+  it("refuses a value nested deeper than the limit, naming it", function()
+    local t = {}
+    local cur = t
+    for _ = 1, 300 do cur[1] = {}; cur = cur[1] end
+    local ok, err = pcall(lpar.encode, t)
+    assert.is_false(ok)
+    assert.matches("nested too deeply", err)
+    local _ = fcntl -- loaded to check luaposix's fcntl is there for the specs
+  end)
+end)
