@@ -425,7 +425,7 @@ local function progress(c, total)
     draw()
     c.bar()
   end
-  draw()
+  if tty then draw() end
   return p
 end
 
