@@ -61,8 +61,9 @@ experiments.B = function()
   print("B: 10 000 items, f(x) = x*2, 8 workers, whole call")
   local items = range(10000)
   local f = function(x) return x * 2 end
+  local r
   local sbest, smed = timeit(50, function()
-    local r = {}
+    r = {}
     for i = 1, #items do r[i] = f(items[i]) end
   end)
   local pbest, pmed = timeit(50, function() lpar.parallel(f, items, 8) end)
@@ -79,7 +80,11 @@ if __name__ == "__main__":
         best = min(best, time.perf_counter() - t)
     print(best)
 ]])
-  if py then print(string.format("  python Pool.map (8 procs, incl. start) best %s  (lpar is %.1fx faster)", ms(py), py / pbest)) end
+  assert(r[#items] == 2 * #items)
+  if py then
+    print(string.format("  python Pool.map (8 procs, incl. start) best %s  (lpar is %.1fx faster)",
+      ms(py), py / pbest))
+  end
 end
 
 experiments.C = function()

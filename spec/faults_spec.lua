@@ -197,6 +197,7 @@ describe("worker faults", function()
       if x == 3 then
         local t = {}
         for i = 1, 1e9 do t[i] = i end
+        return #t
       end
       return x * 10
     end, range(5), {n_workers = 2, max_memory = "64M", on_error = "collect"})
@@ -216,7 +217,8 @@ describe("resource limits", function()
     ]]
     stat.chmod(f, tonumber("644", 8)) -- readable by the unprivileged user
     -- root ignores RLIMIT_NPROC: run as nobody, allowed one process
-    local rc, out, err = H.run("setpriv --reuid=65534 --regid=65534 --clear-groups bash -c 'ulimit -u 1; exec lua5.4 " .. f .. "'")
+    local rc, out, err = H.run("setpriv --reuid=65534 --regid=65534 --clear-groups "
+      .. "bash -c 'ulimit -u 1; exec lua5.4 " .. f .. "'")
     assert.equal("", err)
     os.remove(f)
     assert.equal(0, rc)

@@ -40,7 +40,8 @@ function H.children()
       local stat = f and f:read("a")
       if f then f:close() end
       -- pid (comm) state ppid ...: comm may hold spaces and parentheses
-      local state, ppid = stat and stat:match("%) (%S) (%d+)")
+      local state, ppid
+      if stat then state, ppid = stat:match(".*%) (%S) (%d+)") end
       if ppid and tonumber(ppid) == me then kids[#kids + 1] = {pid = pid, state = state} end
     end
   end

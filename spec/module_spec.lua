@@ -311,7 +311,10 @@ describe("lpar.parallel", function()
       end, range(7), {n_workers = 2, on_error = "collect"})
       assert.equal(7, n)
       assert.same({[1] = 1, [2] = 2, [4] = 4, [5] = 5, [7] = 7}, r)
-      assert.same({3, 6}, (function() local k = {} for i in pairs(errs) do k[#k + 1] = i end table.sort(k) return k end)())
+      local failed = {}
+      for i in pairs(errs) do failed[#failed + 1] = i end
+      table.sort(failed)
+      assert.same({3, 6}, failed)
       assert.matches("^no 3\nstack traceback:", errs[3])
     end)
 
