@@ -624,6 +624,22 @@ describe("pool faults", function()
     assert.equal("timed out after 0.2 s", errs[2])
   end)
 
+  it("ends a blocking wait on SIGINT: 'interrupted', and the pool goes on", function()
+    local rc, out = lua([[
+      local lpar = require "lpar"
+      local pool = lpar.pool{n_workers = 2}
+      local job = pool:submit(function() local t = os.clock() while os.clock() - t < 30 do end end, {1, 2})
+      os.execute(string.format("(sleep 0.3; kill -INT %d) &", require("posix.unistd").getpid()))
+      local t0 = os.time()
+      local ok, err = pcall(job.wait, job)
+      print(ok, err, job:status(), os.time() - t0 < 10)
+      print(pool:map(function(x) return x * 3 end, {1, 2})[2])
+      pool:close()
+    ]])
+    assert.equal(0, rc)
+    assert.equal("false\tinterrupted\tcancelled\ttrue\n6\n", out)
+  end)
+
   it("survives SIGINT sent to the workers' process group", function()
     for _, pid in ipairs(pool:pids()) do signal.kill(pid, signal.SIGINT) end
     H.sleep(0.05)

@@ -22,6 +22,12 @@
 #include "worker.h"
 #include "xfer.h"
 
+/* a pool's chunks take at least this long once the time per item is
+   known (ns): no fork to amortize, only a round trip */
+#if !defined(LPAR_POOLCHUNKNS)
+#define LPAR_POOLCHUNKNS 100000
+#endif
+
 /* after SIGTERM for a timeout, SIGKILL follows this much later (ns) */
 #define KILLGRACE 500000000LL
 
@@ -62,16 +68,21 @@ typedef struct Range {
 
 struct Job;
 
+typedef struct Chunk {
+  lua_Integer first, count;
+} Chunk;
+
 typedef struct PWorker {
   Proc proc;
   int state;            /* W_* */
-  struct Job *job;      /* job of the chunk it runs; NULL when idle, or
-                           when the results of its chunk are dropped */
+  struct Job *job;      /* job of the chunks it runs; NULL when idle, or
+                           when the results of its chunks are dropped */
   uint64_t fnjob;       /* id of the job whose function it holds */
-  lua_Integer first;    /* chunk being run */
-  lua_Integer count;    /* items in it */
-  lua_Integer got;      /* items of it reported so far */
-  long long busy;       /* ns it reports spending on the chunk */
+  Chunk q[2];           /* chunks sent: q[0] runs, q[1] waits its turn */
+  int nq;               /* chunks sent and not finished */
+  lua_Integer got;      /* items of q[0] reported so far */
+  long long busy;       /* ns it reports spending on q[0] */
+  long long started;    /* when q[0] was sent, or became the first */
   Buf in;               /* bytes received and not yet handled */
   Buf out;              /* bytes to send */
   size_t outpos;        /* bytes of 'out' already sent */
@@ -231,7 +242,8 @@ static int spawn(Ctx *c, int i, const char **call) {
   w->state = W_STARTING;
   w->job = NULL;
   w->fnjob = 0;
-  w->count = w->got = 0;
+  w->nq = 0;
+  w->got = w->busy = 0;
   w->in.n = 0;
   w->out.n = w->outpos = 0;
   w->watchout = 0;
@@ -418,7 +430,7 @@ static void lose(Ctx *c, PWorker *w, int force, const char *why) {
   Slot *slot = &p->slots[w - p->w];
   Job *j = w->job;
   int status = 0, rc, tries, starting = w->state == W_STARTING;
-  lua_Integer culprit;
+  lua_Integer culprit, from, end;
   char desc[96];
   closeworker(p, w);
   if (force)
@@ -446,14 +458,18 @@ static void lose(Ctx *c, PWorker *w, int force, const char *why) {
     }
     return;
   }
-  if (j == NULL || j->state != J_RUNNING)
+  if (j == NULL || j->state != J_RUNNING || w->nq == 0)
     return;
+  from = w->q[0].first + w->got;
+  end = w->q[0].first + w->q[0].count;
+  if (w->nq > 1) /* the chunk waiting its turn goes back as it is */
+    addredo(L, j, w->q[1].first, w->q[1].count);
   culprit = w->timedout ? w->timedout : slot->item;
-  if (culprit < w->first + w->got || culprit >= w->first + w->count)
+  if (culprit < from || culprit >= end)
     culprit = 0;
   if (culprit) {
-    addredo(L, j, culprit + 1, w->first + w->count - culprit - 1);
-    addredo(L, j, w->first + w->got, culprit - w->first - w->got);
+    addredo(L, j, culprit + 1, end - culprit - 1);
+    addredo(L, j, from, culprit - from);
     if (w->timedout)
       lua_pushfstring(L, "timed out after %f s", j->timeout);
     else
@@ -462,7 +478,7 @@ static void lose(Ctx *c, PWorker *w, int force, const char *why) {
     itemfailed(c, j, culprit, NULL);
   }
   else {
-    addredo(L, j, w->first + w->got, w->count - w->got);
+    addredo(L, j, from, end - from);
     if (++j->lost > 2 * p->n + 2) {
       lua_pushfstring(L, "workers keep dying (worker %d %s)", (int)pid, why);
       failjob(c, j, NULL);
@@ -525,7 +541,7 @@ static lua_Integer chunksize(Pool *p, Job *j) {
     return j->chunk;
   c = (left + 2 * p->n - 1) / (2 * p->n);
   if (j->tns > 0) {
-    double lo = (double)LPAR_MINCHUNKNS / j->tns;
+    double lo = (double)LPAR_POOLCHUNKNS / j->tns;
     if (lo > (double)c)
       c = lo > 1e15 ? (lua_Integer)1e15 : (lua_Integer)lo;
   }
@@ -540,7 +556,9 @@ static void assign(Ctx *c, PWorker *w, Job *j, int juv) {
   lua_State *L = c->L;
   lua_Integer first, count, i;
   Frame f;
-  w->out.n = w->outpos = 0;
+  size_t at;
+  if (w->outpos == w->out.n) /* all sent: start afresh */
+    w->out.n = w->outpos = 0;
   if (w->fnjob != j->id) {
     nomem(L, lpar_buf_add(&w->out, j->call.p, j->call.n));
     w->fnjob = j->id;
@@ -562,8 +580,8 @@ static void assign(Ctx *c, PWorker *w, Job *j, int juv) {
       count = j->n - first + 1;
     j->next += count;
   }
+  at = w->out.n;
   {
-    size_t at = w->out.n;
     nomem(L, lpar_buf_reserve(&w->out, LPAR_HDRSIZE + 8));
     w->out.n += LPAR_HDRSIZE + 8;
     lua_rawgeti(L, juv, JU_ITEMS);
@@ -574,8 +592,7 @@ static void assign(Ctx *c, PWorker *w, Job *j, int juv) {
                         lua_tostring(L, -1));
         lua_replace(L, -4);
         lua_pop(L, 2);
-        w->out.n = w->outpos = 0;
-        w->fnjob = 0;
+        w->out.n = at; /* the frame never leaves */
         failjob(c, j, NULL);
         return;
       }
@@ -590,16 +607,39 @@ static void assign(Ctx *c, PWorker *w, Job *j, int juv) {
   }
   w->state = W_BUSY;
   w->job = j;
-  w->first = first;
-  w->count = count;
-  w->got = 0;
-  w->busy = 0;
-  w->timedout = 0;
+  w->q[w->nq].first = first;
+  w->q[w->nq].count = count;
+  if (w->nq++ == 0) {
+    w->got = 0;
+    w->busy = 0;
+    w->started = lpar_pool_now();
+  }
   if (sendsome(c->p, w) != 0)
     lose(c, w, 1, NULL);
 }
 
-/* Give every idle worker a chunk of the oldest job with work left. */
+/*
+** Whether busy worker w should get a second chunk of its job now, to start
+** as soon as it is done with the first rather than wait for the parent:
+** when its items are known to be quick and its chunk is on time. A chunk
+** queued behind an item that turns out slow waits, so not otherwise.
+*/
+static int prefetch(PWorker *w, long long now) {
+  Job *j = w->job;
+  double expected;
+  if (w->state != W_BUSY || w->nq != 1 || j == NULL || !workleft(j) ||
+      j->tns <= 0)
+    return 0;
+  expected = j->tns * (double)w->q[0].count;
+  return expected < 10.0 * LPAR_POOLCHUNKNS &&
+         (double)(now - w->started) < 2 * expected + LPAR_POOLCHUNKNS;
+}
+
+/*
+** Give every idle worker a chunk of the oldest job with work left. Then,
+** if there is still work, give busy workers whose items are quick a second
+** chunk of their job.
+*/
 static void dispatch(Ctx *c) {
   Pool *p = c->p;
   Job *j = p->jobs;
@@ -622,6 +662,13 @@ static void dispatch(Ctx *c) {
     assign(c, w, j, juv);
   }
   lua_settop(L, top);
+  for (i = 0; i < p->n; i++) {
+    PWorker *w = &p->w[i];
+    if (prefetch(w, lpar_pool_now())) {
+      assign(c, w, w->job, pushjob(c, w->job));
+      lua_settop(L, top);
+    }
+  }
 }
 
 /* Start workers in the empty places (none while the pool is broken). */
@@ -684,8 +731,8 @@ static int results(Ctx *c, PWorker *w, const char *p, size_t len,
   int res;
   if (j == NULL)
     return 0; /* dropped */
-  if (first != w->first + w->got ||
-      first - w->first + (lua_Integer)count > w->count) {
+  if (first != w->q[0].first + w->got ||
+      first - w->q[0].first + (lua_Integer)count > w->q[0].count) {
     lua_pushliteral(L, "result for an item it was not given");
     return -1;
   }
@@ -710,8 +757,8 @@ static int results(Ctx *c, PWorker *w, const char *p, size_t len,
   }
   w->got += count;
   j->done += count;
-  if (w->got == w->count) { /* learn from the chunk's timing */
-    double per = (double)(w->busy > 0 ? w->busy : 1) / (double)w->count;
+  if (w->got == w->q[0].count) { /* learn from the chunk's timing */
+    double per = (double)(w->busy > 0 ? w->busy : 1) / (double)w->got;
     j->tns = j->tns > 0 ? 0.5 * j->tns + 0.5 * per : per;
     j->lost = 0;
   }
@@ -752,12 +799,12 @@ static int errorframe(Ctx *c, PWorker *w, const char *p, size_t len,
     failjob(c, j, w);
     return 0;
   }
-  if (i < w->first + w->got || i >= w->first + w->count) {
+  if (i < w->q[0].first + w->got || i >= w->q[0].first + w->q[0].count) {
     lua_pop(L, 2);
     lua_pushliteral(L, "error for an item it was not given");
     return -1;
   }
-  w->got = i - w->first + 1;
+  w->got = i - w->q[0].first + 1;
   itemfailed(c, j, i, w);
   return 0;
 }
@@ -772,17 +819,22 @@ static int readyframe(Ctx *c, PWorker *w, uint32_t count) {
     c->p->startfails = 0;
     return 0;
   }
-  if (count != 0 || w->state != W_BUSY) {
+  if (count != 0 || w->state != W_BUSY || w->nq == 0) {
     lua_pushliteral(L, "unexpected ready frame");
     return -1;
   }
-  if (j != NULL && w->got != w->count) {
+  if (j != NULL && w->got != w->q[0].count) {
     lua_pushliteral(L, "chunk ended early");
     return -1;
   }
-  w->state = W_IDLE;
-  w->job = NULL;
-  w->count = 0;
+  w->q[0] = w->q[1];
+  w->got = 0;
+  w->busy = 0;
+  w->started = lpar_pool_now();
+  if (--w->nq == 0) {
+    w->state = W_IDLE;
+    w->job = NULL;
+  }
   return 0;
 }
 
