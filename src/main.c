@@ -38,7 +38,8 @@ const char *lpar_embedded(const char *name, size_t *len);
 #define LPAR_OUTHIGH (64 * 1024)
 #endif
 
-/* input that stays silent this long (ms) ends the current batch of items */
+/* input that stays silent this long (ms) ends the current run: its
+   results are written, and a new run starts when more input comes */
 #if !defined(LPAR_IDLEMS)
 #define LPAR_IDLEMS 50
 #endif

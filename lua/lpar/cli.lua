@@ -508,7 +508,10 @@ function M.run(o, c, reader, countpath, map, init, close)
     end
     local ok, err = true, nil
     if o.output then ok, err = c.redirect(o.output, keepout) end
-    if ok and o.joblog then ok, err = c.joblog(o.joblog, keeplog, o.output ~= nil) end
+    if ok and o.joblog then
+      -- output positions are marks to resume from: with ordered output only
+      ok, err = c.joblog(o.joblog, keeplog, o.output ~= nil and not o.unordered)
+    end
     if not ok then return fail(2, err) end
     if o.joblog and keeplog == 0 then c.log(M.logheader) end
     if done > 0 then skipped = reader:skip(done) end
