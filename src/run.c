@@ -241,10 +241,12 @@ static lua_Integer chunksize(Run *r) {
     lua_Integer left = r->n - r->next + 1;
     c = (left + 2 * r->o.nworkers - 1) / (2 * r->o.nworkers);
   }
-  else
-    c = r->tns > 0 ? LPAR_MAXSTREAMCHUNK : 1;
+  else /* the total is unknown: size chunks by time alone */
+    c = 1;
   if (r->tns > 0) {
     double lo = (double)LPAR_MINCHUNKNS / r->tns;
+    if (r->stream)
+      lo *= 4; /* no tail to balance until the input ends */
     if (lo > (double)c)
       c = lo > 1e15 ? (lua_Integer)1e15 : (lua_Integer)lo;
   }
