@@ -674,6 +674,7 @@ describe("closing a pool", function()
     do
       local p <close> = lpar.pool{n_workers = 2}
       assert.equal(2, #children())
+      assert.same(sorted(children()), sorted(p:pids()))
     end
     assert.same({}, children())
   end)

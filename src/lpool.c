@@ -92,8 +92,8 @@ typedef struct PWorker {
 } PWorker;
 
 typedef struct Pool {
-  pid_t owner;     /* the process that made it (children inherit copies) */
-  int n;           /* places */
+  pid_t owner; /* the process that made it (children inherit copies) */
+  int n;       /* places */
   int closed;
   int creating;    /* lpar.pool is waiting for the first workers */
   int inpump;      /* pump() is running (guards against re-entry) */
@@ -103,13 +103,13 @@ typedef struct Pool {
   PWorker *w;
   Slot *slots;
   struct epoll_event *evs;
-  pid_t *dying;    /* workers killed and not yet reaped */
+  pid_t *dying; /* workers killed and not yet reaped */
   int ndying, capdying;
   struct Job *jobs, *lastjob; /* active jobs, oldest first */
   uint64_t nextid;
-  int startfails;  /* workers lost before READY, in a row */
-  int waiting;     /* a blocking wait owns SIGINT */
-  int ignint;      /* SIGINT was ignored when the wait began */
+  int startfails; /* workers lost before READY, in a row */
+  int waiting;    /* a blocking wait owns SIGINT */
+  int ignint;     /* SIGINT was ignored when the wait began */
   sigset_t oldmask;
 } Pool;
 
@@ -117,18 +117,18 @@ typedef struct Job {
   Pool *pool;
   struct Job *nextjob;
   uint64_t id;
-  int state;          /* J_* */
-  int collect;        /* on_error = "collect" */
-  lua_Integer chunk;  /* fixed chunk size, 0 for adaptive */
-  double timeout;     /* seconds per item, 0 for none */
-  lua_Integer n;      /* items */
-  lua_Integer next;   /* next item never handed out */
-  lua_Integer done;   /* items reported */
-  double tns;         /* ns per item, 0 until measured */
-  Range *redo;        /* items to hand out again */
+  int state;         /* J_* */
+  int collect;       /* on_error = "collect" */
+  lua_Integer chunk; /* fixed chunk size, 0 for adaptive */
+  double timeout;    /* seconds per item, 0 for none */
+  lua_Integer n;     /* items */
+  lua_Integer next;  /* next item never handed out */
+  lua_Integer done;  /* items reported */
+  double tns;        /* ns per item, 0 until measured */
+  Range *redo;       /* items to hand out again */
   int nredo, capredo;
-  int lost;           /* workers lost under it without a culprit */
-  Buf call;           /* CALL frame: header and encoded function */
+  int lost; /* workers lost under it without a culprit */
+  Buf call; /* CALL frame: header and encoded function */
 } Job;
 
 /* what the functions below share: the pool and its uservalue's index */
@@ -451,8 +451,7 @@ static void lose(Ctx *c, PWorker *w, int force, const char *why) {
     if (++p->startfails > 2 * p->n + 2 || p->creating) {
       if (lua_rawgeti(L, c->uv, PU_INITERR) == LUA_TNIL) {
         lua_pop(L, 1);
-        lua_pushfstring(L, "workers keep dying (worker %d %s)", (int)pid,
-                        why);
+        lua_pushfstring(L, "workers keep dying (worker %d %s)", (int)pid, why);
       }
       breakpool(c);
     }
@@ -855,12 +854,11 @@ static int frames(Ctx *c, PWorker *w) {
     p = w->in.p + at + LPAR_HDRSIZE;
     if (f.type == LPAR_FRESULT && f.len >= 16 && w->state == W_BUSY) {
       w->busy += (long long)lpar_wire_get64(p + 8);
-      rc = results(c, w, p, (size_t)f.len,
-                   (lua_Integer)lpar_wire_get64(p), f.count);
+      rc = results(c, w, p, (size_t)f.len, (lua_Integer)lpar_wire_get64(p),
+                   f.count);
     }
     else if (f.type == LPAR_FERROR && f.len >= 8)
-      rc = errorframe(c, w, p, (size_t)f.len,
-                      (lua_Integer)lpar_wire_get64(p));
+      rc = errorframe(c, w, p, (size_t)f.len, (lua_Integer)lpar_wire_get64(p));
     else if (f.type == LPAR_FREADY)
       rc = readyframe(c, w, f.count);
     else {
@@ -928,8 +926,7 @@ static void deadlines(Pool *p) {
     }
     else if (w->state == W_BUSY && w->job && w->job->timeout > 0) {
       lua_Integer item = p->slots[i].item;
-      long long limit =
-          p->slots[i].since + (long long)(w->job->timeout * 1e9);
+      long long limit = p->slots[i].since + (long long)(w->job->timeout * 1e9);
       if (item != 0 && now >= limit) {
         w->timedout = item;
         kill(w->proc.pid, SIGTERM);
@@ -1274,8 +1271,7 @@ static lua_Integer itemcount(lua_State *L, int idx) {
   return n;
 }
 
-static const char *const jobopts[] = {"chunksize", "on_error", "timeout",
-                                      NULL};
+static const char *const jobopts[] = {"chunksize", "on_error", "timeout", NULL};
 
 /* Read the job options at 'arg' (nil or a table) into j. */
 static void getjobopts(lua_State *L, int arg, Job *j) {
@@ -1447,8 +1443,7 @@ static int job_progress(lua_State *L) {
 
 /* job:status() -> "running", "done", "failed" or "cancelled" (no pump). */
 static int job_status(lua_State *L) {
-  static const char *const names[] = {"running", "done", "failed",
-                                      "cancelled"};
+  static const char *const names[] = {"running", "done", "failed", "cancelled"};
   Job *j = checkjob(L, 1);
   lua_pushstring(L, names[j->state]);
   return 1;
@@ -1581,8 +1576,7 @@ static int job_gc(lua_State *L) {
 }
 
 static int job_tostring(lua_State *L) {
-  static const char *const names[] = {"running", "done", "failed",
-                                      "cancelled"};
+  static const char *const names[] = {"running", "done", "failed", "cancelled"};
   Job *j = checkjob(L, 1);
   lua_pushfstring(L, "lpar.Job (%s, %I/%I)", names[j->state],
                   (LUAI_UACINT)j->done, (LUAI_UACINT)j->n);
@@ -1658,14 +1652,14 @@ static int pool_tostring(lua_State *L) {
 }
 
 static const luaL_Reg poolmethods[] = {
-    {"map", pool_map},   {"submit", pool_submit}, {"pump", pool_pump},
-    {"fd", pool_fd},     {"pids", pool_pids},     {"size", pool_size},
+    {"map", pool_map},     {"submit", pool_submit},
+    {"pump", pool_pump},   {"fd", pool_fd},
+    {"pids", pool_pids},   {"size", pool_size},
     {"close", pool_close}, {NULL, NULL}};
 
 static const luaL_Reg jobmethods[] = {
-    {"done", job_done},     {"progress", job_progress},
-    {"wait", job_wait},     {"cancel", job_cancel},
-    {"status", job_status}, {NULL, NULL}};
+    {"done", job_done},     {"progress", job_progress}, {"wait", job_wait},
+    {"cancel", job_cancel}, {"status", job_status},     {NULL, NULL}};
 
 int lpar_inworker(lua_State *L) {
   return lpar_worker_inside(L);

@@ -5,8 +5,8 @@
 #include "pworker.h"
 
 #include <errno.h>
-#include <stdio.h>
 #include <stdint.h>
+#include <stdio.h>
 #include <string.h>
 #include <unistd.h>
 
@@ -157,7 +157,7 @@ static void senderror(PState *ps, lua_Integer i) {
   char h[LPAR_HDRSIZE + 8];
   flush(ps, 0);
   if (lpar_codec_encode(L, -2, &b) != 0) { /* not encodable: use text */
-    lua_pop(L, 1); /* codec's message */
+    lua_pop(L, 1);                         /* codec's message */
     b.n = 0;
     luaL_tolstring(L, -2, NULL);
     lua_replace(L, -3);

@@ -98,7 +98,7 @@ static void buildnames(XState *xs) {
           lua_pushvalue(L, -2);
           lua_pushvalue(L, mod - 1);
           lua_pushlstring(L, "", 1); /* the separator: a zero byte */
-          lua_pushvalue(L, -6); /* field name */
+          lua_pushvalue(L, -6);      /* field name */
           lua_concat(L, 3);
           lua_rawset(L, xs->names);
         }
@@ -384,8 +384,7 @@ typedef struct XDec {
 
 static size_t getvarint(XDec *xd) {
   unsigned long long v;
-  if (lpar_codec_getvarint(xd->p, xd->len, &xd->pos, &v) != 0 ||
-      v > xd->len)
+  if (lpar_codec_getvarint(xd->p, xd->len, &xd->pos, &v) != 0 || v > xd->len)
     luaL_error(xd->L, "bad function encoding (at byte %I)",
                (LUAI_UACINT)xd->pos);
   return (size_t)v;

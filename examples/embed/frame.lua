@@ -1,6 +1,7 @@
 -- frame.lua: the script of the example host (host.c). A level is loaded
 -- with lpar.parallel, then work runs on a persistent pool while the frame
 -- loop goes on drawing: the loop never waits for the workers.
+-- luacheck: globals host
 local lpar = require "lpar"
 
 local S = {}
@@ -42,7 +43,7 @@ end
 
 local frames_during, longest, started, threads_seen = 0, 0, nil, 0
 
-function S.frame(n)
+function S.frame()
   local t0 = host.now()
   pool:pump() -- what the pool's fd said is ready: handle it
   if phase == "load" then

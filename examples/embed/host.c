@@ -34,8 +34,8 @@ typedef struct Render {
   pthread_t thread;
   pthread_mutex_t lock; /* held while "drawing" */
   atomic_int stop;
-  atomic_long ticks;    /* frames drawn */
-  double scene[4096];   /* what it draws, under 'lock' */
+  atomic_long ticks;  /* frames drawn */
+  double scene[4096]; /* what it draws, under 'lock' */
 } Render;
 
 static Render render = {.lock = PTHREAD_MUTEX_INITIALIZER};
@@ -100,8 +100,8 @@ static const luaL_Reg hostfuncs[] = {
 static int msghandler(lua_State *L) {
   const char *msg = lua_tostring(L, 1);
   if (msg == NULL)
-    msg = lua_pushfstring(L, "(error object is a %s value)",
-                          luaL_typename(L, 1));
+    msg =
+        lua_pushfstring(L, "(error object is a %s value)", luaL_typename(L, 1));
   luaL_traceback(L, L, msg, 1);
   return 1;
 }
