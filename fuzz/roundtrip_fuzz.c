@@ -134,7 +134,7 @@ static void check(lua_State *L) {
   lua_Integer id, ntab = npairs(L, SEEN1);
   luaL_checkstack(L, 12, "no room to check a value");
   if (npairs(L, REFS2) != ntab)
-    abort(); /* as many tables decoded as were written */
+    abort();       /* as many tables decoded as were written */
   lua_newtable(L); /* RID2: table -> id of the second decoding */
   lua_newtable(L); /* REFS1: id -> table of the first decoding */
   for (id = 0; id < ntab; id++) {
@@ -208,7 +208,7 @@ static int build(lua_State *L) {
     case 2:
       lua_pushboolean(L, op == 1);
       break;
-    case 3: /* integer: up to 8 bytes, any 64 bits */
+    case 3:   /* integer: up to 8 bytes, any 64 bits */
     case 5: { /* float: 8 bytes of bits, any NaN, -0.0, denormals */
       uint64_t u = 0;
       double d;

@@ -95,13 +95,37 @@ static inline lua_Integer unzigzag(unsigned long long u) {
 typedef struct EncState {
   lua_State *L;
   Buf *b;
-  int seen;   /* stack index of the table -> id map, 0 until needed */
-  int ntab;   /* tables numbered so far */
-  int depth;  /* current nesting */
-  int errrc;  /* buffer error (-ENOMEM) or 0 */
+  int seen;  /* stack index of the table -> id map, 0 until needed */
+  int ntab;  /* tables numbered so far */
+  int depth; /* current nesting */
+  int errrc; /* buffer error (-ENOMEM) or 0 */
   int path[LPAR_MAXDEPTH + 1]; /* stack index of each level's key, or 0 */
   lua_Integer ipath[LPAR_MAXDEPTH + 1]; /* array index when path[i] == 0 */
 } EncState;
+
+/* Append the string key at 'k' to B as a quoted Lua string, the first
+   40 bytes of it. */
+static void addquoted(lua_State *L, luaL_Buffer *B, int k) {
+  size_t i, n;
+  const unsigned char *s = (const unsigned char *)lua_tolstring(L, k, &n);
+  luaL_addchar(B, '"');
+  for (i = 0; i < n && i < 40; i++) {
+    if (s[i] == '"' || s[i] == '\\') {
+      luaL_addchar(B, '\\');
+      luaL_addchar(B, (char)s[i]);
+    }
+    else if (s[i] < 0x20 || s[i] >= 0x7f) {
+      char esc[8];
+      snprintf(esc, sizeof esc, "\\%03d", s[i]);
+      luaL_addstring(B, esc);
+    }
+    else
+      luaL_addchar(B, (char)s[i]);
+  }
+  if (n > 40)
+    luaL_addstring(B, "...");
+  luaL_addchar(B, '"');
+}
 
 /* Append the path of the part being encoded (levels 1..depth) to B. */
 static void addpath(EncState *es, luaL_Buffer *B) {
@@ -119,16 +143,22 @@ static void addpath(EncState *es, luaL_Buffer *B) {
     else if (lua_type(L, k) == LUA_TSTRING) {
       const char *s = lua_tostring(L, k);
       size_t j, n = strlen(s);
-      int ident =
-          n > 0 && n == lua_rawlen(L, k) && !(s[0] >= '0' && s[0] <= '9');
+      int ident = n > 0 && n <= 40 && n == lua_rawlen(L, k) &&
+                  !(s[0] >= '0' && s[0] <= '9');
       for (j = 0; ident && j < n; j++)
         ident = (s[j] == '_' || (s[j] >= 'a' && s[j] <= 'z') ||
                  (s[j] >= 'A' && s[j] <= 'Z') || (s[j] >= '0' && s[j] <= '9'));
       if (ident)
         lua_pushfstring(L, i == 1 ? "%s" : ".%s", s);
-      else
-        lua_pushfstring(L, "[%q]", s);
+      else {
+        luaL_addchar(B, '[');
+        addquoted(L, B, k);
+        luaL_addchar(B, ']');
+        continue;
+      }
     }
+    else if (lua_type(L, k) == LUA_TBOOLEAN)
+      lua_pushstring(L, lua_toboolean(L, k) ? "[true]" : "[false]");
     else if (lua_type(L, k) == LUA_TNUMBER) {
       lua_pushvalue(L, k);
       lua_pushfstring(L, "[%s]", lua_tostring(L, -1));
@@ -163,6 +193,13 @@ static inline int room(EncState *es, size_t n) {
   return (es->errrc = lpar_buf_reserve(b, n)) != 0 ? -1 : 0;
 }
 
+static inline int putbyte(EncState *es, int c) {
+  if (room(es, 1))
+    return -1;
+  es->b->p[es->b->n++] = (char)c;
+  return 0;
+}
+
 static int enctable(EncState *es, int idx);
 
 /*
@@ -182,14 +219,9 @@ static int encvalue(EncState *es, int idx) {
   }
   switch (lua_type(L, idx)) {
   case LUA_TNIL:
+    return putbyte(es, LPAR_TNIL);
   case LUA_TBOOLEAN:
-    if (room(es, 1))
-      return -1;
-    b = es->b;
-    b->p[b->n++] = (char)(lua_isnil(L, idx)          ? LPAR_TNIL
-                          : lua_toboolean(L, idx) ? LPAR_TTRUE
-                                                  : LPAR_TFALSE);
-    return 0;
+    return putbyte(es, lua_toboolean(L, idx) ? LPAR_TTRUE : LPAR_TFALSE);
   case LUA_TNUMBER: { /* a float */
     double d = (double)lua_tonumber(L, idx);
     uint64_t bits;
@@ -239,8 +271,8 @@ static int enctable(EncState *es, int idx) {
   lua_Integer n, i;
   int rc, top, restart;
   if (es->depth >= LPAR_MAXDEPTH)
-    return encerror(es, "is nested too deeply (limit " LPAR_STR(LPAR_MAXDEPTH)
-                        " levels)");
+    return encerror(
+        es, "is nested too deeply (limit " LPAR_STR(LPAR_MAXDEPTH) " levels)");
   luaL_checkstack(L, 6, "value nested too deeply");
   if (es->seen == 0) {
     lua_newtable(L);
@@ -316,10 +348,7 @@ static int enctable(EncState *es, int idx) {
     lua_pop(L, 1); /* pop value, keep key */
   }
   es->depth--;
-  if (room(es, 1))
-    return -1;
-  es->b->p[es->b->n++] = LPAR_TEND;
-  return 0;
+  return putbyte(es, LPAR_TEND);
 }
 
 int lpar_codec_encode(lua_State *L, int idx, Buf *b) {
@@ -371,6 +400,22 @@ static int decerror(DecState *ds, const char *what) {
   return -1;
 }
 
+/* Push the message for a varint that could not be read at ds->pos:
+   cut short by the end of the input, or longer than 64 bits. */
+static int varerror(DecState *ds, const char *what) {
+  size_t i = ds->pos;
+  while (i < ds->len && i - ds->pos < MAXVARINT &&
+         ((unsigned char)ds->p[i] & 0x80))
+    i++;
+  if (i >= ds->len)
+    lua_pushfstring(ds->L, "truncated %s at byte %I", what,
+                    (LUAI_UACINT)ds->pos);
+  else
+    lua_pushfstring(ds->L, "%s longer than 64 bits at byte %I", what,
+                    (LUAI_UACINT)ds->pos);
+  return -1;
+}
+
 /* Read a varint at ds->pos: 0, or -1 if it is truncated or too long.
    Up to three bytes are read inline, longer ones by the general loop. */
 static inline int getuv(DecState *ds, unsigned long long *v) {
@@ -409,12 +454,12 @@ static int decvalue(DecState *ds) {
   switch (tag) {
   case LPAR_TINT:
     if (getuv(ds, &u))
-      return decerror(ds, "truncated integer");
+      return varerror(ds, "integer");
     lua_pushinteger(L, unzigzag(u));
     return 0;
   case LPAR_TSTR:
     if (getuv(ds, &u))
-      return decerror(ds, "truncated string length");
+      return varerror(ds, "string length");
     if (u > ds->len - ds->pos)
       return decerror(ds, "truncated string");
     lua_pushlstring(L, ds->p + ds->pos, (size_t)u);
@@ -444,7 +489,7 @@ static int decvalue(DecState *ds) {
     return dectable(ds);
   case LPAR_TREF:
     if (getuv(ds, &u))
-      return decerror(ds, "truncated reference");
+      return varerror(ds, "reference");
     if (u >= (unsigned long long)ds->ntab)
       return decerror(ds, "reference to an unknown table");
     lua_rawgeti(L, ds->refs, (lua_Integer)u);
@@ -466,7 +511,7 @@ static int dectable(DecState *ds) {
     return decerror(ds, "value nested too deeply (limit " LPAR_STR(
                             LPAR_MAXDEPTH) " levels)");
   if (getuv(ds, &n))
-    return decerror(ds, "truncated table");
+    return varerror(ds, "table length");
   if (n > ds->len - ds->pos) /* every element takes at least a byte */
     return decerror(ds, "table longer than its frame");
   if (!lua_checkstack(L, 4))
@@ -489,7 +534,7 @@ static int dectable(DecState *ds) {
       unsigned long long u;
       ds->pos++;
       if (getuv(ds, &u))
-        return decerror(ds, "truncated integer");
+        return varerror(ds, "integer");
       lua_pushinteger(L, unzigzag(u));
     }
     else if (decvalue(ds))
