@@ -317,8 +317,8 @@ static void detach(Ctx *c, Job *j) {
 /*
 ** Job j ends with the error value at the top of the stack (popped) as its
 ** failure. Workers still running its chunks are killed and replaced, but
-** 'self', which skips the rest of its chunk by itself; the results they
-** send until they are idle are dropped.
+** 'self', which skips the rest of its chunk by itself (unless it holds
+** another chunk of the job); what it sends until it is idle is dropped.
 */
 static void endjob(Ctx *c, Job *j, int state, PWorker *self) {
   lua_State *L = c->L;
@@ -337,7 +337,7 @@ static void endjob(Ctx *c, Job *j, int state, PWorker *self) {
     PWorker *w = &p->w[i];
     if (w->job != j)
       continue;
-    if (w == self)
+    if (w == self && w->nq == 1) /* it skips the rest and says READY */
       w->job = NULL;
     else
       dropworker(L, p, w);
@@ -872,6 +872,8 @@ static int frames(Ctx *c, PWorker *w) {
       protoerror(c, w, what);
       return -1;
     }
+    if (w->state == W_EMPTY)
+      return -1; /* its job failed and took it along */
     at += LPAR_HDRSIZE + (size_t)f.len;
   }
   if (at > 0) {
