@@ -312,37 +312,61 @@ end
 -- record took (string.pack'ed doubles). It tells the parent (note) the
 -- time a record took.
 function M.batcher(map, fmt, nul, halt, timed, c)
-  local run, concat = runner(map, fmt), table.concat
+  local concat, shorten, clean = table.concat, M.shorten, M.clean
   local split, now, note = c.split, c.now, c.note
   local out, times = {}, {}
+  local recs, nrec, k, n, t1
+  -- the records from k + 1 on, until one fails (one xpcall for all)
+  local function loop()
+    while k < nrec do
+      k = k + 1
+      local r = fmt(map(recs[k]))
+      if r ~= nil then
+        n = n + 1
+        out[n] = r
+      end
+    end
+  end
+  local function timedloop()
+    while k < nrec do
+      k = k + 1
+      t1 = now()
+      local r = fmt(map(recs[k]))
+      times[k] = now() - t1
+      if r ~= nil then
+        n = n + 1
+        out[n] = r
+      end
+    end
+  end
+  local function handler(e)
+    return {errortext(e), debug.traceback("", 2):sub(2)}
+  end
   return function(block)
     local t0 = now()
-    local recs = split(block, nul)
-    local parts, n, ran = nil, 0, #recs
-    for k = 1, #recs do
-      local t1 = timed and now()
-      local ok, r = run(recs[k])
-      if timed then times[k] = now() - t1 end
-      if ok then
-        if r ~= nil then
-          n = n + 1
-          out[n] = r
-        end
-      else
+    local parts
+    recs = split(block, nul)
+    nrec, k, n = #recs, 0, 0
+    while k < nrec do
+      local ok, r = xpcall(timed and timedloop or loop, handler)
+      if not ok then
+        if type(r) ~= "table" then r = {tostring(r), ""} end
+        if timed then times[k] = now() - t1 end
         parts = parts or {}
         if n > 0 then
           out[n + 1] = ""
           parts[#parts + 1] = concat(out, "\n", 1, n + 1)
           n = 0
         end
-        parts[#parts + 1] = {k, r}
+        parts[#parts + 1] = {k, packfailure(shorten(recs[k]),
+                                            (r[1]:gsub("%z", "\\0")), clean(r[2]))}
         if halt then
-          ran = k
+          nrec = k
           break
         end
       end
     end
-    note(t0, ran)
+    note(t0, nrec)
     local text = ""
     if n > 0 then
       out[n + 1] = ""
@@ -350,7 +374,7 @@ function M.batcher(map, fmt, nul, halt, timed, c)
     end
     if timed then
       parts = parts or {}
-      parts.times = string.pack(("d"):rep(ran), table.unpack(times, 1, ran))
+      parts.times = string.pack(("d"):rep(nrec), table.unpack(times, 1, nrec))
     elseif not parts then
       return text
     end
