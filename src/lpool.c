@@ -28,6 +28,16 @@
 #define LPAR_POOLCHUNKNS 100000
 #endif
 
+/* items in a chunk before the time per item is known */
+#if !defined(LPAR_POOLPROBE)
+#define LPAR_POOLPROBE 256
+#endif
+
+/* most items in one chunk */
+#if !defined(LPAR_POOLMAXCHUNK)
+#define LPAR_POOLMAXCHUNK (1 << 20)
+#endif
+
 /* after SIGTERM for a timeout, SIGKILL follows this much later (ns) */
 #define KILLGRACE 500000000LL
 
@@ -532,19 +542,27 @@ static lua_Integer itemsleft(Job *j) {
   return left;
 }
 
-/* Chunk size: guided self-scheduling (a share of what is left), raised
-   so that a chunk takes at least LPAR_MINCHUNKNS once that can be told. */
+/*
+** Chunk size: guided self-scheduling (a share of what is left), raised so
+** that a chunk takes at least LPAR_POOLCHUNKNS once the time per item is
+** known, and kept small until it is.
+*/
 static lua_Integer chunksize(Pool *p, Job *j) {
-  lua_Integer c, left = itemsleft(j);
+  lua_Integer c;
   if (j->chunk > 0)
-    return j->chunk;
-  c = (left + 2 * p->n - 1) / (2 * p->n);
-  if (j->tns > 0) {
-    double lo = (double)LPAR_POOLCHUNKNS / j->tns;
-    if (lo > (double)c)
-      c = lo > 1e15 ? (lua_Integer)1e15 : (lua_Integer)lo;
+    c = j->chunk;
+  else {
+    c = (itemsleft(j) + 2 * p->n - 1) / (2 * p->n);
+    if (j->tns > 0) {
+      double lo = (double)LPAR_POOLCHUNKNS / j->tns;
+      if (lo > (double)c)
+        c = lo > (double)LPAR_POOLMAXCHUNK ? LPAR_POOLMAXCHUNK
+                                           : (lua_Integer)lo;
+    }
+    else if (c > LPAR_POOLPROBE)
+      c = LPAR_POOLPROBE;
   }
-  return c < 1 ? 1 : c;
+  return c < 1 ? 1 : c > LPAR_POOLMAXCHUNK ? LPAR_POOLMAXCHUNK : c;
 }
 
 /*
