@@ -694,6 +694,7 @@ function M.run(o, c, reader, countpath, map, init, close)
 end
 
 local function traceback(e)
+  if e == "interrupted" or e == "terminated" then return e end
   return M.clean(debug.traceback(errortext(e), 2))
 end
 
