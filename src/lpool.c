@@ -1055,7 +1055,8 @@ static Pool *checkpool(lua_State *L, int idx) {
 }
 
 /* Set up a Ctx for the pool at 'idx' (pushes its uservalue). Raises if
-   the pool is closed or belongs to another process. */
+   the pool is closed, belongs to another process, or is pumping (a
+   finalizer run by the pump's allocations cannot use the pool). */
 static void ctxof(lua_State *L, int idx, Ctx *c) {
   c->L = L;
   c->p = checkpool(L, idx);
@@ -1063,6 +1064,8 @@ static void ctxof(lua_State *L, int idx, Ctx *c) {
     luaL_error(L, "pool belongs to another process");
   if (c->p->closed)
     luaL_error(L, "pool is closed");
+  if (c->p->inpump)
+    luaL_error(L, "pool is busy (called from inside its own pump)");
   lua_getiuservalue(L, idx, 1);
   c->uv = lua_gettop(L);
 }
@@ -1121,7 +1124,8 @@ static void closepool(lua_State *L, int idx, const char *why) {
 }
 
 static int pool_close(lua_State *L) {
-  checkpool(L, 1);
+  if (checkpool(L, 1)->inpump)
+    return luaL_error(L, "pool is busy (called from inside its own pump)");
   lua_settop(L, 1);
   closepool(L, 1, "pool closed");
   return 0;

@@ -175,14 +175,12 @@ static void senderror(PState *ps, lua_Integer i) {
   lpar_buf_free(&b);
 }
 
-/* Call the function on the item at the top of the stack (popped) for
-   item 'i'. Returns 0, or 1 if the item failed. */
+/* Call the function and item pushed on the stack (both popped) for item
+   'i'. Returns 0, or 1 if the item failed. */
 static int runitem(PState *ps, lua_Integer i) {
   lua_State *L = ps->L;
   Slot *slot = ps->a->slot;
   int status;
-  lua_pushvalue(L, ps->fidx);
-  lua_insert(L, -2);
   if (ps->flags & LPAR_CALLTIMED)
     slot->since = lpar_pool_now();
   slot->item = i;
@@ -251,6 +249,7 @@ static void items(PState *ps, const Frame *f) {
   startresults(ps, first);
   ps->mark = lpar_pool_now();
   for (k = 0; k < (lua_Integer)f->count && !lua_isnil(L, ps->fidx); k++) {
+    lua_pushvalue(L, ps->fidx);
     if (lpar_codec_decode(L, ps->in.p, ps->in.n, &pos) != 0)
       _exit(4);
     if (runitem(ps, first + k) && !(ps->flags & LPAR_CALLCOLLECT))
