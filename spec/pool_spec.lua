@@ -7,20 +7,11 @@ local signal = require "posix.signal"
 local poll = require "posix.poll"
 local fcntl = require "posix.fcntl"
 
--- Pids of this process's children, zombies included, from /proc. (Own
--- copy: 'stat and stat:match(...)' would keep only the first capture.)
+-- Pids of this process's children, zombies included.
 local function children()
-  local me, kids = unistd.getpid(), {}
-  for name in require("posix.dirent").files("/proc") do
-    local f = tonumber(name) and io.open("/proc/" .. name .. "/stat")
-    if f then
-      local stat = f:read("a") or ""
-      f:close()
-      local ppid = stat:match("%) %S (%d+)") -- comm may hold ") "
-      if tonumber(ppid) == me then kids[#kids + 1] = tonumber(name) end
-    end
-  end
-  return kids
+  local pids = {}
+  for _, kid in ipairs(H.children()) do pids[#pids + 1] = kid.pid end
+  return pids
 end
 
 local function range(n)
