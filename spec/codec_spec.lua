@@ -498,3 +498,21 @@ describe("values from workers", function()
     assert.is_nil(errs[3])
   end)
 end)
+
+-- Bytes the engine (run.c) writes around encoded values. A bug found there
+-- is the engine owner's to fix: its spec is pending until then.
+describe("frames the engine sends to workers", function()
+  pending("are always whole, even when a streamed chunk finds no item", function()
+    -- assign() on a stream: beginframe() reserves 24 bytes, pull() finds
+    -- no item and assign() returns without endframe(), leaving w->out.n at
+    -- 24 with a 16-byte header never written; the next events() sends them
+    -- and the worker reads a garbage header. It shows reliably under
+    -- valgrind, which slows the parent down enough.
+    if H.run("command -v valgrind") ~= 0 then return end
+    local code, out, err = H.run("valgrind -q --trace-children=no --error-exitcode=97 "
+      .. H.cli .. " -e 'return function(s) return s end'", "a\n")
+    assert.not_matches("uninitialised", err)
+    assert.equal("a\n", out)
+    assert.equal(0, code)
+  end)
+end)
