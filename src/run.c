@@ -329,8 +329,10 @@ static void assign(lua_State *L, Run *r, Worker *w) {
     first = r->n + 1;
     beginframe(L, w, first);
     count = pull(L, r, w, chunksize(r));
-    if (count == 0)
+    if (count == 0) { /* nothing came: drop the frame begun */
+      w->out.n = w->outpos = 0;
       return;
+    }
   }
   else {
     lua_Integer c = chunksize(r), left = r->n - r->next + 1;
