@@ -56,6 +56,7 @@ static int decodenumbered(lua_State *L, const char *p, size_t len) {
   ds.len = len;
   ds.pos = 0;
   ds.budget = len;
+  ds.scan = len + LOOKAHEAD;
   ds.refs = lua_gettop(L);
   ds.ntab = 0;
   ds.depth = 0;

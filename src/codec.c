@@ -390,6 +390,7 @@ typedef struct DecState {
   const char *p;
   size_t len, pos;
   size_t budget; /* array slots that may still be preallocated */
+  size_t scan;   /* bytes countpairs() may still look at */
   int refs;      /* stack index of id -> table, or the nil placeholder */
   int ntab;
   int depth;
@@ -441,6 +442,97 @@ static inline int getuv(DecState *ds, unsigned long long *v) {
 }
 
 static int dectable(DecState *ds);
+
+/* how far ahead, and how deep, countpairs() looks for a table's end, and
+   the longest array part it looks past (longer ones rarely have pairs) */
+#define LOOKAHEAD 4096
+#define SCANDEPTH 16
+#define SCANARRAY 64
+
+/*
+** The number of key/value pairs of the table whose 'n' array values start
+** at ds->pos, found by skipping ahead without decoding; 0 when it cannot
+** tell within LOOKAHEAD bytes and SCANDEPTH levels, when n > SCANARRAY, or
+** when the bytes are bad (decoding will say so). Only sizes the table's
+** hash part. All scans of one decoding together look at no more bytes
+** than the input has, plus LOOKAHEAD.
+*/
+static size_t countpairs(DecState *ds, unsigned long long n) {
+  const unsigned char *p = (const unsigned char *)ds->p;
+  unsigned long long left[SCANDEPTH]; /* per level: array values to skip */
+  unsigned char inpairs[SCANDEPTH], iskey[SCANDEPTH];
+  size_t pos = ds->pos, end, pairs = 0;
+  int d = 0;
+  if (n > SCANARRAY)
+    return 0;
+  end = ds->len - pos < LOOKAHEAD ? ds->len : pos + LOOKAHEAD;
+  if (end - pos > ds->scan)
+    end = pos + ds->scan;
+  left[0] = n;
+  inpairs[0] = 0;
+  for (;;) {
+    unsigned long long u;
+    int tag;
+    if (!inpairs[d] && left[d] == 0) { /* array done: pairs follow */
+      inpairs[d] = 1;
+      iskey[d] = 1;
+    }
+    if (pos >= end)
+      break;
+    tag = p[pos++];
+    if (inpairs[d] && iskey[d] && tag == LPAR_TEND) { /* end of a table */
+      if (d-- == 0) {
+        ds->scan -= pos - ds->pos;
+        return pairs;
+      }
+    }
+    else {
+      if (d == 0 && inpairs[0] && iskey[0])
+        pairs++;
+      switch (tag) {
+      case LPAR_TNIL:
+      case LPAR_TFALSE:
+      case LPAR_TTRUE:
+        break;
+      case LPAR_TFLOAT:
+        if (end - pos < 8)
+          goto giveup;
+        pos += 8;
+        break;
+      case LPAR_TINT:
+      case LPAR_TREF:
+      case LPAR_TSTR:
+        if (pos < end && p[pos] < 0x80)
+          u = p[pos++];
+        else if (lpar_codec_getvarint(ds->p, end, &pos, &u) != 0)
+          goto giveup;
+        if (tag == LPAR_TSTR) {
+          if (u > end - pos)
+            goto giveup;
+          pos += (size_t)u;
+        }
+        break;
+      case LPAR_TTABLE:
+        if (d + 1 >= SCANDEPTH ||
+            lpar_codec_getvarint(ds->p, end, &pos, &u) != 0)
+          goto giveup;
+        d++;
+        left[d] = u;
+        inpairs[d] = 0;
+        continue; /* the table counts as a value at its end */
+      default:
+        goto giveup;
+      }
+    }
+    if (inpairs[d]) /* one value done at level d */
+      iskey[d] = !iskey[d];
+    else
+      left[d]--;
+  }
+giveup:
+  ds->scan -= pos - ds->pos;
+  return 0;
+}
 
 /* Push the value at ds->pos and move past it: 0, or -1 with a message
    pushed. */
@@ -520,7 +612,7 @@ static int dectable(DecState *ds) {
   if (pre > INT_MAX)
     pre = INT_MAX;
   ds->budget -= pre;
-  lua_createtable(L, (int)pre, 0);
+  lua_createtable(L, (int)pre, (int)countpairs(ds, n));
   t = lua_gettop(L);
   if (lua_isnil(L, ds->refs)) {
     lua_newtable(L);
@@ -574,6 +666,7 @@ int lpar_codec_decode(lua_State *L, const char *p, size_t len, size_t *pos) {
   ds.len = len;
   ds.pos = *pos;
   ds.budget = *pos <= len ? len - *pos : 0;
+  ds.scan = ds.budget + LOOKAHEAD;
   ds.refs = base;
   ds.ntab = 0;
   ds.depth = 0;
