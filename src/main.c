@@ -878,14 +878,20 @@ static int l_open(lua_State *L) {
   return 1;
 }
 
-/* split(block, nul) -> {records}: in a worker, the records of a batch,
-   each without its separator (and a CR before a newline). */
+/* split(block, nul [, t]) -> t, n: in a worker, the n records of a
+   batch, each without its separator (and a CR before a newline), in t[1]
+   to t[n] (a new table if t is not given). */
 static int l_split(lua_State *L) {
   size_t len;
   const char *s = luaL_checklstring(L, 1, &len), *end = s + len;
   int sep = lua_toboolean(L, 2) ? '\0' : '\n';
   lua_Integer k = 0;
-  lua_createtable(L, 64, 0);
+  if (lua_istable(L, 3))
+    lua_settop(L, 3);
+  else {
+    lua_settop(L, 2);
+    lua_createtable(L, 64, 0);
+  }
   while (s < end) {
     const char *e = memchr(s, sep, (size_t)(end - s));
     size_t n;
@@ -895,10 +901,11 @@ static int l_split(lua_State *L) {
     if (sep == '\n' && e < end && n > 0 && s[n - 1] == '\r')
       n--;
     lua_pushlstring(L, s, n);
-    lua_rawseti(L, -2, ++k);
+    lua_rawseti(L, 3, ++k);
     s = e + 1;
   }
-  return 1;
+  lua_pushinteger(L, k);
+  return 2;
 }
 
 /* count(path, nul) -> number of records in a regular file, or nil */

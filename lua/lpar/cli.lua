@@ -314,8 +314,8 @@ end
 function M.batcher(map, fmt, nul, halt, timed, c)
   local concat, shorten, clean = table.concat, M.shorten, M.clean
   local split, now, note = c.split, c.now, c.note
-  local out, times = {}, {}
-  local recs, nrec, k, n, t1
+  local out, times, recs = {}, {}, {}
+  local nrec, k, n, t1
   -- the records from k + 1 on, until one fails (one xpcall for all)
   local function loop()
     while k < nrec do
@@ -345,8 +345,8 @@ function M.batcher(map, fmt, nul, halt, timed, c)
   return function(block)
     local t0 = now()
     local parts
-    recs = split(block, nul)
-    nrec, k, n = #recs, 0, 0
+    recs, nrec = split(block, nul, recs)
+    k, n = 0, 0
     while k < nrec do
       local ok, r = xpcall(timed and timedloop or loop, handler)
       if not ok then
