@@ -147,9 +147,9 @@ typedef struct Out {
   int shared;   /* stdout is a terminal too: lift the bar to write */
   /* the joblog: its lines are written up to the last mark, after the
      output they describe, then (with markers) "# out <bytes> <line>" */
-  int logfd;            /* -1 without a joblog */
-  int markers;          /* write the marker lines (output to a file) */
-  char *log;            /* pending joblog text */
+  int logfd;   /* -1 without a joblog */
+  int markers; /* write the marker lines (output to a file) */
+  char *log;   /* pending joblog text */
   size_t logn, logcap;
   size_t logmark;       /* bytes of 'log' up to the last mark */
   long long outbytes;   /* output bytes so far, from the file's start */
@@ -971,24 +971,21 @@ static int l_isolate(lua_State *L) {
   return 0;
 }
 
-static const luaL_Reg readermethods[] = {{"wait", reader_wait},
-                                         {"take", reader_take},
-                                         {"setbatch", reader_setbatch},
-                                         {"skip", reader_skip},
-                                         {"count", reader_count},
-                                         {"items", reader_items},
-                                         {"close", reader_close},
-                                         {NULL, NULL}};
+static const luaL_Reg readermethods[] = {
+    {"wait", reader_wait},         {"take", reader_take},
+    {"setbatch", reader_setbatch}, {"skip", reader_skip},
+    {"count", reader_count},       {"items", reader_items},
+    {"close", reader_close},       {NULL, NULL}};
 
 static const luaL_Reg helpers[] = {{"signals", l_signals},
                                    {"caught", l_caught},
                                    {"startoutput", l_startoutput},
                                    {"write", l_write},
                                    {"writeln", l_writeln},
-    {"log", l_log},
-    {"mark", l_mark},
-    {"redirect", l_redirect},
-    {"joblog", l_joblog},
+                                   {"log", l_log},
+                                   {"mark", l_mark},
+                                   {"redirect", l_redirect},
+                                   {"joblog", l_joblog},
                                    {"report", l_report},
                                    {"bar", l_bar},
                                    {"finish", l_finish},
