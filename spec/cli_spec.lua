@@ -1,6 +1,6 @@
 -- The lpar command, run as a user runs it: the built binary, fixtures in
 -- spec/fixtures/cli/, exit status, stdout and stderr.
-local H = lpar_helper
+local H = require "spec.helper"
 local unistd = require "posix.unistd"
 local poll = require "posix.poll"
 local wait = require "posix.sys.wait"
@@ -517,9 +517,9 @@ describe("lpar usage errors", function()
   end)
 
   it("reports a syntax error as script.lua:line before starting workers", function()
-    local log = tmpname()
-    local err = usage(FIX .. "syntax.lua - " .. log,
-                      "^lpar: " .. FIX:gsub("%p", "%%%0") .. "syntax.lua:4: ")
+    local script = tmpname()
+    writefile(script, "-- a syntax error on line 3\nreturn function(s)\n  return s +\nend\n")
+    local err = usage(script, "^lpar: " .. script:gsub("%p", "%%%0") .. ":4: ")
     assert.equal(1, select(2, err:gsub("\n", "")))
     usage("-e 'return function('", "^lpar: %(command line%):1: ")
   end)
@@ -634,7 +634,7 @@ describe("lpar.imap over an iterator (engine)", function()
     -- Once the time per item is known, a streamed run hands out chunks of
     -- LPAR_MAXSTREAMCHUNK (4096) items whatever that time is (run.c,
     -- chunksize()): here one worker gets nearly all 32 items of 20 ms.
-    local lpar = require "lpar"
+    local engine = require "lpar"
     local time = require "posix.time"
     local i, per = 0, {}
     local function f()
@@ -645,7 +645,7 @@ describe("lpar.imap over an iterator (engine)", function()
       i = i + 1
       if i <= 32 then return i end
     end
-    for _, pid in lpar.imap(f, items, {n_workers = 4}) do
+    for _, pid in engine.imap(f, items, {n_workers = 4}) do
       per[pid] = (per[pid] or 0) + 1
     end
     for _, n in pairs(per) do assert.is_true(n <= 16) end
@@ -657,18 +657,18 @@ describe("lpar.imap over an iterator (engine)", function()
     -- ends the run when its input is quiet for 50 ms and starts another;
     -- the engine needs a way for the iterator to say 'nothing yet' (and a
     -- fd to poll with the workers) to keep one run.
-    local lpar = require "lpar"
+    local engine = require "lpar"
     local r, w = unistd.pipe()
     unistd.write(w, "1\n")
-    local got
     local function items()
       if poll.rpoll(r, 5000) == 1 then return unistd.read(r, 2) end
     end
     local t0 = H.now()
-    for _, v in lpar.imap(function(x) return x end, items, {n_workers = 2}) do
-      got = H.now() - t0
-      break
-    end
+    local step, state, init, closing = engine.imap(function(x) return x end, items,
+                                                   {n_workers = 2})
+    step(state, init)
+    local got = H.now() - t0
+    local _ <close> = closing
     unistd.close(w)
     unistd.close(r)
     assert.is_true(got < 1)
