@@ -376,6 +376,13 @@ describe("lpar failures", function()
     assert.matches("lpar: line 2: timed out after 0.3 s", err)
   end)
 
+  it("fails an item that needs more than --max-memory and goes on", function()
+    local code, out, err = lpar("--max-memory 64M " .. FIX .. "hog.lua", "a\nhog\nb\n")
+    assert.equal(1, code)
+    assert.equal("a\nb\n", out)
+    assert.matches('lpar: line 2 %("hog"%): not enough memory %(limit 64M%)', err)
+  end)
+
   it("fails with status 2 when init fails in a worker", function()
     local code, out, err = lpar(FIX .. "badinit.lua", "a\n")
     assert.equal(2, code)
@@ -500,6 +507,8 @@ describe("lpar usage errors", function()
     usage("--resume --joblog x --unordered -o y " .. FIX .. "upper.lua",
           "%-%-resume needs ordered output")
     usage("--retries -1 " .. FIX .. "upper.lua", "bad value for '%-%-retries'")
+    usage("--max-memory 10K " .. FIX .. "upper.lua", "bad value for '%-%-max%-memory'")
+    usage("--max-memory lots " .. FIX .. "upper.lua", "bad value for '%-%-max%-memory'")
   end)
 
   it("needs a script", function()
@@ -627,13 +636,10 @@ describe("lpar and signals", function()
   end)
 end)
 
--- Engine behaviour that the CLI works around; these show it for the
--- engine's owner and are pending until the engine changes.
+-- Engine behaviour the CLI relies on, or works around (pending until the
+-- engine changes).
 describe("lpar.imap over an iterator (engine)", function()
   it("spreads slow items over the workers", function()
-    -- Once the time per item is known, a streamed run hands out chunks of
-    -- LPAR_MAXSTREAMCHUNK (4096) items whatever that time is (run.c,
-    -- chunksize()): here one worker gets nearly all 32 items of 20 ms.
     local engine = require "lpar"
     local time = require "posix.time"
     local i, per = 0, {}

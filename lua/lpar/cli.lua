@@ -24,6 +24,8 @@ options:
       --timeout SECS  stop an item that runs longer than SECS seconds
       --halt          stop at the first failed item
       --retries N     try a failed item up to N more times on fresh workers
+      --max-memory SIZE  limit each worker's Lua memory (like 512M); an
+                      item that needs more fails
   -o, --output FILE   write the results to FILE instead of stdout
       --joblog FILE   record each item: line, status, seconds, attempts
       --resume        go on from where a run with the same --joblog and
@@ -72,6 +74,16 @@ local function count(name, v)
   return n
 end
 
+local function memsize(name, v)
+  local n, unit = v:match("^(%d+%.?%d*)([KMG]?)i?B?$")
+  local power = unit and (unit == "" and 0 or ("KMG"):find(unit, 1, true))
+  if not n or tonumber(n) * 1024 ^ power < 1024 * 1024 then
+    return nil, ("bad value for '%s': '%s' (expected a size of at least 1M, " ..
+                 "like 512M)"):format(name, v)
+  end
+  return v
+end
+
 local function seconds(name, v)
   local n = tonumber(v)
   if not n or n ~= n or n <= 0 or n > 1e9 then
@@ -86,9 +98,10 @@ local valued = {
   ["-j"] = "jobs", ["--jobs"] = "jobs", ["--chunk"] = "chunk",
   ["--timeout"] = "timeout", ["-e"] = "code", ["--retries"] = "retries",
   ["-o"] = "output", ["--output"] = "output", ["--joblog"] = "joblog",
+  ["--max-memory"] = "maxmem",
 }
 local checks = {jobs = posint, chunk = posint, timeout = seconds,
-                retries = count}
+                retries = count, maxmem = memsize}
 local flags = {
   ["--unordered"] = "unordered", ["--halt"] = "halt", ["-0"] = "nul",
   ["--null"] = "nul", ["--progress"] = "progress", ["--version"] = "version",
@@ -311,7 +324,7 @@ end
 -- 'timed' it always returns the table, its field 'times' the seconds each
 -- record took (string.pack'ed doubles). It tells the parent (note) the
 -- time a record took.
-function M.batcher(map, fmt, nul, halt, timed, c)
+function M.batcher(map, fmt, nul, halt, timed, c, maxmem)
   local concat, shorten, clean = table.concat, M.shorten, M.clean
   local split, now, note = c.split, c.now, c.note
   local out, times, recs = {}, {}, {}
@@ -350,7 +363,12 @@ function M.batcher(map, fmt, nul, halt, timed, c)
     while k < nrec do
       local ok, r = xpcall(timed and timedloop or loop, handler)
       if not ok then
-        if type(r) ~= "table" then r = {tostring(r), ""} end
+        if type(r) ~= "table" then -- a memory error skips the handler
+          r = {tostring(r), ""}
+          if maxmem and r[1] == "not enough memory" then
+            r[1] = ("not enough memory (limit %s)"):format(maxmem)
+          end
+        end
         if timed then times[k] = now() - t1 end
         parts = parts or {}
         if n > 0 then
@@ -508,7 +526,7 @@ function M.run(o, c, reader, countpath, map, init, close)
   local isolate, now = c.isolate, c.now
   local opts = {
     n_workers = o.jobs, on_error = "collect", unordered = o.unordered or nil,
-    timeout = o.timeout,
+    timeout = o.timeout, max_memory = o.maxmem,
     init = function()
       isolate()
       if init then init() end
@@ -548,7 +566,7 @@ function M.run(o, c, reader, countpath, map, init, close)
   local write, writeln, report, mark = c.write, c.writeln, c.report, c.mark
   local failed, halted, haltline = 0, false, nil
   local items = reader:items()
-  local batchf = M.batcher(map, fmt, nul, halt, logging, c)
+  local batchf = M.batcher(map, fmt, nul, halt, logging, c, o.maxmem)
   local single = M.mapper(map, fmt, now)
   local singleopts = {}
   for k, v in pairs(opts) do singleopts[k] = v end
