@@ -182,6 +182,19 @@ describe("lpar output", function()
     assert.equal(input, out)
   end)
 
+  it("spreads items that turn slow over the workers", function()
+    local input = ("q\n"):rep(5000) .. ("s\n"):rep(24)
+    local code, out = lpar("-j4 " .. FIX .. "turns.lua", input)
+    assert.equal(0, code)
+    local pids, n = {}, 0
+    for pid in out:gmatch("%d+") do
+      if not pids[pid] then n = n + 1 end
+      pids[pid] = true
+    end
+    assert.equal(24, #lines(out))
+    assert.is_true(n >= 3, n .. " workers ran the slow items")
+  end)
+
   it("sends what f prints to stderr, not among the results", function()
     local code, out, err = lpar(FIX .. "noisy.lua", "a\nb\n")
     assert.equal(0, code)

@@ -317,19 +317,26 @@ function M.mapper(map, fmt, now)
   end
 end
 
+-- A worker that has spent this long on a batch (s) stops at the next
+-- record and gives the rest back: items that were quick and turn slow do
+-- not stay in a batch sized for quick ones.
+M.budget = 0.05
+
 -- The function the workers run on a batch (a block of records, see
--- main.c): returns the output (lines, each ended by a newline) or, if a
--- record failed, a table of parts: output text, or {k, failure} for the
--- batch's k-th record. With 'halt' it stops at the first failure. With
--- 'timed' it always returns the table, its field 'times' the seconds each
--- record took (string.pack'ed doubles). It tells the parent (note) the
--- time a record took.
+-- main.c): returns the output (lines, each ended by a newline) or a table
+-- of parts: output text, or {k, failure} for the batch's k-th record; its
+-- field 'rest', if set, is the first record it did not run (out of
+-- budget). With 'halt' it stops at the first failure. With 'timed' it
+-- always returns the table, its field 'times' the seconds each record
+-- took (string.pack'ed doubles). It tells the parent (note) the time a
+-- record took.
 function M.batcher(map, fmt, nul, halt, timed, c, maxmem)
-  local concat, shorten, clean = table.concat, M.shorten, M.clean
+  local concat, shorten, clean, budget = table.concat, M.shorten, M.clean, M.budget
   local split, now, note = c.split, c.now, c.note
   local out, times, recs = {}, {}, {}
-  local nrec, k, n, t1
-  -- the records from k + 1 on, until one fails (one xpcall for all)
+  local nrec, k, n, t0, t1, over
+  -- the records from k + 1 on, until one fails (one xpcall for all) or the
+  -- budget is spent
   local function loop()
     while k < nrec do
       k = k + 1
@@ -338,6 +345,10 @@ function M.batcher(map, fmt, nul, halt, timed, c, maxmem)
         n = n + 1
         out[n] = r
       end
+      if now() - t0 > budget and k < nrec then
+        over = true
+        return
+      end
     end
   end
   local function timedloop()
@@ -345,10 +356,15 @@ function M.batcher(map, fmt, nul, halt, timed, c, maxmem)
       k = k + 1
       t1 = now()
       local r = fmt(map(recs[k]))
-      times[k] = now() - t1
+      local t2 = now()
+      times[k] = t2 - t1
       if r ~= nil then
         n = n + 1
         out[n] = r
+      end
+      if t2 - t0 > budget and k < nrec then
+        over = true
+        return
       end
     end
   end
@@ -356,11 +372,11 @@ function M.batcher(map, fmt, nul, halt, timed, c, maxmem)
     return {errortext(e), debug.traceback("", 2):sub(2)}
   end
   return function(block)
-    local t0 = now()
     local parts
+    t0, over = now(), false
     recs, nrec = split(block, nul, recs)
     k, n = 0, 0
-    while k < nrec do
+    while k < nrec and not over do
       local ok, r = xpcall(timed and timedloop or loop, handler)
       if not ok then
         if type(r) ~= "table" then -- a memory error skips the handler
@@ -378,21 +394,20 @@ function M.batcher(map, fmt, nul, halt, timed, c, maxmem)
         end
         parts[#parts + 1] = {k, packfailure(shorten(recs[k]),
                                             (r[1]:gsub("%z", "\\0")), clean(r[2]))}
-        if halt then
-          nrec = k
-          break
-        end
+        if halt then break end
+        if now() - t0 > budget and k < nrec then over = true end
       end
     end
-    note(t0, nrec)
+    note(t0, k)
     local text = ""
     if n > 0 then
       out[n + 1] = ""
       text = concat(out, "\n", 1, n + 1)
     end
-    if timed then
+    if timed or over then
       parts = parts or {}
-      parts.times = string.pack(("d"):rep(nrec), table.unpack(times, 1, nrec))
+      if timed then parts.times = string.pack(("d"):rep(k), table.unpack(times, 1, k)) end
+      if over then parts.rest = k + 1 end
     elseif not parts then
       return text
     end
@@ -610,10 +625,13 @@ function M.run(o, c, reader, countpath, map, init, close)
     failure(line, e, secs, retries + 1)
   end
 
-  -- The engine lost a batch (its worker died, or it ran past the
-  -- timeout): run its records again one by one, which names the culprit.
-  local function rerun(first, block)
+  -- Run records from..n of a batch one by one, on fresh workers: when the
+  -- engine lost the batch (its worker died, or it ran past the timeout),
+  -- which names the culprit; or when the batch ran out of budget.
+  local function rerun(first, block, from)
     local recs = c.split(block, nul)
+    if from > 1 then recs = table.move(recs, from, #recs, 1, {}) end
+    first = first + from - 1
     for j, v, e in lpar.imap(single, recs, singleopts) do
       if v ~= nil then
         if v[1] ~= nil then writeln(v[1]) end
@@ -637,7 +655,7 @@ function M.run(o, c, reader, countpath, map, init, close)
       if n == 1 then
         again(first, c.split(block, nul)[1], e, nil)
       else
-        rerun(first, block)
+        rerun(first, block, 1)
       end
       return
     end
@@ -660,7 +678,8 @@ function M.run(o, c, reader, countpath, map, init, close)
         if halted then return end
       end
     end
-    logok(first, from, n, times)
+    logok(first, from, (r.rest or n + 1) - 1, times)
+    if r.rest then rerun(first, block, r.rest) end
   end
 
   local function batch()
