@@ -353,15 +353,22 @@ static int enctable(EncState *es, int idx) {
 
 int lpar_codec_encode(lua_State *L, int idx, Buf *b) {
   EncState es;
-  int top, rc;
-  idx = lua_absindex(L, idx);
-  top = lua_gettop(L);
+  int top, rc, t = lua_type(L, idx);
   es.L = L;
   es.b = b;
   es.seen = 0;
   es.ntab = 0;
   es.depth = 0;
   es.errrc = 0;
+  if (t == LUA_TNIL || t == LUA_TBOOLEAN || t == LUA_TNUMBER ||
+      t == LUA_TSTRING) { /* the common case, with no stack to restore */
+    if (encvalue(&es, idx) == 0)
+      return 0;
+    lua_pushliteral(L, "not enough memory");
+    return -1;
+  }
+  idx = lua_absindex(L, idx);
+  top = lua_gettop(L);
   rc = encvalue(&es, idx);
   if (rc == 0) {
     lua_settop(L, top);
@@ -658,6 +665,24 @@ static int dectable(DecState *ds) {
 int lpar_codec_decode(lua_State *L, const char *p, size_t len, size_t *pos) {
   DecState ds;
   int base;
+  if (*pos < len && (unsigned char)p[*pos] != LPAR_TTABLE &&
+      (unsigned char)p[*pos] != LPAR_TREF) {
+    /* a scalar: no table of references, no stack to tidy */
+    luaL_checkstack(L, 1, "no room to decode a value");
+    ds.L = L;
+    ds.p = p;
+    ds.len = len;
+    ds.pos = *pos;
+    ds.budget = 0;
+    ds.scan = 0;
+    ds.refs = 0;
+    ds.ntab = 0;
+    ds.depth = 0;
+    if (decvalue(&ds))
+      return -1; /* the message is pushed */
+    *pos = ds.pos;
+    return 0;
+  }
   luaL_checkstack(L, 4, "no room to decode a value");
   lua_pushnil(L); /* placeholder for the table of references */
   base = lua_gettop(L);
