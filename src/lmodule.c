@@ -303,21 +303,33 @@ static int imapnext(lua_State *L) {
   return lua_gettop(L) - 1;
 }
 
-/* Serial imap: (state) -> index, value, error, for n_workers = 0. */
+/* The serial imap is done: run its close hook (upvalue 5) once. */
+static int imapdone(lua_State *L) {
+  if (!lua_isnil(L, lua_upvalueindex(5))) {
+    lua_pushvalue(L, lua_upvalueindex(5));
+    lua_pushnil(L);
+    lua_replace(L, lua_upvalueindex(5));
+    lua_call(L, 0, 0);
+  }
+  return 0;
+}
+
+/* Serial imap: (state) -> index, value, error, for n_workers = 0.
+   Upvalues: f, items, collect, n, close. */
 static int imapserial(lua_State *L) {
   lua_Integer i = luaL_optinteger(L, 2, 0) + 1;
   int collect = lua_toboolean(L, lua_upvalueindex(3));
   lua_settop(L, 0);
   if (lua_type(L, lua_upvalueindex(2)) == LUA_TTABLE) {
     if (i > (lua_Integer)lua_tointeger(L, lua_upvalueindex(4)))
-      return 0;
+      return imapdone(L);
     lua_geti(L, lua_upvalueindex(2), i);
   }
   else {
     lua_pushvalue(L, lua_upvalueindex(2));
     lua_call(L, 0, 1);
     if (lua_isnil(L, -1))
-      return 0;
+      return imapdone(L);
   }
   lua_pushcfunction(L, lpar_worker_traceback);
   lua_pushvalue(L, lua_upvalueindex(1));
@@ -352,10 +364,12 @@ static int l_imap(lua_State *L) {
       lua_pushvalue(L, 3);
       lua_call(L, 0, 0);
     }
-    lua_settop(L, 2);
+    lua_pushvalue(L, 1);
+    lua_pushvalue(L, 2);
     lua_pushboolean(L, o.collect);
     lua_pushinteger(L, n);
-    lua_pushcclosure(L, imapserial, 4);
+    lua_pushvalue(L, 4); /* close, run when the items run out */
+    lua_pushcclosure(L, imapserial, 5);
     return 1;
   }
   lpar_run_new(L, 1, 2, n, &o); /* 3: the run replaces init, close */
