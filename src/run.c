@@ -64,6 +64,7 @@ typedef struct Run {
   RunOpts o;
   int stream;          /* items come from an iterator */
   int emitting;        /* results are taken one by one (lpar.imap) */
+  int sized;           /* the results table was made at its full size */
   int cap;             /* most workers to run at once */
   int started;         /* signals changed, slots mapped */
   int stopped;
@@ -152,7 +153,7 @@ void lpar_run_new(lua_State *L, int fidx, int iidx, lua_Integer n,
   r->next = 1;
   r->emit = 1;
   lua_createtable(L, 6, 0);
-  lua_createtable(L, n > 0 && n < INT32_MAX ? (int)n : 0, 0);
+  lua_newtable(L); /* sized when the first result comes, after a fork */
   lua_rawseti(L, -2, ENV_RESULTS);
   lua_newtable(L);
   lua_rawseti(L, -2, ENV_ERRORS);
@@ -459,6 +460,15 @@ static void store(lua_State *L, Run *r, lua_Integer i) {
     r->fin[(i - 1) % LPAR_WINDOW] = 1;
     if (r->o.unordered)
       r->queue[r->qtail++ % LPAR_WINDOW] = i;
+  }
+  if (!r->sized && !r->stream) {
+    /* made now rather than before the first fork, so that filling it
+       does not copy pages the parent shares with its workers */
+    r->sized = 1;
+    lua_createtable(L, r->n < INT32_MAX ? (int)r->n : 0, 0);
+    lua_pushvalue(L, -1);
+    lua_rawseti(L, S_ENV, ENV_RESULTS);
+    lua_replace(L, S_RESULTS);
   }
   if (lua_isnil(L, -1))
     lua_pop(L, 1);
