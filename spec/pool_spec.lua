@@ -582,7 +582,10 @@ describe("pool faults", function()
       end
       return x
     end, range(4), {chunksize = 1})
-    assert.is_true(eventually(pool, function() return job:progress() == 3 end))
+    -- the other items are done and item 1's worker has written its pid
+    assert.is_true(eventually(pool, function()
+      return job:progress() == 3 and tonumber(slurp(path)) ~= nil
+    end))
     local victim = tonumber(slurp(path))
     os.remove(path)
     signal.kill(victim, signal.SIGKILL)
