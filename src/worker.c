@@ -48,6 +48,7 @@ typedef struct WState {
   uint32_t count;    /* results in 'out' */
   long long mark;    /* when the items of 'out' began to run */
   char limitname[32]; /* the memory limit, as "512 MiB" */
+  int bigresults;     /* malloc was told to keep freed memory */
   Buf in;            /* last frame received */
 } WState;
 
@@ -171,6 +172,24 @@ static void senderror(WState *ws, lua_Integer i) {
 }
 
 /*
+** Results this big are built and dropped item after item: from now on
+** keep freed memory for reuse, since fresh pages cost a fault each. (Not
+** done at start: it walks the malloc heap, copying pages shared with the
+** parent.)
+*/
+static void keepmemory(WState *ws) {
+#if defined(__GLIBC__)
+  if (!ws->bigresults) {
+    ws->bigresults = 1;
+    mallopt(M_MMAP_THRESHOLD, 32 << 20);
+    mallopt(M_TRIM_THRESHOLD, 256 << 20);
+  }
+#else
+  (void)ws;
+#endif
+}
+
+/*
 ** Call the function and item pushed on the stack (both popped) for item
 ** 'i'. Returns 0, or 1 if the item failed.
 */
@@ -190,8 +209,10 @@ static int runitem(WState *ws, lua_Integer i) {
     if (lpar_codec_encode(L, -1, &ws->out) == 0) {
       lua_pop(L, 1);
       ws->count++;
-      if (ws->out.n >= LPAR_FLUSHSIZE)
+      if (ws->out.n >= LPAR_FLUSHSIZE) {
+        keepmemory(ws);
         flush(ws);
+      }
       return 0;
     }
     /* the result cannot travel: an error for this item */
@@ -316,13 +337,7 @@ _Noreturn void lpar_worker_run(lua_State *L, const WorkerArgs *a) {
   int status;
   memset(&ws, 0, sizeof ws);
   lpar_worker_mark(L);
-#if defined(__GLIBC__)
-  /* keep freed memory for reuse: big results are built and dropped item
-     after item, and fresh pages cost a fault each */
-  mallopt(M_MMAP_THRESHOLD, 32 << 20);
-  mallopt(M_TRIM_THRESHOLD, 256 << 20);
-#endif
-  if (lpar_buf_reserve(&ws.out, LPAR_FLUSHSIZE + RESHDR) != 0)
+  if (lpar_buf_reserve(&ws.out, 4096) != 0)
     _exit(3);
   if (a->maxmem > 0) { /* lives as long as the process: run never returns */
     static Limit lim;
