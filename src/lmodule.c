@@ -36,9 +36,8 @@ static lua_Integer getcount(lua_State *L, int arg, const char *what) {
                                   luaL_typename(L, -1)));
   v = lua_tointegerx(L, -1, &isnum);
   if (!isnum || v < 0)
-    luaL_argerror(L, arg,
-                  lua_pushfstring(L, "%s must be a non-negative integer",
-                                  what));
+    luaL_argerror(
+        L, arg, lua_pushfstring(L, "%s must be a non-negative integer", what));
   lua_pop(L, 1);
   return v;
 }
@@ -81,10 +80,9 @@ static size_t getsize(lua_State *L, int arg) {
   return (size_t)v;
 }
 
-static const char *const optnames[] = {"n_workers", "chunksize", "on_error",
-                                       "timeout", "unordered", "init",
-                                       "close", "sigterm", "retries",
-                                       "max_memory", NULL};
+static const char *const optnames[] = {
+    "n_workers", "chunksize", "on_error", "timeout",    "unordered", "init",
+    "close",     "sigterm",   "retries",  "max_memory", NULL};
 
 /* Read the options at 'arg': nil, a worker count, or a table. */
 static void getopts(lua_State *L, int arg, RunOpts *o) {
@@ -102,7 +100,8 @@ static void getopts(lua_State *L, int arg, RunOpts *o) {
     lua_pushnil(L);
     while (lua_next(L, arg)) {
       int i;
-      const char *name = lua_type(L, -2) == LUA_TSTRING ? lua_tostring(L, -2) : NULL;
+      const char *name =
+          lua_type(L, -2) == LUA_TSTRING ? lua_tostring(L, -2) : NULL;
       lua_pop(L, 1);
       for (i = 0; name && optnames[i] && strcmp(optnames[i], name) != 0; i++)
         ;

@@ -47,52 +47,52 @@ typedef struct Range {
 } Range;
 
 typedef struct Worker {
-  Proc proc;         /* proc.pid == 0: nobody in this place */
-  lua_Integer first; /* chunk being run */
-  lua_Integer count; /* items in it; 0 when idle */
-  lua_Integer got;   /* items of it reported so far */
-  long long sent;    /* when it was sent */
-  long long busy;    /* ns the worker reports spending on it so far */
-  Buf in;            /* bytes received and not yet handled */
-  Buf out;           /* bytes to send */
-  size_t outpos;     /* bytes of 'out' already sent */
+  Proc proc;            /* proc.pid == 0: nobody in this place */
+  lua_Integer first;    /* chunk being run */
+  lua_Integer count;    /* items in it; 0 when idle */
+  lua_Integer got;      /* items of it reported so far */
+  long long sent;       /* when it was sent */
+  long long busy;       /* ns the worker reports spending on it so far */
+  Buf in;               /* bytes received and not yet handled */
+  Buf out;              /* bytes to send */
+  size_t outpos;        /* bytes of 'out' already sent */
   lua_Integer timedout; /* item it was killed for, 0 if none */
-  long long killat;  /* if > 0: SIGKILL due at this time */
+  long long killat;     /* if > 0: SIGKILL due at this time */
 } Worker;
 
 typedef struct Run {
   RunOpts o;
-  int stream;          /* items come from an iterator */
-  int emitting;        /* results are taken one by one (lpar.imap) */
-  int sized;           /* the results table was made at its full size */
-  int cap;             /* most workers to run at once */
-  int started;         /* signals changed, slots mapped */
+  int stream;   /* items come from an iterator */
+  int emitting; /* results are taken one by one (lpar.imap) */
+  int sized;    /* the results table was made at its full size */
+  int cap;      /* most workers to run at once */
+  int started;  /* signals changed, slots mapped */
   int stopped;
-  int live;            /* workers running */
-  Worker *w;           /* o.nworkers places */
+  int live;  /* workers running */
+  Worker *w; /* o.nworkers places */
   Slot *slots;
   struct pollfd *pfd;
-  int *pfdw;           /* worker of each pollfd */
-  lua_Integer n;       /* items: known count, or pulled so far */
-  lua_Integer next;    /* next item never handed out */
-  int exhausted;       /* the iterator returned nil */
-  Range *redo;         /* items to hand out again */
+  int *pfdw;        /* worker of each pollfd */
+  lua_Integer n;    /* items: known count, or pulled so far */
+  lua_Integer next; /* next item never handed out */
+  int exhausted;    /* the iterator returned nil */
+  Range *redo;      /* items to hand out again */
   int nredo, capredo;
-  lua_Integer done;    /* items reported */
-  lua_Integer emit;    /* next index to emit (imap) */
-  unsigned char *fin;  /* ring of LPAR_WINDOW flags: item done (imap) */
-  lua_Integer *queue;  /* ring of done indices (unordered imap) */
+  lua_Integer done;   /* items reported */
+  lua_Integer emit;   /* next index to emit (imap) */
+  unsigned char *fin; /* ring of LPAR_WINDOW flags: item done (imap) */
+  lua_Integer *queue; /* ring of done indices (unordered imap) */
   lua_Integer qhead, qtail;
-  double tns;          /* estimated ns per item; 0 until measured */
-  int failed;          /* an item failed and the run must stop */
-  int lost;            /* workers lost without a culprit */
-  pid_t *retired;      /* workers told to leave, to reap at the end */
+  double tns;     /* estimated ns per item; 0 until measured */
+  int failed;     /* an item failed and the run must stop */
+  int lost;       /* workers lost without a culprit */
+  pid_t *retired; /* workers told to leave, to reap at the end */
   int nretired, capretired;
   struct sigaction oldint;
   sigset_t oldmask;
   int ignint;
   struct sigaction oldterm;
-  int watchterm;       /* SIGTERM ends the run too (the CLI) */
+  int watchterm; /* SIGTERM ends the run too (the CLI) */
 } Run;
 
 /* the signal that interrupted the current run; a handler can only reach
@@ -477,8 +477,7 @@ static void store(lua_State *L, Run *r, lua_Integer i) {
   r->done++;
 }
 
-static void addredo(lua_State *L, Run *r, lua_Integer first,
-                    lua_Integer count);
+static void addredo(lua_State *L, Run *r, lua_Integer first, lua_Integer count);
 
 /* Record that item i failed with the error value and traceback at the
    top of the stack (both popped), unless it has retries left: then it is
@@ -909,8 +908,8 @@ static void turn(lua_State *L, Run *r) {
     return;
   if (workleft(r) && r->live < r->cap && !anyidle(r)) {
     int wait = -1;
-    if (r->live == 0 || (events(L, r, 0) == 0 && !r->failed &&
-                         (wait = spawndelay(r)) == 0)) {
+    if (r->live == 0 ||
+        (events(L, r, 0) == 0 && !r->failed && (wait = spawndelay(r)) == 0)) {
       spawn(L, r);
       return;
     }

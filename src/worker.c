@@ -42,14 +42,14 @@ int lpar_worker_traceback(lua_State *L) {
 typedef struct WState {
   lua_State *L;
   const WorkerArgs *a;
-  int msgh;          /* stack index of the message handler */
-  Buf out;           /* results frame being built: header, first, values */
-  lua_Integer first; /* index of the first result in 'out' */
-  uint32_t count;    /* results in 'out' */
-  long long mark;    /* when the items of 'out' began to run */
+  int msgh;           /* stack index of the message handler */
+  Buf out;            /* results frame being built: header, first, values */
+  lua_Integer first;  /* index of the first result in 'out' */
+  uint32_t count;     /* results in 'out' */
+  long long mark;     /* when the items of 'out' began to run */
   char limitname[32]; /* the memory limit, as "512 MiB" */
   int bigresults;     /* malloc was told to keep freed memory */
-  Buf in;            /* last frame received */
+  Buf in;             /* last frame received */
 } WState;
 
 /* a results frame: header, u64 first index, u64 ns spent, values */
@@ -245,8 +245,8 @@ static void *limitalloc(void *ud, void *ptr, size_t osize, size_t nsize) {
   Limit *lim = ud;
   size_t old = ptr ? osize : 0;
   void *p;
-  if (nsize > old && (lim->used > lim->max ||
-                      nsize - old > lim->max - lim->used))
+  if (nsize > old &&
+      (lim->used > lim->max || nsize - old > lim->max - lim->used))
     return NULL; /* Lua collects garbage and tries once more */
   p = lim->f(lim->ud, ptr, osize, nsize);
   if (p != NULL || nsize == 0)
@@ -343,8 +343,8 @@ _Noreturn void lpar_worker_run(lua_State *L, const WorkerArgs *a) {
     static Limit lim;
     double mib = (double)a->maxmem / (1024.0 * 1024.0);
     lim.f = lua_getallocf(L, &lim.ud);
-    lim.used = (size_t)lua_gc(L, LUA_GCCOUNT) * 1024 +
-               (size_t)lua_gc(L, LUA_GCCOUNTB);
+    lim.used =
+        (size_t)lua_gc(L, LUA_GCCOUNT) * 1024 + (size_t)lua_gc(L, LUA_GCCOUNTB);
     lim.max = a->maxmem;
     lua_setallocf(L, limitalloc, &lim);
     if (mib >= 1024 && (a->maxmem & ((1 << 30) - 1)) == 0)

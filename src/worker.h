@@ -9,16 +9,16 @@
 #include "pool.h"
 
 typedef struct WorkerArgs {
-  int cmdfd;    /* read work from here */
-  int resfd;    /* write results here */
-  int fidx;     /* stack index of the function */
-  int itemsidx; /* stack index of the items table, 0 when items travel */
-  int initidx;  /* stack index of a function run once first, or 0 */
-  int closeidx; /* stack index of a function run once last, or 0 */
+  int cmdfd;       /* read work from here */
+  int resfd;       /* write results here */
+  int fidx;        /* stack index of the function */
+  int itemsidx;    /* stack index of the items table, 0 when items travel */
+  int initidx;     /* stack index of a function run once first, or 0 */
+  int closeidx;    /* stack index of a function run once last, or 0 */
   int stoponerror; /* leave a chunk at its first failed item */
-  int timed;    /* note when each item starts (for timeouts) */
-  size_t maxmem; /* Lua heap limit in bytes, 0 for none */
-  Slot *slot;   /* this worker's shared status */
+  int timed;       /* note when each item starts (for timeouts) */
+  size_t maxmem;   /* Lua heap limit in bytes, 0 for none */
+  Slot *slot;      /* this worker's shared status */
 } WorkerArgs;
 
 /* Mark 'L' as living in a worker (a nested parallel runs serially). */
