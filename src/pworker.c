@@ -90,64 +90,6 @@ static void flush(PState *ps, int ready) {
   startresults(ps, ps->first + ps->count);
 }
 
-/*
-** Push a traceback of levels 'from' .. 'to'-1 of L: the user's code only,
-** not the levels of the parent's code the worker was forked inside.
-*/
-static void traceback(lua_State *L, int from, int to) {
-  luaL_Buffer B;
-  lua_Debug ar;
-  int level;
-  luaL_buffinit(L, &B);
-  luaL_addstring(&B, "stack traceback:");
-  for (level = from; level < to && lua_getstack(L, level, &ar); level++) {
-    lua_getinfo(L, "Slnt", &ar);
-    if (ar.currentline > 0)
-      lua_pushfstring(L, "\n\t%s:%d: in ", ar.short_src, ar.currentline);
-    else
-      lua_pushfstring(L, "\n\t%s: in ", ar.short_src);
-    luaL_addvalue(&B);
-    if (*ar.namewhat != '\0')
-      lua_pushfstring(L, "%s '%s'", ar.namewhat, ar.name);
-    else if (*ar.what == 'm')
-      lua_pushliteral(L, "main chunk");
-    else if (*ar.what != 'C')
-      lua_pushfstring(L, "function <%s:%d>", ar.short_src, ar.linedefined);
-    else
-      lua_pushliteral(L, "?");
-    luaL_addvalue(&B);
-    if (ar.istailcall)
-      luaL_addstring(&B, "\n\t(...tail calls...)");
-  }
-  luaL_pushresult(&B);
-}
-
-/* Message handler: error -> {error, traceback}. Upvalue 1 is the depth
-   of the serving loop, whose levels are left out. */
-static int msghandler(lua_State *L) {
-  lua_Debug ar;
-  int depth = 0, base = (int)lua_tointeger(L, lua_upvalueindex(1));
-  while (lua_getstack(L, depth, &ar))
-    depth++;
-  lua_createtable(L, 2, 0);
-  lua_pushvalue(L, 1);
-  lua_rawseti(L, -2, 1);
-  traceback(L, 1, depth - base);
-  lua_rawseti(L, -2, 2);
-  return 1;
-}
-
-/* Replace the {error, traceback} pair at the top by its two values. */
-static void unpackerror(lua_State *L) {
-  if (lua_type(L, -1) == LUA_TTABLE && lua_rawlen(L, -1) == 2) {
-    lua_rawgeti(L, -1, 1);
-    lua_rawgeti(L, -2, 2);
-    lua_remove(L, -3);
-  }
-  else
-    lua_pushnil(L); /* an error in the handler itself */
-}
-
 /* Send ERROR for item 'i' (0: init or the function failed to load):
    error value and traceback at the top of the stack (both popped). */
 static void senderror(PState *ps, lua_Integer i) {
@@ -204,7 +146,7 @@ static int runitem(PState *ps, lua_Integer i) {
     lua_pushnil(L); /* no traceback */
   }
   else
-    unpackerror(L);
+    lpar_worker_unpackerror(L);
   senderror(ps, i);
   return 1;
 }
@@ -229,7 +171,7 @@ static void call(PState *ps, const Frame *f) {
     lua_replace(L, ps->fidx);
     return;
   }
-  unpackerror(L);
+  lpar_worker_unpackerror(L);
   lua_pushfstring(L, "cannot load the function: %s",
                   lua_isstring(L, -2) ? lua_tostring(L, -2) : "?");
   lua_replace(L, -3);
@@ -281,21 +223,16 @@ static int hook(PState *ps, int idx) {
   lua_pushvalue(L, idx);
   if (lua_pcall(L, 0, 0, ps->msgh) == LUA_OK)
     return 0;
-  unpackerror(L);
+  lpar_worker_unpackerror(L);
   return 1;
 }
 
 /* Stack: init, close (nil when absent), PState. */
 static int workermain(lua_State *L) {
   PState *ps = lua_touserdata(L, 3);
-  lua_Debug ar;
-  int depth = 0;
   Frame f;
   char h[LPAR_HDRSIZE];
-  while (lua_getstack(L, depth, &ar))
-    depth++;
-  lua_pushinteger(L, depth);
-  lua_pushcclosure(L, msghandler, 1);
+  lpar_worker_pushmsgh(L);
   ps->msgh = lua_gettop(L);
   lua_pushnil(L);
   ps->fidx = lua_gettop(L);

@@ -132,8 +132,16 @@ static int msghandler(lua_State *L) {
   return 1;
 }
 
-/* Replace the {error, traceback} pair at the top by its two values. */
-static void unpackerror(lua_State *L) {
+void lpar_worker_pushmsgh(lua_State *L) {
+  lua_Debug ar;
+  int depth = 0;
+  while (lua_getstack(L, depth, &ar))
+    depth++;
+  lua_pushinteger(L, depth);
+  lua_pushcclosure(L, msghandler, 1);
+}
+
+void lpar_worker_unpackerror(lua_State *L) {
   if (lua_type(L, -1) == LUA_TTABLE && lua_rawlen(L, -1) == 2) {
     lua_rawgeti(L, -1, 1);
     lua_rawgeti(L, -2, 2);
@@ -223,7 +231,7 @@ static int runitem(WState *ws, lua_Integer i) {
     lua_pushnil(L); /* no traceback */
   }
   else {
-    unpackerror(L);
+    lpar_worker_unpackerror(L);
     if (status == LUA_ERRMEM && ws->a->maxmem > 0) { /* name the limit */
       lua_pushfstring(L, "not enough memory (limit %s)", ws->limitname);
       lua_replace(L, -3);
@@ -307,19 +315,14 @@ static int hook(WState *ws, int idx) {
   lua_pushvalue(L, idx);
   if (lua_pcall(L, 0, 0, ws->msgh) == LUA_OK)
     return 0;
-  unpackerror(L);
+  lpar_worker_unpackerror(L);
   return 1;
 }
 
 /* Stack: f, items, init, close (nil when absent), WState. */
 static int workermain(lua_State *L) {
   WState *ws = lua_touserdata(L, 5);
-  lua_Debug ar;
-  int depth = 0;
-  while (lua_getstack(L, depth, &ar))
-    depth++;
-  lua_pushinteger(L, depth);
-  lua_pushcclosure(L, msghandler, 1);
+  lpar_worker_pushmsgh(L);
   ws->msgh = lua_gettop(L);
   if (!lua_isnil(L, 3) && hook(ws, 3)) {
     senderror(ws, 0); /* index 0: init failed */

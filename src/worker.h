@@ -31,6 +31,18 @@ int lpar_worker_inside(lua_State *L);
 */
 _Noreturn void lpar_worker_run(lua_State *L, const WorkerArgs *a);
 
+/*
+** Push the message handler a worker runs user code under: it turns an
+** error into {error, traceback}, the traceback holding only the levels
+** above the caller of this function (not the parent's code the worker was
+** forked inside).
+*/
+void lpar_worker_pushmsgh(lua_State *L);
+
+/* Replace the {error, traceback} pair at the top of the stack by its two
+   values (error, then traceback or nil). */
+void lpar_worker_unpackerror(lua_State *L);
+
 /* Message handler for serial runs: error -> "msg\ntraceback". */
 int lpar_worker_traceback(lua_State *L);
 
