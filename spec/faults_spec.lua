@@ -107,6 +107,41 @@ describe("worker faults", function()
     complete(r, 6, {})
   end)
 
+  it("drops a result cut off by the worker's death and runs its item again", function()
+    local flag = os.tmpname()
+    os.remove(flag)
+    local block = string.rep("z", 1 << 16)
+    local r, n, errs = lpar.parallel(function(x)
+      if x == 1 and not io.open(flag) then
+        io.open(flag, "w"):close()
+        -- A helper stops the parent, waits until this worker is blocked
+        -- writing its 16 MB result into the full pipe, kills it there and
+        -- lets the parent go on: the parent finds a partial frame.
+        local worker, parent = unistd.getpid(), unistd.getppid()
+        if unistd.fork() == 0 then
+          signal.kill(parent, signal.SIGSTOP)
+          local deadline = H.now() + 5
+          repeat
+            H.sleep(0.002)
+            local w = io.open("/proc/" .. worker .. "/wchan")
+            local where = w and w:read("a") or ""
+            if w then w:close() end
+          until where:find("pipe_write") or H.now() > deadline
+          signal.kill(worker, signal.SIGKILL)
+          signal.kill(parent, signal.SIGCONT)
+          unistd._exit(0)
+        end
+      end
+      if x == 1 then return string.rep(block, 256) end
+      return x * 10
+    end, range(3), {n_workers = 1, chunksize = 3, on_error = "collect"})
+    os.remove(flag)
+    assert.equal(3, n)
+    assert.same({}, errs) -- it died between items: its chunk ran again
+    assert.equal(string.rep(block, 256), r[1])
+    assert.same({20, 30}, {r[2], r[3]})
+  end)
+
   it("treats garbage on a worker's pipe as a protocol error of that worker", function()
     local r, n, errs = lpar.parallel(function(x)
       if x == 5 then
