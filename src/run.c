@@ -392,7 +392,6 @@ static void spawn(lua_State *L, Run *r) {
   pid = lpar_pool_fork(&w->proc, &cs, &call);
   if (pid == 0) {
     WorkerArgs a;
-    lua_Integer seed = (lua_Integer)getpid() ^ lpar_pool_now();
     int top = lua_gettop(L);
     a.cmdfd = w->proc.cmdfd;
     a.resfd = w->proc.resfd;
@@ -405,15 +404,7 @@ static void spawn(lua_State *L, Run *r) {
     a.timed = r->o.timeout > 0;
     a.maxmem = r->o.maxmem;
     a.slot = &r->slots[i];
-    /* reseed math.random: every worker draws its own numbers */
-    lua_getfield(L, LUA_REGISTRYINDEX, LUA_LOADED_TABLE);
-    if (lua_getfield(L, -1, "math") == LUA_TTABLE &&
-        lua_getfield(L, -1, "randomseed") == LUA_TFUNCTION) {
-      lua_pushinteger(L, seed);
-      lua_pushinteger(L, (lua_Integer)i);
-      lua_pcall(L, 2, 0, 0);
-    }
-    lua_settop(L, top);
+    lpar_worker_reseed(L, i);
     lpar_worker_run(L, &a);
   }
   lua_pop(L, 4);

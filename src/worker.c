@@ -1,6 +1,7 @@
 /*
 ** worker.c: child side of a run. Runs the user's function on the items it
-** is sent, in a coroutine of its own, and sends back encoded results.
+** is sent and sends back encoded results (the item runner is shared with
+** pool workers).
 */
 #include "worker.h"
 
@@ -40,47 +41,43 @@ int lpar_worker_traceback(lua_State *L) {
 }
 
 typedef struct WState {
-  lua_State *L;
   const WorkerArgs *a;
-  int msgh;           /* stack index of the message handler */
-  Buf out;            /* results frame being built: header, first, values */
-  lua_Integer first;  /* index of the first result in 'out' */
-  uint32_t count;     /* results in 'out' */
-  long long mark;     /* when the items of 'out' began to run */
+  Runner r;
   char limitname[32]; /* the memory limit, as "512 MiB" */
-  int bigresults;     /* malloc was told to keep freed memory */
   Buf in;             /* last frame received */
 } WState;
 
-/* a results frame: header, u64 first index, u64 ns spent, values */
-#define RESHDR (LPAR_HDRSIZE + 16)
-
-static void check(int rc) {
+void lpar_worker_check(int rc) {
   if (rc != 0) /* parent gone or out of memory: nothing more to do */
     _exit(rc == -EPIPE ? 0 : 3);
 }
 
-static void startresults(WState *ws, lua_Integer first) {
-  ws->out.n = RESHDR;
-  ws->first = first;
-  ws->count = 0;
+void lpar_worker_begin(Runner *r, lua_Integer first) {
+  r->out.n = LPAR_RESHDR;
+  r->first = first;
+  r->count = 0;
+  r->mark = lpar_pool_now();
 }
 
-static void flush(WState *ws) {
+int lpar_worker_seal(Runner *r) {
   Frame f;
-  long long now;
-  if (ws->count == 0)
-    return;
+  if (r->count == 0)
+    return 0;
   f.type = LPAR_FRESULT;
-  f.count = ws->count;
-  f.len = ws->out.n - LPAR_HDRSIZE;
-  lpar_wire_putheader(ws->out.p, &f);
-  lpar_wire_put64(ws->out.p + LPAR_HDRSIZE, (uint64_t)ws->first);
-  now = lpar_pool_now();
-  lpar_wire_put64(ws->out.p + LPAR_HDRSIZE + 8, (uint64_t)(now - ws->mark));
-  ws->mark = now;
-  check(lpar_wire_write(ws->a->resfd, ws->out.p, ws->out.n));
-  startresults(ws, ws->first + ws->count);
+  f.count = r->count;
+  f.len = r->out.n - LPAR_HDRSIZE;
+  lpar_wire_putheader(r->out.p, &f);
+  lpar_wire_put64(r->out.p + LPAR_HDRSIZE, (uint64_t)r->first);
+  lpar_wire_put64(r->out.p + LPAR_HDRSIZE + 8,
+                  (uint64_t)(lpar_pool_now() - r->mark));
+  return 1;
+}
+
+void lpar_worker_flush(Runner *r) {
+  if (lpar_worker_seal(r)) {
+    lpar_worker_check(lpar_wire_write(r->fd, r->out.p, r->out.n));
+    lpar_worker_begin(r, r->first + r->count);
+  }
 }
 
 /*
@@ -151,31 +148,28 @@ void lpar_worker_unpackerror(lua_State *L) {
     lua_pushnil(L); /* an error in the handler itself */
 }
 
-/* Send an error frame for item 'i': error value and traceback at the
-   top of the stack (pops both). */
-static void senderror(WState *ws, lua_Integer i) {
-  lua_State *L = ws->L;
+void lpar_worker_senderror(Runner *r, lua_Integer i) {
+  lua_State *L = r->L;
   Buf b = {NULL, 0, 0};
   Frame f;
   char h[LPAR_HDRSIZE + 8];
-  flush(ws);
+  lpar_worker_flush(r);
   if (lpar_codec_encode(L, -2, &b) != 0) { /* not encodable: use text */
-    lua_pop(L, 1);
+    lua_pop(L, 1);                         /* the codec's message */
     b.n = 0;
-    lua_pushstring(L, luaL_tolstring(L, -2, NULL));
-    lua_remove(L, -2);
-    lpar_codec_encode(L, -1, &b);
-    lua_pop(L, 1);
+    luaL_tolstring(L, -2, NULL);
+    lua_replace(L, -3);
+    lpar_worker_check(lpar_codec_encode(L, -2, &b) == 0 ? 0 : -ENOMEM);
   }
-  check(lpar_codec_encode(L, -1, &b) == 0 ? 0 : -ENOMEM);
+  lpar_worker_check(lpar_codec_encode(L, -1, &b) == 0 ? 0 : -ENOMEM);
   lua_pop(L, 2);
   f.type = LPAR_FERROR;
   f.count = 1;
   f.len = 8 + b.n;
   lpar_wire_putheader(h, &f);
   lpar_wire_put64(h + LPAR_HDRSIZE, (uint64_t)i);
-  check(lpar_wire_write(ws->a->resfd, h, sizeof h));
-  check(lpar_wire_write(ws->a->resfd, b.p, b.n));
+  lpar_worker_check(lpar_wire_write(r->fd, h, sizeof h));
+  lpar_worker_check(lpar_wire_write(r->fd, b.p, b.n));
   lpar_buf_free(&b);
 }
 
@@ -185,46 +179,41 @@ static void senderror(WState *ws, lua_Integer i) {
 ** done at start: it walks the malloc heap, copying pages shared with the
 ** parent.)
 */
-static void keepmemory(WState *ws) {
+static void keepmemory(Runner *r) {
 #if defined(__GLIBC__)
-  if (!ws->bigresults) {
-    ws->bigresults = 1;
+  if (!r->bigresults) {
+    r->bigresults = 1;
     mallopt(M_MMAP_THRESHOLD, 32 << 20);
     mallopt(M_TRIM_THRESHOLD, 256 << 20);
   }
 #else
-  (void)ws;
+  (void)r;
 #endif
 }
 
-/*
-** Call the function and item pushed on the stack (both popped) for item
-** 'i'. Returns 0, or 1 if the item failed.
-*/
-static int runitem(WState *ws, lua_Integer i) {
-  lua_State *L = ws->L;
-  Slot *slot = ws->a->slot;
+int lpar_worker_runitem(Runner *r, lua_Integer i) {
+  lua_State *L = r->L;
   int status;
-  if (ws->a->timed)
-    slot->since = lpar_pool_now();
-  slot->item = i;
-  status = lua_pcall(L, 1, 1, ws->msgh);
-  slot->item = 0;
+  if (r->timed)
+    r->slot->since = lpar_pool_now();
+  r->slot->item = i;
+  status = lua_pcall(L, 1, 1, r->msgh);
+  r->slot->item = 0;
   if (status == LUA_OK) {
-    size_t mark = ws->out.n;
-    if (ws->count == 0)
-      ws->first = i;
-    if (lpar_codec_encode(L, -1, &ws->out) == 0) {
+    size_t mark = r->out.n;
+    if (r->count == 0)
+      r->first = i;
+    if (lpar_codec_encode(L, -1, &r->out) == 0) {
       lua_pop(L, 1);
-      ws->count++;
-      if (ws->out.n >= LPAR_FLUSHSIZE) {
-        keepmemory(ws);
-        flush(ws);
+      r->count++;
+      if (r->out.n >= LPAR_FLUSHSIZE) {
+        keepmemory(r);
+        lpar_worker_flush(r);
       }
       return 0;
     }
     /* the result cannot travel: an error for this item */
-    ws->out.n = mark;
+    r->out.n = mark;
     lua_pushfstring(L, "cannot serialize result: %s", lua_tostring(L, -1));
     lua_replace(L, -3);
     lua_pop(L, 1);
@@ -232,13 +221,41 @@ static int runitem(WState *ws, lua_Integer i) {
   }
   else {
     lpar_worker_unpackerror(L);
-    if (status == LUA_ERRMEM && ws->a->maxmem > 0) { /* name the limit */
-      lua_pushfstring(L, "not enough memory (limit %s)", ws->limitname);
+    if (status == LUA_ERRMEM && r->limit != NULL) { /* name the limit */
+      lua_pushfstring(L, "not enough memory (limit %s)", r->limit);
       lua_replace(L, -3);
     }
   }
-  senderror(ws, i);
+  lpar_worker_senderror(r, i);
   return 1;
+}
+
+int lpar_worker_hook(Runner *r, int idx) {
+  lua_pushvalue(r->L, idx);
+  if (lua_pcall(r->L, 0, 0, r->msgh) == LUA_OK)
+    return 0;
+  lpar_worker_unpackerror(r->L);
+  return 1;
+}
+
+void lpar_worker_reportclose(lua_State *L, const char *who) {
+  const char *msg = lua_tostring(L, -2);
+  fprintf(stderr, "lpar: %s %d: close failed: %s\n%s\n", who, (int)getpid(),
+          msg ? msg : luaL_typename(L, -2),
+          lua_isstring(L, -1) ? lua_tostring(L, -1) : "");
+  fflush(stderr);
+}
+
+void lpar_worker_reseed(lua_State *L, lua_Integer place) {
+  int top = lua_gettop(L);
+  lua_getfield(L, LUA_REGISTRYINDEX, LUA_LOADED_TABLE);
+  if (lua_getfield(L, -1, "math") == LUA_TTABLE &&
+      lua_getfield(L, -1, "randomseed") == LUA_TFUNCTION) {
+    lua_pushinteger(L, (lua_Integer)getpid() ^ lpar_pool_now());
+    lua_pushinteger(L, place);
+    lua_pcall(L, 2, 0, 0);
+  }
+  lua_settop(L, top);
 }
 
 /* The allocator of a worker with a memory limit: counts the bytes of the
@@ -263,7 +280,7 @@ static void *limitalloc(void *ud, void *ptr, size_t osize, size_t nsize) {
 }
 
 static void serve(WState *ws) {
-  lua_State *L = ws->L;
+  lua_State *L = ws->r.L;
   const WorkerArgs *a = ws->a;
   Frame f;
   for (;;) {
@@ -272,22 +289,21 @@ static void serve(WState *ws) {
     int rc = lpar_wire_recv(a->cmdfd, &f, &ws->in);
     if (rc == 1)
       return; /* parent closed the channel: done */
-    check(rc);
+    lpar_worker_check(rc);
     if (ws->in.n < 8)
       _exit(4);
     first = (lua_Integer)lpar_wire_get64(ws->in.p);
-    startresults(ws, first);
-    ws->mark = lpar_pool_now();
+    lpar_worker_begin(&ws->r, first);
     for (k = 0; k < (lua_Integer)f.count; k++) {
       lua_pushvalue(L, a->fidx);
       if (f.type == LPAR_FWORK)
         lua_geti(L, a->itemsidx, first + k);
       else if (lpar_codec_decode(L, ws->in.p, ws->in.n, &pos) != 0)
         _exit(4); /* the parent sent bad bytes */
-      if (runitem(ws, first + k) && a->stoponerror)
+      if (lpar_worker_runitem(&ws->r, first + k) && a->stoponerror)
         break;
     }
-    flush(ws);
+    lpar_worker_flush(&ws->r);
   }
 }
 
@@ -298,39 +314,18 @@ static void pushornil(lua_State *L, int idx) {
     lua_pushnil(L);
 }
 
-/* Write the error value and traceback on top of the stack to stderr
-   (a failed close hook has nobody else to tell). */
-static void report(lua_State *L) {
-  const char *msg = lua_tostring(L, -2);
-  fprintf(stderr, "lpar: worker %d: close failed: %s\n%s\n", (int)getpid(),
-          msg ? msg : luaL_typename(L, -2),
-          lua_isstring(L, -1) ? lua_tostring(L, -1) : "");
-  fflush(stderr);
-}
-
-/* Run the hook at 'idx' (init or close); 0, or 1 with the error value
-   and traceback pushed. */
-static int hook(WState *ws, int idx) {
-  lua_State *L = ws->L;
-  lua_pushvalue(L, idx);
-  if (lua_pcall(L, 0, 0, ws->msgh) == LUA_OK)
-    return 0;
-  lpar_worker_unpackerror(L);
-  return 1;
-}
-
 /* Stack: f, items, init, close (nil when absent), WState. */
 static int workermain(lua_State *L) {
   WState *ws = lua_touserdata(L, 5);
   lpar_worker_pushmsgh(L);
-  ws->msgh = lua_gettop(L);
-  if (!lua_isnil(L, 3) && hook(ws, 3)) {
-    senderror(ws, 0); /* index 0: init failed */
+  ws->r.msgh = lua_gettop(L);
+  if (!lua_isnil(L, 3) && lpar_worker_hook(&ws->r, 3)) {
+    lpar_worker_senderror(&ws->r, 0); /* index 0: init failed */
     return 0;
   }
   serve(ws);
-  if (!lua_isnil(L, 4) && hook(ws, 4)) /* close: report, then leave */
-    report(L);
+  if (!lua_isnil(L, 4) && lpar_worker_hook(&ws->r, 4))
+    lpar_worker_reportclose(L, "worker");
   return 0;
 }
 
@@ -340,8 +335,12 @@ _Noreturn void lpar_worker_run(lua_State *L, const WorkerArgs *a) {
   int status;
   memset(&ws, 0, sizeof ws);
   lpar_worker_mark(L);
-  if (lpar_buf_reserve(&ws.out, 4096) != 0)
+  if (lpar_buf_reserve(&ws.r.out, 4096) != 0)
     _exit(3);
+  ws.r.L = L;
+  ws.r.fd = a->resfd;
+  ws.r.slot = a->slot;
+  ws.r.timed = a->timed;
   if (a->maxmem > 0) { /* lives as long as the process: run never returns */
     static Limit lim;
     double mib = (double)a->maxmem / (1024.0 * 1024.0);
@@ -354,6 +353,7 @@ _Noreturn void lpar_worker_run(lua_State *L, const WorkerArgs *a) {
       snprintf(ws.limitname, sizeof ws.limitname, "%.0f GiB", mib / 1024);
     else
       snprintf(ws.limitname, sizeof ws.limitname, "%.0f MiB", mib);
+    ws.r.limit = ws.limitname;
   }
   lua_pushcfunction(L, workermain);
   lua_pushvalue(L, a->fidx);
@@ -365,7 +365,6 @@ _Noreturn void lpar_worker_run(lua_State *L, const WorkerArgs *a) {
   own.itemsidx = a->itemsidx ? 2 : 0;
   own.initidx = a->initidx ? 3 : 0;
   own.closeidx = a->closeidx ? 4 : 0;
-  ws.L = L;
   ws.a = &own;
   status = lua_pcall(L, 5, 0, 0);
   _exit(status == LUA_OK ? 0 : 3);

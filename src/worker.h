@@ -5,6 +5,9 @@
 #ifndef lpar_worker_h
 #define lpar_worker_h
 
+#include <stdint.h>
+
+#include "buf.h"
 #include "lua.h"
 #include "pool.h"
 
@@ -42,6 +45,61 @@ void lpar_worker_pushmsgh(lua_State *L);
 /* Replace the {error, traceback} pair at the top of the stack by its two
    values (error, then traceback or nil). */
 void lpar_worker_unpackerror(lua_State *L);
+
+/* a results frame: header, u64 first index, u64 ns spent, values */
+#define LPAR_RESHDR (LPAR_HDRSIZE + 16)
+
+/*
+** What runs items in a worker (of lpar.parallel or of a pool) and sends
+** their results: the frame being built, and where it goes.
+*/
+typedef struct Runner {
+  lua_State *L;
+  int fd;            /* the results pipe */
+  int msgh;          /* stack index of the message handler */
+  Slot *slot;        /* this worker's shared status */
+  int timed;         /* note when each item starts (for timeouts) */
+  const char *limit; /* the memory limit ("512 MiB"), or NULL */
+  Buf out;           /* results frame being built (LPAR_RESHDR, values) */
+  lua_Integer first; /* index of the first result in 'out' */
+  uint32_t count;    /* results in 'out' */
+  long long mark;    /* when the items of 'out' began to run */
+  int bigresults;    /* malloc was told to keep freed memory */
+} Runner;
+
+/* Leave the worker at once if rc != 0 (parent gone, out of memory). */
+void lpar_worker_check(int rc);
+
+/* Begin a results frame at item 'first', timing from now. */
+void lpar_worker_begin(Runner *r, lua_Integer first);
+
+/* Fill in the header of the results gathered in r->out; returns whether
+   there are any (the frame is r->out.p .. r->out.n). */
+int lpar_worker_seal(Runner *r);
+
+/* Send the results gathered, if any, and begin the next frame. */
+void lpar_worker_flush(Runner *r);
+
+/* Send what was gathered, then an ERROR frame for item 'i' (0: the run
+   itself, e.g. init) with the error value and traceback at the top of
+   the stack (both popped). */
+void lpar_worker_senderror(Runner *r, lua_Integer i);
+
+/* Call the function and item pushed on the stack (both popped) as item
+   'i': its result joins r->out, or its error is sent. 0, or 1 if the item
+   failed. */
+int lpar_worker_runitem(Runner *r, lua_Integer i);
+
+/* Call the hook at 'idx' (init or close): 0, or 1 with the error value
+   and traceback pushed. */
+int lpar_worker_hook(Runner *r, int idx);
+
+/* Tell stderr that the close hook failed (error and traceback on top):
+   there is nobody else to tell. */
+void lpar_worker_reportclose(lua_State *L, const char *who);
+
+/* Reseed math.random, so that every worker draws its own numbers. */
+void lpar_worker_reseed(lua_State *L, lua_Integer place);
 
 /* Message handler for serial runs: error -> "msg\ntraceback". */
 int lpar_worker_traceback(lua_State *L);
