@@ -10,6 +10,7 @@
 #include "lauxlib.h"
 #include "lpar.h"
 #include "lpool.h"
+#include "opts.h"
 #include "run.h"
 #include "worker.h"
 
@@ -23,61 +24,6 @@ static void checkcallable(lua_State *L, int arg) {
       luaL_typeerror(L, arg, "function");
     lua_pop(L, 1); /* pop __call */
   }
-}
-
-/* A non-negative integer from the value at the top (popped), or raise
-   naming 'what'. */
-static lua_Integer getcount(lua_State *L, int arg, const char *what) {
-  lua_Integer v;
-  int isnum;
-  if (lua_type(L, -1) != LUA_TNUMBER)
-    luaL_argerror(L, arg,
-                  lua_pushfstring(L, "%s must be a number, got %s", what,
-                                  luaL_typename(L, -1)));
-  v = lua_tointegerx(L, -1, &isnum);
-  if (!isnum || v < 0)
-    luaL_argerror(
-        L, arg, lua_pushfstring(L, "%s must be a non-negative integer", what));
-  lua_pop(L, 1);
-  return v;
-}
-
-/*
-** A memory size at the top of the stack (left there): bytes as a number,
-** or a string with a K, M or G suffix ("512M", "2GiB").
-*/
-static size_t getsize(lua_State *L, int arg) {
-  double v = 0;
-  int ok = 0;
-  if (lua_type(L, -1) == LUA_TNUMBER) {
-    v = (double)lua_tonumber(L, -1);
-    ok = 1;
-  }
-  else if (lua_type(L, -1) == LUA_TSTRING) {
-    const char *s = lua_tostring(L, -1);
-    char *end;
-    v = strtod(s, &end);
-    ok = end != s;
-    if (ok && *end != '\0') {
-      const char *units = "KMG";
-      const char *u = strchr(units, *end & ~0x20);
-      if (u == NULL)
-        ok = 0;
-      else {
-        v *= (double)(1ULL << (10 * (u - units + 1)));
-        end++;
-        if (*end == 'i')
-          end++;
-        if (*end == 'B')
-          end++;
-        ok = *end == '\0';
-      }
-    }
-  }
-  if (!ok || !(v >= 1024 * 1024) || v > 1e18)
-    luaL_argerror(L, arg,
-                  "max_memory must be at least 1 MiB, in bytes or like '512M'");
-  return (size_t)v;
 }
 
 static const char *const optnames[] = {
@@ -94,48 +40,15 @@ static void getopts(lua_State *L, int arg, RunOpts *o) {
     break;
   case LUA_TNUMBER:
     lua_pushvalue(L, arg);
-    nw = getcount(L, arg, "n_workers");
+    nw = lpar_opts_count(L, arg, "n_workers");
     break;
   case LUA_TTABLE:
-    lua_pushnil(L);
-    while (lua_next(L, arg)) {
-      int i;
-      const char *name =
-          lua_type(L, -2) == LUA_TSTRING ? lua_tostring(L, -2) : NULL;
-      lua_pop(L, 1);
-      for (i = 0; name && optnames[i] && strcmp(optnames[i], name) != 0; i++)
-        ;
-      if (name == NULL || optnames[i] == NULL)
-        luaL_argerror(L, arg,
-                      lua_pushfstring(L, "unknown option '%s'",
-                                      name ? name : luaL_typename(L, -1)));
-    }
+    lpar_opts_checkkeys(L, arg, optnames);
     if (lua_getfield(L, arg, "n_workers") != LUA_TNIL)
-      nw = getcount(L, arg, "n_workers");
+      nw = lpar_opts_count(L, arg, "n_workers");
     else
       lua_pop(L, 1);
-    if (lua_getfield(L, arg, "chunksize") != LUA_TNIL) {
-      o->chunk = getcount(L, arg, "chunksize");
-      if (o->chunk == 0)
-        luaL_argerror(L, arg, "chunksize must be at least 1");
-    }
-    else
-      lua_pop(L, 1);
-    if (lua_getfield(L, arg, "on_error") != LUA_TNIL) {
-      const char *s = lua_tostring(L, -1);
-      if (s == NULL || (strcmp(s, "raise") != 0 && strcmp(s, "collect") != 0))
-        luaL_argerror(L, arg, "on_error must be 'raise' or 'collect'");
-      o->collect = s[0] == 'c';
-    }
-    lua_pop(L, 1);
-    if (lua_getfield(L, arg, "timeout") != LUA_TNIL) {
-      int isnum;
-      double t = (double)lua_tonumberx(L, -1, &isnum);
-      if (!isnum || !(t > 0) || t > 1e9)
-        luaL_argerror(L, arg, "timeout must be a positive number of seconds");
-      o->timeout = t;
-    }
-    lua_pop(L, 1);
+    lpar_opts_run(L, arg, &o->chunk, &o->collect, &o->timeout);
     lua_getfield(L, arg, "unordered");
     o->unordered = lua_toboolean(L, -1);
     lua_pop(L, 1);
@@ -143,35 +56,19 @@ static void getopts(lua_State *L, int arg, RunOpts *o) {
     o->sigterm = lua_toboolean(L, -1);
     lua_pop(L, 1);
     if (lua_getfield(L, arg, "retries") != LUA_TNIL) {
-      lua_Integer n = getcount(L, arg, "retries");
+      lua_Integer n = lpar_opts_count(L, arg, "retries");
       o->retries = n > 1000000 ? 1000000 : (int)n;
     }
     else
       lua_pop(L, 1);
     if (lua_getfield(L, arg, "max_memory") != LUA_TNIL)
-      o->maxmem = getsize(L, arg);
+      o->maxmem = lpar_opts_size(L, arg);
     lua_pop(L, 1);
     break;
   default:
     luaL_typeerror(L, arg, "number or table");
   }
   o->nworkers = nw > LPAR_MAXWORKERS ? LPAR_MAXWORKERS : (int)nw;
-}
-
-/* Number of items of the table at 'idx': items.n if it is an integer
-   (as table.pack makes), else its length. */
-static lua_Integer itemcount(lua_State *L, int idx) {
-  lua_Integer n;
-  if (lua_getfield(L, idx, "n") == LUA_TNUMBER && lua_isinteger(L, -1))
-    n = lua_tointeger(L, -1);
-  else {
-    lua_pop(L, 1);
-    return luaL_len(L, idx);
-  }
-  lua_pop(L, 1);
-  if (n < 0)
-    luaL_argerror(L, idx, "'n' must not be negative");
-  return n;
 }
 
 /*
@@ -227,29 +124,19 @@ static int serial(lua_State *L, lua_Integer n, const RunOpts *o) {
   return o->collect ? 3 : 2;
 }
 
-/* Push option 'name' of the table at 'arg' if it is a function, nil if
-   absent; raise otherwise. */
-static void gethook(lua_State *L, int arg, const char *name) {
-  if (lua_type(L, arg) != LUA_TTABLE)
-    lua_pushnil(L);
-  else if (lua_getfield(L, arg, name) != LUA_TNIL &&
-           lua_type(L, -1) != LUA_TFUNCTION)
-    luaL_argerror(L, arg, lua_pushfstring(L, "%s must be a function", name));
-}
-
 /* Check f, items and options; leaves f, items, init, close at 1..4 and
    returns the item count (-1 for an iterator). */
 static lua_Integer checkargs(lua_State *L, RunOpts *o) {
   lua_Integer n = -1;
   checkcallable(L, 1);
   if (lua_type(L, 2) == LUA_TTABLE)
-    n = itemcount(L, 2);
+    n = lpar_opts_itemcount(L, 2);
   else if (lua_type(L, 2) != LUA_TFUNCTION)
     luaL_typeerror(L, 2, "table or iterator function");
   getopts(L, 3, o);
   lua_settop(L, 3);
-  gethook(L, 3, "init");
-  gethook(L, 3, "close");
+  lpar_opts_hook(L, 3, "init");
+  lpar_opts_hook(L, 3, "close");
   lua_remove(L, 3);
   if (n >= 0 && o->nworkers > n)
     o->nworkers = (int)n;

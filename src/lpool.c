@@ -16,6 +16,7 @@
 #include "codec.h"
 #include "lauxlib.h"
 #include "lpar.h"
+#include "opts.h"
 #include "pool.h"
 #include "pworker.h"
 #include "wire.h"
@@ -1145,33 +1146,6 @@ static int ncpus(void) {
 
 static const char *const poolopts[] = {"n_workers", "init", "close", NULL};
 
-/* Check that the table at 'arg' has only keys in 'names'. */
-static void checkkeys(lua_State *L, int arg, const char *const names[]) {
-  lua_pushnil(L);
-  while (lua_next(L, arg)) {
-    int i;
-    const char *name =
-        lua_type(L, -2) == LUA_TSTRING ? lua_tostring(L, -2) : NULL;
-    lua_pop(L, 1);
-    for (i = 0; name && names[i] && strcmp(names[i], name) != 0; i++)
-      ;
-    if (name == NULL || names[i] == NULL)
-      luaL_argerror(L, arg,
-                    lua_pushfstring(L, "unknown option '%s'",
-                                    name ? name : luaL_typename(L, -1)));
-  }
-}
-
-/* Push option 'name' of the table at 'arg' if it is a function, nil if
-   absent; raise otherwise. */
-static void gethook(lua_State *L, int arg, const char *name) {
-  if (lua_type(L, arg) != LUA_TTABLE)
-    lua_pushnil(L);
-  else if (lua_getfield(L, arg, name) != LUA_TNIL &&
-           lua_type(L, -1) != LUA_TFUNCTION)
-    luaL_argerror(L, arg, lua_pushfstring(L, "%s must be a function", name));
-}
-
 /*
 ** lpar.pool([n_workers | opts]) -> pool. opts: n_workers (default: the
 ** number of CPUs), init and close (run once in each worker, first and
@@ -1186,7 +1160,7 @@ static int l_pool(lua_State *L) {
   if (lpar_worker_inside(L))
     return luaL_error(L, "cannot make a pool inside a worker");
   if (lua_type(L, 1) == LUA_TTABLE) {
-    checkkeys(L, 1, poolopts);
+    lpar_opts_checkkeys(L, 1, poolopts);
     if (lua_getfield(L, 1, "n_workers") != LUA_TNIL) {
       int isnum;
       nw = lua_tointegerx(L, -1, &isnum);
@@ -1210,9 +1184,9 @@ static int l_pool(lua_State *L) {
   p->closed = 1; /* until it is complete: __gc has nothing to do */
   luaL_setmetatable(L, LPAR_POOLMT);
   lua_createtable(L, PU_N, 0); /* 3: uservalue */
-  gethook(L, 1, "init");
+  lpar_opts_hook(L, 1, "init");
   lua_rawseti(L, 3, PU_INIT);
-  gethook(L, 1, "close");
+  lpar_opts_hook(L, 1, "close");
   lua_rawseti(L, 3, PU_CLOSE);
   lua_newtable(L);
   lua_rawseti(L, 3, PU_ANCHORS);
@@ -1279,22 +1253,6 @@ static int l_pool(lua_State *L) {
   return 1;
 }
 
-/* Number of items of the table at 'idx': items.n if it is an integer
-   (as table.pack makes), else its length. */
-static lua_Integer itemcount(lua_State *L, int idx) {
-  lua_Integer n;
-  if (lua_getfield(L, idx, "n") == LUA_TNUMBER && lua_isinteger(L, -1))
-    n = lua_tointeger(L, -1);
-  else {
-    lua_pop(L, 1);
-    return luaL_len(L, idx);
-  }
-  lua_pop(L, 1);
-  if (n < 0)
-    luaL_argerror(L, idx, "'n' must not be negative");
-  return n;
-}
-
 static const char *const jobopts[] = {"chunksize", "on_error", "timeout", NULL};
 
 /* Read the job options at 'arg' (nil or a table) into j. */
@@ -1302,29 +1260,8 @@ static void getjobopts(lua_State *L, int arg, Job *j) {
   if (lua_isnoneornil(L, arg))
     return;
   luaL_checktype(L, arg, LUA_TTABLE);
-  checkkeys(L, arg, jobopts);
-  if (lua_getfield(L, arg, "chunksize") != LUA_TNIL) {
-    int isnum;
-    j->chunk = lua_tointegerx(L, -1, &isnum);
-    if (!isnum || j->chunk < 1)
-      luaL_argerror(L, arg, "chunksize must be at least 1");
-  }
-  lua_pop(L, 1);
-  if (lua_getfield(L, arg, "on_error") != LUA_TNIL) {
-    const char *s = lua_tostring(L, -1);
-    if (s == NULL || (strcmp(s, "raise") != 0 && strcmp(s, "collect") != 0))
-      luaL_argerror(L, arg, "on_error must be 'raise' or 'collect'");
-    j->collect = s[0] == 'c';
-  }
-  lua_pop(L, 1);
-  if (lua_getfield(L, arg, "timeout") != LUA_TNIL) {
-    int isnum;
-    double t = (double)lua_tonumberx(L, -1, &isnum);
-    if (!isnum || !(t > 0) || t > 1e9)
-      luaL_argerror(L, arg, "timeout must be a positive number of seconds");
-    j->timeout = t;
-  }
-  lua_pop(L, 1);
+  lpar_opts_checkkeys(L, arg, jobopts);
+  lpar_opts_run(L, arg, &j->chunk, &j->collect, &j->timeout);
 }
 
 /*
@@ -1360,7 +1297,7 @@ static int pool_submit(lua_State *L) {
   else {
     luaL_argexpected(L, lua_type(L, 3) == LUA_TTABLE, 3,
                      "table or iterator function");
-    n = itemcount(L, 3);
+    n = lpar_opts_itemcount(L, 3);
   }
   lua_rawgeti(L, c.uv, PU_BROKEN);
   if (!lua_isnil(L, -1))

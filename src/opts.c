@@ -1,0 +1,123 @@
+/*
+** opts.c: the arguments and option tables of lpar.parallel, lpar.imap
+** and pools, read with the same checks and messages everywhere.
+*/
+#include "opts.h"
+
+#include <stdlib.h>
+#include <string.h>
+
+#include "lauxlib.h"
+
+void lpar_opts_checkkeys(lua_State *L, int arg, const char *const names[]) {
+  lua_pushnil(L);
+  while (lua_next(L, arg)) {
+    int i;
+    const char *name =
+        lua_type(L, -2) == LUA_TSTRING ? lua_tostring(L, -2) : NULL;
+    lua_pop(L, 1);
+    for (i = 0; name && names[i] && strcmp(names[i], name) != 0; i++)
+      ;
+    if (name == NULL || names[i] == NULL)
+      luaL_argerror(L, arg,
+                    lua_pushfstring(L, "unknown option '%s'",
+                                    name ? name : luaL_typename(L, -1)));
+  }
+}
+
+lua_Integer lpar_opts_count(lua_State *L, int arg, const char *what) {
+  lua_Integer v;
+  int isnum;
+  if (lua_type(L, -1) != LUA_TNUMBER)
+    luaL_argerror(L, arg,
+                  lua_pushfstring(L, "%s must be a number, got %s", what,
+                                  luaL_typename(L, -1)));
+  v = lua_tointegerx(L, -1, &isnum);
+  if (!isnum || v < 0)
+    luaL_argerror(
+        L, arg, lua_pushfstring(L, "%s must be a non-negative integer", what));
+  lua_pop(L, 1);
+  return v;
+}
+
+size_t lpar_opts_size(lua_State *L, int arg) {
+  double v = 0;
+  int ok = 0;
+  if (lua_type(L, -1) == LUA_TNUMBER) {
+    v = (double)lua_tonumber(L, -1);
+    ok = 1;
+  }
+  else if (lua_type(L, -1) == LUA_TSTRING) {
+    const char *s = lua_tostring(L, -1);
+    char *end;
+    v = strtod(s, &end);
+    ok = end != s;
+    if (ok && *end != '\0') {
+      const char *units = "KMG";
+      const char *u = strchr(units, *end & ~0x20);
+      if (u == NULL)
+        ok = 0;
+      else {
+        v *= (double)(1ULL << (10 * (u - units + 1)));
+        end++;
+        if (*end == 'i')
+          end++;
+        if (*end == 'B')
+          end++;
+        ok = *end == '\0';
+      }
+    }
+  }
+  if (!ok || !(v >= 1024 * 1024) || v > 1e18)
+    luaL_argerror(L, arg,
+                  "max_memory must be at least 1 MiB, in bytes or like '512M'");
+  return (size_t)v;
+}
+
+void lpar_opts_hook(lua_State *L, int arg, const char *name) {
+  if (lua_type(L, arg) != LUA_TTABLE)
+    lua_pushnil(L);
+  else if (lua_getfield(L, arg, name) != LUA_TNIL &&
+           lua_type(L, -1) != LUA_TFUNCTION)
+    luaL_argerror(L, arg, lua_pushfstring(L, "%s must be a function", name));
+}
+
+lua_Integer lpar_opts_itemcount(lua_State *L, int idx) {
+  lua_Integer n;
+  if (lua_getfield(L, idx, "n") == LUA_TNUMBER && lua_isinteger(L, -1))
+    n = lua_tointeger(L, -1);
+  else {
+    lua_pop(L, 1);
+    return luaL_len(L, idx);
+  }
+  lua_pop(L, 1);
+  if (n < 0)
+    luaL_argerror(L, idx, "'n' must not be negative");
+  return n;
+}
+
+void lpar_opts_run(lua_State *L, int arg, lua_Integer *chunk, int *collect,
+                   double *timeout) {
+  if (lua_getfield(L, arg, "chunksize") != LUA_TNIL) {
+    *chunk = lpar_opts_count(L, arg, "chunksize");
+    if (*chunk == 0)
+      luaL_argerror(L, arg, "chunksize must be at least 1");
+  }
+  else
+    lua_pop(L, 1);
+  if (lua_getfield(L, arg, "on_error") != LUA_TNIL) {
+    const char *s = lua_tostring(L, -1);
+    if (s == NULL || (strcmp(s, "raise") != 0 && strcmp(s, "collect") != 0))
+      luaL_argerror(L, arg, "on_error must be 'raise' or 'collect'");
+    *collect = s[0] == 'c';
+  }
+  lua_pop(L, 1);
+  if (lua_getfield(L, arg, "timeout") != LUA_TNIL) {
+    int isnum;
+    double t = (double)lua_tonumberx(L, -1, &isnum);
+    if (!isnum || !(t > 0) || t > 1e9)
+      luaL_argerror(L, arg, "timeout must be a positive number of seconds");
+    *timeout = t;
+  }
+  lua_pop(L, 1);
+}

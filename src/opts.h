@@ -1,0 +1,38 @@
+/*
+** opts.h: reading the arguments and option tables of lpar.parallel,
+** lpar.imap and pools, with the same checks and messages everywhere.
+*/
+#ifndef lpar_opts_h
+#define lpar_opts_h
+
+#include <stddef.h>
+
+#include "lua.h"
+
+/* Raise unless the table at 'arg' has only string keys from 'names'. */
+void lpar_opts_checkkeys(lua_State *L, int arg, const char *const names[]);
+
+/* A non-negative integer from the value at the top (popped), or raise
+   naming 'what' as argument 'arg'. */
+lua_Integer lpar_opts_count(lua_State *L, int arg, const char *what);
+
+/* A memory size from the value at the top (left there): bytes as a
+   number, or a string with a K, M or G suffix ("512M", "2GiB"). */
+size_t lpar_opts_size(lua_State *L, int arg);
+
+/* Push field 'name' of the table at 'arg' if it is a function, nil if
+   absent or 'arg' is not a table; raise otherwise. */
+void lpar_opts_hook(lua_State *L, int arg, const char *name);
+
+/* Number of items of the table at 'idx': items.n if it is an integer (as
+   table.pack makes), else its length. */
+lua_Integer lpar_opts_itemcount(lua_State *L, int idx);
+
+/* The options every kind of run has, from the table at 'arg': chunksize
+   (0 when absent), on_error ("collect" sets *collect) and timeout
+   (seconds, 0 when absent). Fields not there leave the outputs as they
+   are. */
+void lpar_opts_run(lua_State *L, int arg, lua_Integer *chunk, int *collect,
+                   double *timeout);
+
+#endif
