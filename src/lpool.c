@@ -19,6 +19,7 @@
 #include "opts.h"
 #include "pool.h"
 #include "pworker.h"
+#include "ranges.h"
 #include "wire.h"
 #include "worker.h"
 #include "xfer.h"
@@ -72,10 +73,6 @@ enum { JU_RESULTS = 1, JU_ERRORS, JU_ITEMS, JU_FAILURE, JU_POOL, JU_F };
 /* epoll data: what an event is about, and which worker */
 enum { EV_RES = 0, EV_CMD, EV_TIMER };
 #define EVDATA(kind, i) (((uint64_t)(kind) << 32) | (uint32_t)(i))
-
-typedef struct Range {
-  lua_Integer first, count;
-} Range;
 
 struct Job;
 
@@ -136,10 +133,9 @@ typedef struct Job {
   lua_Integer next;  /* next item never handed out */
   lua_Integer done;  /* items reported */
   double tns;        /* ns per item, 0 until measured */
-  Range *redo;       /* items to hand out again */
-  int nredo, capredo;
-  int lost; /* workers lost under it without a culprit */
-  Buf call; /* CALL frame: header and encoded function */
+  Ranges redo;       /* items to hand out again */
+  int lost;          /* workers lost under it without a culprit */
+  Buf call;          /* CALL frame: header and encoded function */
 } Job;
 
 /* what the functions below share: the pool and its uservalue's index */
@@ -283,9 +279,7 @@ static int pushjob(Ctx *c, Job *j) {
 }
 
 static void freejob(Job *j) {
-  free(j->redo);
-  j->redo = NULL;
-  j->nredo = j->capredo = 0;
+  lpar_ranges_free(&j->redo);
   lpar_buf_free(&j->call);
 }
 
@@ -368,21 +362,10 @@ static void settle(Ctx *c, Job *j) {
   }
 }
 
+/* Hand out [first, first + count) of j again. */
 static void addredo(lua_State *L, Job *j, lua_Integer first,
                     lua_Integer count) {
-  if (count <= 0)
-    return;
-  if (j->nredo == j->capredo) {
-    int cap = j->capredo ? 2 * j->capredo : 8;
-    Range *g = realloc(j->redo, (size_t)cap * sizeof(Range));
-    if (g == NULL)
-      luaL_error(L, "not enough memory");
-    j->redo = g;
-    j->capredo = cap;
-  }
-  j->redo[j->nredo].first = first;
-  j->redo[j->nredo].count = count;
-  j->nredo++;
+  nomem(L, lpar_ranges_add(&j->redo, first, count));
 }
 
 /*
@@ -440,18 +423,11 @@ static void lose(Ctx *c, PWorker *w, int force, const char *why) {
   pid_t pid = w->proc.pid;
   Slot *slot = &p->slots[w - p->w];
   Job *j = w->job;
-  int status = 0, rc, tries, starting = w->state == W_STARTING;
+  int status = 0, rc, starting = w->state == W_STARTING;
   lua_Integer culprit, from, end;
   char desc[96];
   closeworker(p, w);
-  if (force)
-    kill(pid, SIGKILL);
-  /* it closed its pipe, so it is exiting: give it a moment, then force */
-  for (tries = 0; (rc = lpar_pool_wait(pid, &status, 0)) == 0; tries++) {
-    if (tries == 200)
-      kill(pid, SIGKILL);
-    poll(NULL, 0, 1);
-  }
+  rc = lpar_pool_reap(pid, force, &status);
   w->proc.pid = 0;
   w->state = W_EMPTY;
   w->job = NULL;
@@ -477,9 +453,8 @@ static void lose(Ctx *c, PWorker *w, int force, const char *why) {
   culprit = w->timedout ? w->timedout : slot->item;
   if (culprit < from || culprit >= end)
     culprit = 0;
+  nomem(L, lpar_ranges_requeue(&j->redo, from, end, culprit));
   if (culprit) {
-    addredo(L, j, culprit + 1, end - culprit - 1);
-    addredo(L, j, from, culprit - from);
     if (w->timedout)
       lua_pushfstring(L, "timed out after %f s", j->timeout);
     else
@@ -488,7 +463,6 @@ static void lose(Ctx *c, PWorker *w, int force, const char *why) {
     itemfailed(c, j, culprit, NULL);
   }
   else {
-    addredo(L, j, from, end - from);
     if (++j->lost > 2 * p->n + 2) {
       lua_pushfstring(L, "workers keep dying (worker %d %s)", (int)pid, why);
       failjob(c, j, NULL);
@@ -531,16 +505,12 @@ static int sendsome(Pool *p, PWorker *w) {
 }
 
 static int workleft(Job *j) {
-  return j->state == J_RUNNING && (j->nredo > 0 || j->next <= j->n);
+  return j->state == J_RUNNING && (j->redo.n > 0 || j->next <= j->n);
 }
 
 /* Items of j not handed out yet (fresh or again). */
 static lua_Integer itemsleft(Job *j) {
-  lua_Integer left = j->n - j->next + 1;
-  int i;
-  for (i = 0; i < j->nredo; i++)
-    left += j->redo[i].count;
-  return left;
+  return j->n - j->next + 1 + j->redo.items;
 }
 
 /*
@@ -582,15 +552,10 @@ static void assign(Ctx *c, PWorker *w, Job *j, int juv) {
     w->fnjob = j->id;
   }
   count = chunksize(c->p, j);
-  if (j->nredo > 0) {
-    Range *g = &j->redo[j->nredo - 1];
-    first = g->first;
-    if (count > g->count)
-      count = g->count;
-    g->first += count;
-    g->count -= count;
-    if (g->count == 0)
-      j->nredo--;
+  if (j->redo.n > 0) {
+    long long from;
+    count = lpar_ranges_take(&j->redo, count, &from);
+    first = from;
   }
   else {
     first = j->next;

@@ -7,6 +7,7 @@
 #include <assert.h>
 #include <errno.h>
 #include <fcntl.h>
+#include <poll.h>
 #include <stdatomic.h>
 #include <stdio.h>
 #include <string.h>
@@ -158,6 +159,19 @@ int lpar_pool_wait(pid_t pid, int *status, int block) {
   if (r == -1)
     return -errno;
   return r == pid;
+}
+
+int lpar_pool_reap(pid_t pid, int force, int *status) {
+  int rc, tries;
+  assert(pid > 0); /* kill(0) would hit the whole process group */
+  if (force)
+    kill(pid, SIGKILL);
+  for (tries = 0; (rc = lpar_pool_wait(pid, status, 0)) == 0; tries++) {
+    if (tries == 200)
+      kill(pid, SIGKILL);
+    poll(NULL, 0, 1);
+  }
+  return rc;
 }
 
 const char *lpar_pool_describe(int status, char *buf, size_t size) {

@@ -49,6 +49,13 @@ void lpar_pool_close(Proc *p);
 */
 int lpar_pool_wait(pid_t pid, int *status, int block);
 
+/*
+** Reap a worker whose channel reached end of file, so it is exiting: it
+** gets up to 200 ms to finish, then SIGKILL (at once if 'force'). Returns
+** as lpar_pool_wait when blocking.
+*/
+int lpar_pool_reap(pid_t pid, int force, int *status);
+
 /* Describe a wait status: "exited with status 3", "killed by signal 9
    (SIGKILL)". Returns 'buf'. */
 const char *lpar_pool_describe(int status, char *buf, size_t size);

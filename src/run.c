@@ -15,6 +15,7 @@
 #include "lauxlib.h"
 #include "lpar.h"
 #include "pool.h"
+#include "ranges.h"
 #include "wire.h"
 #include "worker.h"
 
@@ -42,10 +43,6 @@ enum {
 /* stack slots of a step function: the run and what it uses most */
 enum { S_RUN = 1, S_ENV, S_RESULTS, S_ERRORS, S_INFLIGHT, S_TOP = S_INFLIGHT };
 
-typedef struct Range {
-  lua_Integer first, count;
-} Range;
-
 typedef struct Worker {
   Proc proc;            /* proc.pid == 0: nobody in this place */
   lua_Integer first;    /* chunk being run */
@@ -72,12 +69,11 @@ typedef struct Run {
   Worker *w; /* o.nworkers places */
   Slot *slots;
   struct pollfd *pfd;
-  int *pfdw;        /* worker of each pollfd */
-  lua_Integer n;    /* items: known count, or pulled so far */
-  lua_Integer next; /* next item never handed out */
-  int exhausted;    /* the iterator returned nil */
-  Range *redo;      /* items to hand out again */
-  int nredo, capredo;
+  int *pfdw;          /* worker of each pollfd */
+  lua_Integer n;      /* items: known count, or pulled so far */
+  lua_Integer next;   /* next item never handed out */
+  int exhausted;      /* the iterator returned nil */
+  Ranges redo;        /* items to hand out again */
   lua_Integer done;   /* items reported */
   lua_Integer emit;   /* next index to emit (imap) */
   unsigned char *fin; /* ring of LPAR_WINDOW flags: item done (imap) */
@@ -225,7 +221,7 @@ static int hasroom(Run *r) {
 static int workleft(Run *r) {
   if (r->failed)
     return 0;
-  if (r->nredo > 0)
+  if (r->redo.n > 0)
     return 1;
   if (r->stream)
     return !r->exhausted && hasroom(r);
@@ -308,15 +304,9 @@ static int sendsome(Worker *w);
 /* Hand worker 'w' its next chunk, if there is one. */
 static void assign(lua_State *L, Run *r, Worker *w) {
   lua_Integer first, count;
-  if (r->nredo > 0) {
-    Range *g = &r->redo[r->nredo - 1];
-    lua_Integer c = chunksize(r);
-    first = g->first;
-    count = c < g->count ? c : g->count;
-    g->first += count;
-    g->count -= count;
-    if (g->count == 0)
-      r->nredo--;
+  long long from;
+  if ((count = lpar_ranges_take(&r->redo, chunksize(r), &from)) > 0) {
+    first = from;
     beginframe(L, w, first);
     if (r->stream) {
       lua_Integer i;
@@ -422,21 +412,11 @@ static void spawn(lua_State *L, Run *r) {
   w->killat = 0;
 }
 
+/* Hand out [first, first + count) again. */
 static void addredo(lua_State *L, Run *r, lua_Integer first,
                     lua_Integer count) {
-  if (count <= 0)
-    return;
-  if (r->nredo == r->capredo) {
-    int cap = r->capredo ? 2 * r->capredo : 8;
-    Range *g = realloc(r->redo, (size_t)cap * sizeof(Range));
-    if (g == NULL)
-      luaL_error(L, "not enough memory");
-    r->redo = g;
-    r->capredo = cap;
-  }
-  r->redo[r->nredo].first = first;
-  r->redo[r->nredo].count = count;
-  r->nredo++;
+  if (lpar_ranges_add(&r->redo, first, count) != 0)
+    luaL_error(L, "not enough memory");
 }
 
 /* ---- results ---- */
@@ -634,7 +614,7 @@ static int frames(lua_State *L, Run *r, Worker *w) {
 ** 'why' overrides the wait status in the message.
 */
 static void lose(lua_State *L, Run *r, Worker *w, int force, const char *why) {
-  int status = 0, rc = 0, tries;
+  int status = 0, rc;
   char desc[96];
   pid_t pid = w->proc.pid;
   Slot *slot = &r->slots[w - r->w];
@@ -642,14 +622,7 @@ static void lose(lua_State *L, Run *r, Worker *w, int force, const char *why) {
   if (pid <= 0) /* nobody there: kill(0) would hit the process group */
     return;
   lpar_pool_close(&w->proc);
-  if (force)
-    kill(pid, SIGKILL);
-  /* it closed its pipe, so it is exiting: give it a moment, then force */
-  for (tries = 0; (rc = lpar_pool_wait(pid, &status, 0)) == 0; tries++) {
-    if (tries == 200)
-      kill(pid, SIGKILL);
-    poll(NULL, 0, 1);
-  }
+  rc = lpar_pool_reap(pid, force, &status);
   w->proc.pid = 0;
   r->live--;
   culprit = slot->item;
@@ -660,12 +633,8 @@ static void lose(lua_State *L, Run *r, Worker *w, int force, const char *why) {
     culprit = 0;
   if (w->count > 0) {
     lua_Integer from = w->first + w->got, end = w->first + w->count;
-    if (culprit) {
-      addredo(L, r, culprit + 1, end - culprit - 1);
-      addredo(L, r, from, culprit - from);
-    }
-    else
-      addredo(L, r, from, end - from);
+    if (lpar_ranges_requeue(&r->redo, from, end, culprit) != 0)
+      luaL_error(L, "not enough memory");
     w->count = 0;
   }
   if (why == NULL) {
@@ -732,7 +701,7 @@ static int anyidle(Run *r) {
 
 /* Whether every item has been handed out (none left to send again). */
 static int drained(Run *r) {
-  return r->nredo == 0 && (r->stream ? r->exhausted : r->next > r->n);
+  return r->redo.n == 0 && (r->stream ? r->exhausted : r->next > r->n);
 }
 
 /* Let an idle worker go: end of file on its channel makes it leave, and
@@ -861,7 +830,7 @@ static int finished(Run *r) {
   if (r->failed)
     return 1;
   if (r->stream)
-    return r->exhausted && r->nredo == 0 && r->done == r->n;
+    return r->exhausted && r->redo.n == 0 && r->done == r->n;
   return r->done == r->n;
 }
 
@@ -876,11 +845,9 @@ static int spawndelay(Run *r) {
   long long now = lpar_pool_now(), oldest = now;
   int i;
   if (r->tns > 0) {
-    lua_Integer left = r->stream ? 0 : r->n - r->next + 1;
+    lua_Integer left = (r->stream ? 0 : r->n - r->next + 1) + r->redo.items;
     if (r->stream && !r->exhausted)
       return 0;
-    for (i = 0; i < r->nredo; i++)
-      left += r->redo[i].count;
     return (double)left * r->tns > (double)LPAR_FORKWORTHNS * r->live ? 0 : -1;
   }
   for (i = 0; i < r->o.nworkers; i++)
@@ -1016,14 +983,13 @@ void lpar_run_stop(lua_State *L, int idx) {
   free(r->w);
   free(r->pfd);
   free(r->pfdw);
-  free(r->redo);
+  lpar_ranges_free(&r->redo);
   free(r->retired);
   free(r->fin);
   free(r->queue);
   r->w = NULL;
   r->pfd = NULL;
   r->pfdw = NULL;
-  r->redo = NULL;
   r->retired = NULL;
   r->fin = NULL;
   r->queue = NULL;
