@@ -7,11 +7,7 @@ local signal = require "posix.signal"
 local fcntl = require "posix.fcntl"
 local stat = require "posix.sys.stat"
 
-local function range(n)
-  local t = {}
-  for i = 1, n do t[i] = i end
-  return t
-end
+local range = H.range
 
 local function sorted_keys(t)
   local k = {}
@@ -20,14 +16,7 @@ local function sorted_keys(t)
   return k
 end
 
--- Write a Lua program to a file that loads the built module.
-local function program(code)
-  local f = os.tmpname()
-  local h = assert(io.open(f, "w"))
-  h:write(string.format("package.cpath = %q .. package.cpath\n", H.build .. "/?.so;"), code)
-  h:close()
-  return f
-end
+local program = H.program
 
 -- Every item but the failed ones came back exactly once, in order.
 local function complete(r, n, failed)

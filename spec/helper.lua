@@ -74,5 +74,39 @@ end
 -- Reap a child pid, blocking; returns the posix.sys.wait results.
 function H.waitpid(pid) return wait.wait(pid) end
 
+-- {1, 2, ..., n}
+function H.range(n)
+  local t = {}
+  for i = 1, n do t[i] = i end
+  return t
+end
+
+-- The contents of a file, or nil.
+function H.slurp(path)
+  local f = io.open(path)
+  if not f then return nil end
+  local s = f:read("a")
+  f:close()
+  return s
+end
+
+-- Write a Lua program that loads the built module to a temporary file;
+-- returns its path.
+function H.program(code)
+  local f = os.tmpname()
+  local h = assert(io.open(f, "w"))
+  h:write(string.format("package.cpath = %q .. package.cpath\n", build .. "/?.so;"), code)
+  h:close()
+  return f
+end
+
+-- Run such a program in a fresh lua5.4: exit code, stdout, stderr.
+function H.lua(code)
+  local f = H.program(code)
+  local rc, out, err = H.run("lua5.4 " .. f)
+  os.remove(f)
+  return rc, out, err
+end
+
 _G.lpar_helper = H
 return H

@@ -8,11 +8,7 @@ local wait = require "posix.sys.wait"
 
 local function double(x) return x * 2 end
 
-local function range(n)
-  local t = {}
-  for i = 1, n do t[i] = i end
-  return t
-end
+local range = H.range
 
 local function distinct(t)
   local seen, n = {}, 0
@@ -22,16 +18,7 @@ local function distinct(t)
   return n
 end
 
--- Run a Lua program in a fresh lua5.4 with the module on its cpath.
-local function lua(code)
-  local f = os.tmpname()
-  local h = assert(io.open(f, "w"))
-  h:write(string.format("package.cpath = %q .. package.cpath\n", H.build .. "/?.so;"), code)
-  h:close()
-  local rc, out, err = H.run("lua5.4 " .. f)
-  os.remove(f)
-  return rc, out, err
-end
+local lua = H.lua
 
 describe("lpar.parallel", function()
   it("returns results in item order and the item count", function()

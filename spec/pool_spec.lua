@@ -14,11 +14,7 @@ local function children()
   return pids
 end
 
-local function range(n)
-  local t = {}
-  for i = 1, n do t[i] = i end
-  return t
-end
+local range = H.range
 
 local function double(x) return x * 2 end
 
@@ -28,13 +24,7 @@ local function spin(s)
   while os.clock() - t < s do end
 end
 
-local function slurp(path)
-  local f = io.open(path)
-  if not f then return nil end
-  local s = f:read("a")
-  f:close()
-  return s
-end
+local slurp = H.slurp
 
 local function lines(path)
   local t = {}
@@ -50,16 +40,7 @@ local function sorted(t)
   return r
 end
 
--- Run a Lua program in a fresh lua5.4 with the module on its cpath.
-local function lua(code)
-  local f = os.tmpname()
-  local h = assert(io.open(f, "w"))
-  h:write(string.format("package.cpath = %q .. package.cpath\n", H.build .. "/?.so;"), code)
-  h:close()
-  local rc, out, err = H.run("lua5.4 " .. f)
-  os.remove(f)
-  return rc, out, err
-end
+local lua = H.lua
 
 -- Wait until cond() holds, pumping the pool; false after 'limit' seconds.
 local function eventually(pool, cond, limit)
