@@ -32,6 +32,15 @@
 #define LPAR_FLUSHSIZE (256 * 1024)
 #endif
 
+/* bytes of the ring each worker of a run shares with the caller; results
+   frames of LPAR_RINGMIN bytes up to half of this travel through it */
+#if !defined(LPAR_RINGSIZE)
+#define LPAR_RINGSIZE (4 * 1024 * 1024)
+#endif
+#if !defined(LPAR_RINGMIN)
+#define LPAR_RINGMIN (64 * 1024)
+#endif
+
 /* the scheduler aims for chunks that take at least this long (ns) */
 #if !defined(LPAR_MINCHUNKNS)
 #define LPAR_MINCHUNKNS 250000

@@ -16,6 +16,7 @@
 #include "lpar.h"
 #include "pool.h"
 #include "ranges.h"
+#include "ring.h"
 #include "wire.h"
 #include "worker.h"
 
@@ -55,6 +56,7 @@ typedef struct Worker {
   size_t outpos;        /* bytes of 'out' already sent */
   lua_Integer timedout; /* item it was killed for, 0 if none */
   long long killat;     /* if > 0: SIGKILL due at this time */
+  Ring ring;            /* big results frames arrive here */
 } Worker;
 
 typedef struct Run {
@@ -79,10 +81,14 @@ typedef struct Run {
   unsigned char *fin; /* ring of LPAR_WINDOW flags: item done (imap) */
   lua_Integer *queue; /* ring of done indices (unordered imap) */
   lua_Integer qhead, qtail;
-  double tns;     /* estimated ns per item; 0 until measured */
-  int failed;     /* an item failed and the run must stop */
-  int lost;       /* workers lost without a culprit */
-  pid_t *retired; /* workers told to leave, to reap at the end */
+  double tns;         /* estimated ns per item; 0 until measured */
+  long long pns;      /* ns the caller has spent reading and decoding results */
+  lua_Integer pitems; /* results those ns were spent on */
+  int failed;         /* an item failed and the run must stop */
+  int lost;           /* workers lost without a culprit */
+  long long wave;     /* when the last wave of workers began to start */
+  int wavecap;        /* workers the current wave may bring up */
+  pid_t *retired;     /* workers told to leave, to reap at the end */
   int nretired, capretired;
   struct sigaction oldint;
   sigset_t oldmask;
@@ -375,6 +381,9 @@ static void spawn(lua_State *L, Run *r) {
   cs.mask = &r->oldmask;
   cs.ignint = r->ignint;
   r->slots[i].item = 0;
+  lpar_ring_unmap(&w->ring); /* the last worker in this place is gone */
+  if (lpar_ring_map(&w->ring, LPAR_RINGSIZE) != 0)
+    w->ring.base = NULL; /* no ring: every frame takes the pipe */
   lua_rawgeti(L, S_ENV, ENV_F);
   lua_rawgeti(L, S_ENV, ENV_ITEMS);
   lua_rawgeti(L, S_ENV, ENV_INIT);
@@ -394,11 +403,14 @@ static void spawn(lua_State *L, Run *r) {
     a.timed = r->o.timeout > 0;
     a.maxmem = r->o.maxmem;
     a.slot = &r->slots[i];
+    a.ring = w->ring;
     lpar_worker_reseed(L, i);
     lpar_worker_run(L, &a);
   }
   lua_pop(L, 4);
+  lpar_ring_keep(&w->ring);
   if (pid < 0) {
+    lpar_ring_unmap(&w->ring);
     if (r->live > 0) { /* go on with the workers there are */
       r->cap = r->live;
       return;
@@ -406,6 +418,10 @@ static void spawn(lua_State *L, Run *r) {
     luaL_error(L, "cannot start a worker: %s: %s", call, strerror(-pid));
   }
   r->live++;
+  if (r->live == 1 && r->wavecap == 0) {
+    r->wave = lpar_pool_now();
+    r->wavecap = 1;
+  }
   w->count = 0;
   w->in.n = 0;
   w->timedout = 0;
@@ -532,80 +548,111 @@ static void initfailed(lua_State *L, Run *r, Worker *w, const char *p,
   lose(L, r, w, 1, "failed in init");
 }
 
+/* Handle one RESULT or ERROR frame of w: header f, payload p. Returns 0,
+   or -1 if the worker broke the protocol (it has been dealt with). */
+static int frame(lua_State *L, Run *r, Worker *w, const Frame *f,
+                 const char *p) {
+  size_t pos;
+  if ((f->type != LPAR_FRESULT && f->type != LPAR_FERROR) ||
+      f->len < (f->type == LPAR_FRESULT ? 16u : 8u)) {
+    protoerror(L, r, w, "bad frame header");
+    return -1;
+  }
+  lua_Integer first = (lua_Integer)lpar_wire_get64(p);
+  int isres = f->type == LPAR_FRESULT;
+  lua_Integer nrep = isres ? (lua_Integer)f->count : 1;
+  uint32_t k, nvals = isres ? f->count : 2;
+  int complete;
+  pos = 8;
+  if (!isres && first == 0) { /* its init failed */
+    initfailed(L, r, w, p, (size_t)f->len);
+    return -1;
+  }
+  if (isres) {
+    w->busy += (long long)lpar_wire_get64(p + 8);
+    pos = 16;
+  }
+  if (w->count == 0 || first < w->first + w->got ||
+      first - w->first + nrep > w->count) {
+    protoerror(L, r, w, "result for an item it was not given");
+    return -1;
+  }
+  complete = first - w->first + nrep == w->count;
+  if (!complete) {
+    w->got = first - w->first + nrep;
+    if (r->tns == 0 && isres) /* a first estimate before the chunk ends */
+      r->tns = (double)(w->busy > 0 ? w->busy : 1) / (double)w->got;
+  }
+  else {
+    chunkdone(r, w);
+    if (isres) /* keep the worker busy while its results are decoded */
+      dispatch(L, r);
+  }
+  for (k = 0; k < nvals; k++) {
+    if (lpar_codec_decode(L, p, (size_t)f->len, &pos) != 0) {
+      if (!isres)
+        addredo(L, r, first, 1);
+      else if (complete)
+        addredo(L, r, first + k, nrep - k);
+      else
+        w->got = first - w->first + k;
+      protoerror(L, r, w, lua_tostring(L, -1));
+      return -1;
+    }
+    if (isres)
+      store(L, r, first + k);
+  }
+  if (pos != f->len) {
+    protoerror(L, r, w, "trailing bytes in a frame");
+    return -1;
+  }
+  if (!isres)
+    itemfailed(L, r, first);
+  return 0;
+}
+
+/* The RING frame at p says where in w's ring a frame lies: handle that
+   one, then hand its space back. */
+static int ringframe(lua_State *L, Run *r, Worker *w, const char *p) {
+  uint64_t pos = lpar_wire_get64(p), n = lpar_wire_get64(p + 8);
+  const char *q = lpar_ring_get(&w->ring, pos, n);
+  Frame f;
+  if (q == NULL || n < LPAR_HDRSIZE || lpar_wire_getheader(q, &f) != 0 ||
+      f.len != n - LPAR_HDRSIZE) {
+    protoerror(L, r, w, "bad place in the ring");
+    return -1;
+  }
+  if (frame(L, r, w, &f, q + LPAR_HDRSIZE) != 0)
+    return -1;
+  lpar_ring_release(&w->ring, pos + n);
+  return 0;
+}
+
 /* Handle the whole frames in w->in. Returns 0, or -1 if the worker broke
    the protocol (it has been dealt with). */
 static int frames(lua_State *L, Run *r, Worker *w) {
   size_t at = 0;
-  int rc = 0;
   while (w->in.n - at >= LPAR_HDRSIZE) {
     Frame f;
     const char *p;
-    size_t pos;
     if (lpar_wire_getheader(w->in.p + at, &f) != 0 ||
-        (f.type != LPAR_FRESULT && f.type != LPAR_FERROR) ||
-        f.len < (f.type == LPAR_FRESULT ? 16u : 8u)) {
+        (f.type == LPAR_FRING && f.len != 16)) {
       protoerror(L, r, w, "bad frame header");
       return -1;
     }
     if (f.len > w->in.n - at - LPAR_HDRSIZE)
       break; /* not all there yet */
     p = w->in.p + at + LPAR_HDRSIZE;
-    {
-      lua_Integer first = (lua_Integer)lpar_wire_get64(p);
-      int isres = f.type == LPAR_FRESULT;
-      lua_Integer nrep = isres ? (lua_Integer)f.count : 1;
-      uint32_t k, nvals = isres ? f.count : 2;
-      int complete;
-      pos = 8;
-      if (!isres && first == 0) { /* its init failed */
-        initfailed(L, r, w, p, (size_t)f.len);
-        return -1;
-      }
-      if (isres) {
-        w->busy += (long long)lpar_wire_get64(p + 8);
-        pos = 16;
-      }
-      if (w->count == 0 || first < w->first + w->got ||
-          first - w->first + nrep > w->count) {
-        protoerror(L, r, w, "result for an item it was not given");
-        return -1;
-      }
-      complete = first - w->first + nrep == w->count;
-      if (!complete)
-        w->got = first - w->first + nrep;
-      else {
-        chunkdone(r, w);
-        if (isres) /* keep the worker busy while its results are decoded */
-          dispatch(L, r);
-      }
-      for (k = 0; k < nvals; k++) {
-        if (lpar_codec_decode(L, p, (size_t)f.len, &pos) != 0) {
-          if (!isres)
-            addredo(L, r, first, 1);
-          else if (complete)
-            addredo(L, r, first + k, nrep - k);
-          else
-            w->got = first - w->first + k;
-          protoerror(L, r, w, lua_tostring(L, -1));
-          return -1;
-        }
-        if (isres)
-          store(L, r, first + k);
-      }
-      if (pos != f.len) {
-        protoerror(L, r, w, "trailing bytes in a frame");
-        return -1;
-      }
-      if (!isres)
-        itemfailed(L, r, first);
-    }
+    if (f.type == LPAR_FRING ? ringframe(L, r, w, p) != 0
+                             : frame(L, r, w, &f, p) != 0)
+      return -1;
     at += LPAR_HDRSIZE + (size_t)f.len;
   }
   if (at > 0) {
     memmove(w->in.p, w->in.p + at, w->in.n - at);
     w->in.n -= at;
   }
-  return rc;
+  return 0;
 }
 
 /*
@@ -668,6 +715,8 @@ static void protoerror(lua_State *L, Run *r, Worker *w, const char *what) {
 
 /* Read what worker w has sent and handle it. */
 static void readworker(lua_State *L, Run *r, Worker *w) {
+  long long t0 = lpar_pool_now();
+  lua_Integer done0 = r->done;
   for (;;) {
     size_t want = 0;
     long k;
@@ -679,7 +728,7 @@ static void readworker(lua_State *L, Run *r, Worker *w) {
     }
     k = lpar_wire_tryread(w->proc.resfd, &w->in, want);
     if (k == -EAGAIN)
-      return;
+      break;
     if (k <= 0) { /* end of file (a partial frame is dropped) or error */
       lose(L, r, w, k < 0, NULL);
       return;
@@ -687,6 +736,8 @@ static void readworker(lua_State *L, Run *r, Worker *w) {
     if (frames(L, r, w) != 0 || w->proc.pid == 0)
       return; /* it broke the protocol, or was let go meanwhile */
   }
+  r->pns += lpar_pool_now() - t0;
+  r->pitems += r->done - done0;
 }
 
 /* ---- the loop ---- */
@@ -834,28 +885,55 @@ static int finished(Run *r) {
   return r->done == r->n;
 }
 
+/* Time per item as the shared slots show it before any results came
+   back: from a worker past the first item of its chunk; 0 if none is. */
+static double slotestimate(Run *r, long long now) {
+  double est = 0;
+  int i;
+  for (i = 0; i < r->o.nworkers; i++) {
+    Worker *w = &r->w[i];
+    lua_Integer at = (lua_Integer)r->slots[i].item;
+    if (w->proc.pid != 0 && w->count > 0 && at > w->first) {
+      double per = (double)(now - w->sent) / (double)(at - w->first);
+      if (per > est)
+        est = per;
+    }
+  }
+  return est;
+}
+
 /*
-** Whether to start another worker now that all are busy: 0 yes, -1 no
-** (not worth a fork), else wait this many ms and ask again. Until the
-** time per item is known, a worker's first chunk gets LPAR_SPAWNWAITNS to
-** come back; after that, another worker is started only while the items
-** not yet handed out would keep each worker busy for LPAR_FORKWORTHNS.
+** Whether to start another worker now that all are busy: 0 yes, -1 no,
+** else wait this many ms and ask again.
+**
+** Once the time per item is known (from results, or from the shared slots
+** while the first chunks run), another worker starts only while the items
+** not yet handed out would keep each worker busy for LPAR_FORKWORTHNS, and
+** while the caller takes results faster than the workers make them: when
+** reading and decoding results is what limits the run, another worker
+** would only take processor time from the caller.
+**
+** Until then (every worker still on its first item), workers start in
+** waves, each doubling their number, LPAR_SPAWNWAITNS apart.
 */
 static int spawndelay(Run *r) {
-  long long now = lpar_pool_now(), oldest = now;
-  int i;
-  if (r->tns > 0) {
+  long long now = lpar_pool_now();
+  double tns = r->tns > 0 ? r->tns : slotestimate(r, now);
+  if (tns > 0) {
     lua_Integer left = (r->stream ? 0 : r->n - r->next + 1) + r->redo.items;
+    if (r->pitems > 0 && (double)r->pns / (double)r->pitems * r->live >= tns)
+      return -1;
     if (r->stream && !r->exhausted)
       return 0;
-    return (double)left * r->tns > (double)LPAR_FORKWORTHNS * r->live ? 0 : -1;
+    return (double)left * tns > (double)LPAR_FORKWORTHNS * r->live ? 0 : -1;
   }
-  for (i = 0; i < r->o.nworkers; i++)
-    if (r->w[i].proc.pid != 0 && r->w[i].count > 0 && r->w[i].sent < oldest)
-      oldest = r->w[i].sent;
-  if (now - oldest >= LPAR_SPAWNWAITNS)
+  if (r->live < r->wavecap)
     return 0;
-  return (int)((LPAR_SPAWNWAITNS - (now - oldest)) / 1000000 + 1);
+  if (now - r->wave < LPAR_SPAWNWAITNS)
+    return (int)((LPAR_SPAWNWAITNS - (now - r->wave)) / 1000000 + 1);
+  r->wave = now;
+  r->wavecap = 2 * r->live;
+  return 0;
 }
 
 /* One turn of the loop: hand out work, start a worker if all are busy
@@ -971,6 +1049,7 @@ void lpar_run_stop(lua_State *L, int idx) {
     w->proc.pid = 0;
     lpar_buf_free(&w->in);
     lpar_buf_free(&w->out);
+    lpar_ring_unmap(&w->ring);
   }
   for (i = 0; i < r->nretired; i++)
     lpar_pool_wait(r->retired[i], &status, 1);

@@ -24,6 +24,8 @@ enum {
   LPAR_FERROR,    /* worker -> parent: u64 index, error value, traceback */
   LPAR_FREADY,    /* worker -> parent: started (count = 1) or init failed */
   LPAR_FCALL,     /* parent -> worker: a function and its upvalues (pools) */
+  LPAR_FRING,     /* worker -> parent: u64 place, u64 length of a frame put
+                     in the shared ring (see ring.h) */
   LPAR_FLAST
 };
 

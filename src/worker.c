@@ -73,9 +73,32 @@ int lpar_worker_seal(Runner *r) {
   return 1;
 }
 
+/* Send the sealed frame through the ring, if it is big enough to gain
+   from it and fits; else through the pipe. */
+static void sendframe(Runner *r) {
+  uint64_t pos;
+  char *p = NULL;
+  if (r->out.n >= LPAR_RINGMIN)
+    p = lpar_ring_put(&r->ring, r->out.n, &pos);
+  if (p != NULL) {
+    char note[LPAR_HDRSIZE + 16];
+    Frame f;
+    memcpy(p, r->out.p, r->out.n);
+    f.type = LPAR_FRING;
+    f.count = 0;
+    f.len = 16;
+    lpar_wire_putheader(note, &f);
+    lpar_wire_put64(note + LPAR_HDRSIZE, pos);
+    lpar_wire_put64(note + LPAR_HDRSIZE + 8, (uint64_t)r->out.n);
+    lpar_worker_check(lpar_wire_write(r->fd, note, sizeof note));
+  }
+  else
+    lpar_worker_check(lpar_wire_write(r->fd, r->out.p, r->out.n));
+}
+
 void lpar_worker_flush(Runner *r) {
   if (lpar_worker_seal(r)) {
-    lpar_worker_check(lpar_wire_write(r->fd, r->out.p, r->out.n));
+    sendframe(r);
     lpar_worker_begin(r, r->first + r->count);
   }
 }
@@ -341,6 +364,7 @@ _Noreturn void lpar_worker_run(lua_State *L, const WorkerArgs *a) {
   ws.r.fd = a->resfd;
   ws.r.slot = a->slot;
   ws.r.timed = a->timed;
+  ws.r.ring = a->ring;
   if (a->maxmem > 0) { /* lives as long as the process: run never returns */
     static Limit lim;
     double mib = (double)a->maxmem / (1024.0 * 1024.0);

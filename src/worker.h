@@ -10,6 +10,7 @@
 #include "buf.h"
 #include "lua.h"
 #include "pool.h"
+#include "ring.h"
 
 typedef struct WorkerArgs {
   int cmdfd;       /* read work from here */
@@ -22,6 +23,7 @@ typedef struct WorkerArgs {
   int timed;       /* note when each item starts (for timeouts) */
   size_t maxmem;   /* Lua heap limit in bytes, 0 for none */
   Slot *slot;      /* this worker's shared status */
+  Ring ring;       /* where big results frames go; ring.base NULL: none */
 } WorkerArgs;
 
 /* Mark 'L' as living in a worker (a nested parallel runs serially). */
@@ -65,6 +67,7 @@ typedef struct Runner {
   uint32_t count;    /* results in 'out' */
   long long mark;    /* when the items of 'out' began to run */
   int bigresults;    /* malloc was told to keep freed memory */
+  Ring ring;         /* big frames go here (ring.base NULL: none) */
 } Runner;
 
 /* Leave the worker at once if rc != 0 (parent gone, out of memory). */
