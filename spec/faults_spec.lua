@@ -131,23 +131,42 @@ describe("worker faults", function()
     assert.same({20, 30}, {r[2], r[3]})
   end)
 
-  it("treats garbage on a worker's pipe as a protocol error of that worker", function()
-    local r, n, errs = lpar.parallel(function(x)
-      if x == 5 then
-        for fd = 3, 64 do -- the results pipe is the only FIFO a worker holds
-          local st = stat.fstat(fd)
-          if st and stat.S_ISFIFO(st.st_mode) ~= 0 then
-            unistd.write(fd, string.rep("\255", 64))
+  for _, case in ipairs{
+    {"garbage on a worker's pipe", string.rep("\255", 64), "bad frame header"},
+    -- type 7 (RING), len 16: a place far outside the ring
+    {"a ring frame that points outside the ring",
+      string.pack("<I4I4I8I8I8", 7, 0, 16, 1 << 40, 1 << 20), "bad place in the ring"},
+  } do
+    local what, bytes, why = case[1], case[2], case[3]
+    it("treats " .. what .. " as a protocol error of that worker", function()
+      local r, n, errs = lpar.parallel(function(x)
+        if x == 5 then
+          for fd = 3, 64 do -- the results pipe is the only FIFO a worker holds
+            local st = stat.fstat(fd)
+            if st and stat.S_ISFIFO(st.st_mode) ~= 0 then unistd.write(fd, bytes) end
           end
+          H.sleep(1)
         end
-        H.sleep(1)
-      end
-      return x * 10
-    end, range(12), {n_workers = 2, chunksize = 1, on_error = "collect"})
-    assert.equal(12, n)
-    assert.same({5}, sorted_keys(errs))
-    assert.matches("^worker %d+ broke the protocol %(bad frame header%)", errs[5])
-    complete(r, 12, {[5] = true})
+        return x * 10
+      end, range(12), {n_workers = 2, chunksize = 1, on_error = "collect"})
+      assert.equal(12, n)
+      assert.same({5}, sorted_keys(errs))
+      assert.matches("^worker %d+ broke the protocol %(" .. why .. "%)", errs[5])
+      complete(r, 12, {[5] = true})
+    end)
+  end
+
+  it("keeps the results a worker put in its ring before it was killed", function()
+    local big = string.rep("r", 300 << 10) -- over the flush size: sent at once
+    local r, n, errs = lpar.parallel(function(x)
+      if x == 3 then signal.kill(unistd.getpid(), signal.SIGKILL) end
+      return x == 6 and x * 10 or big .. x
+    end, range(6), {n_workers = 1, chunksize = 6, on_error = "collect"})
+    assert.equal(6, n)
+    assert.same({3}, sorted_keys(errs))
+    assert.matches("killed by signal 9", errs[3])
+    for _, i in ipairs{1, 2, 4, 5} do assert.equal(big .. i, r[i]) end
+    assert.equal(60, r[6])
   end)
 
   it("times out an item that runs too long, and goes on", function()

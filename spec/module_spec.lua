@@ -419,6 +419,48 @@ describe("lpar.parallel", function()
     end)
   end)
 
+  describe("sends big results through the ring it shares with each worker", function()
+    local function rchar() -- bytes this process has read with read(2)
+      return tonumber(H.slurp("/proc/self/io"):match("rchar: (%d+)"))
+    end
+
+    local function payload(i, size) -- distinct bytes per item
+      return string.rep(string.char(i % 251, (7 * i) % 256), size // 2)
+    end
+
+    it("so that the caller does not read them from a pipe", function()
+      local before = rchar()
+      local r, n = lpar.parallel(function(i) return payload(i, 1 << 20) end, range(40), 2)
+      local read = rchar() - before
+      assert.equal(40, n)
+      for i = 1, 40 do assert.equal(payload(i, 1 << 20), r[i]) end
+      assert.is_true(read < 1 << 20, "the caller read " .. read .. " bytes")
+    end)
+
+    it("intact at every size, around its limits and past them, over many laps", function()
+      local sizes = {1000, (64 << 10) - 40, 64 << 10, 300 << 10, (2 << 20) - 40,
+        2 << 20, 3 << 20, 5 << 20}
+      local items = {}
+      for _ = 1, 6 do
+        for _, size in ipairs(sizes) do items[#items + 1] = size end
+      end
+      local r, n = lpar.parallel(function(size) return payload(size, size) end,
+        items, {n_workers = 1, chunksize = 4})
+      assert.equal(#items, n)
+      for i, size in ipairs(items) do assert.equal(payload(size, size), r[i]) end
+    end)
+
+    it("while a caller slow to take them keeps the ring full", function()
+      local got = 0
+      for i, v in lpar.imap(function(i) return payload(i, 700 << 10) end, range(30), 2) do
+        assert.equal(payload(i, 700 << 10), v)
+        got = got + 1
+        H.sleep(0.01) -- the workers wait for room in their rings
+      end
+      assert.equal(30, got)
+    end)
+  end)
+
   describe("refuses results that cannot travel", function()
     it("names the item and the path of a function", function()
       local ok, err = pcall(lpar.parallel, function(x)
