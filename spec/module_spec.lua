@@ -461,6 +461,32 @@ describe("lpar.parallel", function()
     end)
   end)
 
+  it("lets a worker collect a run the caller dropped unfinished, untouched", function()
+    -- the dropped run is garbage the workers of the next run inherit;
+    -- collecting it there must not kill its workers or unmap its rings
+    local step, run = lpar.imap(function(x)
+      return string.rep("d", 1 << 20) .. unistd.getpid() .. "/" .. x
+    end, range(50), 2)
+    local _, first = step(run)
+    local pid = tonumber(first:match("(%d+)/1$"))
+    step, run, first = nil, nil, nil -- luacheck: ignore
+    collectgarbage("stop") -- so that the workers, not the caller, collect it first
+    for _ = 1, 3 do
+      local r, n = lpar.parallel(function(x)
+        local s = string.rep("x", 3 << 20) .. x
+        collectgarbage()
+        return #s
+      end, range(8), 2)
+      assert.equal(8, n)
+      for i = 1, 8 do assert.equal((3 << 20) + 1, r[i]) end
+    end
+    local state = H.slurp("/proc/" .. pid .. "/stat"):match("^%d+ %b() (%a)")
+    assert.not_equal("Z", state, "a worker of the dropped run was killed")
+    collectgarbage("restart")
+    collectgarbage() -- now the caller stops it
+    assert.is_false(H.alive(pid))
+  end)
+
   describe("refuses results that cannot travel", function()
     it("names the item and the path of a function", function()
       local ok, err = pcall(lpar.parallel, function(x)

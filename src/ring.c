@@ -9,6 +9,7 @@
 
 #include <errno.h>
 #include <linux/futex.h>
+#include <poll.h>
 #include <stdatomic.h>
 #include <sys/mman.h>
 #include <sys/syscall.h>
@@ -57,7 +58,15 @@ static int roomfor(Control *c, uint64_t end, size_t size) {
   return end - atomic_load(&c->tail) <= size;
 }
 
-char *lpar_ring_put(Ring *g, size_t n, uint64_t *pos) {
+/* Whether the reader of the pipe 'fd' is gone. */
+static int closed(int fd) {
+  struct pollfd p;
+  p.fd = fd;
+  p.events = 0;
+  return poll(&p, 1, 0) == 1 && (p.revents & (POLLERR | POLLHUP)) != 0;
+}
+
+char *lpar_ring_put(Ring *g, size_t n, int fd, uint64_t *pos) {
   Control *c;
   uint64_t at;
   size_t off;
@@ -69,12 +78,14 @@ char *lpar_ring_put(Ring *g, size_t n, uint64_t *pos) {
   if (off + n > g->size)
     at += g->size - off; /* to the start of the next lap */
   while (!roomfor(c, at + n, g->size)) {
-    struct timespec wait = {0, 100000000}; /* a lost wake-up costs this */
+    struct timespec wait = {0, 100000000}; /* then look at the pipe */
     uint32_t seq = atomic_load(&c->seq);
     atomic_store(&c->waiting, 1);
     if (roomfor(c, at + n, g->size))
       break;
-    syscall(SYS_futex, &c->seq, FUTEX_WAIT, seq, &wait, NULL, 0);
+    if (syscall(SYS_futex, &c->seq, FUTEX_WAIT, seq, &wait, NULL, 0) == -1 &&
+        errno == ETIMEDOUT && closed(fd))
+      return NULL; /* writing to the pipe reports it */
   }
   g->head = at + n;
   *pos = at;

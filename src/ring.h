@@ -29,11 +29,12 @@ void lpar_ring_keep(Ring *g);
 
 /*
 ** Worker: room for a frame of 'n' bytes, waiting until the parent has
-** handed back enough; *pos is the place to send on. NULL (nothing waited
-** for) when the ring is missing or 'n' is more than half of it: such a
-** frame goes through the pipe.
+** handed back enough; *pos is the place to send on. NULL when the ring is
+** missing or 'n' is more than half of it (such a frame goes through the
+** pipe), or when the parent closed 'fd', the pipe the place would be sent
+** on, while the worker waited.
 */
-char *lpar_ring_put(Ring *g, size_t n, uint64_t *pos);
+char *lpar_ring_put(Ring *g, size_t n, int fd, uint64_t *pos);
 
 /*
 ** Parent: the frame a worker says it put at 'pos', 'n' bytes long, or

@@ -95,6 +95,7 @@ typedef struct Run {
   int ignint;
   struct sigaction oldterm;
   int watchterm; /* SIGTERM ends the run too (the CLI) */
+  pid_t owner;   /* the process that made it (workers inherit copies) */
 } Run;
 
 /* the signal that interrupted the current run; a handler can only reach
@@ -149,6 +150,7 @@ void lpar_run_new(lua_State *L, int fidx, int iidx, lua_Integer n,
   luaL_setmetatable(L, LPAR_RUNMT);
   r->o = *o;
   r->cap = o->nworkers;
+  r->owner = getpid();
   r->watchterm = o->sigterm;
   r->stream = n < 0;
   r->n = n < 0 ? 0 : n;
@@ -554,7 +556,8 @@ static int frame(lua_State *L, Run *r, Worker *w, const Frame *f,
                  const char *p) {
   size_t pos;
   if ((f->type != LPAR_FRESULT && f->type != LPAR_FERROR) ||
-      f->len < (f->type == LPAR_FRESULT ? 16u : 8u)) {
+      f->len < (f->type == LPAR_FRESULT ? 16u : 8u) ||
+      (f->type == LPAR_FRESULT && f->count == 0)) {
     protoerror(L, r, w, "bad frame header");
     return -1;
   }
@@ -1030,7 +1033,9 @@ int lpar_run_next(lua_State *L) {
 void lpar_run_stop(lua_State *L, int idx) {
   Run *r = lua_touserdata(L, idx);
   int i, status, hard;
-  if (r == NULL || r->stopped)
+  /* a worker collecting a copy of a run it inherited leaves it alone:
+     the workers and rings are the owner's */
+  if (r == NULL || r->stopped || r->owner != getpid())
     return;
   r->stopped = 1;
   hard = r->failed || !finished(r);

@@ -79,7 +79,7 @@ static void sendframe(Runner *r) {
   uint64_t pos;
   char *p = NULL;
   if (r->out.n >= LPAR_RINGMIN)
-    p = lpar_ring_put(&r->ring, r->out.n, &pos);
+    p = lpar_ring_put(&r->ring, r->out.n, r->fd, &pos);
   if (p != NULL) {
     char note[LPAR_HDRSIZE + 16];
     Frame f;
