@@ -43,6 +43,14 @@ static inline int lpar_buf_add(Buf *b, const void *s, size_t len) {
   return rc;
 }
 
+/* Drop the first 'n' bytes (those handled), keeping the rest. */
+static inline void lpar_buf_drop(Buf *b, size_t n) {
+  if (n > 0) {
+    memmove(b->p, b->p + n, b->n - n);
+    b->n -= n;
+  }
+}
+
 static inline void lpar_buf_free(Buf *b) {
   free(b->p);
   b->p = NULL;

@@ -860,25 +860,14 @@ static int frames(Ctx *c, PWorker *w) {
       return -1; /* its job failed and took it along */
     at += LPAR_HDRSIZE + (size_t)f.len;
   }
-  if (at > 0) {
-    memmove(w->in.p, w->in.p + at, w->in.n - at);
-    w->in.n -= at;
-  }
+  lpar_buf_drop(&w->in, at);
   return 0;
 }
 
 /* Read what worker w has sent and handle it. */
 static void readworker(Ctx *c, PWorker *w) {
   for (;;) {
-    size_t want = 0;
-    long k;
-    if (w->in.n >= LPAR_HDRSIZE) {
-      Frame f;
-      if (lpar_wire_getheader(w->in.p, &f) == 0 &&
-          f.len + LPAR_HDRSIZE > w->in.n)
-        want = (size_t)(f.len + LPAR_HDRSIZE - w->in.n);
-    }
-    k = lpar_wire_tryread(w->proc.resfd, &w->in, want);
+    long k = lpar_wire_tryread(w->proc.resfd, &w->in);
     if (k == -EAGAIN)
       return;
     if (k <= 0) { /* end of file (a partial frame is dropped) or error */

@@ -154,12 +154,7 @@ _Noreturn void lpar_pworker_run(lua_State *L, const PWorkerArgs *a) {
   PState ps;
   int status;
   memset(&ps, 0, sizeof ps);
-  lpar_worker_mark(L);
-  if (lpar_buf_reserve(&ps.r.out, 4096) != 0)
-    _exit(3);
-  ps.r.L = L;
-  ps.r.fd = a->resfd;
-  ps.r.slot = a->slot;
+  lpar_worker_initrunner(&ps.r, L, a->resfd, a->slot);
   lpar_worker_reseed(L, a->place);
   lua_pushcfunction(L, workermain);
   if (a->initidx)

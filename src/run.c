@@ -651,10 +651,7 @@ static int frames(lua_State *L, Run *r, Worker *w) {
       return -1;
     at += LPAR_HDRSIZE + (size_t)f.len;
   }
-  if (at > 0) {
-    memmove(w->in.p, w->in.p + at, w->in.n - at);
-    w->in.n -= at;
-  }
+  lpar_buf_drop(&w->in, at);
   return 0;
 }
 
@@ -721,15 +718,7 @@ static void readworker(lua_State *L, Run *r, Worker *w) {
   long long t0 = lpar_pool_now();
   lua_Integer done0 = r->done;
   for (;;) {
-    size_t want = 0;
-    long k;
-    if (w->in.n >= LPAR_HDRSIZE) {
-      Frame f;
-      if (lpar_wire_getheader(w->in.p, &f) == 0 &&
-          f.len + LPAR_HDRSIZE > w->in.n)
-        want = (size_t)(f.len + LPAR_HDRSIZE - w->in.n);
-    }
-    k = lpar_wire_tryread(w->proc.resfd, &w->in, want);
+    long k = lpar_wire_tryread(w->proc.resfd, &w->in);
     if (k == -EAGAIN)
       break;
     if (k <= 0) { /* end of file (a partial frame is dropped) or error */

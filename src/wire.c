@@ -115,9 +115,15 @@ long lpar_wire_trywrite(int fd, const void *p, size_t n) {
   return (long)k;
 }
 
-long lpar_wire_tryread(int fd, Buf *b, size_t want) {
+long lpar_wire_tryread(int fd, Buf *b) {
   ssize_t k;
+  size_t want = 0;
   int rc;
+  if (b->n >= LPAR_HDRSIZE) { /* the partial frame ends the buffer */
+    Frame f;
+    if (lpar_wire_getheader(b->p, &f) == 0 && f.len + LPAR_HDRSIZE > b->n)
+      want = (size_t)(f.len + LPAR_HDRSIZE - b->n);
+  }
   if (want < 65536)
     want = 65536;
   if ((rc = lpar_buf_reserve(b, want)) != 0)

@@ -63,10 +63,11 @@ int lpar_wire_recv(int fd, Frame *f, Buf *b);
 long lpar_wire_trywrite(int fd, const void *p, size_t n);
 
 /*
-** Non-blocking read appending to 'b', at most 'want' bytes (at least
-** 64 KiB of room is made). Returns bytes read, 0 at end of file, -EAGAIN
-** when nothing is there, or -errno.
+** Non-blocking read appending to 'b', which holds whole frames and then
+** maybe the start of one: room is made for the rest of that frame (and
+** at least 64 KiB). Returns bytes read, 0 at end of file, -EAGAIN when
+** nothing is there, or -errno.
 */
-long lpar_wire_tryread(int fd, Buf *b, size_t want);
+long lpar_wire_tryread(int fd, Buf *b);
 
 #endif

@@ -52,6 +52,15 @@ void lpar_worker_check(int rc) {
     _exit(rc == -EPIPE ? 0 : 3);
 }
 
+void lpar_worker_initrunner(Runner *r, lua_State *L, int fd, Slot *slot) {
+  lpar_worker_mark(L);
+  if (lpar_buf_reserve(&r->out, 4096) != 0)
+    _exit(3);
+  r->L = L;
+  r->fd = fd;
+  r->slot = slot;
+}
+
 void lpar_worker_begin(Runner *r, lua_Integer first) {
   r->out.n = LPAR_RESHDR;
   r->first = first;
@@ -357,12 +366,7 @@ _Noreturn void lpar_worker_run(lua_State *L, const WorkerArgs *a) {
   WorkerArgs own = *a;
   int status;
   memset(&ws, 0, sizeof ws);
-  lpar_worker_mark(L);
-  if (lpar_buf_reserve(&ws.r.out, 4096) != 0)
-    _exit(3);
-  ws.r.L = L;
-  ws.r.fd = a->resfd;
-  ws.r.slot = a->slot;
+  lpar_worker_initrunner(&ws.r, L, a->resfd, a->slot);
   ws.r.timed = a->timed;
   ws.r.ring = a->ring;
   if (a->maxmem > 0) { /* lives as long as the process: run never returns */

@@ -70,6 +70,11 @@ typedef struct Runner {
   Ring ring;         /* big frames go here (ring.base NULL: none) */
 } Runner;
 
+/* Set up r to run items of the freshly forked worker state L and send
+   results on fd (marks L as a worker; leaves the worker if out of
+   memory). */
+void lpar_worker_initrunner(Runner *r, lua_State *L, int fd, Slot *slot);
+
 /* Leave the worker at once if rc != 0 (parent gone, out of memory). */
 void lpar_worker_check(int rc);
 
