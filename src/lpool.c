@@ -481,18 +481,12 @@ static void protoerror(Ctx *c, PWorker *w, const char *what) {
 /* Send what is pending to w, watching its fd while some is left. 0, or
    -errno if the worker cannot be written. */
 static int sendsome(Pool *p, PWorker *w) {
-  while (w->outpos < w->out.n) {
-    long k = lpar_wire_trywrite(w->proc.cmdfd, w->out.p + w->outpos,
-                                w->out.n - w->outpos);
-    if (k < 0)
-      return (int)k;
-    if (k == 0)
-      break;
-    w->outpos += (size_t)k;
-  }
+  int rc = lpar_wire_sendsome(w->proc.cmdfd, &w->out, &w->outpos);
+  if (rc != 0)
+    return rc;
   if (w->outpos < w->out.n && !w->watchout) {
-    int rc = evctl(p, EPOLL_CTL_ADD, w->proc.cmdfd, EPOLLOUT,
-                   EVDATA(EV_CMD, w - p->w));
+    rc = evctl(p, EPOLL_CTL_ADD, w->proc.cmdfd, EPOLLOUT,
+               EVDATA(EV_CMD, w - p->w));
     if (rc != 0)
       return rc;
     w->watchout = 1;

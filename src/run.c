@@ -353,16 +353,7 @@ static void assign(lua_State *L, Run *r, Worker *w) {
 
 /* Send what is pending; 0, or -errno if the worker cannot be written. */
 static int sendsome(Worker *w) {
-  while (w->outpos < w->out.n) {
-    long k = lpar_wire_trywrite(w->proc.cmdfd, w->out.p + w->outpos,
-                                w->out.n - w->outpos);
-    if (k < 0)
-      return (int)k;
-    if (k == 0)
-      break;
-    w->outpos += (size_t)k;
-  }
-  return 0;
+  return lpar_wire_sendsome(w->proc.cmdfd, &w->out, &w->outpos);
 }
 
 /* ---- workers ---- */

@@ -100,7 +100,8 @@ int lpar_wire_recv(int fd, Frame *f, Buf *b) {
   return 0;
 }
 
-long lpar_wire_trywrite(int fd, const void *p, size_t n) {
+/* Write what fd takes now: bytes written (maybe 0) or -errno. */
+static long trywrite(int fd, const void *p, size_t n) {
   ssize_t k;
   do
     k = send(fd, p, n, MSG_NOSIGNAL | MSG_DONTWAIT);
@@ -135,4 +136,16 @@ long lpar_wire_tryread(int fd, Buf *b) {
     return (errno == EAGAIN || errno == EWOULDBLOCK) ? -EAGAIN : -errno;
   b->n += (size_t)k;
   return (long)k;
+}
+
+int lpar_wire_sendsome(int fd, const Buf *b, size_t *pos) {
+  while (*pos < b->n) {
+    long k = trywrite(fd, b->p + *pos, b->n - *pos);
+    if (k < 0)
+      return (int)k;
+    if (k == 0)
+      break;
+    *pos += (size_t)k;
+  }
+  return 0;
 }

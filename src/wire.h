@@ -56,18 +56,18 @@ int lpar_wire_write(int fd, const void *p, size_t n);
 int lpar_wire_recv(int fd, Frame *f, Buf *b);
 
 /*
-** Non-blocking write of what it can; returns bytes written (maybe 0) or
-** -errno. Uses send(MSG_NOSIGNAL) on sockets, so a dead peer is -EPIPE,
-** never a signal.
-*/
-long lpar_wire_trywrite(int fd, const void *p, size_t n);
-
-/*
 ** Non-blocking read appending to 'b', which holds whole frames and then
 ** maybe the start of one: room is made for the rest of that frame (and
 ** at least 64 KiB). Returns bytes read, 0 at end of file, -EAGAIN when
 ** nothing is there, or -errno.
 */
 long lpar_wire_tryread(int fd, Buf *b);
+
+/*
+** Non-blocking: send b's bytes from *pos on, as far as 'fd' takes them,
+** advancing *pos. 0 (maybe with some left), or -errno. Uses
+** send(MSG_NOSIGNAL) on sockets, so a dead peer is -EPIPE, never a signal.
+*/
+int lpar_wire_sendsome(int fd, const Buf *b, size_t *pos);
 
 #endif
