@@ -108,5 +108,51 @@ function H.lua(code)
   return rc, out, err
 end
 
+-- A fresh empty directory; returns its path.
+function H.tmpdir()
+  return assert(require("posix.stdlib").mkdtemp(os.tmpname() .. ".XXXXXX"))
+end
+
+-- Remove a directory made by H.tmpdir, with what it holds.
+function H.rmdir(dir)
+  assert(dir:match("^/tmp/"), dir)
+  os.execute("rm -rf '" .. dir .. "'")
+end
+
+-- Files in a directory (not . and ..).
+function H.files(dir)
+  local n = 0
+  for name in dirent.files(dir) do
+    if name ~= "." and name ~= ".." then n = n + 1 end
+  end
+  return n
+end
+
+-- A barrier for processes: adds a file named 'key' to 'dir', then waits
+-- until 'dir' holds n files, or 'limit' seconds (default 60) pass. Returns
+-- whether the count was reached. Specs use it where several workers must be
+-- running at once, instead of items that sleep and hope to overlap.
+function H.barrier(dir, n, key, limit)
+  local f = assert(io.open(dir .. "/" .. tostring(key), "w"))
+  f:close()
+  local deadline = H.now() + (limit or 60)
+  while H.files(dir) < n do
+    if H.now() > deadline then return false end
+    H.sleep(0.005)
+  end
+  return true
+end
+
+-- Wait until cond() holds, checking every 10 ms; false after 'limit' seconds
+-- (default 30).
+function H.waitfor(cond, limit)
+  local deadline = H.now() + (limit or 30)
+  while not cond() do
+    if H.now() > deadline then return false end
+    H.sleep(0.01)
+  end
+  return true
+end
+
 _G.lpar_helper = H
 return H

@@ -26,6 +26,39 @@ end
 
 local slurp = H.slurp
 
+-- For items in pool workers (functions sent as bytecode carry no C
+-- functions, so these take what they need with require). gatherat adds
+-- the file 'key' to 'dir' and waits until 'dir' holds n files: n workers
+-- are then running at once. waitgate waits until the file 'path' exists.
+-- Both give up after a minute, returning false.
+local function gatherat(dir, n, key)
+  local dirent, time = require "posix.dirent", require "posix.time"
+  io.open(dir .. "/" .. key, "w"):close()
+  local t0 = os.time()
+  repeat
+    local c = 0
+    for name in dirent.files(dir) do
+      if name ~= "." and name ~= ".." then c = c + 1 end
+    end
+    if c >= n then return true end
+    time.nanosleep({tv_sec = 0, tv_nsec = 5000000})
+  until os.time() - t0 > 60
+  return false
+end
+
+local function waitgate(path)
+  local time = require "posix.time"
+  local t0 = os.time()
+  repeat
+    local f = io.open(path)
+    if f then f:close() return true end
+    time.nanosleep({tv_sec = 0, tv_nsec = 5000000})
+  until os.time() - t0 > 60
+  return false
+end
+
+local function touch(path) assert(io.open(path, "w")):close() end
+
 local function lines(path)
   local t = {}
   for l in (slurp(path) or ""):gmatch("[^\n]+") do t[#t + 1] = l end
@@ -370,7 +403,11 @@ describe("function transfer", function()
     assert.is_false(ok)
     assert.equal("cannot send the function: upvalue 'fh' is a userdata", err:match("cannot send.*"))
     assert.equal(0, pool:pump())
-    H.sleep(0.05)
+    -- each worker runs what it is sent in order: once both have run a later
+    -- item, anything sent before would have run too
+    local dir = H.tmpdir()
+    pool:map(function(i) assert(gatherat(dir, 2, i)) end, {1, 2}, {chunksize = 1})
+    H.rmdir(dir)
     assert.equal("", slurp(path))
     os.remove(path)
   end)
@@ -416,34 +453,40 @@ describe("pool:submit and jobs", function()
   after_each(function() pool:close() end)
 
   it("returns at once and finishes in the background", function()
-    local t0 = H.now()
-    local job = pool:submit(function(x) spin(0.1); return x end, range(4))
-    assert.is_true(H.now() - t0 < 0.05)
+    local gate = os.tmpname()
+    os.remove(gate)
+    -- no item can finish before the gate opens: submit must not wait for them
+    local job = pool:submit(function(x) assert(waitgate(gate)); return x end, range(4))
     assert.equal("running", job:status())
+    assert.is_false(job:done())
+    touch(gate)
     local r, n = job:wait()
+    os.remove(gate)
     assert.equal(4, n)
     assert.same(range(4), r)
     assert.equal("done", job:status())
   end)
 
   it("never blocks in done() and progress(), which advance the job", function()
-    local job = pool:submit(function(x) spin(0.05); return x end, range(8), {chunksize = 1})
-    local frames, worst, seen = 0, 0, {}
-    while true do
-      local t0 = H.now()
-      local finished = job:done()
-      local done, total = job:progress()
-      worst = math.max(worst, H.now() - t0)
-      seen[done] = true
-      assert.equal(8, total)
-      if finished then break end
-      frames = frames + 1
-      H.sleep(0.001)
+    -- item x waits for the file x in dir: nothing finishes until the spec
+    -- opens gates, so a done() that blocked would wait for a minute and
+    -- then see the job failed
+    local dir = H.tmpdir()
+    local job = pool:submit(function(x) assert(waitgate(dir .. "/" .. x)); return x end,
+      range(8), {chunksize = 1})
+    for _ = 1, 200 do
+      assert.is_false(job:done())
+      assert.same({0, 8}, {job:progress()})
     end
-    assert.is_true(worst < 0.02, "done() took " .. worst)
-    assert.is_true(frames > 50, "frames: " .. frames)
-    assert.is_true(seen[8])
-    assert.is_true(seen[2] or seen[4] or seen[6]) -- progress in between
+    touch(dir .. "/1")
+    touch(dir .. "/2")
+    assert.is_true(H.waitfor(function() job:done(); return job:progress() == 2 end))
+    assert.is_false(job:done())
+    assert.same({2, 8}, {job:progress()})
+    for i = 3, 8 do touch(dir .. "/" .. i) end
+    assert.is_true(H.waitfor(function() return job:done() end))
+    assert.same({8, 8}, {job:progress()})
+    H.rmdir(dir)
     assert.same(range(8), (job:wait()))
     assert.same(range(8), (job:wait())) -- again, the same
   end)
@@ -616,10 +659,18 @@ describe("pool faults", function()
   end)
 
   it("survives SIGINT sent to the workers' process group", function()
-    for _, pid in ipairs(pool:pids()) do signal.kill(pid, signal.SIGINT) end
-    H.sleep(0.05)
-    assert.same({2}, (pool:map(double, {1})))
-    assert.equal(2, #pool:pids())
+    local before = sorted(pool:pids())
+    for _, pid in ipairs(before) do signal.kill(pid, signal.SIGINT) end
+    -- a process acts on a pending signal before it runs any more of its
+    -- own code: once both workers have run an item, SIGINT has reached them
+    local dir = H.tmpdir()
+    local r = pool:map(function(i)
+      assert(gatherat(dir, 2, i))
+      return require("posix.unistd").getpid()
+    end, {1, 2}, {chunksize = 1})
+    H.rmdir(dir)
+    assert.same(before, sorted(r))
+    assert.same(before, sorted(pool:pids()))
   end)
 end)
 
