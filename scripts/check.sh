@@ -3,7 +3,7 @@
 # (luacheck, .luacheckrc). Fails on the first file that is off.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-mapfile -t cfiles < <(git ls-files 'src/*.c' 'src/*.h' 'examples/*.c' 'fuzz/*.c')
+mapfile -t cfiles < <(git ls-files 'src/*.c' 'src/*.h' 'examples/*.c' 'fuzz/*.c' 'spec/c/*.c')
 clang-format --dry-run --Werror "${cfiles[@]}"
 luacheck --no-color -q .
 echo "check: ${#cfiles[@]} C files formatted, Lua lint clean"

@@ -17,6 +17,7 @@
 #include "lauxlib.h"
 #include "lpar.h"
 #include "opts.h"
+#include "policy.h"
 #include "pool.h"
 #include "pworker.h"
 #include "ranges.h"
@@ -450,9 +451,8 @@ static void lose(Ctx *c, PWorker *w, int force, const char *why) {
   end = w->q[0].first + w->q[0].count;
   if (w->nq > 1) /* the chunk waiting its turn goes back as it is */
     addredo(L, j, w->q[1].first, w->q[1].count);
-  culprit = w->timedout ? w->timedout : slot->item;
-  if (culprit < from || culprit >= end)
-    culprit = 0;
+  culprit = lpar_policy_culprit(w->q[0].first, w->q[0].count, w->got,
+                                (lua_Integer)slot->item, w->timedout);
   nomem(L, lpar_ranges_requeue(&j->redo, from, end, culprit));
   if (culprit) {
     if (w->timedout)
@@ -507,27 +507,19 @@ static lua_Integer itemsleft(Job *j) {
   return j->n - j->next + 1 + j->redo.items;
 }
 
-/*
-** Chunk size: guided self-scheduling (a share of what is left), raised so
-** that a chunk takes at least LPAR_POOLCHUNKNS once the time per item is
-** known, and kept small until it is.
-*/
+/* Chunk size (see lpar_policy_chunk): at least LPAR_POOLCHUNKNS of work
+   once the time per item is known, at most LPAR_POOLPROBE items until
+   then. */
 static lua_Integer chunksize(Pool *p, Job *j) {
-  lua_Integer c;
-  if (j->chunk > 0)
-    c = j->chunk;
-  else {
-    c = (itemsleft(j) + 2 * p->n - 1) / (2 * p->n);
-    if (j->tns > 0) {
-      double lo = (double)LPAR_POOLCHUNKNS / j->tns;
-      if (lo > (double)c)
-        c = lo > (double)LPAR_POOLMAXCHUNK ? LPAR_POOLMAXCHUNK
-                                           : (lua_Integer)lo;
-    }
-    else if (c > LPAR_POOLPROBE)
-      c = LPAR_POOLPROBE;
-  }
-  return c < 1 ? 1 : c > LPAR_POOLMAXCHUNK ? LPAR_POOLMAXCHUNK : c;
+  SchedChunk s = {0};
+  s.fixed = j->chunk;
+  s.left = itemsleft(j);
+  s.places = p->n;
+  s.tns = j->tns;
+  s.minns = LPAR_POOLCHUNKNS;
+  s.probe = LPAR_POOLPROBE;
+  s.max = LPAR_POOLMAXCHUNK;
+  return (lua_Integer)lpar_policy_chunk(&s);
 }
 
 /*
@@ -595,21 +587,16 @@ static void assign(Ctx *c, PWorker *w, Job *j, int juv) {
     lose(c, w, 1, NULL);
 }
 
-/*
-** Whether busy worker w should get a second chunk of its job now, to start
-** as soon as it is done with the first rather than wait for the parent:
-** when its items are known to be quick and its chunk is on time. A chunk
-** queued behind an item that turns out slow waits, so not otherwise.
-*/
-static int prefetch(PWorker *w, long long now) {
+/* Whether busy worker w should get a second chunk of its job now, to
+   start as soon as it is done with the first rather than wait for the
+   parent (see lpar_policy_prefetch). */
+static int prefetch(Pool *p, PWorker *w, long long now) {
   Job *j = w->job;
-  double expected;
-  if (w->state != W_BUSY || w->nq != 1 || j == NULL || !workleft(j) ||
-      j->tns <= 0)
+  if (w->state != W_BUSY || w->nq != 1 || j == NULL || !workleft(j))
     return 0;
-  expected = j->tns * (double)w->q[0].count;
-  return expected < 10.0 * LPAR_POOLCHUNKNS &&
-         (double)(now - w->started) < 2 * expected + LPAR_POOLCHUNKNS;
+  return lpar_policy_prefetch(j->tns, w->q[0].count, now - w->started,
+                              LPAR_POOLCHUNKNS, itemsleft(j), p->n,
+                              chunksize(p, j));
 }
 
 /*
@@ -641,7 +628,7 @@ static void dispatch(Ctx *c) {
   lua_settop(L, top);
   for (i = 0; i < p->n; i++) {
     PWorker *w = &p->w[i];
-    if (prefetch(w, lpar_pool_now())) {
+    if (prefetch(p, w, lpar_pool_now())) {
       assign(c, w, w->job, pushjob(c, w->job));
       lua_settop(L, top);
     }
@@ -735,8 +722,7 @@ static int results(Ctx *c, PWorker *w, const char *p, size_t len,
   w->got += count;
   j->done += count;
   if (w->got == w->q[0].count) { /* learn from the chunk's timing */
-    double per = (double)(w->busy > 0 ? w->busy : 1) / (double)w->got;
-    j->tns = j->tns > 0 ? 0.5 * j->tns + 0.5 * per : per;
+    j->tns = lpar_policy_learn(j->tns, w->busy, w->got);
     j->lost = 0;
   }
   settle(c, j);

@@ -14,6 +14,7 @@
 #include "codec.h"
 #include "lauxlib.h"
 #include "lpar.h"
+#include "policy.h"
 #include "pool.h"
 #include "ranges.h"
 #include "ring.h"
@@ -86,8 +87,7 @@ typedef struct Run {
   lua_Integer pitems; /* results those ns were spent on */
   int failed;         /* an item failed and the run must stop */
   int lost;           /* workers lost without a culprit */
-  long long wave;     /* when the last wave of workers began to start */
-  int wavecap;        /* workers the current wave may bring up */
+  SchedWave wave;     /* workers started while none is past its first item */
   pid_t *retired;     /* workers told to leave, to reap at the end */
   int nretired, capretired;
   struct sigaction oldint;
@@ -236,28 +236,17 @@ static int workleft(Run *r) {
   return r->next <= r->n && hasroom(r);
 }
 
-/* Chunk size for the next hand-out: guided self-scheduling (a share of
-   what is left) raised so that a chunk takes at least LPAR_MINCHUNKNS. */
+/* Chunk size for the next hand-out (see lpar_policy_chunk). A stream has
+   no tail to balance until it ends: its chunks take longer. */
 static lua_Integer chunksize(Run *r) {
-  lua_Integer c;
-  if (r->o.chunk > 0)
-    return r->o.chunk;
-  if (!r->stream) {
-    lua_Integer left = r->n - r->next + 1;
-    c = (left + 2 * r->o.nworkers - 1) / (2 * r->o.nworkers);
-  }
-  else /* the total is unknown: size chunks by time alone */
-    c = 1;
-  if (r->tns > 0) {
-    double lo = (double)LPAR_MINCHUNKNS / r->tns;
-    if (r->stream)
-      lo *= 4; /* no tail to balance until the input ends */
-    if (lo > (double)c)
-      c = lo > 1e15 ? (lua_Integer)1e15 : (lua_Integer)lo;
-  }
-  if (r->stream && c > LPAR_MAXSTREAMCHUNK)
-    c = LPAR_MAXSTREAMCHUNK;
-  return c < 1 ? 1 : c;
+  SchedChunk s = {0};
+  s.fixed = r->o.chunk;
+  s.left = r->stream ? -1 : r->n - r->next + 1;
+  s.places = r->o.nworkers;
+  s.tns = r->tns;
+  s.minns = (r->stream ? 4.0 : 1.0) * LPAR_MINCHUNKNS;
+  s.max = r->stream && r->o.chunk <= 0 ? LPAR_MAXSTREAMCHUNK : 0;
+  return (lua_Integer)lpar_policy_chunk(&s);
 }
 
 /* Start writing the frame in w->out: header then the u64 first index. */
@@ -411,10 +400,7 @@ static void spawn(lua_State *L, Run *r) {
     luaL_error(L, "cannot start a worker: %s: %s", call, strerror(-pid));
   }
   r->live++;
-  if (r->live == 1 && r->wavecap == 0) {
-    r->wave = lpar_pool_now();
-    r->wavecap = 1;
-  }
+  lpar_policy_started(&r->wave, r->live, lpar_pool_now());
   w->count = 0;
   w->in.n = 0;
   w->timedout = 0;
@@ -506,8 +492,7 @@ static void itemfailed(lua_State *L, Run *r, lua_Integer i) {
 
 /* The chunk of w is fully reported: learn from its timing. */
 static void chunkdone(Run *r, Worker *w) {
-  double per = (double)(w->busy > 0 ? w->busy : 1) / (double)w->count;
-  r->tns = r->tns > 0 ? 0.5 * r->tns + 0.5 * per : per;
+  r->tns = lpar_policy_learn(r->tns, w->busy, w->count);
   w->count = 0;
 }
 
@@ -663,12 +648,8 @@ static void lose(lua_State *L, Run *r, Worker *w, int force, const char *why) {
   rc = lpar_pool_reap(pid, force, &status);
   w->proc.pid = 0;
   r->live--;
-  culprit = slot->item;
-  if (w->timedout)
-    culprit = w->timedout;
-  if (w->count == 0 || culprit < w->first + w->got ||
-      culprit >= w->first + w->count)
-    culprit = 0;
+  culprit = lpar_policy_culprit(w->first, w->count, w->got,
+                                (lua_Integer)slot->item, w->timedout);
   if (w->count > 0) {
     lua_Integer from = w->first + w->got, end = w->first + w->count;
     if (lpar_ranges_requeue(&r->redo, from, end, culprit) != 0)
@@ -875,9 +856,9 @@ static double slotestimate(Run *r, long long now) {
   int i;
   for (i = 0; i < r->o.nworkers; i++) {
     Worker *w = &r->w[i];
-    lua_Integer at = (lua_Integer)r->slots[i].item;
-    if (w->proc.pid != 0 && w->count > 0 && at > w->first) {
-      double per = (double)(now - w->sent) / (double)(at - w->first);
+    if (w->proc.pid != 0 && w->count > 0) {
+      double per = lpar_policy_slotrate(now - w->sent, w->first,
+                                        (lua_Integer)r->slots[i].item);
       if (per > est)
         est = per;
     }
@@ -885,38 +866,23 @@ static double slotestimate(Run *r, long long now) {
   return est;
 }
 
-/*
-** Whether to start another worker now that all are busy: 0 yes, -1 no,
-** else wait this many ms and ask again.
-**
-** Once the time per item is known (from results, or from the shared slots
-** while the first chunks run), another worker starts only while the items
-** not yet handed out would keep each worker busy for LPAR_FORKWORTHNS, and
-** while the caller takes results faster than the workers make them: when
-** reading and decoding results is what limits the run, another worker
-** would only take processor time from the caller.
-**
-** Until then (every worker still on its first item), workers start in
-** waves, each doubling their number, LPAR_SPAWNWAITNS apart.
-*/
+/* Whether to start another worker now that all are busy: 0 yes, -1 no,
+   else ask again in this many ms (see lpar_policy_spawn). The time per item
+   comes from results, or from the shared slots while the first chunks
+   run. */
 static int spawndelay(Run *r) {
-  long long now = lpar_pool_now();
-  double tns = r->tns > 0 ? r->tns : slotestimate(r, now);
-  if (tns > 0) {
-    lua_Integer left = (r->stream ? 0 : r->n - r->next + 1) + r->redo.items;
-    if (r->pitems > 0 && (double)r->pns / (double)r->pitems * r->live >= tns)
-      return -1;
-    if (r->stream && !r->exhausted)
-      return 0;
-    return (double)left * tns > (double)LPAR_FORKWORTHNS * r->live ? 0 : -1;
-  }
-  if (r->live < r->wavecap)
-    return 0;
-  if (now - r->wave < LPAR_SPAWNWAITNS)
-    return (int)((LPAR_SPAWNWAITNS - (now - r->wave)) / 1000000 + 1);
-  r->wave = now;
-  r->wavecap = 2 * r->live;
-  return 0;
+  SchedSpawn s;
+  s.now = lpar_pool_now();
+  s.tns = r->tns > 0 ? r->tns : slotestimate(r, s.now);
+  s.left = r->stream && !r->exhausted
+               ? -1
+               : (r->stream ? 0 : r->n - r->next + 1) + r->redo.items;
+  s.live = r->live;
+  s.pns = r->pns;
+  s.pitems = r->pitems;
+  s.worthns = LPAR_FORKWORTHNS;
+  s.wavegap = LPAR_SPAWNWAITNS;
+  return lpar_policy_spawn(&s, &r->wave);
 }
 
 /* One turn of the loop: hand out work, start a worker if all are busy

@@ -1,0 +1,54 @@
+/*
+** policy.h: the scheduling policy. Pure functions of numbers (no Lua, no
+** processes, no clock of their own), shared by every engine.
+*/
+#ifndef lpar_policy_h
+#define lpar_policy_h
+
+/* What a chunk size depends on. Counts are items; times are ns. */
+typedef struct SchedChunk {
+  long long fixed; /* chunk size the caller asked for; 0: none */
+  long long left;  /* items not handed out yet; -1: unknown (a stream) */
+  int places;      /* most workers of the job */
+  double tns;      /* time per item; 0 while unknown */
+  double minns;    /* a chunk should take at least this long */
+  long long probe; /* most items while tns is unknown; 0: no such cap */
+  long long max;   /* most items in a chunk; 0: no cap */
+} SchedChunk;
+
+long long lpar_policy_chunk(const SchedChunk *s);
+
+/* Waves of workers started while every worker is on its first item. */
+typedef struct SchedWave {
+  long long at; /* when the current wave began */
+  int cap;      /* workers it may bring up; 0: no wave yet */
+} SchedWave;
+
+/* What the decision to start another worker depends on. */
+typedef struct SchedSpawn {
+  long long now;
+  double tns;        /* time per item, measured or estimated; 0: unknown */
+  long long left;    /* items not handed out yet (again included); -1:
+                        unknown, more may come (a stream) */
+  int live;          /* workers running, all busy */
+  long long pns;     /* ns the caller spent taking results */
+  long long pitems;  /* results those ns were spent on */
+  long long worthns; /* work left per worker that is worth a fork */
+  long long wavegap; /* ns between waves */
+} SchedSpawn;
+
+int lpar_policy_spawn(const SchedSpawn *s, SchedWave *w);
+void lpar_policy_started(SchedWave *w, int live, long long now);
+
+double lpar_policy_slotrate(long long elapsed, long long first, long long at);
+
+int lpar_policy_prefetch(double tns, long long queued, long long elapsed,
+                         double chunkns, long long left, int places,
+                         long long nextchunk);
+
+long long lpar_policy_culprit(long long first, long long count, long long got,
+                              long long slotitem, long long timedout);
+
+double lpar_policy_learn(double tns, long long busyns, long long count);
+
+#endif
