@@ -579,6 +579,81 @@ describe("pool:submit and jobs", function()
   end)
 end)
 
+describe("pool retries", function()
+  local pool, dir
+
+  before_each(function()
+    pool = lpar.pool{n_workers = 2}
+    dir = H.tmpdir()
+  end)
+  after_each(function()
+    pool:close()
+    H.rmdir(dir)
+  end)
+
+  -- Item x notes each attempt in the file x of dir and returns how many
+  -- attempts there were, counting this one.
+  local function attempt(d, x)
+    local f = assert(io.open(d .. "/" .. x, "a+"))
+    f:write(".")
+    f:seek("set")
+    local n = #f:read("a")
+    f:close()
+    return n
+  end
+
+  local function attempts(x) return #(slurp(dir .. "/" .. x) or "") end
+
+  it("runs a failed item again, up to 'retries' more times", function()
+    local d = dir
+    local r, n = pool:map(function(x)
+      local k = attempt(d, x)
+      if x == 2 and k < 3 then error("not yet") end
+      return x * 10 + k
+    end, range(4), {retries = 2})
+    assert.equal(4, n)
+    assert.same({11, 23, 31, 41}, r)
+    assert.equal(3, attempts(2))
+  end)
+
+  it("fails the item when its retries run out, as without them", function()
+    local d = dir
+    local ok, err = pcall(pool.map, pool, function(x)
+      attempt(d, x)
+      if x == 3 then error("never") end
+      return x
+    end, range(4), {retries = 1})
+    assert.is_false(ok)
+    assert.matches("^item 3: .-never", err)
+    assert.equal(2, attempts(3))
+    local r, _, errs = pool:map(function(x)
+      if x == 1 then error("always") end
+      return x
+    end, range(3), {retries = 3, on_error = "collect"})
+    assert.same({[2] = 2, [3] = 3}, r)
+    assert.matches("always", errs[1])
+    assert.same({2, 4}, (pool:map(double, {1, 2}))) -- the pool goes on
+  end)
+
+  it("runs an item that killed its worker again, on a fresh worker", function()
+    local d = dir
+    local r = pool:map(function(x)
+      if x == 2 and attempt(d, x) == 1 then os.exit(3) end
+      return require("posix.unistd").getpid()
+    end, range(3), {retries = 1})
+    assert.equal(3, #r)
+    assert.equal(2, attempts(2))
+    assert.equal(2, #pool:pids())
+  end)
+
+  it("checks the option", function()
+    assert.has_error(function() pool:map(double, {1}, {retries = -1}) end,
+      "bad argument #3 to 'map' (retries must be a non-negative integer)")
+    assert.has_error(function() pool:map(double, {1}, {retries = "x"}) end,
+      "bad argument #3 to 'map' (retries must be a number, got string)")
+  end)
+end)
+
 describe("pool faults", function()
   local pool
 

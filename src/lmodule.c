@@ -48,19 +48,13 @@ static void getopts(lua_State *L, int arg, RunOpts *o) {
       nw = lpar_opts_count(L, arg, "n_workers");
     else
       lua_pop(L, 1);
-    lpar_opts_run(L, arg, &o->chunk, &o->collect, &o->timeout);
+    lpar_opts_run(L, arg, &o->chunk, &o->collect, &o->timeout, &o->retries);
     lua_getfield(L, arg, "unordered");
     o->unordered = lua_toboolean(L, -1);
     lua_pop(L, 1);
     lua_getfield(L, arg, "sigterm"); /* SIGTERM ends the run like SIGINT */
     o->sigterm = lua_toboolean(L, -1);
     lua_pop(L, 1);
-    if (lua_getfield(L, arg, "retries") != LUA_TNIL) {
-      lua_Integer n = lpar_opts_count(L, arg, "retries");
-      o->retries = n > 1000000 ? 1000000 : (int)n;
-    }
-    else
-      lua_pop(L, 1);
     if (lua_getfield(L, arg, "max_memory") != LUA_TNIL)
       o->maxmem = lpar_opts_size(L, arg);
     lua_pop(L, 1);

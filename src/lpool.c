@@ -68,8 +68,16 @@ enum { PU_INIT = 1, PU_CLOSE, PU_ANCHORS, PU_TNS, PU_BROKEN, PU_INITERR };
 #define PU_N PU_INITERR
 
 /* fields of a job's uservalue */
-enum { JU_RESULTS = 1, JU_ERRORS, JU_ITEMS, JU_FAILURE, JU_POOL, JU_F };
-#define JU_N JU_F
+enum {
+  JU_RESULTS = 1,
+  JU_ERRORS,
+  JU_ITEMS,
+  JU_FAILURE,
+  JU_POOL,
+  JU_F,
+  JU_ATTEMPTS /* item -> times run again so far, with retries */
+};
+#define JU_N JU_ATTEMPTS
 
 /* epoll data: what an event is about, and which worker */
 enum { EV_RES = 0, EV_CMD, EV_TIMER };
@@ -128,6 +136,7 @@ typedef struct Job {
   uint64_t id;
   int state;         /* J_* */
   int collect;       /* on_error = "collect" */
+  int retries;       /* times a failed item is run again */
   lua_Integer chunk; /* fixed chunk size, 0 for adaptive */
   double timeout;    /* seconds per item, 0 for none */
   lua_Integer n;     /* items */
@@ -376,6 +385,26 @@ static void addredo(lua_State *L, Job *j, lua_Integer first,
 */
 static void itemfailed(Ctx *c, Job *j, lua_Integer i, PWorker *self) {
   lua_State *L = c->L;
+  if (j->retries > 0) {
+    int uv = pushjob(c, j);
+    lua_Integer tries;
+    if (lua_rawgeti(L, uv, JU_ATTEMPTS) == LUA_TNIL) {
+      lua_pop(L, 1);
+      lua_newtable(L);
+      lua_pushvalue(L, -1);
+      lua_rawseti(L, uv, JU_ATTEMPTS);
+    }
+    lua_rawgeti(L, -1, i);
+    tries = lua_tointeger(L, -1);
+    if (lpar_policy_retry(tries, j->retries)) {
+      lua_pushinteger(L, tries + 1);
+      lua_rawseti(L, -3, i);
+      lua_pop(L, 6); /* count, attempts, uservalue, job, error, traceback */
+      addredo(L, j, i, 1);
+      return;
+    }
+    lua_pop(L, 4);
+  }
   if (lua_type(L, -2) == LUA_TSTRING && lua_type(L, -1) == LUA_TSTRING)
     lua_pushfstring(L, "%s\n%s", lua_tostring(L, -2), lua_tostring(L, -1));
   else
@@ -1187,7 +1216,8 @@ static int l_pool(lua_State *L) {
   return 1;
 }
 
-static const char *const jobopts[] = {"chunksize", "on_error", "timeout", NULL};
+static const char *const jobopts[] = {"chunksize", "on_error", "timeout",
+                                      "retries", NULL};
 
 /* Read the job options at 'arg' (nil or a table) into j. */
 static void getjobopts(lua_State *L, int arg, Job *j) {
@@ -1195,7 +1225,7 @@ static void getjobopts(lua_State *L, int arg, Job *j) {
     return;
   luaL_checktype(L, arg, LUA_TTABLE);
   lpar_opts_checkkeys(L, arg, jobopts);
-  lpar_opts_run(L, arg, &j->chunk, &j->collect, &j->timeout);
+  lpar_opts_run(L, arg, &j->chunk, &j->collect, &j->timeout, &j->retries);
 }
 
 /*
@@ -1267,7 +1297,8 @@ static int pool_submit(lua_State *L) {
     return luaL_error(L, "cannot send the function: %s", lua_tostring(L, -1));
   }
   f.type = LPAR_FCALL;
-  f.count = (j->collect ? LPAR_CALLCOLLECT : 0) |
+  /* with retries, a worker goes on with its chunk after an item fails */
+  f.count = (j->collect || j->retries > 0 ? LPAR_CALLCOLLECT : 0) |
             (j->timeout > 0 ? LPAR_CALLTIMED : 0);
   f.len = j->call.n - LPAR_HDRSIZE;
   lpar_wire_putheader(j->call.p, &f);

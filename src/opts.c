@@ -97,7 +97,7 @@ lua_Integer lpar_opts_itemcount(lua_State *L, int idx) {
 }
 
 void lpar_opts_run(lua_State *L, int arg, lua_Integer *chunk, int *collect,
-                   double *timeout) {
+                   double *timeout, int *retries) {
   if (lua_getfield(L, arg, "chunksize") != LUA_TNIL) {
     *chunk = lpar_opts_count(L, arg, "chunksize");
     if (*chunk == 0)
@@ -120,4 +120,10 @@ void lpar_opts_run(lua_State *L, int arg, lua_Integer *chunk, int *collect,
     *timeout = t;
   }
   lua_pop(L, 1);
+  if (lua_getfield(L, arg, "retries") != LUA_TNIL) {
+    lua_Integer n = lpar_opts_count(L, arg, "retries");
+    *retries = n > LPAR_MAXRETRIES ? LPAR_MAXRETRIES : (int)n;
+  }
+  else
+    lua_pop(L, 1);
 }

@@ -28,11 +28,16 @@ void lpar_opts_hook(lua_State *L, int arg, const char *name);
    table.pack makes), else its length. */
 lua_Integer lpar_opts_itemcount(lua_State *L, int idx);
 
+/* most times a failed item is run again */
+#if !defined(LPAR_MAXRETRIES)
+#define LPAR_MAXRETRIES 1000000
+#endif
+
 /* The options every kind of run has, from the table at 'arg': chunksize
-   (0 when absent), on_error ("collect" sets *collect) and timeout
-   (seconds, 0 when absent). Fields not there leave the outputs as they
-   are. */
+   (0 when absent), on_error ("collect" sets *collect), timeout (seconds,
+   0 when absent) and retries (at most LPAR_MAXRETRIES). Fields not there
+   leave the outputs as they are. */
 void lpar_opts_run(lua_State *L, int arg, lua_Integer *chunk, int *collect,
-                   double *timeout);
+                   double *timeout, int *retries);
 
 #endif

@@ -116,6 +116,12 @@ long long lpar_policy_culprit(long long first, long long count, long long got,
   return c;
 }
 
+/* Whether an item that failed, and was run again 'tries' times so far,
+   is run once more, with 'retries' allowed. */
+int lpar_policy_retry(long long tries, int retries) {
+  return tries >= 0 && tries < retries;
+}
+
 /* The time per item learnt from a chunk of 'count' items that took busyns
    in its worker: half the old estimate, half the new. */
 double lpar_policy_learn(double tns, long long busyns, long long count) {

@@ -49,6 +49,8 @@ int lpar_policy_prefetch(double tns, long long queued, long long elapsed,
 long long lpar_policy_culprit(long long first, long long count, long long got,
                               long long slotitem, long long timedout);
 
+int lpar_policy_retry(long long tries, int retries);
+
 double lpar_policy_learn(double tns, long long busyns, long long count);
 
 #endif

@@ -454,7 +454,7 @@ static void itemfailed(lua_State *L, Run *r, lua_Integer i) {
     lua_rawgeti(L, S_ENV, ENV_ATTEMPTS);
     lua_rawgeti(L, -1, i);
     tries = lua_tointeger(L, -1);
-    if (tries < r->o.retries) {
+    if (lpar_policy_retry(tries, r->o.retries)) {
       lua_pushinteger(L, tries + 1);
       lua_rawseti(L, -3, i);
       lua_pop(L, 4); /* count, attempts, error, traceback */

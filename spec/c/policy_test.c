@@ -172,6 +172,14 @@ static void test_culprit(void) {
   CHECK(lpar_policy_culprit(10, 0, 0, 10, 0) == 0);    /* no chunk */
 }
 
+static void test_retry(void) {
+  CHECK(lpar_policy_retry(0, 0) == 0);
+  CHECK(lpar_policy_retry(0, 2) == 1);
+  CHECK(lpar_policy_retry(1, 2) == 1);
+  CHECK(lpar_policy_retry(2, 2) == 0);
+  CHECK(lpar_policy_retry(-1, 2) == 0);
+}
+
 static void test_learn(void) {
   double t = lpar_policy_learn(0, 1000, 10);
   CHECK(t == 100);
@@ -187,6 +195,7 @@ int main(void) {
   test_slotrate();
   test_prefetch();
   test_culprit();
+  test_retry();
   test_learn();
   printf("%d passed, %d failed\n", passed, failed);
   return failed != 0;
