@@ -51,15 +51,7 @@ static int encodenumbered(lua_State *L, int idx, Buf *b) {
 static int decodenumbered(lua_State *L, const char *p, size_t len) {
   DecState ds;
   lua_newtable(L);
-  ds.L = L;
-  ds.p = p;
-  ds.len = len;
-  ds.pos = 0;
-  ds.budget = len;
-  ds.scan = len + LOOKAHEAD;
-  ds.refs = lua_gettop(L);
-  ds.ntab = 0;
-  ds.depth = 0;
+  decbegin(&ds, L, p, len, 0, lua_gettop(L));
   if (decvalue(&ds) != 0 || ds.pos != len)
     return -1;
   lua_insert(L, -2); /* value below refs */

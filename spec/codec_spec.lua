@@ -521,3 +521,98 @@ describe("frames the engine sends to workers", function()
     assert.equal(0, code)
   end)
 end)
+
+-- The decoder's memory bound (README "Wire format"): decoding n bytes,
+-- whether it succeeds or fails at the last byte, grows the Lua heap by at
+-- most BOUND * n bytes plus SLACK. spec/fixtures/codec/memprobe.c decodes
+-- a file in a Lua state whose allocator records the peak, the collector
+-- stopped, so garbage and the transient copies of a table being resized
+-- all count.
+describe("the decoder's memory", function()
+  local BOUND, SLACK = 46, 64 * 1024
+  local probe = os.tmpname()
+  local input = os.tmpname()
+
+  setup(function()
+    local rc, out, err = H.run("cc -std=c11 -D_GNU_SOURCE -O1 -Isrc " ..
+      "$(pkg-config --cflags lua5.4) -o " .. probe ..
+      " spec/fixtures/codec/memprobe.c " .. H.build .. "/liblpar.a " ..
+      "$(pkg-config --libs lua5.4) -lm")
+    assert.equal(0, rc, out .. err)
+  end)
+
+  teardown(function()
+    os.remove(probe)
+    os.remove(input)
+  end)
+
+  -- Decode s in the probe: ok, peak bytes, and bytes used or the message.
+  local function measure(s)
+    local f = assert(io.open(input, "wb"))
+    f:write(s)
+    f:close()
+    local rc, out, err = H.run(probe .. " " .. input)
+    assert.equal(0, rc, err)
+    local status, peak, rest = out:match("^(%a+) (%d+) (.-)\n$")
+    assert.is_not_nil(status, out)
+    return status == "ok", tonumber(peak), rest
+  end
+
+  local function array(n, piece) return "\6" .. varint(n) .. piece:rep(n) .. "\8" end
+  local function pairs_(piece, n) return "\6\0" .. piece:rep(n) .. "\8" end
+  -- a table that announces all the bytes after its length as its array
+  -- part, then holds 'body' and is cut short: everything decoded is garbage
+  local function failing(body) return "\6" .. varint(#body) .. body end
+  -- n distinct strings of 1 to 3 bytes, each followed by 'after'
+  local function strings(n, after)
+    local t = {}
+    for i = 0, n - 1 do
+      local s = i < 256 and string.char(i)
+        or i < 256 + 65536 and string.pack("<I2", i - 256) or string.pack("<I3", i)
+      t[#t + 1] = "\5" .. varint(#s) .. s .. (after or "")
+    end
+    return table.concat(t)
+  end
+  -- Tables are counted so that the decoder's table of references, and the
+  -- hash parts, have just doubled when the input ends.
+  local k = (1 << 17) + 1
+  local cases = {
+    {"an array of nils", true, array(1 << 20, "\0")},
+    {"an array of small integers", true, array(1 << 19, "\3\2")},
+    {"an array of booleans", true, array((1 << 19) + 1, "\2")},
+    {"an array of empty tables", true, array(k, "\6\0\8")},
+    {"arrays of tables nested to the limit", true,
+      array(1025, ("\6\1"):rep(198) .. "\6\0\8" .. ("\8"):rep(198))},
+    {"nested tables that all announce the rest", false, (function()
+      local head, len = {}, 3 * k
+      for d = 1, 199 do head[d] = "\6" .. varint(len - 4 * d) end
+      return table.concat(head) .. ("\6\0\8"):rep(k)
+    end)()},
+    {"distinct short strings", true, "\6" .. varint(3 * k) .. strings(3 * k) .. "\8"},
+    {"a hash of distinct string keys", true, "\6\0" .. strings(3 * k, "\2") .. "\8"},
+    {"a hash of table keys", true, pairs_("\6\0\8\2", k)},
+    {"a hash of table keys and table values", true, pairs_("\6\0\8\6\0\8", k // 2 + 1)},
+    {"an outer table that fails at the end, of empty tables", false,
+      failing(("\6\0\8"):rep(k))},
+    {"an outer table that fails at the end, of a hash of tables", false,
+      failing(pairs_("\6\0\8\6\0\8", k // 2 + 1):sub(1, -2))},
+    {"an outer table that fails at the end, of strings", false,
+      failing(strings(3 * k))},
+  }
+
+  for _, case in ipairs(cases) do
+    local name, fine, s = case[1], case[2], case[3]
+    it("stays within " .. BOUND .. " bytes per input byte: " .. name, function()
+      local ok, peak, rest = measure(s)
+      if fine then
+        assert.is_true(ok, rest)
+        assert.equal(#s, tonumber(rest))
+      else
+        assert.is_false(ok)
+        assert.matches("^truncated", rest)
+      end
+      assert.is_true(peak <= BOUND * #s + SLACK, string.format(
+        "%s: %d bytes took %d bytes of Lua heap, %.1f per byte", name, #s, peak, peak / #s))
+    end)
+  end
+end)

@@ -388,15 +388,26 @@ int lpar_codec_encode(lua_State *L, int idx, Buf *b) {
 
 /*
 ** Decoder. Every count and length is checked against the bytes left
-** before anything is allocated for it. Arrays are preallocated from a
-** budget of one slot per input byte, so tables nested inside each other
-** that all announce the rest of the input cannot multiply the memory.
+** before anything is allocated for it. An announced array part is
+** preallocated only from a budget of one slot per PRESHARE input bytes,
+** shared by the tables open at a time: a table gives its slots back when
+** it ends, all of them filled. A table that announces more values than
+** follow (the decoding then fails) has preallocated slots nobody fills,
+** and the budget bounds them: tables nested inside each other that all
+** announce the rest of the input cannot multiply the memory, and slots
+** wasted cost at most 16 / PRESHARE bytes per input byte on top of what
+** the values decoded cost (README "Wire format" states the whole bound).
+** Values past the preallocated part go in as Lua grows the table.
 */
+#if !defined(PRESHARE)
+#define PRESHARE 4
+#endif
+
 typedef struct DecState {
   lua_State *L;
   const char *p;
   size_t len, pos;
-  size_t budget; /* array slots that may still be preallocated */
+  size_t budget; /* array slots that may be preallocated now */
   size_t scan;   /* bytes countpairs() may still look at */
   int refs;      /* stack index of id -> table, or the nil placeholder */
   int ntab;
@@ -659,7 +670,23 @@ static int dectable(DecState *ds) {
     lua_rawset(L, t);
   }
   ds->depth--;
+  ds->budget += pre; /* every preallocated slot is filled */
   return 0;
+}
+
+/* Set up 'ds' to decode p[pos .. len) with the table of references at
+   stack index 'refs' (a nil placeholder until the first table). */
+static void decbegin(DecState *ds, lua_State *L, const char *p, size_t len,
+                     size_t pos, int refs) {
+  ds->L = L;
+  ds->p = p;
+  ds->len = len;
+  ds->pos = pos;
+  ds->budget = pos <= len ? (len - pos) / PRESHARE : 0;
+  ds->scan = (pos <= len ? len - pos : 0) + LOOKAHEAD;
+  ds->refs = refs;
+  ds->ntab = 0;
+  ds->depth = 0;
 }
 
 int lpar_codec_decode(lua_State *L, const char *p, size_t len, size_t *pos) {
@@ -669,15 +696,7 @@ int lpar_codec_decode(lua_State *L, const char *p, size_t len, size_t *pos) {
       (unsigned char)p[*pos] != LPAR_TREF) {
     /* a scalar: no table of references, no stack to tidy */
     luaL_checkstack(L, 1, "no room to decode a value");
-    ds.L = L;
-    ds.p = p;
-    ds.len = len;
-    ds.pos = *pos;
-    ds.budget = 0;
-    ds.scan = 0;
-    ds.refs = 0;
-    ds.ntab = 0;
-    ds.depth = 0;
+    decbegin(&ds, L, p, len, *pos, 0);
     if (decvalue(&ds))
       return -1; /* the message is pushed */
     *pos = ds.pos;
@@ -686,15 +705,7 @@ int lpar_codec_decode(lua_State *L, const char *p, size_t len, size_t *pos) {
   luaL_checkstack(L, 4, "no room to decode a value");
   lua_pushnil(L); /* placeholder for the table of references */
   base = lua_gettop(L);
-  ds.L = L;
-  ds.p = p;
-  ds.len = len;
-  ds.pos = *pos;
-  ds.budget = *pos <= len ? len - *pos : 0;
-  ds.scan = ds.budget + LOOKAHEAD;
-  ds.refs = base;
-  ds.ntab = 0;
-  ds.depth = 0;
+  decbegin(&ds, L, p, len, *pos, base);
   if (ds.pos > len) {
     decerror(&ds, "start past the end");
     lua_replace(L, base);
