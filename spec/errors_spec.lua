@@ -288,6 +288,11 @@ local frames = {
     local v = ("\6\1"):rep(300) .. "\0" .. ("\8"):rep(300)
     return string.pack("<I4I4I8I8I8", 3, 1, 16 + #v, 5, 0) .. v
   end)()]], "nested too deeply"},
+  -- the same in an ERROR frame for item 5
+  {"a too deep error value", 6, [[(function()
+    local v = ("\6\1"):rep(300) .. "\0" .. ("\8"):rep(300)
+    return string.pack("<I4I4I8I8", 4, 1, 8 + #v + 1, 5) .. v .. "\0"
+  end)()]], "nested too deeply"},
   -- a RESULT header announcing 512 GiB: the item the worker is on fails
   {"a frame too long to take", 5, [[string.pack("<I4I4I8", 3, 1, 1 << 39)]], "too long"},
 }
