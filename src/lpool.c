@@ -379,8 +379,9 @@ static void itemfailed(Ctx *c, Job *j, lua_Integer i, PWorker *self) {
   lua_State *L = c->L;
   char prefix[48];
   if (j->collect) {
+    int uv;
     lpar_worker_failure(L, NULL);
-    int uv = pushjob(c, j);
+    uv = pushjob(c, j);
     lua_rawgeti(L, uv, JU_ERRORS);
     lua_pushvalue(L, uv - 2);
     lua_rawseti(L, -2, i);
