@@ -386,15 +386,23 @@ static void spawn(lua_State *L, Run *r) {
     return;
   if (r->o.maxmem > 0 && !heapfits(L, r->o.maxmem)) {
     char lim[32], heap[32];
+    size_t used = lpar_worker_heap(L);
     if (r->live > 0) { /* go on with the workers there are */
       r->cap = r->live;
       return;
     }
+    if ((double)used < 1.1 * (double)r->o.maxmem) { /* close: in bytes */
+      snprintf(lim, sizeof lim, "%zu bytes", r->o.maxmem);
+      snprintf(heap, sizeof heap, "%zu bytes", used);
+    }
+    else {
+      lpar_worker_memname(r->o.maxmem, lim, sizeof lim);
+      lpar_worker_memname(used, heap, sizeof heap);
+    }
     luaL_error(L,
                "max_memory %s is below the %s the worker inherited "
                "from the caller",
-               lpar_worker_memname(r->o.maxmem, lim, sizeof lim),
-               lpar_worker_memname(lpar_worker_heap(L), heap, sizeof heap));
+               lim, heap);
   }
   cs.mask = &r->oldmask;
   cs.ignint = r->ignint;
