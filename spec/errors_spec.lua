@@ -32,7 +32,8 @@ local fronts = {
   end},
   {"pool:map", function(f, items, opts)
     local pool <close> = lpar.pool{n_workers = opts.n_workers, init = opts.init}
-    return pool:map(f, items, {chunksize = opts.chunksize, on_error = opts.on_error})
+    return pool:map(f, items, {chunksize = opts.chunksize, on_error = opts.on_error,
+                               timeout = opts.timeout})
   end},
 }
 
@@ -112,6 +113,19 @@ describe("error values", function()
         end
       end)
     end
+
+    it(name .. " times out an item whose error value's __tostring never returns", function()
+      local r, n, errs = run(function(x)
+        if x == 3 then error(setmetatable({print}, {__tostring = function() while true do end end})) end
+        return x * 10
+      end, H.range(6), {n_workers = 2, chunksize = 3, on_error = "collect", timeout = 0.5})
+      assert.equal(6, n)
+      assert.same({3}, sorted_keys(errs))
+      assert.equal("timed out after 0.5 s", errs[3])
+      for i = 1, 6 do
+        if i ~= 3 then assert.equal(i * 10, r[i]) end
+      end
+    end)
 
     it(name .. " raises a table error value as a table that names its item", function()
       local ok, err = pcall(run, function(x)
