@@ -105,6 +105,7 @@ typedef struct PWorker {
   size_t outpos;        /* bytes of 'out' already sent */
   int watchout;         /* its command fd is in the epoll set */
   lua_Integer timedout; /* item it was stopped for, 0 if none */
+  lua_Integer blame;    /* item whose report broke the protocol, 0 if none */
   long long killat;     /* if > 0: SIGKILL due at this time */
 } PWorker;
 
@@ -265,6 +266,7 @@ static int spawn(Ctx *c, int i, const char **call) {
   w->out.n = w->outpos = 0;
   w->watchout = 0;
   w->timedout = 0;
+  w->blame = 0;
   w->killat = 0;
   rc = evctl(p, EPOLL_CTL_ADD, w->proc.resfd, EPOLLIN, EVDATA(EV_RES, i));
   if (rc != 0) {
@@ -385,6 +387,7 @@ static void addredo(lua_State *L, Job *j, lua_Integer first,
 */
 static void itemfailed(Ctx *c, Job *j, lua_Integer i, PWorker *self) {
   lua_State *L = c->L;
+  char prefix[48];
   if (j->retries > 0) {
     int uv = pushjob(c, j);
     lua_Integer tries;
@@ -405,14 +408,10 @@ static void itemfailed(Ctx *c, Job *j, lua_Integer i, PWorker *self) {
     }
     lua_pop(L, 4);
   }
-  if (lua_type(L, -2) == LUA_TSTRING && lua_type(L, -1) == LUA_TSTRING)
-    lua_pushfstring(L, "%s\n%s", lua_tostring(L, -2), lua_tostring(L, -1));
-  else
-    lua_pushvalue(L, -2);
-  lua_replace(L, -3);
-  lua_pop(L, 1);
   if (j->collect) {
-    int uv = pushjob(c, j);
+    int uv;
+    lpar_worker_failure(L, NULL);
+    uv = pushjob(c, j);
     lua_rawgeti(L, uv, JU_ERRORS);
     lua_pushvalue(L, uv - 2);
     lua_rawseti(L, -2, i);
@@ -421,10 +420,8 @@ static void itemfailed(Ctx *c, Job *j, lua_Integer i, PWorker *self) {
     settle(c, j);
     return;
   }
-  if (lua_type(L, -1) == LUA_TSTRING) {
-    lua_pushfstring(L, "item %I: %s", (LUAI_UACINT)i, lua_tostring(L, -1));
-    lua_remove(L, -2);
-  }
+  snprintf(prefix, sizeof prefix, "item %lld: ", (long long)i);
+  lpar_worker_failure(L, prefix);
   failjob(c, j, self);
 }
 
@@ -480,9 +477,13 @@ static void lose(Ctx *c, PWorker *w, int force, const char *why) {
   end = w->q[0].first + w->q[0].count;
   if (w->nq > 1) /* the chunk waiting its turn goes back as it is */
     addredo(L, j, w->q[1].first, w->q[1].count);
-  culprit = lpar_policy_culprit(w->q[0].first, w->q[0].count, w->got,
-                                (lua_Integer)slot->item, w->timedout);
+  culprit = w->blame
+                ? 0
+                : lpar_policy_culprit(w->q[0].first, w->q[0].count, w->got,
+                                      (lua_Integer)slot->item, w->timedout);
   nomem(L, lpar_ranges_requeue(&j->redo, from, end, culprit));
+  if (w->blame) /* it broke the protocol reporting this one */
+    culprit = w->blame;
   if (culprit) {
     if (w->timedout)
       lua_pushfstring(L, "timed out after %f s", j->timeout);
@@ -734,8 +735,13 @@ static int results(Ctx *c, PWorker *w, const char *p, size_t len,
   res = lua_gettop(L);
   for (k = 0; k < count; k++) {
     if (lpar_codec_decode(L, p, len, &pos) != 0) {
+      /* the item whose value this is fails (a worker sends the same
+         bytes again if it runs again); the ones after it run again */
       lua_replace(L, res - 2);
       lua_settop(L, res - 2);
+      w->got += k + 1;
+      j->done += k;
+      w->blame = first + k;
       return -1;
     }
     if (lua_isnil(L, -1))
@@ -764,17 +770,17 @@ static int errorframe(Ctx *c, PWorker *w, const char *p, size_t len,
                       lua_Integer i) {
   lua_State *L = c->L;
   Job *j = w->job;
-  if (geterror(L, p, len) != 0)
+  if (geterror(L, p, len) != 0) {
+    if (j != NULL && w->state == W_BUSY && i >= w->q[0].first + w->got &&
+        i < w->q[0].first + w->q[0].count) { /* that item fails */
+      w->got = i - w->q[0].first + 1;
+      w->blame = i;
+    }
     return -1;
+  }
   if (i == 0 && w->state == W_STARTING) {
-    if (lua_type(L, -2) == LUA_TSTRING)
-      lua_pushfstring(L, "worker init failed: %s%s%s", lua_tostring(L, -2),
-                      lua_isstring(L, -1) ? "\n" : "",
-                      lua_isstring(L, -1) ? lua_tostring(L, -1) : "");
-    else
-      lua_pushvalue(L, -2);
+    lpar_worker_failure(L, "worker init failed: ");
     lua_rawseti(L, c->uv, PU_INITERR);
-    lua_pop(L, 2);
     return 0; /* it leaves: lose() follows at end of file */
   }
   if (w->state != W_BUSY) {
@@ -879,6 +885,11 @@ static void readworker(Ctx *c, PWorker *w) {
     long k = lpar_wire_tryread(w->proc.resfd, &w->in);
     if (k == -EAGAIN)
       return;
+    if (k == -ENOMEM) {
+      char what[96];
+      protoerror(c, w, lpar_wire_toolong(&w->in, what, sizeof what));
+      return;
+    }
     if (k <= 0) { /* end of file (a partial frame is dropped) or error */
       lose(c, w, k < 0, NULL);
       return;

@@ -56,6 +56,7 @@ typedef struct Worker {
   Buf out;              /* bytes to send */
   size_t outpos;        /* bytes of 'out' already sent */
   lua_Integer timedout; /* item it was killed for, 0 if none */
+  lua_Integer blame;    /* item whose report broke the protocol, 0 if none */
   long long killat;     /* if > 0: SIGKILL due at this time */
   Ring ring;            /* big results frames arrive here */
 } Worker;
@@ -347,6 +348,18 @@ static int sendsome(Worker *w) {
 
 /* ---- workers ---- */
 
+/*
+** Whether a worker forked now starts below the memory limit 'max': the
+** caller's heap is what it inherits. Only when it is not is the garbage
+** collected first (a worker could collect it too).
+*/
+static int heapfits(lua_State *L, size_t max) {
+  if (lpar_worker_heap(L) < max)
+    return 1;
+  lua_gc(L, LUA_GCCOLLECT);
+  return lpar_worker_heap(L) < max;
+}
+
 static void spawn(lua_State *L, Run *r) {
   int i;
   pid_t pid;
@@ -360,6 +373,26 @@ static void spawn(lua_State *L, Run *r) {
     }
   if (w == NULL)
     return;
+  if (r->o.maxmem > 0 && !heapfits(L, r->o.maxmem)) {
+    char lim[32], heap[32];
+    size_t used = lpar_worker_heap(L);
+    if (r->live > 0) { /* go on with the workers there are */
+      r->cap = r->live;
+      return;
+    }
+    if ((double)used < 1.1 * (double)r->o.maxmem) { /* close: in bytes */
+      snprintf(lim, sizeof lim, "%zu bytes", r->o.maxmem);
+      snprintf(heap, sizeof heap, "%zu bytes", used);
+    }
+    else {
+      lpar_worker_memname(r->o.maxmem, lim, sizeof lim);
+      lpar_worker_memname(used, heap, sizeof heap);
+    }
+    luaL_error(L,
+               "max_memory %s is below the %s the worker inherited "
+               "from the caller",
+               lim, heap);
+  }
   cs.mask = &r->oldmask;
   cs.ignint = r->ignint;
   r->slots[i].item = 0;
@@ -404,6 +437,7 @@ static void spawn(lua_State *L, Run *r) {
   w->count = 0;
   w->in.n = 0;
   w->timedout = 0;
+  w->blame = 0;
   w->killat = 0;
 }
 
@@ -463,31 +497,22 @@ static void itemfailed(lua_State *L, Run *r, lua_Integer i) {
     }
     lua_pop(L, 2);
   }
-  if (lua_type(L, -2) == LUA_TSTRING) {
-    if (lua_type(L, -1) == LUA_TSTRING)
-      lua_pushfstring(L, "%s\n%s", lua_tostring(L, -2), lua_tostring(L, -1));
-    else
-      lua_pushvalue(L, -2);
-  }
-  else
-    lua_pushvalue(L, -2);
-  lua_replace(L, -3);
-  lua_pop(L, 1);
   if (r->o.collect) {
+    lpar_worker_failure(L, NULL);
     lua_rawseti(L, S_ERRORS, i);
     lua_pushnil(L);
     store(L, r, i);
     return;
   }
   if (!r->failed) {
-    if (lua_type(L, -1) == LUA_TSTRING)
-      lua_pushfstring(L, "item %I: %s", (LUAI_UACINT)i, lua_tostring(L, -1));
-    else
-      lua_pushvalue(L, -1);
+    char prefix[48];
+    snprintf(prefix, sizeof prefix, "item %lld: ", (long long)i);
+    lpar_worker_failure(L, prefix);
     lua_rawseti(L, S_ENV, ENV_FAILURE);
     r->failed = 1;
   }
-  lua_pop(L, 1);
+  else
+    lua_pop(L, 2);
 }
 
 /* The chunk of w is fully reported: learn from its timing. */
@@ -510,19 +535,13 @@ static void initfailed(lua_State *L, Run *r, Worker *w, const char *p,
     protoerror(L, r, w, lua_tostring(L, -1));
     return;
   }
-  if (lua_type(L, -2) == LUA_TSTRING)
-    lua_pushfstring(L, "worker init failed: %s%s%s", lua_tostring(L, -2),
-                    lua_isstring(L, -1) ? "\n" : "",
-                    lua_isstring(L, -1) ? lua_tostring(L, -1) : "");
-  else
-    lua_pushvalue(L, -2);
+  lpar_worker_failure(L, "worker init failed: ");
   if (!r->failed) {
     lua_rawseti(L, S_ENV, ENV_FAILURE);
     r->failed = 1;
   }
   else
     lua_pop(L, 1);
-  lua_pop(L, 2);
   lose(L, r, w, 1, "failed in init");
 }
 
@@ -569,12 +588,14 @@ static int frame(lua_State *L, Run *r, Worker *w, const Frame *f,
   }
   for (k = 0; k < nvals; k++) {
     if (lpar_codec_decode(L, p, (size_t)f->len, &pos) != 0) {
-      if (!isres)
-        addredo(L, r, first, 1);
-      else if (complete)
-        addredo(L, r, first + k, nrep - k);
-      else
-        w->got = first - w->first + k;
+      /* the item whose value this is fails (a worker sends the same
+         bytes again if it runs again); the ones after it run again */
+      lua_Integer bad = isres ? first + (lua_Integer)k : first;
+      if (complete && bad + 1 < first + nrep)
+        addredo(L, r, bad + 1, first + nrep - bad - 1);
+      else if (!complete)
+        w->got = bad - w->first + 1;
+      w->blame = bad;
       protoerror(L, r, w, lua_tostring(L, -1));
       return -1;
     }
@@ -582,6 +603,8 @@ static int frame(lua_State *L, Run *r, Worker *w, const Frame *f,
       store(L, r, first + k);
   }
   if (pos != f->len) {
+    if (!isres) /* the error it reports is not taken */
+      w->blame = first;
     protoerror(L, r, w, "trailing bytes in a frame");
     return -1;
   }
@@ -648,14 +671,18 @@ static void lose(lua_State *L, Run *r, Worker *w, int force, const char *why) {
   rc = lpar_pool_reap(pid, force, &status);
   w->proc.pid = 0;
   r->live--;
-  culprit = lpar_policy_culprit(w->first, w->count, w->got,
-                                (lua_Integer)slot->item, w->timedout);
+  culprit = w->blame
+                ? 0
+                : lpar_policy_culprit(w->first, w->count, w->got,
+                                      (lua_Integer)slot->item, w->timedout);
   if (w->count > 0) {
     lua_Integer from = w->first + w->got, end = w->first + w->count;
     if (lpar_ranges_requeue(&r->redo, from, end, culprit) != 0)
       luaL_error(L, "not enough memory");
     w->count = 0;
   }
+  if (w->blame) /* it broke the protocol reporting this one */
+    culprit = w->blame;
   if (why == NULL) {
     if (rc < 0)
       why = "vanished (reaped elsewhere)";
@@ -693,6 +720,11 @@ static void readworker(lua_State *L, Run *r, Worker *w) {
     long k = lpar_wire_tryread(w->proc.resfd, &w->in);
     if (k == -EAGAIN)
       break;
+    if (k == -ENOMEM) {
+      char what[96];
+      protoerror(L, r, w, lpar_wire_toolong(&w->in, what, sizeof what));
+      return;
+    }
     if (k <= 0) { /* end of file (a partial frame is dropped) or error */
       lose(L, r, w, k < 0, NULL);
       return;

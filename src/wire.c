@@ -5,6 +5,7 @@
 #include "wire.h"
 
 #include <errno.h>
+#include <stdio.h>
 #include <sys/socket.h>
 #include <unistd.h>
 
@@ -136,6 +137,16 @@ long lpar_wire_tryread(int fd, Buf *b) {
     return (errno == EAGAIN || errno == EWOULDBLOCK) ? -EAGAIN : -errno;
   b->n += (size_t)k;
   return (long)k;
+}
+
+const char *lpar_wire_toolong(const Buf *b, char *buf, size_t size) {
+  Frame f;
+  if (b->n >= LPAR_HDRSIZE && lpar_wire_getheader(b->p, &f) == 0)
+    snprintf(buf, size, "frame too long to take (%llu bytes)",
+             (unsigned long long)f.len + LPAR_HDRSIZE);
+  else
+    snprintf(buf, size, "no memory to read a frame");
+  return buf;
 }
 
 int lpar_wire_sendsome(int fd, const Buf *b, size_t *pos) {

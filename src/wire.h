@@ -64,6 +64,13 @@ int lpar_wire_recv(int fd, Frame *f, Buf *b);
 long lpar_wire_tryread(int fd, Buf *b);
 
 /*
+** What to say when lpar_wire_tryread could not make room for the frame
+** that begins 'b' (-ENOMEM): "frame too long to take (N bytes)", written
+** into buf[0..size). Returns buf.
+*/
+const char *lpar_wire_toolong(const Buf *b, char *buf, size_t size);
+
+/*
 ** Non-blocking: send b's bytes from *pos on, as far as 'fd' takes them,
 ** advancing *pos. 0 (maybe with some left), or -errno. Uses
 ** send(MSG_NOSIGNAL) on sockets, so a dead peer is -EPIPE, never a signal.

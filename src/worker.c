@@ -32,12 +32,66 @@ int lpar_worker_inside(lua_State *L) {
   return r;
 }
 
+/* lua_CFunction: (v) -> what v's __tostring gives, if a string. */
+static int callmeta(lua_State *L) {
+  if (luaL_callmeta(L, 1, "__tostring") && lua_type(L, -1) == LUA_TSTRING)
+    return 1;
+  return 0;
+}
+
+void lpar_worker_describe(lua_State *L, int idx) {
+  idx = lua_absindex(L, idx);
+  if (lua_type(L, idx) == LUA_TSTRING || lua_type(L, idx) == LUA_TNUMBER) {
+    lua_pushvalue(L, idx);
+    lua_tostring(L, -1); /* a number becomes its text, in the copy */
+    return;
+  }
+  if (luaL_getmetafield(L, idx, "__tostring") != LUA_TNIL) {
+    lua_pop(L, 1);
+    lua_pushcfunction(L, callmeta);
+    lua_pushvalue(L, idx);
+    if (lua_pcall(L, 1, 1, 0) == LUA_OK && lua_type(L, -1) == LUA_TSTRING)
+      return;
+    lua_pop(L, 1); /* its error, or what it gave */
+  }
+  lua_pushfstring(L, "(error object is a %s value)", luaL_typename(L, idx));
+}
+
 int lpar_worker_traceback(lua_State *L) {
-  const char *msg = lua_tostring(L, 1);
-  if (msg == NULL && !lua_isnoneornil(L, 1))
-    return 1; /* keep a non-string error value as it is */
-  luaL_traceback(L, L, msg, 1);
+  if (lua_type(L, 1) == LUA_TTABLE)
+    return 1; /* a table error value stays itself */
+  lpar_worker_describe(L, 1);
+  luaL_traceback(L, L, lua_tostring(L, -1), 1);
   return 1;
+}
+
+/* lua_CFunction: __tostring of a table error value that crossed from a
+   worker; upvalue 1 is what it says. */
+static int sayfailure(lua_State *L) {
+  lua_pushvalue(L, lua_upvalueindex(1));
+  return 1;
+}
+
+void lpar_worker_failure(lua_State *L, const char *prefix) {
+  int tb = lua_type(L, -1) == LUA_TSTRING;
+  if (lua_type(L, -2) == LUA_TTABLE) {
+    if (prefix != NULL) { /* it names the failure when printed */
+      lua_pushfstring(L, "%s(error object is a table value)%s%s", prefix,
+                      tb ? "\n" : "", tb ? lua_tostring(L, -1) : "");
+      lua_createtable(L, 0, 1);
+      lua_insert(L, -2);
+      lua_pushcclosure(L, sayfailure, 1);
+      lua_setfield(L, -2, "__tostring");
+      lua_setmetatable(L, -3);
+    }
+    lua_pop(L, 1); /* traceback */
+    return;
+  }
+  lpar_worker_describe(L, -2);
+  lua_pushfstring(L, "%s%s%s%s", prefix ? prefix : "", lua_tostring(L, -1),
+                  tb ? "\n" : "", tb ? lua_tostring(L, -2) : "");
+  lua_replace(L, -4);
+  lua_pop(L, 2); /* description, traceback */
 }
 
 typedef struct WState {
@@ -112,34 +166,78 @@ void lpar_worker_flush(Runner *r) {
   }
 }
 
+/* levels a long traceback shows at its start and at its end */
+#define LEVELS1 10
+#define LEVELS2 11
+
+/*
+** Number of levels on L's stack. lua_getstack walks from the top, so
+** asking for each level in turn would take time quadratic in the depth:
+** double, then bisect, as luaL_traceback does.
+*/
+static int stackdepth(lua_State *L) {
+  lua_Debug ar;
+  int lo = 0, hi = 1; /* level lo exists, level hi may not */
+  if (!lua_getstack(L, 0, &ar))
+    return 0;
+  while (lua_getstack(L, hi, &ar)) {
+    lo = hi;
+    hi *= 2;
+  }
+  while (hi - lo > 1) {
+    int mid = lo + (hi - lo) / 2;
+    if (lua_getstack(L, mid, &ar))
+      lo = mid;
+    else
+      hi = mid;
+  }
+  return lo + 1;
+}
+
+/* Add the line of one level (ar, as lua_getstack gave it) to B. */
+static void addlevel(lua_State *L, luaL_Buffer *B, lua_Debug *ar) {
+  lua_getinfo(L, "Slnt", ar);
+  if (ar->currentline > 0)
+    lua_pushfstring(L, "\n\t%s:%d: in ", ar->short_src, ar->currentline);
+  else
+    lua_pushfstring(L, "\n\t%s: in ", ar->short_src);
+  luaL_addvalue(B);
+  if (*ar->namewhat != '\0')
+    lua_pushfstring(L, "%s '%s'", ar->namewhat, ar->name);
+  else if (*ar->what == 'm')
+    lua_pushliteral(L, "main chunk");
+  else if (*ar->what != 'C')
+    lua_pushfstring(L, "function <%s:%d>", ar->short_src, ar->linedefined);
+  else
+    lua_pushliteral(L, "?");
+  luaL_addvalue(B);
+  if (ar->istailcall)
+    luaL_addstring(B, "\n\t(...tail calls...)");
+}
+
 /*
 ** Push the traceback of L's levels 'from' .. 'to'-1 (the levels of the
 ** user's code only, not those of the caller the worker was forked from).
+** Cut as luaL_traceback cuts: past LEVELS1 + LEVELS2 levels, only the
+** first LEVELS1 and the last LEVELS2 are shown, so that it takes time
+** linear in the depth (each lua_getstack is).
 */
 static void traceback(lua_State *L, int from, int to) {
   luaL_Buffer B;
   lua_Debug ar;
-  int level;
+  int level, cut = to - from > LEVELS1 + LEVELS2 + 1;
   luaL_buffinit(L, &B);
   luaL_addstring(&B, "stack traceback:");
-  for (level = from; level < to && lua_getstack(L, level, &ar); level++) {
-    lua_getinfo(L, "Slnt", &ar);
-    if (ar.currentline > 0)
-      lua_pushfstring(L, "\n\t%s:%d: in ", ar.short_src, ar.currentline);
-    else
-      lua_pushfstring(L, "\n\t%s: in ", ar.short_src);
-    luaL_addvalue(&B);
-    if (*ar.namewhat != '\0')
-      lua_pushfstring(L, "%s '%s'", ar.namewhat, ar.name);
-    else if (*ar.what == 'm')
-      lua_pushliteral(L, "main chunk");
-    else if (*ar.what != 'C')
-      lua_pushfstring(L, "function <%s:%d>", ar.short_src, ar.linedefined);
-    else
-      lua_pushliteral(L, "?");
-    luaL_addvalue(&B);
-    if (ar.istailcall)
-      luaL_addstring(&B, "\n\t(...tail calls...)");
+  for (level = from; level < to; level++) {
+    if (cut && level == from + LEVELS1) {
+      lua_pushfstring(L, "\n\t...\t(skipping %d levels)",
+                      to - from - LEVELS1 - LEVELS2);
+      luaL_addvalue(&B);
+      level = to - LEVELS2;
+    }
+    if (!lua_getstack(L, level, &ar))
+      break;
+    addlevel(L, &B, &ar);
   }
   luaL_pushresult(&B);
 }
@@ -149,10 +247,8 @@ static void traceback(lua_State *L, int from, int to) {
 ** is the stack depth of the worker loop, whose levels are left out.
 */
 static int msghandler(lua_State *L) {
-  lua_Debug ar;
-  int depth = 0, base = (int)lua_tointeger(L, lua_upvalueindex(1));
-  while (lua_getstack(L, depth, &ar))
-    depth++;
+  int base = (int)lua_tointeger(L, lua_upvalueindex(1));
+  int depth = stackdepth(L);
   lua_createtable(L, 2, 0);
   lua_pushvalue(L, 1);
   lua_rawseti(L, -2, 1);
@@ -162,11 +258,7 @@ static int msghandler(lua_State *L) {
 }
 
 void lpar_worker_pushmsgh(lua_State *L) {
-  lua_Debug ar;
-  int depth = 0;
-  while (lua_getstack(L, depth, &ar))
-    depth++;
-  lua_pushinteger(L, depth);
+  lua_pushinteger(L, stackdepth(L));
   lua_pushcclosure(L, msghandler, 1);
 }
 
@@ -180,29 +272,105 @@ void lpar_worker_unpackerror(lua_State *L) {
     lua_pushnil(L); /* an error in the handler itself */
 }
 
+/*
+** lua_CFunction: (error value, traceback, runner) -> a userdata holding
+** the whole ERROR frame but its header and index. The error value is sent
+** as it is if it is a string or a table the codec can carry, else as its
+** description (lpar_worker_describe); the traceback if it is a string.
+*/
+static int errorframe(lua_State *L) {
+  Runner *r = lua_touserdata(L, 3);
+  Buf *b = lpar_codec_newbuf(L); /* 4 */
+  if (r->memerr) {               /* name the limit */
+    lua_pushfstring(L, "not enough memory (limit %s)", r->limit);
+    lua_replace(L, 1);
+  }
+  else if (lua_type(L, 1) != LUA_TSTRING && lua_type(L, 1) != LUA_TTABLE) {
+    lpar_worker_describe(L, 1);
+    lua_replace(L, 1);
+  }
+  if (lua_type(L, 2) != LUA_TSTRING) {
+    lua_pushnil(L);
+    lua_replace(L, 2);
+  }
+  if (lpar_buf_reserve(b, LPAR_HDRSIZE + 8) != 0)
+    luaL_error(L, "not enough memory");
+  b->n = LPAR_HDRSIZE + 8;
+  if (lpar_codec_encode(L, 1, b) != 0) { /* a table it cannot carry */
+    lua_pop(L, 1);                       /* the codec's message */
+    b->n = LPAR_HDRSIZE + 8;
+    lpar_worker_describe(L, 1);
+    lua_replace(L, 1);
+    if (lpar_codec_encode(L, 1, b) != 0)
+      lua_error(L);
+  }
+  if (lpar_codec_encode(L, 2, b) != 0)
+    lua_error(L);
+  return 1;
+}
+
+/*
+** The ERROR frame when making it failed (out of memory): the error value
+** at 'idx' as a plain description, or the start of it if it is a string,
+** built in C memory. 0, or -ENOMEM.
+*/
+static int plainerror(lua_State *L, int idx, Buf *b) {
+  char desc[64];
+  const char *s = desc;
+  size_t len;
+  if (lua_type(L, idx) == LUA_TSTRING) {
+    s = lua_tolstring(L, idx, &len);
+    if (len > 4096)
+      len = 4096;
+  }
+  else {
+    snprintf(desc, sizeof desc, "(error object is a %s value)",
+             luaL_typename(L, idx));
+    len = strlen(desc);
+  }
+  b->n = 0;
+  if (lpar_buf_reserve(b, LPAR_HDRSIZE + 8 + 16 + len) != 0)
+    return -ENOMEM;
+  b->n = LPAR_HDRSIZE + 8;
+  b->p[b->n++] = LPAR_TSTR;
+  if (lpar_codec_putvarint(b, len) != 0 || lpar_buf_add(b, s, len) != 0)
+    return -ENOMEM;
+  b->p[b->n++] = LPAR_TNIL; /* no traceback */
+  return 0;
+}
+
 void lpar_worker_senderror(Runner *r, lua_Integer i) {
   lua_State *L = r->L;
-  Buf b = {NULL, 0, 0};
+  Slot *slot = r->slot;
+  Buf own = {NULL, 0, 0}, *b = &own;
   Frame f;
-  char h[LPAR_HDRSIZE + 8];
+  /* the results before it go first, as no item's; then a worker that
+     dies before this frame is out is item i's failure */
+  slot->item = 0;
   lpar_worker_flush(r);
-  if (lpar_codec_encode(L, -2, &b) != 0) { /* not encodable: use text */
-    lua_pop(L, 1);                         /* the codec's message */
-    b.n = 0;
-    luaL_tolstring(L, -2, NULL);
-    lua_replace(L, -3);
-    lpar_worker_check(lpar_codec_encode(L, -2, &b) == 0 ? 0 : -ENOMEM);
+  if (i > 0) {
+    if (r->timed)
+      slot->since = lpar_pool_now();
+    slot->item = i;
   }
-  lpar_worker_check(lpar_codec_encode(L, -1, &b) == 0 ? 0 : -ENOMEM);
-  lua_pop(L, 2);
+  lua_pushcfunction(L, errorframe);
+  lua_pushvalue(L, -3);
+  lua_pushvalue(L, -3);
+  lua_pushlightuserdata(L, r);
+  if (lua_pcall(L, 3, 1, 0) == LUA_OK)
+    b = lua_touserdata(L, -1);
+  else
+    lpar_worker_check(plainerror(L, -3, b));
+  r->memerr = 0;
   f.type = LPAR_FERROR;
   f.count = 1;
-  f.len = 8 + b.n;
-  lpar_wire_putheader(h, &f);
-  lpar_wire_put64(h + LPAR_HDRSIZE, (uint64_t)i);
-  lpar_worker_check(lpar_wire_write(r->fd, h, sizeof h));
-  lpar_worker_check(lpar_wire_write(r->fd, b.p, b.n));
-  lpar_buf_free(&b);
+  f.len = b->n - LPAR_HDRSIZE;
+  lpar_wire_putheader(b->p, &f);
+  lpar_wire_put64(b->p + LPAR_HDRSIZE, (uint64_t)i);
+  lpar_worker_check(lpar_wire_write(r->fd, b->p, b->n));
+  slot->item = 0;
+  lpar_buf_free(&own);
+  lua_pop(L, 3); /* frame or error, error value, traceback */
 }
 
 /*
@@ -228,9 +396,10 @@ int lpar_worker_runitem(Runner *r, lua_Integer i) {
   int status;
   if (r->timed)
     r->slot->since = lpar_pool_now();
+  /* the item is this worker's until its result is held or its error sent:
+     a death before that is its failure */
   r->slot->item = i;
   status = lua_pcall(L, 1, 1, r->msgh);
-  r->slot->item = 0;
   if (status == LUA_OK) {
     size_t mark = r->out.n;
     if (r->count == 0)
@@ -238,6 +407,7 @@ int lpar_worker_runitem(Runner *r, lua_Integer i) {
     if (lpar_codec_encode(L, -1, &r->out) == 0) {
       lua_pop(L, 1);
       r->count++;
+      r->slot->item = 0;
       if (r->out.n >= LPAR_FLUSHSIZE) {
         keepmemory(r);
         lpar_worker_flush(r);
@@ -253,10 +423,7 @@ int lpar_worker_runitem(Runner *r, lua_Integer i) {
   }
   else {
     lpar_worker_unpackerror(L);
-    if (status == LUA_ERRMEM && r->limit != NULL) { /* name the limit */
-      lua_pushfstring(L, "not enough memory (limit %s)", r->limit);
-      lua_replace(L, -3);
-    }
+    r->memerr = status == LUA_ERRMEM && r->limit != NULL;
   }
   lpar_worker_senderror(r, i);
   return 1;
@@ -288,6 +455,24 @@ void lpar_worker_reseed(lua_State *L, lua_Integer place) {
     lua_pcall(L, 2, 0, 0);
   }
   lua_settop(L, top);
+}
+
+const char *lpar_worker_memname(size_t bytes, char *buf, size_t size) {
+  double mib = (double)bytes / (1024.0 * 1024.0);
+  if (mib >= 1024 && bytes % (1 << 30) == 0)
+    snprintf(buf, size, "%.0f GiB", mib / 1024);
+  else if (bytes % (1 << 20) == 0)
+    snprintf(buf, size, "%.0f MiB", mib);
+  else if (mib >= 1024)
+    snprintf(buf, size, "%.1f GiB", mib / 1024);
+  else
+    snprintf(buf, size, "%.1f MiB", mib);
+  return buf;
+}
+
+size_t lpar_worker_heap(lua_State *L) {
+  return (size_t)lua_gc(L, LUA_GCCOUNT) * 1024 +
+         (size_t)lua_gc(L, LUA_GCCOUNTB);
 }
 
 /* The allocator of a worker with a memory limit: counts the bytes of the
@@ -371,17 +556,12 @@ _Noreturn void lpar_worker_run(lua_State *L, const WorkerArgs *a) {
   ws.r.ring = a->ring;
   if (a->maxmem > 0) { /* lives as long as the process: run never returns */
     static Limit lim;
-    double mib = (double)a->maxmem / (1024.0 * 1024.0);
     lim.f = lua_getallocf(L, &lim.ud);
-    lim.used =
-        (size_t)lua_gc(L, LUA_GCCOUNT) * 1024 + (size_t)lua_gc(L, LUA_GCCOUNTB);
+    lim.used = lpar_worker_heap(L);
     lim.max = a->maxmem;
     lua_setallocf(L, limitalloc, &lim);
-    if (mib >= 1024 && (a->maxmem & ((1 << 30) - 1)) == 0)
-      snprintf(ws.limitname, sizeof ws.limitname, "%.0f GiB", mib / 1024);
-    else
-      snprintf(ws.limitname, sizeof ws.limitname, "%.0f MiB", mib);
-    ws.r.limit = ws.limitname;
+    ws.r.limit =
+        lpar_worker_memname(a->maxmem, ws.limitname, sizeof ws.limitname);
   }
   lua_pushcfunction(L, workermain);
   lua_pushvalue(L, a->fidx);

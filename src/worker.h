@@ -67,6 +67,7 @@ typedef struct Runner {
   uint32_t count;    /* results in 'out' */
   long long mark;    /* when the items of 'out' began to run */
   int bigresults;    /* malloc was told to keep freed memory */
+  int memerr;        /* the error being sent is the memory limit's */
   Ring ring;         /* big frames go here (ring.base NULL: none) */
 } Runner;
 
@@ -90,7 +91,10 @@ void lpar_worker_flush(Runner *r);
 
 /* Send what was gathered, then an ERROR frame for item 'i' (0: the run
    itself, e.g. init) with the error value and traceback at the top of
-   the stack (both popped). */
+   the stack (both popped). The value is made fit to travel under a
+   protected call (an error value whose __tostring raises, or memory
+   running out, gives a plain description); until the frame is out, the
+   shared slot names item i. */
 void lpar_worker_senderror(Runner *r, lua_Integer i);
 
 /* Call the function and item pushed on the stack (both popped) as item
@@ -106,10 +110,37 @@ int lpar_worker_hook(Runner *r, int idx);
    there is nobody else to tell. */
 void lpar_worker_reportclose(lua_State *L, const char *who);
 
+/* Write a memory size into buf[0..size) as "512 MiB", "5.2 MiB" or
+   "2 GiB"; returns buf. */
+const char *lpar_worker_memname(size_t bytes, char *buf, size_t size);
+
+/* Bytes of L's heap: what a worker forked now inherits, and counts
+   against its max_memory. */
+size_t lpar_worker_heap(lua_State *L);
+
 /* Reseed math.random, so that every worker draws its own numbers. */
 void lpar_worker_reseed(lua_State *L, lua_Integer place);
 
-/* Message handler for serial runs: error -> "msg\ntraceback". */
+/*
+** Message handler for serial runs: error -> "msg\ntraceback", the message
+** as lpar_worker_describe gives it; a table error value stays itself.
+*/
 int lpar_worker_traceback(lua_State *L);
+
+/*
+** Push a description of the error value at 'idx': a string or number as
+** its text, else what its __tostring gives (called under a protected call;
+** it must give a string), else "(error object is a <type> value)". Raises
+** only on memory errors.
+*/
+void lpar_worker_describe(lua_State *L, int idx);
+
+/*
+** Replace the error value and traceback (string or nil) at the top of the
+** stack by the failure they make, "<prefix><description>\n<traceback>"
+** (prefix NULL: none). A table error value stays the table; with a prefix
+** it gets a __tostring that says the same, naming the failure.
+*/
+void lpar_worker_failure(lua_State *L, const char *prefix);
 
 #endif

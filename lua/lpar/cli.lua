@@ -281,10 +281,16 @@ function M.unpackfailure(e)
   return parts[1], parts[2], parts[3]
 end
 
+-- An error value as text, as the workers of the module describe it: a
+-- string or number as it is, else what its __tostring gives (if that
+-- works and gives a string), else its type.
 local function errortext(e)
-  if type(e) == "string" then return e end
+  if type(e) == "string" or math.type(e) then return tostring(e) end
   local mt = getmetatable(e)
-  if type(mt) == "table" and mt.__tostring then return tostring(e) end
+  if type(mt) == "table" and mt.__tostring then
+    local ok, s = pcall(tostring, e)
+    if ok and type(s) == "string" then return s end
+  end
   return ("(error object is a %s value)"):format(type(e))
 end
 
@@ -516,6 +522,9 @@ local function stopped(e)
   if e == "output closed" then return 141, nil end
   local text = M.clean(errortext(e))
   if text:find("^worker init failed") then return 2, "lpar: " .. text end
+  if text:find("^max_memory .* is below") then
+    return 2, "lpar: --max-memory" .. text:sub(#"max_memory" + 1)
+  end
   return 1, "lpar: " .. text
 end
 
