@@ -762,8 +762,8 @@ static void dispatch(lua_State *L, Run *r) {
     if (w->proc.pid == 0 || w->count != 0)
       continue;
     if (workleft(r))
-      assign(L, r, w);
-    else if (drained(r) && !r->failed)
+      assign(L, r, w); /* the iterator may end here: nothing assigned */
+    if (w->count == 0 && drained(r) && !r->failed)
       retire(L, r, w);
   }
 }
