@@ -140,7 +140,8 @@ describe("lpar.imap and lpar.parallel over an iterator, a worker lost", function
           if last == "exit" or o.timeout then
             local got = {}
             for i, v, e in lpar.imap(f, iter({"a", last}), o) do
-              got[#got + 1] = i .. ":" .. tostring(v) .. ":" .. (e and (e:match("^worker") or e:match("^timed out")) or "")
+              local why = e and (e:match("^worker") or e:match("^timed out")) or ""
+              got[#got + 1] = i .. ":" .. tostring(v) .. ":" .. why
             end
             print(table.concat(got, " "))
           end
@@ -161,5 +162,214 @@ describe("lpar.imap and lpar.parallel over an iterator, a worker lost", function
     ]])
     assert.equal(0, rc, err)
     assert.matches("^3\ta\tb\tnil\tworker %d+ exited\n$", out)
+  end)
+end)
+
+-- Start lpar with pipes on stdin, stdout and stderr.
+local function spawn(args)
+  local inr, inw = unistd.pipe()
+  local outr, outw = unistd.pipe()
+  local errr, errw = unistd.pipe()
+  local pid = assert(unistd.fork())
+  if pid == 0 then
+    unistd.dup2(inr, 0)
+    unistd.dup2(outw, 1)
+    unistd.dup2(errw, 2)
+    for _, fd in ipairs({inr, inw, outr, outw, errr, errw}) do unistd.close(fd) end
+    for _, sig in ipairs({signal.SIGINT, signal.SIGTERM, signal.SIGHUP}) do
+      signal.signal(sig, signal.SIG_DFL)
+    end
+    local argt = {[0] = H.cli}
+    for i, a in ipairs(args) do argt[i] = a end
+    unistd.execp(H.cli, argt)
+    unistd._exit(127)
+  end
+  unistd.close(inr)
+  unistd.close(outw)
+  unistd.close(errw)
+  return {pid = pid, stdin = inw, stdout = outr, stderr = errr}
+end
+
+-- Read fd until pred(text so far) holds or 'secs' pass; returns the text
+-- and whether pred held.
+local function readuntil(fd, pred, secs)
+  local buf, deadline = "", H.now() + secs
+  while not pred(buf) do
+    local left = deadline - H.now()
+    if left <= 0 then return buf, false end
+    if poll.rpoll(fd, math.ceil(left * 1000)) == 1 then
+      local s = unistd.read(fd, 65536)
+      if not s or s == "" then return buf, pred(buf) end
+      buf = buf .. s
+    end
+  end
+  return buf, true
+end
+
+-- Wait up to 'secs' for pid to exit; returns how ("exited", "killed") and
+-- the code, or nil after killing it if it did not exit in time.
+local function waitexit(pid, secs)
+  local deadline = H.now() + secs
+  repeat
+    local p, how, code = wait.wait(pid, wait.WNOHANG)
+    if p == pid then return how, code end
+    H.sleep(0.01)
+  until H.now() > deadline
+  signal.kill(pid, signal.SIGKILL)
+  wait.wait(pid)
+  return nil
+end
+
+local function closeall(p)
+  for _, fd in ipairs({p.stdin, p.stdout, p.stderr}) do
+    if fd then unistd.close(fd) end
+  end
+end
+
+local function pidsof(path)
+  local t = {}
+  for l in (readfile(path) or ""):gmatch("%d+") do t[#t + 1] = tonumber(l) end
+  return t
+end
+
+describe("lpar and SIGHUP", function()
+  it("stops as for SIGTERM: output so far, workers reaped, status 129", function()
+    local log = tmpname()
+    os.remove(log)
+    local p = spawn({"-j2", "--chunk", "1", FIX .. "sleepy.lua", "-", log})
+    unistd.write(p.stdin, "0\n1\n20000\n20000\n")
+    local out, ok = readuntil(p.stdout, function(s) return s == "0\n1\n" end, 20)
+    assert.is_true(ok, "got only " .. ("%q"):format(out))
+    -- both workers are on their 20 s items: the pid file has both
+    local deadline = H.now() + 20
+    while #pidsof(log) < 2 and H.now() < deadline do H.sleep(0.01) end
+    assert.equal(2, #pidsof(log))
+    signal.kill(p.pid, signal.SIGHUP)
+    local how, code = waitexit(p.pid, 10)
+    local rest = readuntil(p.stdout, function() return false end, 0.2)
+    local err = readuntil(p.stderr, function() return false end, 0.2)
+    closeall(p)
+    assert.equal("exited", how)
+    assert.equal(129, code)
+    assert.equal("", rest)
+    assert.equal("lpar: hangup\n", err)
+    for _, pid in ipairs(pidsof(log)) do assert.is_false(H.alive(pid)) end
+  end)
+
+  it("stops with status 129 while waiting for input", function()
+    local p = spawn({FIX .. "upper.lua"})
+    unistd.write(p.stdin, "a\n")
+    local _, ok = readuntil(p.stdout, function(s) return s == "A\n" end, 20)
+    assert.is_true(ok)
+    signal.kill(p.pid, signal.SIGHUP)
+    local how, code = waitexit(p.pid, 10)
+    local err = readuntil(p.stderr, function() return false end, 0.2)
+    closeall(p)
+    assert.equal("exited", how)
+    assert.equal(129, code)
+    assert.equal("lpar: hangup\n", err)
+  end)
+
+  it("keeps running when SIGHUP is ignored (nohup)", function()
+    local cmd = ("trap '' HUP; exec %s %s -"):format(quote(H.cli), FIX .. "hangup.lua")
+    local code, out, err = H.run("timeout -k 5 30 sh -c " .. quote(cmd), "a\nb\n")
+    assert.equal("", err)
+    assert.equal(0, code)
+    assert.equal("a\nb\n", out)
+  end)
+end)
+
+describe("lpar and writes that fail", function()
+  local echo = FIX .. "echo.lua"
+
+  it("fails when --help or --version cannot be written", function()
+    for _, opt in ipairs({"--help", "--version"}) do
+      local code, out, err = H.run(quote(H.cli) .. " " .. opt .. " >/dev/full")
+      assert.equal(1, code, opt)
+      assert.equal("", out)
+      assert.matches("^lpar: cannot write the output: No space left on device\n$", err)
+    end
+  end)
+
+  it("fails when a script that does its own work cannot print", function()
+    local code, _, err = H.run(quote(H.cli) .. [[ -e 'print("hello")' >/dev/full]])
+    assert.equal(1, code)
+    assert.matches("^lpar: cannot write the output", err)
+  end)
+
+  it("fails naming the file when -o cannot be written", function()
+    local code, out, err = lpar("-o /dev/full " .. echo .. " -", "a\nb\n")
+    assert.equal(1, code)
+    assert.equal("", out)
+    assert.matches("^lpar: cannot write /dev/full: No space left on device\n$", err)
+  end)
+
+  it("fails naming the file when the joblog cannot be written", function()
+    local res = tmpname()
+    for _, args in ipairs({"", "-o " .. res .. " ", "--unordered "}) do
+      for _, input in ipairs({"", "a\nb\n"}) do
+        local code, _, err = lpar("--joblog /dev/full " .. args .. echo .. " -", input)
+        assert.equal(1, code, args .. (" %q"):format(input))
+        assert.matches("lpar: cannot write /dev/full: No space left on device\n$", err)
+      end
+    end
+  end)
+end)
+
+describe("lpar with files that fill up (a file size limit)", function()
+  -- a millisecond per item: output and joblog are written in many steps
+  local echo = FIX .. "slowecho.lua"
+
+  -- Run lpar under 'ulimit -f kb' (no limit if nil); code, out, err.
+  local function limited(kb, args)
+    local cmd = (kb and ("ulimit -f %d; "):format(kb) or "") ..
+                ("exec %s %s"):format(quote(H.cli), args)
+    return H.run("timeout -k 5 60 bash -c " .. quote(cmd))
+  end
+
+  -- What slowecho.lua gives for these items.
+  local function echoed(items)
+    return table.concat(items, "\n") .. "\n"
+  end
+
+  -- Each line of the items in the joblog exactly once, as ok.
+  local function loggedonce(log, n)
+    local count = {}
+    for line in readfile(log):gmatch("\n(%d+)\tok\t") do
+      count[tonumber(line)] = (count[tonumber(line)] or 0) + 1
+    end
+    for i = 1, n do assert.equal(1, count[i], "line " .. i) end
+  end
+
+  local function check(kb, items, failing)
+    local path, log, res = tmpname(), tmpname(), tmpname()
+    os.remove(log)
+    os.remove(res)
+    writefile(path, table.concat(items, "\n") .. "\n")
+    local files = ("--joblog %s -o %s %s %s"):format(log, res, echo, path)
+    local code, out, err = limited(kb, "--resume " .. files)
+    assert.equal(1, code, err)
+    assert.equal("", out)
+    local name = failing == "output" and res or log
+    assert.equal(("lpar: cannot write %s: File too large\n"):format(name), err)
+    if failing == "output" then assert.is_true(#readfile(res) < #echoed(items)) end
+    code, out, err = limited(nil, "--resume " .. files)
+    assert.equal("", err)
+    assert.equal(0, code)
+    assert.equal("", out)
+    assert.equal(echoed(items), readfile(res))
+    loggedonce(log, #items)
+  end
+
+  it("stops when the output is full, and --resume completes it exactly", function()
+    local items = {}
+    for i = 1, 300 do items[i] = ("x"):rep(200) .. i end
+    check(16, items, "output")
+  end)
+
+  it("stops when the joblog is full, and --resume completes it exactly", function()
+    local items = {}
+    for i = 1, 3000 do items[i] = tostring(i) end -- about 14 KB of output
+    check(24, items, "joblog") -- the joblog takes 5 times as much
   end)
 end)

@@ -509,10 +509,13 @@ local function fail(code, msg)
   return code
 end
 
+-- the errors a signal raises, and the exit status each gives
+local signalled = {interrupted = 130, terminated = 143, hangup = 129}
+local signame = {[130] = "interrupted", [143] = "terminated", [129] = "hangup"}
+
 -- exit status and message for an error that ended a run
 local function stopped(e)
-  if e == "interrupted" then return 130, "lpar: interrupted" end
-  if e == "terminated" then return 143, "lpar: terminated" end
+  if signalled[e] then return signalled[e], "lpar: " .. e end
   if e == "output closed" then return 141, nil end
   local text = M.clean(errortext(e))
   if text:find("^worker init failed") then return 2, "lpar: " .. text end
@@ -711,11 +714,10 @@ function M.run(o, c, reader, countpath, map, init, close)
   if not ok then
     code, msg = stopped(err)
   elseif outerr then
-    code, msg = stopped(outerr == "output closed" and outerr
-                        or "cannot write output: " .. outerr)
+    code, msg = stopped(outerr)
   elseif c.caught() ~= 0 then
     code = 128 + c.caught()
-    msg = code == 143 and "lpar: terminated" or "lpar: interrupted"
+    msg = "lpar: " .. (signame[code] or "interrupted")
   end
   if msg then say(c, msg) end
   if code ~= 0 then return code end
@@ -731,7 +733,7 @@ function M.run(o, c, reader, countpath, map, init, close)
 end
 
 local function traceback(e)
-  if e == "interrupted" or e == "terminated" then return e end
+  if signalled[e] then return e end
   return M.clean(debug.traceback(errortext(e), 2))
 end
 
@@ -744,12 +746,10 @@ function M.main(argv, c)
                     "try 'lpar --help' for more\n")
     return 2
   end
-  if o.help then
-    io.stdout:write(M.help)
-    return 0
-  end
-  if o.version then
-    io.stdout:write(c.version, "\n")
+  if o.help or o.version then
+    local f, werr = io.stdout:write(o.help and M.help or c.version .. "\n")
+    if f then f, werr = io.stdout:flush() end
+    if not f then return fail(1, "cannot write the output: " .. werr) end
     return 0
   end
   local chunk, msg
@@ -766,8 +766,7 @@ function M.main(argv, c)
                                 table.unpack(args, 1, #argv - o.at)))
   if not res[1] then
     local e = res[2]
-    if e == "interrupted" then return fail(130, e) end
-    if e == "terminated" then return fail(143, e) end
+    if signalled[e] then return fail(signalled[e], e) end
     return fail(2, tostring(e))
   end
   local r = res[2]
