@@ -373,3 +373,200 @@ describe("lpar with files that fill up (a file size limit)", function()
     check(24, items, "joblog") -- the joblog takes 5 times as much
   end)
 end)
+
+describe("lpar --resume and the run a joblog belongs to", function()
+  local echo = FIX .. "echo.lua"
+  local items, log, res
+
+  before_each(function()
+    items, log, res = tmpname(), tmpname(), tmpname()
+    os.remove(log)
+    os.remove(res)
+    writefile(items, "a\nb\nc\n")
+  end)
+
+  -- A joblog and output as a run stopped after line 2 leaves them.
+  local function stoppedrun(args)
+    local code, _, err = lpar(("--joblog %s -o %s %s"):format(log, res, args))
+    assert.equal(0, code, err)
+    local text = readfile(log)
+    local keep = text:match("^(.-\n2\tok\t[^\n]*\n)")
+    local bytes = #("1:a\n1:b\n")
+    writefile(log, keep .. ("# out %d 2\n"):format(bytes))
+    writefile(res, readfile(res):sub(1, bytes))
+  end
+
+  local function resume(args)
+    return lpar(("--resume --joblog %s -o %s %s"):format(log, res, args))
+  end
+
+  it("records the script, the items and the options in the joblog header", function()
+    stoppedrun(echo .. " " .. items .. " x y")
+    local text = readfile(log)
+    assert.matches("^# lpar joblog 1\n# script: %x+ " .. echo:gsub("%p", "%%%0") .. "\n", text)
+    assert.matches("\n# items: file 6 6 %x+ \"[^\n]*\"\n", text)
+    assert.matches("\n# split: lines\n# args: %x+ \"x\" \"y\"\n# line\tstatus", text)
+  end)
+
+  it("resumes the same run, and a file that only grew", function()
+    stoppedrun(echo .. " " .. items)
+    local code, _, err = resume(echo .. " " .. items)
+    assert.equal("", err)
+    assert.equal(0, code)
+    assert.equal("1:a\n1:b\n1:c\n", readfile(res))
+    -- the items file grows (a log appended to): the new lines go on
+    writefile(items, "a\nb\nc\nd\n")
+    writefile(log, readfile(log):gsub("# out 12 3\n$", "# out 8 2\n"))
+    code, _, err = resume(echo .. " " .. items)
+    assert.equal("", err)
+    assert.equal(0, code)
+    assert.equal("1:a\n1:b\n1:c\n1:d\n", readfile(res))
+  end)
+
+  it("resumes with the same items under another name (a copy)", function()
+    stoppedrun(echo .. " " .. items)
+    local copy = writefile(tmpname(), readfile(items))
+    local code, _, err = resume(echo .. " " .. copy)
+    assert.equal("", err)
+    assert.equal(0, code)
+    assert.equal("1:a\n1:b\n1:c\n", readfile(res))
+  end)
+
+  -- Refused with status 2 and 'why'; output and joblog untouched.
+  local function refused(args, why)
+    local before, out = readfile(log), readfile(res)
+    local code, _, err = resume(args)
+    assert.equal(2, code, err)
+    assert.equal(("lpar: cannot resume from %s: %s\n"):format(log, why), err)
+    assert.equal(before, readfile(log))
+    assert.equal(out, readfile(res))
+  end
+
+  it("refuses other items: changed, shorter, or from a pipe", function()
+    stoppedrun(echo .. " " .. items)
+    local other = writefile(tmpname(), "x\ny\nz\n")
+    refused(echo .. " " .. other, "the items file differs (in its first 6 bytes)")
+    writefile(other, "a\nb\n")
+    refused(echo .. " " .. other, "the items file is shorter (4 bytes, 6 then)")
+    local code, _, err = H.run(("cat %s | %s --resume --joblog %s -o %s %s -")
+                               :format(items, quote(H.cli), log, res, echo))
+    assert.equal(2, code)
+    assert.equal(("lpar: cannot resume from %s: the items came from a file, now from a pipe\n")
+                 :format(log), err)
+    -- stdin redirected from the same file: the same items
+    code, _, err = lpar(("--resume --joblog %s -o %s %s - <%s"):format(log, res, echo, items))
+    assert.equal("", err)
+    assert.equal(0, code)
+    assert.equal("1:a\n1:b\n1:c\n", readfile(res))
+  end)
+
+  it("refuses another script, other arguments or another -0", function()
+    stoppedrun(echo .. " " .. items .. " x")
+    refused(FIX .. "upper.lua " .. items .. " x", "the script differs")
+    refused(echo .. " " .. items .. " y", "the script's arguments differ")
+    refused(echo .. " " .. items, "the script's arguments differ")
+    refused("-0 " .. echo .. " " .. items .. " x", "the items were split on newlines (no -0)")
+    refused("-e 'return function(s) return s end' " .. items .. " x",
+            "the script differs")
+  end)
+
+  it("refuses a joblog that does not say which run it belongs to", function()
+    stoppedrun(echo .. " " .. items)
+    writefile(log, readfile(log):gsub("^.-(# line\t)", "%1"))
+    refused(echo .. " " .. items,
+            "it does not say which run it belongs to (made by an older lpar?)")
+  end)
+
+  it("starts afresh when the joblog has no mark yet", function()
+    writefile(log, "# lpar joblog 1\n# scr")
+    local code, _, err = resume(FIX .. "upper.lua " .. items)
+    assert.equal("", err)
+    assert.equal(0, code)
+    assert.equal("A\nB\nC\n", readfile(res))
+  end)
+
+  it("reports a mark with a number too large, naming the joblog and line", function()
+    stoppedrun(echo .. " " .. items)
+    local text = readfile(log)
+    local n = select(2, text:gsub("\n", ""))
+    for _, mark in ipairs({"# out 99999999999999999999 2", "# out 8 99999999999999999999"}) do
+      writefile(log, text .. mark .. "\n")
+      local code, out, err = resume(echo .. " " .. items)
+      assert.equal(2, code)
+      assert.equal("", out)
+      assert.equal(("lpar: bad joblog %s, line %d: number too large in '%s'\n")
+                   :format(log, n + 1, mark), err)
+    end
+  end)
+end)
+
+describe("lpar and files that are one", function()
+  local echo = FIX .. "echo.lua"
+
+  it("refuses -o naming the items file, by any name, before cutting it", function()
+    local items = writefile(tmpname(), "a\nb\n")
+    local dir, base = items:match("^(.*)/([^/]*)$")
+    local link = tmpname()
+    os.remove(link)
+    assert(os.execute(("ln %s %s"):format(items, link)))
+    for _, args in ipairs({
+      {"-o " .. items .. " " .. echo .. " " .. items, items},
+      {"-o " .. dir .. "/./" .. base .. " " .. echo .. " " .. items, dir .. "/./" .. base},
+      {"-o " .. link .. " " .. echo .. " " .. items, link},
+      {"-o " .. link .. " " .. echo .. " - <" .. items, link},
+    }) do
+      local code, out, err = lpar(args[1])
+      assert.equal(2, code, args[1])
+      assert.equal("", out)
+      assert.equal(("lpar: -o names the items file (%s)\n"):format(args[2]), err)
+      assert.equal("a\nb\n", readfile(items))
+    end
+  end)
+
+  it("refuses --joblog naming the items file or the -o file", function()
+    local items = writefile(tmpname(), "a\nb\n")
+    local code, _, err = lpar("--joblog " .. items .. " " .. echo .. " " .. items)
+    assert.equal(2, code)
+    assert.equal(("lpar: --joblog names the items file (%s)\n"):format(items), err)
+    assert.equal("a\nb\n", readfile(items))
+    local res = tmpname()
+    os.remove(res)
+    local dir, base = res:match("^(.*)/([^/]*)$")
+    code, _, err = lpar(("--joblog %s -o %s/./%s %s %s"):format(res, dir, base, echo, items))
+    assert.equal(2, code)
+    assert.equal(("lpar: --joblog and -o name the same file (%s/./%s)\n"):format(dir, base), err)
+  end)
+
+  it("refuses a joblog in use by another run, touching nothing", function()
+    local log, res, res2 = tmpname(), tmpname(), tmpname()
+    os.remove(log)
+    os.remove(res)
+    writefile(res2, "keep me\n")
+    local p = spawn({"-j1", "--joblog", log, "-o", res, FIX .. "sleepy.lua", "-"})
+    unistd.write(p.stdin, "0\n")
+    -- the first run holds the joblog once its first line is marked
+    local deadline = H.now() + 20
+    while not (readfile(log) or ""):find("# out") and H.now() < deadline do H.sleep(0.01) end
+    assert.matches("\n# out 2 1\n$", readfile(log))
+    local before = readfile(log)
+    local code, out, err = lpar(("--joblog %s -o %s %s -"):format(log, res2, echo), "x\n")
+    assert.equal(2, code)
+    assert.equal("", out)
+    assert.equal(("lpar: %s is in use by another lpar run\n"):format(log), err)
+    assert.equal("keep me\n", readfile(res2))
+    assert.equal(before, readfile(log))
+    unistd.write(p.stdin, "1\n")
+    unistd.close(p.stdin)
+    p.stdin = nil
+    local how, status = waitexit(p.pid, 20)
+    closeall(p)
+    assert.equal("exited", how)
+    assert.equal(0, status)
+    assert.equal("0\n1\n", readfile(res))
+    -- and once it is done, the joblog is free again
+    code, out, err = lpar(("--joblog %s -o %s %s -"):format(log, res2, echo), "x\n")
+    assert.equal("", err)
+    assert.equal(0, code)
+    assert.equal("", out)
+  end)
+end)

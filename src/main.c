@@ -8,9 +8,11 @@
 #include <pthread.h>
 #include <signal.h>
 #include <stdatomic.h>
+#include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/file.h>
 #include <sys/mman.h>
 #include <sys/stat.h>
 #include <time.h>
@@ -456,15 +458,33 @@ static int l_redirect(lua_State *L) {
   return 1;
 }
 
-/* joblog(path, keep, markers) -> true | nil, message: the joblog, cut to
-   'keep' bytes; with 'markers', output positions are recorded in it. */
-static int l_joblog(lua_State *L) {
+/*
+** openjoblog(path) -> true | nil, message: open the joblog (made if
+** missing, nothing cut yet) and lock it, so that a second run with the
+** same joblog fails at once instead of interleaving its lines.
+*/
+static int l_openjoblog(lua_State *L) {
   const char *path = luaL_checkstring(L, 1);
-  long long keep = (long long)luaL_optinteger(L, 2, 0);
-  int fd = openkept(path, keep, O_APPEND);
+  int fd, rc;
+  do
+    fd = open(path, O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0666);
+  while (fd == -1 && errno == EINTR);
   if (fd == -1) {
     luaL_pushfail(L);
     lua_pushfstring(L, "cannot write %s: %s", path, strerror(errno));
+    return 2;
+  }
+  do
+    rc = flock(fd, LOCK_EX | LOCK_NB);
+  while (rc == -1 && errno == EINTR);
+  if (rc == -1) {
+    int e = errno;
+    close(fd);
+    luaL_pushfail(L);
+    if (e == EWOULDBLOCK)
+      lua_pushfstring(L, "%s is in use by another lpar run", path);
+    else
+      lua_pushfstring(L, "cannot lock %s: %s", path, strerror(e));
     return 2;
   }
   free(out.logname);
@@ -474,8 +494,66 @@ static int l_joblog(lua_State *L) {
     return luaL_error(L, "not enough memory");
   }
   out.logfd = fd;
-  out.markers = lua_toboolean(L, 3);
   lua_pushboolean(L, 1);
+  return 1;
+}
+
+/* joblog(keep, markers) -> true | nil, message: cut the open joblog to
+   'keep' bytes; with 'markers', output positions are recorded in it. */
+static int l_joblog(lua_State *L) {
+  long long keep = (long long)luaL_checkinteger(L, 1);
+  struct stat st;
+  luaL_argcheck(L, out.logfd >= 0, 1, "no joblog open");
+  if (fstat(out.logfd, &st) != 0 ||
+      (S_ISREG(st.st_mode) && ftruncate(out.logfd, keep) != 0)) {
+    luaL_pushfail(L);
+    lua_pushfstring(L, "cannot write %s: %s", out.logname, strerror(errno));
+    return 2;
+  }
+  out.markers = lua_toboolean(L, 2);
+  lua_pushboolean(L, 1);
+  return 1;
+}
+
+/* The identity of a regular file as "device:inode", or NULL. */
+static const char *pushfileid(lua_State *L, const struct stat *st) {
+  if (!S_ISREG(st->st_mode))
+    return NULL;
+  return lua_pushfstring(L, "%I:%I", (LUAI_UACINT)st->st_dev,
+                         (LUAI_UACINT)st->st_ino);
+}
+
+/* fileid(path) -> "device:inode" of a regular file, or nil (missing, or
+   not a regular file) */
+static int l_fileid(lua_State *L) {
+  struct stat st;
+  if (stat(luaL_checkstring(L, 1), &st) != 0 || !pushfileid(L, &st))
+    luaL_pushfail(L);
+  return 1;
+}
+
+/* FNV-1a, 64 bits, continued from h */
+static uint64_t fnv(uint64_t h, const char *p, size_t n) {
+  while (n-- > 0) {
+    h ^= (unsigned char)*p++;
+    h *= 0x100000001b3ULL;
+  }
+  return h;
+}
+
+#define FNVSTART 0xcbf29ce484222325ULL
+
+static void pushhash(lua_State *L, uint64_t h) {
+  char hex[17];
+  snprintf(hex, sizeof hex, "%016llx", (unsigned long long)h);
+  lua_pushstring(L, hex);
+}
+
+/* hash(s) -> 16 hex digits: a checksum of s (not cryptographic) */
+static int l_hash(lua_State *L) {
+  size_t len;
+  const char *s = luaL_checklstring(L, 1, &len);
+  pushhash(L, fnv(FNVSTART, s, len));
   return 1;
 }
 
@@ -605,6 +683,7 @@ typedef struct Reader {
   int fixed;           /* batchmax was set, not learned */
   lua_Integer *first;  /* ring of LPAR_AHEAD: first record of a batch */
   int *size;           /* ring of LPAR_AHEAD: records in a batch */
+  off_t start;         /* a regular file: where the items begin in it */
 } Reader;
 
 /* Raise if a signal asks to stop or the output is gone. */
@@ -853,6 +932,53 @@ static int reader_setbatch(lua_State *L) {
   return 0;
 }
 
+/* reader:fileid() -> "device:inode" of a regular file, or nil */
+static int reader_fileid(lua_State *L) {
+  Reader *r = checkreader(L);
+  struct stat st;
+  if (r->fd < 0 || fstat(r->fd, &st) != 0 || !pushfileid(L, &st))
+    luaL_pushfail(L);
+  return 1;
+}
+
+/*
+** reader:identity(n) -> size, hash | nil: for a regular file, its size
+** from where the items begin and the hash of its first n bytes (nil for
+** the hash if it is shorter); nil for a pipe or a terminal. Reads with
+** pread: the reader's position does not move.
+*/
+static int reader_identity(lua_State *L) {
+  Reader *r = checkreader(L);
+  lua_Integer n = luaL_checkinteger(L, 2), done = 0;
+  struct stat st;
+  uint64_t h = FNVSTART;
+  char *buf;
+  luaL_argcheck(L, n >= 0, 2, "must not be negative");
+  if (r->fd < 0 || !r->regular || fstat(r->fd, &st) != 0)
+    return 0;
+  lua_pushinteger(L, (lua_Integer)(st.st_size - r->start));
+  buf = lua_newuserdatauv(L, 65536, 0);
+  while (done < n) {
+    size_t want = n - done < 65536 ? (size_t)(n - done) : 65536;
+    ssize_t k;
+    do
+      k = pread(r->fd, buf, want, r->start + (off_t)done);
+    while (k == -1 && errno == EINTR);
+    if (k < 0)
+      return luaL_error(L, "cannot read the items: %s", strerror(errno));
+    if (k == 0) {
+      lua_pop(L, 1);
+      luaL_pushfail(L);
+      return 2;
+    }
+    h = fnv(h, buf, (size_t)k);
+    done += k;
+  }
+  lua_pop(L, 1);
+  pushhash(L, h);
+  return 2;
+}
+
 /* reader:count() -> records read so far */
 static int reader_count(lua_State *L) {
   lua_pushinteger(L, checkreader(L)->count);
@@ -927,6 +1053,8 @@ static int l_open(lua_State *L) {
   }
   r->sep = nul ? '\0' : '\n';
   r->regular = S_ISREG(st.st_mode);
+  if (r->regular && (r->start = lseek(fd, 0, SEEK_CUR)) < 0)
+    r->start = 0;
   r->batchmax = 1;
   lua_newtable(L);
   lua_setiuservalue(L, -2, 1);
@@ -1018,6 +1146,10 @@ static int l_isolate(lua_State *L) {
   (void)L;
   if (xfszsaved)
     sigaction(SIGXFSZ, &oldxfsz, NULL);
+  if (out.logfd >= 0) { /* the parent's, with its lock */
+    close(out.logfd);
+    out.logfd = -1;
+  }
   fflush(stdout);
   dup2(2, 1);
   fd = open("/dev/null", O_RDONLY | O_CLOEXEC);
@@ -1032,6 +1164,7 @@ static const luaL_Reg readermethods[] = {
     {"wait", reader_wait},         {"take", reader_take},
     {"setbatch", reader_setbatch}, {"skip", reader_skip},
     {"count", reader_count},       {"items", reader_items},
+    {"fileid", reader_fileid},     {"identity", reader_identity},
     {"close", reader_close},       {NULL, NULL}};
 
 static const luaL_Reg helpers[] = {{"signals", l_signals},
@@ -1042,7 +1175,10 @@ static const luaL_Reg helpers[] = {{"signals", l_signals},
                                    {"log", l_log},
                                    {"mark", l_mark},
                                    {"redirect", l_redirect},
+                                   {"openjoblog", l_openjoblog},
                                    {"joblog", l_joblog},
+                                   {"fileid", l_fileid},
+                                   {"hash", l_hash},
                                    {"report", l_report},
                                    {"bar", l_bar},
                                    {"finish", l_finish},

@@ -523,16 +523,119 @@ local function stopped(e)
 end
 
 -- Where to resume from a joblog's text: output bytes to keep, joblog
--- bytes to keep, records done (all 0 to start afresh).
-function M.resumepoint(text)
+-- bytes to keep, records done (all 0 to start afresh); or nil and a
+-- message naming the joblog ('path') and the line of a bad mark.
+function M.resumepoint(text, path)
   local bytes, keep, done = 0, 0, 0
-  for b, l, e in ("\n" .. (text or "")):gmatch("\n# out (%d+) (%d+)\n()") do
-    bytes, done, keep = tonumber(b), tonumber(l), e - 2
+  text = "\n" .. (text or "")
+  for at, b, l, e in text:gmatch("()# out (%d+) (%d+)\n()") do
+    if text:byte(at - 1) == 10 then -- at the start of a line
+      bytes, done = math.tointeger(tonumber(b)), math.tointeger(tonumber(l))
+      if not bytes or not done then
+        local line = select(2, text:sub(1, at - 1):gsub("\n", ""))
+        return nil, ("bad joblog %s, line %d: number too large in '%s'")
+          :format(path, line, text:sub(at, e - 2))
+      end
+      keep = e - 2
+    end
   end
   return bytes, keep, done
 end
 
 M.logheader = "# line\tstatus\tseconds\tattempts\n"
+
+-- bytes at the start of the items that identify them in a joblog
+M.prefix = 1024 * 1024
+
+-- The joblog's first lines: what the run is (see "Joblog and resume" in
+-- README.md), so that --resume can refuse another run's joblog.
+function M.fingerprint(o, c, reader)
+  local t = {"# lpar joblog 1\n"}
+  t[2] = ("# script: %s %s\n"):format(c.hash(o.source), o.script or "-e")
+  local name = o.args[1] or "-"
+  local size = reader:identity(0)
+  if size then
+    local n = math.min(size, M.prefix)
+    t[3] = ("# items: file %d %d %s %s\n"):format(size, n, select(2, reader:identity(n)),
+                                                  M.shorten(name, 200))
+  else
+    t[3] = ("# items: stream %s\n"):format(M.shorten(name, 200))
+  end
+  t[4] = ("# split: %s\n"):format(o.nul and "nul" or "lines")
+  local args, shown = {}, {}
+  for k = 2, #o.args do
+    args[#args + 1] = #o.args[k] .. ":" .. o.args[k]
+    shown[#shown + 1] = M.shorten(o.args[k], 40)
+  end
+  t[5] = ("# args: %s%s\n"):format(c.hash(table.concat(args)),
+                                   #shown > 0 and " " .. table.concat(shown, " ") or "")
+  return table.concat(t)
+end
+
+-- How the run that made a joblog ('text') differs from this one
+-- ('fp', its fingerprint): a message, or nil if it does not.
+function M.differs(text, fp, reader)
+  local function fields(s)
+    local f = {}
+    for line in s:gmatch("[^\n]*") do
+      if line:sub(1, 7) == "# line\t" then break end
+      local k, v = line:match("^# (%a+): (.*)$")
+      if k then f[k] = v end
+    end
+    return f
+  end
+  local was, now = fields(text), fields(fp)
+  if not (was.script and was.items and was.split and was.args) then
+    return "it does not say which run it belongs to (made by an older lpar?)"
+  end
+  local d = {}
+  if was.script:match("^%S+") ~= now.script:match("^%S+") then
+    d[#d + 1] = "the script differs"
+  end
+  if was.args:match("^%S+") ~= now.args:match("^%S+") then
+    d[#d + 1] = "the script's arguments differ"
+  end
+  if was.split ~= now.split then
+    d[#d + 1] = was.split == "nul" and "the items were split on NUL bytes (-0)"
+                or "the items were split on newlines (no -0)"
+  end
+  local kind, size, n, hash = was.items:match("^(%a+) ?(%d*) ?(%d*) ?(%x*)")
+  local nowkind = now.items:match("^%a+")
+  if kind ~= nowkind then
+    d[#d + 1] = ("the items came from a %s, now from a %s")
+      :format(kind == "file" and "file" or "pipe", nowkind == "file" and "file" or "pipe")
+  elseif kind == "file" then
+    size, n = math.tointeger(tonumber(size)), math.tointeger(tonumber(n))
+    local nowsize, nowhash = reader:identity(n or 0)
+    if not size or not n then
+      d[#d + 1] = "its 'items' line is damaged"
+    elseif nowsize < size then
+      d[#d + 1] = ("the items file is shorter (%d bytes, %d then)"):format(nowsize, size)
+    elseif nowhash ~= hash then
+      d[#d + 1] = ("the items file differs (in its first %d bytes)"):format(n)
+    end
+  end
+  if #d > 0 then return table.concat(d, "; ") end
+  return nil
+end
+
+-- The message if two of the joblog, -o and the items are one file
+-- (compared as device and inode), or nil.
+function M.clash(o, c, reader)
+  local items = reader:fileid()
+  local log = o.joblog and c.fileid(o.joblog)
+  local out = o.output and c.fileid(o.output)
+  if log and log == out then
+    return ("--joblog and -o name the same file (%s)"):format(o.output)
+  end
+  if items and out == items then
+    return ("-o names the items file (%s)"):format(o.output)
+  end
+  if items and log == items then
+    return ("--joblog names the items file (%s)"):format(o.joblog)
+  end
+  return nil
+end
 
 -- Map f over the records of 'reader', writing results; returns the exit
 -- status.
@@ -563,17 +666,31 @@ function M.run(o, c, reader, countpath, map, init, close)
   local skipped = 0
   if o.output or o.joblog then
     local keepout, keeplog, done = 0, 0, 0
-    if o.resume then
-      keepout, keeplog, done = M.resumepoint(readall(o.joblog))
+    local ok, err = true
+    -- the joblog is locked first, and nothing is cut before every check
+    if o.joblog then
+      ok, err = c.openjoblog(o.joblog)
+      if not ok then return fail(2, err) end
     end
-    local ok, err = true, nil
+    err = M.clash(o, c, reader)
+    if err then return fail(2, err) end
+    local fp = o.joblog and M.fingerprint(o, c, reader)
+    if o.resume then
+      local text = readall(o.joblog)
+      keepout, keeplog, done = M.resumepoint(text, o.joblog)
+      if not keepout then return fail(2, keeplog) end
+      local diff = keeplog > 0 and M.differs(text, fp, reader)
+      if diff then
+        return fail(2, ("cannot resume from %s: %s"):format(o.joblog, diff))
+      end
+    end
     if o.output then ok, err = c.redirect(o.output, keepout) end
     if ok and o.joblog then
       -- output positions are marks to resume from: with ordered output only
-      ok, err = c.joblog(o.joblog, keeplog, o.output ~= nil and not o.unordered)
+      ok, err = c.joblog(keeplog, o.output ~= nil and not o.unordered)
     end
     if not ok then return fail(2, err) end
-    if o.joblog and keeplog == 0 then c.log(M.logheader) end
+    if o.joblog and keeplog == 0 then c.log(fp .. M.logheader) end
     if done > 0 then skipped = reader:skip(done) end
   end
 
@@ -759,8 +876,10 @@ function M.main(argv, c)
     chunk, msg = loadfile(o.script, "t")
   end
   if not chunk then return fail(2, msg) end
+  o.source = o.code or readall(o.script) or ""
   local args = {}
   for k = 0, #argv do args[k - o.at] = argv[k] end
+  o.args = args
   _G.arg = args
   local res = table.pack(xpcall(chunk, traceback,
                                 table.unpack(args, 1, #argv - o.at)))
