@@ -29,7 +29,8 @@ options:
   -o, --output FILE   write the results to FILE instead of stdout
       --joblog FILE   record each item: line, status, seconds, attempts
       --resume        go on from where a run with the same --joblog and
-                      -o stopped (even killed): nothing lost or repeated
+                      -o stopped (even killed): nothing lost or repeated;
+                      refused if the script, items or arguments differ
   -0, --null          items end with NUL bytes, not newlines
   -e CODE             the script is CODE, not a file
       --progress      show done/total, rate and ETA on stderr
