@@ -460,12 +460,14 @@ static int l_redirect(lua_State *L) {
 
 /*
 ** openjoblog(path) -> true | nil, message: open the joblog (made if
-** missing, nothing cut yet) and lock it, so that a second run with the
-** same joblog fails at once instead of interleaving its lines.
+** missing, nothing cut yet) and lock it if it is a regular file, so that
+** a second run with the same joblog fails at once instead of interleaving
+** its lines.
 */
 static int l_openjoblog(lua_State *L) {
   const char *path = luaL_checkstring(L, 1);
-  int fd, rc;
+  struct stat st;
+  int fd, rc = 0;
   do
     fd = open(path, O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0666);
   while (fd == -1 && errno == EINTR);
@@ -474,9 +476,12 @@ static int l_openjoblog(lua_State *L) {
     lua_pushfstring(L, "cannot write %s: %s", path, strerror(errno));
     return 2;
   }
-  do
-    rc = flock(fd, LOCK_EX | LOCK_NB);
-  while (rc == -1 && errno == EINTR);
+  if (fstat(fd, &st) != 0)
+    rc = -1;
+  else if (S_ISREG(st.st_mode))
+    do
+      rc = flock(fd, LOCK_EX | LOCK_NB);
+    while (rc == -1 && errno == EINTR);
   if (rc == -1) {
     int e = errno;
     close(fd);

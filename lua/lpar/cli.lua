@@ -620,20 +620,23 @@ function M.differs(text, fp, reader)
   return nil
 end
 
--- The message if two of the joblog, -o and the items are one file
--- (compared as device and inode), or nil.
+-- The message if two of the joblog, -o, the items and the script are
+-- one file (compared as device and inode), or nil.
 function M.clash(o, c, reader)
   local items = reader:fileid()
+  local script = o.script and c.fileid(o.script)
   local log = o.joblog and c.fileid(o.joblog)
   local out = o.output and c.fileid(o.output)
   if log and log == out then
     return ("--joblog and -o name the same file (%s)"):format(o.output)
   end
-  if items and out == items then
-    return ("-o names the items file (%s)"):format(o.output)
-  end
-  if items and log == items then
-    return ("--joblog names the items file (%s)"):format(o.joblog)
+  for _, f in ipairs({{"items", items}, {"script", script}}) do
+    if f[2] and out == f[2] then
+      return ("-o names the %s file (%s)"):format(f[1], o.output)
+    end
+    if f[2] and log == f[2] then
+      return ("--joblog names the %s file (%s)"):format(f[1], o.joblog)
+    end
   end
   return nil
 end
