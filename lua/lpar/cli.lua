@@ -669,7 +669,7 @@ function M.run(o, c, reader, countpath, map, init, close)
   -- where results and the joblog go; what a resumed run skips
   local skipped = 0
   if o.output or o.joblog then
-    local keepout, keeplog, done = 0, 0, 0
+    local keepout, keeplog, done = 0, 0
     local ok, err = true
     -- the joblog is locked first, and nothing is cut before every check
     if o.joblog then
@@ -687,6 +687,11 @@ function M.run(o, c, reader, countpath, map, init, close)
       if diff then
         return fail(2, ("cannot resume from %s: %s"):format(o.joblog, diff))
       end
+      skipped = done > 0 and reader:skip(done) or 0
+      if skipped < done then
+        return fail(2, ("cannot resume from %s: it counts %d items done, the input has %d")
+                    :format(o.joblog, done, skipped))
+      end
     end
     if o.output then ok, err = c.redirect(o.output, keepout) end
     if ok and o.joblog then
@@ -695,7 +700,6 @@ function M.run(o, c, reader, countpath, map, init, close)
     end
     if not ok then return fail(2, err) end
     if o.joblog and keeplog == 0 then c.log(fp .. M.logheader) end
-    if done > 0 then skipped = reader:skip(done) end
   end
 
   opts.sigterm = c.signals()
