@@ -469,7 +469,7 @@ describe("lpar --resume and the run a joblog belongs to", function()
     refused(FIX .. "upper.lua " .. items .. " x", "the script differs")
     refused(echo .. " " .. items .. " y", "the script's arguments differ")
     refused(echo .. " " .. items, "the script's arguments differ")
-    refused("-0 " .. echo .. " " .. items .. " x", "the items were split on newlines (no -0)")
+    refused("-0 " .. echo .. " " .. items .. " x", "the items were split on newlines then, on NUL bytes (-0) now")
     refused("-e 'return function(s) return s end' " .. items .. " x",
             "the script differs")
   end)

@@ -482,6 +482,9 @@ static int l_openjoblog(lua_State *L) {
     do
       rc = flock(fd, LOCK_EX | LOCK_NB);
     while (rc == -1 && errno == EINTR);
+  /* a file system without locks: go on without */
+  if (rc == -1 && (errno == ENOLCK || errno == EOPNOTSUPP || errno == ENOSYS))
+    rc = 0;
   if (rc == -1) {
     int e = errno;
     close(fd);

@@ -597,8 +597,8 @@ function M.differs(text, fp, reader)
     d[#d + 1] = "the script's arguments differ"
   end
   if was.split ~= now.split then
-    d[#d + 1] = was.split == "nul" and "the items were split on NUL bytes (-0)"
-                or "the items were split on newlines (no -0)"
+    d[#d + 1] = was.split == "nul" and "the items were split on NUL bytes (-0) then, on newlines now"
+                or "the items were split on newlines then, on NUL bytes (-0) now"
   end
   local kind, size, n, hash = was.items:match("^(%a+) ?(%d*) ?(%d*) ?(%x*)")
   local nowkind = now.items:match("^%a+")
