@@ -552,7 +552,7 @@ M.prefix = 1024 * 1024
 -- README.md), so that --resume can refuse another run's joblog.
 function M.fingerprint(o, c, reader)
   local t = {"# lpar joblog 1\n"}
-  t[2] = ("# script: %s %s\n"):format(c.hash(o.source), o.script or "-e")
+  t[2] = ("# script: %s %s\n"):format(c.hash(o.source), o.script and M.shorten(o.script, 200) or "-e")
   local name = o.args[1] or "-"
   local size = reader:identity(0)
   if size then
@@ -620,18 +620,20 @@ function M.differs(text, fp, reader)
   return nil
 end
 
--- The message if two of the joblog, -o, the items and the script are
--- one file (compared as device and inode), or nil.
+-- The message if two of the joblog, the output (-o or stdout), the items
+-- and the script are one file (compared as device and inode), or nil.
 function M.clash(o, c, reader)
   local items = reader:fileid()
   local script = o.script and c.fileid(o.script)
   local log = o.joblog and c.fileid(o.joblog)
-  local out = o.output and c.fileid(o.output)
+  local out = c.fileid(o.output or "/dev/stdout")
   if log and log == out then
+    if not o.output then return "the standard output is the joblog" end
     return ("--joblog and -o name the same file (%s)"):format(o.output)
   end
   for _, f in ipairs({{"items", items}, {"script", script}}) do
     if f[2] and out == f[2] then
+      if not o.output then return ("the standard output is the %s file"):format(f[1]) end
       return ("-o names the %s file (%s)"):format(f[1], o.output)
     end
     if f[2] and log == f[2] then
@@ -668,16 +670,18 @@ function M.run(o, c, reader, countpath, map, init, close)
 
   -- where results and the joblog go; what a resumed run skips
   local skipped = 0
+  local err = M.clash(o, c, reader)
+  if err then return fail(2, err) end
   if o.output or o.joblog then
     local keepout, keeplog, done = 0, 0
-    local ok, err = true
+    local ok = true
     -- the joblog is locked first, and nothing is cut before every check
     if o.joblog then
       ok, err = c.openjoblog(o.joblog)
       if not ok then return fail(2, err) end
+      err = M.clash(o, c, reader) -- now that the joblog exists
+      if err then return fail(2, err) end
     end
-    err = M.clash(o, c, reader)
-    if err then return fail(2, err) end
     local fp = o.joblog and M.fingerprint(o, c, reader)
     if o.resume then
       local text = readall(o.joblog)
