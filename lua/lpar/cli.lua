@@ -670,11 +670,11 @@ function M.run(o, c, reader, countpath, map, init, close)
 
   -- where results and the joblog go; what a resumed run skips
   local skipped = 0
-  local err = M.clash(o, c, reader)
-  if err then return fail(2, err) end
+  local clash = M.clash(o, c, reader)
+  if clash then return fail(2, clash) end
   if o.output or o.joblog then
     local keepout, keeplog, done = 0, 0
-    local ok = true
+    local ok, err = true, nil
     -- the joblog is locked first, and nothing is cut before every check
     if o.joblog then
       ok, err = c.openjoblog(o.joblog)
