@@ -378,6 +378,20 @@ describe("lpar with files that fill up (a file size limit)", function()
   end)
 end)
 
+describe("lpar -o and what the script writes itself", function()
+  it("leaves the script's own buffered output on stdout, out of the marks", function()
+    local script = writefile(tmpname(), 'io.write("from the script\\n")\n' ..
+                                        "return function(s) return s end\n")
+    local log, res = tmpname(), tmpname()
+    local code, out, err = lpar(("--joblog %s -o %s %s -"):format(log, res, script), "a\nb\n")
+    assert.equal("", err)
+    assert.equal(0, code)
+    assert.equal("from the script\n", out)
+    assert.equal("a\nb\n", readfile(res))
+    assert.matches("\n# out 4 2\n$", readfile(log))
+  end)
+end)
+
 describe("lpar --resume and the run a joblog belongs to", function()
   local echo = FIX .. "echo.lua"
   local items, log, res

@@ -439,6 +439,7 @@ static int l_redirect(lua_State *L) {
   const char *path = luaL_checkstring(L, 1);
   long long keep = (long long)luaL_optinteger(L, 2, 0);
   int fd = openkept(path, keep, 0);
+  fflush(stdout); /* what the script wrote goes to stdout, not to path */
   if (fd == -1 || dup2(fd, 1) == -1) {
     luaL_pushfail(L);
     lua_pushfstring(L, "cannot write %s: %s", path,
