@@ -444,7 +444,7 @@ describe("lpar retries, joblog and resume", function()
     assert.equal("", out)
     assert.equal("a\nc\n", readfile(res))
     local text = readfile(log)
-    assert.matches("^# line\tstatus\tseconds\tattempts\n", text)
+    assert.matches("^# lpar joblog 1\n.*\n# line\tstatus\tseconds\tattempts\n", text)
     local seen = {}
     for line, status in text:gmatch("\n(%d+)\t(%a+)\t") do
       seen[#seen + 1] = line .. " " .. status

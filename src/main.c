@@ -8,9 +8,11 @@
 #include <pthread.h>
 #include <signal.h>
 #include <stdatomic.h>
+#include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/file.h>
 #include <sys/mman.h>
 #include <sys/stat.h>
 #include <time.h>
@@ -69,9 +71,13 @@ static int writeall(int fd, const char *p, size_t n) {
 
 /* ---- signals ---- */
 
-/* SIGINT or SIGTERM caught outside a run (inside one, the run takes
-   them, or they stay pending while it has them blocked) */
+/* SIGINT, SIGTERM or SIGHUP caught outside a run (inside one, the run
+   takes them, or they stay pending while it has them blocked) */
 static volatile sig_atomic_t caught;
+
+/* SIGXFSZ as lpar found it: workers get it back */
+static struct sigaction oldxfsz;
+static int xfszsaved;
 
 static void oncatch(int sig) {
   caught = sig;
@@ -79,7 +85,9 @@ static void oncatch(int sig) {
 
 /*
 ** signals() -> watching SIGTERM: ignore SIGPIPE (a closed output shows as
-** EPIPE) and note SIGINT and SIGTERM, unless they were ignored.
+** EPIPE) and SIGXFSZ (a file over the size limit shows as EFBIG), and
+** note SIGINT, SIGTERM and SIGHUP, unless they were ignored. A run that
+** watches SIGTERM takes SIGHUP too.
 */
 static int l_signals(lua_State *L) {
   struct sigaction sa, old;
@@ -88,9 +96,13 @@ static int l_signals(lua_State *L) {
   sigemptyset(&sa.sa_mask);
   sa.sa_handler = SIG_IGN;
   sigaction(SIGPIPE, &sa, NULL);
+  if (!xfszsaved && sigaction(SIGXFSZ, &sa, &oldxfsz) == 0)
+    xfszsaved = 1;
   sa.sa_handler = oncatch; /* no SA_RESTART: a wait sees EINTR */
   if (sigaction(SIGINT, NULL, &old) == 0 && old.sa_handler != SIG_IGN)
     sigaction(SIGINT, &sa, NULL);
+  if (sigaction(SIGHUP, NULL, &old) == 0 && old.sa_handler != SIG_IGN)
+    sigaction(SIGHUP, &sa, NULL);
   if (sigaction(SIGTERM, NULL, &old) == 0 && old.sa_handler != SIG_IGN) {
     sigaction(SIGTERM, &sa, NULL);
     term = 1;
@@ -109,6 +121,8 @@ static int stopsignal(void) {
       return SIGINT;
     if (sigismember(&pend, SIGTERM))
       return SIGTERM;
+    if (sigismember(&pend, SIGHUP))
+      return SIGHUP;
   }
   return 0;
 }
@@ -140,6 +154,7 @@ typedef struct Out {
   size_t n, cap;
   long long since; /* when the oldest pending byte was added */
   atomic_int err;  /* errno of the first failed write of fd 1; sticky */
+  char *outname;   /* the file of -o, for messages; NULL: stdout */
   char bar[512];   /* the progress line, with its escapes */
   size_t barlen;
   int barshown; /* the bar is on the terminal */
@@ -147,9 +162,11 @@ typedef struct Out {
   int shared;   /* stdout is a terminal too: lift the bar to write */
   /* the joblog: its lines are written up to the last mark, after the
      output they describe, then (with markers) "# out <bytes> <line>" */
-  int logfd;   /* -1 without a joblog */
-  int markers; /* write the marker lines (output to a file) */
-  char *log;   /* pending joblog text */
+  int logfd;         /* -1 without a joblog */
+  char *logname;     /* its path, for messages */
+  atomic_int logerr; /* errno of the first failed write of it; sticky */
+  int markers;       /* write the marker lines (output to a file) */
+  char *log;         /* pending joblog text */
   size_t logn, logcap;
   size_t logmark;       /* bytes of 'log' up to the last mark */
   long long outbytes;   /* output bytes so far, from the file's start */
@@ -197,14 +214,19 @@ static void drain(void) {
     if (out.shared)
       dropbar();
   }
-  if (out.marked && out.logfd >= 0 && atomic_load(&out.err) == 0) {
-    writeall(out.logfd, out.log, out.logmark);
-    if (out.markers) {
+  /* a mark is written only after the output it counts, and only while
+     every write so far succeeded: the last mark is never ahead */
+  if (out.marked && out.logfd >= 0 && atomic_load(&out.err) == 0 &&
+      atomic_load(&out.logerr) == 0) {
+    int e = writeall(out.logfd, out.log, out.logmark);
+    if (e == 0 && out.markers) {
       char m[64];
       int k = snprintf(m, sizeof m, "# out %lld %lld\n", out.markbytes,
                        (long long)out.markline);
-      writeall(out.logfd, m, (size_t)k);
+      e = writeall(out.logfd, m, (size_t)k);
     }
+    if (e != 0)
+      atomic_store(&out.logerr, e);
     memmove(out.log, out.log + out.logmark, out.logn - out.logmark);
     out.logn -= out.logmark;
     out.logmark = 0;
@@ -262,11 +284,31 @@ static int raisemsg(lua_State *L, const char *msg) {
   return lua_error(L);
 }
 
-/* Raise for a failed output: "output closed" for EPIPE. */
-static int outerror(lua_State *L, int e) {
+/* Whether a write of the output or the joblog failed. */
+static int failed(void) {
+  return atomic_load(&out.err) != 0 || atomic_load(&out.logerr) != 0;
+}
+
+/* Push the message of the first failed write, output first: "output
+   closed" for EPIPE, else naming the file. Returns 0 (pushing nothing)
+   if none failed. */
+static int pushfailure(lua_State *L) {
+  int e = atomic_load(&out.err);
   if (e == EPIPE)
-    return raisemsg(L, "output closed");
-  lua_pushfstring(L, "cannot write output: %s", strerror(e));
+    lua_pushliteral(L, "output closed");
+  else if (e != 0)
+    lua_pushfstring(L, "cannot write %s: %s",
+                    out.outname ? out.outname : "the output", strerror(e));
+  else if ((e = atomic_load(&out.logerr)) != 0)
+    lua_pushfstring(L, "cannot write %s: %s", out.logname, strerror(e));
+  else
+    return 0;
+  return 1;
+}
+
+/* Raise the message of the failed write. */
+static int outerror(lua_State *L) {
+  pushfailure(L);
   return lua_error(L);
 }
 
@@ -292,7 +334,7 @@ static int put(lua_State *L, int nl) {
   const char *s = luaL_checklstring(L, 1, &len);
   int e, nomem = 0;
   pthread_mutex_lock(&out.mu);
-  e = atomic_load(&out.err);
+  e = failed();
   if (e == 0 && reserve(&out.p, out.n, &out.cap, len + 1) != 0)
     nomem = 1;
   else if (e == 0) {
@@ -304,13 +346,13 @@ static int put(lua_State *L, int nl) {
     out.outbytes += (long long)(len + (nl != 0));
     if (out.n >= LPAR_OUTHIGH || !out.started)
       drain();
-    e = atomic_load(&out.err);
+    e = failed();
   }
   pthread_mutex_unlock(&out.mu);
   if (nomem)
     return luaL_error(L, "not enough memory");
   if (e != 0)
-    return outerror(L, e);
+    return outerror(L);
   return 0;
 }
 
@@ -342,9 +384,12 @@ static int l_log(lua_State *L) {
 }
 
 /* mark(line): records up to 'line' are settled: their output and joblog
-   lines are all given. */
+   lines are all given. Raises if a write of the output or the joblog
+   failed. */
 static int l_mark(lua_State *L) {
   lua_Integer line = luaL_checkinteger(L, 1);
+  if (failed())
+    return outerror(L);
   pthread_mutex_lock(&out.mu);
   wake();
   out.markline = line;
@@ -394,6 +439,7 @@ static int l_redirect(lua_State *L) {
   const char *path = luaL_checkstring(L, 1);
   long long keep = (long long)luaL_optinteger(L, 2, 0);
   int fd = openkept(path, keep, 0);
+  fflush(stdout); /* what the script wrote goes to stdout, not to path */
   if (fd == -1 || dup2(fd, 1) == -1) {
     luaL_pushfail(L);
     lua_pushfstring(L, "cannot write %s: %s", path,
@@ -405,24 +451,118 @@ static int l_redirect(lua_State *L) {
   }
   close(fd);
   out.outbytes = keep;
+  free(out.outname);
+  out.outname = strdup(path);
+  if (out.outname == NULL)
+    return luaL_error(L, "not enough memory");
   lua_pushboolean(L, 1);
   return 1;
 }
 
-/* joblog(path, keep, markers) -> true | nil, message: the joblog, cut to
-   'keep' bytes; with 'markers', output positions are recorded in it. */
-static int l_joblog(lua_State *L) {
+/*
+** openjoblog(path) -> true | nil, message: open the joblog (made if
+** missing, nothing cut yet) and lock it if it is a regular file, so that
+** a second run with the same joblog fails at once instead of interleaving
+** its lines.
+*/
+static int l_openjoblog(lua_State *L) {
   const char *path = luaL_checkstring(L, 1);
-  long long keep = (long long)luaL_optinteger(L, 2, 0);
-  int fd = openkept(path, keep, O_APPEND);
+  struct stat st;
+  int fd, rc = 0;
+  do
+    fd = open(path, O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0666);
+  while (fd == -1 && errno == EINTR);
   if (fd == -1) {
     luaL_pushfail(L);
     lua_pushfstring(L, "cannot write %s: %s", path, strerror(errno));
     return 2;
   }
+  if (fstat(fd, &st) != 0)
+    rc = -1;
+  else if (S_ISREG(st.st_mode))
+    do
+      rc = flock(fd, LOCK_EX | LOCK_NB);
+    while (rc == -1 && errno == EINTR);
+  /* a file system without locks: go on without */
+  if (rc == -1 && (errno == ENOLCK || errno == EOPNOTSUPP || errno == ENOSYS))
+    rc = 0;
+  if (rc == -1) {
+    int e = errno;
+    close(fd);
+    luaL_pushfail(L);
+    if (e == EWOULDBLOCK)
+      lua_pushfstring(L, "%s is in use by another lpar run", path);
+    else
+      lua_pushfstring(L, "cannot lock %s: %s", path, strerror(e));
+    return 2;
+  }
+  free(out.logname);
+  out.logname = strdup(path);
+  if (out.logname == NULL) {
+    close(fd);
+    return luaL_error(L, "not enough memory");
+  }
   out.logfd = fd;
-  out.markers = lua_toboolean(L, 3);
   lua_pushboolean(L, 1);
+  return 1;
+}
+
+/* joblog(keep, markers) -> true | nil, message: cut the open joblog to
+   'keep' bytes; with 'markers', output positions are recorded in it. */
+static int l_joblog(lua_State *L) {
+  long long keep = (long long)luaL_checkinteger(L, 1);
+  struct stat st;
+  luaL_argcheck(L, out.logfd >= 0, 1, "no joblog open");
+  if (fstat(out.logfd, &st) != 0 ||
+      (S_ISREG(st.st_mode) && ftruncate(out.logfd, keep) != 0)) {
+    luaL_pushfail(L);
+    lua_pushfstring(L, "cannot write %s: %s", out.logname, strerror(errno));
+    return 2;
+  }
+  out.markers = lua_toboolean(L, 2);
+  lua_pushboolean(L, 1);
+  return 1;
+}
+
+/* The identity of a regular file as "device:inode", or NULL. */
+static const char *pushfileid(lua_State *L, const struct stat *st) {
+  if (!S_ISREG(st->st_mode))
+    return NULL;
+  return lua_pushfstring(L, "%I:%I", (LUAI_UACINT)st->st_dev,
+                         (LUAI_UACINT)st->st_ino);
+}
+
+/* fileid(path) -> "device:inode" of a regular file, or nil (missing, or
+   not a regular file) */
+static int l_fileid(lua_State *L) {
+  struct stat st;
+  if (stat(luaL_checkstring(L, 1), &st) != 0 || !pushfileid(L, &st))
+    luaL_pushfail(L);
+  return 1;
+}
+
+/* FNV-1a, 64 bits, continued from h */
+static uint64_t fnv(uint64_t h, const char *p, size_t n) {
+  while (n-- > 0) {
+    h ^= (unsigned char)*p++;
+    h *= 0x100000001b3ULL;
+  }
+  return h;
+}
+
+#define FNVSTART 0xcbf29ce484222325ULL
+
+static void pushhash(lua_State *L, uint64_t h) {
+  char hex[17];
+  snprintf(hex, sizeof hex, "%016llx", (unsigned long long)h);
+  lua_pushstring(L, hex);
+}
+
+/* hash(s) -> 16 hex digits: a checksum of s (not cryptographic) */
+static int l_hash(lua_State *L) {
+  size_t len;
+  const char *s = luaL_checklstring(L, 1, &len);
+  pushhash(L, fnv(FNVSTART, s, len));
   return 1;
 }
 
@@ -471,10 +611,9 @@ static int l_bar(lua_State *L) {
   return 0;
 }
 
-/* finish() -> nil, or the error message of the output: stop the flusher
-   and write what is left. */
+/* finish() -> nil, or the message of a failed write of the output or the
+   joblog: stop the flusher, write what is left and close the joblog. */
 static int l_finish(lua_State *L) {
-  int e;
   if (out.started) {
     pthread_mutex_lock(&out.mu);
     out.quit = 1;
@@ -486,17 +625,19 @@ static int l_finish(lua_State *L) {
   pthread_mutex_lock(&out.mu);
   drain();
   if (out.logfd >= 0) {
-    writeall(out.logfd, out.log, out.logn);
+    /* lines past the last mark, if the run stopped before marking them */
+    if (!failed() && out.logn > 0) {
+      int e = writeall(out.logfd, out.log, out.logn);
+      if (e != 0)
+        atomic_store(&out.logerr, e);
+    }
     out.logn = 0;
-    close(out.logfd);
+    if (close(out.logfd) != 0 && !failed())
+      atomic_store(&out.logerr, errno);
     out.logfd = -1;
   }
-  e = atomic_load(&out.err);
   pthread_mutex_unlock(&out.mu);
-  if (e == 0)
-    return 0;
-  lua_pushstring(L, e == EPIPE ? "output closed" : strerror(e));
-  return 1;
+  return pushfailure(L);
 }
 
 /* ---- items ---- */
@@ -551,16 +692,18 @@ typedef struct Reader {
   int fixed;           /* batchmax was set, not learned */
   lua_Integer *first;  /* ring of LPAR_AHEAD: first record of a batch */
   int *size;           /* ring of LPAR_AHEAD: records in a batch */
+  off_t start;         /* a regular file: where the items begin in it */
 } Reader;
 
 /* Raise if a signal asks to stop or the output is gone. */
 static void checkstop(lua_State *L) {
-  int sig = stopsignal(), e;
+  int sig = stopsignal();
   if (sig)
-    raisemsg(L, sig == SIGTERM ? "terminated" : "interrupted");
-  e = atomic_load(&out.err);
-  if (e != 0)
-    outerror(L, e);
+    raisemsg(L, sig == SIGTERM  ? "terminated"
+                : sig == SIGHUP ? "hangup"
+                                : "interrupted");
+  if (failed())
+    outerror(L);
 }
 
 /*
@@ -798,6 +941,53 @@ static int reader_setbatch(lua_State *L) {
   return 0;
 }
 
+/* reader:fileid() -> "device:inode" of a regular file, or nil */
+static int reader_fileid(lua_State *L) {
+  Reader *r = checkreader(L);
+  struct stat st;
+  if (r->fd < 0 || fstat(r->fd, &st) != 0 || !pushfileid(L, &st))
+    luaL_pushfail(L);
+  return 1;
+}
+
+/*
+** reader:identity(n) -> size, hash | nil: for a regular file, its size
+** from where the items begin and the hash of its first n bytes (nil for
+** the hash if it is shorter); nil for a pipe or a terminal. Reads with
+** pread: the reader's position does not move.
+*/
+static int reader_identity(lua_State *L) {
+  Reader *r = checkreader(L);
+  lua_Integer n = luaL_checkinteger(L, 2), done = 0;
+  struct stat st;
+  uint64_t h = FNVSTART;
+  char *buf;
+  luaL_argcheck(L, n >= 0, 2, "must not be negative");
+  if (r->fd < 0 || !r->regular || fstat(r->fd, &st) != 0)
+    return 0;
+  lua_pushinteger(L, (lua_Integer)(st.st_size - r->start));
+  buf = lua_newuserdatauv(L, 65536, 0);
+  while (done < n) {
+    size_t want = n - done < 65536 ? (size_t)(n - done) : 65536;
+    ssize_t k;
+    do
+      k = pread(r->fd, buf, want, r->start + (off_t)done);
+    while (k == -1 && errno == EINTR);
+    if (k < 0)
+      return luaL_error(L, "cannot read the items: %s", strerror(errno));
+    if (k == 0) {
+      lua_pop(L, 1);
+      luaL_pushfail(L);
+      return 2;
+    }
+    h = fnv(h, buf, (size_t)k);
+    done += k;
+  }
+  lua_pop(L, 1);
+  pushhash(L, h);
+  return 2;
+}
+
 /* reader:count() -> records read so far */
 static int reader_count(lua_State *L) {
   lua_pushinteger(L, checkreader(L)->count);
@@ -872,6 +1062,8 @@ static int l_open(lua_State *L) {
   }
   r->sep = nul ? '\0' : '\n';
   r->regular = S_ISREG(st.st_mode);
+  if (r->regular && (r->start = lseek(fd, 0, SEEK_CUR)) < 0)
+    r->start = 0;
   r->batchmax = 1;
   lua_newtable(L);
   lua_setiuservalue(L, -2, 1);
@@ -957,10 +1149,16 @@ static int l_isatty(lua_State *L) {
 
 /* isolate(): in a worker, send what the script prints to stderr, so it
    cannot mix with the results, and read stdin from /dev/null, so it cannot
-   take the parent's items. */
+   take the parent's items; SIGXFSZ is as the caller of lpar had it. */
 static int l_isolate(lua_State *L) {
   int fd;
   (void)L;
+  if (xfszsaved)
+    sigaction(SIGXFSZ, &oldxfsz, NULL);
+  if (out.logfd >= 0) { /* the parent's, with its lock */
+    close(out.logfd);
+    out.logfd = -1;
+  }
   fflush(stdout);
   dup2(2, 1);
   fd = open("/dev/null", O_RDONLY | O_CLOEXEC);
@@ -975,6 +1173,7 @@ static const luaL_Reg readermethods[] = {
     {"wait", reader_wait},         {"take", reader_take},
     {"setbatch", reader_setbatch}, {"skip", reader_skip},
     {"count", reader_count},       {"items", reader_items},
+    {"fileid", reader_fileid},     {"identity", reader_identity},
     {"close", reader_close},       {NULL, NULL}};
 
 static const luaL_Reg helpers[] = {{"signals", l_signals},
@@ -985,7 +1184,10 @@ static const luaL_Reg helpers[] = {{"signals", l_signals},
                                    {"log", l_log},
                                    {"mark", l_mark},
                                    {"redirect", l_redirect},
+                                   {"openjoblog", l_openjoblog},
                                    {"joblog", l_joblog},
+                                   {"fileid", l_fileid},
+                                   {"hash", l_hash},
                                    {"report", l_report},
                                    {"bar", l_bar},
                                    {"finish", l_finish},
@@ -1080,5 +1282,16 @@ int main(int argc, char **argv) {
     code = (int)lua_tointeger(L, -1);
   l_finish(L);
   lua_close(L);
+  /* what the script wrote on stdout itself (print flushes each line, and
+     a failure leaves only the error flag) */
+  if (fflush(stdout) != 0 || ferror(stdout)) {
+    if (code == 0)
+      fprintf(stderr, "lpar: cannot write the output\n");
+    code = code == 0 ? 1 : code;
+  }
+  free(out.outname);
+  free(out.logname);
+  free(out.p);
+  free(out.log);
   return code;
 }

@@ -76,13 +76,16 @@ long long lpar_pool_now(void) {
 }
 
 static void childsignals(const ChildSetup *cs) {
-  struct sigaction sa;
+  struct sigaction sa, old;
   memset(&sa, 0, sizeof sa);
   sigemptyset(&sa.sa_mask);
   sa.sa_handler = SIG_DFL;
   sigaction(SIGTERM, &sa, NULL);
   sigaction(SIGPIPE, &sa, NULL);
   sigaction(SIGCHLD, &sa, NULL);
+  /* a hangup ends a worker, unless it was ignored (nohup) */
+  if (sigaction(SIGHUP, NULL, &old) == 0 && old.sa_handler != SIG_IGN)
+    sigaction(SIGHUP, &sa, NULL);
   sa.sa_handler = cs->ignint ? SIG_IGN : SIG_DFL;
   sigaction(SIGINT, &sa, NULL);
   sigprocmask(SIG_SETMASK, cs->mask, NULL);

@@ -96,7 +96,9 @@ typedef struct Run {
   int ignint;
   struct sigaction oldterm;
   int watchterm; /* SIGTERM ends the run too (the CLI) */
-  pid_t owner;   /* the process that made it (workers inherit copies) */
+  struct sigaction oldhup;
+  int watchhup; /* so does SIGHUP, with SIGTERM, unless it was ignored */
+  pid_t owner;  /* the process that made it (workers inherit copies) */
 } Run;
 
 /* the signal that interrupted the current run; a handler can only reach
@@ -111,7 +113,8 @@ static Run *checkrun(lua_State *L, int idx) {
   return luaL_checkudata(L, idx, LPAR_RUNMT);
 }
 
-/* Take over SIGINT for the run: block it outside ppoll, note it inside. */
+/* Take over SIGINT for the run (and SIGTERM and SIGHUP if it watches
+   them): block it outside ppoll, note it inside. */
 static void startsignals(Run *r) {
   sigset_t block;
   struct sigaction sa;
@@ -122,6 +125,10 @@ static void startsignals(Run *r) {
   sigaddset(&block, SIGINT);
   if (r->watchterm)
     sigaddset(&block, SIGTERM);
+  r->watchhup = r->watchterm && sigaction(SIGHUP, NULL, &r->oldhup) == 0 &&
+                r->oldhup.sa_handler != SIG_IGN;
+  if (r->watchhup)
+    sigaddset(&block, SIGHUP);
   sigprocmask(SIG_BLOCK, &block, &r->oldmask);
   sigaction(SIGINT, NULL, &r->oldint);
   r->ignint = r->oldint.sa_handler == SIG_IGN;
@@ -129,6 +136,8 @@ static void startsignals(Run *r) {
     sigaction(SIGINT, &sa, NULL);
   if (r->watchterm)
     sigaction(SIGTERM, &sa, &r->oldterm);
+  if (r->watchhup)
+    sigaction(SIGHUP, &sa, NULL);
   interrupted = 0;
 }
 
@@ -137,6 +146,8 @@ static void stopsignals(Run *r) {
     sigaction(SIGINT, &r->oldint, NULL);
   if (r->watchterm)
     sigaction(SIGTERM, &r->oldterm, NULL);
+  if (r->watchhup)
+    sigaction(SIGHUP, &r->oldhup, NULL);
   sigprocmask(SIG_SETMASK, &r->oldmask, NULL);
 }
 
@@ -775,8 +786,8 @@ static void dispatch(lua_State *L, Run *r) {
     if (w->proc.pid == 0 || w->count != 0)
       continue;
     if (workleft(r))
-      assign(L, r, w);
-    else if (drained(r) && !r->failed)
+      assign(L, r, w); /* the iterator may end here: nothing assigned */
+    if (w->count == 0 && drained(r) && !r->failed)
       retire(L, r, w);
   }
 }
@@ -848,9 +859,13 @@ static int events(lua_State *L, Run *r, int ms) {
   sigdelset(&mask, SIGINT);
   if (r->watchterm)
     sigdelset(&mask, SIGTERM);
+  if (r->watchhup)
+    sigdelset(&mask, SIGHUP);
   rc = ppoll(r->pfd, (nfds_t)n, tsp, &mask);
   if (interrupted) {
-    lua_pushstring(L, interrupted == SIGTERM ? "terminated" : "interrupted");
+    lua_pushstring(L, interrupted == SIGTERM  ? "terminated"
+                      : interrupted == SIGHUP ? "hangup"
+                                              : "interrupted");
     lua_rawseti(L, S_ENV, ENV_FAILURE);
     r->failed = 1;
     return 0;

@@ -29,7 +29,8 @@ options:
   -o, --output FILE   write the results to FILE instead of stdout
       --joblog FILE   record each item: line, status, seconds, attempts
       --resume        go on from where a run with the same --joblog and
-                      -o stopped (even killed): nothing lost or repeated
+                      -o stopped (even killed): nothing lost or repeated;
+                      refused if the script, items or arguments differ
   -0, --null          items end with NUL bytes, not newlines
   -e CODE             the script is CODE, not a file
       --progress      show done/total, rate and ETA on stderr
@@ -515,10 +516,13 @@ local function fail(code, msg)
   return code
 end
 
+-- the errors a signal raises, and the exit status each gives
+local signalled = {interrupted = 130, terminated = 143, hangup = 129}
+local signame = {[130] = "interrupted", [143] = "terminated", [129] = "hangup"}
+
 -- exit status and message for an error that ended a run
 local function stopped(e)
-  if e == "interrupted" then return 130, "lpar: interrupted" end
-  if e == "terminated" then return 143, "lpar: terminated" end
+  if signalled[e] then return signalled[e], "lpar: " .. e end
   if e == "output closed" then return 141, nil end
   local text = M.clean(errortext(e))
   if text:find("^worker init failed") then return 2, "lpar: " .. text end
@@ -529,16 +533,124 @@ local function stopped(e)
 end
 
 -- Where to resume from a joblog's text: output bytes to keep, joblog
--- bytes to keep, records done (all 0 to start afresh).
-function M.resumepoint(text)
+-- bytes to keep, records done (all 0 to start afresh); or nil and a
+-- message naming the joblog ('path') and the line of a bad mark.
+function M.resumepoint(text, path)
   local bytes, keep, done = 0, 0, 0
-  for b, l, e in ("\n" .. (text or "")):gmatch("\n# out (%d+) (%d+)\n()") do
-    bytes, done, keep = tonumber(b), tonumber(l), e - 2
+  text = "\n" .. (text or "")
+  for at, b, l, e in text:gmatch("()# out (%d+) (%d+)\n()") do
+    if text:byte(at - 1) == 10 then -- at the start of a line
+      bytes, done = math.tointeger(tonumber(b)), math.tointeger(tonumber(l))
+      if not bytes or not done then
+        local line = select(2, text:sub(1, at - 1):gsub("\n", ""))
+        return nil, ("bad joblog %s, line %d: number too large in '%s'")
+          :format(path, line, text:sub(at, e - 2))
+      end
+      keep = e - 2
+    end
   end
   return bytes, keep, done
 end
 
 M.logheader = "# line\tstatus\tseconds\tattempts\n"
+
+-- bytes at the start of the items that identify them in a joblog
+M.prefix = 1024 * 1024
+
+-- The joblog's first lines: what the run is (see "Joblog and resume" in
+-- README.md), so that --resume can refuse another run's joblog.
+function M.fingerprint(o, c, reader)
+  local t = {"# lpar joblog 1\n"}
+  t[2] = ("# script: %s %s\n"):format(c.hash(o.source), o.script and M.shorten(o.script, 200) or "-e")
+  local name = o.args[1] or "-"
+  local size = reader:identity(0)
+  if size then
+    local n = math.min(size, M.prefix)
+    t[3] = ("# items: file %d %d %s %s\n"):format(size, n, select(2, reader:identity(n)),
+                                                  M.shorten(name, 200))
+  else
+    t[3] = ("# items: stream %s\n"):format(M.shorten(name, 200))
+  end
+  t[4] = ("# split: %s\n"):format(o.nul and "nul" or "lines")
+  local args, shown = {}, {}
+  for k = 2, #o.args do
+    args[#args + 1] = #o.args[k] .. ":" .. o.args[k]
+    shown[#shown + 1] = M.shorten(o.args[k], 40)
+  end
+  t[5] = ("# args: %s%s\n"):format(c.hash(table.concat(args)),
+                                   #shown > 0 and " " .. table.concat(shown, " ") or "")
+  return table.concat(t)
+end
+
+-- How the run that made a joblog ('text') differs from this one
+-- ('fp', its fingerprint): a message, or nil if it does not.
+function M.differs(text, fp, reader)
+  local function fields(s)
+    local f = {}
+    for line in s:gmatch("[^\n]*") do
+      if line:sub(1, 7) == "# line\t" then break end
+      local k, v = line:match("^# (%a+): (.*)$")
+      if k then f[k] = v end
+    end
+    return f
+  end
+  local was, now = fields(text), fields(fp)
+  if not (was.script and was.items and was.split and was.args) then
+    return "it does not say which run it belongs to (made by an older lpar?)"
+  end
+  local d = {}
+  if was.script:match("^%S+") ~= now.script:match("^%S+") then
+    d[#d + 1] = "the script differs"
+  end
+  if was.args:match("^%S+") ~= now.args:match("^%S+") then
+    d[#d + 1] = "the script's arguments differ"
+  end
+  if was.split ~= now.split then
+    d[#d + 1] = was.split == "nul" and "the items were split on NUL bytes (-0) then, on newlines now"
+                or "the items were split on newlines then, on NUL bytes (-0) now"
+  end
+  local kind, size, n, hash = was.items:match("^(%a+) ?(%d*) ?(%d*) ?(%x*)")
+  local nowkind = now.items:match("^%a+")
+  if kind ~= nowkind then
+    d[#d + 1] = ("the items came from a %s, now from a %s")
+      :format(kind == "file" and "file" or "pipe", nowkind == "file" and "file" or "pipe")
+  elseif kind == "file" then
+    size, n = math.tointeger(tonumber(size)), math.tointeger(tonumber(n))
+    local nowsize, nowhash = reader:identity(n or 0)
+    if not size or not n then
+      d[#d + 1] = "its 'items' line is damaged"
+    elseif nowsize < size then
+      d[#d + 1] = ("the items file is shorter (%d bytes, %d then)"):format(nowsize, size)
+    elseif nowhash ~= hash then
+      d[#d + 1] = ("the items file differs (in its first %d bytes)"):format(n)
+    end
+  end
+  if #d > 0 then return table.concat(d, "; ") end
+  return nil
+end
+
+-- The message if two of the joblog, the output (-o or stdout), the items
+-- and the script are one file (compared as device and inode), or nil.
+function M.clash(o, c, reader)
+  local items = reader:fileid()
+  local script = o.script and c.fileid(o.script)
+  local log = o.joblog and c.fileid(o.joblog)
+  local out = c.fileid(o.output or "/dev/stdout")
+  if log and log == out then
+    if not o.output then return "the standard output is the joblog" end
+    return ("--joblog and -o name the same file (%s)"):format(o.output)
+  end
+  for _, f in ipairs({{"items", items}, {"script", script}}) do
+    if f[2] and out == f[2] then
+      if not o.output then return ("the standard output is the %s file"):format(f[1]) end
+      return ("-o names the %s file (%s)"):format(f[1], o.output)
+    end
+    if f[2] and log == f[2] then
+      return ("--joblog names the %s file (%s)"):format(f[1], o.joblog)
+    end
+  end
+  return nil
+end
 
 -- Map f over the records of 'reader', writing results; returns the exit
 -- status.
@@ -567,20 +679,40 @@ function M.run(o, c, reader, countpath, map, init, close)
 
   -- where results and the joblog go; what a resumed run skips
   local skipped = 0
+  local clash = M.clash(o, c, reader)
+  if clash then return fail(2, clash) end
   if o.output or o.joblog then
-    local keepout, keeplog, done = 0, 0, 0
-    if o.resume then
-      keepout, keeplog, done = M.resumepoint(readall(o.joblog))
-    end
+    local keepout, keeplog, done = 0, 0
     local ok, err = true, nil
+    -- the joblog is locked first, and nothing is cut before every check
+    if o.joblog then
+      ok, err = c.openjoblog(o.joblog)
+      if not ok then return fail(2, err) end
+      err = M.clash(o, c, reader) -- now that the joblog exists
+      if err then return fail(2, err) end
+    end
+    local fp = o.joblog and M.fingerprint(o, c, reader)
+    if o.resume then
+      local text = readall(o.joblog)
+      keepout, keeplog, done = M.resumepoint(text, o.joblog)
+      if not keepout then return fail(2, keeplog) end
+      local diff = keeplog > 0 and M.differs(text, fp, reader)
+      if diff then
+        return fail(2, ("cannot resume from %s: %s"):format(o.joblog, diff))
+      end
+      skipped = done > 0 and reader:skip(done) or 0
+      if skipped < done then
+        return fail(2, ("cannot resume from %s: it counts %d items done, the input has %d")
+                    :format(o.joblog, done, skipped))
+      end
+    end
     if o.output then ok, err = c.redirect(o.output, keepout) end
     if ok and o.joblog then
       -- output positions are marks to resume from: with ordered output only
-      ok, err = c.joblog(o.joblog, keeplog, o.output ~= nil and not o.unordered)
+      ok, err = c.joblog(keeplog, o.output ~= nil and not o.unordered)
     end
     if not ok then return fail(2, err) end
-    if o.joblog and keeplog == 0 then c.log(M.logheader) end
-    if done > 0 then skipped = reader:skip(done) end
+    if o.joblog and keeplog == 0 then c.log(fp .. M.logheader) end
   end
 
   opts.sigterm = c.signals()
@@ -720,11 +852,10 @@ function M.run(o, c, reader, countpath, map, init, close)
   if not ok then
     code, msg = stopped(err)
   elseif outerr then
-    code, msg = stopped(outerr == "output closed" and outerr
-                        or "cannot write output: " .. outerr)
+    code, msg = stopped(outerr)
   elseif c.caught() ~= 0 then
     code = 128 + c.caught()
-    msg = code == 143 and "lpar: terminated" or "lpar: interrupted"
+    msg = "lpar: " .. (signame[code] or "interrupted")
   end
   if msg then say(c, msg) end
   if code ~= 0 then return code end
@@ -740,7 +871,7 @@ function M.run(o, c, reader, countpath, map, init, close)
 end
 
 local function traceback(e)
-  if e == "interrupted" or e == "terminated" then return e end
+  if signalled[e] then return e end
   return M.clean(debug.traceback(errortext(e), 2))
 end
 
@@ -753,12 +884,10 @@ function M.main(argv, c)
                     "try 'lpar --help' for more\n")
     return 2
   end
-  if o.help then
-    io.stdout:write(M.help)
-    return 0
-  end
-  if o.version then
-    io.stdout:write(c.version, "\n")
+  if o.help or o.version then
+    local f, werr = io.stdout:write(o.help and M.help or c.version .. "\n")
+    if f then f, werr = io.stdout:flush() end
+    if not f then return fail(1, "cannot write the output: " .. werr) end
     return 0
   end
   local chunk, msg
@@ -768,15 +897,16 @@ function M.main(argv, c)
     chunk, msg = loadfile(o.script, "t")
   end
   if not chunk then return fail(2, msg) end
+  o.source = o.code or readall(o.script) or ""
   local args = {}
   for k = 0, #argv do args[k - o.at] = argv[k] end
+  o.args = args
   _G.arg = args
   local res = table.pack(xpcall(chunk, traceback,
                                 table.unpack(args, 1, #argv - o.at)))
   if not res[1] then
     local e = res[2]
-    if e == "interrupted" then return fail(130, e) end
-    if e == "terminated" then return fail(143, e) end
+    if signalled[e] then return fail(signalled[e], e) end
     return fail(2, tostring(e))
   end
   local r = res[2]

@@ -1,0 +1,633 @@
+-- The lpar command where things go wrong around it: workers lost with
+-- items still to run, output and joblog that cannot be written, joblogs
+-- that do not belong to the run, signals and closed streams.
+local H = require "spec.helper"
+local unistd = require "posix.unistd"
+local poll = require "posix.poll"
+local wait = require "posix.sys.wait"
+local signal = require "posix.signal"
+
+local FIX = "spec/fixtures/cli/"
+
+local function quote(s)
+  return "'" .. s:gsub("'", "'\\''") .. "'"
+end
+
+-- Run lpar with a shell-quoted argument string, stopped if it runs past
+-- 30 s (then the code is 124); returns code, out, err.
+local function lpar(args, input)
+  return H.run("timeout -k 5 30 " .. quote(H.cli) .. " " .. args, input)
+end
+
+local function writefile(path, s)
+  local f = assert(io.open(path, "wb"))
+  f:write(s)
+  f:close()
+  return path
+end
+
+local function readfile(path)
+  local f = io.open(path, "rb")
+  if not f then return nil end
+  local s = f:read("a")
+  f:close()
+  return s
+end
+
+local tmp = {}
+local function tmpname()
+  local p = os.tmpname()
+  tmp[#tmp + 1] = p
+  return p
+end
+
+after_each(function()
+  for _, p in ipairs(tmp) do os.remove(p) end
+  tmp = {}
+end)
+
+describe("lpar with a worker lost in the middle of its items", function()
+  -- _exit, not os.exit: in a sanitizer build, exit() in a worker forked
+  -- from the threaded CLI runs the leak checker, which can wait forever
+  -- on a lock that another thread held at the fork
+  local crash = FIX .. "die.lua"
+
+  it("finishes when the last item's worker dies (-j1)", function()
+    for _ = 1, 5 do
+      local code, out, err = lpar("-j1 " .. crash .. " -", "a\nexit\n")
+      assert.equal(1, code, err)
+      assert.equal("a\n", out)
+      assert.matches("lpar: line 2: worker %d+ exited with status 3\n", err)
+      assert.matches("\nlpar: 1 of 2 items failed\n$", err)
+    end
+  end)
+
+  it("finishes when a worker dies on a first or middle item (-j1)", function()
+    local code, out, err = lpar("-j1 " .. crash .. " -", "exit\na\nexit\nb\n")
+    assert.equal(1, code, err)
+    assert.equal("a\nb\n", out)
+    assert.matches("lpar: line 1: worker %d+ exited", err)
+    assert.matches("lpar: line 3: worker %d+ exited", err)
+    assert.matches("2 of 4 items failed", err)
+  end)
+
+  it("finishes when an item times out (-j1 --timeout)", function()
+    local code, out, err = lpar("-j1 --timeout 0.5 " .. FIX .. "spin.lua -",
+                                "a\nspin\n")
+    assert.equal(1, code, err)
+    assert.equal("a\n", out)
+    assert.matches("lpar: line 2: timed out after 0.5 s", err)
+  end)
+
+  it("finishes with --unordered", function()
+    local code, out, err = lpar("-j1 --unordered " .. crash .. " -", "a\nexit\n")
+    assert.equal(1, code, err)
+    assert.equal("a\n", out)
+    assert.matches("lpar: line 2: worker %d+ exited", err)
+  end)
+
+  it("finishes with --retries 1", function()
+    local code, out, err = lpar("-j1 --retries 1 " .. crash .. " -", "a\nexit\n")
+    assert.equal(1, code, err)
+    assert.equal("a\n", out)
+    assert.matches("lpar: line 2: worker %d+ exited", err)
+  end)
+
+  it("finishes with the default -j on 3 to 10 items, from a file or a pipe", function()
+    local items = tmpname()
+    for n = 3, 10 do
+      for _, at in ipairs({1, n // 2, n}) do
+        local t = {}
+        for i = 1, n do t[i] = i == at and "exit" or tostring(i) end
+        local input = table.concat(t, "\n") .. "\n"
+        writefile(items, input)
+        table.remove(t, at)
+        local want = table.concat(t, "\n") .. "\n"
+        for _, how in ipairs({{crash .. " -", input}, {crash .. " " .. items}}) do
+          local code, out, err = lpar(how[1], how[2])
+          assert.equal(1, code, ("%d items, exit at %d: %s"):format(n, at, err))
+          assert.equal(want, out)
+          assert.matches(("lpar: line %d: worker %%d+ exited"):format(at), err)
+        end
+      end
+    end
+  end)
+end)
+
+describe("lpar.imap and lpar.parallel over an iterator, a worker lost", function()
+  -- in a fresh lua5.4 under a 30 s bound: a hang shows as code 124
+  local function bounded(code)
+    local f = H.program(code)
+    local rc, out, err = H.run("timeout -k 5 30 lua5.4 " .. f)
+    os.remove(f)
+    return rc, out, err
+  end
+  local prelude = [[
+    local lpar = require "lpar"
+    local function iter(t)
+      local i = 0
+      return function() i = i + 1; return t[i] end
+    end
+    local unistd = require "posix.unistd"
+    local function f(s)
+      if s == "exit" then unistd._exit(3) end
+      if s == "spin" then while true do end end
+      return s
+    end
+  ]]
+
+  it("imap ends after the failure of the last item, in every mode", function()
+    local rc, out, err = bounded(prelude .. [[
+      for _, o in ipairs({{}, {unordered = true}, {retries = 1}, {timeout = 0.5}}) do
+        o.n_workers, o.on_error, o.chunksize = 1, "collect", 1
+        for _, last in ipairs({"exit", "spin"}) do
+          if last == "exit" or o.timeout then
+            local got = {}
+            for i, v, e in lpar.imap(f, iter({"a", last}), o) do
+              local why = e and (e:match("^worker") or e:match("^timed out")) or ""
+              got[#got + 1] = i .. ":" .. tostring(v) .. ":" .. why
+            end
+            print(table.concat(got, " "))
+          end
+        end
+      end
+    ]])
+    assert.equal(0, rc, err)
+    assert.equal(table.concat({
+      "1:a: 2:nil:worker", "1:a: 2:nil:worker", "1:a: 2:nil:worker",
+      "1:a: 2:nil:worker", "1:a: 2:nil:timed out", ""}, "\n"), out)
+  end)
+
+  it("parallel collects the failure of the last item and returns", function()
+    local rc, out, err = bounded(prelude .. [[
+      local res, n, errs = lpar.parallel(f, iter({"a", "b", "exit"}),
+        {n_workers = 1, on_error = "collect", chunksize = 1})
+      print(n, res[1], res[2], res[3], errs[3]:match("^worker %d+ exited"))
+    ]])
+    assert.equal(0, rc, err)
+    assert.matches("^3\ta\tb\tnil\tworker %d+ exited\n$", out)
+  end)
+end)
+
+-- Start lpar with pipes on stdin, stdout and stderr.
+local function spawn(args)
+  local inr, inw = unistd.pipe()
+  local outr, outw = unistd.pipe()
+  local errr, errw = unistd.pipe()
+  local pid = assert(unistd.fork())
+  if pid == 0 then
+    unistd.dup2(inr, 0)
+    unistd.dup2(outw, 1)
+    unistd.dup2(errw, 2)
+    for _, fd in ipairs({inr, inw, outr, outw, errr, errw}) do unistd.close(fd) end
+    for _, sig in ipairs({signal.SIGINT, signal.SIGTERM, signal.SIGHUP}) do
+      signal.signal(sig, signal.SIG_DFL)
+    end
+    local argt = {[0] = H.cli}
+    for i, a in ipairs(args) do argt[i] = a end
+    unistd.execp(H.cli, argt)
+    unistd._exit(127)
+  end
+  unistd.close(inr)
+  unistd.close(outw)
+  unistd.close(errw)
+  return {pid = pid, stdin = inw, stdout = outr, stderr = errr}
+end
+
+-- Read fd until pred(text so far) holds or 'secs' pass; returns the text
+-- and whether pred held.
+local function readuntil(fd, pred, secs)
+  local buf, deadline = "", H.now() + secs
+  while not pred(buf) do
+    local left = deadline - H.now()
+    if left <= 0 then return buf, false end
+    if poll.rpoll(fd, math.ceil(left * 1000)) == 1 then
+      local s = unistd.read(fd, 65536)
+      if not s or s == "" then return buf, pred(buf) end
+      buf = buf .. s
+    end
+  end
+  return buf, true
+end
+
+-- Wait up to 'secs' for pid to exit; returns how ("exited", "killed") and
+-- the code, or nil after killing it if it did not exit in time.
+local function waitexit(pid, secs)
+  local deadline = H.now() + secs
+  repeat
+    local p, how, code = wait.wait(pid, wait.WNOHANG)
+    if p == pid then return how, code end
+    H.sleep(0.01)
+  until H.now() > deadline
+  signal.kill(pid, signal.SIGKILL)
+  wait.wait(pid)
+  return nil
+end
+
+local function closeall(p)
+  for _, fd in ipairs({p.stdin, p.stdout, p.stderr}) do
+    if fd then unistd.close(fd) end
+  end
+end
+
+local function pidsof(path)
+  local t = {}
+  for l in (readfile(path) or ""):gmatch("%d+") do t[#t + 1] = tonumber(l) end
+  return t
+end
+
+describe("lpar and SIGHUP", function()
+  it("stops as for SIGTERM: output so far, workers reaped, status 129", function()
+    local log = tmpname()
+    os.remove(log)
+    local p = spawn({"-j2", "--chunk", "1", FIX .. "sleepy.lua", "-", log})
+    unistd.write(p.stdin, "0\n1\n20000\n20000\n")
+    local out, ok = readuntil(p.stdout, function(s) return s == "0\n1\n" end, 20)
+    assert.is_true(ok, "got only " .. ("%q"):format(out))
+    -- both workers are on their 20 s items: the pid file has both
+    local deadline = H.now() + 20
+    while #pidsof(log) < 2 and H.now() < deadline do H.sleep(0.01) end
+    assert.equal(2, #pidsof(log))
+    signal.kill(p.pid, signal.SIGHUP)
+    local how, code = waitexit(p.pid, 10)
+    local rest = readuntil(p.stdout, function() return false end, 0.2)
+    local err = readuntil(p.stderr, function() return false end, 0.2)
+    closeall(p)
+    assert.equal("exited", how)
+    assert.equal(129, code)
+    assert.equal("", rest)
+    assert.equal("lpar: hangup\n", err)
+    for _, pid in ipairs(pidsof(log)) do assert.is_false(H.alive(pid)) end
+  end)
+
+  it("stops with status 129 while waiting for input", function()
+    local p = spawn({FIX .. "upper.lua"})
+    unistd.write(p.stdin, "a\n")
+    local _, ok = readuntil(p.stdout, function(s) return s == "A\n" end, 20)
+    assert.is_true(ok)
+    signal.kill(p.pid, signal.SIGHUP)
+    local how, code = waitexit(p.pid, 10)
+    local err = readuntil(p.stderr, function() return false end, 0.2)
+    closeall(p)
+    assert.equal("exited", how)
+    assert.equal(129, code)
+    assert.equal("lpar: hangup\n", err)
+  end)
+
+  it("keeps running when SIGHUP is ignored (nohup)", function()
+    local cmd = ("trap '' HUP; exec %s %s -"):format(quote(H.cli), FIX .. "hangup.lua")
+    local code, out, err = H.run("timeout -k 5 30 sh -c " .. quote(cmd), "a\nb\n")
+    assert.equal("", err)
+    assert.equal(0, code)
+    assert.equal("a\nb\n", out)
+  end)
+end)
+
+describe("lpar and writes that fail", function()
+  local echo = FIX .. "echo.lua"
+
+  it("fails when --help or --version cannot be written", function()
+    for _, opt in ipairs({"--help", "--version"}) do
+      local code, out, err = H.run(quote(H.cli) .. " " .. opt .. " >/dev/full")
+      assert.equal(1, code, opt)
+      assert.equal("", out)
+      assert.matches("^lpar: cannot write the output: No space left on device\n$", err)
+    end
+  end)
+
+  it("fails when a script that does its own work cannot print", function()
+    local code, _, err = H.run(quote(H.cli) .. [[ -e 'print("hello")' >/dev/full]])
+    assert.equal(1, code)
+    assert.matches("^lpar: cannot write the output", err)
+  end)
+
+  it("fails naming the file when -o cannot be written", function()
+    local code, out, err = lpar("-o /dev/full " .. echo .. " -", "a\nb\n")
+    assert.equal(1, code)
+    assert.equal("", out)
+    assert.matches("^lpar: cannot write /dev/full: No space left on device\n$", err)
+  end)
+
+  it("fails naming the file when the joblog cannot be written", function()
+    local res = tmpname()
+    for _, args in ipairs({"", "-o " .. res .. " ", "--unordered "}) do
+      for _, input in ipairs({"", "a\nb\n"}) do
+        local code, _, err = lpar("--joblog /dev/full " .. args .. echo .. " -", input)
+        assert.equal(1, code, args .. (" %q"):format(input))
+        assert.matches("lpar: cannot write /dev/full: No space left on device\n$", err)
+      end
+    end
+  end)
+end)
+
+describe("lpar with files that fill up (a file size limit)", function()
+  -- a millisecond per item: output and joblog are written in many steps
+  local echo = FIX .. "slowecho.lua"
+
+  -- Run lpar under 'ulimit -f kb' (no limit if nil); code, out, err.
+  local function limited(kb, args)
+    local cmd = (kb and ("ulimit -f %d; "):format(kb) or "") ..
+                ("exec %s %s"):format(quote(H.cli), args)
+    return H.run("timeout -k 5 60 bash -c " .. quote(cmd))
+  end
+
+  -- What slowecho.lua gives for these items.
+  local function echoed(items)
+    return table.concat(items, "\n") .. "\n"
+  end
+
+  -- Each line of the items in the joblog exactly once, as ok.
+  local function loggedonce(log, n)
+    local count = {}
+    for line in readfile(log):gmatch("\n(%d+)\tok\t") do
+      count[tonumber(line)] = (count[tonumber(line)] or 0) + 1
+    end
+    for i = 1, n do assert.equal(1, count[i], "line " .. i) end
+  end
+
+  local function check(kb, items, failing)
+    local path, log, res = tmpname(), tmpname(), tmpname()
+    os.remove(log)
+    os.remove(res)
+    writefile(path, table.concat(items, "\n") .. "\n")
+    local files = ("--joblog %s -o %s %s %s"):format(log, res, echo, path)
+    local code, out, err = limited(kb, "--resume " .. files)
+    assert.equal(1, code, err)
+    assert.equal("", out)
+    local name = failing == "output" and res or log
+    assert.equal(("lpar: cannot write %s: File too large\n"):format(name), err)
+    if failing == "output" then assert.is_true(#readfile(res) < #echoed(items)) end
+    code, out, err = limited(nil, "--resume " .. files)
+    assert.equal("", err)
+    assert.equal(0, code)
+    assert.equal("", out)
+    assert.equal(echoed(items), readfile(res))
+    loggedonce(log, #items)
+  end
+
+  it("stops when the output is full, and --resume completes it exactly", function()
+    local items = {}
+    for i = 1, 300 do items[i] = ("x"):rep(200) .. i end
+    check(16, items, "output")
+  end)
+
+  it("stops when the joblog is full, and --resume completes it exactly", function()
+    local items = {}
+    for i = 1, 3000 do items[i] = tostring(i) end -- about 14 KB of output
+    check(24, items, "joblog") -- the joblog takes 5 times as much
+  end)
+end)
+
+describe("lpar -o and what the script writes itself", function()
+  it("leaves the script's own buffered output on stdout, out of the marks", function()
+    local script = writefile(tmpname(), 'io.write("from the script\\n")\n' ..
+                                        "return function(s) return s end\n")
+    local log, res = tmpname(), tmpname()
+    local code, out, err = lpar(("--joblog %s -o %s %s -"):format(log, res, script), "a\nb\n")
+    assert.equal("", err)
+    assert.equal(0, code)
+    assert.equal("from the script\n", out)
+    assert.equal("a\nb\n", readfile(res))
+    assert.matches("\n# out 4 2\n$", readfile(log))
+  end)
+end)
+
+describe("lpar --resume and the run a joblog belongs to", function()
+  local echo = FIX .. "echo.lua"
+  local items, log, res
+
+  before_each(function()
+    items, log, res = tmpname(), tmpname(), tmpname()
+    os.remove(log)
+    os.remove(res)
+    writefile(items, "a\nb\nc\n")
+  end)
+
+  -- A joblog and output as a run stopped after line 2 leaves them.
+  local function stoppedrun(args)
+    local code, _, err = lpar(("--joblog %s -o %s %s"):format(log, res, args))
+    assert.equal(0, code, err)
+    local text = readfile(log)
+    local keep = text:match("^(.-\n2\tok\t[^\n]*\n)")
+    local bytes = #("1:a\n1:b\n")
+    writefile(log, keep .. ("# out %d 2\n"):format(bytes))
+    writefile(res, readfile(res):sub(1, bytes))
+  end
+
+  local function resume(args)
+    return lpar(("--resume --joblog %s -o %s %s"):format(log, res, args))
+  end
+
+  it("records the script, the items and the options in the joblog header", function()
+    stoppedrun(echo .. " " .. items .. " x y")
+    local text = readfile(log)
+    assert.matches("^# lpar joblog 1\n# script: %x+ \"" .. echo:gsub("%p", "%%%0") .. "\"\n", text)
+    assert.matches("\n# items: file 6 6 %x+ \"[^\n]*\"\n", text)
+    assert.matches("\n# split: lines\n# args: %x+ \"x\" \"y\"\n# line\tstatus", text)
+  end)
+
+  it("resumes the same run, and a file that only grew", function()
+    stoppedrun(echo .. " " .. items)
+    local code, _, err = resume(echo .. " " .. items)
+    assert.equal("", err)
+    assert.equal(0, code)
+    assert.equal("1:a\n1:b\n1:c\n", readfile(res))
+    -- the items file grows (a log appended to): the new lines go on
+    writefile(items, "a\nb\nc\nd\n")
+    writefile(log, readfile(log):gsub("# out 12 3\n$", "# out 8 2\n"))
+    code, _, err = resume(echo .. " " .. items)
+    assert.equal("", err)
+    assert.equal(0, code)
+    assert.equal("1:a\n1:b\n1:c\n1:d\n", readfile(res))
+  end)
+
+  it("resumes with the same items under another name (a copy)", function()
+    stoppedrun(echo .. " " .. items)
+    local copy = writefile(tmpname(), readfile(items))
+    local code, _, err = resume(echo .. " " .. copy)
+    assert.equal("", err)
+    assert.equal(0, code)
+    assert.equal("1:a\n1:b\n1:c\n", readfile(res))
+  end)
+
+  -- Refused with status 2 and 'why'; output and joblog untouched.
+  local function refused(args, why)
+    local before, out = readfile(log), readfile(res)
+    local code, _, err = resume(args)
+    assert.equal(2, code, err)
+    assert.equal(("lpar: cannot resume from %s: %s\n"):format(log, why), err)
+    assert.equal(before, readfile(log))
+    assert.equal(out, readfile(res))
+  end
+
+  it("refuses other items: changed, shorter, or from a pipe", function()
+    stoppedrun(echo .. " " .. items)
+    local other = writefile(tmpname(), "x\ny\nz\n")
+    refused(echo .. " " .. other, "the items file differs (in its first 6 bytes)")
+    writefile(other, "a\nb\n")
+    refused(echo .. " " .. other, "the items file is shorter (4 bytes, 6 then)")
+    local code, _, err = H.run(("cat %s | %s --resume --joblog %s -o %s %s -")
+                               :format(items, quote(H.cli), log, res, echo))
+    assert.equal(2, code)
+    assert.equal(("lpar: cannot resume from %s: the items came from a file, now from a pipe\n")
+                 :format(log), err)
+    -- stdin redirected from the same file: the same items
+    code, _, err = lpar(("--resume --joblog %s -o %s %s - <%s"):format(log, res, echo, items))
+    assert.equal("", err)
+    assert.equal(0, code)
+    assert.equal("1:a\n1:b\n1:c\n", readfile(res))
+  end)
+
+  it("refuses another script, other arguments or another -0", function()
+    stoppedrun(echo .. " " .. items .. " x")
+    refused(FIX .. "upper.lua " .. items .. " x", "the script differs")
+    refused(echo .. " " .. items .. " y", "the script's arguments differ")
+    refused(echo .. " " .. items, "the script's arguments differ")
+    refused("-0 " .. echo .. " " .. items .. " x", "the items were split on newlines then, on NUL bytes (-0) now")
+    refused("-e 'return function(s) return s end' " .. items .. " x",
+            "the script differs")
+  end)
+
+  it("refuses a joblog that counts more items done than the input has", function()
+    stoppedrun(echo .. " " .. items)
+    local before, out = readfile(log), readfile(res)
+    local code, _, err = H.run(("printf 'a\\n' | %s --resume --joblog %s -o %s %s -")
+                               :format(quote(H.cli), log, res, echo))
+    assert.equal(2, code)
+    assert.matches("lpar: cannot resume from " .. log:gsub("%p", "%%%0") ..
+                   ": the items came from a file, now from a pipe\n$", err)
+    -- a joblog of a pipe: the input cannot be checked, but its length can
+    writefile(log, before:gsub("# items: file [^\n]*", '# items: stream "-"'))
+    code, _, err = H.run(("printf 'a\\n' | %s --resume --joblog %s -o %s %s -")
+                         :format(quote(H.cli), log, res, echo))
+    assert.equal(2, code)
+    assert.equal(("lpar: cannot resume from %s: it counts 2 items done, the input has 1\n")
+                 :format(log), err)
+    assert.equal(out, readfile(res))
+  end)
+
+  it("refuses a joblog that does not say which run it belongs to", function()
+    stoppedrun(echo .. " " .. items)
+    writefile(log, readfile(log):gsub("^.-(# line\t)", "%1"))
+    refused(echo .. " " .. items,
+            "it does not say which run it belongs to (made by an older lpar?)")
+  end)
+
+  it("starts afresh when the joblog has no mark yet", function()
+    writefile(log, "# lpar joblog 1\n# scr")
+    local code, _, err = resume(FIX .. "upper.lua " .. items)
+    assert.equal("", err)
+    assert.equal(0, code)
+    assert.equal("A\nB\nC\n", readfile(res))
+  end)
+
+  it("reports a mark with a number too large, naming the joblog and line", function()
+    stoppedrun(echo .. " " .. items)
+    local text = readfile(log)
+    local n = select(2, text:gsub("\n", ""))
+    for _, mark in ipairs({"# out 99999999999999999999 2", "# out 8 99999999999999999999"}) do
+      writefile(log, text .. mark .. "\n")
+      local code, out, err = resume(echo .. " " .. items)
+      assert.equal(2, code)
+      assert.equal("", out)
+      assert.equal(("lpar: bad joblog %s, line %d: number too large in '%s'\n")
+                   :format(log, n + 1, mark), err)
+    end
+  end)
+end)
+
+describe("lpar and files that are one", function()
+  local echo = FIX .. "echo.lua"
+
+  it("refuses -o naming the items file, by any name, before cutting it", function()
+    local items = writefile(tmpname(), "a\nb\n")
+    local dir, base = items:match("^(.*)/([^/]*)$")
+    local link = tmpname()
+    os.remove(link)
+    assert(os.execute(("ln %s %s"):format(items, link)))
+    for _, args in ipairs({
+      {"-o " .. items .. " " .. echo .. " " .. items, items},
+      {"-o " .. dir .. "/./" .. base .. " " .. echo .. " " .. items, dir .. "/./" .. base},
+      {"-o " .. link .. " " .. echo .. " " .. items, link},
+      {"-o " .. link .. " " .. echo .. " - <" .. items, link},
+    }) do
+      local code, out, err = lpar(args[1])
+      assert.equal(2, code, args[1])
+      assert.equal("", out)
+      assert.equal(("lpar: -o names the items file (%s)\n"):format(args[2]), err)
+      assert.equal("a\nb\n", readfile(items))
+    end
+  end)
+
+  it("refuses a standard output that is the items file or the joblog", function()
+    local items = writefile(tmpname(), "a\nb\n")
+    local code, _, err = H.run(("timeout -k 5 30 %s %s %s >>%s")
+                               :format(quote(H.cli), FIX .. "echo.lua", items, items))
+    assert.equal(2, code)
+    assert.equal("lpar: the standard output is the items file\n", err)
+    assert.equal("a\nb\n", readfile(items))
+    local log = tmpname()
+    code, _, err = H.run(("timeout -k 5 30 %s --joblog %s %s %s >>%s")
+                         :format(quote(H.cli), log, FIX .. "echo.lua", items, log))
+    assert.equal(2, code)
+    assert.equal("lpar: the standard output is the joblog\n", err)
+  end)
+
+  it("refuses -o or --joblog naming the script", function()
+    local script = writefile(tmpname(), "return function(s) return s end\n")
+    for _, opt in ipairs({"-o", "--joblog"}) do
+      local code, out, err = lpar(("%s %s %s -"):format(opt, script, script), "a\n")
+      assert.equal(2, code)
+      assert.equal("", out)
+      assert.equal(("lpar: %s names the script file (%s)\n"):format(opt, script), err)
+      assert.equal("return function(s) return s end\n", readfile(script))
+    end
+  end)
+
+  it("refuses --joblog naming the items file or the -o file", function()
+    local items = writefile(tmpname(), "a\nb\n")
+    local code, _, err = lpar("--joblog " .. items .. " " .. echo .. " " .. items)
+    assert.equal(2, code)
+    assert.equal(("lpar: --joblog names the items file (%s)\n"):format(items), err)
+    assert.equal("a\nb\n", readfile(items))
+    local res = tmpname()
+    os.remove(res)
+    local dir, base = res:match("^(.*)/([^/]*)$")
+    code, _, err = lpar(("--joblog %s -o %s/./%s %s %s"):format(res, dir, base, echo, items))
+    assert.equal(2, code)
+    assert.equal(("lpar: --joblog and -o name the same file (%s/./%s)\n"):format(dir, base), err)
+  end)
+
+  it("refuses a joblog in use by another run, touching nothing", function()
+    local log, res, res2 = tmpname(), tmpname(), tmpname()
+    os.remove(log)
+    os.remove(res)
+    writefile(res2, "keep me\n")
+    local p = spawn({"-j1", "--joblog", log, "-o", res, FIX .. "sleepy.lua", "-"})
+    unistd.write(p.stdin, "0\n")
+    -- the first run holds the joblog once its first line is marked
+    local deadline = H.now() + 20
+    while not (readfile(log) or ""):find("# out") and H.now() < deadline do H.sleep(0.01) end
+    assert.matches("\n# out 2 1\n$", readfile(log))
+    local before = readfile(log)
+    local code, out, err = lpar(("--joblog %s -o %s %s -"):format(log, res2, echo), "x\n")
+    assert.equal(2, code)
+    assert.equal("", out)
+    assert.equal(("lpar: %s is in use by another lpar run\n"):format(log), err)
+    assert.equal("keep me\n", readfile(res2))
+    assert.equal(before, readfile(log))
+    unistd.write(p.stdin, "1\n")
+    unistd.close(p.stdin)
+    p.stdin = nil
+    local how, status = waitexit(p.pid, 20)
+    closeall(p)
+    assert.equal("exited", how)
+    assert.equal(0, status)
+    assert.equal("0\n1\n", readfile(res))
+    -- and once it is done, the joblog is free again
+    code, out, err = lpar(("--joblog %s -o %s %s -"):format(log, res2, echo), "x\n")
+    assert.equal("", err)
+    assert.equal(0, code)
+    assert.equal("", out)
+  end)
+end)
