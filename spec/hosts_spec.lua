@@ -1,0 +1,230 @@
+-- The test hosts of the remote specs (spec/hosts.lua), brought up for real:
+-- sshd hosts on loopback ports and a Slurm cluster of emulated nodes.
+local H = require "spec.helper"
+local hosts = require "spec.hosts"
+local unistd = require "posix.unistd"
+
+-- SLURM_CONF as the suite found it
+local outer_conf = os.getenv("SLURM_CONF")
+
+local function q(s) return "'" .. tostring(s):gsub("'", "'\\''") .. "'" end
+
+-- Whether a process runs (exists and is not a zombie).
+local function running(pid)
+  local s = H.slurp("/proc/" .. pid .. "/stat")
+  return s ~= nil and s:match(".*%) (%S)") ~= "Z"
+end
+
+local function cmdline(pid)
+  return (H.slurp("/proc/" .. pid .. "/cmdline") or ""):gsub("%z", " ")
+end
+
+-- Random bytes, every byte value included.
+local function noise(n)
+  local f = assert(io.open("/dev/urandom", "rb"))
+  local s = f:read(n)
+  f:close()
+  return s
+end
+
+-- Local addresses ("0100007F:1F90", as /proc/net/tcp writes 127.0.0.1:8080) of the TCP sockets a process listens on.
+local function listens(pid)
+  local inodes = {}
+  local fds = "/proc/" .. pid .. "/fd"
+  for name in require("posix.dirent").files(fds) do
+    local link = unistd.readlink(fds .. "/" .. name)
+    local inode = link and link:match("^socket:%[(%d+)%]$")
+    if inode then inodes[inode] = true end
+  end
+  local addrs = {}
+  for _, table_ in ipairs({"/proc/net/tcp", "/proc/net/tcp6"}) do
+    for line in (H.slurp(table_) or ""):gmatch("[^\n]+") do
+      local locl, st, inode = line:match("^%s*%d+:%s+(%S+)%s+%S+%s+(%x%x)%s+%S+%s+%S+%s+%S+%s+%S+%s+%S+%s+(%d+)")
+      if st == "0A" and inodes[inode] then addrs[#addrs + 1] = locl end
+    end
+  end
+  return addrs
+end
+
+describe("test hosts", function()
+  local ssh, slurm
+  local down = {} -- kind -> {why, unavailable}
+
+  lazy_setup(function()
+    local t = H.now()
+    local why, unavailable
+    ssh, why, unavailable = hosts.ssh(3)
+    down.ssh = not ssh and {why, unavailable}
+    local t_ssh = H.now() - t
+    t = H.now()
+    slurm, why, unavailable = hosts.slurm(3)
+    down.slurm = not slurm and {why, unavailable}
+    io.stderr:write(string.format("test hosts up: ssh %.2f s, slurm %.2f s\n", t_ssh, H.now() - t))
+  end)
+
+  -- Whether the hosts of these kinds are up: pending where this machine
+  -- cannot have them, an error where they failed to start.
+  local function up(...)
+    for _, kind in ipairs({...}) do
+      local d = down[kind]
+      if d then
+        if d[2] == "unavailable" then
+          pending(d[1])
+          return false
+        end
+        error(d[1], 0)
+      end
+    end
+    return true
+  end
+
+  lazy_teardown(function() assert(hosts.stopall()) end)
+
+  describe("over ssh", function()
+    it("runs a command on each host, which sees its own name", function()
+      if not up("ssh") then return end
+      assert.same({"h1", "h2", "h3"}, ssh.hosts)
+      for _, h in ipairs(ssh.hosts) do
+        local rc, out, err = H.run(string.format("timeout 60 ssh -F %s %s 'echo $LPAR_TEST_HOST'",
+          q(ssh.config), h))
+        assert.equal(0, rc, err)
+        assert.equal(h .. "\n", out)
+      end
+    end)
+
+    it("passes 1 MiB through stdin and stdout byte for byte", function()
+      if not up("ssh") then return end
+      local data = noise(1024 * 1024)
+      local rc, out, err = H.run("timeout 60 ssh -F " .. q(ssh.config) .. " h2 cat", data)
+      assert.equal(0, rc, err)
+      assert.equal(#data, #out)
+      assert.is_true(data == out)
+    end)
+
+    it("reports the exit status of the remote command", function()
+      if not up("ssh") then return end
+      local rc = H.run("timeout 60 ssh -F " .. q(ssh.config) .. " h3 'exit 7'")
+      assert.equal(7, rc)
+    end)
+  end)
+
+  describe("under Slurm", function()
+    it("runs a step on each node named with -w", function()
+      if not up("slurm") then return end
+      assert.same({"n1", "n2", "n3"}, slurm.nodes)
+      for _, n in ipairs(slurm.nodes) do
+        local rc, out, err = H.run("timeout 60 srun -N1 -n1 -w " .. n .. " sh -c 'echo $SLURMD_NODENAME'")
+        assert.equal(0, rc, err)
+        assert.equal(n .. "\n", out)
+      end
+    end)
+
+    it("passes 1 MiB through a step's stdin and stdout, with and without -u", function()
+      if not up("slurm") then return end
+      local data = noise(1024 * 1024)
+      for _, u in ipairs({"", "-u "}) do
+        local rc, out, err = H.run("timeout 60 srun -N1 -n1 -w n1 " .. u .. "cat", data)
+        assert.equal(0, rc, err)
+        assert.equal(#data, #out)
+        assert.is_true(data == out, "srun " .. u .. "changed the bytes")
+      end
+    end)
+
+    it("hands a command's environment variable over as SLURM_CONF", function()
+      if not up("slurm") then return end
+      assert.equal(slurm.conf, os.getenv("SLURM_CONF"))
+      local rc, out = H.run("env -u SLURM_CONF " .. slurm.env .. " sinfo -h -N -o '%N %t'")
+      assert.equal(0, rc)
+      assert.equal("n1 idle\nn2 idle\nn3 idle\n", out)
+    end)
+  end)
+
+  it("listens on 127.0.0.1 only", function()
+    if not up("ssh", "slurm") then return end
+    local seen = 0
+    for _, p in ipairs(hosts.spawned) do
+      if not p.gone and p.name ~= "munged" then -- munged: a unix socket
+        local addrs = listens(p.pid)
+        assert.is_true(#addrs > 0, p.name .. " listens on no TCP port")
+        for _, a in ipairs(addrs) do
+          assert.matches("^0100007F:", a, p.name .. " listens on " .. a)
+        end
+        seen = seen + 1
+      end
+    end
+    assert.equal(3 + 4, seen) -- 3 sshd, slurmctld, 3 slurmd
+  end)
+
+  it("stops every daemon and what ran on the hosts, and leaves nothing behind", function()
+    if not up("ssh", "slurm") then return end
+    -- commands left running in the background, out of their session and
+    -- process group; each writes its pid to a file
+    local tmp = H.tmpdir()
+    local bg = "setsid sh -c 'echo $$ >%s/%s; exec sleep 300' </dev/null >/dev/null 2>&1 &"
+    local rc, _, err = H.run("timeout 60 ssh -F " .. q(ssh.config) .. " h1 " .. q(bg:format(tmp, "ssh")))
+    assert.equal(0, rc, err)
+    rc, _, err = H.run("timeout 60 srun -N1 -n1 -w n3 sh -c " .. q(bg:format(tmp, "srun")))
+    assert.equal(0, rc, err)
+    local left = {}
+    for _, name in ipairs({"ssh", "srun"}) do
+      assert.is_true(H.waitfor(function() return (H.slurp(tmp .. "/" .. name) or ""):match("\n") end, 30))
+      left[name] = tonumber(H.slurp(tmp .. "/" .. name))
+      assert.is_true(H.waitfor(function() return cmdline(left[name]) == "sleep 300 " end, 30))
+    end
+    H.rmdir(tmp)
+    local pids = {}
+    for _, p in ipairs(hosts.spawned) do pids[#pids + 1] = p.pid end
+    assert.equal(3 + 5, #pids) -- 3 sshd; munged, slurmctld, 3 slurmd
+    for _, pid in ipairs(pids) do assert.is_true(running(pid), cmdline(pid)) end
+    local dirs = {ssh.dir, slurm.dir}
+
+    assert(hosts.stop(ssh))
+    assert(hosts.stop(slurm))
+
+    for _, pid in ipairs(pids) do assert.is_false(running(pid), "pid " .. pid) end
+    for name, pid in pairs(left) do assert.is_false(running(pid), name .. " pid " .. pid) end
+    for _, d in ipairs(dirs) do assert.is_nil(require("posix.sys.stat").stat(d), d) end
+    assert.equal(outer_conf, os.getenv("SLURM_CONF"))
+  end)
+end)
+
+describe("a bring-up that cannot work", function()
+  it("says why where this machine cannot have test hosts (not root)", function()
+    if unistd.geteuid() ~= 0 then return pending("needs root, to drop it") end
+    local rc, out, err = H.run("setpriv --reuid=65534 --regid=65534 --clear-groups lua5.4 -e " ..
+      q("package.path = './?.lua;' .. package.path; local hosts = require 'spec.hosts';" ..
+        " print(hosts.ssh(1)); print(hosts.slurm(1))"))
+    assert.equal(0, rc, err)
+    assert.equal("nil\tssh: the test hosts need root (sshd logs in as root)\tunavailable\n" ..
+      "nil\tslurm: the test hosts need root (slurmd runs as root, munged as munge)\tunavailable\n", out)
+  end)
+end)
+
+describe("a bring-up that fails halfway", function()
+  it("says which daemon failed and stops the others (ssh)", function()
+    if unistd.geteuid() ~= 0 then return pending("needs root") end
+    local before = #hosts.spawned
+    local c, why = hosts.ssh(2, {sshd = "/bin/false"})
+    assert.is_nil(c)
+    assert.matches("sshd%-h%d exited", why)
+    assert.is_true(#hosts.spawned > before)
+    for i = before + 1, #hosts.spawned do assert.is_false(running(hosts.spawned[i].pid)) end
+  end)
+
+  it("says which daemon failed and stops the others (slurm)", function()
+    if unistd.geteuid() ~= 0 then return pending("needs root") end
+    local before = #hosts.spawned
+    local c, why = hosts.slurm(3, {slurmd = "/nonexistent/slurmd"})
+    assert.is_nil(c)
+    assert.matches("slurmd%-n%d exited", why)
+    -- munged and slurmctld had started
+    local names = {}
+    for i = before + 1, #hosts.spawned do
+      local p = hosts.spawned[i]
+      names[p.name] = true
+      assert.is_false(running(p.pid), p.name)
+    end
+    assert.is_true(names.munged and names.slurmctld)
+    assert.equal(outer_conf, os.getenv("SLURM_CONF"))
+  end)
+end)
