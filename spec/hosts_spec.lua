@@ -158,17 +158,22 @@ describe("test hosts", function()
   it("stops every daemon and what ran on the hosts, and leaves nothing behind", function()
     if not up("ssh", "slurm") then return end
     -- commands left running in the background, out of their session and
-    -- process group; each writes its pid to a file
+    -- process group; each writes its pid to a file, which the command that
+    -- started it waits for (a step's end kills its process group)
     local tmp = H.tmpdir()
-    local bg = "setsid sh -c 'echo $$ >%s/%s; exec sleep 300' </dev/null >/dev/null 2>&1 &"
-    local rc, _, err = H.run("timeout 60 ssh -F " .. q(ssh.config) .. " h1 " .. q(bg:format(tmp, "ssh")))
+    local function start(name)
+      local script = "setsid sh -c 'echo $$ >F.tmp && mv F.tmp F && exec sleep 300' " ..
+        "</dev/null >/dev/null 2>&1 & i=0; while [ ! -e F ] && [ $i -lt 3000 ]; do sleep 0.01; i=$((i + 1)); done"
+      return (script:gsub("F", tmp .. "/" .. name))
+    end
+    local rc, _, err = H.run("timeout 60 ssh -F " .. q(ssh.config) .. " h1 " .. q(start("ssh")))
     assert.equal(0, rc, err)
-    rc, _, err = H.run("timeout 60 srun -N1 -n1 -w n3 sh -c " .. q(bg:format(tmp, "srun")))
+    rc, _, err = H.run("timeout 60 srun -N1 -n1 -w n3 sh -c " .. q(start("srun")))
     assert.equal(0, rc, err)
     local left = {}
     for _, name in ipairs({"ssh", "srun"}) do
-      assert.is_true(H.waitfor(function() return (H.slurp(tmp .. "/" .. name) or ""):match("\n") end, 30))
       left[name] = tonumber(H.slurp(tmp .. "/" .. name))
+      assert.is_number(left[name], name)
       assert.is_true(H.waitfor(function() return cmdline(left[name]) == "sleep 300 " end, 30))
     end
     H.rmdir(tmp)
