@@ -6,7 +6,8 @@
 --   local hosts = require "spec.hosts"
 --   local ssh, why = hosts.ssh(3)      -- ssh.config, ssh.hosts = {"h1", ...}
 --   local slurm, why = hosts.slurm(3)  -- slurm.conf, slurm.nodes = {"n1", ...}
---   ...
+--   os.execute(ssh.launch.h1 .. " hostname")   -- ssh -F <config> h1 hostname
+--   os.execute(slurm.launch.n2 .. " hostname") -- srun -N1 -n1 -w n2 hostname
 --   hosts.stop(ssh); hosts.stop(slurm) -- or hosts.stopall()
 --
 -- A bring-up that cannot work on this machine (not root, a package
@@ -101,11 +102,21 @@ local function portfree(port)
   return ok == 0
 end
 
--- The first of n consecutive free ports on 127.0.0.1 below the ephemeral
--- range (so that no outgoing connection takes one in the meantime).
+-- The range of ports to pick from: 20000 up to the ephemeral ports (those
+-- of outgoing connections, which could take one in the meantime), or the
+-- ports above them where they start low.
+local function portrange()
+  local lo, hi = (slurp("/proc/sys/net/ipv4/ip_local_port_range") or ""):match("(%d+)%s+(%d+)")
+  lo, hi = tonumber(lo) or 32768, tonumber(hi) or 60999
+  if lo > 21000 then return 20000, math.min(lo - 1, 32000) end
+  return hi + 1, 65000
+end
+
+-- The first of n consecutive free ports on 127.0.0.1.
 local function freeports(n)
+  local first, last = portrange()
   for _ = 1, 500 do
-    local base = math.random(20000, 32000 - n)
+    local base = math.random(first, last - n + 1)
     local ok = true
     for p = base, base + n - 1 do
       if used_ports[p] or not portfree(p) then
@@ -239,6 +250,7 @@ end
 -- yet reaped, any process whose environment names its directory, and all
 -- their descendants.
 function M.members(c)
+  if not c.dir then return {} end
   local procs = proctable()
   local kids = {}
   for pid, p in pairs(procs) do
@@ -391,8 +403,9 @@ Host %s
 -- Brings up n (default 3, at most 9) sshd "hosts" h1..hn on loopback ports,
 -- each with its own host key, accepting one generated client key for root,
 -- and writes an `ssh -F` config naming them. Returns a handle: {config =
--- path, hosts = {"h1", ...}, ports = {...}, dir = ...}, once every host ran
--- a command over ssh; or nil and the reason. opts.sshd overrides the sshd
+-- path, hosts = {"h1", ...}, launch = {h1 = "ssh -F <config> h1", ...},
+-- ports = {...}, dir = ...}, once every host ran a command over ssh; or nil
+-- and the reason. opts.sshd overrides the sshd
 -- binary (an absolute path: sshd re-executes itself).
 function M.ssh(n, opts)
   n, opts = n or 3, opts or {}
@@ -420,7 +433,7 @@ function M.ssh(n, opts)
   local keygen = "ssh-keygen -q -t ed25519 -N '' -C lpar-test -f "
   if not sh(keygen .. q(c.dir .. "/client_key")) then return fail(c, "ssh: ssh-keygen failed") end
   spit(c.dir .. "/authorized_keys", assert(slurp(c.dir .. "/client_key.pub")), tonumber("600", 8))
-  c.hosts, c.ports = {}, {}
+  c.hosts, c.ports, c.launch = {}, {}, {}
   local client = {}
   for i = 1, n do
     local name = "h" .. i
@@ -431,6 +444,7 @@ function M.ssh(n, opts)
     if not port then return fail(c, "ssh: no free port on 127.0.0.1") end
     spit(hdir .. "/sshd_config", sshd_config:format(port, hdir, hdir, c.dir, name, c.dir))
     c.hosts[i], c.ports[i] = name, port
+    c.launch[name] = "ssh -F " .. c.dir .. "/ssh_config " .. name
     client[i] = ssh_config:format(name, port, c.dir)
     local pid, e = spawn(c, "sshd-" .. name, {sshd, "-D", "-e", "-f", hdir .. "/sshd_config"})
     if not pid then return fail(c, "ssh: " .. e) end
@@ -507,8 +521,9 @@ PartitionName=lpar Nodes=n[1-%d] Default=YES MaxTime=INFINITE State=UP
 -- n1..nn on this machine: munged as the munge user with its own key and
 -- socket, slurmctld, and `slurmd -N nK` per node, all on loopback ports.
 -- Sets SLURM_CONF in this process's environment (until stop) and returns a
--- handle {conf = path, nodes = {"n1", ...}, env = "SLURM_CONF=...", dir =
--- ...} once every node is idle and `srun -N1 -n1 -w n2 hostname` ran; or
+-- handle {conf = path, nodes = {"n1", ...}, launch = {n1 = "srun -N1 -n1
+-- -w n1", ...}, env = "SLURM_CONF=...", ports = {...}, dir = ...} once
+-- every node is idle and `srun -N1 -n1 -w n2 hostname` ran; or
 -- nil and the reason. opts.slurmd overrides the slurmd program.
 function M.slurm(n, opts)
   n, opts = n or 3, opts or {}
@@ -532,9 +547,10 @@ function M.slurm(n, opts)
   if not c.dir then return fail(c, "slurm: " .. err) end
   local d = c.dir
   for _, sub in ipairs({"state", "spool", "munge"}) do assert(stat.mkdir(d .. "/" .. sub)) end
-  c.nodes = {}
+  c.nodes, c.launch = {}, {}
   for i = 1, n do
     c.nodes[i] = "n" .. i
+    c.launch[c.nodes[i]] = "srun -N1 -n1 -w " .. c.nodes[i]
     assert(stat.mkdir(d .. "/spool/n" .. i))
   end
 

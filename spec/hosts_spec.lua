@@ -85,8 +85,7 @@ describe("test hosts", function()
       if not up("ssh") then return end
       assert.same({"h1", "h2", "h3"}, ssh.hosts)
       for _, h in ipairs(ssh.hosts) do
-        local rc, out, err = H.run(string.format("timeout 60 ssh -F %s %s 'echo $LPAR_TEST_HOST'",
-          q(ssh.config), h))
+        local rc, out, err = H.run("timeout 60 " .. ssh.launch[h] .. " 'echo $LPAR_TEST_HOST'")
         assert.equal(0, rc, err)
         assert.equal(h .. "\n", out)
       end
@@ -95,7 +94,7 @@ describe("test hosts", function()
     it("passes 1 MiB through stdin and stdout byte for byte", function()
       if not up("ssh") then return end
       local data = noise(1024 * 1024)
-      local rc, out, err = H.run("timeout 60 ssh -F " .. q(ssh.config) .. " h2 cat", data)
+      local rc, out, err = H.run("timeout 60 " .. ssh.launch.h2 .. " cat", data)
       assert.equal(0, rc, err)
       assert.equal(#data, #out)
       assert.is_true(data == out)
@@ -103,7 +102,7 @@ describe("test hosts", function()
 
     it("reports the exit status of the remote command", function()
       if not up("ssh") then return end
-      local rc = H.run("timeout 60 ssh -F " .. q(ssh.config) .. " h3 'exit 7'")
+      local rc = H.run("timeout 60 " .. ssh.launch.h3 .. " 'exit 7'")
       assert.equal(7, rc)
     end)
   end)
@@ -113,7 +112,7 @@ describe("test hosts", function()
       if not up("slurm") then return end
       assert.same({"n1", "n2", "n3"}, slurm.nodes)
       for _, n in ipairs(slurm.nodes) do
-        local rc, out, err = H.run("timeout 60 srun -N1 -n1 -w " .. n .. " sh -c 'echo $SLURMD_NODENAME'")
+        local rc, out, err = H.run("timeout 60 " .. slurm.launch[n] .. " sh -c 'echo $SLURMD_NODENAME'")
         assert.equal(0, rc, err)
         assert.equal(n .. "\n", out)
       end
