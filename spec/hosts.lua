@@ -247,8 +247,8 @@ local function proctable()
 end
 
 -- Pids (not zombies) that belong to a handle: its recorded processes not
--- yet reaped, any process whose environment names its directory, and all
--- their descendants.
+-- yet reaped, any process whose environment or command line names its
+-- directory, and all their descendants.
 function M.members(c)
   if not c.dir then return {} end
   local procs = proctable()
@@ -261,10 +261,15 @@ function M.members(c)
   for _, p in ipairs(c.procs) do
     if not gone(p) then roots[#roots + 1] = p.pid end
   end
-  local mark = "\0LPAR_TEST_HARNESS=" .. c.dir .. "\0"
+  -- sshd rewrites its environment with its process title: the command
+  -- line names the directory there
+  local mark, path = "\0LPAR_TEST_HARNESS=" .. c.dir .. "\0", c.dir .. "/"
   for pid in pairs(procs) do
     local env = slurp("/proc/" .. pid .. "/environ")
-    if env and ("\0" .. env):find(mark, 1, true) then roots[#roots + 1] = pid end
+    local cmd = slurp("/proc/" .. pid .. "/cmdline")
+    if env and ("\0" .. env):find(mark, 1, true) or cmd and cmd:find(path, 1, true) then
+      roots[#roots + 1] = pid
+    end
   end
   local function add(pid)
     if found[pid] or not procs[pid] then return end
@@ -329,7 +334,8 @@ function M.stopall()
 end
 
 -- Stops what a test run killed before its teardown left behind (its
--- daemons died with it; processes started on its hosts may not have).
+-- daemons died with it; processes started on its hosts may not have) and
+-- removes its directory. Each bring-up does it first.
 function stale()
   for name in dirent.files("/tmp") do
     local kind = name:match("^lpar%-(%a+)%-%w+$")
@@ -342,6 +348,8 @@ function stale()
     end
   end
 end
+
+M.sweep = function() stale() end
 
 local function newhandle(kind)
   local c = {kind = kind, procs = {}}

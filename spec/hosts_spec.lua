@@ -192,6 +192,58 @@ describe("test hosts", function()
   end)
 end)
 
+describe("test hosts whose spec process is killed", function()
+  it("die with it, and the next bring-up sweeps what ran on them", function()
+    if unistd.geteuid() ~= 0 then return pending("needs root") end
+    local tmp = H.tmpdir()
+    -- brings up hosts, leaves a command running on h1, says so, then waits
+    local prog = [[
+      package.path = "./?.lua;" .. package.path
+      local hosts = require "spec.hosts"
+      local ssh = assert(hosts.ssh(1))
+      local slurm = assert(hosts.slurm(1))
+      assert(os.execute(ssh.launch.h1 .. " 'setsid sleep 300 </dev/null >/dev/null 2>&1 &'"))
+      for _, p in ipairs(hosts.spawned) do print(p.pid) end
+      print(ssh.dir) print(slurm.dir)
+      io.stdout:flush()
+      while true do require("posix.time").nanosleep({tv_sec = 1, tv_nsec = 0}) end
+    ]]
+    local script = string.format("lua5.4 -e %s >%s/out 2>&1 & pid=$!; i=0; " ..
+      "while ! grep -q '^/tmp/lpar-slurm' %s/out && [ $i -lt 600 ]; do sleep 0.1; i=$((i + 1)); done; " ..
+      "kill -9 $pid; wait $pid; cat %s/out", q(prog), tmp, tmp, tmp)
+    local _, out = H.run(script)
+    H.rmdir(tmp)
+    local pids, dirs = {}, {}
+    for line in out:gmatch("[^\n]+") do
+      if line:match("^%d+$") then pids[#pids + 1] = tonumber(line) else dirs[#dirs + 1] = line end
+    end
+    assert.equal(1 + 3, #pids, out) -- sshd; munged, slurmctld, slurmd
+    assert.matches("^/tmp/lpar%-ssh%-", dirs[1])
+    assert.matches("^/tmp/lpar%-slurm%-", dirs[2])
+    assert.is_true(H.waitfor(function()
+      for _, pid in ipairs(pids) do
+        if running(pid) then return false end
+      end
+      return true
+    end, 30), "daemons outlived the process that started them")
+    -- the command left on h1 still runs, marked with its host's directory
+    local function leftover()
+      local mark = "LPAR_TEST_HARNESS=" .. dirs[1]
+      for name in require("posix.dirent").files("/proc") do
+        local env = tonumber(name) and H.slurp("/proc/" .. name .. "/environ") or ""
+        for var in env:gmatch("[^%z]+") do
+          if var == mark and cmdline(name) == "sleep 300 " and running(name) then return tonumber(name) end
+        end
+      end
+    end
+    local pid = leftover()
+    assert.is_number(pid)
+    hosts.sweep()
+    assert.is_false(running(pid))
+    for _, d in ipairs(dirs) do assert.is_nil(require("posix.sys.stat").stat(d), d) end
+  end)
+end)
+
 describe("a bring-up that cannot work", function()
   it("says why where this machine cannot have test hosts (not root)", function()
     if unistd.geteuid() ~= 0 then return pending("needs root, to drop it") end
