@@ -203,11 +203,17 @@ describe("test hosts whose spec process is killed", function()
       local hosts = require "spec.hosts"
       local ssh = assert(hosts.ssh(1))
       local slurm = assert(hosts.slurm(1))
-      local p = io.popen(ssh.launch.h1 .. " 'setsid sleep 300 </dev/null >/dev/null 2>&1 & echo $!'")
-      local sleeper = assert(tonumber(p:read("a")))
+      local p = io.popen(ssh.launch.h1 .. " 'setsid sleep 300 </dev/null >/dev/null 2>&1 & echo $!' 2>&1")
+      local said = p:read("a")
+      local sleeper = assert(tonumber(said), said)
       p:close()
-      local f = assert(io.open("/proc/" .. sleeper .. "/cmdline"))
-      assert(f:read("a"):match("^sleep"))
+      local function runs()
+        local f = io.open("/proc/" .. sleeper .. "/cmdline")
+        return f and f:read("a"):match("^sleep%z300")
+      end
+      local t = os.time() + 30
+      while not runs() and os.time() < t do require("posix.time").nanosleep({tv_sec = 0, tv_nsec = 10000000}) end
+      assert(runs(), "no sleep 300 on h1")
       for _, d in ipairs(hosts.spawned) do print(d.pid) end
       print("sleeper " .. sleeper)
       print(ssh.dir) print(slurm.dir)
@@ -215,7 +221,7 @@ describe("test hosts whose spec process is killed", function()
       while true do require("posix.time").nanosleep({tv_sec = 1, tv_nsec = 0}) end
     ]]
     local script = string.format("lua5.4 -e %s >%s/out 2>&1 & pid=$!; i=0; " ..
-      "while ! grep -q '^/tmp/lpar-slurm' %s/out && [ $i -lt 600 ]; do sleep 0.1; i=$((i + 1)); done; " ..
+      "while ! grep -q '^/tmp/lpar-slurm' %s/out && kill -0 $pid && [ $i -lt 600 ]; do sleep 0.1; i=$((i + 1)); done; " ..
       "kill -9 $pid; wait $pid; cat %s/out", q(prog), tmp, tmp, tmp)
     local _, out = H.run(script)
     H.rmdir(tmp)
