@@ -221,7 +221,8 @@ describe("test hosts whose spec process is killed", function()
       while true do require("posix.time").nanosleep({tv_sec = 1, tv_nsec = 0}) end
     ]]
     local script = string.format("lua5.4 -e %s >%s/out 2>&1 & pid=$!; i=0; " ..
-      "while ! grep -q '^/tmp/lpar-slurm' %s/out && kill -0 $pid && [ $i -lt 600 ]; do sleep 0.1; i=$((i + 1)); done; " ..
+      "while ! grep -q '^/tmp/lpar-slurm' %s/out && kill -0 $pid && [ $i -lt 600 ]; do " ..
+      "sleep 0.1; i=$((i + 1)); done; " ..
       "kill -9 $pid; wait $pid; cat %s/out", q(prog), tmp, tmp, tmp)
     local _, out = H.run(script)
     H.rmdir(tmp)
