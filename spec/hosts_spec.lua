@@ -19,6 +19,23 @@ local function cmdline(pid)
   return (H.slurp("/proc/" .. pid .. "/cmdline") or ""):gsub("%z", " ")
 end
 
+-- Pids of the processes below 'root' in the process tree.
+local function descendants(root)
+  local parent = {}
+  for name in require("posix.dirent").files("/proc") do
+    local stat = tonumber(name) and H.slurp("/proc/" .. name .. "/stat")
+    local ppid = stat and stat:match(".*%) %S (%d+)")
+    if ppid then parent[tonumber(name)] = tonumber(ppid) end
+  end
+  local list = {}
+  for pid in pairs(parent) do
+    local p = parent[pid]
+    while p and p ~= root do p = parent[p] end
+    if p == root then list[#list + 1] = pid end
+  end
+  return list
+end
+
 -- Random bytes, every byte value included.
 local function noise(n)
   local f = assert(io.open("/dev/urandom", "rb"))
@@ -136,6 +153,22 @@ describe("test hosts", function()
       assert.equal(0, rc)
       assert.equal("n1 idle\nn2 idle\nn3 idle\n", out)
     end)
+  end)
+
+  it("runs srun listening on 127.0.0.1 only", function()
+    if not up("slurm") then return end
+    -- a step that runs until its stdin closes
+    local step = io.popen("exec timeout 60 srun -N1 -n1 -w n1 cat >/dev/null", "w")
+    local addrs = {}
+    assert.is_true(H.waitfor(function()
+      for _, pid in ipairs(descendants(unistd.getpid())) do
+        if cmdline(pid):match("^srun ") then addrs = listens(pid) end
+      end
+      return #addrs >= 2
+    end, 30))
+    step:write("end\n")
+    assert.is_true(step:close())
+    for _, a in ipairs(addrs) do assert.matches("^0100007F:", a, "srun listens on " .. a) end
   end)
 
   it("listens on 127.0.0.1 only", function()
