@@ -2,6 +2,8 @@
 -- sshd hosts on loopback ports and a Slurm cluster of emulated nodes.
 local H = require "spec.helper"
 local hosts = require "spec.hosts"
+local dirent = require "posix.dirent"
+local stat = require "posix.sys.stat"
 local unistd = require "posix.unistd"
 
 -- SLURM_CONF as the suite found it
@@ -22,9 +24,9 @@ end
 -- Pids of the processes below 'root' in the process tree.
 local function descendants(root)
   local parent = {}
-  for name in require("posix.dirent").files("/proc") do
-    local stat = tonumber(name) and H.slurp("/proc/" .. name .. "/stat")
-    local ppid = stat and stat:match(".*%) %S (%d+)")
+  for name in dirent.files("/proc") do
+    local st = tonumber(name) and H.slurp("/proc/" .. name .. "/stat")
+    local ppid = st and st:match(".*%) %S (%d+)")
     if ppid then parent[tonumber(name)] = tonumber(ppid) end
   end
   local list = {}
@@ -44,18 +46,19 @@ local function noise(n)
   return s
 end
 
--- Local addresses ("0100007F:1F90", as /proc/net/tcp writes 127.0.0.1:8080) of the TCP sockets a process listens on.
+-- Local addresses of the TCP sockets a process listens on, as /proc/net/tcp
+-- writes them ("0100007F:1F90" is 127.0.0.1:8080).
 local function listens(pid)
   local inodes = {}
   local fds = "/proc/" .. pid .. "/fd"
-  for name in require("posix.dirent").files(fds) do
+  for name in dirent.files(fds) do
     local link = unistd.readlink(fds .. "/" .. name)
     local inode = link and link:match("^socket:%[(%d+)%]$")
     if inode then inodes[inode] = true end
   end
   local addrs = {}
-  for _, table_ in ipairs({"/proc/net/tcp", "/proc/net/tcp6"}) do
-    for line in (H.slurp(table_) or ""):gmatch("[^\n]+") do
+  for _, path in ipairs({"/proc/net/tcp", "/proc/net/tcp6"}) do
+    for line in (H.slurp(path) or ""):gmatch("[^\n]+") do
       local locl, st, inode = line:match("^%s*%d+:%s+(%S+)%s+%S+%s+(%x%x)%s+%S+%s+%S+%s+%S+%s+%S+%s+%S+%s+(%d+)")
       if st == "0A" and inodes[inode] then addrs[#addrs + 1] = locl end
     end
@@ -146,7 +149,7 @@ describe("test hosts", function()
       end
     end)
 
-    it("hands a command's environment variable over as SLURM_CONF", function()
+    it("sets SLURM_CONF for the spec, and gives it as slurm.env for a command", function()
       if not up("slurm") then return end
       assert.equal(slurm.conf, os.getenv("SLURM_CONF"))
       local rc, out = H.run("env -u SLURM_CONF " .. slurm.env .. " sinfo -h -N -o '%N %t'")
@@ -220,7 +223,7 @@ describe("test hosts", function()
 
     for _, pid in ipairs(pids) do assert.is_false(running(pid), "pid " .. pid) end
     for name, pid in pairs(left) do assert.is_false(running(pid), name .. " pid " .. pid) end
-    for _, d in ipairs(dirs) do assert.is_nil(require("posix.sys.stat").stat(d), d) end
+    for _, d in ipairs(dirs) do assert.is_nil(stat.stat(d), d) end
     assert.equal(outer_conf, os.getenv("SLURM_CONF"))
   end)
 end)
@@ -282,7 +285,7 @@ describe("test hosts whose spec process is killed", function()
     -- by its mark (by this sweep, or by that of a test run beside this one)
     hosts.sweep()
     assert.is_false(running(sleeper))
-    for _, d in ipairs(dirs) do assert.is_nil(require("posix.sys.stat").stat(d), d) end
+    for _, d in ipairs(dirs) do assert.is_nil(stat.stat(d), d) end
   end)
 end)
 
