@@ -515,7 +515,7 @@ local function stopped(e)
   if e == "terminated" then return 143, "lpar: terminated" end
   if e == "output closed" then return 141, nil end
   local text = M.clean(errortext(e))
-  if text:find("^worker init failed") then return 2, "lpar: " .. text end
+  if text:find("^worker init ") then return 2, "lpar: " .. text end
   return 1, "lpar: " .. text
 end
 
