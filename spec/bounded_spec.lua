@@ -181,7 +181,7 @@ describe("a worker whose own child holds its pipes", function()
           {n = 2, workers = 1, timeout = how == "times out" and 2 or nil, env = env})
         local said = front == "cli" and err or out
         if how == "exits" then
-          assert.matches("item 1: worker %d+ exited with status 3", said)
+          assert.matches("1: worker %d+ exited with status 3", said)
         else
           assert.matches("timed out after 2%.0 s", said)
         end
