@@ -33,7 +33,7 @@ local ok, err = pcall(function()
     for i, v in lpar.imap(job.map, items, o) do got[i] = v end
   else
     local p <close> = lpar.pool{n_workers = o.n_workers, init = job.init,
-                                close = job.close, timeout = o.timeout}
+                                close = job.close, timeout = %s}
     local r, n = p:map(job.map, items, {timeout = o.timeout, chunksize = o.chunksize})
     for i = 1, n do got[i] = r[i] end
     p:close()
@@ -45,9 +45,9 @@ io.write(ok and "ok " or "error ", tostring(err), "\n")
 ]]
 
 -- The shell command that runs fixture 'fix' through 'front', and the temporary
--- files to remove afterwards. o: n (items), workers, timeout, chunk, env
--- (name -> value), pre and post (Lua code around the call, module only),
--- wrap (a command prefix for the CLI).
+-- files to remove afterwards. o: n (items), workers, timeout, chunk, hooks
+-- (a pool gets the timeout too), env (name -> value), pre and post (Lua
+-- code around the call, module only), wrap (a command prefix for the CLI).
 local function command(front, fix, o)
   local env, tmp = {}, {}
   for k, v in pairs(o.env or {}) do env[#env + 1] = ("%s=%q"):format(k, v) end
@@ -63,7 +63,8 @@ local function command(front, fix, o)
       FIX, fix, items), tmp
   end
   local prog = H.program(TEMPLATE:format(o.pre or "", FIX .. fix, o.n or 1, o.workers or 1,
-    tostring(o.timeout), tostring(o.chunk), front, o.post or ""))
+    tostring(o.timeout), tostring(o.chunk), front, tostring(o.hooks and o.timeout),
+    o.post or ""))
   tmp[1] = prog
   return pre .. "lua5.4 " .. prog, tmp
 end
@@ -143,14 +144,14 @@ end
 describe("hooks that never return", function()
   for _, front in ipairs(FRONTS) do
     it("time out in init with " .. front, function()
-      local rc, out, err = run(front, "hang_init.lua", {n = 3, workers = 2, timeout = 1})
+      local rc, out, err = run(front, "hang_init.lua", {n = 3, workers = 2, timeout = 1, hooks = true})
       local said = front == "cli" and err or out
       assert.matches("worker init timed out after 1%.0 s", said)
       if front == "cli" then assert.equal(2, rc) end
     end)
 
     it("time out in close with " .. front, function()
-      local rc, out, err = run(front, "hang_close.lua", {n = 3, workers = 2, timeout = 1})
+      local rc, out, err = run(front, "hang_close.lua", {n = 3, workers = 2, timeout = 1, hooks = true})
       if front == "cli" then
         assert.equal("1\n2\n3\n", out)
         assert.equal(0, rc)

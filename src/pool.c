@@ -95,10 +95,11 @@ static void childsignals(const ChildSetup *cs) {
 }
 
 /* A pidfd for 'pid' (close-on-exec, tracked), or -1 if the system has
-   none (ENOSYS before Linux 5.3) or cannot make one now (EMFILE): end of
-   file on the results pipe then tells that the worker ended. */
+   none (ENOSYS before Linux 5.3), cannot make one now (EMFILE), or the
+   build says not to (LPAR_NOPIDFD): end of file on the results pipe then
+   tells that the worker ended. */
 static int pidopen(pid_t pid) {
-#if defined(SYS_pidfd_open)
+#if defined(SYS_pidfd_open) && !defined(LPAR_NOPIDFD)
   long fd = syscall(SYS_pidfd_open, pid, 0);
   if (fd >= 0) {
     lpar_pool_track((int)fd);
