@@ -162,6 +162,13 @@ describe("hooks that never return", function()
     end)
   end
 
+  it("take a pool's timeout only as a positive number of seconds", function()
+    for _, bad in ipairs{-1, 0, "soon", 1e10} do
+      assert.has_error(function() lpar.pool{n_workers = 1, timeout = bad} end,
+        "bad argument #1 to 'pool' (timeout must be a positive number of seconds)")
+    end
+  end)
+
   for _, front in ipairs{"parallel", "pool"} do
     it("are killed in close after the grace period without a timeout, with " .. front, function()
       local _, out, err, took = run(front, "hang_close.lua", {n = 3, workers = 1})
