@@ -1123,8 +1123,11 @@ void lpar_run_stop(lua_State *L, int idx) {
     lpar_buf_free(&w->out);
     lpar_ring_unmap(&w->ring);
   }
-  for (i = 0; i < r->nretired; i++)
+  for (i = 0; i < r->nretired; i++) {
+    if (hard && interrupted) /* Ctrl-C: no close hook is waited for */
+      lpar_pool_kill(r->retired[i].pid, SIGKILL);
     finishworker(r, &r->retired[i], deadline, (double)grace / 1e9);
+  }
   r->nretired = 0;
   r->live = 0;
   if (r->started)
