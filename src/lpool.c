@@ -1123,7 +1123,7 @@ static void ctxof(lua_State *L, int idx, Ctx *c) {
 static void closepool(lua_State *L, int idx, const char *why) {
   Pool *p = lua_touserdata(L, idx);
   Ctx c;
-  int i, status, hasclose;
+  int i, status, hasclose, broken;
   long long grace, deadline;
   if (p == NULL || p->closed || p->owner != getpid())
     return;
@@ -1137,11 +1137,14 @@ static void closepool(lua_State *L, int idx, const char *why) {
     endjob(&c, p->jobs, J_CANCELLED, NULL);
   }
   p->closed = 1;
+  lua_rawgeti(L, c.uv, PU_BROKEN);
+  broken = !lua_isnil(L, -1); /* workers still in init are of no use */
+  lua_pop(L, 1);
   for (i = 0; p->w && i < p->n; i++) {
     PWorker *w = &p->w[i];
     if (w->state == W_EMPTY)
       continue;
-    if (w->state == W_BUSY)
+    if (w->state == W_BUSY || (broken && w->state == W_STARTING))
       lpar_pool_kill(w->proc.pid, SIGKILL);
     closeworker(p, w); /* end of file: an idle worker leaves */
   }
