@@ -80,7 +80,7 @@ enum {
 #define JU_N JU_ATTEMPTS
 
 /* epoll data: what an event is about, and which worker */
-enum { EV_RES = 0, EV_CMD, EV_TIMER };
+enum { EV_RES = 0, EV_CMD, EV_TIMER, EV_PID };
 #define EVDATA(kind, i) (((uint64_t)(kind) << 32) | (uint32_t)(i))
 
 struct Job;
@@ -101,6 +101,7 @@ typedef struct PWorker {
   long long busy;       /* ns it reports spending on q[0] */
   long long started;    /* when q[0] was sent, or became the first */
   Buf in;               /* bytes received and not yet handled */
+  long long lastread;   /* when bytes last came */
   Buf out;              /* bytes to send */
   size_t outpos;        /* bytes of 'out' already sent */
   int watchout;         /* its command fd is in the epoll set */
@@ -129,6 +130,10 @@ typedef struct Pool {
   int waiting;    /* a blocking wait owns SIGINT */
   int ignint;     /* SIGINT was ignored when the wait began */
   sigset_t oldmask;
+  double timeout; /* seconds for init and close, 0 for none */
+  int chld;       /* depth of the calls that made SIGCHLD deliverable */
+  int heldchld;   /* the caller ignored SIGCHLD: oldchld is its action */
+  struct sigaction oldchld;
 } Pool;
 
 typedef struct Job {
@@ -170,6 +175,23 @@ static void nomem(lua_State *L, int rc) {
 
 /* ---- fds and processes ---- */
 
+/*
+** While the pool works, SIGCHLD is deliverable even if the caller ignores
+** it, or the kernel would reap ended workers before their exit status is
+** read. The caller's action is back when the outermost call returns.
+*/
+static void holdchld(Pool *p) {
+  if (p->chld++ == 0)
+    p->heldchld = lpar_pool_holdchld(&p->oldchld);
+}
+
+static void releasechld(Pool *p) {
+  if (--p->chld == 0 && p->heldchld) {
+    sigaction(SIGCHLD, &p->oldchld, NULL);
+    p->heldchld = 0;
+  }
+}
+
 static int evctl(Pool *p, int op, int fd, uint32_t events, uint64_t data) {
   struct epoll_event ev;
   memset(&ev, 0, sizeof ev);
@@ -189,10 +211,13 @@ static void reapdying(Pool *p, int block) {
   }
 }
 
-/* Close a worker's fds, leaving its pid in place. */
+/* Close a worker's channel, leaving its pid (and pidfd, no longer
+   watched) in place. */
 static void closeworker(Pool *p, PWorker *w) {
   if (w->proc.resfd >= 0)
     evctl(p, EPOLL_CTL_DEL, w->proc.resfd, 0, 0);
+  if (w->proc.pidfd >= 0)
+    evctl(p, EPOLL_CTL_DEL, w->proc.pidfd, 0, 0);
   if (w->watchout && w->proc.cmdfd >= 0)
     evctl(p, EPOLL_CTL_DEL, w->proc.cmdfd, 0, 0);
   w->watchout = 0;
@@ -205,7 +230,8 @@ static void closeworker(Pool *p, PWorker *w) {
 static void dropworker(lua_State *L, Pool *p, PWorker *w) {
   pid_t pid = w->proc.pid;
   closeworker(p, w);
-  kill(pid, SIGKILL);
+  lpar_pool_closepid(&w->proc);
+  lpar_pool_kill(pid, SIGKILL);
   if (p->ndying == p->capdying) {
     int cap = p->capdying ? 2 * p->capdying : 8;
     pid_t *d = realloc(p->dying, (size_t)cap * sizeof(pid_t));
@@ -268,7 +294,10 @@ static int spawn(Ctx *c, int i, const char **call) {
   w->timedout = 0;
   w->blame = 0;
   w->killat = 0;
+  w->lastread = lpar_pool_now();
   rc = evctl(p, EPOLL_CTL_ADD, w->proc.resfd, EPOLLIN, EVDATA(EV_RES, i));
+  if (rc == 0 && w->proc.pidfd >= 0) /* its end, whoever holds its pipe */
+    rc = evctl(p, EPOLL_CTL_ADD, w->proc.pidfd, EPOLLIN, EVDATA(EV_PID, i));
   if (rc != 0) {
     *call = "epoll_ctl";
     dropworker(L, p, w);
@@ -455,9 +484,19 @@ static void lose(Ctx *c, PWorker *w, int force, const char *why) {
   char desc[96];
   closeworker(p, w);
   rc = lpar_pool_reap(pid, force, &status);
+  lpar_pool_closepid(&w->proc);
   w->proc.pid = 0;
   w->state = W_EMPTY;
   w->job = NULL;
+  if (starting && w->timedout == LPAR_SLOTHOOK) { /* stopped in init */
+    if (lua_rawgeti(L, c->uv, PU_INITERR) == LUA_TNIL) {
+      snprintf(desc, sizeof desc, "worker init timed out after %.1f s",
+               p->timeout);
+      lua_pushstring(L, desc);
+      lua_rawseti(L, c->uv, PU_INITERR);
+    }
+    lua_pop(L, 1);
+  }
   if (why == NULL)
     why = rc < 0 ? "vanished (reaped elsewhere)"
                  : lpar_pool_describe(status, desc, sizeof desc);
@@ -894,6 +933,7 @@ static void readworker(Ctx *c, PWorker *w) {
       lose(c, w, k < 0, NULL);
       return;
     }
+    w->lastread = lpar_pool_now();
     if (frames(c, w) != 0)
       return;
   }
@@ -901,35 +941,79 @@ static void readworker(Ctx *c, PWorker *w) {
 
 /* ---- time ---- */
 
-/* Timeouts per item and TERM -> KILL escalation; arms the timer for the
-   next deadline. */
-static void deadlines(Pool *p) {
+/*
+** A worker that is not running an item and left a frame unfinished for
+** the timeout (its job's, else the pool's, else LPAR_STALLNS) broke the
+** protocol; what it sent so far is read first. Returns when to look again
+** (ns; 0: never, -1: something was handled, the pump goes on).
+*/
+static long long stalled(Ctx *c, PWorker *w, long long now) {
+  Pool *p = c->p;
+  double secs = w->job && w->job->timeout > 0 ? w->job->timeout : p->timeout;
+  long long limit = secs > 0 ? (long long)(secs * 1e9) : LPAR_STALLNS;
+  char what[96];
+  if (w->in.n == 0 || p->slots[w - p->w].item != 0)
+    return 0;
+  if (now < w->lastread + limit)
+    return w->lastread + limit;
+  readworker(c, w);
+  if (w->state == W_EMPTY || w->in.n == 0 || now < w->lastread + limit)
+    return -1;
+  snprintf(what, sizeof what, "partial frame, nothing more for %.1f s",
+           (double)limit / 1e9);
+  protoerror(c, w, what);
+  return -1;
+}
+
+/* Timeouts per item and for init, stalled frames, TERM -> KILL
+   escalation; arms the timer for the next deadline. Returns whether a
+   worker was lost meanwhile (then do not wait: its place wants filling). */
+static int deadlines(Ctx *c) {
+  Pool *p = c->p;
   long long now = lpar_pool_now(), next = 0;
-  int i;
+  int i, acted = 0;
   for (i = 0; i < p->n; i++) {
     PWorker *w = &p->w[i];
-    long long due = 0;
+    long long due = 0, stall;
     if (w->state == W_EMPTY)
       continue;
     if (w->killat > 0) {
       if (now >= w->killat) {
-        kill(w->proc.pid, SIGKILL);
+        lpar_pool_kill(w->proc.pid, SIGKILL);
         w->killat = 0;
       }
       else
         due = w->killat;
+    }
+    else if (w->state == W_STARTING && p->timeout > 0) {
+      long long limit = p->slots[i].since + (long long)(p->timeout * 1e9);
+      if (p->slots[i].item == LPAR_SLOTHOOK && now >= limit) {
+        w->timedout = LPAR_SLOTHOOK;
+        lpar_pool_kill(w->proc.pid, SIGTERM);
+        w->killat = now + KILLGRACE;
+        due = w->killat;
+      }
+      else /* not in init yet, or until its limit */
+        due = p->slots[i].item == LPAR_SLOTHOOK ? limit : now + 10000000LL;
     }
     else if (w->state == W_BUSY && w->job && w->job->timeout > 0) {
       lua_Integer item = p->slots[i].item;
       long long limit = p->slots[i].since + (long long)(w->job->timeout * 1e9);
       if (item != 0 && now >= limit) {
         w->timedout = item;
-        kill(w->proc.pid, SIGTERM);
+        lpar_pool_kill(w->proc.pid, SIGTERM);
         w->killat = now + KILLGRACE;
         due = w->killat;
       }
       else
         due = item != 0 ? limit : now + 10000000LL; /* look again soon */
+    }
+    if (w->killat == 0 && w->state != W_EMPTY &&
+        (stall = stalled(c, w, now)) != 0) {
+      if (stall < 0)
+        acted = 1;
+      else if (due == 0 || stall < due)
+        due = stall;
     }
     if (due > 0 && (next == 0 || due < next))
       next = due;
@@ -944,6 +1028,7 @@ static void deadlines(Pool *p) {
     timerfd_settime(p->tfd, TFD_TIMER_ABSTIME, &its, NULL);
     p->armed = next;
   }
+  return acted;
 }
 
 /* ---- the pump ---- */
@@ -961,12 +1046,14 @@ static void pump(Ctx *c, int ms) {
   reapdying(p, 0);
   refill(c);
   dispatch(c);
+  if (deadlines(c)) /* armed for workers just started, too */
+    ms = 0;
   if (p->waiting) {
     mask = p->oldmask;
     sigdelset(&mask, SIGINT);
   }
   do
-    n = epoll_pwait(p->epfd, p->evs, 2 * p->n + 1, ms,
+    n = epoll_pwait(p->epfd, p->evs, 3 * p->n + 1, ms,
                     p->waiting && !p->ignint ? &mask : NULL);
   while (n == -1 && errno == EINTR && !interrupted);
   if (n == -1 && errno != EINTR)
@@ -989,10 +1076,16 @@ static void pump(Ctx *c, int ms) {
       continue;
     if (kind == EV_RES)
       readworker(c, w);
+    else if (kind == EV_PID) { /* it ended, maybe with its pipe held */
+      pid_t pid = w->proc.pid;
+      readworker(c, w); /* what it sent before it ended counts */
+      if (w->state != W_EMPTY && w->proc.pid == pid)
+        lose(c, w, 0, NULL);
+    }
     else if (sendsome(p, w) != 0)
       lose(c, w, 1, NULL);
   }
-  deadlines(p);
+  deadlines(c);
   refill(c);
   dispatch(c);
 }
@@ -1013,11 +1106,13 @@ static void safepump(Ctx *c, int ms) {
   if (c->p->inpump)
     luaL_error(L, "pool is busy (called from inside its own pump)");
   c->p->inpump = 1;
+  holdchld(c->p);
   lua_pushcfunction(L, pumpcall);
   lua_pushlightuserdata(L, c);
   lua_pushinteger(L, ms);
   lua_pushvalue(L, c->uv);
   status = lua_pcall(L, 3, 0, 0);
+  releasechld(c->p);
   c->p->inpump = 0;
   if (status != LUA_OK)
     lua_error(L);
@@ -1054,9 +1149,11 @@ static void ctxof(lua_State *L, int idx, Ctx *c) {
 static void closepool(lua_State *L, int idx, const char *why) {
   Pool *p = lua_touserdata(L, idx);
   Ctx c;
-  int i, status;
+  int i, status, hasclose, broken;
+  long long grace, deadline;
   if (p == NULL || p->closed || p->owner != getpid())
     return;
+  holdchld(p);
   c.L = L;
   c.p = p;
   lua_getiuservalue(L, idx, 1);
@@ -1066,24 +1163,46 @@ static void closepool(lua_State *L, int idx, const char *why) {
     endjob(&c, p->jobs, J_CANCELLED, NULL);
   }
   p->closed = 1;
+  lua_rawgeti(L, c.uv, PU_BROKEN);
+  broken = !lua_isnil(L, -1); /* workers still in init are of no use */
+  lua_pop(L, 1);
   for (i = 0; p->w && i < p->n; i++) {
     PWorker *w = &p->w[i];
     if (w->state == W_EMPTY)
       continue;
-    if (w->state == W_BUSY)
-      kill(w->proc.pid, SIGKILL);
+    if (w->state == W_BUSY || (broken && w->state == W_STARTING))
+      lpar_pool_kill(w->proc.pid, SIGKILL);
     closeworker(p, w); /* end of file: an idle worker leaves */
   }
+  /* idle ones run close: the pool's timeout, or a grace period, bounds it;
+     one still there is killed and reported, as a failing close is */
+  grace = p->timeout > 0 ? (long long)(p->timeout * 1e9) : LPAR_CLOSEGRACENS;
+  deadline = lpar_pool_now() + grace;
+  lua_rawgeti(L, c.uv, PU_CLOSE);
+  hasclose = !lua_isnil(L, -1);
+  lua_pop(L, 1);
   for (i = 0; p->w && i < p->n; i++) {
     PWorker *w = &p->w[i];
-    if (w->state != W_EMPTY)
+    if (w->state != W_EMPTY &&
+        lpar_pool_waituntil(&w->proc, deadline, &status) == 0) {
+      if (hasclose)
+        fprintf(stderr, "lpar: pool worker %d: close timed out after %.1f s\n",
+                (int)w->proc.pid, (double)grace / 1e9);
+      else
+        fprintf(stderr, "lpar: pool worker %d: did not leave within %.1f s\n",
+                (int)w->proc.pid, (double)grace / 1e9);
+      fflush(stderr);
+      lpar_pool_kill(w->proc.pid, SIGKILL);
       lpar_pool_wait(w->proc.pid, &status, 1);
+    }
+    lpar_pool_closepid(&w->proc);
     w->proc.pid = 0;
     w->state = W_EMPTY;
     lpar_buf_free(&w->in);
     lpar_buf_free(&w->out);
   }
   reapdying(p, 1);
+  releasechld(p);
   lua_pop(L, 1);
   lpar_pool_closefd(&p->epfd);
   lpar_pool_closefd(&p->tfd);
@@ -1118,16 +1237,20 @@ static int ncpus(void) {
   return n < 1 ? 1 : n > LPAR_MAXWORKERS ? LPAR_MAXWORKERS : (int)n;
 }
 
-static const char *const poolopts[] = {"n_workers", "init", "close", NULL};
+static const char *const poolopts[] = {"n_workers", "init", "close", "timeout",
+                                       NULL};
 
 /*
 ** lpar.pool([n_workers | opts]) -> pool. opts: n_workers (default: the
 ** number of CPUs), init and close (run once in each worker, first and
-** last). Forks the workers and waits until each has run init; raises
-** "worker init failed: ..." if one fails.
+** last), timeout (seconds each of init and close may take). Forks the
+** workers and waits until each has run init; raises "worker init failed:
+** ..." if one fails, "worker init timed out after ..." if one takes too
+** long.
 */
 static int l_pool(lua_State *L) {
   lua_Integer nw = ncpus();
+  double timeout = 0;
   Pool *p;
   Ctx c;
   int i;
@@ -1140,6 +1263,13 @@ static int l_pool(lua_State *L) {
       nw = lua_tointegerx(L, -1, &isnum);
       if (!isnum || nw < 1)
         luaL_argerror(L, 1, "n_workers must be a positive integer");
+    }
+    lua_pop(L, 1);
+    if (lua_getfield(L, 1, "timeout") != LUA_TNIL) {
+      int isnum;
+      timeout = (double)lua_tonumberx(L, -1, &isnum);
+      if (!isnum || !(timeout > 0) || timeout > 1e9)
+        luaL_argerror(L, 1, "timeout must be a positive number of seconds");
     }
     lua_pop(L, 1);
   }
@@ -1155,6 +1285,7 @@ static int l_pool(lua_State *L) {
   p->epfd = p->tfd = -1;
   p->owner = getpid();
   p->n = (int)nw;
+  p->timeout = timeout;
   p->closed = 1; /* until it is complete: __gc has nothing to do */
   luaL_setmetatable(L, LPAR_POOLMT);
   lua_createtable(L, PU_N, 0); /* 3: uservalue */
@@ -1173,11 +1304,11 @@ static int l_pool(lua_State *L) {
   lua_pushvalue(L, 3);
   lua_setiuservalue(L, 2, 1);
   p->w = calloc((size_t)p->n, sizeof(PWorker));
-  p->evs = calloc((size_t)p->n * 2 + 1, sizeof(struct epoll_event));
+  p->evs = calloc((size_t)p->n * 3 + 1, sizeof(struct epoll_event));
   if (p->w == NULL || p->evs == NULL)
     return luaL_error(L, "not enough memory");
   for (i = 0; i < p->n; i++)
-    p->w[i].proc.cmdfd = p->w[i].proc.resfd = -1;
+    p->w[i].proc.cmdfd = p->w[i].proc.resfd = p->w[i].proc.pidfd = -1;
   p->slots = lpar_pool_slots((size_t)p->n);
   if (p->slots == NULL)
     return luaL_error(L, "cannot map shared memory: %s", strerror(errno));
@@ -1199,6 +1330,7 @@ static int l_pool(lua_State *L) {
   c.p = p;
   c.uv = 3;
   p->creating = 1;
+  holdchld(p);
   for (;;) {
     int starting = 0;
     lua_pushcfunction(L, pumpcall);
@@ -1217,6 +1349,7 @@ static int l_pool(lua_State *L) {
       break;
   }
   p->creating = 0;
+  releasechld(p);
   if (lua_gettop(L) > 3) { /* an error, or the reason the pool broke */
     lua_insert(L, 1);
     closepool(L, 3, "pool closed");
@@ -1433,11 +1566,13 @@ static void waitjob(lua_State *L, int jidx, Job *j) {
   interrupted = 0;
   p->waiting = 1;
   p->inpump = 1;
+  holdchld(p);
   lua_pushcfunction(L, waitloop);
   lua_pushlightuserdata(L, &c);
   lua_pushlightuserdata(L, j);
   lua_pushvalue(L, c.uv);
   status = lua_pcall(L, 3, 0, 0);
+  releasechld(p);
   p->inpump = 0;
   p->waiting = 0;
   if (!p->ignint)
@@ -1490,7 +1625,10 @@ static int job_cancel(lua_State *L) {
   if (c.p->inpump)
     return luaL_error(L, "pool is busy (called from inside its own pump)");
   lua_pushliteral(L, "cancelled");
+  holdchld(c.p);
   endjob(&c, j, J_CANCELLED, NULL);
+  reapdying(c.p, 1); /* killed: no zombie is left for a later pump */
+  releasechld(c.p);
   lua_pushboolean(L, 1);
   return 1;
 }

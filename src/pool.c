@@ -13,6 +13,7 @@
 #include <string.h>
 #include <sys/mman.h>
 #include <sys/socket.h>
+#include <sys/syscall.h>
 #include <sys/wait.h>
 #include <time.h>
 #include <unistd.h>
@@ -86,13 +87,36 @@ static void childsignals(const ChildSetup *cs) {
   /* a hangup ends a worker, unless it was ignored (nohup) */
   if (sigaction(SIGHUP, NULL, &old) == 0 && old.sa_handler != SIG_IGN)
     sigaction(SIGHUP, &sa, NULL);
+  /* not in the terminal's foreground group: touching the terminal fails
+     (EIO) instead of stopping the worker */
+  sa.sa_handler = SIG_IGN;
+  sigaction(SIGTTIN, &sa, NULL);
+  sigaction(SIGTTOU, &sa, NULL);
   sa.sa_handler = cs->ignint ? SIG_IGN : SIG_DFL;
   sigaction(SIGINT, &sa, NULL);
   sigprocmask(SIG_SETMASK, cs->mask, NULL);
 }
 
+/* A pidfd for 'pid' (close-on-exec, tracked), or -1 if the system has
+   none (ENOSYS before Linux 5.3), cannot make one now (EMFILE), or the
+   build says not to (LPAR_NOPIDFD): end of file on the results pipe then
+   tells that the worker ended. */
+static int pidopen(pid_t pid) {
+#if defined(SYS_pidfd_open) && !defined(LPAR_NOPIDFD)
+  long fd = syscall(SYS_pidfd_open, pid, 0);
+  if (fd >= 0) {
+    lpar_pool_track((int)fd);
+    return (int)fd;
+  }
+#else
+  (void)pid;
+#endif
+  return -1;
+}
+
 pid_t lpar_pool_fork(Proc *p, const ChildSetup *cs, const char **call) {
   int cmd[2] = {-1, -1}, res[2] = {-1, -1};
+  p->pidfd = -1;
   pid_t parent = getpid(), pid;
   int rc;
   *call = "socketpair";
@@ -123,6 +147,7 @@ pid_t lpar_pool_fork(Proc *p, const ChildSetup *cs, const char **call) {
     goto fail;
   }
   if (pid == 0) {
+    setpgid(0, 0);
     closeothers(cmd[1], res[1]);
 #if defined(__linux__)
     prctl(PR_SET_PDEATHSIG, SIGKILL);
@@ -135,11 +160,15 @@ pid_t lpar_pool_fork(Proc *p, const ChildSetup *cs, const char **call) {
     p->resfd = res[1];
     return 0;
   }
+  /* the child does the same: whichever runs first, the group exists
+     before either goes on (ESRCH: it is gone already) */
+  setpgid(pid, pid);
   lpar_pool_closefd(&cmd[1]);
   lpar_pool_closefd(&res[1]);
   p->pid = pid;
   p->cmdfd = cmd[0];
   p->resfd = res[0];
+  p->pidfd = pidopen(pid);
   return pid;
 fail:
   lpar_pool_closefd(&cmd[0]);
@@ -154,27 +183,82 @@ void lpar_pool_close(Proc *p) {
   lpar_pool_closefd(&p->resfd);
 }
 
+void lpar_pool_closepid(Proc *p) {
+  lpar_pool_closefd(&p->pidfd);
+}
+
+void lpar_pool_kill(pid_t pid, int sig) {
+  assert(pid > 0);           /* kill(0) or kill(-1) would hit far more */
+  if (kill(-pid, sig) == -1) /* no group (setpgid failed): the worker */
+    kill(pid, sig);
+}
+
 int lpar_pool_wait(pid_t pid, int *status, int block) {
+  siginfo_t si;
   pid_t r;
+  int rc;
+  /* see that it ended without reaping it: while it is a zombie its pid
+     (and so its group's id) cannot be reused, so killing the group hits
+     only what the worker left behind */
+  memset(&si, 0, sizeof si);
   do
-    r = waitpid(pid, status, block ? 0 : WNOHANG);
+    rc = waitid(P_PID, (id_t)pid, &si,
+                WEXITED | WNOWAIT | (block ? 0 : WNOHANG));
+  while (rc == -1 && errno == EINTR);
+  if (rc == -1)
+    return -errno;
+  if (si.si_pid != pid)
+    return 0; /* still running */
+  kill(-pid, SIGKILL);
+  do
+    r = waitpid(pid, status, 0);
   while (r == -1 && errno == EINTR);
   if (r == -1)
     return -errno;
-  return r == pid;
+  return 1;
+}
+
+int lpar_pool_waituntil(const Proc *p, long long deadline, int *status) {
+  int rc;
+  while ((rc = lpar_pool_wait(p->pid, status, 0)) == 0) {
+    long long left = deadline - lpar_pool_now();
+    int ms;
+    if (left <= 0)
+      return 0;
+    ms = left > 100000000LL ? 100 : (int)(left / 1000000) + 1;
+    if (p->pidfd >= 0) {
+      struct pollfd pfd = {p->pidfd, POLLIN, 0};
+      poll(&pfd, 1, ms); /* EINTR: look again */
+    }
+    else
+      poll(NULL, 0, 1);
+  }
+  return rc;
 }
 
 int lpar_pool_reap(pid_t pid, int force, int *status) {
   int rc, tries;
   assert(pid > 0); /* kill(0) would hit the whole process group */
   if (force)
-    kill(pid, SIGKILL);
+    lpar_pool_kill(pid, SIGKILL);
   for (tries = 0; (rc = lpar_pool_wait(pid, status, 0)) == 0; tries++) {
     if (tries == 200)
-      kill(pid, SIGKILL);
+      lpar_pool_kill(pid, SIGKILL);
     poll(NULL, 0, 1);
   }
   return rc;
+}
+
+int lpar_pool_holdchld(struct sigaction *old) {
+  struct sigaction sa;
+  if (sigaction(SIGCHLD, NULL, old) != 0)
+    return 0;
+  if (old->sa_handler != SIG_IGN && !(old->sa_flags & SA_NOCLDWAIT))
+    return 0;
+  memset(&sa, 0, sizeof sa);
+  sigemptyset(&sa.sa_mask);
+  sa.sa_handler = SIG_DFL;
+  return sigaction(SIGCHLD, &sa, NULL) == 0;
 }
 
 const char *lpar_pool_describe(int status, char *buf, size_t size) {

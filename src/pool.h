@@ -14,7 +14,25 @@ typedef struct Proc {
   pid_t pid;
   int cmdfd; /* parent: socket end to send work; child: end to read it */
   int resfd; /* parent: pipe end to read results; child: end to write them */
+  int pidfd; /* parent: readable once the worker has ended; -1 if the
+                system has no pidfd (then end of file on resfd tells) */
 } Proc;
+
+/* What a worker's slot says while it runs its init or close hook. */
+#define LPAR_SLOTHOOK (-1)
+
+/* A worker still running its close hook this long (ns) after it was told
+   to leave is killed, unless a timeout was given (then that applies). */
+#if !defined(LPAR_CLOSEGRACENS)
+#define LPAR_CLOSEGRACENS 10000000000LL
+#endif
+
+/* A frame begun and left unfinished by a worker that is not running an
+   item is a protocol error after this long (ns) without a byte, unless a
+   timeout was given (then that applies). */
+#if !defined(LPAR_STALLNS)
+#define LPAR_STALLNS 10000000000LL
+#endif
 
 /*
 ** A word pair each worker updates as it runs items, in memory shared with
@@ -33,21 +51,46 @@ typedef struct ChildSetup {
 
 /*
 ** Fork a worker. Parent: returns the pid and fills 'p' with its ends
-** (results end non-blocking). Child: returns 0 with 'p' holding the
-** child's ends, every other fd lpar tracks closed, PR_SET_PDEATHSIG set,
-** SIGINT/SIGTERM/SIGPIPE/SIGCHLD at their defaults. -errno on failure,
-** with nothing left open and *call naming the call that failed.
+** (results end non-blocking) and a pidfd when the system has them. Child:
+** returns 0 with 'p' holding the child's ends, every other fd lpar tracks
+** closed, PR_SET_PDEATHSIG set, SIGINT/SIGTERM/SIGPIPE/SIGCHLD at their
+** defaults, SIGTTIN/SIGTTOU ignored. The worker leads a process group of
+** its own (set in both processes, so it exists when fork returns): what it
+** starts is stopped with it, and a terminal's Ctrl-C reaches only the
+** caller. -errno on failure, with nothing left open and *call naming the
+** call that failed.
 */
 pid_t lpar_pool_fork(Proc *p, const ChildSetup *cs, const char **call);
 
-/* Close the parent's ends of 'p' (safe to call twice). */
+/* Close the parent's channel ends of 'p' (safe to call twice); the pidfd
+   stays until lpar_pool_closepid. */
 void lpar_pool_close(Proc *p);
+void lpar_pool_closepid(Proc *p);
+
+/* Send 'sig' to worker 'pid' and every process in its group. */
+void lpar_pool_kill(pid_t pid, int sig);
 
 /*
 ** Reap 'pid' if it has ended: 1 and *status set, 0 if still running (only
-** when !block), -errno (-ECHILD when someone else reaped it).
+** when !block), -errno (-ECHILD when someone else reaped it). What is left
+** of its process group is killed first, while the pid cannot be reused.
 */
 int lpar_pool_wait(pid_t pid, int *status, int block);
+
+/*
+** Wait until worker 'p' ends or the monotonic clock reaches 'deadline'
+** (ns), then reap it as lpar_pool_wait does: 1 and *status set, 0 if it
+** still runs at the deadline, -errno. Uses its pidfd when it has one.
+*/
+int lpar_pool_waituntil(const Proc *p, long long deadline, int *status);
+
+/*
+** Make SIGCHLD deliverable for the time lpar waits for its workers: when
+** the caller ignores it (SIG_IGN or SA_NOCLDWAIT), children are reaped by
+** the kernel and their exit status is lost. Returns 1 and saves the
+** caller's action in *old if it changed it (restore it with sigaction).
+*/
+int lpar_pool_holdchld(struct sigaction *old);
 
 /*
 ** Reap a worker whose channel reached end of file, so it is exiting: it

@@ -135,7 +135,7 @@ static int workermain(lua_State *L) {
   ps->r.msgh = lua_gettop(L);
   lua_pushnil(L);
   ps->fidx = lua_gettop(L);
-  if (!lua_isnil(L, 1) && lpar_worker_hook(&ps->r, 1)) {
+  if (!lua_isnil(L, 1) && lpar_worker_inithook(&ps->r, 1)) {
     lpar_worker_senderror(&ps->r, 0); /* init failed: say so and leave */
     return 0;
   }

@@ -8,6 +8,7 @@
 #include <errno.h>
 #include <poll.h>
 #include <signal.h>
+#include <stdio.h>
 #include <string.h>
 #include <unistd.h>
 
@@ -53,6 +54,7 @@ typedef struct Worker {
   long long sent;       /* when it was sent */
   long long busy;       /* ns the worker reports spending on it so far */
   Buf in;               /* bytes received and not yet handled */
+  long long lastread;   /* when bytes last came */
   Buf out;              /* bytes to send */
   size_t outpos;        /* bytes of 'out' already sent */
   lua_Integer timedout; /* item it was killed for, 0 if none */
@@ -74,6 +76,7 @@ typedef struct Run {
   Slot *slots;
   struct pollfd *pfd;
   int *pfdw;          /* worker of each pollfd */
+  int hasclose;       /* workers run a close hook */
   lua_Integer n;      /* items: known count, or pulled so far */
   lua_Integer next;   /* next item never handed out */
   int exhausted;      /* the iterator returned nil */
@@ -89,12 +92,14 @@ typedef struct Run {
   int failed;         /* an item failed and the run must stop */
   int lost;           /* workers lost without a culprit */
   SchedWave wave;     /* workers started while none is past its first item */
-  pid_t *retired;     /* workers told to leave, to reap at the end */
+  Proc *retired;      /* workers told to leave, to reap at the end */
   int nretired, capretired;
   struct sigaction oldint;
   sigset_t oldmask;
   int ignint;
   struct sigaction oldterm;
+  struct sigaction oldchld;
+  int heldchld;  /* SIGCHLD was ignored: made deliverable for the run */
   int watchterm; /* SIGTERM ends the run too (the CLI) */
   struct sigaction oldhup;
   int watchhup; /* so does SIGHUP, with SIGTERM, unless it was ignored */
@@ -138,6 +143,7 @@ static void startsignals(Run *r) {
     sigaction(SIGTERM, &sa, &r->oldterm);
   if (r->watchhup)
     sigaction(SIGHUP, &sa, NULL);
+  r->heldchld = lpar_pool_holdchld(&r->oldchld);
   interrupted = 0;
 }
 
@@ -148,6 +154,8 @@ static void stopsignals(Run *r) {
     sigaction(SIGTERM, &r->oldterm, NULL);
   if (r->watchhup)
     sigaction(SIGHUP, &r->oldhup, NULL);
+  if (r->heldchld)
+    sigaction(SIGCHLD, &r->oldchld, NULL);
   sigprocmask(SIG_SETMASK, &r->oldmask, NULL);
 }
 
@@ -165,6 +173,7 @@ void lpar_run_new(lua_State *L, int fidx, int iidx, lua_Integer n,
   r->owner = getpid();
   r->watchterm = o->sigterm;
   r->stream = n < 0;
+  r->hasclose = !lua_isnil(L, hooks + 1);
   r->n = n < 0 ? 0 : n;
   r->next = 1;
   r->emit = 1;
@@ -189,12 +198,12 @@ void lpar_run_new(lua_State *L, int fidx, int iidx, lua_Integer n,
   lua_replace(L, hooks); /* the run replaces the hooks */
   lua_settop(L, hooks);
   r->w = calloc((size_t)o->nworkers, sizeof(Worker));
-  r->pfd = calloc((size_t)o->nworkers * 2, sizeof(struct pollfd));
-  r->pfdw = calloc((size_t)o->nworkers * 2, sizeof(int));
+  r->pfd = calloc((size_t)o->nworkers * 3, sizeof(struct pollfd));
+  r->pfdw = calloc((size_t)o->nworkers * 3, sizeof(int));
   if (!r->w || !r->pfd || !r->pfdw)
     luaL_error(L, "not enough memory"); /* __gc frees what was made */
   for (i = 0; i < o->nworkers; i++)
-    r->w[i].proc.cmdfd = r->w[i].proc.resfd = -1;
+    r->w[i].proc.cmdfd = r->w[i].proc.resfd = r->w[i].proc.pidfd = -1;
   r->slots = lpar_pool_slots((size_t)o->nworkers);
   if (r->slots == NULL)
     luaL_error(L, "cannot map shared memory: %s", strerror(errno));
@@ -447,6 +456,7 @@ static void spawn(lua_State *L, Run *r) {
   lpar_policy_started(&r->wave, r->live, lpar_pool_now());
   w->count = 0;
   w->in.n = 0;
+  w->lastread = lpar_pool_now();
   w->timedout = 0;
   w->blame = 0;
   w->killat = 0;
@@ -680,6 +690,7 @@ static void lose(lua_State *L, Run *r, Worker *w, int force, const char *why) {
     return;
   lpar_pool_close(&w->proc);
   rc = lpar_pool_reap(pid, force, &status);
+  lpar_pool_closepid(&w->proc);
   w->proc.pid = 0;
   r->live--;
   culprit = w->blame
@@ -691,6 +702,16 @@ static void lose(lua_State *L, Run *r, Worker *w, int force, const char *why) {
     if (lpar_ranges_requeue(&r->redo, from, end, culprit) != 0)
       luaL_error(L, "not enough memory");
     w->count = 0;
+  }
+  if (w->timedout == LPAR_SLOTHOOK) { /* stopped in its init hook */
+    if (!r->failed) {
+      snprintf(desc, sizeof desc, "worker init timed out after %.1f s",
+               r->o.timeout);
+      lua_pushstring(L, desc);
+      lua_rawseti(L, S_ENV, ENV_FAILURE);
+      r->failed = 1;
+    }
+    return;
   }
   if (w->blame) /* it broke the protocol reporting this one */
     culprit = w->blame;
@@ -740,6 +761,7 @@ static void readworker(lua_State *L, Run *r, Worker *w) {
       lose(L, r, w, k < 0, NULL);
       return;
     }
+    w->lastread = lpar_pool_now();
     if (frames(L, r, w) != 0 || w->proc.pid == 0)
       return; /* it broke the protocol, or was let go meanwhile */
   }
@@ -767,14 +789,15 @@ static int drained(Run *r) {
 static void retire(lua_State *L, Run *r, Worker *w) {
   if (r->nretired == r->capretired) {
     int cap = r->capretired ? 2 * r->capretired : 8;
-    pid_t *p = realloc(r->retired, (size_t)cap * sizeof(pid_t));
+    Proc *p = realloc(r->retired, (size_t)cap * sizeof(Proc));
     if (p == NULL)
       luaL_error(L, "not enough memory");
     r->retired = p;
     r->capretired = cap;
   }
-  r->retired[r->nretired++] = w->proc.pid;
   lpar_pool_close(&w->proc);
+  r->retired[r->nretired++] = w->proc; /* keeps the pid and pidfd */
+  w->proc.pidfd = -1;
   w->proc.pid = 0;
   r->live--;
 }
@@ -792,44 +815,72 @@ static void dispatch(lua_State *L, Run *r) {
   }
 }
 
-/* Deadline handling: timeouts per item and TERM -> KILL escalation.
-   Returns the poll timeout in ms (-1: none). */
+/*
+** A worker that is not running an item and left a frame unfinished for
+** the timeout (or LPAR_STALLNS without one) broke the protocol: what it
+** sent so far is read first, so only a frame that truly stopped counts.
+** Returns when to look again (ns, -1: never; 0: at once, something was
+** handled).
+*/
+static long long stalled(lua_State *L, Run *r, Worker *w, long long now) {
+  long long limit =
+      r->o.timeout > 0 ? (long long)(r->o.timeout * 1e9) : LPAR_STALLNS;
+  char what[96];
+  if (w->in.n == 0 || r->slots[w - r->w].item != 0)
+    return -1;
+  if (now < w->lastread + limit)
+    return w->lastread + limit;
+  readworker(L, r, w);
+  if (w->proc.pid == 0 || w->in.n == 0 || now < w->lastread + limit)
+    return 0; /* handled, or it moved on: the next turn sees it */
+  snprintf(what, sizeof what, "partial frame, nothing more for %.1f s",
+           (double)limit / 1e9);
+  protoerror(L, r, w, what);
+  return 0;
+}
+
+/* Deadline handling: timeouts per item and for the init hook, stalled
+   frames, TERM -> KILL escalation. Returns the poll timeout in ms (-1:
+   none). */
 static int deadlines(lua_State *L, Run *r) {
   long long now = lpar_pool_now(), next = -1;
   int i;
   for (i = 0; i < r->o.nworkers; i++) {
     Worker *w = &r->w[i];
-    long long due = -1;
+    long long due = -1, stall;
     if (w->proc.pid == 0)
       continue;
     if (w->killat > 0) {
       if (now >= w->killat) {
-        kill(w->proc.pid, SIGKILL);
+        lpar_pool_kill(w->proc.pid, SIGKILL);
         w->killat = 0;
       }
       else
         due = w->killat;
     }
-    else if (r->o.timeout > 0 && w->count > 0) {
+    else if (r->o.timeout > 0 &&
+             (w->count > 0 || r->slots[i].item == LPAR_SLOTHOOK)) {
       lua_Integer item = r->slots[i].item;
       long long since = r->slots[i].since;
       long long limit = since + (long long)(r->o.timeout * 1e9);
       if (item != 0 && now >= limit) {
-        w->timedout = item;
-        kill(w->proc.pid, SIGTERM);
+        w->timedout = item; /* LPAR_SLOTHOOK: its init */
+        lpar_pool_kill(w->proc.pid, SIGTERM);
         w->killat = now + KILLGRACE;
         due = w->killat;
       }
       else
         due = item != 0 ? limit : now + 10000000LL; /* look again soon */
     }
+    if (w->killat == 0 && (stall = stalled(L, r, w, now)) >= 0 &&
+        (due < 0 || stall < due))
+      due = stall;
     if (due >= 0 && (next < 0 || due < next))
       next = due;
   }
-  (void)L;
   if (next < 0)
     return -1;
-  return (int)((next - now) / 1000000 + 1);
+  return next <= now ? 0 : (int)((next - now) / 1000000 + 1);
 }
 
 /* Wait for events (up to 'ms', -1 forever) and handle them. Returns the
@@ -845,6 +896,11 @@ static int events(lua_State *L, Run *r, int ms) {
     r->pfd[n].fd = w->proc.resfd;
     r->pfd[n].events = POLLIN;
     r->pfdw[n++] = i;
+    if (w->proc.pidfd >= 0) { /* its end, even if others hold its pipe */
+      r->pfd[n].fd = w->proc.pidfd;
+      r->pfd[n].events = POLLIN;
+      r->pfdw[n++] = i;
+    }
     if (w->outpos < w->out.n) {
       r->pfd[n].fd = w->proc.cmdfd;
       r->pfd[n].events = POLLOUT;
@@ -882,6 +938,11 @@ static int events(lua_State *L, Run *r, int ms) {
     handled++;
     if (r->pfd[i].fd == w->proc.resfd)
       readworker(L, r, w);
+    else if (r->pfd[i].fd == w->proc.pidfd) {
+      readworker(L, r, w); /* what it sent before it ended counts */
+      if (w->proc.pid != 0)
+        lose(L, r, w, 0, NULL);
+    }
     else if (sendsome(w) != 0 && w->proc.pid != 0)
       lose(L, r, w, 1, NULL);
   }
@@ -1023,9 +1084,32 @@ int lpar_run_next(lua_State *L) {
   return 0;
 }
 
+/*
+** Reap worker p, told to leave (or killed), by 'deadline': one still there
+** then (its close hook hangs) is killed with its group, and reported on
+** stderr, as a failing close hook is: nobody else is left to tell.
+*/
+static void finishworker(Run *r, Proc *p, long long deadline, double secs) {
+  int status;
+  if (lpar_pool_waituntil(p, deadline, &status) == 0) {
+    if (r->hasclose)
+      fprintf(stderr, "lpar: worker %d: close timed out after %.1f s\n",
+              (int)p->pid, secs);
+    else
+      fprintf(stderr, "lpar: worker %d: did not leave within %.1f s\n",
+              (int)p->pid, secs);
+    fflush(stderr);
+    lpar_pool_kill(p->pid, SIGKILL);
+    lpar_pool_wait(p->pid, &status, 1);
+  }
+  lpar_pool_closepid(p);
+  p->pid = 0;
+}
+
 void lpar_run_stop(lua_State *L, int idx) {
   Run *r = lua_touserdata(L, idx);
-  int i, status, hard;
+  int i, hard;
+  long long grace, deadline;
   /* a worker collecting a copy of a run it inherited leaves it alone:
      the workers and rings are the owner's */
   if (r == NULL || r->stopped || r->owner != getpid())
@@ -1037,20 +1121,26 @@ void lpar_run_stop(lua_State *L, int idx) {
     if (w->proc.pid == 0)
       continue;
     if (hard)
-      kill(w->proc.pid, SIGKILL);
+      lpar_pool_kill(w->proc.pid, SIGKILL);
     lpar_pool_close(&w->proc); /* end of file: an idle worker leaves */
   }
+  /* they run their close hooks: the timeout, or a grace period, bounds it */
+  grace =
+      r->o.timeout > 0 ? (long long)(r->o.timeout * 1e9) : LPAR_CLOSEGRACENS;
+  deadline = lpar_pool_now() + grace;
   for (i = 0; r->w && i < r->o.nworkers; i++) {
     Worker *w = &r->w[i];
     if (w->proc.pid != 0)
-      lpar_pool_wait(w->proc.pid, &status, 1);
-    w->proc.pid = 0;
+      finishworker(r, &w->proc, deadline, (double)grace / 1e9);
     lpar_buf_free(&w->in);
     lpar_buf_free(&w->out);
     lpar_ring_unmap(&w->ring);
   }
-  for (i = 0; i < r->nretired; i++)
-    lpar_pool_wait(r->retired[i], &status, 1);
+  for (i = 0; i < r->nretired; i++) {
+    if (hard && interrupted) /* Ctrl-C: no close hook is waited for */
+      lpar_pool_kill(r->retired[i].pid, SIGKILL);
+    finishworker(r, &r->retired[i], deadline, (double)grace / 1e9);
+  }
   r->nretired = 0;
   r->live = 0;
   if (r->started)

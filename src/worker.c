@@ -437,6 +437,15 @@ int lpar_worker_hook(Runner *r, int idx) {
   return 1;
 }
 
+int lpar_worker_inithook(Runner *r, int idx) {
+  int failed;
+  r->slot->since = lpar_pool_now(); /* the parent times init too */
+  r->slot->item = LPAR_SLOTHOOK;
+  failed = lpar_worker_hook(r, idx);
+  r->slot->item = 0;
+  return failed;
+}
+
 void lpar_worker_reportclose(lua_State *L, const char *who) {
   const char *msg = lua_tostring(L, -2);
   fprintf(stderr, "lpar: %s %d: close failed: %s\n%s\n", who, (int)getpid(),
@@ -536,7 +545,7 @@ static int workermain(lua_State *L) {
   WState *ws = lua_touserdata(L, 5);
   lpar_worker_pushmsgh(L);
   ws->r.msgh = lua_gettop(L);
-  if (!lua_isnil(L, 3) && lpar_worker_hook(&ws->r, 3)) {
+  if (!lua_isnil(L, 3) && lpar_worker_inithook(&ws->r, 3)) {
     lpar_worker_senderror(&ws->r, 0); /* index 0: init failed */
     return 0;
   }

@@ -106,6 +106,10 @@ int lpar_worker_runitem(Runner *r, lua_Integer i);
    and traceback pushed. */
 int lpar_worker_hook(Runner *r, int idx);
 
+/* The same for init, with the shared slot saying so (LPAR_SLOTHOOK), so
+   that the parent can time it. */
+int lpar_worker_inithook(Runner *r, int idx);
+
 /* Tell stderr that the close hook failed (error and traceback on top):
    there is nobody else to tell. */
 void lpar_worker_reportclose(lua_State *L, const char *who);

@@ -525,7 +525,7 @@ local function stopped(e)
   if signalled[e] then return signalled[e], "lpar: " .. e end
   if e == "output closed" then return 141, nil end
   local text = M.clean(errortext(e))
-  if text:find("^worker init failed") then return 2, "lpar: " .. text end
+  if text:find("^worker init ") then return 2, "lpar: " .. text end
   if text:find("^max_memory .* is below") then
     return 2, "lpar: --max-memory" .. text:sub(#"max_memory" + 1)
   end
