@@ -382,3 +382,49 @@ describe("the codec as a boundary", function()
     local _ = fcntl -- loaded to check luaposix's fcntl is there for the specs
   end)
 end)
+
+describe("a worker leaving by os.exit", function()
+  -- A C host with an atexit handler: a worker that calls os.exit must not
+  -- run it (workers leave with _exit), in a one-shot run or a pool.
+  local exe
+
+  setup(function()
+    exe = os.tmpname()
+    local cmd = string.format("cc -std=c11 -D_GNU_SOURCE -o %s " ..
+      "spec/fixtures/embed/atexit_host.c -Isrc $(pkg-config --cflags lua5.4) " ..
+      "%s/liblpar.a $(pkg-config --libs lua5.4) -lm -ldl 2>&1", exe, H.build)
+    local rc, out = H.run(cmd)
+    assert.equal(0, rc, out)
+  end)
+
+  teardown(function() os.remove(exe) end)
+
+  local function host(chunk)
+    local rc, out, err = H.run(exe .. " '" .. chunk .. "'")
+    assert.equal("", err)
+    assert.equal(0, rc)
+    return out
+  end
+
+  it("does not run the host's atexit handlers, and fails its item", function()
+    local out = host([[
+      local lpar = require "lpar"
+      local r, n, errs = lpar.parallel(function(x)
+        if x == 2 then io.write("flushed "); os.exit(5) end
+        return x
+      end, {1, 2, 3}, {n_workers = 2, on_error = "collect"})
+      print(r[1], r[3], n, errs[2]:match("exited with status %d+"))
+      local pool <close> = lpar.pool{n_workers = 1}
+      local _, _, perrs = pool:map(function() os.exit(true) end, {1}, {on_error = "collect"})
+      print(perrs[1]:match("exited with status %d+"))
+    ]])
+    local pid = out:match("^host (%d+)\n")
+    assert.is_not_nil(pid, out)
+    assert.matches("flushed ", out)
+    assert.matches("1\t3\t3\texited with status 5\n", out)
+    assert.matches("\nexited with status 0\n", out)
+    local ran = {}
+    for who in out:gmatch("atexit ran in (%d+)") do ran[#ran + 1] = who end
+    assert.same({pid}, ran)
+  end)
+end)

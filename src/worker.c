@@ -11,6 +11,7 @@
 #include <malloc.h>
 #endif
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 #include <unistd.h>
 
@@ -21,9 +22,33 @@
 
 #define WORKERKEY "lpar.inworker"
 
+/*
+** os.exit in a worker: flush stdio and leave with _exit, as a worker always
+** leaves, so that no atexit handler of the host (nor a sanitizer's exit
+** check, which can wait on a lock another thread of the parent held at the
+** fork) runs in the worker. 'close' is ignored: finalizers do not run in
+** workers either.
+*/
+static int workerexit(lua_State *L) {
+  int status;
+  if (lua_isboolean(L, 1))
+    status = lua_toboolean(L, 1) ? EXIT_SUCCESS : EXIT_FAILURE;
+  else
+    status = (int)luaL_optinteger(L, 1, EXIT_SUCCESS);
+  fflush(NULL);
+  _exit(status);
+}
+
+/* Mark L as a worker's state, and give its os library the worker's exit. */
 void lpar_worker_mark(lua_State *L) {
   lua_pushboolean(L, 1);
   lua_setfield(L, LUA_REGISTRYINDEX, WORKERKEY);
+  lua_getfield(L, LUA_REGISTRYINDEX, LUA_LOADED_TABLE);
+  if (lua_getfield(L, -1, "os") == LUA_TTABLE) {
+    lua_pushcfunction(L, workerexit);
+    lua_setfield(L, -2, "exit");
+  }
+  lua_pop(L, 2);
 }
 
 int lpar_worker_inside(lua_State *L) {
