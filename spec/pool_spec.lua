@@ -654,6 +654,45 @@ describe("pool retries", function()
   end)
 end)
 
+describe("pool max_memory", function()
+  it("fails an item that needs more, names the limit, and goes on", function()
+    local pool <close> = lpar.pool{n_workers = 2, max_memory = "8M"}
+    local r, n, errs = pool:map(function(x)
+      if x == 2 then
+        local t = {}
+        for i = 1, 1e7 do t[i] = i end
+        return #t
+      end
+      return x
+    end, range(3), {on_error = "collect"})
+    assert.equal(3, n)
+    assert.same({[1] = 1, [3] = 3}, r)
+    assert.equal("not enough memory (limit 8 MiB)", errs[2])
+    assert.same({10}, (pool:map(function(x) return x * 2 end, {5})))
+    local ok, err = pcall(pool.map, pool, function() return string.rep("x", 16 << 20) end, {1})
+    assert.is_false(ok)
+    assert.equal("item 1: not enough memory (limit 8 MiB)", err)
+  end)
+
+  it("refuses a limit below the heap the workers would inherit", function()
+    local rc, out, err = lua([[
+      local lpar = require "lpar"
+      big = string.rep("x", 20 << 20)
+      print(pcall(lpar.pool, {n_workers = 2, max_memory = "4M"}))
+    ]])
+    assert.equal(0, rc, err)
+    assert.matches("^false\tmax_memory 4 MiB is below the 20%.%d MiB the worker " ..
+      "inherited from the caller\n$", out)
+  end)
+
+  it("checks the option", function()
+    assert.has_error(function() lpar.pool{max_memory = "12"} end,
+      "bad argument #1 to 'pool' (max_memory must be at least 1 MiB, in bytes or like '512M')")
+    assert.has_error(function() lpar.pool{max_memory = "lots"} end,
+      "bad argument #1 to 'pool' (max_memory must be at least 1 MiB, in bytes or like '512M')")
+  end)
+end)
+
 describe("pool faults", function()
   local pool
 

@@ -131,6 +131,7 @@ typedef struct Pool {
   int ignint;     /* SIGINT was ignored when the wait began */
   sigset_t oldmask;
   double timeout; /* seconds for init and close, 0 for none */
+  size_t maxmem;  /* Lua heap limit of each worker in bytes, 0 for none */
   int chld;       /* depth of the calls that made SIGCHLD deliverable */
   int heldchld;   /* the caller ignored SIGCHLD: oldchld is its action */
   struct sigaction oldchld;
@@ -277,6 +278,7 @@ static int spawn(Ctx *c, int i, const char **call) {
     a.initidx = lua_isnil(L, top - 1) ? 0 : top - 1;
     a.closeidx = lua_isnil(L, top) ? 0 : top;
     a.place = i;
+    a.maxmem = p->maxmem;
     a.slot = &p->slots[i];
     lpar_pworker_run(L, &a);
   }
@@ -718,6 +720,20 @@ static void refill(Ctx *c) {
     return;
   }
   lua_pop(L, 1);
+  for (i = 0; i < p->n; i++)
+    live += p->w[i].state != W_EMPTY;
+  if (live == p->n)
+    return;
+  /* a worker would start with the caller's heap: over max_memory, it
+     could not run; go on with the workers there are, if any */
+  if (p->maxmem > 0 && lpar_worker_checkheap(L, p->maxmem)) {
+    if (live > 0)
+      lua_pop(L, 1);
+    else
+      breakpool(c);
+    return;
+  }
+  live = 0;
   for (i = 0; i < p->n; i++) {
     if (p->w[i].state == W_EMPTY) {
       int r = spawn(c, i, &call);
@@ -1045,6 +1061,11 @@ static void pump(Ctx *c, int ms) {
   sigset_t mask;
   reapdying(p, 0);
   refill(c);
+  if (lua_rawgeti(L, c->uv, PU_BROKEN) != LUA_TNIL) {
+    lua_pop(L, 1); /* broken: no worker is left to wait for */
+    return;
+  }
+  lua_pop(L, 1);
   dispatch(c);
   if (deadlines(c)) /* armed for workers just started, too */
     ms = 0;
@@ -1237,8 +1258,8 @@ static int ncpus(void) {
   return n < 1 ? 1 : n > LPAR_MAXWORKERS ? LPAR_MAXWORKERS : (int)n;
 }
 
-static const char *const poolopts[] = {"n_workers", "init", "close", "timeout",
-                                       NULL};
+static const char *const poolopts[] = {"n_workers", "init",       "close",
+                                       "timeout",   "max_memory", NULL};
 
 /*
 ** lpar.pool([n_workers | opts]) -> pool. opts: n_workers (default: the
@@ -1251,6 +1272,7 @@ static const char *const poolopts[] = {"n_workers", "init", "close", "timeout",
 static int l_pool(lua_State *L) {
   lua_Integer nw = ncpus();
   double timeout = 0;
+  size_t maxmem = 0;
   Pool *p;
   Ctx c;
   int i;
@@ -1272,6 +1294,9 @@ static int l_pool(lua_State *L) {
         luaL_argerror(L, 1, "timeout must be a positive number of seconds");
     }
     lua_pop(L, 1);
+    if (lua_getfield(L, 1, "max_memory") != LUA_TNIL)
+      maxmem = lpar_opts_size(L, 1);
+    lua_pop(L, 1);
   }
   else if (!lua_isnoneornil(L, 1)) {
     nw = luaL_checkinteger(L, 1);
@@ -1286,6 +1311,7 @@ static int l_pool(lua_State *L) {
   p->owner = getpid();
   p->n = (int)nw;
   p->timeout = timeout;
+  p->maxmem = maxmem;
   p->closed = 1; /* until it is complete: __gc has nothing to do */
   luaL_setmetatable(L, LPAR_POOLMT);
   lua_createtable(L, PU_N, 0); /* 3: uservalue */

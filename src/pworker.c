@@ -156,6 +156,7 @@ _Noreturn void lpar_pworker_run(lua_State *L, const PWorkerArgs *a) {
   memset(&ps, 0, sizeof ps);
   lpar_worker_initrunner(&ps.r, L, a->resfd, a->slot);
   lpar_worker_reseed(L, a->place);
+  lpar_worker_setlimit(&ps.r, a->maxmem);
   lua_pushcfunction(L, workermain);
   if (a->initidx)
     lua_pushvalue(L, a->initidx);

@@ -13,12 +13,13 @@
 #define LPAR_CALLTIMED 2   /* note when each item starts (timeouts) */
 
 typedef struct PWorkerArgs {
-  int cmdfd;    /* read frames from here */
-  int resfd;    /* write frames here */
-  int initidx;  /* stack index of a function run once first, or 0 */
-  int closeidx; /* stack index of a function run once last, or 0 */
-  int place;    /* the worker's place in the pool (seeds math.random) */
-  Slot *slot;   /* this worker's shared status */
+  int cmdfd;     /* read frames from here */
+  int resfd;     /* write frames here */
+  int initidx;   /* stack index of a function run once first, or 0 */
+  int closeidx;  /* stack index of a function run once last, or 0 */
+  int place;     /* the worker's place in the pool (seeds math.random) */
+  size_t maxmem; /* Lua heap limit in bytes, 0 for none */
+  Slot *slot;    /* this worker's shared status */
 } PWorkerArgs;
 
 /*

@@ -368,18 +368,6 @@ static int sendsome(Worker *w) {
 
 /* ---- workers ---- */
 
-/*
-** Whether a worker forked now starts below the memory limit 'max': the
-** caller's heap is what it inherits. Only when it is not is the garbage
-** collected first (a worker could collect it too).
-*/
-static int heapfits(lua_State *L, size_t max) {
-  if (lpar_worker_heap(L) < max)
-    return 1;
-  lua_gc(L, LUA_GCCOLLECT);
-  return lpar_worker_heap(L) < max;
-}
-
 static void spawn(lua_State *L, Run *r) {
   int i;
   pid_t pid;
@@ -393,25 +381,13 @@ static void spawn(lua_State *L, Run *r) {
     }
   if (w == NULL)
     return;
-  if (r->o.maxmem > 0 && !heapfits(L, r->o.maxmem)) {
-    char lim[32], heap[32];
-    size_t used = lpar_worker_heap(L);
+  if (r->o.maxmem > 0 && lpar_worker_checkheap(L, r->o.maxmem)) {
     if (r->live > 0) { /* go on with the workers there are */
+      lua_pop(L, 1);
       r->cap = r->live;
       return;
     }
-    if ((double)used < 1.1 * (double)r->o.maxmem) { /* close: in bytes */
-      snprintf(lim, sizeof lim, "%zu bytes", r->o.maxmem);
-      snprintf(heap, sizeof heap, "%zu bytes", used);
-    }
-    else {
-      lpar_worker_memname(r->o.maxmem, lim, sizeof lim);
-      lpar_worker_memname(used, heap, sizeof heap);
-    }
-    luaL_error(L,
-               "max_memory %s is below the %s the worker inherited "
-               "from the caller",
-               lim, heap);
+    lua_error(L);
   }
   cs.mask = &r->oldmask;
   cs.ignint = r->ignint;

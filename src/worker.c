@@ -122,8 +122,7 @@ void lpar_worker_failure(lua_State *L, const char *prefix) {
 typedef struct WState {
   const WorkerArgs *a;
   Runner r;
-  char limitname[32]; /* the memory limit, as "512 MiB" */
-  Buf in;             /* last frame received */
+  Buf in; /* last frame received */
 } WState;
 
 void lpar_worker_check(int rc) {
@@ -530,6 +529,44 @@ static void *limitalloc(void *ud, void *ptr, size_t osize, size_t nsize) {
   return p;
 }
 
+void lpar_worker_setlimit(Runner *r, size_t max) {
+  /* both live as long as the process: a worker never returns */
+  static Limit lim;
+  static char name[32];
+  lua_State *L = r->L;
+  if (max == 0)
+    return;
+  lim.f = lua_getallocf(L, &lim.ud);
+  lim.used = lpar_worker_heap(L);
+  lim.max = max;
+  lua_setallocf(L, limitalloc, &lim);
+  r->limit = lpar_worker_memname(max, name, sizeof name);
+}
+
+int lpar_worker_checkheap(lua_State *L, size_t max) {
+  char lim[32], heap[32];
+  size_t used = lpar_worker_heap(L);
+  if (used < max)
+    return 0;
+  lua_gc(L, LUA_GCCOLLECT);
+  used = lpar_worker_heap(L);
+  if (used < max)
+    return 0;
+  if ((double)used < 1.1 * (double)max) { /* close: in bytes */
+    snprintf(lim, sizeof lim, "%zu bytes", max);
+    snprintf(heap, sizeof heap, "%zu bytes", used);
+  }
+  else {
+    lpar_worker_memname(max, lim, sizeof lim);
+    lpar_worker_memname(used, heap, sizeof heap);
+  }
+  lua_pushfstring(L,
+                  "max_memory %s is below the %s the worker inherited "
+                  "from the caller",
+                  lim, heap);
+  return 1;
+}
+
 static void serve(WState *ws) {
   lua_State *L = ws->r.L;
   const WorkerArgs *a = ws->a;
@@ -588,15 +625,7 @@ _Noreturn void lpar_worker_run(lua_State *L, const WorkerArgs *a) {
   lpar_worker_initrunner(&ws.r, L, a->resfd, a->slot);
   ws.r.timed = a->timed;
   ws.r.ring = a->ring;
-  if (a->maxmem > 0) { /* lives as long as the process: run never returns */
-    static Limit lim;
-    lim.f = lua_getallocf(L, &lim.ud);
-    lim.used = lpar_worker_heap(L);
-    lim.max = a->maxmem;
-    lua_setallocf(L, limitalloc, &lim);
-    ws.r.limit =
-        lpar_worker_memname(a->maxmem, ws.limitname, sizeof ws.limitname);
-  }
+  lpar_worker_setlimit(&ws.r, a->maxmem);
   lua_pushcfunction(L, workermain);
   lua_pushvalue(L, a->fidx);
   pushornil(L, a->itemsidx);
