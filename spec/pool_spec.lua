@@ -772,6 +772,37 @@ describe("pool faults", function()
     assert.equal("false\tinterrupted\tcancelled\ttrue\n6\n", out)
   end)
 
+  it("ends a blocking wait on SIGTERM too with sigterm = true: 'terminated'", function()
+    local rc, out, err = lua([[
+      local lpar = require "lpar"
+      local pool = lpar.pool{n_workers = 2, sigterm = true}
+      local job = pool:submit(function(x)
+        if x == 1 then -- once the caller's wait takes SIGTERM, send it
+          local unistd, signal = require "posix.unistd", require "posix.signal"
+          local ppid = unistd.getppid()
+          for _ = 1, 6000 do
+            local f = io.open("/proc/" .. ppid .. "/status")
+            local caught = f:read("a"):match("SigCgt:%s*(%x+)")
+            f:close()
+            if tonumber(caught, 16) & (1 << 14) ~= 0 then
+              signal.kill(ppid, signal.SIGTERM)
+              break
+            end
+            require("posix.time").nanosleep({tv_sec = 0, tv_nsec = 10000000})
+          end
+        end
+        local t = os.clock()
+        while os.clock() - t < 60 do end
+      end, {1, 2})
+      local ok, e = pcall(job.wait, job)
+      print(ok, e, job:status())
+      print(pool:map(function(x) return x * 3 end, {1, 2})[2])
+      pool:close()
+    ]])
+    assert.equal(0, rc, err)
+    assert.equal("false\tterminated\tcancelled\n6\n", out)
+  end)
+
   it("survives SIGINT sent to the workers' process group", function()
     local before = sorted(pool:pids())
     for _, pid in ipairs(before) do signal.kill(pid, signal.SIGINT) end

@@ -127,9 +127,10 @@ typedef struct Pool {
   struct Job *jobs, *lastjob; /* active jobs, oldest first */
   uint64_t nextid;
   int startfails; /* workers lost before READY, in a row */
-  int waiting;    /* a blocking wait owns SIGINT */
-  int ignint;     /* SIGINT was ignored when the wait began */
-  sigset_t oldmask;
+  int waiting;    /* a blocking wait owns SIGINT (and SIGTERM) */
+  int sigterm;    /* SIGTERM ends a blocking wait too */
+  int watching;   /* signals a blocking wait takes: it waits with waitmask */
+  sigset_t oldmask, waitmask;
   double timeout; /* seconds for init and close, 0 for none */
   size_t maxmem;  /* Lua heap limit of each worker in bytes, 0 for none */
   int chld;       /* depth of the calls that made SIGCHLD deliverable */
@@ -1058,7 +1059,6 @@ static void pump(Ctx *c, int ms) {
   Pool *p = c->p;
   lua_State *L = c->L;
   int i, n;
-  sigset_t mask;
   reapdying(p, 0);
   refill(c);
   if (lua_rawgeti(L, c->uv, PU_BROKEN) != LUA_TNIL) {
@@ -1069,13 +1069,9 @@ static void pump(Ctx *c, int ms) {
   dispatch(c);
   if (deadlines(c)) /* armed for workers just started, too */
     ms = 0;
-  if (p->waiting) {
-    mask = p->oldmask;
-    sigdelset(&mask, SIGINT);
-  }
   do
     n = epoll_pwait(p->epfd, p->evs, 3 * p->n + 1, ms,
-                    p->waiting && !p->ignint ? &mask : NULL);
+                    p->waiting && p->watching ? &p->waitmask : NULL);
   while (n == -1 && errno == EINTR && !interrupted);
   if (n == -1 && errno != EINTR)
     luaL_error(L, "epoll_wait: %s", strerror(errno));
@@ -1258,8 +1254,8 @@ static int ncpus(void) {
   return n < 1 ? 1 : n > LPAR_MAXWORKERS ? LPAR_MAXWORKERS : (int)n;
 }
 
-static const char *const poolopts[] = {"n_workers", "init",       "close",
-                                       "timeout",   "max_memory", NULL};
+static const char *const poolopts[] = {
+    "n_workers", "init", "close", "timeout", "max_memory", "sigterm", NULL};
 
 /*
 ** lpar.pool([n_workers | opts]) -> pool. opts: n_workers (default: the
@@ -1273,6 +1269,7 @@ static int l_pool(lua_State *L) {
   lua_Integer nw = ncpus();
   double timeout = 0;
   size_t maxmem = 0;
+  int sigterm = 0;
   Pool *p;
   Ctx c;
   int i;
@@ -1297,6 +1294,9 @@ static int l_pool(lua_State *L) {
     if (lua_getfield(L, 1, "max_memory") != LUA_TNIL)
       maxmem = lpar_opts_size(L, 1);
     lua_pop(L, 1);
+    lua_getfield(L, 1, "sigterm");
+    sigterm = lua_toboolean(L, -1);
+    lua_pop(L, 1);
   }
   else if (!lua_isnoneornil(L, 1)) {
     nw = luaL_checkinteger(L, 1);
@@ -1312,6 +1312,7 @@ static int l_pool(lua_State *L) {
   p->n = (int)nw;
   p->timeout = timeout;
   p->maxmem = maxmem;
+  p->sigterm = sigterm;
   p->closed = 1; /* until it is complete: __gc has nothing to do */
   luaL_setmetatable(L, LPAR_POOLMT);
   lua_createtable(L, PU_N, 0); /* 3: uservalue */
@@ -1555,7 +1556,7 @@ static int waitloop(lua_State *L) {
   while (j->state == J_RUNNING) {
     pump(&own, -1);
     if (interrupted && j->state == J_RUNNING) {
-      lua_pushliteral(L, "interrupted");
+      lua_pushstring(L, interrupted == SIGTERM ? "terminated" : "interrupted");
       endjob(&own, j, J_CANCELLED, NULL);
     }
   }
@@ -1563,13 +1564,15 @@ static int waitloop(lua_State *L) {
 }
 
 /* Pump until job j (at 'jidx') is finished, with SIGINT ending the wait
-   ("interrupted"; the job is cancelled). */
+   ("interrupted"; the job is cancelled), and SIGTERM too ("terminated")
+   when the pool takes it. A signal the caller ignores stays ignored. */
 static void waitjob(lua_State *L, int jidx, Job *j) {
+  static const int sigs[] = {SIGINT, SIGTERM};
   Ctx c;
   Pool *p;
-  struct sigaction sa, old;
+  struct sigaction sa, old[2];
   sigset_t block;
-  int status;
+  int status, k, taken[2] = {0, 0};
   if (j->state != J_RUNNING)
     return;
   lua_getiuservalue(L, jidx, 1);
@@ -1579,16 +1582,25 @@ static void waitjob(lua_State *L, int jidx, Job *j) {
   if (p->inpump || p->waiting)
     luaL_error(L, "pool is busy (called from inside its own pump)");
   sigemptyset(&block);
-  sigaddset(&block, SIGINT);
+  for (k = 0; k < 2; k++)
+    if (k == 0 || p->sigterm)
+      sigaddset(&block, sigs[k]);
   sigprocmask(SIG_BLOCK, &block, &p->oldmask);
-  sigaction(SIGINT, NULL, &old);
-  p->ignint = old.sa_handler == SIG_IGN;
-  if (!p->ignint) {
-    memset(&sa, 0, sizeof sa);
-    sa.sa_handler = onint;
-    sigemptyset(&sa.sa_mask);
-    sigaction(SIGINT, &sa, NULL);
+  p->waitmask = p->oldmask;
+  memset(&sa, 0, sizeof sa);
+  sa.sa_handler = onint;
+  sigemptyset(&sa.sa_mask);
+  for (k = 0; k < 2; k++) {
+    if (!sigismember(&block, sigs[k]))
+      continue;
+    sigaction(sigs[k], NULL, &old[k]);
+    taken[k] = old[k].sa_handler != SIG_IGN;
+    if (taken[k]) {
+      sigaction(sigs[k], &sa, NULL);
+      sigdelset(&p->waitmask, sigs[k]);
+    }
   }
+  p->watching = taken[0] || taken[1];
   interrupted = 0;
   p->waiting = 1;
   p->inpump = 1;
@@ -1601,8 +1613,9 @@ static void waitjob(lua_State *L, int jidx, Job *j) {
   releasechld(p);
   p->inpump = 0;
   p->waiting = 0;
-  if (!p->ignint)
-    sigaction(SIGINT, &old, NULL);
+  for (k = 0; k < 2; k++)
+    if (taken[k])
+      sigaction(sigs[k], &old[k], NULL);
   sigprocmask(SIG_SETMASK, &p->oldmask, NULL);
   if (status != LUA_OK)
     lua_error(L);
