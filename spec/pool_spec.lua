@@ -654,24 +654,94 @@ describe("pool retries", function()
   end)
 end)
 
-describe("pool max_memory", function()
-  it("fails an item that needs more, names the limit, and goes on", function()
-    local pool <close> = lpar.pool{n_workers = 2, max_memory = "8M"}
-    local r, n, errs = pool:map(function(x)
+describe("pool results through the ring", function()
+  local pool
+
+  before_each(function() pool = lpar.pool{n_workers = 2} end)
+  after_each(function() pool:close() end)
+
+  local function rchar() -- bytes this process has read with read(2)
+    return tonumber(slurp("/proc/self/io"):match("rchar: (%d+)"))
+  end
+
+  local function payload(i, size) -- distinct bytes per item
+    return string.rep(string.char(i % 251, (7 * i) % 256), size // 2)
+  end
+
+  it("so that the caller does not read big results from a pipe", function()
+    local before = rchar()
+    local r, n = pool:map(function(i) return payload(i, 1 << 20) end, range(40))
+    local read = rchar() - before
+    assert.equal(40, n)
+    for i = 1, 40 do assert.equal(payload(i, 1 << 20), r[i]) end
+    assert.is_true(read < 1 << 20, "the caller read " .. read .. " bytes")
+  end)
+
+  it("intact at every size, around its limits and past them, over many laps", function()
+    local sizes = {1000, (64 << 10) - 40, 64 << 10, 300 << 10, (2 << 20) - 40,
+      2 << 20, 3 << 20, 5 << 20}
+    local items = {}
+    for _ = 1, 6 do
+      for _, size in ipairs(sizes) do items[#items + 1] = size end
+    end
+    for _ = 1, 2 do -- the same workers, job after job
+      local r, n = pool:map(function(size) return payload(size, size) end,
+        items, {chunksize = 4})
+      assert.equal(#items, n)
+      for i, size in ipairs(items) do assert.equal(payload(size, size), r[i]) end
+    end
+  end)
+
+  it("while a job that is not waited for keeps the rings full", function()
+    local job = pool:submit(function(i) return payload(i, 700 << 10) end, range(30))
+    -- the workers fill their rings and wait for room; the caller pumps
+    -- only now and then
+    assert.is_true(H.waitfor(function() pool:pump(); return job:done() end, 60))
+    local r = job:wait()
+    for i = 1, 30 do assert.equal(payload(i, 700 << 10), r[i]) end
+  end)
+
+  it("names a worker that points outside its ring, and goes on", function()
+    local bad = string.pack("<I4I4I8I8I8", 7, 0, 16, 1 << 40, 1 << 20)
+    local r, _, errs = pool:map(function(x)
       if x == 2 then
-        local t = {}
-        for i = 1, 1e7 do t[i] = i end
-        return #t
+        local ux, sys = require "posix.unistd", require "posix.sys.stat"
+        for fd = 3, 64 do -- the results pipe is the only FIFO a worker holds
+          local st = sys.fstat(fd)
+          if st and sys.S_ISFIFO(st.st_mode) ~= 0 then ux.write(fd, bad) end
+        end
+        require("posix.time").nanosleep({tv_sec = 1, tv_nsec = 0})
       end
       return x
-    end, range(3), {on_error = "collect"})
-    assert.equal(3, n)
-    assert.same({[1] = 1, [3] = 3}, r)
-    assert.equal("not enough memory (limit 8 MiB)", errs[2])
-    assert.same({10}, (pool:map(function(x) return x * 2 end, {5})))
-    local ok, err = pcall(pool.map, pool, function() return string.rep("x", 16 << 20) end, {1})
-    assert.is_false(ok)
-    assert.equal("item 1: not enough memory (limit 8 MiB)", err)
+    end, range(3), {on_error = "collect", chunksize = 1})
+    assert.equal(1, r[1])
+    assert.equal(3, r[3])
+    assert.matches("bad place in the ring", errs[2])
+    assert.same({2, 4}, (pool:map(double, {1, 2})))
+  end)
+end)
+
+describe("pool max_memory", function()
+  it("fails an item that needs more, names the limit, and goes on", function()
+    -- in a fresh process: the limit counts the heap the workers inherit
+    local rc, out, err = lua([[
+      local lpar = require "lpar"
+      local pool <close> = lpar.pool{n_workers = 2, max_memory = "8M"}
+      local r, n, errs = pool:map(function(x)
+        if x == 2 then
+          local t = {}
+          for i = 1, 1e7 do t[i] = i end
+          return #t
+        end
+        return x
+      end, {1, 2, 3}, {on_error = "collect"})
+      print(n, r[1], r[2], r[3], errs[2])
+      print(pool:map(function(x) return x * 2 end, {5})[1])
+      print(pcall(pool.map, pool, function() return string.rep("x", 16 << 20) end, {1}))
+    ]])
+    assert.equal(0, rc, err)
+    assert.equal("3\t1\tnil\t3\tnot enough memory (limit 8 MiB)\n10\n" ..
+      "false\titem 1: not enough memory (limit 8 MiB)\n", out)
   end)
 
   it("refuses a limit below the heap the workers would inherit", function()

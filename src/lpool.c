@@ -21,6 +21,7 @@
 #include "pool.h"
 #include "pworker.h"
 #include "ranges.h"
+#include "ring.h"
 #include "wire.h"
 #include "worker.h"
 #include "xfer.h"
@@ -103,6 +104,7 @@ typedef struct PWorker {
   Buf in;               /* bytes received and not yet handled */
   long long lastread;   /* when bytes last came */
   Buf out;              /* bytes to send */
+  Ring ring;            /* big results frames arrive here */
   size_t outpos;        /* bytes of 'out' already sent */
   int watchout;         /* its command fd is in the epoll set */
   lua_Integer timedout; /* item it was stopped for, 0 if none */
@@ -268,6 +270,9 @@ static int spawn(Ctx *c, int i, const char **call) {
   cs.mask = p->waiting ? &p->oldmask : &cur;
   cs.ignint = 1; /* a pool's workers outlive Ctrl-C; they die with it */
   p->slots[i].item = 0;
+  lpar_ring_unmap(&w->ring); /* the last worker in this place is gone */
+  if (lpar_ring_map(&w->ring, LPAR_RINGSIZE) != 0)
+    w->ring.base = NULL; /* no ring: every frame takes the pipe */
   lua_rawgeti(L, c->uv, PU_INIT);
   lua_rawgeti(L, c->uv, PU_CLOSE);
   pid = lpar_pool_fork(&w->proc, &cs, call);
@@ -280,12 +285,16 @@ static int spawn(Ctx *c, int i, const char **call) {
     a.closeidx = lua_isnil(L, top) ? 0 : top;
     a.place = i;
     a.maxmem = p->maxmem;
+    a.ring = w->ring;
     a.slot = &p->slots[i];
     lpar_pworker_run(L, &a);
   }
   lua_pop(L, 2);
-  if (pid < 0)
+  lpar_ring_keep(&w->ring);
+  if (pid < 0) {
+    lpar_ring_unmap(&w->ring);
     return (int)pid;
+  }
   w->state = W_STARTING;
   w->job = NULL;
   w->fnjob = 0;
@@ -893,40 +902,66 @@ static int readyframe(Ctx *c, PWorker *w, uint32_t count) {
 }
 
 /* Handle the whole frames in w->in. Returns 0, or -1 if w was lost. */
-static int frames(Ctx *c, PWorker *w) {
+/* Handle frame f (payload at p) from worker w: 0, or -1 when w broke the
+   protocol with it (it is lost then). */
+static int frame(Ctx *c, PWorker *w, const Frame *f, const char *p) {
   lua_State *L = c->L;
+  int rc;
+  if (f->type == LPAR_FRESULT && f->len >= 16 && w->state == W_BUSY) {
+    w->busy += (long long)lpar_wire_get64(p + 8);
+    rc = results(c, w, p, (size_t)f->len, (lua_Integer)lpar_wire_get64(p),
+                 f->count);
+  }
+  else if (f->type == LPAR_FERROR && f->len >= 8)
+    rc = errorframe(c, w, p, (size_t)f->len, (lua_Integer)lpar_wire_get64(p));
+  else if (f->type == LPAR_FREADY)
+    rc = readyframe(c, w, f->count);
+  else {
+    lua_pushliteral(L, "unexpected frame");
+    rc = -1;
+  }
+  if (rc != 0) {
+    char what[160];
+    snprintf(what, sizeof what, "%s", lua_tostring(L, -1));
+    lua_pop(L, 1);
+    protoerror(c, w, what);
+  }
+  return rc;
+}
+
+/* A RING frame: the frame w put in its ring at the place that p names. */
+static int ringframe(Ctx *c, PWorker *w, const char *p) {
+  uint64_t pos = lpar_wire_get64(p), n = lpar_wire_get64(p + 8);
+  const char *q = lpar_ring_get(&w->ring, pos, n);
+  Frame f;
+  if (q == NULL || n < LPAR_HDRSIZE || lpar_wire_getheader(q, &f) != 0 ||
+      f.len != n - LPAR_HDRSIZE || f.type == LPAR_FRING) {
+    protoerror(c, w, "bad place in the ring");
+    return -1;
+  }
+  if (frame(c, w, &f, q + LPAR_HDRSIZE) != 0)
+    return -1;
+  if (w->state != W_EMPTY)
+    lpar_ring_release(&w->ring, pos + n);
+  return 0;
+}
+
+/* Handle the whole frames w has sent; -1 if w is gone meanwhile. */
+static int frames(Ctx *c, PWorker *w) {
   size_t at = 0;
   while (w->in.n - at >= LPAR_HDRSIZE) {
     Frame f;
     const char *p;
-    int rc = 0;
-    if (lpar_wire_getheader(w->in.p + at, &f) != 0) {
+    if (lpar_wire_getheader(w->in.p + at, &f) != 0 ||
+        (f.type == LPAR_FRING && f.len != 16)) {
       protoerror(c, w, "bad frame header");
       return -1;
     }
     if (f.len > w->in.n - at - LPAR_HDRSIZE)
       break; /* not all there yet */
     p = w->in.p + at + LPAR_HDRSIZE;
-    if (f.type == LPAR_FRESULT && f.len >= 16 && w->state == W_BUSY) {
-      w->busy += (long long)lpar_wire_get64(p + 8);
-      rc = results(c, w, p, (size_t)f.len, (lua_Integer)lpar_wire_get64(p),
-                   f.count);
-    }
-    else if (f.type == LPAR_FERROR && f.len >= 8)
-      rc = errorframe(c, w, p, (size_t)f.len, (lua_Integer)lpar_wire_get64(p));
-    else if (f.type == LPAR_FREADY)
-      rc = readyframe(c, w, f.count);
-    else {
-      lua_pushliteral(L, "unexpected frame");
-      rc = -1;
-    }
-    if (rc != 0) {
-      char what[160];
-      snprintf(what, sizeof what, "%s", lua_tostring(L, -1));
-      lua_pop(L, 1);
-      protoerror(c, w, what);
+    if ((f.type == LPAR_FRING ? ringframe(c, w, p) : frame(c, w, &f, p)) != 0)
       return -1;
-    }
     if (w->state == W_EMPTY)
       return -1; /* its job failed and took it along */
     at += LPAR_HDRSIZE + (size_t)f.len;
@@ -1217,6 +1252,7 @@ static void closepool(lua_State *L, int idx, const char *why) {
     w->state = W_EMPTY;
     lpar_buf_free(&w->in);
     lpar_buf_free(&w->out);
+    lpar_ring_unmap(&w->ring);
   }
   reapdying(p, 1);
   releasechld(p);

@@ -157,6 +157,7 @@ _Noreturn void lpar_pworker_run(lua_State *L, const PWorkerArgs *a) {
   lpar_worker_initrunner(&ps.r, L, a->resfd, a->slot);
   lpar_worker_reseed(L, a->place);
   lpar_worker_setlimit(&ps.r, a->maxmem);
+  ps.r.ring = a->ring;
   lua_pushcfunction(L, workermain);
   if (a->initidx)
     lua_pushvalue(L, a->initidx);

@@ -7,6 +7,7 @@
 
 #include "lua.h"
 #include "pool.h"
+#include "ring.h"
 
 /* flags of an LPAR_FCALL frame (its count field) */
 #define LPAR_CALLCOLLECT 1 /* go on with a chunk after an item fails */
@@ -19,6 +20,7 @@ typedef struct PWorkerArgs {
   int closeidx;  /* stack index of a function run once last, or 0 */
   int place;     /* the worker's place in the pool (seeds math.random) */
   size_t maxmem; /* Lua heap limit in bytes, 0 for none */
+  Ring ring;     /* where big results frames go; ring.base NULL: none */
   Slot *slot;    /* this worker's shared status */
 } PWorkerArgs;
 
