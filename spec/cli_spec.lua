@@ -384,11 +384,11 @@ describe("lpar failures", function()
   end)
 
   it("stops an item that runs past --timeout and goes on", function()
-    local code, out, err = lpar("--timeout 0.3 " .. FIX .. "sleepy.lua",
+    local code, out, err = lpar("--timeout 0.25 " .. FIX .. "sleepy.lua",
                                 "0\n5000\n1\n")
     assert.equal(1, code)
     assert.equal("0\n1\n", out)
-    assert.matches("lpar: line 2: timed out after 0.3 s", err)
+    assert.matches("lpar: line 2: timed out after 0.25 s", err)
   end)
 
   it("fails an item that needs more than --max-memory and goes on", function()

@@ -820,10 +820,10 @@ describe("pool faults", function()
     local r, _, errs = pool:map(function(x)
       if x == 2 then spin(30) end
       return x
-    end, range(3), {timeout = 0.2, on_error = "collect"})
+    end, range(3), {timeout = 0.25, on_error = "collect"})
     assert.is_true(H.now() - t0 < 3)
     assert.same({[1] = 1, [3] = 3}, r)
-    assert.equal("timed out after 0.2 s", errs[2])
+    assert.equal("timed out after 0.25 s", errs[2])
   end)
 
   it("ends a blocking wait on SIGINT: 'interrupted', and the pool goes on", function()

@@ -502,9 +502,9 @@ static void lose(Ctx *c, PWorker *w, int force, const char *why) {
   w->job = NULL;
   if (starting && w->timedout == LPAR_SLOTHOOK) { /* stopped in init */
     if (lua_rawgeti(L, c->uv, PU_INITERR) == LUA_TNIL) {
-      snprintf(desc, sizeof desc, "worker init timed out after %.1f s",
-               p->timeout);
-      lua_pushstring(L, desc);
+      char secs[32];
+      lua_pushfstring(L, "worker init timed out after %s s",
+                      lpar_pool_secs(p->timeout, secs, sizeof secs));
       lua_rawseti(L, c->uv, PU_INITERR);
     }
     lua_pop(L, 1);
@@ -537,7 +537,8 @@ static void lose(Ctx *c, PWorker *w, int force, const char *why) {
     culprit = w->blame;
   if (culprit) {
     if (w->timedout)
-      lua_pushfstring(L, "timed out after %f s", j->timeout);
+      lua_pushfstring(L, "timed out after %s s",
+                      lpar_pool_secs(j->timeout, desc, sizeof desc));
     else
       lua_pushfstring(L, "worker %d %s", (int)pid, why);
     lua_pushnil(L);
@@ -1237,12 +1238,14 @@ static void closepool(lua_State *L, int idx, const char *why) {
     PWorker *w = &p->w[i];
     if (w->state != W_EMPTY &&
         lpar_pool_waituntil(&w->proc, deadline, &status) == 0) {
+      char secs[32];
+      lpar_pool_secs((double)grace / 1e9, secs, sizeof secs);
       if (hasclose)
-        fprintf(stderr, "lpar: pool worker %d: close timed out after %.1f s\n",
-                (int)w->proc.pid, (double)grace / 1e9);
+        fprintf(stderr, "lpar: pool worker %d: close timed out after %s s\n",
+                (int)w->proc.pid, secs);
       else
-        fprintf(stderr, "lpar: pool worker %d: did not leave within %.1f s\n",
-                (int)w->proc.pid, (double)grace / 1e9);
+        fprintf(stderr, "lpar: pool worker %d: did not leave within %s s\n",
+                (int)w->proc.pid, secs);
       fflush(stderr);
       lpar_pool_kill(w->proc.pid, SIGKILL);
       lpar_pool_wait(w->proc.pid, &status, 1);

@@ -261,6 +261,13 @@ int lpar_pool_holdchld(struct sigaction *old) {
   return sigaction(SIGCHLD, &sa, NULL) == 0;
 }
 
+const char *lpar_pool_secs(double secs, char *buf, size_t size) {
+  int n = snprintf(buf, size, "%.6g", secs);
+  if (n > 0 && (size_t)n + 2 < size && strpbrk(buf, ".en") == NULL)
+    memcpy(buf + n, ".0", 3); /* looks like a float, as in Lua */
+  return buf;
+}
+
 const char *lpar_pool_describe(int status, char *buf, size_t size) {
   if (WIFSIGNALED(status)) {
     int sig = WTERMSIG(status);

@@ -103,6 +103,10 @@ int lpar_pool_reap(pid_t pid, int force, int *status);
    (SIGKILL)". Returns 'buf'. */
 const char *lpar_pool_describe(int status, char *buf, size_t size);
 
+/* Seconds as every message of lpar writes them, the way Lua writes a
+   float: "0.25", "2.0", "1e+09"; returns buf. */
+const char *lpar_pool_secs(double secs, char *buf, size_t size);
+
 /* Monotonic clock in nanoseconds. */
 long long lpar_pool_now(void);
 

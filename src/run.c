@@ -681,9 +681,8 @@ static void lose(lua_State *L, Run *r, Worker *w, int force, const char *why) {
   }
   if (w->timedout == LPAR_SLOTHOOK) { /* stopped in its init hook */
     if (!r->failed) {
-      snprintf(desc, sizeof desc, "worker init timed out after %.1f s",
-               r->o.timeout);
-      lua_pushstring(L, desc);
+      lua_pushfstring(L, "worker init timed out after %s s",
+                      lpar_pool_secs(r->o.timeout, desc, sizeof desc));
       lua_rawseti(L, S_ENV, ENV_FAILURE);
       r->failed = 1;
     }
@@ -699,8 +698,9 @@ static void lose(lua_State *L, Run *r, Worker *w, int force, const char *why) {
   }
   if (culprit) {
     if (w->timedout) {
-      snprintf(desc, sizeof desc, "timed out after %.1f s", r->o.timeout);
-      lua_pushstring(L, desc);
+      char secs[32];
+      lua_pushfstring(L, "timed out after %s s",
+                      lpar_pool_secs(r->o.timeout, secs, sizeof secs));
     }
     else
       lua_pushfstring(L, "worker %d %s", (int)pid, why);
@@ -1068,12 +1068,14 @@ int lpar_run_next(lua_State *L) {
 static void finishworker(Run *r, Proc *p, long long deadline, double secs) {
   int status;
   if (lpar_pool_waituntil(p, deadline, &status) == 0) {
+    char s[32];
+    lpar_pool_secs(secs, s, sizeof s);
     if (r->hasclose)
-      fprintf(stderr, "lpar: worker %d: close timed out after %.1f s\n",
-              (int)p->pid, secs);
+      fprintf(stderr, "lpar: worker %d: close timed out after %s s\n",
+              (int)p->pid, s);
     else
-      fprintf(stderr, "lpar: worker %d: did not leave within %.1f s\n",
-              (int)p->pid, secs);
+      fprintf(stderr, "lpar: worker %d: did not leave within %s s\n",
+              (int)p->pid, s);
     fflush(stderr);
     lpar_pool_kill(p->pid, SIGKILL);
     lpar_pool_wait(p->pid, &status, 1);
