@@ -32,6 +32,8 @@ options:
                       -o stopped (even killed): nothing lost or repeated;
                       refused if the script, items or arguments differ
   -0, --null          items end with NUL bytes, not newlines
+      --shard K/N     take input lines K, K+N, K+2N... only: N runs (a
+                      job array) split one input, each with its own -o
   -e CODE             the script is CODE, not a file
       --progress      show done/total, rate and ETA on stderr
       --version       print the version
@@ -94,15 +96,25 @@ local function seconds(name, v)
   return n
 end
 
+local function shard(name, v)
+  local k, n = v:match("^(%d+)/(%d+)$")
+  k, n = math.tointeger(tonumber(k)), math.tointeger(tonumber(n))
+  if not k or k < 1 or k > n then
+    return nil, ("bad value for '%s': '%s' (expected K/N, 1 <= K <= N, like 2/3)")
+      :format(name, v)
+  end
+  return {k, n}
+end
+
 -- option -> field, and the check of its value (true: any string)
 local valued = {
   ["-j"] = "jobs", ["--jobs"] = "jobs", ["--chunk"] = "chunk",
   ["--timeout"] = "timeout", ["-e"] = "code", ["--retries"] = "retries",
   ["-o"] = "output", ["--output"] = "output", ["--joblog"] = "joblog",
-  ["--max-memory"] = "maxmem",
+  ["--max-memory"] = "maxmem", ["--shard"] = "shard",
 }
 local checks = {jobs = posint, chunk = posint, timeout = seconds,
-                retries = count, maxmem = memsize}
+                retries = count, maxmem = memsize, shard = shard}
 local flags = {
   ["--unordered"] = "unordered", ["--halt"] = "halt", ["-0"] = "nul",
   ["--null"] = "nul", ["--progress"] = "progress", ["--version"] = "version",
@@ -579,6 +591,7 @@ function M.fingerprint(o, c, reader)
   end
   t[5] = ("# args: %s%s\n"):format(c.hash(table.concat(args)),
                                    #shown > 0 and " " .. table.concat(shown, " ") or "")
+  if o.shard then t[6] = ("# shard: %d/%d\n"):format(o.shard[1], o.shard[2]) end
   return table.concat(t)
 end
 
@@ -604,6 +617,10 @@ function M.differs(text, fp, reader)
   end
   if was.args:match("^%S+") ~= now.args:match("^%S+") then
     d[#d + 1] = "the script's arguments differ"
+  end
+  if (was.shard or "1/1") ~= (now.shard or "1/1") then
+    d[#d + 1] = ("it is the joblog of shard %s, this run is shard %s")
+      :format(was.shard or "1/1", now.shard or "1/1")
   end
   if was.split ~= now.split then
     d[#d + 1] = was.split == "nul" and "the items were split on NUL bytes (-0) then, on newlines now"
@@ -679,6 +696,12 @@ function M.run(o, c, reader, countpath, map, init, close)
 
   -- where results and the joblog go; what a resumed run skips
   local skipped = 0
+  -- With --shard K/N the reader gives this shard's records only: its
+  -- record i is input line real(i); the joblog and messages show those.
+  local K, N = 1, 1
+  if o.shard then K, N = o.shard[1], o.shard[2] end
+  local function real(i) return (i - 1) * N + K end
+  local function mine(line) return line >= K and (line - K) // N + 1 or 0 end
   local clash = M.clash(o, c, reader)
   if clash then return fail(2, clash) end
   if o.output or o.joblog then
@@ -700,6 +723,7 @@ function M.run(o, c, reader, countpath, map, init, close)
       if diff then
         return fail(2, ("cannot resume from %s: %s"):format(o.joblog, diff))
       end
+      done = mine(done)
       skipped = done > 0 and reader:skip(done) or 0
       if skipped < done then
         return fail(2, ("cannot resume from %s: it counts %d items done, the input has %d")
@@ -718,6 +742,7 @@ function M.run(o, c, reader, countpath, map, init, close)
   opts.sigterm = c.signals()
   c.startoutput()
   local total = o.progress and countpath and c.count(countpath, nul)
+  if total then total = mine(total) end
   local prog = o.progress and progress(c, total and total - skipped)
   local write, writeln, report, mark = c.write, c.writeln, c.report, c.mark
   local failed, halted, haltline = 0, false, nil
@@ -730,13 +755,13 @@ function M.run(o, c, reader, countpath, map, init, close)
 
   local function logline(line, status, secs, attempt)
     if logging then
-      lines[#lines + 1] = ("%d\t%s\t%.6f\t%d\n"):format(line, status, secs or 0, attempt)
+      lines[#lines + 1] = ("%d\t%s\t%.6f\t%d\n"):format(real(line), status, secs or 0, attempt)
     end
   end
 
   local function failure(line, e, secs, attempt)
     failed = failed + 1
-    report(M.describe(line, e, nul))
+    report(M.describe(real(line), e, nul))
     logline(line, "failed", secs, attempt)
     if halt then
       halted, haltline = true, line
@@ -834,7 +859,7 @@ function M.run(o, c, reader, countpath, map, init, close)
       if logging then
         c.log(table.concat(lines))
         lines = {}
-        mark(haltline or first + n - 1)
+        mark(real(haltline or first + n - 1))
       end
       if halted then break end
       if prog then prog.step(n, failed) end
@@ -929,7 +954,7 @@ function M.main(argv, c)
   end
   local path = args[1]
   if path == "-" then path = nil end
-  local reader, rerr = c.open(path, o.nul)
+  local reader, rerr = c.open(path, o.nul, o.shard and o.shard[1], o.shard and o.shard[2])
   if not reader then return fail(2, rerr) end
   local code = M.run(o, c, reader, path or "/dev/stdin", map, init, close)
   reader:close()
