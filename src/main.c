@@ -1289,6 +1289,13 @@ static int l_now(lua_State *L) {
   return 1;
 }
 
+/* cpus() -> the number of CPUs online (at least 1) */
+static int l_cpus(lua_State *L) {
+  long n = sysconf(_SC_NPROCESSORS_ONLN);
+  lua_pushinteger(L, n > 0 ? n : 1);
+  return 1;
+}
+
 /* isatty(fd) -> boolean */
 static int l_isatty(lua_State *L) {
   lua_pushboolean(L, isatty((int)luaL_checkinteger(L, 1)));
@@ -1345,6 +1352,7 @@ static const luaL_Reg helpers[] = {{"signals", l_signals},
                                    {"note", l_note},
                                    {"now", l_now},
                                    {"isatty", l_isatty},
+                                   {"cpus", l_cpus},
                                    {"isolate", l_isolate},
                                    {NULL, NULL}};
 
