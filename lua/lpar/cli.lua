@@ -46,7 +46,9 @@ options:
       --tag           start each result line with its item and a tab
       --shard K/N     take input lines K, K+N, K+2N... only: N runs (a
                       job array) split one input, each with its own -o
-  -e CODE             the script is CODE, not a file
+  -e CODE             the script is CODE, not a file: a chunk, or a
+                      function expression; several run in order, the
+                      last one gives f
       --progress      show done/total, rate and ETA on stderr
       --version       print the version
   -h, --help          print this help
@@ -64,7 +66,7 @@ exit status: 0 all items succeeded, 1 one or more failed, 2 usage or
 script error, 128+N on signal N (130 Ctrl-C, 141 output closed).
 
 examples:
-  lpar -e 'return function(s) return s:upper() end' words.txt
+  lpar -e 'function(s) return s:upper() end' words.txt
   lpar -j4 --progress fetch.lua urls.txt > pages.jsonl
   find . -name '*.log' -print0 | lpar -0 count.lua
   tail -f access.log | lpar parse.lua
@@ -177,7 +179,7 @@ local checks = {jobs = jobs, chunk = posint, timeout = seconds,
                 retries = count, maxmem = memsize, shard = shard, halt = haltvalue,
                 colsep = colsep}
 -- options that may be given several times: a list of their values
-local lists = {files = true}
+local lists = {files = true, code = true}
 local flags = {
   ["--unordered"] = "unordered", ["-0"] = "nul",
   ["--null"] = "nul", ["--progress"] = "progress", ["--version"] = "version",
@@ -1130,6 +1132,25 @@ function M.run(o, c, reader, counter, map, init, close)
   return 0
 end
 
+-- The script of the -e options ('codes', a list): a function that runs
+-- them in order and returns what the last one returns; or nil and the
+-- first compile error. A chunk that is a function expression
+-- ("function(s) ... end") gives that function.
+function M.commandline(codes)
+  local chunks = {}
+  for k, code in ipairs(codes) do
+    if code:match("^%s*function%s*%(") then code = "return " .. code end
+    local chunk, msg = load(code, "=(command line)", "t")
+    if not chunk then return nil, msg end
+    chunks[k] = chunk
+  end
+  if #chunks == 1 then return chunks[1] end
+  return function(...)
+    for k = 1, #chunks - 1 do chunks[k](...) end
+    return chunks[#chunks](...)
+  end
+end
+
 local function traceback(e)
   if signalled[e] then return e end
   return M.clean(debug.traceback(errortext(e), 2))
@@ -1152,12 +1173,21 @@ function M.main(argv, c)
   end
   local chunk, msg
   if o.code then
-    chunk, msg = load(o.code, "=(command line)", "t")
+    chunk, msg = M.commandline(o.code)
   else
     chunk, msg = loadfile(o.script, "t")
   end
   if not chunk then return fail(2, msg) end
-  o.source = o.code or readall(o.script) or ""
+  if o.code then
+    o.source = o.code[1]
+    if #o.code > 1 then -- each chunk, as <length>:<bytes>
+      local parts = {}
+      for k, code in ipairs(o.code) do parts[k] = #code .. ":" .. code end
+      o.source = table.concat(parts)
+    end
+  else
+    o.source = readall(o.script) or ""
+  end
   local args = {}
   for k = 0, o.last do args[k - o.at] = argv[k] end
   o.args = args
