@@ -514,7 +514,7 @@ describe("lpar usage errors", function()
     usage("--chunk 1.5 " .. FIX .. "upper.lua", "bad value for '%-%-chunk'")
     usage("--timeout 0 " .. FIX .. "upper.lua", "bad value for '%-%-timeout'")
     usage("--timeout soon " .. FIX .. "upper.lua", "bad value for '%-%-timeout'")
-    usage("--halt=yes " .. FIX .. "upper.lua", "option '%-%-halt' takes no value")
+    usage("--halt=yes " .. FIX .. "upper.lua", "bad value for '%-%-halt': 'yes'")
   end)
 
   it("rejects --resume without --joblog and -o, or with --unordered", function()

@@ -678,21 +678,28 @@ static _Atomic long long *pertime;
 #endif
 
 typedef struct Reader {
-  int fd;      /* -1 once closed */
-  int own;     /* fd was opened here (not stdin) */
-  int sep;     /* '\n' or '\0' */
-  int regular; /* a regular file: a read never waits */
-  int eof;     /* read returned 0 */
-  char *buf;   /* unread bytes are buf[pos, len) */
+  int fd;           /* the source read now; -1 once closed */
+  int own;          /* fd was opened here (not stdin) */
+  int *fds;         /* the sources after fd, in turn (-a FILE ...) */
+  char *owns;       /* which of them were opened here */
+  int nfds, nextfd; /* how many; the next one to read */
+  int tail;         /* the last byte read from fd (-1: none yet) */
+  int sep;          /* '\n' or '\0' */
+  int regular;      /* a regular file: a read never waits */
+  int eof;          /* read returned 0 */
+  char *buf;        /* unread bytes are buf[pos, len) */
   size_t cap, pos, len;
-  lua_Integer count;   /* records read so far */
-  lua_Integer batches; /* batches handed out in this run */
-  lua_Integer ahead;   /* records handed out, not yet taken back */
-  int batchmax;        /* records per batch now */
-  int fixed;           /* batchmax was set, not learned */
-  lua_Integer *first;  /* ring of LPAR_AHEAD: first record of a batch */
-  int *size;           /* ring of LPAR_AHEAD: records in a batch */
-  off_t start;         /* a regular file: where the items begin in it */
+  lua_Integer count;          /* records read so far */
+  lua_Integer batches;        /* batches handed out in this run */
+  lua_Integer ahead;          /* records handed out, not yet taken back */
+  int batchmax;               /* records per batch now */
+  int fixed;                  /* batchmax was set, not learned */
+  lua_Integer *first;         /* ring of LPAR_AHEAD: first record of a batch */
+  int *size;                  /* ring of LPAR_AHEAD: records in a batch */
+  off_t start;                /* a regular file: where the items begin in it */
+  lua_Integer shardk, shardn; /* keep the records numbered k mod n */
+  lua_Integer raw;            /* records of the input seen (all shards) */
+  size_t scan; /* buf[pos, scan) is kept records; [scan, len) unsorted */
 } Reader;
 
 /* Raise if a signal asks to stop or the output is gone. */
@@ -735,6 +742,66 @@ static int waitinput(lua_State *L, Reader *r, int idlems) {
   }
 }
 
+/*
+** With --shard K/N: drop from buf[scan, len) the complete records that
+** are not this shard's (input records K, K+N, K+2N...), moving the kept
+** ones down, so that the rest of the reader sees this shard's records
+** only. At the end of the input a last record without separator counts.
+*/
+static void sift(Reader *r) {
+  char *p = r->buf + r->scan, *end = r->buf + r->len, *w = p;
+  for (;;) {
+    char *e = memchr(p, r->sep, (size_t)(end - p));
+    size_t n;
+    if (e == NULL) {
+      if (!r->eof || p == end)
+        break;
+      e = end - 1;
+    }
+    n = (size_t)(e + 1 - p);
+    r->raw++;
+    if (r->raw % r->shardn == r->shardk % r->shardn) {
+      if (w != p)
+        memmove(w, p, n);
+      w += n;
+    }
+    p += n;
+  }
+  if (w != p)
+    memmove(w, p, (size_t)(end - p));
+  r->scan = (size_t)(w - r->buf);
+  r->len = r->scan + (size_t)(end - p);
+}
+
+/* Make room in r->buf for one more byte; raises when out of memory. */
+static void grow(lua_State *L, Reader *r) {
+  size_t cap = r->cap ? 2 * r->cap : LPAR_READSIZE;
+  char *p = realloc(r->buf, cap);
+  if (p == NULL)
+    luaL_error(L, "not enough memory for an item of %I bytes",
+               (LUAI_UACINT)r->len);
+  r->buf = p;
+  r->cap = cap;
+}
+
+/*
+** The end of one source with more to follow: end its last record if its
+** last byte was not a separator, and go on with the next source.
+*/
+static void nextsource(lua_State *L, Reader *r) {
+  if (r->tail >= 0 && r->tail != r->sep) {
+    if (r->len == r->cap)
+      grow(L, r);
+    r->buf[r->len++] = (char)r->sep;
+  }
+  if (r->own)
+    close(r->fd);
+  r->own = r->owns[r->nextfd];
+  r->fd = r->fds[r->nextfd];
+  r->fds[r->nextfd++] = -1;
+  r->tail = -1;
+}
+
 /* Read more input into r->buf, moving the unread bytes to its start
    (and growing it if they fill it). */
 static void fill(lua_State *L, Reader *r) {
@@ -742,17 +809,11 @@ static void fill(lua_State *L, Reader *r) {
   if (r->pos > 0) {
     memmove(r->buf, r->buf + r->pos, r->len - r->pos);
     r->len -= r->pos;
+    r->scan -= r->pos;
     r->pos = 0;
   }
-  if (r->len == r->cap) {
-    size_t cap = r->cap ? 2 * r->cap : LPAR_READSIZE;
-    char *p = realloc(r->buf, cap);
-    if (p == NULL)
-      luaL_error(L, "not enough memory for an item of %I bytes",
-                 (LUAI_UACINT)r->len);
-    r->buf = p;
-    r->cap = cap;
-  }
+  if (r->len == r->cap)
+    grow(L, r);
   do
     k = read(r->fd, r->buf + r->len, r->cap - r->len);
   while (k == -1 && errno == EINTR && !stopsignal());
@@ -760,9 +821,19 @@ static void fill(lua_State *L, Reader *r) {
     checkstop(L);
     luaL_error(L, "cannot read the items: %s", strerror(errno));
   }
-  if (k == 0)
-    r->eof = 1;
+  if (k > 0)
+    r->tail = (unsigned char)r->buf[r->len + (size_t)k - 1];
   r->len += (size_t)k;
+  if (k == 0) {
+    if (r->nextfd < r->nfds)
+      nextsource(L, r);
+    else
+      r->eof = 1;
+  }
+  if (r->shardn > 1)
+    sift(r);
+  else
+    r->scan = r->len;
 }
 
 /* Whether the input has data now (never waits). */
@@ -945,7 +1016,7 @@ static int reader_setbatch(lua_State *L) {
 static int reader_fileid(lua_State *L) {
   Reader *r = checkreader(L);
   struct stat st;
-  if (r->fd < 0 || fstat(r->fd, &st) != 0 || !pushfileid(L, &st))
+  if (r->fd < 0 || r->nfds > 1 || fstat(r->fd, &st) != 0 || !pushfileid(L, &st))
     luaL_pushfail(L);
   return 1;
 }
@@ -963,7 +1034,7 @@ static int reader_identity(lua_State *L) {
   uint64_t h = FNVSTART;
   char *buf;
   luaL_argcheck(L, n >= 0, 2, "must not be negative");
-  if (r->fd < 0 || !r->regular || fstat(r->fd, &st) != 0)
+  if (r->fd < 0 || !r->regular || r->nfds > 1 || fstat(r->fd, &st) != 0)
     return 0;
   lua_pushinteger(L, (lua_Integer)(st.st_size - r->start));
   buf = lua_newuserdatauv(L, 65536, 0);
@@ -1002,28 +1073,73 @@ static int reader_items(lua_State *L) {
   return 1;
 }
 
-static int reader_close(lua_State *L) {
-  Reader *r = checkreader(L);
+/* Close the reader's sources and free its buffers (again: no-op). */
+static void freereader(Reader *r) {
+  int i;
   if (r->own && r->fd >= 0)
     close(r->fd);
   r->fd = -1;
+  for (i = r->nextfd; i < r->nfds; i++)
+    if (r->owns[i] && r->fds[i] >= 0)
+      close(r->fds[i]);
+  r->nfds = r->nextfd = 0;
+  free(r->fds);
+  free(r->owns);
+  r->fds = NULL;
+  r->owns = NULL;
   free(r->buf);
   free(r->first);
   free(r->size);
   r->buf = NULL;
   r->first = NULL;
   r->size = NULL;
-  r->cap = r->pos = r->len = 0;
+  r->cap = r->pos = r->len = r->scan = 0;
+}
+
+static int reader_close(lua_State *L) {
+  freereader(checkreader(L));
   return 0;
 }
 
-/* open(path | nil, nul) -> reader | nil, message: records of a file, or
-   of stdin when path is nil. */
+/* Open one source of items: path, or stdin for NULL or "-". The fd,
+   or -1 with "cannot open|read <path>: <why>" pushed. */
+static int opensource(lua_State *L, const char *path, struct stat *st) {
+  int fd = 0;
+  if (path != NULL && strcmp(path, "-") != 0) {
+    do
+      fd = open(path, O_RDONLY | O_CLOEXEC);
+    while (fd == -1 && errno == EINTR);
+    if (fd == -1) {
+      lua_pushfstring(L, "cannot open %s: %s", path, strerror(errno));
+      return -1;
+    }
+  }
+  if (fstat(fd, st) == 0 && S_ISDIR(st->st_mode)) {
+    if (fd != 0)
+      close(fd);
+    lua_pushfstring(L, "cannot read %s: %s", path ? path : "stdin",
+                    strerror(EISDIR));
+    return -1;
+  }
+  return fd;
+}
+
+/*
+** open(paths, nul [, k, n [, text]]) -> reader | nil, message: the
+** records of a file (paths a string), of several in turn (a table; "-"
+** is stdin), or of stdin (paths nil); with text, the records of text.
+** With k and n (1 <= k <= n), only records k, k+n, k+2n... of them.
+*/
 static int l_open(lua_State *L) {
-  const char *path = luaL_optstring(L, 1, NULL);
-  int nul = lua_toboolean(L, 2), fd = 0;
+  int nul = lua_toboolean(L, 2), fd, i, n;
+  lua_Integer k = luaL_optinteger(L, 3, 1), shards = luaL_optinteger(L, 4, 1);
+  size_t tlen = 0;
+  const char *text = luaL_optlstring(L, 5, NULL, &tlen);
   struct stat st;
   Reader *r;
+  luaL_argcheck(L, shards >= 1 && k >= 1 && k <= shards, 3, "bad shard");
+  n = lua_istable(L, 1) ? (int)luaL_len(L, 1) : 1;
+  luaL_argcheck(L, n >= 1, 1, "no source");
   r = lua_newuserdatauv(L, sizeof(Reader), 1);
   memset(r, 0, sizeof *r);
   r->fd = -1;
@@ -1038,36 +1154,68 @@ static int l_open(lua_State *L) {
   }
   r->first = malloc(LPAR_AHEAD * sizeof *r->first);
   r->size = malloc(LPAR_AHEAD * sizeof *r->size);
-  r->buf = malloc(LPAR_READSIZE);
-  if (r->first == NULL || r->size == NULL || r->buf == NULL)
+  r->buf = malloc(tlen > LPAR_READSIZE ? tlen : LPAR_READSIZE);
+  r->fds = malloc((size_t)n * sizeof *r->fds);
+  r->owns = malloc((size_t)n);
+  if (r->first == NULL || r->size == NULL || r->buf == NULL || r->fds == NULL ||
+      r->owns == NULL)
     return luaL_error(L, "not enough memory");
-  r->cap = LPAR_READSIZE;
-  if (path != NULL) {
-    do
-      fd = open(path, O_RDONLY | O_CLOEXEC);
-    while (fd == -1 && errno == EINTR);
-    if (fd == -1) {
-      luaL_pushfail(L);
-      lua_pushfstring(L, "cannot open %s: %s", path, strerror(errno));
-      return 2;
-    }
-  }
-  r->fd = fd;
-  r->own = path != NULL;
-  if (fstat(fd, &st) == 0 && S_ISDIR(st.st_mode)) {
-    luaL_pushfail(L);
-    lua_pushfstring(L, "cannot read %s: %s", path ? path : "stdin",
-                    strerror(EISDIR));
-    return 2;
-  }
+  r->cap = tlen > LPAR_READSIZE ? tlen : LPAR_READSIZE;
   r->sep = nul ? '\0' : '\n';
-  r->regular = S_ISREG(st.st_mode);
-  if (r->regular && (r->start = lseek(fd, 0, SEEK_CUR)) < 0)
-    r->start = 0;
+  r->shardk = k;
+  r->shardn = shards;
+  r->tail = -1;
   r->batchmax = 1;
+  if (text != NULL) { /* nothing to read: the records are all there */
+    fd = opensource(L, "/dev/null", &st);
+    if (fd < 0)
+      goto fail;
+    r->fd = fd;
+    r->own = 1;
+    memcpy(r->buf, text, tlen);
+    r->len = tlen;
+    r->eof = 1;
+    if (r->shardn > 1)
+      sift(r);
+  }
+  else {
+    r->regular = 1;
+    for (i = 0; i < n; i++) {
+      const char *path = NULL;
+      if (lua_istable(L, 1)) {
+        lua_geti(L, 1, i + 1);
+        path = lua_tostring(L, -1);
+        lua_pop(L, 1); /* the table keeps the string */
+        if (path == NULL)
+          return luaL_argerror(L, 1, "paths must be strings");
+      }
+      else
+        path = luaL_optstring(L, 1, NULL);
+      fd = opensource(L, path, &st);
+      if (fd < 0)
+        goto fail;
+      r->fds[r->nfds] = fd;
+      r->owns[r->nfds++] = fd != 0;
+      if (!S_ISREG(st.st_mode))
+        r->regular = 0;
+      if (i == 0 && n == 1 && S_ISREG(st.st_mode) &&
+          (r->start = lseek(fd, 0, SEEK_CUR)) < 0)
+        r->start = 0;
+    }
+    r->own = r->owns[0];
+    r->fd = r->fds[0];
+    r->fds[0] = -1;
+    r->nextfd = 1;
+  }
+  r->scan = r->len;
   lua_newtable(L);
   lua_setiuservalue(L, -2, 1);
   return 1;
+fail:
+  freereader(r);
+  luaL_pushfail(L);
+  lua_insert(L, -2);
+  return 2;
 }
 
 /* split(block, nul [, t]) -> t, n: in a worker, the n records of a
@@ -1141,6 +1289,13 @@ static int l_now(lua_State *L) {
   return 1;
 }
 
+/* cpus() -> the number of CPUs online (at least 1) */
+static int l_cpus(lua_State *L) {
+  long n = sysconf(_SC_NPROCESSORS_ONLN);
+  lua_pushinteger(L, n > 0 ? n : 1);
+  return 1;
+}
+
 /* isatty(fd) -> boolean */
 static int l_isatty(lua_State *L) {
   lua_pushboolean(L, isatty((int)luaL_checkinteger(L, 1)));
@@ -1197,6 +1352,7 @@ static const luaL_Reg helpers[] = {{"signals", l_signals},
                                    {"note", l_note},
                                    {"now", l_now},
                                    {"isatty", l_isatty},
+                                   {"cpus", l_cpus},
                                    {"isolate", l_isolate},
                                    {NULL, NULL}};
 

@@ -8,7 +8,9 @@ local M = {}
 local SELF = debug.getinfo(1, "S").short_src
 
 M.usage = "usage: lpar [options] script.lua [items.txt | -] [args...]\n" ..
-  "       lpar [options] -e CODE [items.txt | -] [args...]"
+  "       lpar [options] -e CODE [items.txt | -] [args...]\n" ..
+  "       lpar [options] -a items.txt [-a more.txt...] script.lua [args...]\n" ..
+  "       lpar [options] script.lua [args...] ::: item1 item2..."
 
 M.help = M.usage .. [[
 
@@ -18,11 +20,15 @@ of stdin) in worker processes, and prints one line per result, in input
 order, as soon as every earlier item is done.
 
 options:
-  -j, --jobs N        run at most N workers (default 8)
+  -j, --jobs N        run at most N workers (default 8); N% of the CPUs,
+                      +N / -N: the CPUs plus or minus N
       --chunk N       hand out N items at a time (default: adaptive)
       --unordered     print results as they finish, not in input order
       --timeout SECS  stop an item that runs longer than SECS seconds
       --halt          stop at the first failed item
+      --halt WHEN,WHAT=N  stop when N (or N%) items failed (fail=),
+                      succeeded (success=) or settled (done=): now kills
+                      the running items, soon lets them finish; never
       --retries N     try a failed item up to N more times on fresh workers
       --max-memory SIZE  limit each worker's Lua memory (like 512M); an
                       item that needs more fails
@@ -32,15 +38,26 @@ options:
                       -o stopped (even killed): nothing lost or repeated;
                       refused if the script, items or arguments differ
   -0, --null          items end with NUL bytes, not newlines
-  -e CODE             the script is CODE, not a file
+  -a, --arg-file FILE the items are FILE's lines (repeat: files in turn);
+                      then all that follows the script is its arguments
+  ::: ITEM...         after the script and its arguments: these are the items
+      --colsep SEP    split each line where the Lua pattern SEP matches
+                      (\t is a tab); f gets the fields as arguments
+      --tag           start each result line with its item and a tab
+      --shard K/N     take input lines K, K+N, K+2N... only: N runs (a
+                      job array) split one input, each with its own -o
+  -e CODE             the script is CODE, not a file: a chunk, or a
+                      function expression; several run in order, the
+                      last one gives f
       --progress      show done/total, rate and ETA on stderr
       --version       print the version
   -h, --help          print this help
 
-Options come before the script; what follows it is the script's (in
-'arg'). The script returns f(item), or {map = f, init = fn, close = fn}
-where init and close run once in each worker. A script that returns
-nothing is just run, with the 'parallel' function and require "lpar".
+Options come before the script (short ones run together: -0j2); what
+follows it is the script's (in 'arg'). The script returns f(item), or
+{map = f, init = fn, close = fn} where init and close run once in each
+worker. A script that returns nothing is just run, with the 'parallel'
+function and require "lpar".
 
 Results: a string as is; numbers and booleans as tostring gives them;
 several values joined by tabs; a table as one line of JSON; nil: no line.
@@ -49,7 +66,7 @@ exit status: 0 all items succeeded, 1 one or more failed, 2 usage or
 script error, 128+N on signal N (130 Ctrl-C, 141 output closed).
 
 examples:
-  lpar -e 'return function(s) return s:upper() end' words.txt
+  lpar -e 'function(s) return s:upper() end' words.txt
   lpar -j4 --progress fetch.lua urls.txt > pages.jsonl
   find . -name '*.log' -print0 | lpar -0 count.lua
   tail -f access.log | lpar parse.lua
@@ -94,27 +111,130 @@ local function seconds(name, v)
   return n
 end
 
+local function shard(name, v)
+  local k, n = v:match("^(%d+)/(%d+)$")
+  k, n = math.tointeger(tonumber(k)), math.tointeger(tonumber(n))
+  if not k or k < 1 or k > n then
+    return nil, ("bad value for '%s': '%s' (expected K/N, 1 <= K <= N, like 2/3)")
+      :format(name, v)
+  end
+  return {k, n}
+end
+
+-- -j: N, N% of the CPUs, or +N / -N: the CPUs plus or minus N (at least 1)
+local function jobs(name, v, cpus)
+  local n = math.tointeger(tonumber(v:match("^%d+$") or v:match("^(%d+)%%$")
+                                      or v:match("^[+-]%d+$")))
+  if not n or (v:match("^%d") and n < 1) then
+    return nil, ("bad value for '%s': '%s' (expected N, N%% of the CPUs, " ..
+                 "+N or -N: the CPUs plus or minus N)"):format(name, v)
+  end
+  if v:sub(-1) == "%" then return math.max(1, cpus * n // 100) end
+  if v:match("^[+-]") then return math.max(1, cpus + n) end
+  return n
+end
+
+-- --halt WHEN,WHAT=N[%]: false for never, else {when, what, n | pct, text}
+local function haltvalue(name, v)
+  if v == "never" then return false end
+  local when, what, n, pct = v:match("^(%a+),(%a+)=([%d.]+)(%%?)$")
+  local h = {when = when, what = what, text = v}
+  if pct == "%" then
+    h.pct = tonumber(n)
+    if h.pct and not (h.pct > 0 and h.pct <= 100) then h.pct = nil end
+  else
+    h.n = math.tointeger(tonumber(n))
+    if h.n and h.n < 1 then h.n = nil end
+  end
+  if not (when == "now" or when == "soon") or not (what == "fail" or what == "success" or
+      what == "done") or not (h.n or h.pct) then
+    return nil, ("bad value for '%s': '%s' (expected never, or now or soon, then " ..
+                 "fail, success or done =N or =N%%, like now,fail=1)"):format(name, v)
+  end
+  return h
+end
+
+-- --colsep SEP: a Lua pattern, in which \t stands for a tab
+local function colsep(name, v)
+  local sep = v:gsub("\\t", "\t")
+  local ok, at = pcall(string.find, "", sep)
+  if not ok then
+    return nil, ("bad value for '%s': '%s' (not a Lua pattern: %s)"):format(name, v, at)
+  end
+  if at then
+    return nil, ("bad value for '%s': '%s' (it matches an empty string)"):format(name, v)
+  end
+  return sep
+end
+
 -- option -> field, and the check of its value (true: any string)
 local valued = {
   ["-j"] = "jobs", ["--jobs"] = "jobs", ["--chunk"] = "chunk",
   ["--timeout"] = "timeout", ["-e"] = "code", ["--retries"] = "retries",
   ["-o"] = "output", ["--output"] = "output", ["--joblog"] = "joblog",
-  ["--max-memory"] = "maxmem",
+  ["--max-memory"] = "maxmem", ["--shard"] = "shard", ["-a"] = "files",
+  ["--arg-file"] = "files", ["--colsep"] = "colsep", ["--halt"] = "halt",
 }
-local checks = {jobs = posint, chunk = posint, timeout = seconds,
-                retries = count, maxmem = memsize}
+local checks = {jobs = jobs, chunk = posint, timeout = seconds,
+                retries = count, maxmem = memsize, shard = shard, halt = haltvalue,
+                colsep = colsep}
+-- options that may be given several times: a list of their values
+local lists = {files = true, code = true}
 local flags = {
-  ["--unordered"] = "unordered", ["--halt"] = "halt", ["-0"] = "nul",
+  ["--unordered"] = "unordered", ["-0"] = "nul",
   ["--null"] = "nul", ["--progress"] = "progress", ["--version"] = "version",
-  ["-h"] = "help", ["--help"] = "help", ["--resume"] = "resume",
+  ["-h"] = "help", ["--help"] = "help", ["--resume"] = "resume", ["--tag"] = "tag",
 }
 
+-- Whether an argument after a plain --halt is its value (else the
+-- script): never, or WORD,WORD=...
+local function halting(v)
+  return v == "never" or (v and v:match("^%a+,%a+=")) ~= nil
+end
+
 -- Parse argv (argv[1..n], as main gets it) into options, or nil and a
--- message. o.script is the script's path (nil with -e); o.at is where
--- the script stands in argv: arg[k] of the script is argv[o.at + k].
-function M.parse(argv)
+-- message; 'cpus' is for -j N%. o.script is the script's path (nil with
+-- -e); o.at is where the script stands in argv: arg[k] of the script is
+-- argv[o.at + k], for k up to o.last - o.at. o.items: the items given
+-- after ':::'; o.files: those of -a.
+function M.parse(argv, cpus)
   local o = {jobs = 8}
   local i = 1
+  cpus = cpus or 1
+  -- option 'name' with 'value' (nil: take the next argument if it needs
+  -- one); nil and a message if it is not right
+  local function option(name, value)
+    if name == "--halt" and value == nil and not halting(argv[i + 1]) then
+      o.halt = {when = "now", what = "fail", n = 1} -- at the first failure
+      return true
+    end
+    if flags[name] then
+      if value then return nil, ("option '%s' takes no value"):format(name) end
+      o[flags[name]] = true
+      return true
+    end
+    local key = valued[name]
+    if not key then return nil end
+    if not value then
+      i = i + 1
+      value = argv[i]
+      if value == nil then
+        return nil, ("option '%s' needs a value"):format(name)
+      end
+    end
+    if checks[key] then
+      local v, err = checks[key](name, value, cpus)
+      if v == nil then return nil, err end
+      value = v
+    end
+    if lists[key] then
+      o[key] = o[key] or {}
+      table.insert(o[key], value)
+    else
+      o[key] = value
+    end
+    return true
+  end
   while argv[i] ~= nil do
     local a = argv[i]
     if a == "--" then
@@ -123,33 +243,28 @@ function M.parse(argv)
     end
     if a == "-" or a:sub(1, 1) ~= "-" then break end
     local name, value = a:match("^(%-%-[^=]+)=(.*)$")
-    if not name then
-      name = a
-      if not valued[a] and not flags[a] and a:match("^%-[jeo].") then
-        name, value = a:sub(1, 2), a:sub(3)
-      end
-    end
-    if flags[name] then
-      if value then return nil, ("option '%s' takes no value"):format(name) end
-      o[flags[name]] = true
-    elseif valued[name] then
-      if not value then
-        i = i + 1
-        value = argv[i]
-        if value == nil then
-          return nil, ("option '%s' needs a value"):format(name)
+    local ok, err
+    if name then
+      ok, err = option(name, value)
+    elseif a:sub(2, 2) ~= "-" and #a > 2 and not flags[a] and not valued[a] then
+      -- short options run together: -0j2, -j4, -ecode
+      for k = 2, #a do
+        local short = "-" .. a:sub(k, k)
+        if valued[short] then
+          local rest = a:sub(k + 1)
+          ok, err = option(short, rest ~= "" and rest or nil)
+          break
         end
+        if not flags[short] then
+          ok, err = nil, ("unknown option '%s' (in '%s')"):format(short, a)
+          break
+        end
+        ok, err = option(short)
       end
-      local key = valued[name]
-      if checks[key] then
-        local v, err = checks[key](name, value)
-        if not v then return nil, err end
-        value = v
-      end
-      o[key] = value
     else
-      return nil, ("unknown option '%s'"):format(a)
+      ok, err = option(a)
     end
+    if not ok then return nil, err or ("unknown option '%s'"):format(a) end
     i = i + 1
   end
   if o.help or o.version then return o end
@@ -164,7 +279,24 @@ function M.parse(argv)
   else
     o.script = argv[i]
     if o.script == nil then return nil, "no script given" end
+    if o.script == ":::" then return nil, "no script given before ':::'" end
     o.at = i
+  end
+  o.last = #argv
+  for k = o.at + 1, #argv do
+    if argv[k] == ":::" then
+      o.items = table.move(argv, k + 1, #argv, 1, {})
+      o.last = k - 1
+      break
+    end
+  end
+  if o.items and o.files then
+    return nil, "both -a and ':::' give items: use one"
+  end
+  if o.items then
+    for _, v in ipairs(o.items) do
+      if v == ":::" then return nil, "only one ':::' list of items may be given" end
+    end
   end
   return o
 end
@@ -214,6 +346,35 @@ function M.formatter(encode)
     end
     if not any then return nil end
     return table.concat(t, "\t", 1, n)
+  end
+end
+
+-- f called with the fields of each record, split where 'sep' (a Lua
+-- pattern) matches: --colsep.
+function M.fields(map, sep)
+  local find, sub, unpack = string.find, string.sub, table.unpack
+  return function(rec)
+    local t, n, pos = {}, 0, 1
+    while true do
+      local a, b = find(rec, sep, pos)
+      if not a then break end
+      n = n + 1
+      t[n] = sub(rec, pos, a - 1)
+      pos = b + 1
+    end
+    n = n + 1
+    t[n] = sub(rec, pos)
+    return map(unpack(t, 1, n))
+  end
+end
+
+-- f whose output line (made by fmt) starts with the record and a tab:
+-- --tag. The line goes on through fmt, which passes a string as is.
+function M.tagged(map, fmt)
+  return function(rec)
+    local line = fmt(map(rec))
+    if line ~= nil then return rec .. "\t" .. line end
+    return nil
   end
 end
 
@@ -562,9 +723,29 @@ M.prefix = 1024 * 1024
 function M.fingerprint(o, c, reader)
   local t = {"# lpar joblog 1\n"}
   t[2] = ("# script: %s %s\n"):format(c.hash(o.source), o.script and M.shorten(o.script, 200) or "-e")
-  local name = o.args[1] or "-"
+  local name = o.files and o.files[1] or o.args[1] or "-"
   local size = reader:identity(0)
-  if size then
+  if o.items then
+    local parts = {}
+    for k, v in ipairs(o.items) do parts[k] = #v .. ":" .. v end
+    t[3] = ("# items: args %s %d\n"):format(c.hash(table.concat(parts)), #o.items)
+  elseif o.files and #o.files > 1 then
+    -- several files: each one's size and first bytes, in one hash
+    local parts, shown = {}, {}
+    for k, path in ipairs(o.files) do
+      local r = path ~= "-" and c.open(path, o.nul)
+      local n = r and r:identity(0)
+      if n then
+        n = math.min(n, M.prefix)
+        parts[k] = ("%d:%s:%d:%s"):format(r:identity(0), select(2, r:identity(n)), #path, path)
+      else
+        parts[k] = "stream:" .. #path .. ":" .. path
+      end
+      if r then r:close() end
+      shown[k] = M.shorten(path, 200)
+    end
+    t[3] = ("# items: files %s %s\n"):format(c.hash(table.concat(parts)), table.concat(shown, " "))
+  elseif size then
     local n = math.min(size, M.prefix)
     t[3] = ("# items: file %d %d %s %s\n"):format(size, n, select(2, reader:identity(n)),
                                                   M.shorten(name, 200))
@@ -573,12 +754,13 @@ function M.fingerprint(o, c, reader)
   end
   t[4] = ("# split: %s\n"):format(o.nul and "nul" or "lines")
   local args, shown = {}, {}
-  for k = 2, #o.args do
+  for k = (o.items or o.files) and 1 or 2, #o.args do
     args[#args + 1] = #o.args[k] .. ":" .. o.args[k]
     shown[#shown + 1] = M.shorten(o.args[k], 40)
   end
   t[5] = ("# args: %s%s\n"):format(c.hash(table.concat(args)),
                                    #shown > 0 and " " .. table.concat(shown, " ") or "")
+  if o.shard then t[6] = ("# shard: %d/%d\n"):format(o.shard[1], o.shard[2]) end
   return table.concat(t)
 end
 
@@ -605,15 +787,24 @@ function M.differs(text, fp, reader)
   if was.args:match("^%S+") ~= now.args:match("^%S+") then
     d[#d + 1] = "the script's arguments differ"
   end
+  if (was.shard or "1/1") ~= (now.shard or "1/1") then
+    d[#d + 1] = ("it is the joblog of shard %s, this run is shard %s")
+      :format(was.shard or "1/1", now.shard or "1/1")
+  end
   if was.split ~= now.split then
     d[#d + 1] = was.split == "nul" and "the items were split on NUL bytes (-0) then, on newlines now"
                 or "the items were split on newlines then, on NUL bytes (-0) now"
   end
   local kind, size, n, hash = was.items:match("^(%a+) ?(%d*) ?(%d*) ?(%x*)")
   local nowkind = now.items:match("^%a+")
+  local from = {file = "a file", stream = "a pipe", files = "several files (-a)",
+                args = "the command line (:::)"}
   if kind ~= nowkind then
-    d[#d + 1] = ("the items came from a %s, now from a %s")
-      :format(kind == "file" and "file" or "pipe", nowkind == "file" and "file" or "pipe")
+    d[#d + 1] = ("the items came from %s, now from %s")
+      :format(from[kind] or "a pipe", from[nowkind])
+  elseif (kind == "files" or kind == "args") and was.items:match("^%a+ %x+") ~=
+      now.items:match("^%a+ %x+") then
+    d[#d + 1] = kind == "files" and "the items files differ" or "the items (after ':::') differ"
   elseif kind == "file" then
     size, n = math.tointeger(tonumber(size)), math.tointeger(tonumber(n))
     local nowsize, nowhash = reader:identity(n or 0)
@@ -632,15 +823,18 @@ end
 -- The message if two of the joblog, the output (-o or stdout), the items
 -- and the script are one file (compared as device and inode), or nil.
 function M.clash(o, c, reader)
-  local items = reader:fileid()
-  local script = o.script and c.fileid(o.script)
+  local files = {{"items", reader:fileid()}}
+  for k, path in ipairs(o.files and #o.files > 1 and o.files or {}) do
+    files[k] = {"items", c.fileid(path)}
+  end
+  files[#files + 1] = {"script", o.script and c.fileid(o.script)}
   local log = o.joblog and c.fileid(o.joblog)
   local out = c.fileid(o.output or "/dev/stdout")
   if log and log == out then
     if not o.output then return "the standard output is the joblog" end
     return ("--joblog and -o name the same file (%s)"):format(o.output)
   end
-  for _, f in ipairs({{"items", items}, {"script", script}}) do
+  for _, f in ipairs(files) do
     if f[2] and out == f[2] then
       if not o.output then return ("the standard output is the %s file"):format(f[1]) end
       return ("-o names the %s file (%s)"):format(f[1], o.output)
@@ -654,10 +848,12 @@ end
 
 -- Map f over the records of 'reader', writing results; returns the exit
 -- status.
-function M.run(o, c, reader, countpath, map, init, close)
+function M.run(o, c, reader, counter, map, init, close)
   local lpar = require "lpar"
   local fmt = M.formatter()
   local nul, halt, retries = o.nul, o.halt, o.retries or 0
+  if o.colsep then map = M.fields(map, o.colsep) end
+  if o.tag then map = M.tagged(map, fmt) end
   local logging = o.joblog ~= nil
   local isolate, now = c.isolate, c.now
   local opts = {
@@ -676,9 +872,17 @@ function M.run(o, c, reader, countpath, map, init, close)
   -- about a millisecond (or hold one slow record) already.
   opts.chunksize = 1
   if o.chunk then reader:setbatch(o.chunk) end
+  -- --halt ...,success= or done=: each record's outcome is seen on its own
+  if halt and halt.what ~= "fail" then reader:setbatch(1) end
 
   -- where results and the joblog go; what a resumed run skips
   local skipped = 0
+  -- With --shard K/N the reader gives this shard's records only: its
+  -- record i is input line real(i); the joblog and messages show those.
+  local K, N = 1, 1
+  if o.shard then K, N = o.shard[1], o.shard[2] end
+  local function real(i) return (i - 1) * N + K end
+  local function mine(line) return line >= K and (line - K) // N + 1 or 0 end
   local clash = M.clash(o, c, reader)
   if clash then return fail(2, clash) end
   if o.output or o.joblog then
@@ -700,6 +904,7 @@ function M.run(o, c, reader, countpath, map, init, close)
       if diff then
         return fail(2, ("cannot resume from %s: %s"):format(o.joblog, diff))
       end
+      done = mine(done)
       skipped = done > 0 and reader:skip(done) or 0
       if skipped < done then
         return fail(2, ("cannot resume from %s: it counts %d items done, the input has %d")
@@ -717,12 +922,26 @@ function M.run(o, c, reader, countpath, map, init, close)
 
   opts.sigterm = c.signals()
   c.startoutput()
-  local total = o.progress and countpath and c.count(countpath, nul)
+  local total = o.progress and counter and counter()
+  if total then total = mine(total) end
   local prog = o.progress and progress(c, total and total - skipped)
   local write, writeln, report, mark = c.write, c.writeln, c.report, c.mark
-  local failed, halted, haltline = 0, false, nil
+  local failed, succeeded = 0, 0
+  -- --halt: 'tripped' when its condition is met (at line 'tripline');
+  -- 'halted' when the run stops at once (now), with 'haltline' the last
+  -- line whose result counts
+  local tripped, tripline, halted, haltline = false, nil, false, nil
   local items = reader:items()
-  local batchf = M.batcher(map, fmt, nul, halt, logging, c, o.maxmem)
+  if halt and halt.when == "soon" then -- no new records once tripped
+    local nextbatch = items
+    items = function()
+      if tripped then return nil end
+      return nextbatch()
+    end
+  end
+  -- With a plain --halt (now,fail=1) a batch stops at its first failure.
+  local batchf = M.batcher(map, fmt, nul, halt and halt.when == "now" and halt.what == "fail"
+                           and halt.n == 1, logging, c, o.maxmem)
   local single = M.mapper(map, fmt, now)
   local singleopts = {}
   for k, v in pairs(opts) do singleopts[k] = v end
@@ -730,17 +949,34 @@ function M.run(o, c, reader, countpath, map, init, close)
 
   local function logline(line, status, secs, attempt)
     if logging then
-      lines[#lines + 1] = ("%d\t%s\t%.6f\t%d\n"):format(line, status, secs or 0, attempt)
+      lines[#lines + 1] = ("%d\t%s\t%.6f\t%d\n"):format(real(line), status, secs or 0, attempt)
     end
+  end
+
+  -- Whether --halt trips now that line 'line' settled ('ok' or not).
+  local function check(line, ok)
+    if not halt or tripped or (halt.what == "fail" and ok) or (halt.what == "success" and not ok) then
+      return
+    end
+    local n = halt.what == "fail" and failed or halt.what == "success" and succeeded
+              or failed + succeeded
+    local done = failed + succeeded
+    if halt.pct and done >= 3 and n * 100 >= halt.pct * done or (halt.n and n >= halt.n) then
+      tripped, tripline = true, line
+      if halt.when == "now" then halted, haltline = true, line end
+    end
+  end
+
+  local function success(line)
+    succeeded = succeeded + 1
+    check(line, true)
   end
 
   local function failure(line, e, secs, attempt)
     failed = failed + 1
-    report(M.describe(line, e, nul))
+    report(M.describe(real(line), e, nul))
     logline(line, "failed", secs, attempt)
-    if halt then
-      halted, haltline = true, line
-    end
+    check(line, false)
   end
 
   -- one record in a fresh run (a fresh worker): {output, secs} | nil, err
@@ -759,6 +995,7 @@ function M.run(o, c, reader, countpath, map, init, close)
       if err == nil then
         if v[1] ~= nil then writeln(v[1]) end
         logline(line, "ok", v[2], attempt)
+        success(line)
         return
       end
       e, secs = err, now() - t0
@@ -777,6 +1014,7 @@ function M.run(o, c, reader, countpath, map, init, close)
       if v ~= nil then
         if v[1] ~= nil then writeln(v[1]) end
         logline(first + j - 1, "ok", v[2], 1)
+        success(first + j - 1)
       else
         again(first + j - 1, recs[j], e, nil)
       end
@@ -785,8 +1023,14 @@ function M.run(o, c, reader, countpath, map, init, close)
   end
 
   local function logok(first, from, to, times)
-    for k = from, to do
-      logline(first + k - 1, "ok", times and string.unpack("d", times, 8 * k - 7), 1)
+    if logging then
+      for k = from, to do
+        logline(first + k - 1, "ok", times and string.unpack("d", times, 8 * k - 7), 1)
+      end
+    end
+    if to >= from then
+      succeeded = succeeded + (to - from)
+      success(first + to - 1)
     end
   end
 
@@ -819,7 +1063,9 @@ function M.run(o, c, reader, countpath, map, init, close)
         if halted then return end
       end
     end
+    if halted then return end
     logok(first, from, (r.rest or n + 1) - 1, times)
+    if halted then return end
     if r.rest then rerun(first, block, r.rest) end
   end
 
@@ -828,13 +1074,17 @@ function M.run(o, c, reader, countpath, map, init, close)
       local first, n, block = reader:take(i)
       if type(r) == "string" then
         if r ~= "" then write(r) end
+        if halt then
+          succeeded = succeeded + n - 1
+          success(first + n - 1)
+        end
       else
         settle(first, n, block, r, e)
       end
       if logging then
         c.log(table.concat(lines))
         lines = {}
-        mark(haltline or first + n - 1)
+        mark(real(haltline or first + n - 1))
       end
       if halted then break end
       if prog then prog.step(n, failed) end
@@ -844,7 +1094,7 @@ function M.run(o, c, reader, countpath, map, init, close)
   -- One run of workers per stretch of input: a new run starts when the
   -- input resumes after going quiet (see reader_next in main.c).
   local ok, err = pcall(function()
-    while not halted and reader:wait() do batch() end
+    while not tripped and reader:wait() do batch() end
   end)
   if prog then prog.finish() end
   local outerr = c.finish()
@@ -859,15 +1109,46 @@ function M.run(o, c, reader, countpath, map, init, close)
   end
   if msg then say(c, msg) end
   if code ~= 0 then return code end
-  if halted then
+  if tripped and not halt.text then
     say(c, "lpar: stopped at the first failure (--halt)")
     return 1
+  end
+  if tripped then
+    local n = halt.what == "fail" and failed or halt.what == "success" and succeeded
+              or failed + succeeded
+    say(c, ("lpar: stopped at %s %d (--halt %s: %d %s of %d)")
+        :format(nul and "item" or "line", real(tripline), halt.text, n,
+                halt.what == "fail" and "failed" or halt.what == "success" and "succeeded" or "done",
+                failed + succeeded))
+    if failed > 0 then
+      say(c, ("lpar: %d of %d items failed"):format(failed, failed + succeeded))
+    end
+    return failed > 0 and 1 or 0
   end
   if failed > 0 then
     say(c, ("lpar: %d of %d items failed"):format(failed, reader:count() - skipped))
     return 1
   end
   return 0
+end
+
+-- The script of the -e options ('codes', a list): a function that runs
+-- them in order and returns what the last one returns; or nil and the
+-- first compile error. A chunk that is a function expression
+-- ("function(s) ... end") gives that function.
+function M.commandline(codes)
+  local chunks = {}
+  for k, code in ipairs(codes) do
+    if code:match("^%s*function%s*%(") then code = "return " .. code end
+    local chunk, msg = load(code, "=(command line)", "t")
+    if not chunk then return nil, msg end
+    chunks[k] = chunk
+  end
+  if #chunks == 1 then return chunks[1] end
+  return function(...)
+    for k = 1, #chunks - 1 do chunks[k](...) end
+    return chunks[#chunks](...)
+  end
 end
 
 local function traceback(e)
@@ -878,7 +1159,7 @@ end
 -- The command: argv[0..n] as C gives it, c the C helpers. Returns the
 -- exit status.
 function M.main(argv, c)
-  local o, err = M.parse(argv)
+  local o, err = M.parse(argv, c.cpus())
   if not o then
     io.stderr:write("lpar: ", err, "\n", M.usage, "\n",
                     "try 'lpar --help' for more\n")
@@ -892,18 +1173,27 @@ function M.main(argv, c)
   end
   local chunk, msg
   if o.code then
-    chunk, msg = load(o.code, "=(command line)", "t")
+    chunk, msg = M.commandline(o.code)
   else
     chunk, msg = loadfile(o.script, "t")
   end
   if not chunk then return fail(2, msg) end
-  o.source = o.code or readall(o.script) or ""
+  if o.code then
+    o.source = o.code[1]
+    if #o.code > 1 then -- each chunk, as <length>:<bytes>
+      local parts = {}
+      for k, code in ipairs(o.code) do parts[k] = #code .. ":" .. code end
+      o.source = table.concat(parts)
+    end
+  else
+    o.source = readall(o.script) or ""
+  end
   local args = {}
-  for k = 0, #argv do args[k - o.at] = argv[k] end
+  for k = 0, o.last do args[k - o.at] = argv[k] end
   o.args = args
   _G.arg = args
   local res = table.pack(xpcall(chunk, traceback,
-                                table.unpack(args, 1, #argv - o.at)))
+                                table.unpack(args, 1, o.last - o.at)))
   if not res[1] then
     local e = res[2]
     if signalled[e] then return fail(signalled[e], e) end
@@ -927,11 +1217,28 @@ function M.main(argv, c)
     return fail(2, ("%s must return a function, a table with a 'map' " ..
                     "function, or nothing (got %s)"):format(name, type(r)))
   end
-  local path = args[1]
-  if path == "-" then path = nil end
-  local reader, rerr = c.open(path, o.nul)
+  local k, n = o.shard and o.shard[1], o.shard and o.shard[2]
+  local reader, rerr, counter
+  if o.items then -- items from the command line, NUL-separated here
+    o.nul = true
+    local text = table.concat(o.items, "\0") .. (#o.items > 0 and "\0" or "")
+    reader, rerr = c.open(nil, true, k or 1, n or 1, text)
+    counter = function() return #o.items end
+  else
+    local paths = o.files or {args[1] or "-"}
+    reader, rerr = c.open(#paths == 1 and paths[1] or paths, o.nul, k, n)
+    counter = function()
+      local total = 0
+      for _, path in ipairs(paths) do
+        local t = c.count(path == "-" and "/dev/stdin" or path, o.nul)
+        if not t then return nil end
+        total = total + t
+      end
+      return total
+    end
+  end
   if not reader then return fail(2, rerr) end
-  local code = M.run(o, c, reader, path or "/dev/stdin", map, init, close)
+  local code = M.run(o, c, reader, counter, map, init, close)
   reader:close()
   return code
 end
