@@ -88,6 +88,7 @@ struct Job;
 
 typedef struct Chunk {
   lua_Integer first, count;
+  int alone; /* one suspect (see lpar_ranges_take) */
 } Chunk;
 
 typedef struct PWorker {
@@ -527,12 +528,13 @@ static void lose(Ctx *c, PWorker *w, int force, const char *why) {
   from = w->q[0].first + w->got;
   end = w->q[0].first + w->q[0].count;
   if (w->nq > 1) /* the chunk waiting its turn goes back as it is */
-    addredo(L, j, w->q[1].first, w->q[1].count);
-  culprit = w->blame
-                ? 0
-                : lpar_policy_culprit(w->q[0].first, w->q[0].count, w->got,
-                                      (lua_Integer)slot->item, w->timedout);
-  nomem(L, lpar_ranges_requeue(&j->redo, from, end, culprit));
+    nomem(L, lpar_ranges_push(&j->redo, w->q[1].first, w->q[1].count,
+                              w->q[1].alone));
+  culprit = w->blame ? 0
+                     : lpar_policy_culprit(w->q[0].first, w->q[0].count, w->got,
+                                           (lua_Integer)slot->item, w->timedout,
+                                           w->q[0].alone);
+  nomem(L, lpar_ranges_requeue(&j->redo, from, end, culprit, !w->blame));
   if (w->blame) /* it broke the protocol reporting this one */
     culprit = w->blame;
   if (culprit) {
@@ -609,6 +611,7 @@ static lua_Integer chunksize(Pool *p, Job *j) {
 ** function first if w does not hold it, then the items, encoded.
 */
 static void assign(Ctx *c, PWorker *w, Job *j, int juv) {
+  int alone;
   lua_State *L = c->L;
   lua_Integer first, count, i;
   Frame f;
@@ -620,9 +623,10 @@ static void assign(Ctx *c, PWorker *w, Job *j, int juv) {
     w->fnjob = j->id;
   }
   count = chunksize(c->p, j);
+  alone = 0;
   if (j->redo.n > 0) {
     long long from;
-    count = lpar_ranges_take(&j->redo, count, &from);
+    count = lpar_ranges_take(&j->redo, count, &from, &alone);
     first = from;
   }
   else {
@@ -660,6 +664,7 @@ static void assign(Ctx *c, PWorker *w, Job *j, int juv) {
   w->job = j;
   w->q[w->nq].first = first;
   w->q[w->nq].count = count;
+  w->q[w->nq].alone = alone;
   if (w->nq++ == 0) {
     w->got = 0;
     w->busy = 0;

@@ -105,15 +105,22 @@ int lpar_policy_prefetch(double tns, long long queued, long long elapsed,
 /*
 ** The item that a lost worker was running, of its chunk [first, first +
 ** count) of which 'got' were reported: the item it timed out on if any,
-** else the one the shared slot names; 0 when that is not an unreported
-** item of the chunk (the worker died between items, or had no chunk).
+** else the one the shared slot names. Failing those, a suspect it held
+** alone ('alone': an item of a chunk lost before without a culprit), even
+** if the worker was past running it (sending its result, or garbage).
+** 0 otherwise (the worker died between items, or had no chunk).
 */
 long long lpar_policy_culprit(long long first, long long count, long long got,
-                              long long slotitem, long long timedout) {
+                              long long slotitem, long long timedout,
+                              int alone) {
   long long c = timedout ? timedout : slotitem;
-  if (count <= 0 || c < first + got || c >= first + count)
+  if (count <= 0)
     return 0;
-  return c;
+  if (c >= first + got && c < first + count)
+    return c;
+  if (alone && count - got == 1)
+    return first + got;
+  return 0;
 }
 
 /* Whether an item that failed, and was run again 'tries' times so far,

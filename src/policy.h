@@ -47,7 +47,8 @@ int lpar_policy_prefetch(double tns, long long queued, long long elapsed,
                          long long nextchunk);
 
 long long lpar_policy_culprit(long long first, long long count, long long got,
-                              long long slotitem, long long timedout);
+                              long long slotitem, long long timedout,
+                              int alone);
 
 int lpar_policy_retry(long long tries, int retries);
 

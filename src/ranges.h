@@ -11,6 +11,7 @@
 
 typedef struct Range {
   long long first, count;
+  int alone; /* suspects: each item is handed out alone */
 } Range;
 
 typedef struct Ranges {
@@ -19,8 +20,10 @@ typedef struct Ranges {
   long long items; /* items in all ranges */
 } Ranges;
 
-/* Push [first, first + count); 0 or -ENOMEM. Empty ranges are ignored. */
-static inline int lpar_ranges_add(Ranges *q, long long first, long long count) {
+/* Push [first, first + count), its items to be handed out alone if
+   'alone'; 0 or -ENOMEM. Empty ranges are ignored. */
+static inline int lpar_ranges_push(Ranges *q, long long first, long long count,
+                                   int alone) {
   if (count <= 0)
     return 0;
   if (q->n == q->cap) {
@@ -33,20 +36,29 @@ static inline int lpar_ranges_add(Ranges *q, long long first, long long count) {
   }
   q->r[q->n].first = first;
   q->r[q->n].count = count;
+  q->r[q->n].alone = alone;
   q->n++;
   q->items += count;
   return 0;
 }
 
-/* Take up to 'max' items (>= 1) from the last range: returns how many,
-   the first in *first; 0 when empty. */
+static inline int lpar_ranges_add(Ranges *q, long long first, long long count) {
+  return lpar_ranges_push(q, first, count, 0);
+}
+
+/* Take up to 'max' items (>= 1) from the last range, only one if it holds
+   suspects (*alone is set then): returns how many, the first in *first;
+   0 when empty. */
 static inline long long lpar_ranges_take(Ranges *q, long long max,
-                                         long long *first) {
+                                         long long *first, int *alone) {
   Range *g;
   long long count;
   if (q->n == 0)
     return 0;
   g = &q->r[q->n - 1];
+  *alone = g->alone;
+  if (g->alone)
+    max = 1;
   count = max < g->count ? max : g->count;
   *first = g->first;
   g->first += count;
@@ -57,12 +69,17 @@ static inline long long lpar_ranges_take(Ranges *q, long long max,
   return count;
 }
 
-/* The rest [from, end) of a dead worker's chunk goes back, but for the
-   item that killed it ('culprit', 0 if none). 0 or -ENOMEM. */
+/*
+** The rest [from, end) of a dead worker's chunk goes back, but for the
+** item that killed it ('culprit', 0 if none). When nothing names the
+** culprit and 'suspect' is set, the items go back as suspects, to be
+** handed out one at a time: a worker lost again while it holds one of
+** them alone is lost to that item (lpar_policy_culprit). 0 or -ENOMEM.
+*/
 static inline int lpar_ranges_requeue(Ranges *q, long long from, long long end,
-                                      long long culprit) {
+                                      long long culprit, int suspect) {
   if (culprit == 0)
-    return lpar_ranges_add(q, from, end - from);
+    return lpar_ranges_push(q, from, end - from, suspect);
   if (lpar_ranges_add(q, culprit + 1, end - culprit - 1) != 0)
     return -ENOMEM;
   return lpar_ranges_add(q, from, culprit - from);

@@ -58,6 +58,7 @@ typedef struct Worker {
   Buf out;              /* bytes to send */
   size_t outpos;        /* bytes of 'out' already sent */
   lua_Integer timedout; /* item it was killed for, 0 if none */
+  int alone;            /* its chunk is one suspect (see lpar_ranges_take) */
   lua_Integer blame;    /* item whose report broke the protocol, 0 if none */
   long long killat;     /* if > 0: SIGKILL due at this time */
   Ring ring;            /* big results frames arrive here */
@@ -323,7 +324,9 @@ static int sendsome(Worker *w);
 static void assign(lua_State *L, Run *r, Worker *w) {
   lua_Integer first, count;
   long long from;
-  if ((count = lpar_ranges_take(&r->redo, chunksize(r), &from)) > 0) {
+  w->alone = 0;
+  if ((count = lpar_ranges_take(&r->redo, chunksize(r), &from, &w->alone)) >
+      0) {
     first = from;
     beginframe(L, w, first);
     if (r->stream) {
@@ -669,13 +672,13 @@ static void lose(lua_State *L, Run *r, Worker *w, int force, const char *why) {
   lpar_pool_closepid(&w->proc);
   w->proc.pid = 0;
   r->live--;
-  culprit = w->blame
-                ? 0
-                : lpar_policy_culprit(w->first, w->count, w->got,
-                                      (lua_Integer)slot->item, w->timedout);
+  culprit = w->blame ? 0
+                     : lpar_policy_culprit(w->first, w->count, w->got,
+                                           (lua_Integer)slot->item, w->timedout,
+                                           w->alone);
   if (w->count > 0) {
     lua_Integer from = w->first + w->got, end = w->first + w->count;
-    if (lpar_ranges_requeue(&r->redo, from, end, culprit) != 0)
+    if (lpar_ranges_requeue(&r->redo, from, end, culprit, !w->blame) != 0)
       luaL_error(L, "not enough memory");
     w->count = 0;
   }

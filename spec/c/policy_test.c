@@ -5,6 +5,7 @@
 #include <stdio.h>
 
 #include "policy.h"
+#include "ranges.h"
 
 static int passed, failed;
 
@@ -163,13 +164,18 @@ static void test_prefetch(void) {
 
 static void test_culprit(void) {
   /* chunk [10, 20), 3 reported: items 13..19 were not */
-  CHECK(lpar_policy_culprit(10, 10, 3, 15, 0) == 15);
-  CHECK(lpar_policy_culprit(10, 10, 3, 13, 0) == 13);
-  CHECK(lpar_policy_culprit(10, 10, 3, 12, 0) == 0);   /* already reported */
-  CHECK(lpar_policy_culprit(10, 10, 3, 20, 0) == 0);   /* past the chunk */
-  CHECK(lpar_policy_culprit(10, 10, 3, 0, 0) == 0);    /* between items */
-  CHECK(lpar_policy_culprit(10, 10, 3, 15, 17) == 17); /* timed out on 17 */
-  CHECK(lpar_policy_culprit(10, 0, 0, 10, 0) == 0);    /* no chunk */
+  CHECK(lpar_policy_culprit(10, 10, 3, 15, 0, 0) == 15);
+  CHECK(lpar_policy_culprit(10, 10, 3, 13, 0, 0) == 13);
+  CHECK(lpar_policy_culprit(10, 10, 3, 12, 0, 0) == 0);   /* already reported */
+  CHECK(lpar_policy_culprit(10, 10, 3, 20, 0, 0) == 0);   /* past the chunk */
+  CHECK(lpar_policy_culprit(10, 10, 3, 0, 0, 0) == 0);    /* between items */
+  CHECK(lpar_policy_culprit(10, 10, 3, 15, 17, 0) == 17); /* timed out on 17 */
+  CHECK(lpar_policy_culprit(10, 0, 0, 10, 0, 0) == 0);    /* no chunk */
+  /* a suspect held alone is the culprit once nothing else names one */
+  CHECK(lpar_policy_culprit(7, 1, 0, 0, 0, 1) == 7);
+  CHECK(lpar_policy_culprit(7, 1, 0, 0, 0, 0) == 0);
+  CHECK(lpar_policy_culprit(7, 1, 1, 0, 0, 1) == 0); /* it was reported */
+  CHECK(lpar_policy_culprit(7, 1, 0, 7, 0, 1) == 7);
 }
 
 static void test_retry(void) {
@@ -178,6 +184,29 @@ static void test_retry(void) {
   CHECK(lpar_policy_retry(1, 2) == 1);
   CHECK(lpar_policy_retry(2, 2) == 0);
   CHECK(lpar_policy_retry(-1, 2) == 0);
+}
+
+/* Items of a chunk lost without a culprit go back as suspects, taken one
+   at a time; others are taken as chunks. */
+static void test_suspects(void) {
+  Ranges q = {0};
+  long long first;
+  int alone;
+  CHECK(lpar_ranges_requeue(&q, 20, 30, 0, 1) == 0);
+  CHECK(lpar_ranges_take(&q, 5, &first, &alone) == 1);
+  CHECK(first == 20 && alone == 1);
+  CHECK(lpar_ranges_take(&q, 5, &first, &alone) == 1);
+  CHECK(first == 21 && alone == 1);
+  CHECK(q.items == 8);
+  /* with a culprit, the rest goes back as a chunk, without it */
+  CHECK(lpar_ranges_requeue(&q, 40, 50, 44, 1) == 0);
+  CHECK(lpar_ranges_take(&q, 100, &first, &alone) == 4);
+  CHECK(first == 40 && alone == 0);
+  CHECK(lpar_ranges_take(&q, 100, &first, &alone) == 5);
+  CHECK(first == 45 && alone == 0);
+  CHECK(lpar_ranges_take(&q, 100, &first, &alone) == 1);
+  CHECK(first == 22 && alone == 1);
+  lpar_ranges_free(&q);
 }
 
 static void test_learn(void) {
@@ -196,6 +225,7 @@ int main(void) {
   test_prefetch();
   test_culprit();
   test_retry();
+  test_suspects();
   test_learn();
   printf("%d passed, %d failed\n", passed, failed);
   return failed != 0;
