@@ -389,3 +389,41 @@ describe("the CLI", function()
     end)
   end
 end)
+
+describe("outside testing found", function()
+  for _, front in ipairs(fronts) do
+    local name, run = front[1], front[2]
+
+    it("keeps the bytes of a message after a NUL, with " .. name, function()
+      local ok, err = pcall(run, function() error("a\0b", 0) end, {1}, {n_workers = 1})
+      assert.is_false(ok)
+      assert.matches("^item 1: a%zb\n", err)
+    end)
+
+    it("leaves the error that 'load' returns a string, with " .. name, function()
+      -- nesting too deep for the parser raises through the message
+      -- handler, which must hand the error back to 'load' as it is
+      local r = run(function()
+        local _, e = load("return " .. ("("):rep(300) .. "1" .. (")"):rep(300))
+        return type(e) .. ":" .. tostring(e)
+      end, {1}, {n_workers = 1})
+      assert.matches("^string:.-overflow", r[1])
+    end)
+
+    if name ~= "lpar.imap" then
+      it("says that init failed when it exits, with " .. name, function()
+        local ok, err = pcall(run, function(x) return x end, {1, 2, 3},
+          {n_workers = 2, init = function() os.exit(3) end})
+        assert.is_false(ok)
+        assert.matches("^worker init failed: worker %d+ exited with status 3$", err)
+      end)
+    end
+  end
+
+  it("says that init failed when it exits, with the CLI", function()
+    local rc, _, err = H.run(cli .. " -e 'return {init = function() os.exit(5) end, " ..
+      "map = function(s) return s end}' -", "a\nb\n")
+    assert.equal(2, rc)
+    assert.matches("lpar: worker init failed: worker %d+ exited with status 5\n", err)
+  end)
+end)

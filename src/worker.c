@@ -112,11 +112,18 @@ void lpar_worker_failure(lua_State *L, const char *prefix) {
     lua_pop(L, 1); /* traceback */
     return;
   }
-  lpar_worker_describe(L, -2);
-  lua_pushfstring(L, "%s%s%s%s", prefix ? prefix : "", lua_tostring(L, -1),
-                  tb ? "\n" : "", tb ? lua_tostring(L, -2) : "");
-  lua_replace(L, -4);
-  lua_pop(L, 2); /* description, traceback */
+  lpar_worker_describe(L, -2);             /* error tb desc */
+  lua_pushstring(L, prefix ? prefix : ""); /* error tb desc prefix */
+  lua_insert(L, -2);                       /* error tb prefix desc */
+  if (tb) {
+    lua_pushliteral(L, "\n");
+    lua_pushvalue(L, -4);
+    lua_concat(L, 4); /* error tb msg (lua_concat keeps any NUL) */
+  }
+  else
+    lua_concat(L, 2);
+  lua_replace(L, -3);
+  lua_pop(L, 1); /* traceback */
 }
 
 typedef struct WState {
@@ -270,15 +277,20 @@ static void traceback(lua_State *L, int from, int to) {
 ** Message handler of the worker: error -> {error, traceback}. Upvalue 1
 ** is the stack depth of the worker loop, whose levels are left out.
 */
+/* registry key of the {error, traceback} the handler noted last */
+static const char noted = 0;
+
 static int msghandler(lua_State *L) {
   int base = (int)lua_tointeger(L, lua_upvalueindex(1));
   int depth = stackdepth(L);
+  lua_settop(L, 1);
   lua_createtable(L, 2, 0);
   lua_pushvalue(L, 1);
   lua_rawseti(L, -2, 1);
   traceback(L, 1, depth - base);
   lua_rawseti(L, -2, 2);
-  return 1;
+  lua_rawsetp(L, LUA_REGISTRYINDEX, &noted);
+  return 1; /* the error value itself */
 }
 
 void lpar_worker_pushmsgh(lua_State *L) {
@@ -287,13 +299,21 @@ void lpar_worker_pushmsgh(lua_State *L) {
 }
 
 void lpar_worker_unpackerror(lua_State *L) {
-  if (lua_type(L, -1) == LUA_TTABLE && lua_rawlen(L, -1) == 2) {
+  if (lua_rawgetp(L, LUA_REGISTRYINDEX, &noted) == LUA_TTABLE) {
     lua_rawgeti(L, -1, 1);
-    lua_rawgeti(L, -2, 2);
-    lua_remove(L, -3);
+    if (lua_rawequal(L, -1, -3)) /* noted for this error */
+      lua_rawgeti(L, -2, 2);
+    else /* an error in the handler itself, or one 'load' took */
+      lua_pushnil(L);
+    lua_replace(L, -3);
+    lua_pop(L, 1);
   }
-  else
-    lua_pushnil(L); /* an error in the handler itself */
+  else {
+    lua_pop(L, 1);
+    lua_pushnil(L);
+  }
+  lua_pushnil(L); /* what was noted is used up */
+  lua_rawsetp(L, LUA_REGISTRYINDEX, &noted);
 }
 
 /*

@@ -37,15 +37,16 @@ int lpar_worker_inside(lua_State *L);
 _Noreturn void lpar_worker_run(lua_State *L, const WorkerArgs *a);
 
 /*
-** Push the message handler a worker runs user code under: it turns an
-** error into {error, traceback}, the traceback holding only the levels
-** above the caller of this function (not the parent's code the worker was
-** forked inside).
+** Push the message handler a worker runs user code under: it notes the
+** traceback of an error (only the levels above the caller of this
+** function, not the parent's code the worker was forked inside) and
+** leaves the error value as it is. Lua also runs it for an error that
+** 'load' catches (a syntax error), which must reach 'load' untouched.
 */
 void lpar_worker_pushmsgh(lua_State *L);
 
-/* Replace the {error, traceback} pair at the top of the stack by its two
-   values (error, then traceback or nil). */
+/* After a call under that handler failed, with the error value at the
+   top: push the traceback noted for that very value, or nil. */
 void lpar_worker_unpackerror(lua_State *L);
 
 /* a results frame: header, u64 first index, u64 ns spent, values */
