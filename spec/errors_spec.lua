@@ -427,3 +427,47 @@ describe("outside testing found", function()
     assert.matches("lpar: worker init failed: worker %d+ exited with status 5\n", err)
   end)
 end)
+
+describe("max_memory close to the caller's heap", function()
+  it("is refused when it leaves a worker too little room to run", function()
+    local rc, out, err = H.lua([[
+      local lpar = require "lpar"
+      BIG = {}
+      for i = 1, 3e5 do BIG[i] = "s" .. i end
+      collectgarbage()
+      collectgarbage()
+      local heap = collectgarbage("count") * 1024
+      for _, extra in ipairs{50000, 500000} do
+        local ok, e = pcall(lpar.parallel, function(x) return x * 2 end, {1, 2, 3},
+          {n_workers = 2, max_memory = math.floor(heap + extra)})
+        print(ok, e)
+        local pool_ok, pe = pcall(lpar.pool, {n_workers = 1, max_memory = math.floor(heap + extra)})
+        print(pool_ok, pool_ok and "" or pe)
+      end
+    ]])
+    assert.equal(0, rc, err)
+    local lines = {}
+    for l in out:gmatch("[^\n]+") do lines[#lines + 1] = l end
+    assert.equal(4, #lines, out)
+    for _, l in ipairs(lines) do
+      assert.matches("^false\tmax_memory %d+ bytes leaves less than 1024 KiB to run in " ..
+        "above the %d+ bytes the worker inherited from the caller$", l)
+    end
+  end)
+
+  it("lets a replacement worker drop the results the caller holds", function()
+    -- one worker, results of 100 kB: by item 50 the caller's heap is past
+    -- the limit, which the worker replacing the one item 50 killed must
+    -- not count
+    local r, n, errs = lpar.parallel(function(x)
+      if x == 50 then os.exit(1) end
+      return string.rep(string.char(65 + x % 26), 100000)
+    end, H.range(60), {n_workers = 1, max_memory = "3M", on_error = "collect", chunksize = 1})
+    assert.equal(60, n)
+    assert.same({50}, sorted_keys(errs))
+    assert.matches("^worker %d+ exited with status 1", errs[50])
+    for i = 1, 60 do
+      if i ~= 50 then assert.equal(100000, #r[i]) end
+    end
+  end)
+end)

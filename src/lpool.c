@@ -747,13 +747,11 @@ static void refill(Ctx *c) {
     live += p->w[i].state != W_EMPTY;
   if (live == p->n)
     return;
-  /* a worker would start with the caller's heap: over max_memory, it
-     could not run; go on with the workers there are, if any */
-  if (p->maxmem > 0 && lpar_worker_checkheap(L, p->maxmem)) {
-    if (live > 0)
-      lua_pop(L, 1);
-    else
-      breakpool(c);
+  /* the first workers start with the caller's heap: over max_memory,
+     they could not run. A replacement checks for itself, and says so as
+     its init's failure. */
+  if (p->maxmem > 0 && p->creating && lpar_worker_checkheap(L, p->maxmem)) {
+    breakpool(c);
     return;
   }
   live = 0;

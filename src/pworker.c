@@ -156,7 +156,11 @@ _Noreturn void lpar_pworker_run(lua_State *L, const PWorkerArgs *a) {
   memset(&ps, 0, sizeof ps);
   lpar_worker_initrunner(&ps.r, L, a->resfd, a->slot);
   lpar_worker_reseed(L, a->place);
-  lpar_worker_setlimit(&ps.r, a->maxmem);
+  if (lpar_worker_setlimit(&ps.r, a->maxmem)) { /* said as init's failure */
+    lua_pushnil(L);
+    lpar_worker_senderror(&ps.r, 0);
+    _exit(0);
+  }
   ps.r.ring = a->ring;
   lua_pushcfunction(L, workermain);
   if (a->initidx)

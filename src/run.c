@@ -92,6 +92,7 @@ typedef struct Run {
   lua_Integer pitems; /* results those ns were spent on */
   int failed;         /* an item failed and the run must stop */
   int lost;           /* workers lost without a culprit */
+  int forks;          /* workers started so far */
   SchedWave wave;     /* workers started while none is past its first item */
   Proc *retired;      /* workers told to leave, to reap at the end */
   int nretired, capretired;
@@ -384,14 +385,11 @@ static void spawn(lua_State *L, Run *r) {
     }
   if (w == NULL)
     return;
-  if (r->o.maxmem > 0 && lpar_worker_checkheap(L, r->o.maxmem)) {
-    if (r->live > 0) { /* go on with the workers there are */
-      lua_pop(L, 1);
-      r->cap = r->live;
-      return;
-    }
+  /* the first worker inherits the caller's heap as the call found it;
+     later ones also its results, which they drop (and say if they still
+     cannot run) */
+  if (r->o.maxmem > 0 && r->forks == 0 && lpar_worker_checkheap(L, r->o.maxmem))
     lua_error(L);
-  }
   cs.mask = &r->oldmask;
   cs.ignint = r->ignint;
   r->slots[i].item = 0;
@@ -406,6 +404,15 @@ static void spawn(lua_State *L, Run *r) {
   if (pid == 0) {
     WorkerArgs a;
     int top = lua_gettop(L);
+    /* the results so far are the caller's: not this worker's heap */
+    lua_pushnil(L);
+    lua_rawseti(L, S_ENV, ENV_RESULTS);
+    lua_pushnil(L);
+    lua_rawseti(L, S_ENV, ENV_ERRORS);
+    lua_pushnil(L);
+    lua_replace(L, S_RESULTS);
+    lua_pushnil(L);
+    lua_replace(L, S_ERRORS);
     a.cmdfd = w->proc.cmdfd;
     a.resfd = w->proc.resfd;
     a.fidx = top - 3;
@@ -432,6 +439,7 @@ static void spawn(lua_State *L, Run *r) {
     luaL_error(L, "cannot start a worker: %s: %s", call, strerror(-pid));
   }
   r->live++;
+  r->forks++;
   lpar_policy_started(&r->wave, r->live, lpar_pool_now());
   w->count = 0;
   w->in.n = 0;

@@ -549,41 +549,66 @@ static void *limitalloc(void *ud, void *ptr, size_t osize, size_t nsize) {
   return p;
 }
 
-void lpar_worker_setlimit(Runner *r, size_t max) {
-  /* both live as long as the process: a worker never returns */
-  static Limit lim;
-  static char name[32];
-  lua_State *L = r->L;
-  if (max == 0)
-    return;
-  lim.f = lua_getallocf(L, &lim.ud);
-  lim.used = lpar_worker_heap(L);
-  lim.max = max;
-  lua_setallocf(L, limitalloc, &lim);
-  r->limit = lpar_worker_memname(max, name, sizeof name);
-}
-
-int lpar_worker_checkheap(lua_State *L, size_t max) {
+/* Push the message for a max_memory of 'max' with 'used' bytes of heap
+   inherited: below it, or without LPAR_MEMROOM to run in above it. */
+static void belowheap(lua_State *L, size_t max, size_t used) {
   char lim[32], heap[32];
-  size_t used = lpar_worker_heap(L);
-  if (used < max)
-    return 0;
-  lua_gc(L, LUA_GCCOLLECT);
-  used = lpar_worker_heap(L);
-  if (used < max)
-    return 0;
-  if ((double)used < 1.1 * (double)max) { /* close: in bytes */
-    snprintf(lim, sizeof lim, "%zu bytes", max);
+  if ((double)used < 1.1 * (double)max && used < max + LPAR_MEMROOM) {
+    snprintf(lim, sizeof lim, "%zu bytes", max); /* close: in bytes */
     snprintf(heap, sizeof heap, "%zu bytes", used);
   }
   else {
     lpar_worker_memname(max, lim, sizeof lim);
     lpar_worker_memname(used, heap, sizeof heap);
   }
-  lua_pushfstring(L,
-                  "max_memory %s is below the %s the worker inherited "
-                  "from the caller",
-                  lim, heap);
+  if (used >= max)
+    lua_pushfstring(L,
+                    "max_memory %s is below the %s the worker inherited "
+                    "from the caller",
+                    lim, heap);
+  else
+    lua_pushfstring(L,
+                    "max_memory %s leaves less than %d KiB to run in above "
+                    "the %s the worker inherited from the caller",
+                    lim, LPAR_MEMROOM / 1024, heap);
+}
+
+/* Whether L's heap, with garbage collected if that matters, leaves
+   LPAR_MEMROOM below 'max'; the bytes in use in *used. */
+static int heapfits(lua_State *L, size_t max, size_t *used) {
+  *used = lpar_worker_heap(L);
+  if (*used + LPAR_MEMROOM <= max)
+    return 1;
+  lua_gc(L, LUA_GCCOLLECT);
+  *used = lpar_worker_heap(L);
+  return *used + LPAR_MEMROOM <= max;
+}
+
+int lpar_worker_setlimit(Runner *r, size_t max) {
+  /* both live as long as the process: a worker never returns */
+  static Limit lim;
+  static char name[32];
+  lua_State *L = r->L;
+  size_t used;
+  if (max == 0)
+    return 0;
+  if (!heapfits(L, max, &used)) {
+    belowheap(L, max, used);
+    return 1;
+  }
+  lim.f = lua_getallocf(L, &lim.ud);
+  lim.used = used;
+  lim.max = max;
+  lua_setallocf(L, limitalloc, &lim);
+  r->limit = lpar_worker_memname(max, name, sizeof name);
+  return 0;
+}
+
+int lpar_worker_checkheap(lua_State *L, size_t max) {
+  size_t used;
+  if (heapfits(L, max, &used))
+    return 0;
+  belowheap(L, max, used);
   return 1;
 }
 
@@ -645,7 +670,11 @@ _Noreturn void lpar_worker_run(lua_State *L, const WorkerArgs *a) {
   lpar_worker_initrunner(&ws.r, L, a->resfd, a->slot);
   ws.r.timed = a->timed;
   ws.r.ring = a->ring;
-  lpar_worker_setlimit(&ws.r, a->maxmem);
+  if (lpar_worker_setlimit(&ws.r, a->maxmem)) { /* said as init's failure */
+    lua_pushnil(L);
+    lpar_worker_senderror(&ws.r, 0);
+    _exit(0);
+  }
   lua_pushcfunction(L, workermain);
   lua_pushvalue(L, a->fidx);
   pushornil(L, a->itemsidx);

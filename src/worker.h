@@ -123,15 +123,23 @@ const char *lpar_worker_memname(size_t bytes, char *buf, size_t size);
    against its max_memory. */
 size_t lpar_worker_heap(lua_State *L);
 
-/* Whether a worker forked now would start at or over the memory limit
-   'max' (the caller's heap is what it inherits; garbage is collected
-   before the second look): 0 if not, else 1 with the message pushed,
-   "max_memory 1 MiB is below the 5.2 MiB the worker inherited ...". */
+/* room a worker needs above the heap it inherits, under max_memory */
+#if !defined(LPAR_MEMROOM)
+#define LPAR_MEMROOM (1024 * 1024)
+#endif
+
+/* Whether a worker forked now would start without LPAR_MEMROOM below the
+   memory limit 'max' (the caller's heap is what it inherits; garbage is
+   collected before the second look): 0 if not, else 1 with the message
+   pushed, "max_memory 1 MiB is below the 5.2 MiB the worker inherited
+   ..." or "... leaves less than 1024 KiB to run in above ...". */
 int lpar_worker_checkheap(lua_State *L, size_t max);
 
 /* In a worker: limit r's Lua heap to 'max' bytes (0: no limit), so that
-   an item needing more fails with "not enough memory (limit 512 MiB)". */
-void lpar_worker_setlimit(Runner *r, size_t max);
+   an item needing more fails with "not enough memory (limit 512 MiB)".
+   1, with the message pushed, when the heap it inherited leaves less
+   than LPAR_MEMROOM below the limit (as lpar_worker_checkheap). */
+int lpar_worker_setlimit(Runner *r, size_t max);
 
 /* Reseed math.random, so that every worker draws its own numbers. */
 void lpar_worker_reseed(lua_State *L, lua_Integer place);
