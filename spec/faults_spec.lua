@@ -136,24 +136,42 @@ describe("worker faults", function()
     -- type 7 (RING), len 16: a place far outside the ring
     {"a ring frame that points outside the ring",
       string.pack("<I4I4I8I8I8", 7, 0, 16, 1 << 40, 1 << 20), "bad place in the ring"},
+    -- type 3 (RESULT) for item 5, the string "fake", then two bytes too many:
+    -- "fake" must not become item 5's result
+    {"a results frame with trailing bytes",
+      string.pack("<I4I4I8I8I8", 3, 1, 24, 5, 1000) .. "\5\4fake" .. "zz",
+      "trailing bytes in a frame"},
+    -- type 3 (RESULT) with no results
+    {"a results frame of no results",
+      string.pack("<I4I4I8I8I8", 3, 0, 16, 5, 1000), "bad frame header"},
   } do
     local what, bytes, why = case[1], case[2], case[3]
-    it("treats " .. what .. " as a protocol error of that worker", function()
-      local r, n, errs = lpar.parallel(function(x)
-        if x == 5 then
-          for fd = 3, 64 do -- the results pipe is the only FIFO a worker holds
-            local st = stat.fstat(fd)
-            if st and stat.S_ISFIFO(st.st_mode) ~= 0 then unistd.write(fd, bytes) end
+    for _, front in ipairs{"parallel", "pool"} do
+      it("treats " .. what .. " as a protocol error of that worker, with " .. front, function()
+        local function f(x)
+          if x == 5 then
+            local ux, sys = require "posix.unistd", require "posix.sys.stat"
+            for fd = 3, 64 do -- the results pipe is the only FIFO a worker holds
+              local st = sys.fstat(fd)
+              if st and sys.S_ISFIFO(st.st_mode) ~= 0 then ux.write(fd, bytes) end
+            end
+            require("posix.time").nanosleep({tv_sec = 1, tv_nsec = 0})
           end
-          H.sleep(1)
+          return x * 10
         end
-        return x * 10
-      end, range(12), {n_workers = 2, chunksize = 1, on_error = "collect"})
-      assert.equal(12, n)
-      assert.same({5}, sorted_keys(errs))
-      assert.matches("^worker %d+ broke the protocol %(" .. why .. "%)", errs[5])
-      complete(r, 12, {[5] = true})
-    end)
+        local r, n, errs
+        if front == "parallel" then
+          r, n, errs = lpar.parallel(f, range(12), {n_workers = 2, chunksize = 1, on_error = "collect"})
+        else
+          local pool <close> = lpar.pool{n_workers = 2}
+          r, n, errs = pool:map(f, range(12), {chunksize = 1, on_error = "collect"})
+        end
+        assert.equal(12, n)
+        assert.same({5}, sorted_keys(errs))
+        assert.matches("^worker %d+ broke the protocol %(" .. why .. "%)", errs[5])
+        complete(r, 12, {[5] = true})
+      end)
+    end
   end
 
   it("keeps the results a worker put in its ring before it was killed", function()

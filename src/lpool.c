@@ -792,6 +792,17 @@ static int geterror(lua_State *L, const char *p, size_t len) {
 
 /* Results of items first .. first+count-1 at p[pos..len) for worker w.
    0, or -1 with a message pushed. */
+/* Move the n values decoded aside (in the table just above 'res', [k + 1]
+   for item first + k) into the results table at 'res'. */
+static void storeaside(lua_State *L, int res, lua_Integer first, uint32_t n) {
+  uint32_t k;
+  for (k = 0; k < n; k++)
+    if (lua_rawgeti(L, res + 1, (lua_Integer)k + 1) == LUA_TNIL)
+      lua_pop(L, 1);
+    else
+      lua_rawseti(L, res, first + k);
+}
+
 static int results(Ctx *c, PWorker *w, const char *p, size_t len,
                    lua_Integer first, uint32_t count) {
   lua_State *L = c->L;
@@ -809,10 +820,13 @@ static int results(Ctx *c, PWorker *w, const char *p, size_t len,
   pushjob(c, j);
   lua_rawgeti(L, -1, JU_RESULTS);
   res = lua_gettop(L);
+  /* decoded aside, and stored only once the frame has proved sound */
+  lua_createtable(L, count < 1024 ? (int)count : 1024, 0);
   for (k = 0; k < count; k++) {
     if (lpar_codec_decode(L, p, len, &pos) != 0) {
       /* the item whose value this is fails (a worker sends the same
          bytes again if it runs again); the ones after it run again */
+      storeaside(L, res, first, k);
       lua_replace(L, res - 2);
       lua_settop(L, res - 2);
       w->got += k + 1;
@@ -820,16 +834,18 @@ static int results(Ctx *c, PWorker *w, const char *p, size_t len,
       w->blame = first + k;
       return -1;
     }
-    if (lua_isnil(L, -1))
-      lua_pop(L, 1);
-    else
-      lua_rawseti(L, res, first + k);
+    lua_rawseti(L, res + 1, (lua_Integer)k + 1);
   }
-  lua_pop(L, 3);
-  if (pos != len) {
+  if (pos != len) { /* none is taken: its first item fails, the others
+                       run again */
+    lua_settop(L, res - 3);
     lua_pushliteral(L, "trailing bytes in a frame");
+    w->got += 1;
+    w->blame = first;
     return -1;
   }
+  storeaside(L, res, first, count);
+  lua_pop(L, 4);
   w->got += count;
   j->done += count;
   if (w->got == w->q[0].count) { /* learn from the chunk's timing */
@@ -918,7 +934,11 @@ static int readyframe(Ctx *c, PWorker *w, uint32_t count) {
 static int frame(Ctx *c, PWorker *w, const Frame *f, const char *p) {
   lua_State *L = c->L;
   int rc;
-  if (f->type == LPAR_FRESULT && f->len >= 16 && w->state == W_BUSY) {
+  if (f->type == LPAR_FRESULT && f->count == 0) {
+    lua_pushliteral(L, "bad frame header"); /* no results: as parallel */
+    rc = -1;
+  }
+  else if (f->type == LPAR_FRESULT && f->len >= 16 && w->state == W_BUSY) {
     w->busy += (long long)lpar_wire_get64(p + 8);
     rc = results(c, w, p, (size_t)f->len, (lua_Integer)lpar_wire_get64(p),
                  f->count);

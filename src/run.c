@@ -555,6 +555,29 @@ static void initfailed(lua_State *L, Run *r, Worker *w, const char *p,
 
 /* Handle one RESULT or ERROR frame of w: header f, payload p. Returns 0,
    or -1 if the worker broke the protocol (it has been dealt with). */
+/* Store the n results decoded aside into the table at 'aside' (its [k +
+   1] is item first + k). */
+static void storeaside(lua_State *L, Run *r, int aside, lua_Integer first,
+                       uint32_t n) {
+  uint32_t k;
+  for (k = 0; k < n; k++) {
+    lua_rawgeti(L, aside, (lua_Integer)k + 1);
+    store(L, r, first + k);
+  }
+}
+
+/* The value of item 'bad' in a frame for [first, first + nrep) of w's
+   chunk could not be taken: that item fails (a worker sends the same
+   bytes again if it runs again) and the ones after it run again. */
+static void badvalue(lua_State *L, Run *r, Worker *w, lua_Integer first,
+                     lua_Integer nrep, int complete, lua_Integer bad) {
+  if (complete && bad + 1 < first + nrep)
+    addredo(L, r, bad + 1, first + nrep - bad - 1);
+  else if (!complete)
+    w->got = bad - w->first + 1;
+  w->blame = bad;
+}
+
 static int frame(lua_State *L, Run *r, Worker *w, const Frame *f,
                  const char *p) {
   size_t pos;
@@ -594,29 +617,39 @@ static int frame(lua_State *L, Run *r, Worker *w, const Frame *f,
     if (isres) /* keep the worker busy while its results are decoded */
       dispatch(L, r);
   }
+  /* results are decoded aside and stored only once the whole frame has
+     proved sound: a frame with trailing bytes delivers none of them */
+  if (isres)
+    lua_createtable(L, nvals < 1024 ? (int)nvals : 1024, 0);
   for (k = 0; k < nvals; k++) {
     if (lpar_codec_decode(L, p, (size_t)f->len, &pos) != 0) {
-      /* the item whose value this is fails (a worker sends the same
-         bytes again if it runs again); the ones after it run again */
       lua_Integer bad = isres ? first + (lua_Integer)k : first;
-      if (complete && bad + 1 < first + nrep)
-        addredo(L, r, bad + 1, first + nrep - bad - 1);
-      else if (!complete)
-        w->got = bad - w->first + 1;
-      w->blame = bad;
+      if (isres) { /* the values before it are sound */
+        storeaside(L, r, lua_gettop(L) - 1, first, k);
+        lua_remove(L, -2);
+      }
+      badvalue(L, r, w, first, nrep, complete, bad);
       protoerror(L, r, w, lua_tostring(L, -1));
       return -1;
     }
     if (isres)
-      store(L, r, first + k);
+      lua_rawseti(L, -2, (lua_Integer)k + 1);
   }
   if (pos != f->len) {
-    if (!isres) /* the error it reports is not taken */
+    if (isres) { /* its first item fails; the others run again */
+      lua_pop(L, 1);
+      badvalue(L, r, w, first, nrep, complete, first);
+    }
+    else /* the error it reports is not taken */
       w->blame = first;
     protoerror(L, r, w, "trailing bytes in a frame");
     return -1;
   }
-  if (!isres)
+  if (isres) {
+    storeaside(L, r, lua_gettop(L), first, nvals);
+    lua_pop(L, 1);
+  }
+  else
     itemfailed(L, r, first);
   return 0;
 }
