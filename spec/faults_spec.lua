@@ -495,3 +495,35 @@ describe("a worker lost with nothing to name its item", function()
     end)
   end
 end)
+
+describe("a worker that leaves its process group", function()
+  -- it leaves a child in its group and moves itself into the caller's:
+  -- stopping the group must still stop the worker itself
+  for _, front in ipairs{"parallel", "pool"} do
+    it("still times out, with " .. front, function()
+      local rc, out, err = H.lua([[
+        local lpar = require "lpar"
+        local u = require "posix.unistd"
+        local cpg = u.getpgrp()
+        local function f(x)
+          if x == 1 then
+            if u.fork() == 0 then u.sleep(60) u._exit(0) end
+            assert(u.setpid("p", 0, cpg))
+            u.sleep(60)
+          end
+          return x
+        end
+        local r, _, errs
+        if "]] .. front .. [[" == "pool" then
+          local p <close> = lpar.pool{n_workers = 1}
+          r, _, errs = p:map(f, {1, 2}, {timeout = 1, on_error = "collect"})
+        else
+          r, _, errs = lpar.parallel(f, {1, 2}, {n_workers = 1, timeout = 1, on_error = "collect"})
+        end
+        print(r[1], r[2], errs[1])
+      ]])
+      assert.equal(0, rc, err)
+      assert.equal("nil\t2\ttimed out after 1.0 s\n", out)
+    end)
+  end
+end)

@@ -235,8 +235,8 @@ static void closeworker(Pool *p, PWorker *w) {
 static void dropworker(lua_State *L, Pool *p, PWorker *w) {
   pid_t pid = w->proc.pid;
   closeworker(p, w);
+  lpar_pool_killproc(&w->proc, SIGKILL);
   lpar_pool_closepid(&w->proc);
-  lpar_pool_kill(pid, SIGKILL);
   if (p->ndying == p->capdying) {
     int cap = p->capdying ? 2 * p->capdying : 8;
     pid_t *d = realloc(p->dying, (size_t)cap * sizeof(pid_t));
@@ -496,7 +496,7 @@ static void lose(Ctx *c, PWorker *w, int force, const char *why) {
   lua_Integer culprit, from, end;
   char desc[96];
   closeworker(p, w);
-  rc = lpar_pool_reap(pid, force, &status);
+  rc = lpar_pool_reap(&w->proc, force, &status);
   lpar_pool_closepid(&w->proc);
   w->proc.pid = 0;
   w->state = W_EMPTY;
@@ -1062,7 +1062,7 @@ static int deadlines(Ctx *c) {
       continue;
     if (w->killat > 0) {
       if (now >= w->killat) {
-        lpar_pool_kill(w->proc.pid, SIGKILL);
+        lpar_pool_killproc(&w->proc, SIGKILL);
         w->killat = 0;
       }
       else
@@ -1072,7 +1072,7 @@ static int deadlines(Ctx *c) {
       long long limit = p->slots[i].since + (long long)(p->timeout * 1e9);
       if (p->slots[i].item == LPAR_SLOTHOOK && now >= limit) {
         w->timedout = LPAR_SLOTHOOK;
-        lpar_pool_kill(w->proc.pid, SIGTERM);
+        lpar_pool_killproc(&w->proc, SIGTERM);
         w->killat = now + KILLGRACE;
         due = w->killat;
       }
@@ -1084,7 +1084,7 @@ static int deadlines(Ctx *c) {
       long long limit = p->slots[i].since + (long long)(w->job->timeout * 1e9);
       if (item != 0 && now >= limit) {
         w->timedout = item;
-        lpar_pool_kill(w->proc.pid, SIGTERM);
+        lpar_pool_killproc(&w->proc, SIGTERM);
         w->killat = now + KILLGRACE;
         due = w->killat;
       }
@@ -1254,7 +1254,7 @@ static void closepool(lua_State *L, int idx, const char *why) {
     if (w->state == W_EMPTY)
       continue;
     if (w->state == W_BUSY || (broken && w->state == W_STARTING))
-      lpar_pool_kill(w->proc.pid, SIGKILL);
+      lpar_pool_killproc(&w->proc, SIGKILL);
     closeworker(p, w); /* end of file: an idle worker leaves */
   }
   /* idle ones run close: the pool's timeout, or a grace period, bounds it;
@@ -1277,8 +1277,8 @@ static void closepool(lua_State *L, int idx, const char *why) {
         fprintf(stderr, "lpar: pool worker %d: did not leave within %s s\n",
                 (int)w->proc.pid, secs);
       fflush(stderr);
-      lpar_pool_kill(w->proc.pid, SIGKILL);
-      lpar_pool_wait(w->proc.pid, &status, 1);
+      lpar_pool_killproc(&w->proc, SIGKILL);
+      lpar_pool_waitproc(&w->proc, &status, 1);
     }
     lpar_pool_closepid(&w->proc);
     w->proc.pid = 0;

@@ -188,9 +188,71 @@ void lpar_pool_closepid(Proc *p) {
 }
 
 void lpar_pool_kill(pid_t pid, int sig) {
-  assert(pid > 0);           /* kill(0) or kill(-1) would hit far more */
-  if (kill(-pid, sig) == -1) /* no group (setpgid failed): the worker */
-    kill(pid, sig);
+  assert(pid > 0); /* kill(0) or kill(-1) would hit far more */
+  kill(-pid, sig); /* its group: what it started (fails if none) */
+  kill(pid, sig);  /* and itself, even if it left the group */
+}
+
+/* pidfd_send_signal, or -ENOSYS */
+static int pidsignal(const Proc *p, int sig) {
+#if defined(SYS_pidfd_send_signal) && !defined(LPAR_NOPIDFD)
+  if (p->pidfd >= 0)
+    return syscall(SYS_pidfd_send_signal, p->pidfd, sig, NULL, 0) == 0 ? 0
+                                                                       : -errno;
+#else
+  (void)p;
+  (void)sig;
+#endif
+  return -ENOSYS;
+}
+
+void lpar_pool_killproc(const Proc *p, int sig) {
+  int rc;
+  assert(p->pid > 0);
+  /* while it is not reaped (a zombie counts), its pid and its group's id
+     are its own; signal 0 tells */
+  rc = pidsignal(p, 0);
+  if (rc == -ENOSYS || p->pidfd < 0) {
+    lpar_pool_kill(p->pid, sig);
+    return;
+  }
+  if (rc != 0)
+    return; /* reaped elsewhere */
+  kill(-p->pid, sig);
+  pidsignal(p, sig);
+}
+
+/* waitid on worker p's pidfd (P_PIDFD, Linux 5.4), or -ENOSYS */
+static int waitpidfd(const Proc *p, siginfo_t *si, int options) {
+  int rc;
+  if (p->pidfd < 0)
+    return -ENOSYS;
+  do
+    rc = waitid((idtype_t)3 /* P_PIDFD */, (id_t)p->pidfd, si, options);
+  while (rc == -1 && errno == EINTR);
+  return rc == -1 ? -errno : 0;
+}
+
+int lpar_pool_waitproc(const Proc *p, int *status, int block) {
+  siginfo_t si;
+  int rc;
+  memset(&si, 0, sizeof si);
+  rc = waitpidfd(p, &si, WEXITED | WNOWAIT | (block ? 0 : WNOHANG));
+  if (rc == -ENOSYS || rc == -EINVAL) /* no pidfd, or a kernel before 5.4 */
+    return lpar_pool_wait(p->pid, status, block);
+  if (rc != 0)
+    return rc; /* -ECHILD: reaped elsewhere */
+  if (si.si_pid == 0)
+    return 0;             /* still running */
+  kill(-p->pid, SIGKILL); /* a zombie: the group's id is still its own */
+  memset(&si, 0, sizeof si);
+  if ((rc = waitpidfd(p, &si, WEXITED)) != 0)
+    return rc;
+  if (si.si_code == CLD_EXITED)
+    *status = (si.si_status & 0xff) << 8;
+  else
+    *status = (si.si_status & 0x7f) | (si.si_code == CLD_DUMPED ? 0x80 : 0);
+  return 1;
 }
 
 int lpar_pool_wait(pid_t pid, int *status, int block) {
@@ -220,7 +282,7 @@ int lpar_pool_wait(pid_t pid, int *status, int block) {
 
 int lpar_pool_waituntil(const Proc *p, long long deadline, int *status) {
   int rc;
-  while ((rc = lpar_pool_wait(p->pid, status, 0)) == 0) {
+  while ((rc = lpar_pool_waitproc(p, status, 0)) == 0) {
     long long left = deadline - lpar_pool_now();
     int ms;
     if (left <= 0)
@@ -236,14 +298,14 @@ int lpar_pool_waituntil(const Proc *p, long long deadline, int *status) {
   return rc;
 }
 
-int lpar_pool_reap(pid_t pid, int force, int *status) {
+int lpar_pool_reap(const Proc *p, int force, int *status) {
   int rc, tries;
-  assert(pid > 0); /* kill(0) would hit the whole process group */
+  assert(p->pid > 0); /* kill(0) would hit the whole process group */
   if (force)
-    lpar_pool_kill(pid, SIGKILL);
-  for (tries = 0; (rc = lpar_pool_wait(pid, status, 0)) == 0; tries++) {
+    lpar_pool_killproc(p, SIGKILL);
+  for (tries = 0; (rc = lpar_pool_waitproc(p, status, 0)) == 0; tries++) {
     if (tries == 200)
-      lpar_pool_kill(pid, SIGKILL);
+      lpar_pool_killproc(p, SIGKILL);
     poll(NULL, 0, 1);
   }
   return rc;

@@ -67,8 +67,14 @@ pid_t lpar_pool_fork(Proc *p, const ChildSetup *cs, const char **call);
 void lpar_pool_close(Proc *p);
 void lpar_pool_closepid(Proc *p);
 
-/* Send 'sig' to worker 'pid' and every process in its group. */
+/* Send 'sig' to worker 'pid' and every process in its group (the worker
+   itself too, should it have left the group). */
 void lpar_pool_kill(pid_t pid, int sig);
+
+/* The same for worker 'p', through its pidfd when it has one, and not at
+   all once it was reaped (with SIGCHLD ignored, by the kernel): its pid
+   could then be another process's. */
+void lpar_pool_killproc(const Proc *p, int sig);
 
 /*
 ** Reap 'pid' if it has ended: 1 and *status set, 0 if still running (only
@@ -76,6 +82,11 @@ void lpar_pool_kill(pid_t pid, int sig);
 ** of its process group is killed first, while the pid cannot be reused.
 */
 int lpar_pool_wait(pid_t pid, int *status, int block);
+
+/* The same for worker 'p', through its pidfd when it has one: another
+   process that got its pid once it was reaped elsewhere is never
+   touched. */
+int lpar_pool_waitproc(const Proc *p, int *status, int block);
 
 /*
 ** Wait until worker 'p' ends or the monotonic clock reaches 'deadline'
@@ -97,7 +108,7 @@ int lpar_pool_holdchld(struct sigaction *old);
 ** gets up to 200 ms to finish, then SIGKILL (at once if 'force'). Returns
 ** as lpar_pool_wait when blocking.
 */
-int lpar_pool_reap(pid_t pid, int force, int *status);
+int lpar_pool_reap(const Proc *p, int force, int *status);
 
 /* Describe a wait status: "exited with status 3", "killed by signal 9
    (SIGKILL)". Returns 'buf'. */

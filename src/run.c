@@ -709,7 +709,7 @@ static void lose(lua_State *L, Run *r, Worker *w, int force, const char *why) {
   if (pid <= 0) /* nobody there: kill(0) would hit the process group */
     return;
   lpar_pool_close(&w->proc);
-  rc = lpar_pool_reap(pid, force, &status);
+  rc = lpar_pool_reap(&w->proc, force, &status);
   lpar_pool_closepid(&w->proc);
   w->proc.pid = 0;
   r->live--;
@@ -880,7 +880,7 @@ static int deadlines(lua_State *L, Run *r) {
       continue;
     if (w->killat > 0) {
       if (now >= w->killat) {
-        lpar_pool_kill(w->proc.pid, SIGKILL);
+        lpar_pool_killproc(&w->proc, SIGKILL);
         w->killat = 0;
       }
       else
@@ -893,7 +893,7 @@ static int deadlines(lua_State *L, Run *r) {
       long long limit = since + (long long)(r->o.timeout * 1e9);
       if (item != 0 && now >= limit) {
         w->timedout = item; /* LPAR_SLOTHOOK: its init */
-        lpar_pool_kill(w->proc.pid, SIGTERM);
+        lpar_pool_killproc(&w->proc, SIGTERM);
         w->killat = now + KILLGRACE;
         due = w->killat;
       }
@@ -1129,8 +1129,8 @@ static void finishworker(Run *r, Proc *p, long long deadline, double secs) {
       fprintf(stderr, "lpar: worker %d: did not leave within %s s\n",
               (int)p->pid, s);
     fflush(stderr);
-    lpar_pool_kill(p->pid, SIGKILL);
-    lpar_pool_wait(p->pid, &status, 1);
+    lpar_pool_killproc(p, SIGKILL);
+    lpar_pool_waitproc(p, &status, 1);
   }
   lpar_pool_closepid(p);
   p->pid = 0;
@@ -1151,7 +1151,7 @@ void lpar_run_stop(lua_State *L, int idx) {
     if (w->proc.pid == 0)
       continue;
     if (hard)
-      lpar_pool_kill(w->proc.pid, SIGKILL);
+      lpar_pool_killproc(&w->proc, SIGKILL);
     lpar_pool_close(&w->proc); /* end of file: an idle worker leaves */
   }
   /* they run their close hooks: the timeout, or a grace period, bounds it */
@@ -1168,7 +1168,7 @@ void lpar_run_stop(lua_State *L, int idx) {
   }
   for (i = 0; i < r->nretired; i++) {
     if (hard && interrupted) /* Ctrl-C: no close hook is waited for */
-      lpar_pool_kill(r->retired[i].pid, SIGKILL);
+      lpar_pool_killproc(&r->retired[i], SIGKILL);
     finishworker(r, &r->retired[i], deadline, (double)grace / 1e9);
   }
   r->nretired = 0;
