@@ -631,3 +631,54 @@ describe("lpar and files that are one", function()
     assert.equal("", out)
   end)
 end)
+
+describe("lpar stopped by a signal that reached a worker first", function()
+  it("records no failure for the item, exits as for the signal, and resumes it", function()
+    local items = writefile(tmpname(), "a\nstop\nc\n")
+    local log, res, flag = tmpname(), tmpname(), tmpname()
+    os.remove(log)
+    os.remove(res)
+    os.remove(flag)
+    local args = ("--joblog %s -o %s %s %s %s"):format(log, res, FIX .. "stopped.lua", items, flag)
+    for _, j in ipairs({"-j1", "-j2 --chunk 1", "-j1 --retries 2"}) do
+      os.remove(flag)
+      local code, out, err = lpar(j .. " " .. args)
+      assert.equal(143, code, err)
+      assert.equal("", out)
+      assert.equal("lpar: terminated\n", err)
+      assert.is_nil(readfile(log):find("\tfailed\t"))
+      code, out, err = lpar(j .. " --resume " .. args)
+      assert.equal("", err)
+      assert.equal(0, code)
+      assert.equal("", out)
+      assert.equal("a\nstop\nc\n", readfile(res))
+      assert.is_nil(readfile(log):find("\tfailed\t"))
+    end
+  end)
+end)
+
+describe("lpar retrying an item", function()
+  it("runs it in a worker that SIGTERM and SIGINT still reach", function()
+    local flag = tmpname()
+    os.remove(flag)
+    local code, out, err = lpar("-j1 --retries 1 -e " .. quote([[
+      local flag = arg[2]
+      return function(s)
+        if not io.open(flag) then
+          assert(io.open(flag, "w")):close()
+          os.exit(3)
+        end
+        local f = assert(io.open("/proc/self/status"))
+        local blocked = f:read("a"):match("SigBlk:%s*(%x+)")
+        f:close()
+        return s .. " " .. blocked
+      end]]) .. " - " .. flag, "a\n")
+    assert.equal("", err)
+    assert.equal(0, code)
+    local mask = tonumber(out:match("^a (%x+)\n$"), 16)
+    assert.is_not_nil(mask, out)
+    for _, sig in ipairs({signal.SIGHUP, signal.SIGINT, signal.SIGTERM}) do
+      assert.equal(0, mask >> (sig - 1) & 1, "signal " .. sig .. " blocked: " .. out)
+    end
+  end)
+end)

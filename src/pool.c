@@ -78,6 +78,7 @@ long long lpar_pool_now(void) {
 
 static void childsignals(const ChildSetup *cs) {
   struct sigaction sa, old;
+  sigset_t mask;
   memset(&sa, 0, sizeof sa);
   sigemptyset(&sa.sa_mask);
   sa.sa_handler = SIG_DFL;
@@ -94,7 +95,15 @@ static void childsignals(const ChildSetup *cs) {
   sigaction(SIGTTOU, &sa, NULL);
   sa.sa_handler = cs->ignint ? SIG_IGN : SIG_DFL;
   sigaction(SIGINT, &sa, NULL);
-  sigprocmask(SIG_SETMASK, cs->mask, NULL);
+  /* the caller's mask, but never with the signals set above blocked: a
+     run started inside another (a CLI retry) finds them blocked by the
+     outer run, and a worker that cannot get SIGTERM ignores whoever
+     stops it */
+  mask = *cs->mask;
+  sigdelset(&mask, SIGINT);
+  sigdelset(&mask, SIGTERM);
+  sigdelset(&mask, SIGHUP);
+  sigprocmask(SIG_SETMASK, &mask, NULL);
 }
 
 /* A pidfd for 'pid' (close-on-exec, tracked), or -1 if the system has

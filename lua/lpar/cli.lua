@@ -972,7 +972,21 @@ function M.run(o, c, reader, counter, map, init, close)
     check(line, true)
   end
 
+  -- An item that failed because the run is being stopped is not a
+  -- failure: lpar caught SIGINT, SIGTERM or SIGHUP, or its worker was
+  -- killed by one (sent to every process at once: a process group, a
+  -- service being stopped) before lpar saw its own. Then the run stops as
+  -- for that signal, the item unrecorded, so that --resume runs it again.
+  local function stopping(e)
+    local sig = c.caught()
+    if sig == 0 then
+      sig = tonumber(type(e) == "string" and e:match("^worker %d+ killed by signal (%d+)")) or 0
+    end
+    if signame[128 + sig] then error(signame[128 + sig], 0) end
+  end
+
   local function failure(line, e, secs, attempt)
+    stopping(e)
     failed = failed + 1
     report(M.describe(real(line), e, nul))
     logline(line, "failed", secs, attempt)
@@ -989,6 +1003,7 @@ function M.run(o, c, reader, counter, map, init, close)
   -- Record 'rec' (line 'line') failed with e: try it again on fresh
   -- workers, up to --retries times, then report it.
   local function again(line, rec, e, secs)
+    stopping(e)
     for attempt = 2, retries + 1 do
       local t0 = now()
       local v, err = once(rec)
@@ -1037,6 +1052,7 @@ function M.run(o, c, reader, counter, map, init, close)
   -- A batch that is not plain output: failures, joblog times, or lost.
   local function settle(first, n, block, r, e)
     if r == nil then
+      stopping(e)
       if n == 1 then
         again(first, c.split(block, nul)[1], e, nil)
       else
