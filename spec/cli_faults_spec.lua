@@ -682,3 +682,68 @@ describe("lpar retrying an item", function()
     end
   end)
 end)
+
+describe("lpar --resume and a joblog that is not lpar's", function()
+  local echo = FIX .. "echo.lua"
+  local items, log, res, good
+
+  before_each(function()
+    items, log, res = tmpname(), tmpname(), tmpname()
+    os.remove(log)
+    os.remove(res)
+    writefile(items, "a\nb\nc\n")
+    local code, _, err = lpar(("--joblog %s -o %s %s %s"):format(log, res, echo, items))
+    assert.equal(0, code, err)
+    good = readfile(log)
+    assert.matches("\n# out 12 3\n$", good)
+  end)
+
+  -- Resuming from a joblog holding 'text' is refused at line 'line'.
+  local function refused(text, line)
+    writefile(log, text)
+    writefile(res, "precious\n")
+    local code, out, err = lpar(("--resume --joblog %s -o %s %s %s"):format(log, res, echo, items))
+    assert.equal(2, code, ("%q: %s"):format(text, err))
+    assert.equal("", out)
+    assert.matches("^lpar: bad joblog " .. log:gsub("%p", "%%%0") .. ", line " .. line .. ": [^\n]+\n$", err)
+    assert.equal(text, readfile(log))
+    assert.equal("precious\n", readfile(res))
+  end
+
+  it("refuses one without lpar's first line, naming the joblog and line 1", function()
+    refused("Seq\tHost\tStarttime\tJobRuntime\tSend\tReceive\tExitval\tSignal\tCommand\n" ..
+            "1\t:\t1700000000.000\t0.002\t0\t2\t0\t0\techo a\n", 1)
+    refused("\1\2\255 some binary\0", 1)
+    refused("hello\n", 1)
+    refused("# lpar joblog 2\n" .. good:gsub("^[^\n]*\n", ""), 1)
+    refused("# lpar joblog\n", 1)
+    refused((good:gsub("\n", "\r\n")), 1)
+  end)
+
+  it("refuses a damaged header or item line, naming it", function()
+    refused(good:gsub("\n# line\tstatus\tseconds\tattempts\n", "\n# line status\n"), 6)
+    refused(good:gsub("\n# split: lines\n", "\nsplit: lines\n"), 4)
+    refused(good:gsub("\n2\tok\t", "\n2\tfine\t"), 8)
+    refused(good:gsub("\n2\tok\t", "\n2 ok\t"), 8)
+  end)
+
+  it("refuses a mark that is malformed or goes back, naming its line", function()
+    local n = select(2, good:gsub("\n", "")) + 1
+    for _, mark in ipairs({"# out abc def", "# out -5 3", "# out 1e3 3", "# out 0x10 3",
+                           "# out 4 nan", "# out 4", "# out 4 3", "# out 12 2", "#out 12 3",
+                           "# out 12 3 ", "# out  12 3"}) do
+      refused(good .. mark .. "\n", n)
+    end
+  end)
+
+  it("starts afresh from an empty joblog or a first line cut short", function()
+    for _, text in ipairs({"", "# lpar jo"}) do
+      writefile(log, text)
+      writefile(res, "old\n")
+      local code, _, err = lpar(("--resume --joblog %s -o %s %s %s"):format(log, res, echo, items))
+      assert.equal("", err)
+      assert.equal(0, code)
+      assert.equal("1:a\n1:b\n1:c\n", readfile(res))
+    end
+  end)
+end)

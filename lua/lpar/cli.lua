@@ -693,27 +693,68 @@ local function stopped(e)
   return 1, "lpar: " .. text
 end
 
+M.logheader = "# line\tstatus\tseconds\tattempts\n"
+M.logfirst = "# lpar joblog 1\n"
+
 -- Where to resume from a joblog's text: output bytes to keep, joblog
 -- bytes to keep, records done (all 0 to start afresh); or nil and a
--- message naming the joblog ('path') and the line of a bad mark.
+-- message naming the joblog ('path') and its first bad line. The text
+-- must be what lpar writes: the header, then item lines and marks
+-- ("# out <bytes> <line>", neither going back). Only a last line without
+-- its newline may be cut short (a write that failed): nothing of it is
+-- kept. An empty joblog, or its first line cut short, starts afresh.
 function M.resumepoint(text, path)
   local bytes, keep, done = 0, 0, 0
-  text = "\n" .. (text or "")
-  for at, b, l, e in text:gmatch("()# out (%d+) (%d+)\n()") do
-    if text:byte(at - 1) == 10 then -- at the start of a line
-      bytes, done = math.tointeger(tonumber(b)), math.tointeger(tonumber(l))
-      if not bytes or not done then
-        local line = select(2, text:sub(1, at - 1):gsub("\n", ""))
-        return nil, ("bad joblog %s, line %d: number too large in '%s'")
-          :format(path, line, text:sub(at, e - 2))
+  text = text or ""
+  local first = M.logfirst
+  if #text < #first and first:sub(1, #text) == text then return 0, 0, 0 end
+  local function bad(n, why, line)
+    return nil, ("bad joblog %s, line %d: %s (%s)"):format(path, n, why, M.shorten(line, 60))
+  end
+  local pos, n, body = 1, 0, false
+  while pos <= #text do
+    local nl = text:find("\n", pos, true)
+    local line = text:sub(pos, (nl or 0) - 1)
+    n = n + 1
+    if not nl and n > 1 then break end -- cut short: dropped with what follows the last mark
+    if line:sub(-1) == "\r" then
+      return bad(n, "a line ends with CR (converted to CRLF?)", line)
+    elseif n == 1 then
+      if line .. "\n" == M.logheader then -- an lpar from before the fingerprint
+        return nil, ("cannot resume from %s: it does not say which run it belongs to " ..
+                     "(made by an older lpar?)"):format(path)
+      elseif line .. "\n" ~= first then
+        if line:match("^# lpar joblog ") then
+          return bad(n, "made by another version of lpar", line)
+        end
+        return bad(n, "not an lpar joblog", line)
       end
-      keep = e - 2
+    elseif not body then
+      if line .. "\n" == M.logheader then
+        body = true
+      elseif not line:match("^# %a+: ") then
+        return bad(n, "not a header line", line)
+      end
+    elseif line:byte(1) == 35 then -- '#'
+      local b, l = line:match("^# out (%d+) (%d+)$")
+      if not b then return bad(n, "not a mark", line) end
+      b, l = math.tointeger(tonumber(b)), math.tointeger(tonumber(l))
+      if not b or not l then
+        return nil, ("bad joblog %s, line %d: number too large in '%s'"):format(path, n, line)
+      end
+      if b < bytes or l < done then
+        return bad(n, ("the mark goes back (from %d bytes, line %d)"):format(bytes, done), line)
+      end
+      bytes, done, keep = b, l, nl
+    elseif not line:match("^%d+\t%a+\t%d+%.%d+\t%d+$") or
+        not (line:match("^%d+\tok\t") or line:match("^%d+\tfailed\t")) then
+      return bad(n, "not an item line", line)
     end
+    pos = nl + 1
   end
   return bytes, keep, done
 end
 
-M.logheader = "# line\tstatus\tseconds\tattempts\n"
 
 -- bytes at the start of the items that identify them in a joblog
 M.prefix = 1024 * 1024
@@ -721,7 +762,7 @@ M.prefix = 1024 * 1024
 -- The joblog's first lines: what the run is (see "Joblog and resume" in
 -- README.md), so that --resume can refuse another run's joblog.
 function M.fingerprint(o, c, reader)
-  local t = {"# lpar joblog 1\n"}
+  local t = {M.logfirst}
   t[2] = ("# script: %s %s\n"):format(c.hash(o.source), o.script and M.shorten(o.script, 200) or "-e")
   local name = o.files and o.files[1] or o.args[1] or "-"
   local size = reader:identity(0)
