@@ -747,3 +747,49 @@ describe("lpar --resume and a joblog that is not lpar's", function()
     end
   end)
 end)
+
+describe("lpar --resume and an items file that grew from within its last line", function()
+  local log, res, items
+  before_each(function()
+    log, res, items = tmpname(), tmpname(), tmpname()
+    os.remove(log)
+    os.remove(res)
+  end)
+
+  local function run(opts)
+    return lpar(("%s --joblog %s -o %s %s %s"):format(opts, log, res, FIX .. "echo.lua", items))
+  end
+
+  it("refuses it when that line ran, with newlines, -0 and a CR", function()
+    for _, case in ipairs({{"", "1\n2\n3", "33\n4\n"}, {"-0", "1\0002\0003", "33\0004\0"},
+                           {"", "1\n2\n3\r", "\n4\n"}}) do
+      os.remove(log)
+      writefile(items, case[2])
+      local code, _, err = run(case[1])
+      assert.equal(0, code, err)
+      local before, out = readfile(log), readfile(res)
+      writefile(items, case[2] .. case[3])
+      code, _, err = run("--resume " .. case[1])
+      assert.equal(2, code, err)
+      assert.equal(("lpar: cannot resume from %s: the items file grew from within line 3, " ..
+                    "which ran as it was then\n"):format(log), err)
+      assert.equal(before, readfile(log))
+      assert.equal(out, readfile(res))
+    end
+  end)
+
+  it("resumes it when that line had not run yet", function()
+    writefile(items, "1\n2\n3")
+    local code, _, err = run("")
+    assert.equal(0, code, err)
+    -- as if stopped after line 2
+    writefile(log, (readfile(log):gsub("3\tok\t[^\n]*\n# out %d+ 3\n$", "# out 8 2\n")))
+    writefile(res, "1:1\n1:2\n")
+    assert.matches("# out 8 2\n$", readfile(log))
+    writefile(items, "1\n2\n33\n4\n")
+    code, _, err = run("--resume")
+    assert.equal("", err)
+    assert.equal(0, code)
+    assert.equal("1:1\n1:2\n2:33\n1:4\n", readfile(res))
+  end)
+end)

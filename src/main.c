@@ -7,6 +7,7 @@
 #include <poll.h>
 #include <pthread.h>
 #include <signal.h>
+#include <stdarg.h>
 #include <stdatomic.h>
 #include <stdint.h>
 #include <stdio.h>
@@ -281,6 +282,16 @@ static int l_startoutput(lua_State *L) {
 /* Raise msg as it is (no position: lpar.cli matches these). */
 static int raisemsg(lua_State *L, const char *msg) {
   lua_pushstring(L, msg);
+  return lua_error(L);
+}
+
+/* Raise a formatted message, without a position: a user's error, not
+   one of lpar.cli's lines. */
+static int raisef(lua_State *L, const char *fmt, ...) {
+  va_list ap;
+  va_start(ap, fmt);
+  lua_pushvfstring(L, fmt, ap);
+  va_end(ap);
   return lua_error(L);
 }
 
@@ -1059,6 +1070,42 @@ static int reader_identity(lua_State *L) {
   return 2;
 }
 
+/*
+** reader:partial(size) -> nil if the first 'size' bytes of a regular
+** file of items end with a separator (or size is 0); else the number of
+** separators in them: the records before the last one, which they cut
+** short. Reads with pread: the reader's position does not move.
+*/
+static int reader_partial(lua_State *L) {
+  Reader *r = checkreader(L);
+  lua_Integer size = luaL_checkinteger(L, 2), done = 0, seps = 0;
+  char *buf;
+  luaL_argcheck(L, size >= 0, 2, "must not be negative");
+  if (r->fd < 0 || !r->regular || r->nfds > 1 || size == 0)
+    return 0;
+  buf = lua_newuserdatauv(L, 65536, 0);
+  while (done < size) {
+    size_t want = size - done < 65536 ? (size_t)(size - done) : 65536;
+    const char *p, *end;
+    ssize_t k;
+    do
+      k = pread(r->fd, buf, want, r->start + (off_t)done);
+    while (k == -1 && errno == EINTR);
+    if (k < 0)
+      return raisef(L, "cannot read the items: %s", strerror(errno));
+    if (k == 0)
+      break;
+    for (p = buf, end = buf + k;
+         (p = memchr(p, r->sep, (size_t)(end - p))) != NULL; p++)
+      seps++;
+    done += k;
+    if (done == size && buf[k - 1] == (char)r->sep)
+      return 0;
+  }
+  lua_pushinteger(L, seps);
+  return 1;
+}
+
 /* reader:count() -> records read so far */
 static int reader_count(lua_State *L) {
   lua_pushinteger(L, checkreader(L)->count);
@@ -1329,7 +1376,8 @@ static const luaL_Reg readermethods[] = {
     {"setbatch", reader_setbatch}, {"skip", reader_skip},
     {"count", reader_count},       {"items", reader_items},
     {"fileid", reader_fileid},     {"identity", reader_identity},
-    {"close", reader_close},       {NULL, NULL}};
+    {"partial", reader_partial},   {"close", reader_close},
+    {NULL, NULL}};
 
 static const luaL_Reg helpers[] = {{"signals", l_signals},
                                    {"caught", l_caught},

@@ -807,7 +807,7 @@ end
 
 -- How the run that made a joblog ('text') differs from this one
 -- ('fp', its fingerprint): a message, or nil if it does not.
-function M.differs(text, fp, reader)
+function M.differs(text, fp, reader, done)
   local function fields(s)
     local f = {}
     for line in s:gmatch("[^\n]*") do
@@ -855,6 +855,13 @@ function M.differs(text, fp, reader)
       d[#d + 1] = ("the items file is shorter (%d bytes, %d then)"):format(nowsize, size)
     elseif nowhash ~= hash then
       d[#d + 1] = ("the items file differs (in its first %d bytes)"):format(n)
+    elseif nowsize > size then
+      -- it grew: its last line then, if it had no separator, is longer now
+      local before = reader:partial(size)
+      if before and done > before then
+        d[#d + 1] = ("the items file grew from within line %d, which ran as it was then")
+          :format(before + 1)
+      end
     end
   end
   if #d > 0 then return table.concat(d, "; ") end
@@ -941,7 +948,7 @@ function M.run(o, c, reader, counter, map, init, close)
       local text = readall(o.joblog)
       keepout, keeplog, done = M.resumepoint(text, o.joblog)
       if not keepout then return fail(2, keeplog) end
-      local diff = keeplog > 0 and M.differs(text, fp, reader)
+      local diff = keeplog > 0 and M.differs(text, fp, reader, done)
       if diff then
         return fail(2, ("cannot resume from %s: %s"):format(o.joblog, diff))
       end
