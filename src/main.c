@@ -1371,13 +1371,17 @@ static int l_isolate(lua_State *L) {
   return 0;
 }
 
-static const luaL_Reg readermethods[] = {
-    {"wait", reader_wait},         {"take", reader_take},
-    {"setbatch", reader_setbatch}, {"skip", reader_skip},
-    {"count", reader_count},       {"items", reader_items},
-    {"fileid", reader_fileid},     {"identity", reader_identity},
-    {"partial", reader_partial},   {"close", reader_close},
-    {NULL, NULL}};
+static const luaL_Reg readermethods[] = {{"wait", reader_wait},
+                                         {"take", reader_take},
+                                         {"setbatch", reader_setbatch},
+                                         {"skip", reader_skip},
+                                         {"count", reader_count},
+                                         {"items", reader_items},
+                                         {"fileid", reader_fileid},
+                                         {"identity", reader_identity},
+                                         {"partial", reader_partial},
+                                         {"close", reader_close},
+                                         {NULL, NULL}};
 
 static const luaL_Reg helpers[] = {{"signals", l_signals},
                                    {"caught", l_caught},
