@@ -793,3 +793,50 @@ describe("lpar --resume and an items file that grew from within its last line", 
     assert.equal("1:1\n1:2\n2:33\n1:4\n", readfile(res))
   end)
 end)
+
+describe("lpar started with stdin, stdout or stderr closed", function()
+  local items
+
+  before_each(function()
+    items = writefile(tmpname(), "a\nb\nc\n")
+  end)
+
+  local function sh(args, redir)
+    return H.run(("timeout -k 5 30 %s %s %s"):format(quote(H.cli), args, redir))
+  end
+
+  it("keeps what workers print out of the -o file (stderr closed)", function()
+    local res = tmpname()
+    local code = sh("-o " .. res .. " -e " ..
+                    quote('function(s) print("chatter") io.stderr:write("noise\\n") return s end') ..
+                    " - <" .. items, "2>&-")
+    assert.equal(0, code)
+    assert.equal("a\nb\nc\n", readfile(res))
+  end)
+
+  it("keeps failures out of the joblog (stderr closed)", function()
+    local log = tmpname()
+    os.remove(log)
+    local code = sh("--joblog " .. log .. " -e " .. quote('function(s) error("bad " .. s) end') ..
+                    " - <" .. items, "2>&-")
+    assert.equal(1, code)
+    local text = readfile(log)
+    assert.is_nil(text:find("bad", 1, true), text)
+    assert.is_nil(text:find("traceback", 1, true), text)
+    assert.equal(3, select(2, text:gsub("\n%d\tfailed\t", "")))
+  end)
+
+  it("writes -o with stdout closed, and fails loudly on a closed stdin or stdout", function()
+    local res = writefile(tmpname(), "precious\n")
+    local code, _, err = sh("-o " .. res .. " " .. FIX .. "echo.lua " .. items, ">&-")
+    assert.equal("", err)
+    assert.equal(0, code)
+    assert.equal("1:a\n1:b\n1:c\n", readfile(res))
+    code, _, err = sh(FIX .. "echo.lua " .. items, ">&-")
+    assert.equal(1, code)
+    assert.equal("lpar: cannot write the output: Bad file descriptor\n", err)
+    code, _, err = sh(FIX .. "echo.lua", "<&-")
+    assert.equal(1, code)
+    assert.equal("lpar: cannot read the items: Bad file descriptor\n", err)
+  end)
+end)

@@ -70,6 +70,22 @@ static int writeall(int fd, const char *p, size_t n) {
   return 0;
 }
 
+/* Raise msg as it is (no position: lpar.cli matches these). */
+static int raisemsg(lua_State *L, const char *msg) {
+  lua_pushstring(L, msg);
+  return lua_error(L);
+}
+
+/* Raise a formatted message, without a position: a user's error, not
+   one of lpar.cli's lines. */
+static int raisef(lua_State *L, const char *fmt, ...) {
+  va_list ap;
+  va_start(ap, fmt);
+  lua_pushvfstring(L, fmt, ap);
+  va_end(ap);
+  return lua_error(L);
+}
+
 /* ---- signals ---- */
 
 /* SIGINT, SIGTERM or SIGHUP caught outside a run (inside one, the run
@@ -274,25 +290,9 @@ static int l_startoutput(lua_State *L) {
   rc = pthread_create(&out.thread, NULL, flusher, NULL);
   pthread_sigmask(SIG_SETMASK, &old, NULL);
   if (rc != 0)
-    return luaL_error(L, "cannot start the output thread: %s", strerror(rc));
+    return raisef(L, "cannot start the output thread: %s", strerror(rc));
   out.started = 1;
   return 0;
-}
-
-/* Raise msg as it is (no position: lpar.cli matches these). */
-static int raisemsg(lua_State *L, const char *msg) {
-  lua_pushstring(L, msg);
-  return lua_error(L);
-}
-
-/* Raise a formatted message, without a position: a user's error, not
-   one of lpar.cli's lines. */
-static int raisef(lua_State *L, const char *fmt, ...) {
-  va_list ap;
-  va_start(ap, fmt);
-  lua_pushvfstring(L, fmt, ap);
-  va_end(ap);
-  return lua_error(L);
 }
 
 /* Whether a write of the output or the joblog failed. */
@@ -361,7 +361,7 @@ static int put(lua_State *L, int nl) {
   }
   pthread_mutex_unlock(&out.mu);
   if (nomem)
-    return luaL_error(L, "not enough memory");
+    return raisef(L, "not enough memory");
   if (e != 0)
     return outerror(L);
   return 0;
@@ -390,7 +390,7 @@ static int l_log(lua_State *L) {
   }
   pthread_mutex_unlock(&out.mu);
   if (nomem)
-    return luaL_error(L, "not enough memory");
+    return raisef(L, "not enough memory");
   return 0;
 }
 
@@ -465,7 +465,7 @@ static int l_redirect(lua_State *L) {
   free(out.outname);
   out.outname = strdup(path);
   if (out.outname == NULL)
-    return luaL_error(L, "not enough memory");
+    return raisef(L, "not enough memory");
   lua_pushboolean(L, 1);
   return 1;
 }
@@ -511,7 +511,7 @@ static int l_openjoblog(lua_State *L) {
   out.logname = strdup(path);
   if (out.logname == NULL) {
     close(fd);
-    return luaL_error(L, "not enough memory");
+    return raisef(L, "not enough memory");
   }
   out.logfd = fd;
   lua_pushboolean(L, 1);
@@ -749,7 +749,7 @@ static int waitinput(lua_State *L, Reader *r, int idlems) {
     if (rc > 0)
       return 1; /* data, end of file or an error: read() tells */
     if (rc < 0 && errno != EINTR)
-      luaL_error(L, "cannot poll the input: %s", strerror(errno));
+      raisef(L, "cannot poll the input: %s", strerror(errno));
   }
 }
 
@@ -789,8 +789,7 @@ static void grow(lua_State *L, Reader *r) {
   size_t cap = r->cap ? 2 * r->cap : LPAR_READSIZE;
   char *p = realloc(r->buf, cap);
   if (p == NULL)
-    luaL_error(L, "not enough memory for an item of %I bytes",
-               (LUAI_UACINT)r->len);
+    raisef(L, "not enough memory for an item of %I bytes", (LUAI_UACINT)r->len);
   r->buf = p;
   r->cap = cap;
 }
@@ -830,7 +829,7 @@ static void fill(lua_State *L, Reader *r) {
   while (k == -1 && errno == EINTR && !stopsignal());
   if (k < 0) {
     checkstop(L);
-    luaL_error(L, "cannot read the items: %s", strerror(errno));
+    raisef(L, "cannot read the items: %s", strerror(errno));
   }
   if (k > 0)
     r->tail = (unsigned char)r->buf[r->len + (size_t)k - 1];
@@ -1056,7 +1055,7 @@ static int reader_identity(lua_State *L) {
       k = pread(r->fd, buf, want, r->start + (off_t)done);
     while (k == -1 && errno == EINTR);
     if (k < 0)
-      return luaL_error(L, "cannot read the items: %s", strerror(errno));
+      return raisef(L, "cannot read the items: %s", strerror(errno));
     if (k == 0) {
       lua_pop(L, 1);
       luaL_pushfail(L);
@@ -1195,7 +1194,7 @@ static int l_open(lua_State *L) {
     void *m = mmap(NULL, sizeof *pertime, PROT_READ | PROT_WRITE,
                    MAP_SHARED | MAP_ANONYMOUS, -1, 0);
     if (m == MAP_FAILED)
-      return luaL_error(L, "cannot map shared memory: %s", strerror(errno));
+      return raisef(L, "cannot map shared memory: %s", strerror(errno));
     pertime = m;
     atomic_store(pertime, 0);
   }
@@ -1206,7 +1205,7 @@ static int l_open(lua_State *L) {
   r->owns = malloc((size_t)n);
   if (r->first == NULL || r->size == NULL || r->buf == NULL || r->fds == NULL ||
       r->owns == NULL)
-    return luaL_error(L, "not enough memory");
+    return raisef(L, "not enough memory");
   r->cap = tlen > LPAR_READSIZE ? tlen : LPAR_READSIZE;
   r->sep = nul ? '\0' : '\n';
   r->shardk = k;
@@ -1469,9 +1468,33 @@ static int pmain(lua_State *L) {
   return 1;
 }
 
+/*
+** Put /dev/null on each of fds 0-2 that is closed, so that no file lpar
+** opens takes its place (the -o file as stdin, the joblog as stderr). It
+** is opened the wrong way round: reading the closed stdin or writing the
+** closed stdout still fails (EBADF), loudly, as it did.
+*/
+static void plugstdio(void) {
+  int fd;
+  for (fd = 0; fd <= 2; fd++) {
+    int k;
+    if (fcntl(fd, F_GETFD) != -1 || errno != EBADF)
+      continue;
+    do
+      k = open("/dev/null", fd == 0 ? O_WRONLY : O_RDONLY);
+    while (k == -1 && errno == EINTR);
+    if (k != -1 && k != fd) { /* cannot be lower: fd was the lowest free */
+      dup2(k, fd);
+      close(k);
+    }
+  }
+}
+
 int main(int argc, char **argv) {
-  lua_State *L = luaL_newstate();
+  lua_State *L;
   int status, code;
+  plugstdio();
+  L = luaL_newstate();
   if (L == NULL) {
     fprintf(stderr, "lpar: cannot create Lua state: not enough memory\n");
     return 2;
