@@ -840,3 +840,41 @@ describe("lpar started with stdin, stdout or stderr closed", function()
     assert.equal("lpar: cannot read the items: Bad file descriptor\n", err)
   end)
 end)
+
+describe("lpar writing to a pipe that nobody reads", function()
+  for _, s in ipairs({{"SIGTERM", 143, "terminated"}, {"SIGINT", 130, "interrupted"},
+                      {"SIGHUP", 129, "hangup"}}) do
+    it("stops on " .. s[1] .. " with its workers", function()
+      local pids = tmpname()
+      os.remove(pids)
+      -- results of 100 KB: more than the pipe holds
+      local p = spawn({"-j2", "--chunk", "1", "-e", [[
+        local log = arg[2]
+        return {
+          init = function()
+            local f = assert(io.open(log, "a"))
+            f:write(require("posix.unistd").getpid(), "\n")
+            f:close()
+          end,
+          map = function(s) return ("z"):rep(100000) .. s end,
+        }]], "-", pids})
+      local items = {}
+      for i = 1, 1000 do items[i] = i end
+      unistd.write(p.stdin, table.concat(items, "\n") .. "\n")
+      unistd.close(p.stdin)
+      p.stdin = nil
+      -- it writes: read 150 KB of it, then read no more
+      local got, ok = readuntil(p.stdout, function(t) return #t >= 150000 end, 30)
+      assert.is_true(ok, #got .. " bytes")
+      H.sleep(1) -- time to fill the pipe (the stop must not depend on it)
+      signal.kill(p.pid, signal[s[1]])
+      local how, code = waitexit(p.pid, 20)
+      local err = readuntil(p.stderr, function() return false end, 0.2)
+      closeall(p)
+      assert.equal("exited", how, "still blocked 20 s after " .. s[1])
+      assert.equal(s[2], code)
+      assert.equal("lpar: " .. s[3] .. "\n", err)
+      for _, pid in ipairs(pidsof(pids)) do assert.is_false(H.alive(pid), "worker " .. pid) end
+    end)
+  end
+end)

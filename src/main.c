@@ -86,6 +86,43 @@ static int raisef(lua_State *L, const char *fmt, ...) {
   return lua_error(L);
 }
 
+static int stopsignal(void);
+static void checkstop(lua_State *L);
+
+/*
+** Write all of p to fd (stdout or stderr, which may be a pipe that
+** nobody reads): 0, an errno, or -1 if a stop signal (SIGINT, SIGTERM,
+** SIGHUP) came while fd could take no more. It waits for room with poll,
+** a tenth of a second at a time, and writes at most PIPE_BUF bytes at
+** once, which a pipe with room takes without blocking: a signal is seen
+** even while the reader is stalled (a paused pager).
+*/
+static int writeout(int fd, const char *p, size_t n) {
+  while (n > 0) {
+    struct pollfd pf;
+    int rc;
+    ssize_t k;
+    pf.fd = fd;
+    pf.events = POLLOUT;
+    pf.revents = 0;
+    rc = poll(&pf, 1, stopsignal() ? 0 : 100);
+    if (rc == 0 && stopsignal())
+      return -1;
+    if (rc == 0 || (rc < 0 && errno == EINTR))
+      continue;
+    if (rc < 0)
+      return errno;
+    do
+      k = write(fd, p, n < PIPE_BUF ? n : PIPE_BUF);
+    while (k == -1 && errno == EINTR);
+    if (k < 0)
+      return errno;
+    p += k;
+    n -= (size_t)k;
+  }
+  return 0;
+}
+
 /* ---- signals ---- */
 
 /* SIGINT, SIGTERM or SIGHUP caught outside a run (inside one, the run
@@ -169,10 +206,12 @@ typedef struct Out {
   int quit;    /* the flusher must leave */
   char *p;     /* pending bytes */
   size_t n, cap;
-  long long since; /* when the oldest pending byte was added */
-  atomic_int err;  /* errno of the first failed write of fd 1; sticky */
-  char *outname;   /* the file of -o, for messages; NULL: stdout */
-  char bar[512];   /* the progress line, with its escapes */
+  long long since;    /* when the oldest pending byte was added */
+  atomic_int err;     /* errno of the first failed write of fd 1; sticky */
+  atomic_int stopped; /* a stop signal came while fd 1 was full: the
+                         output was dropped from there on */
+  char *outname;      /* the file of -o, for messages; NULL: stdout */
+  char bar[512];      /* the progress line, with its escapes */
   size_t barlen;
   int barshown; /* the bar is on the terminal */
   int bartty;   /* stderr is a terminal */
@@ -209,12 +248,12 @@ static void wake(void) {
 
 static void liftbar(void) {
   if (out.barshown && out.bartty)
-    writeall(2, "\r\033[K", 4);
+    writeout(2, "\r\033[K", 4);
 }
 
 static void dropbar(void) {
   if (out.barshown && out.bartty)
-    writeall(2, out.bar, out.barlen);
+    writeout(2, out.bar, out.barlen);
 }
 
 /* Write the pending bytes (mu held). */
@@ -222,9 +261,11 @@ static void drain(void) {
   if (out.n > 0) {
     if (out.shared)
       liftbar();
-    if (atomic_load(&out.err) == 0) {
-      int e = writeall(1, out.p, out.n);
-      if (e != 0)
+    if (atomic_load(&out.err) == 0 && !atomic_load(&out.stopped)) {
+      int e = writeout(1, out.p, out.n);
+      if (e == -1) /* the rest is dropped: lpar is stopping */
+        atomic_store(&out.stopped, 1);
+      else if (e != 0)
         atomic_store(&out.err, e);
     }
     out.n = 0;
@@ -234,7 +275,7 @@ static void drain(void) {
   /* a mark is written only after the output it counts, and only while
      every write so far succeeded: the last mark is never ahead */
   if (out.marked && out.logfd >= 0 && atomic_load(&out.err) == 0 &&
-      atomic_load(&out.logerr) == 0) {
+      !atomic_load(&out.stopped) && atomic_load(&out.logerr) == 0) {
     int e = writeall(out.logfd, out.log, out.logmark);
     if (e == 0 && out.markers) {
       char m[64];
@@ -362,6 +403,8 @@ static int put(lua_State *L, int nl) {
   pthread_mutex_unlock(&out.mu);
   if (nomem)
     return raisef(L, "not enough memory");
+  if (atomic_load(&out.stopped))
+    checkstop(L);
   if (e != 0)
     return outerror(L);
   return 0;
@@ -399,6 +442,8 @@ static int l_log(lua_State *L) {
    failed. */
 static int l_mark(lua_State *L) {
   lua_Integer line = luaL_checkinteger(L, 1);
+  if (atomic_load(&out.stopped))
+    checkstop(L);
   if (failed())
     return outerror(L);
   pthread_mutex_lock(&out.mu);
@@ -585,8 +630,8 @@ static int l_report(lua_State *L) {
   pthread_mutex_lock(&out.mu);
   drain();
   liftbar();
-  writeall(2, s, len);
-  writeall(2, "\n", 1);
+  writeout(2, s, len);
+  writeout(2, "\n", 1);
   dropbar();
   pthread_mutex_unlock(&out.mu);
   return 0;
@@ -600,7 +645,7 @@ static int l_bar(lua_State *L) {
   pthread_mutex_lock(&out.mu);
   if (s == NULL) {
     if (out.barshown && out.bartty)
-      writeall(2, "\n", 1);
+      writeout(2, "\n", 1);
     out.barshown = 0;
   }
   else if (out.bartty) {
@@ -611,12 +656,12 @@ static int l_bar(lua_State *L) {
     memcpy(out.bar + 1 + len, "\033[K", 3);
     out.barlen = len + 4;
     out.barshown = 1;
-    writeall(2, out.bar, out.barlen);
+    writeout(2, out.bar, out.barlen);
   }
   else {
     drain();
-    writeall(2, s, len);
-    writeall(2, "\n", 1);
+    writeout(2, s, len);
+    writeout(2, "\n", 1);
   }
   pthread_mutex_unlock(&out.mu);
   return 0;
