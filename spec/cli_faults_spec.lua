@@ -878,3 +878,22 @@ describe("lpar writing to a pipe that nobody reads", function()
     end)
   end
 end)
+
+describe("lpar --resume and a joblog that is not a regular file", function()
+  it("refuses it at once, naming it and what it is", function()
+    local dir = H.tmpdir()
+    local fifo = dir .. "/fifo"
+    assert(os.execute("mkfifo " .. quote(fifo)))
+    local res = writefile(dir .. "/res", "precious\n")
+    for _, j in ipairs({{"/dev/zero", "character device"}, {"/dev/urandom", "character device"},
+                        {fifo, "fifo"}, {dir, "directory"}}) do
+      local code, out, err = lpar(("--resume --joblog %s -o %s %s -"):format(j[1], res, FIX .. "echo.lua"),
+                                  "a\n")
+      assert.equal(2, code, j[1] .. ": " .. err)
+      assert.equal("", out)
+      assert.equal(("lpar: cannot resume from %s: it is a %s, not a regular file\n"):format(j[1], j[2]), err)
+      assert.equal("precious\n", readfile(res))
+    end
+    H.rmdir(dir)
+  end)
+end)

@@ -597,6 +597,22 @@ static int l_fileid(lua_State *L) {
   return 1;
 }
 
+/* filetype(path) -> "file", "directory", "fifo", "character device",
+   "block device", "socket" or "other"; nil if it cannot be stat'ed */
+static int l_filetype(lua_State *L) {
+  struct stat st;
+  if (stat(luaL_checkstring(L, 1), &st) != 0)
+    return 0;
+  lua_pushstring(L, S_ISREG(st.st_mode)    ? "file"
+                    : S_ISDIR(st.st_mode)  ? "directory"
+                    : S_ISFIFO(st.st_mode) ? "fifo"
+                    : S_ISCHR(st.st_mode)  ? "character device"
+                    : S_ISBLK(st.st_mode)  ? "block device"
+                    : S_ISSOCK(st.st_mode) ? "socket"
+                                           : "other");
+  return 1;
+}
+
 /* FNV-1a, 64 bits, continued from h */
 static uint64_t fnv(uint64_t h, const char *p, size_t n) {
   while (n-- > 0) {
@@ -1438,6 +1454,7 @@ static const luaL_Reg helpers[] = {{"signals", l_signals},
                                    {"openjoblog", l_openjoblog},
                                    {"joblog", l_joblog},
                                    {"fileid", l_fileid},
+                                   {"filetype", l_filetype},
                                    {"hash", l_hash},
                                    {"report", l_report},
                                    {"bar", l_bar},

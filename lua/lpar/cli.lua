@@ -936,6 +936,11 @@ function M.run(o, c, reader, counter, map, init, close)
   if o.output or o.joblog then
     local keepout, keeplog, done = 0, 0
     local ok, err = true, nil
+    -- a joblog to resume from is read whole: a regular file only
+    local kind = o.resume and c.filetype(o.joblog)
+    if kind and kind ~= "file" then
+      return fail(2, ("cannot resume from %s: it is a %s, not a regular file"):format(o.joblog, kind))
+    end
     -- the joblog is locked first, and nothing is cut before every check
     if o.joblog then
       ok, err = c.openjoblog(o.joblog)
