@@ -897,3 +897,50 @@ describe("lpar --resume and a joblog that is not a regular file", function()
     H.rmdir(dir)
   end)
 end)
+
+describe("lpar and the files of another run", function()
+  it("refuses -o or --joblog naming a file another run writes, touching nothing", function()
+    local log, res = tmpname(), tmpname()
+    os.remove(log)
+    os.remove(res)
+    local p = spawn({"-j1", "--joblog", log, "-o", res, FIX .. "sleepy.lua", "-"})
+    unistd.write(p.stdin, "0\n")
+    local deadline = H.now() + 20
+    while not (readfile(log) or ""):find("# out") and H.now() < deadline do H.sleep(0.01) end
+    assert.matches("\n# out 2 1\n$", readfile(log))
+    local before, out = readfile(log), readfile(res)
+    local items = writefile(tmpname(), "x\n")
+    for _, args in ipairs({{"-o " .. log, log}, {"--joblog " .. res, res},
+                           {"--joblog " .. tmpname() .. " -o " .. res, res},
+                           {"--resume --joblog " .. tmpname() .. " -o " .. res, res}}) do
+      local code, o, err = lpar(("%s %s %s"):format(args[1], FIX .. "echo.lua", items))
+      assert.equal(2, code, args[1])
+      assert.equal("", o)
+      assert.equal(("lpar: %s is in use by another lpar run\n"):format(args[2]), err)
+      assert.equal(before, readfile(log))
+      assert.equal(out, readfile(res))
+    end
+    unistd.write(p.stdin, "1\n")
+    unistd.close(p.stdin)
+    p.stdin = nil
+    local how, status = waitexit(p.pid, 20)
+    closeall(p)
+    assert.equal("exited", how)
+    assert.equal(0, status)
+    assert.equal("0\n1\n", readfile(res))
+    -- free again once it is done
+    local code, _, err = lpar(("-o %s %s %s"):format(log, FIX .. "echo.lua", items))
+    assert.equal("", err)
+    assert.equal(0, code)
+  end)
+end)
+
+describe("lpar -o naming a file that cannot be cut", function()
+  it("says why, not that it is shorter than a joblog says", function()
+    local code, out, err = lpar("-o /proc/version " .. FIX .. "echo.lua -", "a\n")
+    assert.equal(2, code)
+    assert.equal("", out)
+    assert.matches("^lpar: cannot write /proc/version: [^\n]+\n$", err)
+    assert.is_nil(err:find("joblog", 1, true), err)
+  end)
+end)

@@ -458,35 +458,53 @@ static int l_mark(lua_State *L) {
   return 0;
 }
 
-/* Open path for writing, cut to 'keep' bytes; the fd, or -1 with errno
-   set (EINVAL if the file is shorter than 'keep'). */
+/* Why openkept failed, besides an errno. */
+#define KEPTSHORT (-2)  /* the file is shorter than 'keep' */
+#define KEPTLOCKED (-3) /* another lpar run holds its lock */
+
+/* Lock the regular file open at fd, without waiting: 0, or -1 with errno
+   (EWOULDBLOCK: another run holds it). A file system without locks lets
+   it go unlocked. */
+static int lockfile(int fd) {
+  int rc;
+  do
+    rc = flock(fd, LOCK_EX | LOCK_NB);
+  while (rc == -1 && errno == EINTR);
+  if (rc == -1 && (errno == ENOLCK || errno == EOPNOTSUPP || errno == ENOSYS))
+    rc = 0;
+  return rc;
+}
+
+/* Open path for writing, locked (a regular file) and then cut to 'keep'
+   bytes; the fd, or -1 with errno set, or KEPTSHORT or KEPTLOCKED. */
 static int openkept(const char *path, long long keep, int flags) {
   struct stat st;
-  int fd;
+  int fd, why = -1;
   do
     fd = open(path, O_WRONLY | O_CREAT | O_CLOEXEC | flags, 0666);
   while (fd == -1 && errno == EINTR);
   if (fd == -1)
     return -1;
-  if (fstat(fd, &st) != 0) {
-    int e = errno;
-    close(fd);
-    errno = e;
-    return -1;
+  if (fstat(fd, &st) != 0)
+    goto fail;
+  if (S_ISREG(st.st_mode) && lockfile(fd) != 0) {
+    if (errno == EWOULDBLOCK)
+      why = KEPTLOCKED;
+    goto fail;
   }
   if (S_ISREG(st.st_mode) && st.st_size < keep) {
-    close(fd);
-    errno = EINVAL;
-    return -1;
+    why = KEPTSHORT;
+    goto fail;
   }
   if (S_ISREG(st.st_mode) &&
-      (ftruncate(fd, keep) != 0 || lseek(fd, 0, SEEK_END) < 0)) {
-    int e = errno;
-    close(fd);
-    errno = e;
-    return -1;
-  }
+      (ftruncate(fd, keep) != 0 || lseek(fd, 0, SEEK_END) < 0))
+    goto fail;
   return fd;
+fail:;
+  int e = errno;
+  close(fd);
+  errno = e;
+  return why;
 }
 
 /* redirect(path, keep) -> true | nil, message: results go to path (cut
@@ -496,12 +514,15 @@ static int l_redirect(lua_State *L) {
   long long keep = (long long)luaL_optinteger(L, 2, 0);
   int fd = openkept(path, keep, 0);
   fflush(stdout); /* what the script wrote goes to stdout, not to path */
-  if (fd == -1 || dup2(fd, 1) == -1) {
+  if (fd < 0 || dup2(fd, 1) == -1) {
     luaL_pushfail(L);
-    lua_pushfstring(L, "cannot write %s: %s", path,
-                    errno == EINVAL ? "shorter than its joblog says"
-                                    : strerror(errno));
-    if (fd != -1)
+    if (fd == KEPTLOCKED)
+      lua_pushfstring(L, "%s is in use by another lpar run", path);
+    else if (fd == KEPTSHORT)
+      lua_pushfstring(L, "cannot write %s: shorter than its joblog says", path);
+    else
+      lua_pushfstring(L, "cannot write %s: %s", path, strerror(errno));
+    if (fd >= 0)
       close(fd);
     return 2;
   }
@@ -536,12 +557,7 @@ static int l_openjoblog(lua_State *L) {
   if (fstat(fd, &st) != 0)
     rc = -1;
   else if (S_ISREG(st.st_mode))
-    do
-      rc = flock(fd, LOCK_EX | LOCK_NB);
-    while (rc == -1 && errno == EINTR);
-  /* a file system without locks: go on without */
-  if (rc == -1 && (errno == ENOLCK || errno == EOPNOTSUPP || errno == ENOSYS))
-    rc = 0;
+    rc = lockfile(fd);
   if (rc == -1) {
     int e = errno;
     close(fd);
