@@ -944,3 +944,34 @@ describe("lpar -o naming a file that cannot be cut", function()
     assert.is_nil(err:find("joblog", 1, true), err)
   end)
 end)
+
+describe("lpar and files that are one, pipes and the script included", function()
+  it("refuses the script as its own items file, by any name", function()
+    local script = writefile(tmpname(), "return function(s) return s end\n")
+    local link = tmpname()
+    os.remove(link)
+    assert(os.execute(("ln -s %s %s"):format(script, link)))
+    for _, args in ipairs({script .. " " .. script, script .. " " .. link,
+                           script .. " - <" .. script, "-a " .. link .. " " .. script}) do
+      local code, out, err = lpar(args)
+      assert.equal(2, code, args)
+      assert.equal("", out)
+      assert.equal(("lpar: the script is also the items file (%s)\n"):format(script), err)
+    end
+  end)
+
+  it("refuses a joblog that is the pipe the results go to", function()
+    local items = writefile(tmpname(), "a\nb\n")
+    local code, out, err = H.run(("timeout -k 5 30 %s --joblog /dev/stdout %s %s | cat")
+                                 :format(quote(H.cli), FIX .. "echo.lua", items))
+    assert.equal(0, code) -- cat's
+    assert.equal("", out)
+    assert.equal("lpar: the standard output is the joblog\n", err)
+    -- the joblog on a pipe of its own is fine
+    code, out, err = H.run(("timeout -k 5 30 %s --joblog /dev/stderr %s %s 2>&1 >/dev/null | cat")
+                           :format(quote(H.cli), FIX .. "echo.lua", items))
+    assert.equal(0, code)
+    assert.matches("^# lpar joblog 1\n", out)
+    assert.equal("", err)
+  end)
+end)

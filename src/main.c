@@ -596,16 +596,17 @@ static int l_joblog(lua_State *L) {
   return 1;
 }
 
-/* The identity of a regular file as "device:inode", or NULL. */
+/* The identity of a regular file or a pipe as "device:inode", or NULL
+   (a terminal, /dev/null or a socket may well serve two streams). */
 static const char *pushfileid(lua_State *L, const struct stat *st) {
-  if (!S_ISREG(st->st_mode))
+  if (!S_ISREG(st->st_mode) && !S_ISFIFO(st->st_mode))
     return NULL;
   return lua_pushfstring(L, "%I:%I", (LUAI_UACINT)st->st_dev,
                          (LUAI_UACINT)st->st_ino);
 }
 
-/* fileid(path) -> "device:inode" of a regular file, or nil (missing, or
-   not a regular file) */
+/* fileid(path) -> "device:inode" of a regular file or a pipe, or nil
+   (missing, or neither) */
 static int l_fileid(lua_State *L) {
   struct stat st;
   if (stat(luaL_checkstring(L, 1), &st) != 0 || !pushfileid(L, &st))
@@ -1099,7 +1100,7 @@ static int reader_setbatch(lua_State *L) {
   return 0;
 }
 
-/* reader:fileid() -> "device:inode" of a regular file, or nil */
+/* reader:fileid() -> "device:inode" of a regular file or a pipe, or nil */
 static int reader_fileid(lua_State *L) {
   Reader *r = checkreader(L);
   struct stat st;

@@ -875,7 +875,13 @@ function M.clash(o, c, reader)
   for k, path in ipairs(o.files and #o.files > 1 and o.files or {}) do
     files[k] = {"items", c.fileid(path)}
   end
-  files[#files + 1] = {"script", o.script and c.fileid(o.script)}
+  local script = o.script and c.fileid(o.script)
+  for _, f in ipairs(files) do
+    if f[2] and f[2] == script then
+      return ("the script is also the items file (%s)"):format(o.script)
+    end
+  end
+  files[#files + 1] = {"script", script}
   local log = o.joblog and c.fileid(o.joblog)
   local out = c.fileid(o.output or "/dev/stdout")
   if log and log == out then
