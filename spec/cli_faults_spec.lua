@@ -975,3 +975,31 @@ describe("lpar and files that are one, pipes and the script included", function(
     assert.equal("", err)
   end)
 end)
+
+describe("lpar's messages for a worker that exits in init and an endless item", function()
+  it("calls a worker leaving in init a failed init, exit 2", function()
+    local code, out, err = lpar("-e " .. quote("return {init = function() os.exit(5) end, " ..
+                                               "map = function(s) return s end}") .. " -", "a\nb\n")
+    assert.equal(2, code, err)
+    assert.equal("", out)
+    assert.matches("^lpar: worker init failed: worker %d+ exited with status 5\n$", err)
+    local rc, pout, perr = H.lua([[
+      local lpar = require "lpar"
+      print(pcall(lpar.parallel, function(s) return s end, {1, 2, 3},
+                  {n_workers = 2, init = function() os.exit(5) end}))
+      print(pcall(lpar.pool, {n_workers = 2, init = function() os.exit(5) end}))
+    ]])
+    assert.equal(0, rc, perr)
+    assert.matches("^false\tworker init failed: worker %d+ exited with status 5\n" ..
+                   "false\tworker init failed: worker %d+ exited with status 5\n$", pout)
+  end)
+
+  it("reports an item too long for memory without lpar's own source lines", function()
+    if os.getenv("ASAN_OPTIONS") then return end -- a sanitizer build cannot run under ulimit -v
+    local code, out, err = H.run(("ulimit -v 400000; timeout -k 5 30 %s %s /dev/zero")
+                                 :format(quote(H.cli), FIX .. "echo.lua"))
+    assert.equal(1, code, err)
+    assert.equal("", out)
+    assert.matches("^lpar: not enough memory for an item of %d+ bytes\n$", err)
+  end)
+end)

@@ -512,6 +512,13 @@ static void lose(Ctx *c, PWorker *w, int force, const char *why) {
   if (why == NULL)
     why = rc < 0 ? "vanished (reaped elsewhere)"
                  : lpar_pool_describe(status, desc, sizeof desc);
+  if (starting && !force && slot->item == LPAR_SLOTHOOK) { /* died in init */
+    if (lua_rawgeti(L, c->uv, PU_INITERR) == LUA_TNIL) {
+      lua_pushfstring(L, "worker init failed: worker %d %s", (int)pid, why);
+      lua_rawseti(L, c->uv, PU_INITERR);
+    }
+    lua_pop(L, 1);
+  }
   if (starting) {
     if (++p->startfails > 2 * p->n + 2 || p->creating) {
       if (lua_rawgeti(L, c->uv, PU_INITERR) == LUA_TNIL) {

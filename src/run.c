@@ -696,6 +696,14 @@ static void lose(lua_State *L, Run *r, Worker *w, int force, const char *why) {
     else
       why = lpar_pool_describe(status, desc, sizeof desc);
   }
+  if (!force && slot->item == LPAR_SLOTHOOK) { /* it died in its init */
+    if (!r->failed) {
+      lua_pushfstring(L, "worker init failed: worker %d %s", (int)pid, why);
+      lua_rawseti(L, S_ENV, ENV_FAILURE);
+      r->failed = 1;
+    }
+    return;
+  }
   if (culprit) {
     if (w->timedout) {
       char secs[32];
