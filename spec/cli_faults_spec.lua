@@ -1003,3 +1003,40 @@ describe("lpar's messages for a worker that exits in init and an endless item", 
     assert.matches("^lpar: not enough memory for an item of %d+ bytes\n$", err)
   end)
 end)
+
+describe("lpar and hooks that hang or die", function()
+  it("ends an init that never returns, with --timeout", function()
+    local code, out, err = lpar("--timeout 0.5 -e " .. quote(
+      "return {init = function() while true do end end, map = function(s) return s end}") .. " -",
+      "a\nb\n")
+    assert.equal(2, code, err)
+    assert.equal("", out)
+    assert.matches("lpar: worker init timed out after 0.5 s\n$", err)
+  end)
+
+  it("reports a close that leaves with os.exit(7), after all the results", function()
+    local code, out, err = lpar("-j2 -e " .. quote(
+      "return {close = function() os.exit(7) end, map = function(s) return s end}") .. " -",
+      "a\nb\nc\n")
+    assert.equal(0, code, err)
+    assert.equal("a\nb\nc\n", out)
+    assert.matches("^lpar: worker %d+: close failed: exited with status 7\n", err)
+    assert.is_nil(err:gsub("lpar: worker %d+: close failed: exited with status 7\n", ""):find("%S"))
+  end)
+
+  it("reports the same in parallel and in a pool", function()
+    local rc, out, err = H.lua([[
+      local lpar = require "lpar"
+      local _, n = lpar.parallel(function(s) return s end, {1, 2, 3},
+                                 {n_workers = 1, close = function() os.exit(7) end})
+      local p = lpar.pool({n_workers = 1, close = function() os.exit(7) end})
+      local _, m = p:map(function(s) return s end, {1, 2})
+      p:close()
+      print(n, m)
+    ]])
+    assert.equal(0, rc, err)
+    assert.equal("3\t2\n", out)
+    assert.matches("^lpar: worker %d+: close failed: exited with status 7\n" ..
+                   "lpar: pool worker %d+: close failed: exited with status 7\n$", err)
+  end)
+end)

@@ -1243,8 +1243,23 @@ static void closepool(lua_State *L, int idx, const char *why) {
   lua_pop(L, 1);
   for (i = 0; p->w && i < p->n; i++) {
     PWorker *w = &p->w[i];
-    if (w->state != W_EMPTY &&
-        lpar_pool_waituntil(&w->proc, deadline, &status) == 0) {
+    int rc = w->state != W_EMPTY
+                 ? lpar_pool_waituntil(&w->proc, deadline, &status)
+                 : -1;
+    /* os.exit(7) in close, or a crash; not the busy ones killed above */
+    if (rc == 1 && status != 0 &&
+        !(WIFSIGNALED(status) && WTERMSIG(status) == SIGKILL)) {
+      char desc[96];
+      lpar_pool_describe(status, desc, sizeof desc);
+      if (hasclose)
+        fprintf(stderr, "lpar: pool worker %d: close failed: %s\n",
+                (int)w->proc.pid, desc);
+      else
+        fprintf(stderr, "lpar: pool worker %d %s after its last item\n",
+                (int)w->proc.pid, desc);
+      fflush(stderr);
+    }
+    if (rc == 0) {
       char secs[32];
       lpar_pool_secs((double)grace / 1e9, secs, sizeof secs);
       if (hasclose)

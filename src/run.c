@@ -1073,9 +1073,20 @@ int lpar_run_next(lua_State *L) {
 ** then (its close hook hangs) is killed with its group, and reported on
 ** stderr, as a failing close hook is: nobody else is left to tell.
 */
-static void finishworker(Run *r, Proc *p, long long deadline, double secs) {
-  int status;
-  if (lpar_pool_waituntil(p, deadline, &status) == 0) {
+static void finishworker(Run *r, Proc *p, long long deadline, double secs,
+                         int killed) {
+  int status = 0, rc = lpar_pool_waituntil(p, deadline, &status);
+  if (rc == 1 && !killed && status != 0) { /* os.exit(7) or a crash */
+    char desc[96];
+    lpar_pool_describe(status, desc, sizeof desc);
+    if (r->hasclose)
+      fprintf(stderr, "lpar: worker %d: close failed: %s\n", (int)p->pid, desc);
+    else
+      fprintf(stderr, "lpar: worker %d %s after its last item\n", (int)p->pid,
+              desc);
+    fflush(stderr);
+  }
+  if (rc == 0) {
     char s[32];
     lpar_pool_secs(secs, s, sizeof s);
     if (r->hasclose)
@@ -1117,7 +1128,7 @@ void lpar_run_stop(lua_State *L, int idx) {
   for (i = 0; r->w && i < r->o.nworkers; i++) {
     Worker *w = &r->w[i];
     if (w->proc.pid != 0)
-      finishworker(r, &w->proc, deadline, (double)grace / 1e9);
+      finishworker(r, &w->proc, deadline, (double)grace / 1e9, hard);
     lpar_buf_free(&w->in);
     lpar_buf_free(&w->out);
     lpar_ring_unmap(&w->ring);
@@ -1125,7 +1136,8 @@ void lpar_run_stop(lua_State *L, int idx) {
   for (i = 0; i < r->nretired; i++) {
     if (hard && interrupted) /* Ctrl-C: no close hook is waited for */
       lpar_pool_kill(r->retired[i].pid, SIGKILL);
-    finishworker(r, &r->retired[i], deadline, (double)grace / 1e9);
+    finishworker(r, &r->retired[i], deadline, (double)grace / 1e9,
+                 hard && interrupted);
   }
   r->nretired = 0;
   r->live = 0;
