@@ -1247,8 +1247,7 @@ static void closepool(lua_State *L, int idx, const char *why) {
                  ? lpar_pool_waituntil(&w->proc, deadline, &status)
                  : -1;
     /* os.exit(7) in close, or a crash; not the busy ones killed above */
-    if (rc == 1 && status != 0 &&
-        !(WIFSIGNALED(status) && WTERMSIG(status) == SIGKILL)) {
+    if (rc == 1 && lpar_pool_leftbadly(status)) {
       char desc[96];
       lpar_pool_describe(status, desc, sizeof desc);
       if (hasclose)

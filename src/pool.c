@@ -277,6 +277,13 @@ const char *lpar_pool_secs(double secs, char *buf, size_t size) {
   return buf;
 }
 
+int lpar_pool_leftbadly(int status) {
+  if (WIFEXITED(status))
+    return WEXITSTATUS(status) != 0;
+  return WIFSIGNALED(status) && WTERMSIG(status) != SIGKILL &&
+         WTERMSIG(status) != SIGPIPE;
+}
+
 const char *lpar_pool_describe(int status, char *buf, size_t size) {
   if (WIFSIGNALED(status)) {
     int sig = WTERMSIG(status);

@@ -1076,7 +1076,7 @@ int lpar_run_next(lua_State *L) {
 static void finishworker(Run *r, Proc *p, long long deadline, double secs,
                          int killed) {
   int status = 0, rc = lpar_pool_waituntil(p, deadline, &status);
-  if (rc == 1 && !killed && status != 0) { /* os.exit(7) or a crash */
+  if (rc == 1 && !killed && lpar_pool_leftbadly(status)) {
     char desc[96];
     lpar_pool_describe(status, desc, sizeof desc);
     if (r->hasclose)
