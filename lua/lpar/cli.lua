@@ -755,7 +755,6 @@ function M.resumepoint(text, path)
   return bytes, keep, done
 end
 
-
 -- bytes at the start of the items that identify them in a joblog
 M.prefix = 1024 * 1024
 
