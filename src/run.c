@@ -1076,7 +1076,8 @@ int lpar_run_next(lua_State *L) {
 static void finishworker(Run *r, Proc *p, long long deadline, double secs,
                          int killed) {
   int status = 0, rc = lpar_pool_waituntil(p, deadline, &status);
-  if (rc == 1 && !killed && lpar_pool_leftbadly(status)) {
+  /* not after a failed run: a worker may have died in its init */
+  if (rc == 1 && !killed && !r->failed && lpar_pool_leftbadly(status)) {
     char desc[96];
     lpar_pool_describe(status, desc, sizeof desc);
     if (r->hasclose)
