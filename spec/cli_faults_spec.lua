@@ -631,3 +631,412 @@ describe("lpar and files that are one", function()
     assert.equal("", out)
   end)
 end)
+
+describe("lpar stopped by a signal that reached a worker first", function()
+  it("records no failure for the item, exits as for the signal, and resumes it", function()
+    local items = writefile(tmpname(), "a\nstop\nc\n")
+    local log, res, flag = tmpname(), tmpname(), tmpname()
+    os.remove(log)
+    os.remove(res)
+    os.remove(flag)
+    local args = ("--joblog %s -o %s %s %s %s"):format(log, res, FIX .. "stopped.lua", items, flag)
+    for _, j in ipairs({"-j1", "-j2 --chunk 1", "-j1 --retries 2"}) do
+      os.remove(flag)
+      local code, out, err = lpar(j .. " " .. args)
+      assert.equal(143, code, err)
+      assert.equal("", out)
+      assert.equal("lpar: terminated\n", err)
+      assert.is_nil(readfile(log):find("\tfailed\t"))
+      code, out, err = lpar(j .. " --resume " .. args)
+      assert.equal("", err)
+      assert.equal(0, code)
+      assert.equal("", out)
+      assert.equal("a\nstop\nc\n", readfile(res))
+      assert.is_nil(readfile(log):find("\tfailed\t"))
+    end
+  end)
+end)
+
+describe("lpar retrying an item", function()
+  it("runs it in a worker that SIGTERM and SIGINT still reach", function()
+    local flag = tmpname()
+    os.remove(flag)
+    local code, out, err = lpar("-j1 --retries 1 -e " .. quote([[
+      local flag = arg[2]
+      return function(s)
+        if not io.open(flag) then
+          assert(io.open(flag, "w")):close()
+          os.exit(3)
+        end
+        local f = assert(io.open("/proc/self/status"))
+        local blocked = f:read("a"):match("SigBlk:%s*(%x+)")
+        f:close()
+        return s .. " " .. blocked
+      end]]) .. " - " .. flag, "a\n")
+    assert.equal("", err)
+    assert.equal(0, code)
+    local mask = tonumber(out:match("^a (%x+)\n$"), 16)
+    assert.is_not_nil(mask, out)
+    for _, sig in ipairs({signal.SIGHUP, signal.SIGINT, signal.SIGTERM}) do
+      assert.equal(0, mask >> (sig - 1) & 1, "signal " .. sig .. " blocked: " .. out)
+    end
+  end)
+end)
+
+describe("lpar --resume and a joblog that is not lpar's", function()
+  local echo = FIX .. "echo.lua"
+  local items, log, res, good
+
+  before_each(function()
+    items, log, res = tmpname(), tmpname(), tmpname()
+    os.remove(log)
+    os.remove(res)
+    writefile(items, "a\nb\nc\n")
+    local code, _, err = lpar(("--joblog %s -o %s %s %s"):format(log, res, echo, items))
+    assert.equal(0, code, err)
+    good = readfile(log)
+    assert.matches("\n# out 12 3\n$", good)
+  end)
+
+  -- Resuming from a joblog holding 'text' is refused at line 'line'.
+  local function refused(text, line)
+    writefile(log, text)
+    writefile(res, "precious\n")
+    local code, out, err = lpar(("--resume --joblog %s -o %s %s %s"):format(log, res, echo, items))
+    assert.equal(2, code, ("%q: %s"):format(text, err))
+    assert.equal("", out)
+    assert.matches("^lpar: bad joblog " .. log:gsub("%p", "%%%0") .. ", line " .. line .. ": [^\n]+\n$", err)
+    assert.equal(text, readfile(log))
+    assert.equal("precious\n", readfile(res))
+  end
+
+  it("refuses one without lpar's first line, naming the joblog and line 1", function()
+    refused("Seq\tHost\tStarttime\tJobRuntime\tSend\tReceive\tExitval\tSignal\tCommand\n" ..
+            "1\t:\t1700000000.000\t0.002\t0\t2\t0\t0\techo a\n", 1)
+    refused("\1\2\255 some binary\0", 1)
+    refused("hello\n", 1)
+    refused("# lpar joblog 2\n" .. good:gsub("^[^\n]*\n", ""), 1)
+    refused("# lpar joblog\n", 1)
+    refused((good:gsub("\n", "\r\n")), 1)
+  end)
+
+  it("refuses a damaged header or item line, naming it", function()
+    refused(good:gsub("\n# line\tstatus\tseconds\tattempts\n", "\n# line status\n"), 6)
+    refused(good:gsub("\n# split: lines\n", "\nsplit: lines\n"), 4)
+    refused(good:gsub("\n2\tok\t", "\n2\tfine\t"), 8)
+    refused(good:gsub("\n2\tok\t", "\n2 ok\t"), 8)
+  end)
+
+  it("refuses a mark that is malformed or goes back, naming its line", function()
+    local n = select(2, good:gsub("\n", "")) + 1
+    for _, mark in ipairs({"# out abc def", "# out -5 3", "# out 1e3 3", "# out 0x10 3",
+                           "# out 4 nan", "# out 4", "# out 4 3", "# out 12 2", "#out 12 3",
+                           "# out 12 3 ", "# out  12 3"}) do
+      refused(good .. mark .. "\n", n)
+    end
+  end)
+
+  it("starts afresh from an empty joblog or a first line cut short", function()
+    for _, text in ipairs({"", "# lpar jo"}) do
+      writefile(log, text)
+      writefile(res, "old\n")
+      local code, _, err = lpar(("--resume --joblog %s -o %s %s %s"):format(log, res, echo, items))
+      assert.equal("", err)
+      assert.equal(0, code)
+      assert.equal("1:a\n1:b\n1:c\n", readfile(res))
+    end
+  end)
+end)
+
+describe("lpar --resume and an items file that grew from within its last line", function()
+  local log, res, items
+  before_each(function()
+    log, res, items = tmpname(), tmpname(), tmpname()
+    os.remove(log)
+    os.remove(res)
+  end)
+
+  local function run(opts)
+    return lpar(("%s --joblog %s -o %s %s %s"):format(opts, log, res, FIX .. "echo.lua", items))
+  end
+
+  it("refuses it when that line ran, with newlines, -0 and a CR", function()
+    for _, case in ipairs({{"", "1\n2\n3", "33\n4\n"}, {"-0", "1\0002\0003", "33\0004\0"},
+                           {"", "1\n2\n3\r", "\n4\n"}}) do
+      os.remove(log)
+      writefile(items, case[2])
+      local code, _, err = run(case[1])
+      assert.equal(0, code, err)
+      local before, out = readfile(log), readfile(res)
+      writefile(items, case[2] .. case[3])
+      code, _, err = run("--resume " .. case[1])
+      assert.equal(2, code, err)
+      assert.equal(("lpar: cannot resume from %s: the items file grew from within line 3, " ..
+                    "which ran as it was then\n"):format(log), err)
+      assert.equal(before, readfile(log))
+      assert.equal(out, readfile(res))
+    end
+  end)
+
+  it("resumes it when that line had not run yet", function()
+    writefile(items, "1\n2\n3")
+    local code, _, err = run("")
+    assert.equal(0, code, err)
+    -- as if stopped after line 2
+    writefile(log, (readfile(log):gsub("3\tok\t[^\n]*\n# out %d+ 3\n$", "# out 8 2\n")))
+    writefile(res, "1:1\n1:2\n")
+    assert.matches("# out 8 2\n$", readfile(log))
+    writefile(items, "1\n2\n33\n4\n")
+    code, _, err = run("--resume")
+    assert.equal("", err)
+    assert.equal(0, code)
+    assert.equal("1:1\n1:2\n2:33\n1:4\n", readfile(res))
+  end)
+end)
+
+describe("lpar started with stdin, stdout or stderr closed", function()
+  local items
+
+  before_each(function()
+    items = writefile(tmpname(), "a\nb\nc\n")
+  end)
+
+  local function sh(args, redir)
+    return H.run(("timeout -k 5 30 %s %s %s"):format(quote(H.cli), args, redir))
+  end
+
+  it("keeps what workers print out of the -o file (stderr closed)", function()
+    local res = tmpname()
+    local code = sh("-o " .. res .. " -e " ..
+                    quote('function(s) print("chatter") io.stderr:write("noise\\n") return s end') ..
+                    " - <" .. items, "2>&-")
+    assert.equal(0, code)
+    assert.equal("a\nb\nc\n", readfile(res))
+  end)
+
+  it("keeps failures out of the joblog (stderr closed)", function()
+    local log = tmpname()
+    os.remove(log)
+    local code = sh("--joblog " .. log .. " -e " .. quote('function(s) error("bad " .. s) end') ..
+                    " - <" .. items, "2>&-")
+    assert.equal(1, code)
+    local text = readfile(log)
+    assert.is_nil(text:find("bad", 1, true), text)
+    assert.is_nil(text:find("traceback", 1, true), text)
+    assert.equal(3, select(2, text:gsub("\n%d\tfailed\t", "")))
+  end)
+
+  it("writes -o with stdout closed, and fails loudly on a closed stdin or stdout", function()
+    local res = writefile(tmpname(), "precious\n")
+    local code, _, err = sh("-o " .. res .. " " .. FIX .. "echo.lua " .. items, ">&-")
+    assert.equal("", err)
+    assert.equal(0, code)
+    assert.equal("1:a\n1:b\n1:c\n", readfile(res))
+    code, _, err = sh(FIX .. "echo.lua " .. items, ">&-")
+    assert.equal(1, code)
+    assert.equal("lpar: cannot write the output: Bad file descriptor\n", err)
+    code, _, err = sh(FIX .. "echo.lua", "<&-")
+    assert.equal(1, code)
+    assert.equal("lpar: cannot read the items: Bad file descriptor\n", err)
+  end)
+end)
+
+describe("lpar writing to a pipe that nobody reads", function()
+  for _, s in ipairs({{"SIGTERM", 143, "terminated"}, {"SIGINT", 130, "interrupted"},
+                      {"SIGHUP", 129, "hangup"}}) do
+    it("stops on " .. s[1] .. " with its workers", function()
+      local pids = tmpname()
+      os.remove(pids)
+      -- results of 100 KB: more than the pipe holds
+      local p = spawn({"-j2", "--chunk", "1", "-e", [[
+        local log = arg[2]
+        return {
+          init = function()
+            local f = assert(io.open(log, "a"))
+            f:write(require("posix.unistd").getpid(), "\n")
+            f:close()
+          end,
+          map = function(s) return ("z"):rep(100000) .. s end,
+        }]], "-", pids})
+      local items = {}
+      for i = 1, 1000 do items[i] = i end
+      unistd.write(p.stdin, table.concat(items, "\n") .. "\n")
+      unistd.close(p.stdin)
+      p.stdin = nil
+      -- it writes: read 150 KB of it, then read no more
+      local got, ok = readuntil(p.stdout, function(t) return #t >= 150000 end, 30)
+      assert.is_true(ok, #got .. " bytes")
+      H.sleep(1) -- time to fill the pipe (the stop must not depend on it)
+      signal.kill(p.pid, signal[s[1]])
+      local how, code = waitexit(p.pid, 20)
+      local err = readuntil(p.stderr, function() return false end, 0.2)
+      closeall(p)
+      assert.equal("exited", how, "still blocked 20 s after " .. s[1])
+      assert.equal(s[2], code)
+      assert.equal("lpar: " .. s[3] .. "\n", err)
+      for _, pid in ipairs(pidsof(pids)) do assert.is_false(H.alive(pid), "worker " .. pid) end
+    end)
+  end
+end)
+
+describe("lpar --resume and a joblog that is not a regular file", function()
+  it("refuses it at once, naming it and what it is", function()
+    local dir = H.tmpdir()
+    local fifo = dir .. "/fifo"
+    assert(os.execute("mkfifo " .. quote(fifo)))
+    local res = writefile(dir .. "/res", "precious\n")
+    for _, j in ipairs({{"/dev/zero", "character device"}, {"/dev/urandom", "character device"},
+                        {fifo, "fifo"}, {dir, "directory"}}) do
+      local code, out, err = lpar(("--resume --joblog %s -o %s %s -"):format(j[1], res, FIX .. "echo.lua"),
+                                  "a\n")
+      assert.equal(2, code, j[1] .. ": " .. err)
+      assert.equal("", out)
+      assert.equal(("lpar: cannot resume from %s: it is a %s, not a regular file\n"):format(j[1], j[2]), err)
+      assert.equal("precious\n", readfile(res))
+    end
+    H.rmdir(dir)
+  end)
+end)
+
+describe("lpar and the files of another run", function()
+  it("refuses -o or --joblog naming a file another run writes, touching nothing", function()
+    local log, res = tmpname(), tmpname()
+    os.remove(log)
+    os.remove(res)
+    local p = spawn({"-j1", "--joblog", log, "-o", res, FIX .. "sleepy.lua", "-"})
+    unistd.write(p.stdin, "0\n")
+    local deadline = H.now() + 20
+    while not (readfile(log) or ""):find("# out") and H.now() < deadline do H.sleep(0.01) end
+    assert.matches("\n# out 2 1\n$", readfile(log))
+    local before, out = readfile(log), readfile(res)
+    local items = writefile(tmpname(), "x\n")
+    for _, args in ipairs({{"-o " .. log, log}, {"--joblog " .. res, res},
+                           {"--joblog " .. tmpname() .. " -o " .. res, res},
+                           {"--resume --joblog " .. tmpname() .. " -o " .. res, res}}) do
+      local code, o, err = lpar(("%s %s %s"):format(args[1], FIX .. "echo.lua", items))
+      assert.equal(2, code, args[1])
+      assert.equal("", o)
+      assert.equal(("lpar: %s is in use by another lpar run\n"):format(args[2]), err)
+      assert.equal(before, readfile(log))
+      assert.equal(out, readfile(res))
+    end
+    unistd.write(p.stdin, "1\n")
+    unistd.close(p.stdin)
+    p.stdin = nil
+    local how, status = waitexit(p.pid, 20)
+    closeall(p)
+    assert.equal("exited", how)
+    assert.equal(0, status)
+    assert.equal("0\n1\n", readfile(res))
+    -- free again once it is done
+    local code, _, err = lpar(("-o %s %s %s"):format(log, FIX .. "echo.lua", items))
+    assert.equal("", err)
+    assert.equal(0, code)
+  end)
+end)
+
+describe("lpar -o naming a file that cannot be cut", function()
+  it("says why, not that it is shorter than a joblog says", function()
+    local code, out, err = lpar("-o /proc/version " .. FIX .. "echo.lua -", "a\n")
+    assert.equal(2, code)
+    assert.equal("", out)
+    assert.matches("^lpar: cannot write /proc/version: [^\n]+\n$", err)
+    assert.is_nil(err:find("joblog", 1, true), err)
+  end)
+end)
+
+describe("lpar and files that are one, pipes and the script included", function()
+  it("refuses the script as its own items file, by any name", function()
+    local script = writefile(tmpname(), "return function(s) return s end\n")
+    local link = tmpname()
+    os.remove(link)
+    assert(os.execute(("ln -s %s %s"):format(script, link)))
+    for _, args in ipairs({script .. " " .. script, script .. " " .. link,
+                           script .. " - <" .. script, "-a " .. link .. " " .. script}) do
+      local code, out, err = lpar(args)
+      assert.equal(2, code, args)
+      assert.equal("", out)
+      assert.equal(("lpar: the script is also the items file (%s)\n"):format(script), err)
+    end
+  end)
+
+  it("refuses a joblog that is the pipe the results go to", function()
+    local items = writefile(tmpname(), "a\nb\n")
+    local code, out, err = H.run(("timeout -k 5 30 %s --joblog /dev/stdout %s %s | cat")
+                                 :format(quote(H.cli), FIX .. "echo.lua", items))
+    assert.equal(0, code) -- cat's
+    assert.equal("", out)
+    assert.equal("lpar: the standard output is the joblog\n", err)
+    -- the joblog on a pipe of its own is fine
+    code, out, err = H.run(("timeout -k 5 30 %s --joblog /dev/stderr %s %s 2>&1 >/dev/null | cat")
+                           :format(quote(H.cli), FIX .. "echo.lua", items))
+    assert.equal(0, code)
+    assert.matches("^# lpar joblog 1\n", out)
+    assert.equal("", err)
+  end)
+end)
+
+describe("lpar's messages for a worker that exits in init and an endless item", function()
+  it("calls a worker leaving in init a failed init, exit 2", function()
+    local code, out, err = lpar("-e " .. quote("return {init = function() os.exit(5) end, " ..
+                                               "map = function(s) return s end}") .. " -", "a\nb\n")
+    assert.equal(2, code, err)
+    assert.equal("", out)
+    assert.matches("^lpar: worker init failed: worker %d+ exited with status 5\n$", err)
+    local rc, pout, perr = H.lua([[
+      local lpar = require "lpar"
+      print(pcall(lpar.parallel, function(s) return s end, {1, 2, 3},
+                  {n_workers = 2, init = function() os.exit(5) end}))
+      print(pcall(lpar.pool, {n_workers = 2, init = function() os.exit(5) end}))
+    ]])
+    assert.equal(0, rc, perr)
+    assert.matches("^false\tworker init failed: worker %d+ exited with status 5\n" ..
+                   "false\tworker init failed: worker %d+ exited with status 5\n$", pout)
+  end)
+
+  it("reports an item too long for memory without lpar's own source lines", function()
+    if os.getenv("ASAN_OPTIONS") then return end -- a sanitizer build cannot run under ulimit -v
+    local code, out, err = H.run(("ulimit -v 400000; timeout -k 5 30 %s %s /dev/zero")
+                                 :format(quote(H.cli), FIX .. "echo.lua"))
+    assert.equal(1, code, err)
+    assert.equal("", out)
+    assert.matches("^lpar: not enough memory for an item of %d+ bytes\n$", err)
+  end)
+end)
+
+describe("lpar and hooks that hang or die", function()
+  it("ends an init that never returns, with --timeout", function()
+    local code, out, err = lpar("--timeout 0.5 -e " .. quote(
+      "return {init = function() while true do end end, map = function(s) return s end}") .. " -",
+      "a\nb\n")
+    assert.equal(2, code, err)
+    assert.equal("", out)
+    assert.matches("lpar: worker init timed out after 0.5 s\n$", err)
+  end)
+
+  it("reports a close that leaves with os.exit(7), after all the results", function()
+    local code, out, err = lpar("-j2 -e " .. quote(
+      "return {close = function() os.exit(7) end, map = function(s) return s end}") .. " -",
+      "a\nb\nc\n")
+    assert.equal(0, code, err)
+    assert.equal("a\nb\nc\n", out)
+    assert.matches("^lpar: worker %d+: close failed: exited with status 7\n", err)
+    assert.is_nil(err:gsub("lpar: worker %d+: close failed: exited with status 7\n", ""):find("%S"))
+  end)
+
+  it("reports the same in parallel and in a pool", function()
+    local rc, out, err = H.lua([[
+      local lpar = require "lpar"
+      local _, n = lpar.parallel(function(s) return s end, {1, 2, 3},
+                                 {n_workers = 1, close = function() os.exit(7) end})
+      local p = lpar.pool({n_workers = 1, close = function() os.exit(7) end})
+      local _, m = p:map(function(s) return s end, {1, 2})
+      p:close()
+      print(n, m)
+    ]])
+    assert.equal(0, rc, err)
+    assert.equal("3\t2\n", out)
+    assert.matches("^lpar: worker %d+: close failed: exited with status 7\n" ..
+                   "lpar: pool worker %d+: close failed: exited with status 7\n$", err)
+  end)
+end)

@@ -513,7 +513,7 @@ static void lose(Ctx *c, PWorker *w, int force, const char *why) {
   if (why == NULL)
     why = rc < 0 ? "vanished (reaped elsewhere)"
                  : lpar_pool_describe(status, desc, sizeof desc);
-  if (starting && slot->item == LPAR_SLOTHOOK) { /* it died in init */
+  if (starting && !force && slot->item == LPAR_SLOTHOOK) { /* died in init */
     if (lua_rawgeti(L, c->uv, PU_INITERR) == LUA_TNIL) {
       lua_pushfstring(L, "worker init failed: worker %d %s", (int)pid, why);
       lua_rawseti(L, c->uv, PU_INITERR);
@@ -1266,8 +1266,22 @@ static void closepool(lua_State *L, int idx, const char *why) {
   lua_pop(L, 1);
   for (i = 0; p->w && i < p->n; i++) {
     PWorker *w = &p->w[i];
-    if (w->state != W_EMPTY &&
-        lpar_pool_waituntil(&w->proc, deadline, &status) == 0) {
+    int rc = w->state != W_EMPTY
+                 ? lpar_pool_waituntil(&w->proc, deadline, &status)
+                 : -1;
+    /* os.exit(7) in close, or a crash; not the busy ones killed above */
+    if (rc == 1 && lpar_pool_leftbadly(status)) {
+      char desc[96];
+      lpar_pool_describe(status, desc, sizeof desc);
+      if (hasclose)
+        fprintf(stderr, "lpar: pool worker %d: close failed: %s\n",
+                (int)w->proc.pid, desc);
+      else
+        fprintf(stderr, "lpar: pool worker %d %s after its last item\n",
+                (int)w->proc.pid, desc);
+      fflush(stderr);
+    }
+    if (rc == 0) {
       char secs[32];
       lpar_pool_secs((double)grace / 1e9, secs, sizeof secs);
       if (hasclose)

@@ -7,6 +7,7 @@
 #include <poll.h>
 #include <pthread.h>
 #include <signal.h>
+#include <stdarg.h>
 #include <stdatomic.h>
 #include <stdint.h>
 #include <stdio.h>
@@ -60,6 +61,59 @@ static int writeall(int fd, const char *p, size_t n) {
     ssize_t k;
     do
       k = write(fd, p, n);
+    while (k == -1 && errno == EINTR);
+    if (k < 0)
+      return errno;
+    p += k;
+    n -= (size_t)k;
+  }
+  return 0;
+}
+
+/* Raise msg as it is (no position: lpar.cli matches these). */
+static int raisemsg(lua_State *L, const char *msg) {
+  lua_pushstring(L, msg);
+  return lua_error(L);
+}
+
+/* Raise a formatted message, without a position: a user's error, not
+   one of lpar.cli's lines. */
+static int raisef(lua_State *L, const char *fmt, ...) {
+  va_list ap;
+  va_start(ap, fmt);
+  lua_pushvfstring(L, fmt, ap);
+  va_end(ap);
+  return lua_error(L);
+}
+
+static int stopsignal(void);
+static void checkstop(lua_State *L);
+
+/*
+** Write all of p to fd (stdout or stderr, which may be a pipe that
+** nobody reads): 0, an errno, or -1 if a stop signal (SIGINT, SIGTERM,
+** SIGHUP) came while fd could take no more. It waits for room with poll,
+** a tenth of a second at a time, and writes at most PIPE_BUF bytes at
+** once, which a pipe with room takes without blocking: a signal is seen
+** even while the reader is stalled (a paused pager).
+*/
+static int writeout(int fd, const char *p, size_t n) {
+  while (n > 0) {
+    struct pollfd pf;
+    int rc;
+    ssize_t k;
+    pf.fd = fd;
+    pf.events = POLLOUT;
+    pf.revents = 0;
+    rc = poll(&pf, 1, stopsignal() ? 0 : 100);
+    if (rc == 0 && stopsignal())
+      return -1;
+    if (rc == 0 || (rc < 0 && errno == EINTR))
+      continue;
+    if (rc < 0)
+      return errno;
+    do
+      k = write(fd, p, n < PIPE_BUF ? n : PIPE_BUF);
     while (k == -1 && errno == EINTR);
     if (k < 0)
       return errno;
@@ -152,10 +206,12 @@ typedef struct Out {
   int quit;    /* the flusher must leave */
   char *p;     /* pending bytes */
   size_t n, cap;
-  long long since; /* when the oldest pending byte was added */
-  atomic_int err;  /* errno of the first failed write of fd 1; sticky */
-  char *outname;   /* the file of -o, for messages; NULL: stdout */
-  char bar[512];   /* the progress line, with its escapes */
+  long long since;    /* when the oldest pending byte was added */
+  atomic_int err;     /* errno of the first failed write of fd 1; sticky */
+  atomic_int stopped; /* a stop signal came while fd 1 was full: the
+                         output was dropped from there on */
+  char *outname;      /* the file of -o, for messages; NULL: stdout */
+  char bar[512];      /* the progress line, with its escapes */
   size_t barlen;
   int barshown; /* the bar is on the terminal */
   int bartty;   /* stderr is a terminal */
@@ -192,12 +248,12 @@ static void wake(void) {
 
 static void liftbar(void) {
   if (out.barshown && out.bartty)
-    writeall(2, "\r\033[K", 4);
+    writeout(2, "\r\033[K", 4);
 }
 
 static void dropbar(void) {
   if (out.barshown && out.bartty)
-    writeall(2, out.bar, out.barlen);
+    writeout(2, out.bar, out.barlen);
 }
 
 /* Write the pending bytes (mu held). */
@@ -205,9 +261,11 @@ static void drain(void) {
   if (out.n > 0) {
     if (out.shared)
       liftbar();
-    if (atomic_load(&out.err) == 0) {
-      int e = writeall(1, out.p, out.n);
-      if (e != 0)
+    if (atomic_load(&out.err) == 0 && !atomic_load(&out.stopped)) {
+      int e = writeout(1, out.p, out.n);
+      if (e == -1) /* the rest is dropped: lpar is stopping */
+        atomic_store(&out.stopped, 1);
+      else if (e != 0)
         atomic_store(&out.err, e);
     }
     out.n = 0;
@@ -217,7 +275,7 @@ static void drain(void) {
   /* a mark is written only after the output it counts, and only while
      every write so far succeeded: the last mark is never ahead */
   if (out.marked && out.logfd >= 0 && atomic_load(&out.err) == 0 &&
-      atomic_load(&out.logerr) == 0) {
+      !atomic_load(&out.stopped) && atomic_load(&out.logerr) == 0) {
     int e = writeall(out.logfd, out.log, out.logmark);
     if (e == 0 && out.markers) {
       char m[64];
@@ -273,15 +331,9 @@ static int l_startoutput(lua_State *L) {
   rc = pthread_create(&out.thread, NULL, flusher, NULL);
   pthread_sigmask(SIG_SETMASK, &old, NULL);
   if (rc != 0)
-    return luaL_error(L, "cannot start the output thread: %s", strerror(rc));
+    return raisef(L, "cannot start the output thread: %s", strerror(rc));
   out.started = 1;
   return 0;
-}
-
-/* Raise msg as it is (no position: lpar.cli matches these). */
-static int raisemsg(lua_State *L, const char *msg) {
-  lua_pushstring(L, msg);
-  return lua_error(L);
 }
 
 /* Whether a write of the output or the joblog failed. */
@@ -350,7 +402,9 @@ static int put(lua_State *L, int nl) {
   }
   pthread_mutex_unlock(&out.mu);
   if (nomem)
-    return luaL_error(L, "not enough memory");
+    return raisef(L, "not enough memory");
+  if (atomic_load(&out.stopped))
+    checkstop(L);
   if (e != 0)
     return outerror(L);
   return 0;
@@ -379,7 +433,7 @@ static int l_log(lua_State *L) {
   }
   pthread_mutex_unlock(&out.mu);
   if (nomem)
-    return luaL_error(L, "not enough memory");
+    return raisef(L, "not enough memory");
   return 0;
 }
 
@@ -388,6 +442,8 @@ static int l_log(lua_State *L) {
    failed. */
 static int l_mark(lua_State *L) {
   lua_Integer line = luaL_checkinteger(L, 1);
+  if (atomic_load(&out.stopped))
+    checkstop(L);
   if (failed())
     return outerror(L);
   pthread_mutex_lock(&out.mu);
@@ -402,35 +458,53 @@ static int l_mark(lua_State *L) {
   return 0;
 }
 
-/* Open path for writing, cut to 'keep' bytes; the fd, or -1 with errno
-   set (EINVAL if the file is shorter than 'keep'). */
+/* Why openkept failed, besides an errno. */
+#define KEPTSHORT (-2)  /* the file is shorter than 'keep' */
+#define KEPTLOCKED (-3) /* another lpar run holds its lock */
+
+/* Lock the regular file open at fd, without waiting: 0, or -1 with errno
+   (EWOULDBLOCK: another run holds it). A file system without locks lets
+   it go unlocked. */
+static int lockfile(int fd) {
+  int rc;
+  do
+    rc = flock(fd, LOCK_EX | LOCK_NB);
+  while (rc == -1 && errno == EINTR);
+  if (rc == -1 && (errno == ENOLCK || errno == EOPNOTSUPP || errno == ENOSYS))
+    rc = 0;
+  return rc;
+}
+
+/* Open path for writing, locked (a regular file) and then cut to 'keep'
+   bytes; the fd, or -1 with errno set, or KEPTSHORT or KEPTLOCKED. */
 static int openkept(const char *path, long long keep, int flags) {
   struct stat st;
-  int fd;
+  int fd, why = -1;
   do
     fd = open(path, O_WRONLY | O_CREAT | O_CLOEXEC | flags, 0666);
   while (fd == -1 && errno == EINTR);
   if (fd == -1)
     return -1;
-  if (fstat(fd, &st) != 0) {
-    int e = errno;
-    close(fd);
-    errno = e;
-    return -1;
+  if (fstat(fd, &st) != 0)
+    goto fail;
+  if (S_ISREG(st.st_mode) && lockfile(fd) != 0) {
+    if (errno == EWOULDBLOCK)
+      why = KEPTLOCKED;
+    goto fail;
   }
   if (S_ISREG(st.st_mode) && st.st_size < keep) {
-    close(fd);
-    errno = EINVAL;
-    return -1;
+    why = KEPTSHORT;
+    goto fail;
   }
   if (S_ISREG(st.st_mode) &&
-      (ftruncate(fd, keep) != 0 || lseek(fd, 0, SEEK_END) < 0)) {
-    int e = errno;
-    close(fd);
-    errno = e;
-    return -1;
-  }
+      (ftruncate(fd, keep) != 0 || lseek(fd, 0, SEEK_END) < 0))
+    goto fail;
   return fd;
+fail:;
+  int e = errno;
+  close(fd);
+  errno = e;
+  return why;
 }
 
 /* redirect(path, keep) -> true | nil, message: results go to path (cut
@@ -440,12 +514,15 @@ static int l_redirect(lua_State *L) {
   long long keep = (long long)luaL_optinteger(L, 2, 0);
   int fd = openkept(path, keep, 0);
   fflush(stdout); /* what the script wrote goes to stdout, not to path */
-  if (fd == -1 || dup2(fd, 1) == -1) {
+  if (fd < 0 || dup2(fd, 1) == -1) {
     luaL_pushfail(L);
-    lua_pushfstring(L, "cannot write %s: %s", path,
-                    errno == EINVAL ? "shorter than its joblog says"
-                                    : strerror(errno));
-    if (fd != -1)
+    if (fd == KEPTLOCKED)
+      lua_pushfstring(L, "%s is in use by another lpar run", path);
+    else if (fd == KEPTSHORT)
+      lua_pushfstring(L, "cannot write %s: shorter than its joblog says", path);
+    else
+      lua_pushfstring(L, "cannot write %s: %s", path, strerror(errno));
+    if (fd >= 0)
       close(fd);
     return 2;
   }
@@ -454,7 +531,7 @@ static int l_redirect(lua_State *L) {
   free(out.outname);
   out.outname = strdup(path);
   if (out.outname == NULL)
-    return luaL_error(L, "not enough memory");
+    return raisef(L, "not enough memory");
   lua_pushboolean(L, 1);
   return 1;
 }
@@ -480,12 +557,7 @@ static int l_openjoblog(lua_State *L) {
   if (fstat(fd, &st) != 0)
     rc = -1;
   else if (S_ISREG(st.st_mode))
-    do
-      rc = flock(fd, LOCK_EX | LOCK_NB);
-    while (rc == -1 && errno == EINTR);
-  /* a file system without locks: go on without */
-  if (rc == -1 && (errno == ENOLCK || errno == EOPNOTSUPP || errno == ENOSYS))
-    rc = 0;
+    rc = lockfile(fd);
   if (rc == -1) {
     int e = errno;
     close(fd);
@@ -500,7 +572,7 @@ static int l_openjoblog(lua_State *L) {
   out.logname = strdup(path);
   if (out.logname == NULL) {
     close(fd);
-    return luaL_error(L, "not enough memory");
+    return raisef(L, "not enough memory");
   }
   out.logfd = fd;
   lua_pushboolean(L, 1);
@@ -524,20 +596,37 @@ static int l_joblog(lua_State *L) {
   return 1;
 }
 
-/* The identity of a regular file as "device:inode", or NULL. */
+/* The identity of a regular file or a pipe as "device:inode", or NULL
+   (a terminal, /dev/null or a socket may well serve two streams). */
 static const char *pushfileid(lua_State *L, const struct stat *st) {
-  if (!S_ISREG(st->st_mode))
+  if (!S_ISREG(st->st_mode) && !S_ISFIFO(st->st_mode))
     return NULL;
   return lua_pushfstring(L, "%I:%I", (LUAI_UACINT)st->st_dev,
                          (LUAI_UACINT)st->st_ino);
 }
 
-/* fileid(path) -> "device:inode" of a regular file, or nil (missing, or
-   not a regular file) */
+/* fileid(path) -> "device:inode" of a regular file or a pipe, or nil
+   (missing, or neither) */
 static int l_fileid(lua_State *L) {
   struct stat st;
   if (stat(luaL_checkstring(L, 1), &st) != 0 || !pushfileid(L, &st))
     luaL_pushfail(L);
+  return 1;
+}
+
+/* filetype(path) -> "file", "directory", "fifo", "character device",
+   "block device", "socket" or "other"; nil if it cannot be stat'ed */
+static int l_filetype(lua_State *L) {
+  struct stat st;
+  if (stat(luaL_checkstring(L, 1), &st) != 0)
+    return 0;
+  lua_pushstring(L, S_ISREG(st.st_mode)    ? "file"
+                    : S_ISDIR(st.st_mode)  ? "directory"
+                    : S_ISFIFO(st.st_mode) ? "fifo"
+                    : S_ISCHR(st.st_mode)  ? "character device"
+                    : S_ISBLK(st.st_mode)  ? "block device"
+                    : S_ISSOCK(st.st_mode) ? "socket"
+                                           : "other");
   return 1;
 }
 
@@ -574,8 +663,8 @@ static int l_report(lua_State *L) {
   pthread_mutex_lock(&out.mu);
   drain();
   liftbar();
-  writeall(2, s, len);
-  writeall(2, "\n", 1);
+  writeout(2, s, len);
+  writeout(2, "\n", 1);
   dropbar();
   pthread_mutex_unlock(&out.mu);
   return 0;
@@ -589,7 +678,7 @@ static int l_bar(lua_State *L) {
   pthread_mutex_lock(&out.mu);
   if (s == NULL) {
     if (out.barshown && out.bartty)
-      writeall(2, "\n", 1);
+      writeout(2, "\n", 1);
     out.barshown = 0;
   }
   else if (out.bartty) {
@@ -600,12 +689,12 @@ static int l_bar(lua_State *L) {
     memcpy(out.bar + 1 + len, "\033[K", 3);
     out.barlen = len + 4;
     out.barshown = 1;
-    writeall(2, out.bar, out.barlen);
+    writeout(2, out.bar, out.barlen);
   }
   else {
     drain();
-    writeall(2, s, len);
-    writeall(2, "\n", 1);
+    writeout(2, s, len);
+    writeout(2, "\n", 1);
   }
   pthread_mutex_unlock(&out.mu);
   return 0;
@@ -738,7 +827,7 @@ static int waitinput(lua_State *L, Reader *r, int idlems) {
     if (rc > 0)
       return 1; /* data, end of file or an error: read() tells */
     if (rc < 0 && errno != EINTR)
-      luaL_error(L, "cannot poll the input: %s", strerror(errno));
+      raisef(L, "cannot poll the input: %s", strerror(errno));
   }
 }
 
@@ -778,8 +867,7 @@ static void grow(lua_State *L, Reader *r) {
   size_t cap = r->cap ? 2 * r->cap : LPAR_READSIZE;
   char *p = realloc(r->buf, cap);
   if (p == NULL)
-    luaL_error(L, "not enough memory for an item of %I bytes",
-               (LUAI_UACINT)r->len);
+    raisef(L, "not enough memory for an item of %I bytes", (LUAI_UACINT)r->len);
   r->buf = p;
   r->cap = cap;
 }
@@ -819,7 +907,7 @@ static void fill(lua_State *L, Reader *r) {
   while (k == -1 && errno == EINTR && !stopsignal());
   if (k < 0) {
     checkstop(L);
-    luaL_error(L, "cannot read the items: %s", strerror(errno));
+    raisef(L, "cannot read the items: %s", strerror(errno));
   }
   if (k > 0)
     r->tail = (unsigned char)r->buf[r->len + (size_t)k - 1];
@@ -1012,7 +1100,7 @@ static int reader_setbatch(lua_State *L) {
   return 0;
 }
 
-/* reader:fileid() -> "device:inode" of a regular file, or nil */
+/* reader:fileid() -> "device:inode" of a regular file or a pipe, or nil */
 static int reader_fileid(lua_State *L) {
   Reader *r = checkreader(L);
   struct stat st;
@@ -1045,7 +1133,7 @@ static int reader_identity(lua_State *L) {
       k = pread(r->fd, buf, want, r->start + (off_t)done);
     while (k == -1 && errno == EINTR);
     if (k < 0)
-      return luaL_error(L, "cannot read the items: %s", strerror(errno));
+      return raisef(L, "cannot read the items: %s", strerror(errno));
     if (k == 0) {
       lua_pop(L, 1);
       luaL_pushfail(L);
@@ -1057,6 +1145,42 @@ static int reader_identity(lua_State *L) {
   lua_pop(L, 1);
   pushhash(L, h);
   return 2;
+}
+
+/*
+** reader:partial(size) -> nil if the first 'size' bytes of a regular
+** file of items end with a separator (or size is 0); else the number of
+** separators in them: the records before the last one, which they cut
+** short. Reads with pread: the reader's position does not move.
+*/
+static int reader_partial(lua_State *L) {
+  Reader *r = checkreader(L);
+  lua_Integer size = luaL_checkinteger(L, 2), done = 0, seps = 0;
+  char *buf;
+  luaL_argcheck(L, size >= 0, 2, "must not be negative");
+  if (r->fd < 0 || !r->regular || r->nfds > 1 || size == 0)
+    return 0;
+  buf = lua_newuserdatauv(L, 65536, 0);
+  while (done < size) {
+    size_t want = size - done < 65536 ? (size_t)(size - done) : 65536;
+    const char *p, *end;
+    ssize_t k;
+    do
+      k = pread(r->fd, buf, want, r->start + (off_t)done);
+    while (k == -1 && errno == EINTR);
+    if (k < 0)
+      return raisef(L, "cannot read the items: %s", strerror(errno));
+    if (k == 0)
+      break;
+    for (p = buf, end = buf + k;
+         (p = memchr(p, r->sep, (size_t)(end - p))) != NULL; p++)
+      seps++;
+    done += k;
+    if (done == size && buf[k - 1] == (char)r->sep)
+      return 0;
+  }
+  lua_pushinteger(L, seps);
+  return 1;
 }
 
 /* reader:count() -> records read so far */
@@ -1148,7 +1272,7 @@ static int l_open(lua_State *L) {
     void *m = mmap(NULL, sizeof *pertime, PROT_READ | PROT_WRITE,
                    MAP_SHARED | MAP_ANONYMOUS, -1, 0);
     if (m == MAP_FAILED)
-      return luaL_error(L, "cannot map shared memory: %s", strerror(errno));
+      return raisef(L, "cannot map shared memory: %s", strerror(errno));
     pertime = m;
     atomic_store(pertime, 0);
   }
@@ -1159,7 +1283,7 @@ static int l_open(lua_State *L) {
   r->owns = malloc((size_t)n);
   if (r->first == NULL || r->size == NULL || r->buf == NULL || r->fds == NULL ||
       r->owns == NULL)
-    return luaL_error(L, "not enough memory");
+    return raisef(L, "not enough memory");
   r->cap = tlen > LPAR_READSIZE ? tlen : LPAR_READSIZE;
   r->sep = nul ? '\0' : '\n';
   r->shardk = k;
@@ -1324,12 +1448,17 @@ static int l_isolate(lua_State *L) {
   return 0;
 }
 
-static const luaL_Reg readermethods[] = {
-    {"wait", reader_wait},         {"take", reader_take},
-    {"setbatch", reader_setbatch}, {"skip", reader_skip},
-    {"count", reader_count},       {"items", reader_items},
-    {"fileid", reader_fileid},     {"identity", reader_identity},
-    {"close", reader_close},       {NULL, NULL}};
+static const luaL_Reg readermethods[] = {{"wait", reader_wait},
+                                         {"take", reader_take},
+                                         {"setbatch", reader_setbatch},
+                                         {"skip", reader_skip},
+                                         {"count", reader_count},
+                                         {"items", reader_items},
+                                         {"fileid", reader_fileid},
+                                         {"identity", reader_identity},
+                                         {"partial", reader_partial},
+                                         {"close", reader_close},
+                                         {NULL, NULL}};
 
 static const luaL_Reg helpers[] = {{"signals", l_signals},
                                    {"caught", l_caught},
@@ -1342,6 +1471,7 @@ static const luaL_Reg helpers[] = {{"signals", l_signals},
                                    {"openjoblog", l_openjoblog},
                                    {"joblog", l_joblog},
                                    {"fileid", l_fileid},
+                                   {"filetype", l_filetype},
                                    {"hash", l_hash},
                                    {"report", l_report},
                                    {"bar", l_bar},
@@ -1417,9 +1547,33 @@ static int pmain(lua_State *L) {
   return 1;
 }
 
+/*
+** Put /dev/null on each of fds 0-2 that is closed, so that no file lpar
+** opens takes its place (the -o file as stdin, the joblog as stderr). It
+** is opened the wrong way round: reading the closed stdin or writing the
+** closed stdout still fails (EBADF), loudly, as it did.
+*/
+static void plugstdio(void) {
+  int fd;
+  for (fd = 0; fd <= 2; fd++) {
+    int k;
+    if (fcntl(fd, F_GETFD) != -1 || errno != EBADF)
+      continue;
+    do
+      k = open("/dev/null", fd == 0 ? O_WRONLY : O_RDONLY);
+    while (k == -1 && errno == EINTR);
+    if (k != -1 && k != fd) { /* cannot be lower: fd was the lowest free */
+      dup2(k, fd);
+      close(k);
+    }
+  }
+}
+
 int main(int argc, char **argv) {
-  lua_State *L = luaL_newstate();
+  lua_State *L;
   int status, code;
+  plugstdio();
+  L = luaL_newstate();
   if (L == NULL) {
     fprintf(stderr, "lpar: cannot create Lua state: not enough memory\n");
     return 2;

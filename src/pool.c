@@ -78,6 +78,7 @@ long long lpar_pool_now(void) {
 
 static void childsignals(const ChildSetup *cs) {
   struct sigaction sa, old;
+  sigset_t mask;
   memset(&sa, 0, sizeof sa);
   sigemptyset(&sa.sa_mask);
   sa.sa_handler = SIG_DFL;
@@ -94,7 +95,15 @@ static void childsignals(const ChildSetup *cs) {
   sigaction(SIGTTOU, &sa, NULL);
   sa.sa_handler = cs->ignint ? SIG_IGN : SIG_DFL;
   sigaction(SIGINT, &sa, NULL);
-  sigprocmask(SIG_SETMASK, cs->mask, NULL);
+  /* the caller's mask, but never with the signals set above blocked: a
+     run started inside another (a CLI retry) finds them blocked by the
+     outer run, and a worker that cannot get SIGTERM ignores whoever
+     stops it */
+  mask = *cs->mask;
+  sigdelset(&mask, SIGINT);
+  sigdelset(&mask, SIGTERM);
+  sigdelset(&mask, SIGHUP);
+  sigprocmask(SIG_SETMASK, &mask, NULL);
 }
 
 /* A pidfd for 'pid' (close-on-exec, tracked), or -1 if the system has
@@ -328,6 +337,13 @@ const char *lpar_pool_secs(double secs, char *buf, size_t size) {
   if (n > 0 && (size_t)n + 2 < size && strpbrk(buf, ".en") == NULL)
     memcpy(buf + n, ".0", 3); /* looks like a float, as in Lua */
   return buf;
+}
+
+int lpar_pool_leftbadly(int status) {
+  if (WIFEXITED(status))
+    return WEXITSTATUS(status) != 0;
+  return WIFSIGNALED(status) && WTERMSIG(status) != SIGKILL &&
+         WTERMSIG(status) != SIGPIPE;
 }
 
 const char *lpar_pool_describe(int status, char *buf, size_t size) {

@@ -110,6 +110,14 @@ int lpar_pool_holdchld(struct sigaction *old);
 */
 int lpar_pool_reap(const Proc *p, int force, int *status);
 
+/*
+** Whether a worker that was told to leave ended badly: it exited with a
+** non-zero status (os.exit(7) in its close hook) or was killed by a
+** signal other than SIGKILL (lpar's own) or SIGPIPE (its channel closed
+** while it still wrote).
+*/
+int lpar_pool_leftbadly(int status);
+
 /* Describe a wait status: "exited with status 3", "killed by signal 9
    (SIGKILL)". Returns 'buf'. */
 const char *lpar_pool_describe(int status, char *buf, size_t size);

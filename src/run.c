@@ -740,7 +740,7 @@ static void lose(lua_State *L, Run *r, Worker *w, int force, const char *why) {
     else
       why = lpar_pool_describe(status, desc, sizeof desc);
   }
-  if (slot->item == LPAR_SLOTHOOK) { /* it died in its init hook */
+  if (!force && slot->item == LPAR_SLOTHOOK) { /* it died in its init */
     if (!r->failed) {
       lua_pushfstring(L, "worker init failed: worker %d %s", (int)pid, why);
       lua_rawseti(L, S_ENV, ENV_FAILURE);
@@ -1117,9 +1117,21 @@ int lpar_run_next(lua_State *L) {
 ** then (its close hook hangs) is killed with its group, and reported on
 ** stderr, as a failing close hook is: nobody else is left to tell.
 */
-static void finishworker(Run *r, Proc *p, long long deadline, double secs) {
-  int status;
-  if (lpar_pool_waituntil(p, deadline, &status) == 0) {
+static void finishworker(Run *r, Proc *p, long long deadline, double secs,
+                         int killed) {
+  int status = 0, rc = lpar_pool_waituntil(p, deadline, &status);
+  /* not after a failed run: a worker may have died in its init */
+  if (rc == 1 && !killed && !r->failed && lpar_pool_leftbadly(status)) {
+    char desc[96];
+    lpar_pool_describe(status, desc, sizeof desc);
+    if (r->hasclose)
+      fprintf(stderr, "lpar: worker %d: close failed: %s\n", (int)p->pid, desc);
+    else
+      fprintf(stderr, "lpar: worker %d %s after its last item\n", (int)p->pid,
+              desc);
+    fflush(stderr);
+  }
+  if (rc == 0) {
     char s[32];
     lpar_pool_secs(secs, s, sizeof s);
     if (r->hasclose)
@@ -1161,7 +1173,7 @@ void lpar_run_stop(lua_State *L, int idx) {
   for (i = 0; r->w && i < r->o.nworkers; i++) {
     Worker *w = &r->w[i];
     if (w->proc.pid != 0)
-      finishworker(r, &w->proc, deadline, (double)grace / 1e9);
+      finishworker(r, &w->proc, deadline, (double)grace / 1e9, hard);
     lpar_buf_free(&w->in);
     lpar_buf_free(&w->out);
     lpar_ring_unmap(&w->ring);
@@ -1169,7 +1181,8 @@ void lpar_run_stop(lua_State *L, int idx) {
   for (i = 0; i < r->nretired; i++) {
     if (hard && interrupted) /* Ctrl-C: no close hook is waited for */
       lpar_pool_killproc(&r->retired[i], SIGKILL);
-    finishworker(r, &r->retired[i], deadline, (double)grace / 1e9);
+    finishworker(r, &r->retired[i], deadline, (double)grace / 1e9,
+                 hard && interrupted);
   }
   r->nretired = 0;
   r->live = 0;

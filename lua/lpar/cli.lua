@@ -693,27 +693,67 @@ local function stopped(e)
   return 1, "lpar: " .. text
 end
 
+M.logheader = "# line\tstatus\tseconds\tattempts\n"
+M.logfirst = "# lpar joblog 1\n"
+
 -- Where to resume from a joblog's text: output bytes to keep, joblog
 -- bytes to keep, records done (all 0 to start afresh); or nil and a
--- message naming the joblog ('path') and the line of a bad mark.
+-- message naming the joblog ('path') and its first bad line. The text
+-- must be what lpar writes: the header, then item lines and marks
+-- ("# out <bytes> <line>", neither going back). Only a last line without
+-- its newline may be cut short (a write that failed): nothing of it is
+-- kept. An empty joblog, or its first line cut short, starts afresh.
 function M.resumepoint(text, path)
   local bytes, keep, done = 0, 0, 0
-  text = "\n" .. (text or "")
-  for at, b, l, e in text:gmatch("()# out (%d+) (%d+)\n()") do
-    if text:byte(at - 1) == 10 then -- at the start of a line
-      bytes, done = math.tointeger(tonumber(b)), math.tointeger(tonumber(l))
-      if not bytes or not done then
-        local line = select(2, text:sub(1, at - 1):gsub("\n", ""))
-        return nil, ("bad joblog %s, line %d: number too large in '%s'")
-          :format(path, line, text:sub(at, e - 2))
+  text = text or ""
+  local first = M.logfirst
+  if #text < #first and first:sub(1, #text) == text then return 0, 0, 0 end
+  local function bad(n, why, line)
+    return nil, ("bad joblog %s, line %d: %s (%s)"):format(path, n, why, M.shorten(line, 60))
+  end
+  local pos, n, body = 1, 0, false
+  while pos <= #text do
+    local nl = text:find("\n", pos, true)
+    local line = text:sub(pos, (nl or 0) - 1)
+    n = n + 1
+    if not nl and n > 1 then break end -- cut short: dropped with what follows the last mark
+    if line:sub(-1) == "\r" then
+      return bad(n, "a line ends with CR (converted to CRLF?)", line)
+    elseif n == 1 then
+      if line .. "\n" == M.logheader then -- an lpar from before the fingerprint
+        return nil, ("cannot resume from %s: it does not say which run it belongs to " ..
+                     "(made by an older lpar?)"):format(path)
+      elseif line .. "\n" ~= first then
+        if line:match("^# lpar joblog ") then
+          return bad(n, "made by another version of lpar", line)
+        end
+        return bad(n, "not an lpar joblog", line)
       end
-      keep = e - 2
+    elseif not body then
+      if line .. "\n" == M.logheader then
+        body = true
+      elseif not line:match("^# %a+: ") then
+        return bad(n, "not a header line", line)
+      end
+    elseif line:byte(1) == 35 then -- '#'
+      local b, l = line:match("^# out (%d+) (%d+)$")
+      if not b then return bad(n, "not a mark", line) end
+      b, l = math.tointeger(tonumber(b)), math.tointeger(tonumber(l))
+      if not b or not l then
+        return nil, ("bad joblog %s, line %d: number too large in '%s'"):format(path, n, line)
+      end
+      if b < bytes or l < done then
+        return bad(n, ("the mark goes back (from %d bytes, line %d)"):format(bytes, done), line)
+      end
+      bytes, done, keep = b, l, nl
+    elseif not line:match("^%d+\t%a+\t%d+%.%d+\t%d+$") or
+        not (line:match("^%d+\tok\t") or line:match("^%d+\tfailed\t")) then
+      return bad(n, "not an item line", line)
     end
+    pos = nl + 1
   end
   return bytes, keep, done
 end
-
-M.logheader = "# line\tstatus\tseconds\tattempts\n"
 
 -- bytes at the start of the items that identify them in a joblog
 M.prefix = 1024 * 1024
@@ -721,7 +761,7 @@ M.prefix = 1024 * 1024
 -- The joblog's first lines: what the run is (see "Joblog and resume" in
 -- README.md), so that --resume can refuse another run's joblog.
 function M.fingerprint(o, c, reader)
-  local t = {"# lpar joblog 1\n"}
+  local t = {M.logfirst}
   t[2] = ("# script: %s %s\n"):format(c.hash(o.source), o.script and M.shorten(o.script, 200) or "-e")
   local name = o.files and o.files[1] or o.args[1] or "-"
   local size = reader:identity(0)
@@ -766,7 +806,7 @@ end
 
 -- How the run that made a joblog ('text') differs from this one
 -- ('fp', its fingerprint): a message, or nil if it does not.
-function M.differs(text, fp, reader)
+function M.differs(text, fp, reader, done)
   local function fields(s)
     local f = {}
     for line in s:gmatch("[^\n]*") do
@@ -814,6 +854,13 @@ function M.differs(text, fp, reader)
       d[#d + 1] = ("the items file is shorter (%d bytes, %d then)"):format(nowsize, size)
     elseif nowhash ~= hash then
       d[#d + 1] = ("the items file differs (in its first %d bytes)"):format(n)
+    elseif nowsize > size then
+      -- it grew: its last line then, if it had no separator, is longer now
+      local before = reader:partial(size)
+      if before and done > before then
+        d[#d + 1] = ("the items file grew from within line %d, which ran as it was then")
+          :format(before + 1)
+      end
     end
   end
   if #d > 0 then return table.concat(d, "; ") end
@@ -827,7 +874,13 @@ function M.clash(o, c, reader)
   for k, path in ipairs(o.files and #o.files > 1 and o.files or {}) do
     files[k] = {"items", c.fileid(path)}
   end
-  files[#files + 1] = {"script", o.script and c.fileid(o.script)}
+  local script = o.script and c.fileid(o.script)
+  for _, f in ipairs(files) do
+    if f[2] and f[2] == script then
+      return ("the script is also the items file (%s)"):format(o.script)
+    end
+  end
+  files[#files + 1] = {"script", script}
   local log = o.joblog and c.fileid(o.joblog)
   local out = c.fileid(o.output or "/dev/stdout")
   if log and log == out then
@@ -888,6 +941,11 @@ function M.run(o, c, reader, counter, map, init, close)
   if o.output or o.joblog then
     local keepout, keeplog, done = 0, 0
     local ok, err = true, nil
+    -- a joblog to resume from is read whole: a regular file only
+    local kind = o.resume and c.filetype(o.joblog)
+    if kind and kind ~= "file" then
+      return fail(2, ("cannot resume from %s: it is a %s, not a regular file"):format(o.joblog, kind))
+    end
     -- the joblog is locked first, and nothing is cut before every check
     if o.joblog then
       ok, err = c.openjoblog(o.joblog)
@@ -900,7 +958,7 @@ function M.run(o, c, reader, counter, map, init, close)
       local text = readall(o.joblog)
       keepout, keeplog, done = M.resumepoint(text, o.joblog)
       if not keepout then return fail(2, keeplog) end
-      local diff = keeplog > 0 and M.differs(text, fp, reader)
+      local diff = keeplog > 0 and M.differs(text, fp, reader, done)
       if diff then
         return fail(2, ("cannot resume from %s: %s"):format(o.joblog, diff))
       end
@@ -972,7 +1030,21 @@ function M.run(o, c, reader, counter, map, init, close)
     check(line, true)
   end
 
+  -- An item that failed because the run is being stopped is not a
+  -- failure: lpar caught SIGINT, SIGTERM or SIGHUP, or its worker was
+  -- killed by one (sent to every process at once: a process group, a
+  -- service being stopped) before lpar saw its own. Then the run stops as
+  -- for that signal, the item unrecorded, so that --resume runs it again.
+  local function stopping(e)
+    local sig = c.caught()
+    if sig == 0 then
+      sig = tonumber(type(e) == "string" and e:match("^worker %d+ killed by signal (%d+)")) or 0
+    end
+    if signame[128 + sig] then error(signame[128 + sig], 0) end
+  end
+
   local function failure(line, e, secs, attempt)
+    stopping(e)
     failed = failed + 1
     report(M.describe(real(line), e, nul))
     logline(line, "failed", secs, attempt)
@@ -989,6 +1061,7 @@ function M.run(o, c, reader, counter, map, init, close)
   -- Record 'rec' (line 'line') failed with e: try it again on fresh
   -- workers, up to --retries times, then report it.
   local function again(line, rec, e, secs)
+    stopping(e)
     for attempt = 2, retries + 1 do
       local t0 = now()
       local v, err = once(rec)
@@ -1037,6 +1110,7 @@ function M.run(o, c, reader, counter, map, init, close)
   -- A batch that is not plain output: failures, joblog times, or lost.
   local function settle(first, n, block, r, e)
     if r == nil then
+      stopping(e)
       if n == 1 then
         again(first, c.split(block, nul)[1], e, nil)
       else
