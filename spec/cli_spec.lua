@@ -3,126 +3,24 @@
 local H = require "spec.helper"
 local unistd = require "posix.unistd"
 local poll = require "posix.poll"
-local wait = require "posix.sys.wait"
 local signal = require "posix.signal"
 local cjson = require "cjson"
 
 local FIX = "spec/fixtures/cli/"
 
-local function quote(s)
-  return "'" .. s:gsub("'", "'\\''") .. "'"
-end
+local quote = H.quote
+local lpar = H.lpar
+local writefile = H.writefile
+local readfile = H.readfile
+local lines = H.lines
+local pidsof = H.pidsof
+local anyalive = H.anyalive
+local spawn = H.spawncli
+local readuntil = H.readuntil
+local waitexit = H.waitexit
+local closeall = H.closeall
 
--- Run lpar with a shell-quoted argument string; returns code, out, err.
-local function lpar(args, input)
-  return H.run(quote(H.cli) .. " " .. args, input)
-end
-
-local function writefile(path, s)
-  local f = assert(io.open(path, "wb"))
-  f:write(s)
-  f:close()
-  return path
-end
-
-local function readfile(path)
-  local f = io.open(path, "rb")
-  if not f then return nil end
-  local s = f:read("a")
-  f:close()
-  return s
-end
-
-local function lines(s)
-  local t = {}
-  for l in s:gmatch("([^\n]*)\n") do t[#t + 1] = l end
-  return t
-end
-
-local function pidsof(path)
-  local t = {}
-  for l in (readfile(path) or ""):gmatch("%d+") do t[#t + 1] = tonumber(l) end
-  return t
-end
-
-local function anyalive(pids)
-  for _, p in ipairs(pids) do
-    if H.alive(p) then return p end
-  end
-  return nil
-end
-
--- Start lpar with pipes on stdin, stdout and stderr.
-local function spawn(args)
-  local inr, inw = unistd.pipe()
-  local outr, outw = unistd.pipe()
-  local errr, errw = unistd.pipe()
-  local pid = assert(unistd.fork())
-  if pid == 0 then
-    unistd.dup2(inr, 0)
-    unistd.dup2(outw, 1)
-    unistd.dup2(errw, 2)
-    for _, fd in ipairs({inr, inw, outr, outw, errr, errw}) do unistd.close(fd) end
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    local argt = {[0] = H.cli}
-    for i, a in ipairs(args) do argt[i] = a end
-    unistd.execp(H.cli, argt)
-    unistd._exit(127)
-  end
-  unistd.close(inr)
-  unistd.close(outw)
-  unistd.close(errw)
-  return {pid = pid, stdin = inw, stdout = outr, stderr = errr}
-end
-
--- Read fd until pred(text so far) holds or 'secs' pass; returns the text
--- and whether pred held.
-local function readuntil(fd, pred, secs)
-  local buf, deadline = "", H.now() + secs
-  while not pred(buf) do
-    local left = deadline - H.now()
-    if left <= 0 then return buf, false end
-    if poll.rpoll(fd, math.ceil(left * 1000)) == 1 then
-      local s = unistd.read(fd, 65536)
-      if not s or s == "" then return buf, pred(buf) end
-      buf = buf .. s
-    end
-  end
-  return buf, true
-end
-
--- Wait up to 'secs' for pid to exit; returns how ("exited", "killed") and
--- the code, or nil after killing it if it did not exit in time.
-local function waitexit(pid, secs)
-  local deadline = H.now() + secs
-  repeat
-    local p, how, code = wait.wait(pid, wait.WNOHANG)
-    if p == pid then return how, code end
-    H.sleep(0.01)
-  until H.now() > deadline
-  signal.kill(pid, signal.SIGKILL)
-  wait.wait(pid)
-  return nil
-end
-
-local function closeall(p)
-  for _, fd in ipairs({p.stdin, p.stdout, p.stderr}) do
-    if fd then unistd.close(fd) end
-  end
-end
-
-local tmp = {}
-local function tmpname()
-  local p = os.tmpname()
-  tmp[#tmp + 1] = p
-  return p
-end
-
-after_each(function()
-  for _, p in ipairs(tmp) do os.remove(p) end
-  tmp = {}
-end)
+local tmpname = H.tmpfiles(after_each)
 
 describe("lpar output", function()
   it("prints each kind of result as documented", function()

@@ -5,27 +5,10 @@ local H = require "spec.helper"
 local hosts = require "spec.hosts"
 local unistd = require "posix.unistd"
 
-local function quote(s)
-  return "'" .. s:gsub("'", "'\\''") .. "'"
-end
-
--- Run lpar with a shell-quoted argument string; returns code, out, err.
-local function lpar(args, input)
-  return H.run(quote(H.cli) .. " " .. args, input)
-end
-
-local function writefile(path, s)
-  local f = assert(io.open(path, "wb"))
-  f:write(s)
-  f:close()
-  return path
-end
-
-local function lines(s)
-  local t = {}
-  for l in s:gmatch("([^\n]*)\n") do t[#t + 1] = l end
-  return t
-end
+local quote = H.quote
+local lpar = H.lpar
+local writefile = H.writefile
+local lines = H.lines
 
 -- "1\n2\n...n\n"
 local function numbers(n)

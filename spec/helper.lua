@@ -154,5 +154,143 @@ function H.waitfor(cond, limit)
   return true
 end
 
+-- ---- the lpar command, for the CLI specs ----
+
+-- A string quoted for sh.
+function H.quote(s)
+  return "'" .. s:gsub("'", "'\\''") .. "'"
+end
+
+-- Run the built lpar with a shell-quoted argument string, stopped if it
+-- runs past 'limit' seconds when one is given (then the code is 124);
+-- returns code, out, err.
+function H.lpar(args, input, limit)
+  local cmd = H.quote(H.cli) .. " " .. args
+  if limit then cmd = ("timeout -k 5 %d %s"):format(limit, cmd) end
+  return H.run(cmd, input)
+end
+
+-- Write s to path (bytes as they are); returns path.
+function H.writefile(path, s)
+  local f = assert(io.open(path, "wb"))
+  f:write(s)
+  f:close()
+  return path
+end
+
+-- The bytes of a file, or nil.
+function H.readfile(path)
+  local f = io.open(path, "rb")
+  if not f then return nil end
+  local s = f:read("a")
+  f:close()
+  return s
+end
+
+-- The lines of s, each ended by a newline.
+function H.lines(s)
+  local t = {}
+  for l in s:gmatch("([^\n]*)\n") do t[#t + 1] = l end
+  return t
+end
+
+-- The pids written in a file, one per line.
+function H.pidsof(path)
+  local t = {}
+  for l in (H.readfile(path) or ""):gmatch("%d+") do t[#t + 1] = tonumber(l) end
+  return t
+end
+
+-- The first of 'pids' still alive, or nil.
+function H.anyalive(pids)
+  for _, p in ipairs(pids) do
+    if H.alive(p) then return p end
+  end
+  return nil
+end
+
+-- Start lpar with 'args' (a list) and pipes on stdin, stdout and stderr,
+-- with SIGINT, SIGTERM and SIGHUP at their defaults; returns {pid, stdin,
+-- stdout, stderr} (the parent's ends).
+function H.spawncli(args)
+  local signal = require "posix.signal"
+  local inr, inw = unistd.pipe()
+  local outr, outw = unistd.pipe()
+  local errr, errw = unistd.pipe()
+  local pid = assert(unistd.fork())
+  if pid == 0 then
+    unistd.dup2(inr, 0)
+    unistd.dup2(outw, 1)
+    unistd.dup2(errw, 2)
+    for _, fd in ipairs({inr, inw, outr, outw, errr, errw}) do unistd.close(fd) end
+    for _, sig in ipairs({signal.SIGINT, signal.SIGTERM, signal.SIGHUP}) do
+      signal.signal(sig, signal.SIG_DFL)
+    end
+    local argt = {[0] = H.cli}
+    for i, a in ipairs(args) do argt[i] = a end
+    unistd.execp(H.cli, argt)
+    unistd._exit(127)
+  end
+  unistd.close(inr)
+  unistd.close(outw)
+  unistd.close(errw)
+  return {pid = pid, stdin = inw, stdout = outr, stderr = errr}
+end
+
+-- Read fd until pred(text so far) holds or 'secs' pass; returns the text
+-- and whether pred held.
+function H.readuntil(fd, pred, secs)
+  local poll = require "posix.poll"
+  local buf, deadline = "", H.now() + secs
+  while not pred(buf) do
+    local left = deadline - H.now()
+    if left <= 0 then return buf, false end
+    if poll.rpoll(fd, math.ceil(left * 1000)) == 1 then
+      local s = unistd.read(fd, 65536)
+      if not s or s == "" then return buf, pred(buf) end
+      buf = buf .. s
+    end
+  end
+  return buf, true
+end
+
+-- Wait up to 'secs' for pid to exit; returns how ("exited", "killed") and
+-- the code, or nil after killing it if it did not exit in time.
+function H.waitexit(pid, secs)
+  local signal = require "posix.signal"
+  local deadline = H.now() + secs
+  repeat
+    local p, how, code = wait.wait(pid, wait.WNOHANG)
+    if p == pid then return how, code end
+    H.sleep(0.01)
+  until H.now() > deadline
+  signal.kill(pid, signal.SIGKILL)
+  wait.wait(pid)
+  return nil
+end
+
+-- Close the pipes of a process H.spawncli started.
+function H.closeall(p)
+  for _, fd in ipairs({p.stdin, p.stdout, p.stderr}) do
+    if fd then unistd.close(fd) end
+  end
+end
+
+-- Temporary file names, removed after each test of the spec that calls
+-- H.tmpfiles(after_each) at its top (busted's hook, which only specs
+-- see): returns the function that makes one.
+function H.tmpfiles(after_each)
+  local made = {}
+  after_each(function()
+    for _, p in ipairs(made) do os.remove(p) end
+    made = {}
+  end)
+  return function()
+    local p = os.tmpname()
+    made[#made + 1] = p
+    return p
+  end
+end
+
 _G.lpar_helper = H
 return H
