@@ -1232,7 +1232,7 @@ static void ctxof(lua_State *L, int idx, Ctx *c) {
 static void closepool(lua_State *L, int idx, const char *why) {
   Pool *p = lua_touserdata(L, idx);
   Ctx c;
-  int i, status, hasclose, broken;
+  int i, hasclose, broken;
   long long grace, deadline;
   if (p == NULL || p->closed || p->owner != getpid())
     return;
@@ -1266,36 +1266,11 @@ static void closepool(lua_State *L, int idx, const char *why) {
   lua_pop(L, 1);
   for (i = 0; p->w && i < p->n; i++) {
     PWorker *w = &p->w[i];
-    int rc = w->state != W_EMPTY
-                 ? lpar_pool_waituntil(&w->proc, deadline, &status)
-                 : -1;
-    /* os.exit(7) in close, or a crash; not the busy ones killed above */
-    if (rc == 1 && lpar_pool_leftbadly(status)) {
-      char desc[96];
-      lpar_pool_describe(status, desc, sizeof desc);
-      if (hasclose)
-        fprintf(stderr, "lpar: pool worker %d: close failed: %s\n",
-                (int)w->proc.pid, desc);
-      else
-        fprintf(stderr, "lpar: pool worker %d %s after its last item\n",
-                (int)w->proc.pid, desc);
-      fflush(stderr);
-    }
-    if (rc == 0) {
-      char secs[32];
-      lpar_pool_secs((double)grace / 1e9, secs, sizeof secs);
-      if (hasclose)
-        fprintf(stderr, "lpar: pool worker %d: close timed out after %s s\n",
-                (int)w->proc.pid, secs);
-      else
-        fprintf(stderr, "lpar: pool worker %d: did not leave within %s s\n",
-                (int)w->proc.pid, secs);
-      fflush(stderr);
-      lpar_pool_killproc(&w->proc, SIGKILL);
-      lpar_pool_waitproc(&w->proc, &status, 1);
-    }
-    lpar_pool_closepid(&w->proc);
-    w->proc.pid = 0;
+    /* os.exit(7) in close, or a crash, is reported; not the busy ones
+       killed above, whose places are empty by now */
+    if (w->state != W_EMPTY)
+      lpar_worker_finish(&w->proc, deadline, (double)grace / 1e9, hasclose, 1,
+                         "pool worker");
     w->state = W_EMPTY;
     lpar_buf_free(&w->in);
     lpar_buf_free(&w->out);

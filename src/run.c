@@ -1112,42 +1112,6 @@ int lpar_run_next(lua_State *L) {
   return 0;
 }
 
-/*
-** Reap worker p, told to leave (or killed), by 'deadline': one still there
-** then (its close hook hangs) is killed with its group, and reported on
-** stderr, as a failing close hook is: nobody else is left to tell.
-*/
-static void finishworker(Run *r, Proc *p, long long deadline, double secs,
-                         int killed) {
-  int status = 0, rc = lpar_pool_waituntil(p, deadline, &status);
-  /* not after a failed run: a worker may have died in its init */
-  if (rc == 1 && !killed && !r->failed && lpar_pool_leftbadly(status)) {
-    char desc[96];
-    lpar_pool_describe(status, desc, sizeof desc);
-    if (r->hasclose)
-      fprintf(stderr, "lpar: worker %d: close failed: %s\n", (int)p->pid, desc);
-    else
-      fprintf(stderr, "lpar: worker %d %s after its last item\n", (int)p->pid,
-              desc);
-    fflush(stderr);
-  }
-  if (rc == 0) {
-    char s[32];
-    lpar_pool_secs(secs, s, sizeof s);
-    if (r->hasclose)
-      fprintf(stderr, "lpar: worker %d: close timed out after %s s\n",
-              (int)p->pid, s);
-    else
-      fprintf(stderr, "lpar: worker %d: did not leave within %s s\n",
-              (int)p->pid, s);
-    fflush(stderr);
-    lpar_pool_killproc(p, SIGKILL);
-    lpar_pool_waitproc(p, &status, 1);
-  }
-  lpar_pool_closepid(p);
-  p->pid = 0;
-}
-
 void lpar_run_stop(lua_State *L, int idx) {
   Run *r = lua_touserdata(L, idx);
   int i, hard;
@@ -1173,7 +1137,8 @@ void lpar_run_stop(lua_State *L, int idx) {
   for (i = 0; r->w && i < r->o.nworkers; i++) {
     Worker *w = &r->w[i];
     if (w->proc.pid != 0)
-      finishworker(r, &w->proc, deadline, (double)grace / 1e9, hard);
+      lpar_worker_finish(&w->proc, deadline, (double)grace / 1e9, r->hasclose,
+                         !hard && !r->failed, "worker");
     lpar_buf_free(&w->in);
     lpar_buf_free(&w->out);
     lpar_ring_unmap(&w->ring);
@@ -1181,8 +1146,9 @@ void lpar_run_stop(lua_State *L, int idx) {
   for (i = 0; i < r->nretired; i++) {
     if (hard && interrupted) /* Ctrl-C: no close hook is waited for */
       lpar_pool_killproc(&r->retired[i], SIGKILL);
-    finishworker(r, &r->retired[i], deadline, (double)grace / 1e9,
-                 hard && interrupted);
+    lpar_worker_finish(&r->retired[i], deadline, (double)grace / 1e9,
+                       r->hasclose, !(hard && interrupted) && !r->failed,
+                       "worker");
   }
   r->nretired = 0;
   r->live = 0;

@@ -498,6 +498,36 @@ void lpar_worker_reportclose(lua_State *L, const char *who) {
   fflush(stderr);
 }
 
+void lpar_worker_finish(Proc *p, long long deadline, double secs, int hasclose,
+                        int report, const char *who) {
+  int status = 0, rc = lpar_pool_waituntil(p, deadline, &status);
+  char desc[96];
+  if (rc == 1 && report && lpar_pool_leftbadly(status)) {
+    lpar_pool_describe(status, desc, sizeof desc);
+    if (hasclose)
+      fprintf(stderr, "lpar: %s %d: close failed: %s\n", who, (int)p->pid,
+              desc);
+    else
+      fprintf(stderr, "lpar: %s %d %s after its last item\n", who, (int)p->pid,
+              desc);
+    fflush(stderr);
+  }
+  if (rc == 0) {
+    lpar_pool_secs(secs, desc, sizeof desc);
+    if (hasclose)
+      fprintf(stderr, "lpar: %s %d: close timed out after %s s\n", who,
+              (int)p->pid, desc);
+    else
+      fprintf(stderr, "lpar: %s %d: did not leave within %s s\n", who,
+              (int)p->pid, desc);
+    fflush(stderr);
+    lpar_pool_killproc(p, SIGKILL);
+    lpar_pool_waitproc(p, &status, 1);
+  }
+  lpar_pool_closepid(p);
+  p->pid = 0;
+}
+
 void lpar_worker_reseed(lua_State *L, lua_Integer place) {
   int top = lua_gettop(L);
   lua_getfield(L, LUA_REGISTRYINDEX, LUA_LOADED_TABLE);

@@ -141,6 +141,16 @@ int lpar_worker_checkheap(lua_State *L, size_t max);
    than LPAR_MEMROOM below the limit (as lpar_worker_checkheap). */
 int lpar_worker_setlimit(Runner *r, size_t max);
 
+/*
+** Parent: wait until worker p, let go, has run its close hook and left,
+** or 'deadline' (ns) passes: then it is killed. Either way it is reaped
+** and its pidfd closed. Reported on stderr as '<who> <pid>': a close that
+** timed out after 'secs', and, if 'report', one that left badly (exit
+** status, signal) rather than by lpar's own kill.
+*/
+void lpar_worker_finish(Proc *p, long long deadline, double secs, int hasclose,
+                        int report, const char *who);
+
 /* Reseed math.random, so that every worker draws its own numbers. */
 void lpar_worker_reseed(lua_State *L, lua_Integer place);
 
