@@ -108,6 +108,17 @@ function H.lua(code)
   return rc, out, err
 end
 
+-- Bytes this process has read with read(2) so far.
+function H.rchar()
+  return tonumber(H.slurp("/proc/self/io"):match("rchar: (%d+)"))
+end
+
+-- 'size' bytes that differ from item to item (they travel well as results
+-- of any size; no upvalues, so pools can send it).
+function H.payload(i, size)
+  return string.rep(string.char(i % 251, (7 * i) % 256), size // 2)
+end
+
 -- A fresh empty directory; returns its path.
 function H.tmpdir()
   return assert(require("posix.stdlib").mkdtemp(os.tmpname() .. ".XXXXXX"))

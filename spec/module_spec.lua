@@ -429,13 +429,7 @@ describe("lpar.parallel", function()
   end)
 
   describe("sends big results through the ring it shares with each worker", function()
-    local function rchar() -- bytes this process has read with read(2)
-      return tonumber(H.slurp("/proc/self/io"):match("rchar: (%d+)"))
-    end
-
-    local function payload(i, size) -- distinct bytes per item
-      return string.rep(string.char(i % 251, (7 * i) % 256), size // 2)
-    end
+    local rchar, payload = H.rchar, H.payload
 
     it("so that the caller does not read them from a pipe", function()
       local before = rchar()

@@ -660,13 +660,7 @@ describe("pool results through the ring", function()
   before_each(function() pool = lpar.pool{n_workers = 2} end)
   after_each(function() pool:close() end)
 
-  local function rchar() -- bytes this process has read with read(2)
-    return tonumber(slurp("/proc/self/io"):match("rchar: (%d+)"))
-  end
-
-  local function payload(i, size) -- distinct bytes per item
-    return string.rep(string.char(i % 251, (7 * i) % 256), size // 2)
-  end
+  local rchar, payload = H.rchar, H.payload
 
   it("so that the caller does not read big results from a pipe", function()
     local before = rchar()
