@@ -471,6 +471,30 @@ describe("a worker lost with nothing to name its item", function()
     end
   end
 
+  it("never ends in 'workers keep dying', however many chunks hold such an item", function()
+    -- 12 such items in 12 chunks, more losses than the limit on losses
+    -- nothing names (2 x 4 workers + 2), and one of them retried
+    local count = os.tmpname()
+    local bad = {}
+    for i = 5, 225, 20 do bad[i] = true end
+    local g = f(count)
+    local r, n, errs = lpar.parallel(function(x)
+      if bad[x] then return g(3) end
+      return x
+    end, range(300), {n_workers = 4, chunksize = 20, on_error = "collect"})
+    os.remove(count)
+    assert.equal(300, n)
+    for i = 1, 300 do
+      if not bad[i] then
+        assert.equal(i, r[i])
+      elseif errs[i] then
+        assert.matches("^worker %d+ killed by signal 9", errs[i])
+      else
+        assert.equal(20e6, #r[i])
+      end
+    end
+  end)
+
   for _, front in ipairs{"parallel", "pool"} do
     it("fails that item alone, named, with " .. front, function()
       local count = os.tmpname()

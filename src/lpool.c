@@ -416,12 +416,6 @@ static void settle(Ctx *c, Job *j) {
   }
 }
 
-/* Hand out [first, first + count) of j again. */
-static void addredo(lua_State *L, Job *j, lua_Integer first,
-                    lua_Integer count) {
-  nomem(L, lpar_ranges_add(&j->redo, first, count));
-}
-
 /*
 ** Item i of job j failed with the error value and traceback at the top of
 ** the stack (both popped): recorded when collecting, else the job fails
@@ -445,7 +439,8 @@ static void itemfailed(Ctx *c, Job *j, lua_Integer i, PWorker *self) {
       lua_pushinteger(L, tries + 1);
       lua_rawseti(L, -3, i);
       lua_pop(L, 6); /* count, attempts, uservalue, job, error, traceback */
-      addredo(L, j, i, 1);
+      /* it failed before: a suspect, run alone (see run.c) */
+      nomem(L, lpar_ranges_push(&j->redo, i, 1, 1));
       return;
     }
     lua_pop(L, 4);
@@ -494,6 +489,7 @@ static void lose(Ctx *c, PWorker *w, int force, const char *why) {
   Job *j = w->job;
   int status = 0, rc, starting = w->state == W_STARTING;
   lua_Integer culprit, from, end;
+  int suspects;
   char desc[96];
   closeworker(p, w);
   rc = lpar_pool_reap(&w->proc, force, &status);
@@ -542,6 +538,7 @@ static void lose(Ctx *c, PWorker *w, int force, const char *why) {
                                            (lua_Integer)slot->item, w->timedout,
                                            w->q[0].alone);
   nomem(L, lpar_ranges_requeue(&j->redo, from, end, culprit, !w->blame));
+  suspects = culprit == 0 && !w->blame && from < end;
   if (w->blame) /* it broke the protocol reporting this one */
     culprit = w->blame;
   if (culprit) {
@@ -553,7 +550,9 @@ static void lose(Ctx *c, PWorker *w, int force, const char *why) {
     lua_pushnil(L);
     itemfailed(c, j, culprit, NULL);
   }
-  else {
+  /* a loss that sent items back as suspects is bound to name one of them
+     if it happens again: only the others count towards the limit */
+  else if (!suspects) {
     if (++j->lost > 2 * p->n + 2) {
       lua_pushfstring(L, "workers keep dying (worker %d %s)", (int)pid, why);
       failjob(c, j, NULL);

@@ -500,7 +500,10 @@ static void itemfailed(lua_State *L, Run *r, lua_Integer i) {
       lua_pushinteger(L, tries + 1);
       lua_rawseti(L, -3, i);
       lua_pop(L, 4); /* count, attempts, error, traceback */
-      addredo(L, r, i, 1);
+      /* it failed before: a suspect, run alone, so that losing its
+         worker again names it */
+      if (lpar_ranges_push(&r->redo, i, 1, 1) != 0)
+        luaL_error(L, "not enough memory");
       return;
     }
     lua_pop(L, 2);
@@ -706,6 +709,7 @@ static void lose(lua_State *L, Run *r, Worker *w, int force, const char *why) {
   pid_t pid = w->proc.pid;
   Slot *slot = &r->slots[w - r->w];
   lua_Integer culprit;
+  int suspects = 0;
   if (pid <= 0) /* nobody there: kill(0) would hit the process group */
     return;
   lpar_pool_close(&w->proc);
@@ -719,6 +723,7 @@ static void lose(lua_State *L, Run *r, Worker *w, int force, const char *why) {
                                            w->alone);
   if (w->count > 0) {
     lua_Integer from = w->first + w->got, end = w->first + w->count;
+    suspects = culprit == 0 && !w->blame && from < end;
     if (lpar_ranges_requeue(&r->redo, from, end, culprit, !w->blame) != 0)
       luaL_error(L, "not enough memory");
     w->count = 0;
@@ -759,7 +764,9 @@ static void lose(lua_State *L, Run *r, Worker *w, int force, const char *why) {
     lua_pushnil(L);
     itemfailed(L, r, culprit);
   }
-  else if (++r->lost > 2 * r->o.nworkers + 2 && !r->failed) {
+  /* a loss that sent items back as suspects is bound to name one of
+     them if it happens again: only the others count towards the limit */
+  else if (!suspects && ++r->lost > 2 * r->o.nworkers + 2 && !r->failed) {
     lua_pushfstring(L, "workers keep dying (worker %d %s)", (int)pid, why);
     lua_rawseti(L, S_ENV, ENV_FAILURE);
     r->failed = 1;
