@@ -3,15 +3,16 @@
 ** encode, decode.
 */
 #include <math.h>
+#include <signal.h>
 #include <stdlib.h>
 #include <string.h>
 
 #include "codec.h"
+#include "engine.h"
 #include "lauxlib.h"
 #include "lpar.h"
 #include "lpool.h"
 #include "opts.h"
-#include "run.h"
 #include "worker.h"
 
 const char *lpar_version(void) {
@@ -25,6 +26,18 @@ static void checkcallable(lua_State *L, int arg) {
     lua_pop(L, 1); /* pop __call */
   }
 }
+
+/* What a call of parallel or imap is asked for. */
+typedef struct RunOpts {
+  int nworkers;      /* most workers to start */
+  lua_Integer chunk; /* fixed chunk size, 0 for adaptive */
+  int collect;       /* on_error = "collect" */
+  int unordered;     /* emit in completion order (lpar.imap) */
+  double timeout;    /* seconds per item (and init, close), 0 for none */
+  int sigterm;       /* SIGTERM ends the run like SIGINT (the CLI) */
+  int retries;       /* times a failed item is run again */
+  size_t maxmem;     /* Lua heap limit per worker in bytes, 0 for none */
+} RunOpts;
 
 static const char *const optnames[] = {
     "n_workers", "chunksize", "on_error", "timeout",    "unordered", "init",
@@ -138,6 +151,52 @@ static lua_Integer checkargs(lua_State *L, RunOpts *o) {
 }
 
 /*
+** Replace init and close at 3 and 4 with the engine of a call over f (at
+** 1) and items (at 2; n < 0: an iterator), then push its one job. The
+** workers inherit f, and a table of items, at fork.
+*/
+static void newrun(lua_State *L, lua_Integer n, const RunOpts *o,
+                   int emitting) {
+  EngineOpts eo;
+  JobOpts jo;
+  struct sigaction sa;
+  memset(&eo, 0, sizeof eo);
+  memset(&jo, 0, sizeof jo);
+  eo.n = o->nworkers;
+  eo.ondemand = 1;
+  eo.retire = 1;
+  eo.ignint = sigaction(SIGINT, NULL, &sa) == 0 && sa.sa_handler == SIG_IGN;
+  eo.sigterm = o->sigterm;
+  eo.timeout = o->timeout;
+  eo.maxmem = o->maxmem;
+  jo.chunk = o->chunk;
+  jo.collect = o->collect;
+  jo.retries = o->retries;
+  jo.timeout = o->timeout;
+  jo.emitting = emitting;
+  jo.unordered = o->unordered;
+  jo.fnk = 1;
+  jo.inherit = n >= 0;
+  jo.wakefd = -1;
+  lua_settop(L, 4);
+  lua_createtable(L, 1, 0); /* 5: the functions the workers inherit */
+  lua_pushvalue(L, 1);
+  lua_rawseti(L, 5, 1);
+  if (n >= 0)
+    lua_pushvalue(L, 2);
+  else
+    lua_pushnil(L);
+  lpar_engine_new(L, &eo, LPAR_ENGINEMT); /* 3 */
+  lpar_engine_submit(L, 3, 1, 2, n, &jo); /* 4 */
+}
+
+/* lua_CFunction: (job) -> what it returns once finished. */
+static int finish(lua_State *L) {
+  lpar_engine_wait(L, 1);
+  return lpar_engine_results(L, 1);
+}
+
+/*
 ** parallel(f, items [, n_workers | opts]) -> results, n [, errors]
 ** Forks workers that inherit the whole state, hands out index ranges and
 ** gathers the results in item order.
@@ -157,29 +216,35 @@ static int l_parallel(lua_State *L) {
   }
   if (o.nworkers == 0 || lpar_worker_inside(L))
     return serial(L, n, &o);
-  lpar_run_new(L, 1, 2, n, &o); /* 3: replaces init, close */
-  lua_pushcfunction(L, lpar_run_finish);
-  lua_pushvalue(L, 3);
+  newrun(L, n, &o, 0); /* engine at 3, job at 4 */
+  lua_pushcfunction(L, finish);
+  lua_pushvalue(L, 4);
   status = lua_pcall(L, 1, LUA_MULTRET, 0);
-  lpar_run_stop(L, 3);
+  lpar_engine_close(L, 3, "cancelled");
   if (status != LUA_OK)
     lua_error(L);
-  return lua_gettop(L) - 3;
+  return lua_gettop(L) - 4;
 }
 
-/* Iterator of lpar.imap: (run) -> index, value, error. */
+/* lua_CFunction: (job) -> index, value, error, or nothing. */
+static int nextcall(lua_State *L) {
+  return lpar_engine_next(L, 1);
+}
+
+/* Iterator of lpar.imap: (engine) -> index, value, error; upvalue: the
+   job. The engine closes when the items run out or on an error. */
 static int imapnext(lua_State *L) {
   int status;
   lua_settop(L, 1);
-  lua_pushcfunction(L, lpar_run_next);
-  lua_pushvalue(L, 1);
+  lua_pushcfunction(L, nextcall);
+  lua_pushvalue(L, lua_upvalueindex(1));
   status = lua_pcall(L, 1, LUA_MULTRET, 0);
   if (status != LUA_OK) {
-    lpar_run_stop(L, 1);
+    lpar_engine_close(L, 1, "cancelled");
     lua_error(L);
   }
   if (lua_gettop(L) == 1) /* all done */
-    lpar_run_stop(L, 1);
+    lpar_engine_close(L, 1, "cancelled");
   return lua_gettop(L) - 1;
 }
 
@@ -252,8 +317,8 @@ static int l_imap(lua_State *L) {
     lua_pushcclosure(L, imapserial, 5);
     return 1;
   }
-  lpar_run_new(L, 1, 2, n, &o); /* 3: the run replaces init, close */
-  lua_pushcfunction(L, imapnext);
+  newrun(L, n, &o, 1); /* engine at 3, job at 4 */
+  lua_pushcclosure(L, imapnext, 1);
   lua_insert(L, 3);
   lua_pushnil(L);
   lua_pushvalue(L, 4); /* to-be-closed: stops workers on break */
@@ -291,7 +356,6 @@ static const luaL_Reg funcs[] = {{"parallel", l_parallel},
                                  {NULL, NULL}};
 
 int luaopen_lpar(lua_State *L) {
-  lpar_run_open(L);
   luaL_newlib(L, funcs);
   lua_pushliteral(L, LPAR_VERSION);
   lua_setfield(L, -2, "_VERSION");

@@ -7,9 +7,6 @@
 
 #include "lua.h"
 
-#define LPAR_POOLMT "lpar.Pool"
-#define LPAR_JOBMT "lpar.Job"
-
 /* Register the pool and job metatables and set field 'pool' of the table
    at the top of the stack (the module table). */
 void lpar_lpool_open(lua_State *L);

@@ -1,7 +1,6 @@
 /*
-** worker.c: child side of a run. Runs the user's function on the items it
-** is sent and sends back encoded results (the item runner is shared with
-** pool workers).
+** worker.c: the child side of every engine. Runs the functions it is
+** given on the items it is sent and sends back encoded results.
 */
 #include "worker.h"
 
@@ -19,6 +18,7 @@
 #include "lauxlib.h"
 #include "lpar.h"
 #include "wire.h"
+#include "xfer.h"
 
 #define WORKERKEY "lpar.inworker"
 
@@ -129,7 +129,9 @@ void lpar_worker_failure(lua_State *L, const char *prefix) {
 typedef struct WState {
   const WorkerArgs *a;
   Runner r;
-  Buf in; /* last frame received */
+  int fidx;  /* stack index of the current function (nil if none) */
+  int flags; /* LPAR_CALL* of the current function */
+  Buf in;    /* last frame received */
 } WState;
 
 void lpar_worker_check(int rc) {
@@ -642,31 +644,118 @@ int lpar_worker_checkheap(lua_State *L, size_t max) {
   return 1;
 }
 
-static void serve(WState *ws) {
+/*
+** The conversation with the parent (one loop for every kind of engine):
+**   worker: READY (count 1) once init has run, or ERROR for index 0 with
+**           init's error and traceback, then it leaves;
+**   parent: CALL (count = LPAR_CALL* flags): the function for the items
+**           that follow, either one the worker inherited at fork
+**           (LPAR_CALLINHERIT, payload: u64 place in that table) or one
+**           sent as xfer.c encodes it. If it cannot be loaded the worker
+**           answers ERROR for index 0, and skips items until the next CALL;
+**   parent: WORK (u64 first index; count items of the table the worker
+**           inherited) or ITEMS (u64 first index, count encoded items);
+**   worker: RESULT frames (u64 first index, u64 ns spent, values) and
+**           ERROR frames (u64 index, error value, traceback or nil) for
+**           them, then READY (count 0): done with that chunk. Without
+**           LPAR_CALLCOLLECT the rest of a chunk is skipped after a failed
+**           item;
+**   parent: end of file on the command channel: the worker runs close
+**           and leaves.
+*/
+
+/* Send the results gathered and READY (count 0): one write when the
+   results take the pipe. */
+static void chunkdone(Runner *r) {
+  Frame f;
+  char h[LPAR_HDRSIZE];
+  f.type = LPAR_FREADY;
+  f.count = 0;
+  f.len = 0;
+  lpar_wire_putheader(h, &f);
+  if (lpar_worker_seal(r) && r->out.n >= LPAR_RINGMIN)
+    lpar_worker_flush(r); /* through the ring if it fits there */
+  if (r->count > 0) {
+    lpar_worker_check(lpar_buf_add(&r->out, h, sizeof h));
+    lpar_worker_check(lpar_wire_write(r->fd, r->out.p, r->out.n));
+  }
+  else
+    lpar_worker_check(lpar_wire_write(r->fd, h, sizeof h));
+  lpar_worker_begin(r, r->first + r->count);
+}
+
+/* lua_CFunction: (bytes) -> the function they encode. */
+static int loadfunc(lua_State *L) {
+  size_t len, pos = 0;
+  const char *p = lua_tolstring(L, 1, &len);
+  lpar_xfer_decode(L, p, len, &pos);
+  if (pos != len)
+    luaL_error(L, "bad function encoding (trailing bytes)");
+  return 1;
+}
+
+/* A CALL frame: put the function it names into the function slot. */
+static void call(WState *ws, const Frame *f) {
   lua_State *L = ws->r.L;
-  const WorkerArgs *a = ws->a;
+  ws->flags = (int)f->count;
+  if (ws->flags & LPAR_CALLINHERIT) {
+    if (ws->in.n != 8 || ws->a->fnsidx == 0)
+      _exit(4); /* the parent sent bad bytes */
+    lua_geti(L, ws->a->fnsidx, (lua_Integer)lpar_wire_get64(ws->in.p));
+    lua_replace(L, ws->fidx);
+    return;
+  }
+  lua_pushcfunction(L, loadfunc);
+  lua_pushlstring(L, ws->in.p, ws->in.n);
+  if (lua_pcall(L, 1, 1, ws->r.msgh) == LUA_OK) {
+    lua_replace(L, ws->fidx);
+    return;
+  }
+  lpar_worker_unpackerror(L);
+  lua_pushfstring(L, "cannot load the function: %s",
+                  lua_isstring(L, -2) ? lua_tostring(L, -2) : "?");
+  lua_replace(L, -3);
+  lpar_worker_senderror(&ws->r, 0);
+  lua_pushnil(L);
+  lua_replace(L, ws->fidx);
+}
+
+/* A WORK or ITEMS frame: run the items, send the results, then READY. */
+static void items(WState *ws, const Frame *f) {
+  lua_State *L = ws->r.L;
+  lua_Integer first, k;
+  size_t pos = 8;
+  if (ws->in.n < 8 || (f->type == LPAR_FWORK && ws->a->itemsidx == 0))
+    _exit(4); /* the parent sent bad bytes */
+  first = (lua_Integer)lpar_wire_get64(ws->in.p);
+  ws->r.timed = (ws->flags & LPAR_CALLTIMED) != 0;
+  lpar_worker_begin(&ws->r, first);
+  for (k = 0; k < (lua_Integer)f->count && !lua_isnil(L, ws->fidx); k++) {
+    lua_pushvalue(L, ws->fidx);
+    if (f->type == LPAR_FWORK)
+      lua_geti(L, ws->a->itemsidx, first + k);
+    else if (lpar_codec_decode(L, ws->in.p, ws->in.n, &pos) != 0)
+      _exit(4);
+    if (lpar_worker_runitem(&ws->r, first + k) &&
+        !(ws->flags & LPAR_CALLCOLLECT))
+      break;
+  }
+  chunkdone(&ws->r);
+}
+
+static void serve(WState *ws) {
   Frame f;
   for (;;) {
-    lua_Integer first, k;
-    size_t pos = 8;
-    int rc = lpar_wire_recv(a->cmdfd, &f, &ws->in);
+    int rc = lpar_wire_recv(ws->a->cmdfd, &f, &ws->in);
     if (rc == 1)
-      return; /* parent closed the channel: done */
+      return; /* the parent closed the channel: done */
     lpar_worker_check(rc);
-    if (ws->in.n < 8)
+    if (f.type == LPAR_FCALL)
+      call(ws, &f);
+    else if (f.type == LPAR_FWORK || f.type == LPAR_FITEMS)
+      items(ws, &f);
+    else
       _exit(4);
-    first = (lua_Integer)lpar_wire_get64(ws->in.p);
-    lpar_worker_begin(&ws->r, first);
-    for (k = 0; k < (lua_Integer)f.count; k++) {
-      lua_pushvalue(L, a->fidx);
-      if (f.type == LPAR_FWORK)
-        lua_geti(L, a->itemsidx, first + k);
-      else if (lpar_codec_decode(L, ws->in.p, ws->in.n, &pos) != 0)
-        _exit(4); /* the parent sent bad bytes */
-      if (lpar_worker_runitem(&ws->r, first + k) && a->stoponerror)
-        break;
-    }
-    lpar_worker_flush(&ws->r);
   }
 }
 
@@ -677,15 +766,24 @@ static void pushornil(lua_State *L, int idx) {
     lua_pushnil(L);
 }
 
-/* Stack: f, items, init, close (nil when absent), WState. */
+/* Stack: fns, items, init, close (nil when absent), WState. */
 static int workermain(lua_State *L) {
   WState *ws = lua_touserdata(L, 5);
+  Frame f;
+  char h[LPAR_HDRSIZE];
   lpar_worker_pushmsgh(L);
   ws->r.msgh = lua_gettop(L);
+  lua_pushnil(L);
+  ws->fidx = lua_gettop(L);
   if (!lua_isnil(L, 3) && lpar_worker_inithook(&ws->r, 3)) {
-    lpar_worker_senderror(&ws->r, 0); /* index 0: init failed */
+    lpar_worker_senderror(&ws->r, 0); /* init failed: say so and leave */
     return 0;
   }
+  f.type = LPAR_FREADY;
+  f.count = 1;
+  f.len = 0;
+  lpar_wire_putheader(h, &f);
+  lpar_worker_check(lpar_wire_write(ws->r.fd, h, sizeof h));
   serve(ws);
   if (!lua_isnil(L, 4) && lpar_worker_hook(&ws->r, 4))
     lpar_worker_reportclose(L, "worker");
@@ -698,7 +796,7 @@ _Noreturn void lpar_worker_run(lua_State *L, const WorkerArgs *a) {
   int status;
   memset(&ws, 0, sizeof ws);
   lpar_worker_initrunner(&ws.r, L, a->resfd, a->slot);
-  ws.r.timed = a->timed;
+  lpar_worker_reseed(L, a->place);
   ws.r.ring = a->ring;
   if (lpar_worker_setlimit(&ws.r, a->maxmem)) { /* said as init's failure */
     lua_pushnil(L);
@@ -706,12 +804,12 @@ _Noreturn void lpar_worker_run(lua_State *L, const WorkerArgs *a) {
     _exit(0);
   }
   lua_pushcfunction(L, workermain);
-  lua_pushvalue(L, a->fidx);
+  pushornil(L, a->fnsidx);
   pushornil(L, a->itemsidx);
   pushornil(L, a->initidx);
   pushornil(L, a->closeidx);
   lua_pushlightuserdata(L, &ws);
-  own.fidx = 1; /* as workermain sees them */
+  own.fnsidx = a->fnsidx ? 1 : 0; /* as workermain sees them */
   own.itemsidx = a->itemsidx ? 2 : 0;
   own.initidx = a->initidx ? 3 : 0;
   own.closeidx = a->closeidx ? 4 : 0;

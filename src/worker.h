@@ -1,6 +1,6 @@
 /*
-** worker.h: the child side of a run: its own copy of the caller's Lua
-** state, serving work frames until its command channel closes.
+** worker.h: the child side of an engine: its own copy of the caller's Lua
+** state, serving frames until its command channel closes.
 */
 #ifndef lpar_worker_h
 #define lpar_worker_h
@@ -12,18 +12,22 @@
 #include "pool.h"
 #include "ring.h"
 
+/* flags of an LPAR_FCALL frame (its count field) */
+#define LPAR_CALLCOLLECT 1 /* go on with a chunk after an item fails */
+#define LPAR_CALLTIMED 2   /* note when each item starts (timeouts) */
+#define LPAR_CALLINHERIT 4 /* the function is one the worker inherited */
+
 typedef struct WorkerArgs {
-  int cmdfd;       /* read work from here */
-  int resfd;       /* write results here */
-  int fidx;        /* stack index of the function */
-  int itemsidx;    /* stack index of the items table, 0 when items travel */
-  int initidx;     /* stack index of a function run once first, or 0 */
-  int closeidx;    /* stack index of a function run once last, or 0 */
-  int stoponerror; /* leave a chunk at its first failed item */
-  int timed;       /* note when each item starts (for timeouts) */
-  size_t maxmem;   /* Lua heap limit in bytes, 0 for none */
-  Slot *slot;      /* this worker's shared status */
-  Ring ring;       /* where big results frames go; ring.base NULL: none */
+  int cmdfd;     /* read frames from here */
+  int resfd;     /* write frames here */
+  int fnsidx;    /* stack index of the functions inherited at fork, or 0 */
+  int itemsidx;  /* stack index of the items inherited at fork, or 0 */
+  int initidx;   /* stack index of a function run once first, or 0 */
+  int closeidx;  /* stack index of a function run once last, or 0 */
+  int place;     /* the worker's place (seeds math.random) */
+  size_t maxmem; /* Lua heap limit in bytes, 0 for none */
+  Slot *slot;    /* this worker's shared status */
+  Ring ring;     /* where big results frames go; ring.base NULL: none */
 } WorkerArgs;
 
 /* Mark 'L' as living in a worker (a nested parallel runs serially). */
@@ -31,8 +35,10 @@ void lpar_worker_mark(lua_State *L);
 int lpar_worker_inside(lua_State *L);
 
 /*
-** Serve work frames in a freshly forked child; never returns (the child
-** leaves with _exit, so no atexit handler or finalizer of the host runs).
+** Serve an engine in a freshly forked child: run init, say READY, then
+** serve CALL, WORK and ITEMS frames until the command channel closes; run
+** close and leave with _exit (no atexit handler or finalizer of the host
+** runs).
 */
 _Noreturn void lpar_worker_run(lua_State *L, const WorkerArgs *a);
 

@@ -1,0 +1,2046 @@
+/*
+** engine.c: the one loop of lpar. Owns every worker, job, timer and the
+** signals of a wait; lpar.parallel, lpar.imap, pools and the CLI use it.
+*/
+#include "engine.h"
+
+#include <errno.h>
+#include <signal.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <string.h>
+#include <sys/epoll.h>
+#include <sys/timerfd.h>
+#include <unistd.h>
+
+#include "codec.h"
+#include "lauxlib.h"
+#include "lpar.h"
+#include "policy.h"
+#include "pool.h"
+#include "ranges.h"
+#include "ring.h"
+#include "wire.h"
+#include "worker.h"
+#include "xfer.h"
+
+/* an engine that lives on: its chunks take at least this long once the
+   time per item is known (ns): no fork to amortize, only a round trip */
+#if !defined(LPAR_POOLCHUNKNS)
+#define LPAR_POOLCHUNKNS 100000
+#endif
+
+/* ... and hold this many items at most before it is known */
+#if !defined(LPAR_POOLPROBE)
+#define LPAR_POOLPROBE 256
+#endif
+
+/* most items in one chunk */
+#if !defined(LPAR_POOLMAXCHUNK)
+#define LPAR_POOLMAXCHUNK (1 << 20)
+#endif
+
+/* after SIGTERM for a timeout, SIGKILL follows this much later (ns) */
+#define KILLGRACE 500000000LL
+
+/*
+** How the pieces fit. An Engine is a userdata holding its workers'
+** places; its uservalue table holds the init and close hooks, what the
+** workers inherit at fork (functions and items), the jobs that are not
+** finished (anchored, so that a job nobody holds still runs), and a weak
+** table of the time per item last measured for each function. A Job is a
+** userdata whose uservalue holds its results, errors, items, the function
+** and the engine. Active jobs form a list, oldest first: idle workers
+** take chunks from the oldest job that has some left.
+**
+** Every fd the parent watches is in one epoll set, together with a timer
+** for deadlines; pool:fd() hands that set to a host's own loop. All work
+** is done by pump(), which never blocks unless asked to.
+*/
+
+/* fields of the engine's uservalue */
+enum {
+  EU_INIT = 1,
+  EU_CLOSE,
+  EU_FNS,
+  EU_ITEMS,
+  EU_ANCHORS,
+  EU_TNS,
+  EU_BROKEN,
+  EU_INITERR
+};
+#define EU_N EU_INITERR
+
+/* fields of a job's uservalue */
+enum {
+  JU_RESULTS = 1,
+  JU_ERRORS,
+  JU_ITEMS,
+  JU_FAILURE,
+  JU_ENGINE,
+  JU_F,
+  JU_ATTEMPTS, /* item -> times run again so far, with retries */
+  JU_INFLIGHT  /* a stream's items handed out and not yet reported */
+};
+#define JU_N JU_INFLIGHT
+
+/* epoll data: what an event is about, and which worker (or job) */
+enum { EV_RES = 0, EV_CMD, EV_TIMER, EV_PID, EV_WAKE };
+#define EVDATA(kind, i) (((uint64_t)(kind) << 32) | (uint32_t)(i))
+
+/* what the functions below share: the engine and its uservalue's index */
+typedef struct Ctx {
+  lua_State *L;
+  Engine *e;
+  int uv;
+} Ctx;
+
+/* the signal that interrupted a blocking wait */
+static volatile sig_atomic_t interrupted;
+
+/* what an iterator returns for "no item yet" (its address) */
+static const char pendingkey = 0;
+
+static void onint(int sig) {
+  interrupted = sig;
+}
+
+static void nomem(lua_State *L, int rc) {
+  if (rc != 0)
+    luaL_error(L, "not enough memory");
+}
+
+void lpar_engine_pushpending(lua_State *L) {
+  lua_pushlightuserdata(L, (void *)&pendingkey);
+}
+
+/* ---- fds and processes ---- */
+
+/*
+** While the engine works, SIGCHLD is deliverable even if the caller
+** ignores it, or the kernel would reap ended workers before their exit
+** status is read. The caller's action is back when the outermost call
+** returns.
+*/
+static void holdchld(Engine *e) {
+  if (e->chld++ == 0)
+    e->heldchld = lpar_pool_holdchld(&e->oldchld);
+}
+
+static void releasechld(Engine *e) {
+  if (--e->chld == 0 && e->heldchld) {
+    sigaction(SIGCHLD, &e->oldchld, NULL);
+    e->heldchld = 0;
+  }
+}
+
+static int evctl(Engine *e, int op, int fd, uint32_t events, uint64_t data) {
+  struct epoll_event ev;
+  memset(&ev, 0, sizeof ev);
+  ev.events = events;
+  ev.data.u64 = data;
+  return epoll_ctl(e->epfd, op, fd, &ev) == -1 ? -errno : 0;
+}
+
+/* Reap the killed workers that have ended ('block': wait for all). */
+static void reapdying(Engine *e, int block) {
+  int i = 0, status;
+  while (i < e->ndying) {
+    if (lpar_pool_wait(e->dying[i], &status, block) != 0)
+      e->dying[i] = e->dying[--e->ndying];
+    else
+      i++;
+  }
+}
+
+/* Close a worker's channel, leaving its pid (and pidfd, no longer
+   watched) in place. */
+static void closeworker(Engine *e, EWorker *w) {
+  if (w->proc.resfd >= 0)
+    evctl(e, EPOLL_CTL_DEL, w->proc.resfd, 0, 0);
+  if (w->proc.pidfd >= 0)
+    evctl(e, EPOLL_CTL_DEL, w->proc.pidfd, 0, 0);
+  if (w->watchout && w->proc.cmdfd >= 0)
+    evctl(e, EPOLL_CTL_DEL, w->proc.cmdfd, 0, 0);
+  w->watchout = 0;
+  lpar_pool_close(&w->proc);
+  w->in.n = 0;
+  w->out.n = w->outpos = 0;
+}
+
+/* Empty w's place (its process is someone else's business now). */
+static void vacate(Engine *e, EWorker *w) {
+  w->proc.pid = 0;
+  w->state = W_EMPTY;
+  w->job = NULL;
+  w->nq = 0;
+  e->live--;
+}
+
+/* Kill worker w and empty its place; it is reaped later. */
+static void dropworker(Engine *e, EWorker *w) {
+  pid_t pid = w->proc.pid;
+  closeworker(e, w);
+  lpar_pool_killproc(&w->proc, SIGKILL);
+  lpar_pool_closepid(&w->proc);
+  if (e->ndying == e->capdying) {
+    int cap = e->capdying ? 2 * e->capdying : 8;
+    pid_t *d = realloc(e->dying, (size_t)cap * sizeof(pid_t));
+    if (d == NULL) { /* cannot defer: reap it now */
+      lpar_pool_wait(pid, &(int){0}, 1);
+      pid = 0;
+    }
+    else {
+      e->dying = d;
+      e->capdying = cap;
+    }
+  }
+  if (pid != 0)
+    e->dying[e->ndying++] = pid;
+  vacate(e, w);
+}
+
+/* Let idle worker w go: end of file on its channel makes it leave, and
+   it exits (running close) while the others finish. It is reaped when
+   the engine closes. */
+static void retire(Ctx *c, EWorker *w) {
+  Engine *e = c->e;
+  if (e->nretired == e->capretired) {
+    int cap = e->capretired ? 2 * e->capretired : 8;
+    Proc *p = realloc(e->retired, (size_t)cap * sizeof(Proc));
+    nomem(c->L, p == NULL);
+    e->retired = p;
+    e->capretired = cap;
+  }
+  closeworker(e, w);
+  e->retired[e->nretired++] = w->proc; /* keeps the pid and pidfd */
+  w->proc.pidfd = -1;
+  vacate(e, w);
+}
+
+/* Drop the results of every job (in a freshly forked worker: they are
+   the caller's, not the worker's heap). */
+static void dropresults(Ctx *c) {
+  lua_State *L = c->L;
+  Job *j;
+  for (j = c->e->jobs; j; j = j->nextjob) {
+    lua_rawgeti(L, c->uv, EU_ANCHORS);
+    if (lua_rawgetp(L, -1, j) == LUA_TUSERDATA) {
+      lua_getiuservalue(L, -1, 1);
+      lua_pushnil(L);
+      lua_rawseti(L, -2, JU_RESULTS);
+      lua_pushnil(L);
+      lua_rawseti(L, -2, JU_ERRORS);
+      lua_pop(L, 1);
+    }
+    lua_pop(L, 2);
+  }
+}
+
+/* Fork a worker into empty place i; 0, or -errno with *call naming the
+   call that failed. */
+static int spawn(Ctx *c, int i, const char **call) {
+  lua_State *L = c->L;
+  Engine *e = c->e;
+  EWorker *w = &e->w[i];
+  ChildSetup cs;
+  sigset_t cur;
+  pid_t pid;
+  int rc;
+  sigprocmask(SIG_BLOCK, NULL, &cur);
+  cs.mask = e->waiting ? &e->oldmask : &cur;
+  cs.ignint = e->o.ignint;
+  e->slots[i].item = 0;
+  lpar_ring_unmap(&w->ring); /* the last worker in this place is gone */
+  if (lpar_ring_map(&w->ring, LPAR_RINGSIZE) != 0)
+    w->ring.base = NULL; /* no ring: every frame takes the pipe */
+  lua_rawgeti(L, c->uv, EU_FNS);
+  lua_rawgeti(L, c->uv, EU_ITEMS);
+  lua_rawgeti(L, c->uv, EU_INIT);
+  lua_rawgeti(L, c->uv, EU_CLOSE);
+  pid = lpar_pool_fork(&w->proc, &cs, call);
+  if (pid == 0) {
+    WorkerArgs a;
+    int top = lua_gettop(L);
+    dropresults(c);
+    a.cmdfd = w->proc.cmdfd;
+    a.resfd = w->proc.resfd;
+    a.fnsidx = lua_isnil(L, top - 3) ? 0 : top - 3;
+    a.itemsidx = lua_isnil(L, top - 2) ? 0 : top - 2;
+    a.initidx = lua_isnil(L, top - 1) ? 0 : top - 1;
+    a.closeidx = lua_isnil(L, top) ? 0 : top;
+    a.place = i;
+    a.maxmem = e->o.maxmem;
+    a.ring = w->ring;
+    a.slot = &e->slots[i];
+    lpar_worker_run(L, &a);
+  }
+  lua_pop(L, 4);
+  lpar_ring_keep(&w->ring);
+  if (pid < 0) {
+    lpar_ring_unmap(&w->ring);
+    return (int)pid;
+  }
+  e->live++;
+  e->forks++;
+  lpar_policy_started(&e->wave, e->live, lpar_pool_now());
+  w->state = W_STARTING;
+  w->job = NULL;
+  w->fnjob = 0;
+  w->nq = 0;
+  w->got = w->busy = 0;
+  w->in.n = 0;
+  w->out.n = w->outpos = 0;
+  w->watchout = 0;
+  w->timedout = 0;
+  w->blame = 0;
+  w->killat = 0;
+  w->lastread = lpar_pool_now();
+  rc = evctl(e, EPOLL_CTL_ADD, w->proc.resfd, EPOLLIN, EVDATA(EV_RES, i));
+  if (rc == 0 && w->proc.pidfd >= 0) /* its end, whoever holds its pipe */
+    rc = evctl(e, EPOLL_CTL_ADD, w->proc.pidfd, EPOLLIN, EVDATA(EV_PID, i));
+  if (rc != 0) {
+    *call = "epoll_ctl";
+    dropworker(e, w);
+    return rc;
+  }
+  return 0;
+}
+
+/* ---- jobs ---- */
+
+/* Push job j (from the anchors) and its uservalue; returns the index of
+   the uservalue. */
+static int pushjob(Ctx *c, Job *j) {
+  lua_State *L = c->L;
+  lua_rawgeti(L, c->uv, EU_ANCHORS);
+  lua_rawgetp(L, -1, j);
+  lua_remove(L, -2);
+  lua_getiuservalue(L, -1, 1);
+  return lua_gettop(L);
+}
+
+static void freejob(Job *j) {
+  lpar_ranges_free(&j->redo);
+  lpar_buf_free(&j->call);
+}
+
+/* Stop watching j's wakefd. */
+static void unwatchwake(Engine *e, Job *j) {
+  if (j->watchwake) {
+    evctl(e, EPOLL_CTL_DEL, j->o.wakefd, 0, 0);
+    j->watchwake = 0;
+  }
+}
+
+/* Take finished job j out of the engine's list and anchors. */
+static void detach(Ctx *c, Job *j) {
+  lua_State *L = c->L;
+  Engine *e = c->e;
+  Job **pp;
+  int i;
+  for (pp = &e->jobs; *pp && *pp != j; pp = &(*pp)->nextjob)
+    ;
+  if (*pp == NULL)
+    return;
+  *pp = j->nextjob;
+  if (e->lastjob == j) {
+    Job *k;
+    e->lastjob = NULL;
+    for (k = e->jobs; k; k = k->nextjob)
+      e->lastjob = k;
+  }
+  j->nextjob = NULL;
+  unwatchwake(e, j);
+  for (i = 0; i < e->o.n; i++)
+    if (e->w[i].job == j)
+      e->w[i].job = NULL;
+  if (j->state == J_DONE && j->tns > 0) { /* remember for the next job */
+    int uv = pushjob(c, j);
+    lua_rawgeti(L, c->uv, EU_TNS);
+    lua_rawgeti(L, uv, JU_F);
+    lua_pushnumber(L, (lua_Number)j->tns);
+    lua_rawset(L, -3);
+    lua_pop(L, 3);
+  }
+  lua_rawgeti(L, c->uv, EU_ANCHORS);
+  lua_pushnil(L);
+  lua_rawsetp(L, -2, j);
+  lua_pop(L, 1);
+  freejob(j);
+}
+
+/*
+** Job j ends with the error value at the top of the stack (popped) as its
+** failure. Workers still running its chunks are killed and replaced, but
+** 'self', which skips the rest of its chunk by itself (unless it holds
+** another chunk of the job); what it sends until it is idle is dropped.
+*/
+static void endjob(Ctx *c, Job *j, int state, EWorker *self) {
+  lua_State *L = c->L;
+  Engine *e = c->e;
+  int i, uv;
+  if (j->state != J_RUNNING) {
+    lua_pop(L, 1);
+    return;
+  }
+  uv = pushjob(c, j);
+  lua_pushvalue(L, uv - 2);
+  lua_rawseti(L, uv, JU_FAILURE);
+  lua_pop(L, 3);
+  j->state = state;
+  e->ended = 1;
+  for (i = 0; i < e->o.n; i++) {
+    EWorker *w = &e->w[i];
+    if (w->job != j)
+      continue;
+    if (w == self && w->nq == 1) /* it skips the rest and says READY */
+      w->job = NULL;
+    else
+      dropworker(e, w);
+  }
+  detach(c, j);
+}
+
+static void failjob(Ctx *c, Job *j, EWorker *self) {
+  endjob(c, j, J_FAILED, self);
+}
+
+/* Whether every item of j is reported. */
+static int complete(Job *j) {
+  return j->done == j->n && (!j->stream || (j->exhausted && j->redo.n == 0));
+}
+
+/* Job j is over if all its items are reported. */
+static void settle(Ctx *c, Job *j) {
+  if (j->state == J_RUNNING && complete(j)) {
+    j->state = J_DONE;
+    detach(c, j);
+  }
+}
+
+/* The value on top is the result of item i of j, whose uservalue is at
+   'juv' (popped). */
+static void store(Ctx *c, Job *j, int juv, lua_Integer i) {
+  lua_State *L = c->L;
+  if (j->stream) {
+    lua_rawgeti(L, juv, JU_INFLIGHT);
+    lua_pushnil(L);
+    lua_rawseti(L, -2, i);
+    lua_pop(L, 1);
+  }
+  if (j->fin != NULL) {
+    j->fin[(i - 1) % LPAR_WINDOW] = 1;
+    if (j->o.unordered)
+      j->queue[j->qtail++ % LPAR_WINDOW] = i;
+  }
+  if (lua_isnil(L, -1))
+    lua_pop(L, 1);
+  else {
+    if (!j->sized && !j->stream) {
+      /* made now rather than at submit, so that filling it does not copy
+         pages the caller shares with workers forked before */
+      j->sized = 1;
+      lua_createtable(L, j->n < INT32_MAX ? (int)j->n : 0, 0);
+      lua_rawseti(L, juv, JU_RESULTS);
+    }
+    lua_rawgeti(L, juv, JU_RESULTS);
+    lua_insert(L, -2);
+    lua_rawseti(L, -2, i);
+    lua_pop(L, 1);
+  }
+  j->done++;
+}
+
+/*
+** Item i of job j failed with the error value and traceback at the top of
+** the stack (both popped): run again if it has retries left, recorded
+** when collecting, else the job fails with "item i: <message>\n<traceback>".
+** 'self' as for endjob.
+*/
+static void itemfailed(Ctx *c, Job *j, lua_Integer i, EWorker *self) {
+  lua_State *L = c->L;
+  char prefix[48];
+  int uv;
+  if (j->o.retries > 0) {
+    lua_Integer tries;
+    uv = pushjob(c, j);
+    if (lua_rawgeti(L, uv, JU_ATTEMPTS) == LUA_TNIL) {
+      lua_pop(L, 1);
+      lua_newtable(L);
+      lua_pushvalue(L, -1);
+      lua_rawseti(L, uv, JU_ATTEMPTS);
+    }
+    lua_rawgeti(L, -1, i);
+    tries = lua_tointeger(L, -1);
+    if (lpar_policy_retry(tries, j->o.retries)) {
+      lua_pushinteger(L, tries + 1);
+      lua_rawseti(L, -3, i);
+      lua_pop(L, 6); /* count, attempts, uservalue, job, error, traceback */
+      /* it failed before: a suspect, run alone, so that losing its worker
+         again names it */
+      nomem(L, lpar_ranges_push(&j->redo, i, 1, 1));
+      return;
+    }
+    lua_pop(L, 4);
+  }
+  if (j->o.collect) {
+    lpar_worker_failure(L, NULL);
+    uv = pushjob(c, j);
+    lua_rawgeti(L, uv, JU_ERRORS);
+    lua_pushvalue(L, uv - 2);
+    lua_rawseti(L, -2, i);
+    lua_pop(L, 1);
+    lua_pushnil(L);
+    store(c, j, uv, i);
+    lua_pop(L, 3);
+    settle(c, j);
+    return;
+  }
+  snprintf(prefix, sizeof prefix, "item %lld: ", (long long)i);
+  lpar_worker_failure(L, prefix);
+  failjob(c, j, self);
+}
+
+/* ---- workers lost ---- */
+
+/* Make the engine unusable: 'why' on top (popped) fails every job. */
+static void breakengine(Ctx *c) {
+  lua_State *L = c->L;
+  lua_pushvalue(L, -1);
+  lua_rawseti(L, c->uv, EU_BROKEN);
+  while (c->e->jobs) {
+    lua_pushvalue(L, -1);
+    failjob(c, c->e->jobs, NULL);
+  }
+  lua_pop(L, 1);
+}
+
+/* Hand the chunks w holds back to their job, as they are. */
+static void giveback(Ctx *c, EWorker *w, int from) {
+  Job *j = w->job;
+  int k;
+  if (j == NULL || j->state != J_RUNNING)
+    return;
+  for (k = w->nq - 1; k >= from; k--) {
+    lua_Integer skip = k == 0 ? w->got : 0;
+    nomem(c->L, lpar_ranges_push(&j->redo, w->q[k].first + skip,
+                                 w->q[k].count - skip, w->q[k].alone));
+  }
+}
+
+/*
+** Worker w is gone or must go: reap it (killing it first if 'force'),
+** name the item it was running, and queue the rest of its chunk again.
+** 'why' overrides the wait status in the message.
+*/
+static void lose(Ctx *c, EWorker *w, int force, const char *why) {
+  lua_State *L = c->L;
+  Engine *e = c->e;
+  pid_t pid = w->proc.pid;
+  Slot *slot = &e->slots[w - e->w];
+  Job *j = w->job;
+  int status = 0, rc, starting = w->state == W_STARTING;
+  lua_Integer culprit, from, end, got;
+  int suspects, nq;
+  Chunk q0;
+  char desc[96];
+  closeworker(e, w);
+  rc = lpar_pool_reap(&w->proc, force, &status);
+  lpar_pool_closepid(&w->proc);
+  if (why == NULL)
+    why = rc < 0 ? "vanished (reaped elsewhere)"
+                 : lpar_pool_describe(status, desc, sizeof desc);
+  if (starting) {
+    giveback(c, w, 0); /* nothing of them ran */
+    vacate(e, w);
+    if (w->timedout == LPAR_SLOTHOOK) { /* stopped in init */
+      if (lua_rawgeti(L, c->uv, EU_INITERR) == LUA_TNIL) {
+        char secs[32];
+        lua_pushfstring(L, "worker init timed out after %s s",
+                        lpar_pool_secs(e->o.timeout, secs, sizeof secs));
+        lua_rawseti(L, c->uv, EU_INITERR);
+      }
+      lua_pop(L, 1);
+    }
+    else if (!force && slot->item == LPAR_SLOTHOOK) { /* died in init */
+      if (lua_rawgeti(L, c->uv, EU_INITERR) == LUA_TNIL) {
+        lua_pushfstring(L, "worker init failed: worker %d %s", (int)pid, why);
+        lua_rawseti(L, c->uv, EU_INITERR);
+      }
+      lua_pop(L, 1);
+    }
+    lua_rawgeti(L, c->uv, EU_INITERR);
+    /* one worker's init failing is the failure of a call's engine, or of
+       a pool being made; a pool that lives on tries a few times */
+    if ((!lua_isnil(L, -1) && (e->creating || e->o.ondemand)) ||
+        ++e->startfails > 2 * e->o.n + 2) {
+      if (lua_isnil(L, -1)) {
+        lua_pop(L, 1);
+        lua_pushfstring(L, "workers keep dying (worker %d %s)", (int)pid, why);
+      }
+      breakengine(c);
+    }
+    else
+      lua_pop(L, 1);
+    return;
+  }
+  if (j != NULL && j->state == J_RUNNING && w->nq > 0)
+    giveback(c, w, 1); /* the chunk waiting its turn goes back as it is */
+  q0 = w->q[0];
+  nq = w->nq;
+  got = w->got;
+  vacate(e, w);
+  if (j == NULL || j->state != J_RUNNING || nq == 0)
+    return;
+  from = q0.first + got;
+  end = q0.first + q0.count;
+  culprit = w->blame ? 0
+                     : lpar_policy_culprit(q0.first, q0.count, got,
+                                           (lua_Integer)slot->item, w->timedout,
+                                           q0.alone);
+  nomem(L, lpar_ranges_requeue(&j->redo, from, end, culprit, !w->blame));
+  suspects = culprit == 0 && !w->blame && from < end;
+  if (w->blame) /* it broke the protocol reporting this one */
+    culprit = w->blame;
+  if (culprit) {
+    if (w->timedout)
+      lua_pushfstring(L, "timed out after %s s",
+                      lpar_pool_secs(j->o.timeout, desc, sizeof desc));
+    else
+      lua_pushfstring(L, "worker %d %s", (int)pid, why);
+    lua_pushnil(L);
+    itemfailed(c, j, culprit, NULL);
+  }
+  /* a loss that sent items back as suspects is bound to name one of them
+     if it happens again: only the others count towards the limit */
+  else if (!suspects) {
+    if (++j->lost > 2 * e->o.n + 2) {
+      lua_pushfstring(L, "workers keep dying (worker %d %s)", (int)pid, why);
+      failjob(c, j, NULL);
+    }
+  }
+}
+
+static void protoerror(Ctx *c, EWorker *w, const char *what) {
+  char why[256];
+  snprintf(why, sizeof why, "broke the protocol (%s)", what);
+  lose(c, w, 1, why);
+}
+
+/* ---- sending ---- */
+
+/* Send what is pending to w, watching its fd while some is left. 0, or
+   -errno if the worker cannot be written. */
+static int sendsome(Engine *e, EWorker *w) {
+  int rc = lpar_wire_sendsome(w->proc.cmdfd, &w->out, &w->outpos);
+  if (rc != 0)
+    return rc;
+  if (w->outpos < w->out.n && !w->watchout) {
+    rc = evctl(e, EPOLL_CTL_ADD, w->proc.cmdfd, EPOLLOUT,
+               EVDATA(EV_CMD, w - e->w));
+    if (rc != 0)
+      return rc;
+    w->watchout = 1;
+  }
+  else if (w->outpos == w->out.n && w->watchout) {
+    evctl(e, EPOLL_CTL_DEL, w->proc.cmdfd, 0, 0);
+    w->watchout = 0;
+  }
+  return 0;
+}
+
+/* Items of j handed out so far, fresh ones only. */
+static lua_Integer handed(Job *j) {
+  return j->stream ? j->n : j->next - 1;
+}
+
+/* How many more fresh items j may hand out now: results waiting to be
+   taken (imap), or a stream's items in flight, stay within
+   LPAR_WINDOW. */
+static lua_Integer room(Job *j) {
+  lua_Integer left = j->stream ? LPAR_WINDOW : j->n - j->next + 1;
+  lua_Integer win =
+      LPAR_WINDOW - (handed(j) - (j->fin ? j->emit - 1 : j->done));
+  if (j->fin || j->stream)
+    return win < left ? win : left;
+  return left;
+}
+
+static int workleft(Job *j) {
+  if (j->state != J_RUNNING)
+    return 0;
+  if (j->redo.n > 0)
+    return 1;
+  if (j->stream)
+    return !j->exhausted && !j->pending && room(j) > 0;
+  return j->next <= j->n && room(j) > 0;
+}
+
+/* Whether j has handed out every item (none left to hand out again). */
+static int drained(Job *j) {
+  return j->redo.n == 0 && (j->stream ? j->exhausted : j->next > j->n);
+}
+
+/* Items of j not handed out yet (fresh or again); -1: unknown. */
+static lua_Integer itemsleft(Job *j) {
+  if (j->stream)
+    return j->exhausted ? j->redo.items : -1;
+  return j->n - j->next + 1 + j->redo.items;
+}
+
+/* Chunk size (see lpar_policy_chunk). The engine of a call amortizes
+   forks (LPAR_MINCHUNKS of work at least, more for a stream, which has
+   no tail to balance until it ends); one that lives on only a round trip
+   (LPAR_POOLCHUNKNS), with at most LPAR_POOLPROBE items until the time
+   per item is known. */
+static lua_Integer chunksize(Engine *e, Job *j) {
+  SchedChunk s = {0};
+  s.fixed = j->o.chunk;
+  s.left = itemsleft(j);
+  s.places = e->o.n;
+  s.tns = j->tns;
+  if (e->o.ondemand) {
+    s.minns = (j->stream ? 4.0 : 1.0) * LPAR_MINCHUNKNS;
+    s.max = j->stream && j->o.chunk <= 0 ? LPAR_MAXSTREAMCHUNK : 0;
+  }
+  else {
+    s.minns = LPAR_POOLCHUNKNS;
+    s.probe = LPAR_POOLPROBE;
+    s.max = LPAR_POOLMAXCHUNK;
+  }
+  return (lua_Integer)lpar_policy_chunk(&s);
+}
+
+/* lua_CFunction: (iterator) -> its next item, under lua_pcall. */
+static int callnext(lua_State *L) {
+  lua_call(L, 0, 1);
+  return 1;
+}
+
+/*
+** Pull up to 'max' fresh items of stream j (uservalue at juv) into w->out
+** and its in-flight table; returns how many, or -1 if the iterator raised
+** (the job failed with its error).
+*/
+static lua_Integer pull(Ctx *c, Job *j, int juv, EWorker *w, lua_Integer max) {
+  lua_State *L = c->L;
+  lua_Integer k = 0;
+  lua_rawgeti(L, juv, JU_INFLIGHT);
+  while (k < max && !j->exhausted && !j->pending && room(j) > 0) {
+    lua_pushcfunction(L, callnext);
+    lua_rawgeti(L, juv, JU_ITEMS);
+    if (lua_pcall(L, 1, 1, 0) != LUA_OK) {
+      lua_remove(L, -2);
+      failjob(c, j, NULL);
+      return -1;
+    }
+    if (lua_isnil(L, -1)) {
+      j->exhausted = 1;
+      unwatchwake(c->e, j);
+    }
+    else if (lua_touserdata(L, -1) == &pendingkey && j->o.wakefd >= 0) {
+      j->pending = 1;
+      if (!j->watchwake && evctl(c->e, EPOLL_CTL_ADD, j->o.wakefd, EPOLLIN,
+                                 EVDATA(EV_WAKE, j->id)) == 0)
+        j->watchwake = 1;
+    }
+    else {
+      j->n++;
+      lua_pushvalue(L, -1);
+      lua_rawseti(L, -3, j->n);
+      if (lpar_codec_encode(L, -1, &w->out) != 0) {
+        lua_pushfstring(L, "item %I: cannot send item: %s", (LUAI_UACINT)j->n,
+                        lua_tostring(L, -1));
+        lua_replace(L, -4);
+        lua_pop(L, 2);
+        failjob(c, j, NULL);
+        return -1;
+      }
+      k++;
+    }
+    lua_pop(L, 1);
+  }
+  lua_pop(L, 1);
+  return k;
+}
+
+/* Encode items first .. first+count-1 of the table at 'tidx' into
+   w->out; 0, or -1 with the job failed. */
+static int putitems(Ctx *c, Job *j, int tidx, EWorker *w, lua_Integer first,
+                    lua_Integer count) {
+  lua_State *L = c->L;
+  lua_Integer i;
+  for (i = first; i < first + count; i++) {
+    lua_geti(L, tidx, i);
+    if (lpar_codec_encode(L, -1, &w->out) != 0) {
+      lua_pushfstring(L, "item %I: cannot send item: %s", (LUAI_UACINT)i,
+                      lua_tostring(L, -1));
+      lua_replace(L, -3);
+      lua_pop(L, 1);
+      failjob(c, j, NULL);
+      return -1;
+    }
+    lua_pop(L, 1);
+  }
+  return 0;
+}
+
+/*
+** Hand worker w a chunk of job j (uservalue at 'juv'): the job's function
+** first if w does not hold it, then the items (a range of the inherited
+** table, or encoded). Nothing is sent when a stream has no item ready.
+*/
+static void assign(Ctx *c, EWorker *w, Job *j, int juv) {
+  lua_State *L = c->L;
+  int alone = 0, type = j->o.inherit ? LPAR_FWORK : LPAR_FITEMS;
+  lua_Integer first, count;
+  size_t at, start;
+  int top = lua_gettop(L);
+  Frame f;
+  if (w->outpos == w->out.n) /* all sent: start afresh */
+    w->out.n = w->outpos = 0;
+  start = w->out.n;
+  if (w->fnjob != j->id)
+    nomem(L, lpar_buf_add(&w->out, j->call.p, j->call.n));
+  at = w->out.n;
+  nomem(L, lpar_buf_reserve(&w->out, LPAR_HDRSIZE + 8));
+  w->out.n += LPAR_HDRSIZE + 8;
+  count = chunksize(c->e, j);
+  if (j->redo.n > 0) {
+    long long from;
+    count = lpar_ranges_take(&j->redo, count, &from, &alone);
+    first = from;
+    if (!j->o.inherit)
+      lua_rawgeti(L, juv, j->stream ? JU_INFLIGHT : JU_ITEMS);
+  }
+  else if (j->stream) {
+    first = j->n + 1;
+    count = pull(c, j, juv, w, count);
+  }
+  else {
+    lua_Integer r = room(j);
+    first = j->next;
+    if (count > r)
+      count = r;
+    j->next += count;
+    if (!j->o.inherit)
+      lua_rawgeti(L, juv, JU_ITEMS);
+  }
+  if (lua_gettop(L) > top) { /* items from a table */
+    int rc = putitems(c, j, top + 1, w, first, count);
+    lua_settop(L, top);
+    if (rc != 0)
+      count = -1;
+  }
+  if (count <= 0) { /* nothing, or the job failed: the frame never leaves */
+    w->out.n = start;
+    settle(c, j); /* a stream that ended may be complete now */
+    return;
+  }
+  f.type = (uint32_t)type;
+  f.count = (uint32_t)count;
+  f.len = w->out.n - at - LPAR_HDRSIZE;
+  lpar_wire_putheader(w->out.p + at, &f);
+  lpar_wire_put64(w->out.p + at + LPAR_HDRSIZE, (uint64_t)first);
+  w->fnjob = j->id;
+  if (w->state == W_IDLE)
+    w->state = W_BUSY;
+  w->job = j;
+  w->q[w->nq].first = first;
+  w->q[w->nq].count = count;
+  w->q[w->nq].alone = alone;
+  if (w->nq++ == 0) {
+    w->got = 0;
+    w->busy = 0;
+    w->started = lpar_pool_now();
+  }
+  if (sendsome(c->e, w) != 0)
+    lose(c, w, 1, NULL);
+}
+
+/* Whether busy worker w should get a second chunk of its job now, to
+   start as soon as it is done with the first rather than wait for the
+   parent (see lpar_policy_prefetch). */
+static int prefetch(Engine *e, EWorker *w, long long now) {
+  Job *j = w->job;
+  if (w->state != W_BUSY || w->nq != 1 || j == NULL || !workleft(j))
+    return 0;
+  return lpar_policy_prefetch(
+      j->tns, w->q[0].count, now - w->started,
+      e->o.ondemand ? LPAR_MINCHUNKNS : LPAR_POOLCHUNKNS,
+      itemsleft(j) < 0 ? LPAR_WINDOW : itemsleft(j), e->o.n, chunksize(e, j));
+}
+
+/* Whether w may be handed a chunk: live and holding none (a worker still
+   in init takes it after init). */
+static int takes(const EWorker *w) {
+  return (w->state == W_IDLE || w->state == W_STARTING) && w->nq == 0;
+}
+
+/* Whether some job has everything handed out (nothing to wait for). */
+static int alldrained(Engine *e) {
+  Job *j;
+  for (j = e->jobs; j; j = j->nextjob)
+    if (!drained(j))
+      return 0;
+  return 1;
+}
+
+/*
+** Give every idle worker a chunk of the oldest job with work left. Then,
+** if there is still work, give busy workers whose items are quick a second
+** chunk of their job. An engine that retires its workers lets the idle
+** ones go once every item is handed out.
+*/
+static void dispatch(Ctx *c) {
+  Engine *e = c->e;
+  Job *j = e->jobs;
+  int i, juv = 0;
+  lua_State *L = c->L;
+  int top = lua_gettop(L);
+  for (i = 0; i < e->o.n && j; i++) {
+    EWorker *w = &e->w[i];
+    if (!takes(w))
+      continue;
+    while (j && !workleft(j)) {
+      j = j->nextjob;
+      juv = 0;
+      lua_settop(L, top);
+    }
+    if (j == NULL)
+      break;
+    if (juv == 0)
+      juv = pushjob(c, j);
+    assign(c, w, j, juv);
+    if (j->state != J_RUNNING) { /* it failed meanwhile */
+      j = e->jobs;
+      juv = 0;
+      lua_settop(L, top);
+    }
+  }
+  lua_settop(L, top);
+  for (i = 0; i < e->o.n; i++) {
+    EWorker *w = &e->w[i];
+    if (prefetch(e, w, lpar_pool_now())) {
+      assign(c, w, w->job, pushjob(c, w->job));
+      lua_settop(L, top);
+    }
+  }
+  if (e->o.retire && alldrained(e))
+    for (i = 0; i < e->o.n; i++) {
+      EWorker *w = &e->w[i];
+      if (w->state == W_IDLE && w->nq == 0)
+        retire(c, w);
+    }
+}
+
+/* Whether the engine is broken (no worker will start). */
+static int broken(Ctx *c) {
+  int b = lua_rawgeti(c->L, c->uv, EU_BROKEN) != LUA_TNIL;
+  lua_pop(c->L, 1);
+  return b;
+}
+
+/* Fork a worker into the first empty place; 0 or -errno, *call set. */
+static int spawnone(Ctx *c, const char **call) {
+  int i;
+  for (i = 0; i < c->e->o.n; i++)
+    if (c->e->w[i].state == W_EMPTY)
+      return spawn(c, i, call);
+  return 0;
+}
+
+/*
+** Start workers: in every empty place (an engine that keeps them all), or
+** one when none is running and there is work (an engine that starts them
+** on demand; more follow in pump()). The first fork checks max_memory
+** against the caller's heap, which the worker inherits; a replacement
+** checks for itself, and says so as its init's failure.
+*/
+static void refill(Ctx *c) {
+  lua_State *L = c->L;
+  Engine *e = c->e;
+  int i, rc = 0;
+  const char *call = "fork";
+  Job *j;
+  if (e->closed || broken(c))
+    return;
+  if (e->o.ondemand) {
+    if (e->live > 0)
+      return;
+    for (j = e->jobs; j && !workleft(j); j = j->nextjob)
+      ;
+    if (j == NULL)
+      return;
+  }
+  else if (e->live == e->o.n)
+    return;
+  if (e->o.maxmem > 0 && e->forks == 0 &&
+      lpar_worker_checkheap(L, e->o.maxmem)) {
+    breakengine(c);
+    return;
+  }
+  if (e->o.ondemand)
+    rc = spawnone(c, &call);
+  else
+    for (i = 0; i < e->o.n; i++)
+      if (e->w[i].state == W_EMPTY) {
+        int r = spawn(c, i, &call);
+        if (r != 0)
+          rc = r;
+      }
+  if (e->live == 0 && rc != 0) {
+    lua_pushfstring(L, "cannot start a worker: %s: %s", call, strerror(-rc));
+    breakengine(c);
+  }
+}
+
+/* Time per item as the shared slots show it before any results came
+   back: from a worker past the first item of its chunk; 0 if none is. */
+static double slotestimate(Engine *e, long long now) {
+  double est = 0;
+  int i;
+  for (i = 0; i < e->o.n; i++) {
+    EWorker *w = &e->w[i];
+    if (w->state != W_EMPTY && w->nq > 0) {
+      double per = lpar_policy_slotrate(now - w->started, w->q[0].first,
+                                        (lua_Integer)e->slots[i].item);
+      if (per > est)
+        est = per;
+    }
+  }
+  return est;
+}
+
+/* For an engine that starts workers on demand, whether to start another
+   now: 0 yes, -1 no, else ask again in this many ms (see
+   lpar_policy_spawn). */
+static Job *canspawn(Engine *e) {
+  Job *j;
+  int i;
+  if (!e->o.ondemand || e->closed || e->live == 0 || e->live >= e->cap)
+    return NULL;
+  for (j = e->jobs; j && !workleft(j); j = j->nextjob)
+    ;
+  for (i = 0; j && i < e->o.n; i++)
+    if (takes(&e->w[i]))
+      return NULL;
+  return j;
+}
+
+static int spawnwait(Engine *e) {
+  SchedSpawn s;
+  Job *j = canspawn(e);
+  if (j == NULL)
+    return -1;
+  s.now = lpar_pool_now();
+  s.tns = j->tns > 0 ? j->tns : slotestimate(e, s.now);
+  s.left = itemsleft(j);
+  s.live = e->live;
+  s.pns = e->pns;
+  s.pitems = e->pitems;
+  s.worthns = LPAR_FORKWORTHNS;
+  s.wavegap = LPAR_SPAWNWAITNS;
+  return lpar_policy_spawn(&s, &e->wave);
+}
+
+/* ---- receiving ---- */
+
+/* Decode the error value and traceback after the u64 index of an ERROR
+   frame's payload; 0, or -1 with a message pushed. */
+static int geterror(lua_State *L, const char *p, size_t len) {
+  size_t pos = 8;
+  if (lpar_codec_decode(L, p, len, &pos) != 0)
+    return -1;
+  if (lpar_codec_decode(L, p, len, &pos) != 0) {
+    lua_remove(L, -2);
+    return -1;
+  }
+  if (pos != len) {
+    lua_pop(L, 2);
+    lua_pushliteral(L, "trailing bytes in a frame");
+    return -1;
+  }
+  return 0;
+}
+
+/* Store the n values decoded aside (in the table at 'aside', [k + 1] for
+   item first + k) as results of j (uservalue at 'juv'). */
+static void storeaside(Ctx *c, Job *j, int juv, int aside, lua_Integer first,
+                       uint32_t n) {
+  uint32_t k;
+  for (k = 0; k < n; k++) {
+    lua_rawgeti(c->L, aside, (lua_Integer)k + 1);
+    store(c, j, juv, first + k);
+  }
+}
+
+/* Results of items first .. first+count-1 at p[16..len) from worker w.
+   0, or -1 with a message pushed. */
+static int results(Ctx *c, EWorker *w, const char *p, size_t len,
+                   lua_Integer first, uint32_t count) {
+  lua_State *L = c->L;
+  Job *j = w->job;
+  uint32_t k;
+  size_t pos = 16;
+  int juv, aside;
+  if (j == NULL)
+    return 0; /* dropped */
+  if (first != w->q[0].first + w->got ||
+      first - w->q[0].first + (lua_Integer)count > w->q[0].count) {
+    lua_pushliteral(L, "result for an item it was not given");
+    return -1;
+  }
+  juv = pushjob(c, j);
+  if (w->got + (lua_Integer)count == w->q[0].count) {
+    /* its chunk is done: learn from its timing, and give the engine of a
+       call's worker its next chunk before decoding, so that it works
+       while the caller does */
+    j->tns = lpar_policy_learn(j->tns, w->busy, w->q[0].count);
+    j->lost = 0;
+    if (c->e->o.retire && w->nq == 1 && j == c->e->jobs && workleft(j))
+      assign(c, w, j, juv);
+    if (w->state == W_EMPTY || j->state != J_RUNNING) {
+      lua_settop(L, juv - 2);
+      return 0;
+    }
+  }
+  else if (j->tns == 0) /* a first estimate before the chunk ends */
+    j->tns = (double)(w->busy > 0 ? w->busy : 1) /
+             (double)(w->got + (lua_Integer)count);
+  /* decoded aside, and stored only once the frame has proved sound */
+  lua_createtable(L, count < 1024 ? (int)count : 1024, 0);
+  aside = lua_gettop(L);
+  for (k = 0; k < count; k++) {
+    if (lpar_codec_decode(L, p, len, &pos) != 0) {
+      /* the item whose value this is fails (a worker sends the same
+         bytes again if it runs again); the ones after it run again */
+      storeaside(c, j, juv, aside, first, k);
+      lua_replace(L, juv - 1);
+      lua_settop(L, juv - 1);
+      w->got += k + 1;
+      w->blame = first + k;
+      return -1;
+    }
+    lua_rawseti(L, aside, (lua_Integer)k + 1);
+  }
+  if (pos != len) { /* none is taken: its first item fails, the others
+                       run again */
+    lua_settop(L, juv - 2);
+    lua_pushliteral(L, "trailing bytes in a frame");
+    w->got += 1;
+    w->blame = first;
+    return -1;
+  }
+  storeaside(c, j, juv, aside, first, count);
+  lua_settop(L, juv - 2);
+  w->got += count;
+  settle(c, j);
+  return 0;
+}
+
+/* An ERROR frame for item i (0: init or loading the function failed).
+   0, or -1 with a message pushed. */
+static int errorframe(Ctx *c, EWorker *w, const char *p, size_t len,
+                      lua_Integer i) {
+  lua_State *L = c->L;
+  Job *j = w->job;
+  if (geterror(L, p, len) != 0) {
+    if (j != NULL && w->nq > 0 && i >= w->q[0].first + w->got &&
+        i < w->q[0].first + w->q[0].count) { /* that item fails */
+      w->got = i - w->q[0].first + 1;
+      w->blame = i;
+    }
+    return -1;
+  }
+  if (i == 0 && w->state == W_STARTING) {
+    lpar_worker_failure(L, "worker init failed: ");
+    lua_rawseti(L, c->uv, EU_INITERR);
+    return 0; /* it leaves: lose() follows at end of file */
+  }
+  if (w->state != W_BUSY) {
+    lua_pop(L, 2);
+    lua_pushliteral(L, "error frame while idle");
+    return -1;
+  }
+  if (j == NULL) {
+    lua_pop(L, 2);
+    return 0; /* dropped */
+  }
+  if (i == 0) {
+    lua_pop(L, 1); /* the message says it all */
+    failjob(c, j, w);
+    return 0;
+  }
+  if (i < w->q[0].first + w->got || i >= w->q[0].first + w->q[0].count) {
+    lua_pop(L, 2);
+    lua_pushliteral(L, "error for an item it was not given");
+    return -1;
+  }
+  w->got = i - w->q[0].first + 1;
+  if (w->got == w->q[0].count)
+    j->lost = 0;
+  itemfailed(c, j, i, w);
+  return 0;
+}
+
+/* A READY frame: started (count 1) or done with its chunk (count 0).
+   0, or -1 with a message pushed. */
+static int readyframe(Ctx *c, EWorker *w, uint32_t count) {
+  lua_State *L = c->L;
+  Job *j = w->job;
+  if (count == 1 && w->state == W_STARTING) {
+    w->state = w->nq > 0 ? W_BUSY : W_IDLE;
+    c->e->startfails = 0;
+    return 0;
+  }
+  if (count != 0 || w->state != W_BUSY || w->nq == 0) {
+    lua_pushliteral(L, "unexpected ready frame");
+    return -1;
+  }
+  if (j != NULL && w->got != w->q[0].count) {
+    lua_pushliteral(L, "chunk ended early");
+    return -1;
+  }
+  w->q[0] = w->q[1];
+  w->got = 0;
+  w->busy = 0;
+  w->started = lpar_pool_now();
+  if (--w->nq == 0) {
+    w->state = W_IDLE;
+    w->job = NULL;
+  }
+  return 0;
+}
+
+/* Handle frame f (payload at p) from worker w: 0, or -1 when w broke the
+   protocol with it (it is lost then). */
+static int frame(Ctx *c, EWorker *w, const Frame *f, const char *p) {
+  lua_State *L = c->L;
+  int rc;
+  if (f->type == LPAR_FRESULT && f->len >= 16 && f->count > 0 &&
+      w->state == W_BUSY) {
+    w->busy += (long long)lpar_wire_get64(p + 8);
+    rc = results(c, w, p, (size_t)f->len, (lua_Integer)lpar_wire_get64(p),
+                 f->count);
+  }
+  else if (f->type == LPAR_FERROR && f->len >= 8)
+    rc = errorframe(c, w, p, (size_t)f->len, (lua_Integer)lpar_wire_get64(p));
+  else if (f->type == LPAR_FREADY)
+    rc = readyframe(c, w, f->count);
+  else {
+    lua_pushstring(L, f->type == LPAR_FRESULT ? "bad frame header"
+                                              : "unexpected frame");
+    rc = -1;
+  }
+  if (rc != 0) {
+    char what[160];
+    snprintf(what, sizeof what, "%s", lua_tostring(L, -1));
+    lua_pop(L, 1);
+    protoerror(c, w, what);
+  }
+  return rc;
+}
+
+/* A RING frame: the frame w put in its ring at the place that p names;
+   its space is handed back once it is handled. */
+static int ringframe(Ctx *c, EWorker *w, const char *p) {
+  uint64_t pos = lpar_wire_get64(p), n = lpar_wire_get64(p + 8);
+  const char *q = lpar_ring_get(&w->ring, pos, n);
+  Frame f;
+  if (q == NULL || n < LPAR_HDRSIZE || lpar_wire_getheader(q, &f) != 0 ||
+      f.len != n - LPAR_HDRSIZE || f.type == LPAR_FRING) {
+    protoerror(c, w, "bad place in the ring");
+    return -1;
+  }
+  if (frame(c, w, &f, q + LPAR_HDRSIZE) != 0)
+    return -1;
+  if (w->state != W_EMPTY)
+    lpar_ring_release(&w->ring, pos + n);
+  return 0;
+}
+
+/* Handle the whole frames w has sent; -1 if w is gone meanwhile. */
+static int frames(Ctx *c, EWorker *w) {
+  size_t at = 0;
+  pid_t pid = w->proc.pid;
+  while (w->in.n - at >= LPAR_HDRSIZE) {
+    Frame f;
+    const char *p;
+    if (lpar_wire_getheader(w->in.p + at, &f) != 0 ||
+        (f.type == LPAR_FRING && f.len != 16)) {
+      protoerror(c, w, "bad frame header");
+      return -1;
+    }
+    if (f.len > w->in.n - at - LPAR_HDRSIZE)
+      break; /* not all there yet */
+    p = w->in.p + at + LPAR_HDRSIZE;
+    if ((f.type == LPAR_FRING ? ringframe(c, w, p) : frame(c, w, &f, p)) != 0)
+      return -1;
+    if (w->state == W_EMPTY || w->proc.pid != pid)
+      return -1; /* its job failed and took it along */
+    at += LPAR_HDRSIZE + (size_t)f.len;
+  }
+  lpar_buf_drop(&w->in, at);
+  return 0;
+}
+
+/* Read what worker w has sent and handle it. The time an engine of a
+   call spends on it counts as the caller's cost per result. */
+static void readworker(Ctx *c, EWorker *w) {
+  Engine *e = c->e;
+  long long t0 = e->o.ondemand ? lpar_pool_now() : 0;
+  lua_Integer done0 = 0;
+  Job *j;
+  for (j = e->jobs; j; j = j->nextjob)
+    done0 += j->done;
+  for (;;) {
+    long k = lpar_wire_tryread(w->proc.resfd, &w->in);
+    if (k == -EAGAIN)
+      break;
+    if (k == -ENOMEM) {
+      char what[96];
+      protoerror(c, w, lpar_wire_toolong(&w->in, what, sizeof what));
+      return;
+    }
+    if (k <= 0) { /* end of file (a partial frame is dropped) or error */
+      lose(c, w, k < 0, NULL);
+      return;
+    }
+    w->lastread = lpar_pool_now();
+    if (frames(c, w) != 0)
+      return;
+  }
+  if (e->o.ondemand) {
+    lua_Integer done1 = 0;
+    for (j = e->jobs; j; j = j->nextjob)
+      done1 += j->done;
+    e->pns += lpar_pool_now() - t0;
+    if (done1 > done0)
+      e->pitems += done1 - done0;
+  }
+}
+
+/* ---- time ---- */
+
+/*
+** A worker that is not running an item and left a frame unfinished for
+** the timeout (its job's, else the engine's, else LPAR_STALLNS) broke the
+** protocol; what it sent so far is read first. Returns when to look again
+** (ns; 0: never, -1: something was handled, the pump goes on).
+*/
+static long long stalled(Ctx *c, EWorker *w, long long now) {
+  Engine *e = c->e;
+  double secs =
+      w->job && w->job->o.timeout > 0 ? w->job->o.timeout : e->o.timeout;
+  long long limit = secs > 0 ? (long long)(secs * 1e9) : LPAR_STALLNS;
+  char what[96];
+  if (w->in.n == 0 || e->slots[w - e->w].item != 0)
+    return 0;
+  if (now < w->lastread + limit)
+    return w->lastread + limit;
+  readworker(c, w);
+  if (w->state == W_EMPTY || w->in.n == 0 || now < w->lastread + limit)
+    return -1;
+  snprintf(what, sizeof what, "partial frame, nothing more for %.1f s",
+           (double)limit / 1e9);
+  protoerror(c, w, what);
+  return -1;
+}
+
+/* Timeouts per item and for init, stalled frames, TERM -> KILL
+   escalation; arms the timer for the next deadline. Returns whether a
+   worker was lost meanwhile (then do not wait: its place wants filling). */
+static int deadlines(Ctx *c) {
+  Engine *e = c->e;
+  long long now = lpar_pool_now(), next = 0;
+  int i, acted = 0;
+  for (i = 0; i < e->o.n; i++) {
+    EWorker *w = &e->w[i];
+    long long due = 0, stall;
+    if (w->state == W_EMPTY)
+      continue;
+    if (w->killat > 0) {
+      if (now >= w->killat) {
+        lpar_pool_killproc(&w->proc, SIGKILL);
+        w->killat = 0;
+      }
+      else
+        due = w->killat;
+    }
+    else if (w->state == W_STARTING && e->o.timeout > 0) {
+      long long limit = e->slots[i].since + (long long)(e->o.timeout * 1e9);
+      if (e->slots[i].item == LPAR_SLOTHOOK && now >= limit) {
+        w->timedout = LPAR_SLOTHOOK;
+        lpar_pool_killproc(&w->proc, SIGTERM);
+        w->killat = now + KILLGRACE;
+        due = w->killat;
+      }
+      else /* not in init yet, or until its limit */
+        due = e->slots[i].item == LPAR_SLOTHOOK ? limit : now + 10000000LL;
+    }
+    else if (w->state == W_BUSY && w->job && w->job->o.timeout > 0) {
+      lua_Integer item = e->slots[i].item;
+      long long limit =
+          e->slots[i].since + (long long)(w->job->o.timeout * 1e9);
+      if (item != 0 && now >= limit) {
+        w->timedout = item;
+        lpar_pool_killproc(&w->proc, SIGTERM);
+        w->killat = now + KILLGRACE;
+        due = w->killat;
+      }
+      else
+        due = item != 0 ? limit : now + 10000000LL; /* look again soon */
+    }
+    if (w->killat == 0 && w->state != W_EMPTY &&
+        (stall = stalled(c, w, now)) != 0) {
+      if (stall < 0)
+        acted = 1;
+      else if (due == 0 || stall < due)
+        due = stall;
+    }
+    if (due > 0 && (next == 0 || due < next))
+      next = due;
+  }
+  if (next != e->armed) {
+    struct itimerspec its;
+    memset(&its, 0, sizeof its);
+    if (next > 0) {
+      its.it_value.tv_sec = next / 1000000000LL;
+      its.it_value.tv_nsec = next % 1000000000LL;
+    }
+    timerfd_settime(e->tfd, TFD_TIMER_ABSTIME, &its, NULL);
+    e->armed = next;
+  }
+  return acted;
+}
+
+/* ---- the pump ---- */
+
+/* Wait up to 'ms' for events and handle them; returns how many came. */
+static int events(Ctx *c, int ms) {
+  Engine *e = c->e;
+  lua_State *L = c->L;
+  int i, n;
+  do
+    n = epoll_pwait(e->epfd, e->evs, e->nevs, ms,
+                    e->waiting && e->watching ? &e->waitmask : NULL);
+  while (n == -1 && errno == EINTR && !interrupted);
+  if (n == -1 && errno != EINTR)
+    luaL_error(L, "epoll_wait: %s", strerror(errno));
+  for (i = 0; i < n; i++) {
+    uint32_t kind = (uint32_t)(e->evs[i].data.u64 >> 32);
+    uint32_t k = (uint32_t)e->evs[i].data.u64;
+    EWorker *w;
+    if (kind == EV_TIMER) {
+      uint64_t ticks;
+      if (read(e->tfd, &ticks, sizeof ticks) < 0) { /* just clearing it */
+      }
+      e->armed = 0;
+      continue;
+    }
+    if (kind == EV_WAKE) { /* a stream's input may have an item now */
+      Job *j;
+      for (j = e->jobs; j; j = j->nextjob)
+        if ((uint32_t)j->id == k && j->pending) {
+          j->pending = 0;
+          unwatchwake(e, j);
+        }
+      continue;
+    }
+    if (k >= (uint32_t)e->o.n)
+      continue;
+    w = &e->w[k];
+    if (w->state == W_EMPTY)
+      continue;
+    if (kind == EV_RES)
+      readworker(c, w);
+    else if (kind == EV_PID) { /* it ended, maybe with its pipe held */
+      pid_t pid = w->proc.pid;
+      readworker(c, w); /* what it sent before it ended counts */
+      if (w->state != W_EMPTY && w->proc.pid == pid)
+        lose(c, w, 0, NULL);
+    }
+    else if (sendsome(e, w) != 0)
+      lose(c, w, 1, NULL);
+  }
+  return n < 0 ? 0 : n;
+}
+
+/*
+** Handle what is ready, waiting up to 'ms' (-1: until something happens;
+** the timer wakes it for deadlines): reap, start workers, hand out
+** chunks, read results, write pending items.
+*/
+static void pump(Ctx *c, int ms) {
+  Engine *e = c->e;
+  int d;
+  reapdying(e, 0);
+  refill(c);
+  if (broken(c))
+    return; /* no worker is left to wait for */
+  dispatch(c);
+  if (deadlines(c)) /* armed for workers just started, too */
+    ms = 0;
+  if (canspawn(e)) { /* all busy: another worker, unless results are in */
+    if (events(c, 0) == 0 && (d = spawnwait(e)) >= 0) {
+      const char *call = "fork";
+      if (d == 0) {
+        if (spawnone(c, &call) < 0)
+          e->cap = e->live; /* go on with the workers there are */
+        dispatch(c);
+        return;
+      }
+      if (ms < 0 || d < ms)
+        ms = d;
+    }
+    else {
+      deadlines(c);
+      refill(c);
+      dispatch(c);
+      return;
+    }
+  }
+  events(c, ms);
+  deadlines(c);
+  refill(c);
+  dispatch(c);
+}
+
+/* lua_CFunction: (ctx, ms, engine's uservalue) under lua_pcall, so that
+   an error cannot leave the engine marked as pumping. */
+static int pumpcall(lua_State *L) {
+  Ctx own = *(Ctx *)lua_touserdata(L, 1);
+  own.L = L;
+  own.uv = 3;
+  pump(&own, (int)lua_tointeger(L, 2));
+  return 0;
+}
+
+static void safepump(Ctx *c, int ms) {
+  lua_State *L = c->L;
+  int status;
+  if (c->e->inpump)
+    luaL_error(L, "pool is busy (called from inside its own pump)");
+  c->e->inpump = 1;
+  holdchld(c->e);
+  lua_pushcfunction(L, pumpcall);
+  lua_pushlightuserdata(L, c);
+  lua_pushinteger(L, ms);
+  lua_pushvalue(L, c->uv);
+  status = lua_pcall(L, 3, 0, 0);
+  releasechld(c->e);
+  c->e->inpump = 0;
+  if (status != LUA_OK)
+    lua_error(L);
+}
+
+/* ---- the API ---- */
+
+/* Set up a Ctx for the engine at 'idx' (pushes its uservalue). Raises if
+   it is closed, belongs to another process, or is pumping (a finalizer
+   run by the pump's allocations cannot use it). */
+static void ctxof(lua_State *L, int idx, Ctx *c) {
+  c->L = L;
+  c->e = lua_touserdata(L, idx);
+  if (c->e->owner != getpid())
+    luaL_error(L, "pool belongs to another process");
+  if (c->e->closed)
+    luaL_error(L, "pool is closed");
+  if (c->e->inpump)
+    luaL_error(L, "pool is busy (called from inside its own pump)");
+  lua_getiuservalue(L, idx, 1);
+  c->uv = lua_gettop(L);
+}
+
+/* Set up a Ctx for the engine of the job at 'jidx' (pushes the job's
+   uservalue, the engine and its uservalue). */
+static void jobctx(lua_State *L, int jidx, Ctx *c) {
+  lua_getiuservalue(L, jidx, 1);
+  lua_rawgeti(L, -1, JU_ENGINE);
+  ctxof(L, lua_gettop(L), c);
+}
+
+Engine *lpar_engine_new(lua_State *L, const EngineOpts *o, const char *mt) {
+  Engine *e;
+  int i, top = lua_gettop(L);
+  e = lua_newuserdatauv(L, sizeof(Engine), 1);
+  memset(e, 0, sizeof *e);
+  e->epfd = e->tfd = -1;
+  e->owner = getpid();
+  e->o = *o;
+  e->cap = o->n;
+  e->closed = 1; /* until it is complete: __gc has nothing to do */
+  luaL_setmetatable(L, mt);
+  lua_createtable(L, EU_N, 0);
+  for (i = 0; i < 4; i++) { /* init, close, fns, items */
+    lua_pushvalue(L, top - 3 + i);
+    lua_rawseti(L, -2, EU_INIT + i);
+  }
+  lua_newtable(L);
+  lua_rawseti(L, -2, EU_ANCHORS);
+  lua_newtable(L);
+  lua_createtable(L, 0, 1);
+  lua_pushliteral(L, "k");
+  lua_setfield(L, -2, "__mode");
+  lua_setmetatable(L, -2);
+  lua_rawseti(L, -2, EU_TNS);
+  lua_setiuservalue(L, -2, 1);
+  lua_replace(L, top - 3);
+  lua_settop(L, top - 3);
+  e->nevs = 3 * o->n + 8;
+  e->w = calloc((size_t)o->n, sizeof(EWorker));
+  e->evs = calloc((size_t)e->nevs, sizeof(struct epoll_event));
+  if (e->w == NULL || e->evs == NULL)
+    luaL_error(L, "not enough memory"); /* __gc frees what was made */
+  for (i = 0; i < o->n; i++)
+    e->w[i].proc.cmdfd = e->w[i].proc.resfd = e->w[i].proc.pidfd = -1;
+  e->slots = lpar_pool_slots((size_t)o->n);
+  if (e->slots == NULL)
+    luaL_error(L, "cannot map shared memory: %s", strerror(errno));
+  e->closed = 0;
+  e->epfd = epoll_create1(EPOLL_CLOEXEC);
+  if (e->epfd >= 0)
+    lpar_pool_track(e->epfd);
+  e->tfd = timerfd_create(CLOCK_MONOTONIC, TFD_NONBLOCK | TFD_CLOEXEC);
+  if (e->tfd >= 0)
+    lpar_pool_track(e->tfd);
+  if (e->epfd < 0 || e->tfd < 0 ||
+      evctl(e, EPOLL_CTL_ADD, e->tfd, EPOLLIN, EVDATA(EV_TIMER, 0)) != 0)
+    luaL_error(L, "cannot %s: %s: %s",
+               o->ondemand ? "start a worker" : "make a pool",
+               e->epfd < 0  ? "epoll_create1"
+               : e->tfd < 0 ? "timerfd_create"
+                            : "epoll_ctl",
+               strerror(errno));
+  return e;
+}
+
+void lpar_engine_start(lua_State *L, int idx) {
+  Ctx c;
+  Engine *e;
+  int i, status = LUA_OK;
+  idx = lua_absindex(L, idx);
+  ctxof(L, idx, &c);
+  e = c.e;
+  e->creating = 1;
+  holdchld(e);
+  for (;;) {
+    int starting = 0;
+    lua_pushcfunction(L, pumpcall);
+    lua_pushlightuserdata(L, &c);
+    lua_pushinteger(L, -1);
+    lua_pushvalue(L, c.uv);
+    status = lua_pcall(L, 3, 0, 0);
+    if (status != LUA_OK)
+      break;
+    if (lua_rawgeti(L, c.uv, EU_BROKEN) != LUA_TNIL)
+      break;
+    lua_pop(L, 1);
+    for (i = 0; i < e->o.n; i++)
+      starting += e->w[i].state == W_STARTING;
+    if (starting == 0)
+      break;
+  }
+  e->creating = 0;
+  releasechld(e);
+  if (lua_gettop(L) > c.uv) { /* an error, or the reason it broke */
+    lpar_engine_close(L, idx, "pool closed");
+    lua_error(L);
+  }
+  lua_pop(L, 1);
+}
+
+Job *lpar_engine_submit(lua_State *L, int eidx, int fidx, int iidx,
+                        lua_Integer n, const JobOpts *o) {
+  Ctx c;
+  Job *j;
+  Frame f;
+  int ju;
+  eidx = lua_absindex(L, eidx);
+  fidx = lua_absindex(L, fidx);
+  iidx = lua_absindex(L, iidx);
+  ctxof(L, eidx, &c);
+  if (lua_rawgeti(L, c.uv, EU_BROKEN) != LUA_TNIL)
+    lua_error(L);
+  lua_pop(L, 1);
+  j = lua_newuserdatauv(L, sizeof(Job), 1);
+  memset(j, 0, sizeof *j);
+  luaL_setmetatable(L, LPAR_JOBMT);
+  ju = lua_gettop(L);
+  j->e = c.e;
+  j->id = ++c.e->nextid;
+  j->o = *o;
+  j->stream = n < 0;
+  j->n = n < 0 ? 0 : n;
+  j->next = 1;
+  j->emit = 1;
+  j->state = J_RUNNING;
+  lua_createtable(L, JU_N, 0);
+  lua_newtable(L);
+  lua_rawseti(L, -2, JU_RESULTS);
+  lua_newtable(L);
+  lua_rawseti(L, -2, JU_ERRORS);
+  lua_pushvalue(L, iidx);
+  lua_rawseti(L, -2, JU_ITEMS);
+  lua_pushvalue(L, eidx);
+  lua_rawseti(L, -2, JU_ENGINE);
+  lua_pushvalue(L, fidx);
+  lua_rawseti(L, -2, JU_F);
+  if (j->stream) {
+    lua_newtable(L);
+    lua_rawseti(L, -2, JU_INFLIGHT);
+  }
+  lua_setiuservalue(L, ju, 1);
+  if (o->emitting) {
+    j->fin = calloc(LPAR_WINDOW, 1);
+    j->queue = calloc(LPAR_WINDOW, sizeof(lua_Integer));
+    if (j->fin == NULL || j->queue == NULL)
+      luaL_error(L, "not enough memory"); /* __gc frees them */
+  }
+  /* a function the workers inherited is named, not sent */
+  if (j->o.fnk == 0) {
+    if (lua_rawgeti(L, c.uv, EU_FNS) == LUA_TTABLE) {
+      lua_Integer k, nf = (lua_Integer)lua_rawlen(L, -1);
+      for (k = 1; k <= nf && j->o.fnk == 0; k++) {
+        lua_rawgeti(L, -1, k);
+        if (lua_rawequal(L, -1, fidx))
+          j->o.fnk = (int)k;
+        lua_pop(L, 1);
+      }
+    }
+    lua_pop(L, 1);
+  }
+  o = &j->o;
+  /* the function, once, as a CALL frame */
+  nomem(L, lpar_buf_reserve(&j->call, LPAR_HDRSIZE + 8));
+  j->call.n = LPAR_HDRSIZE;
+  if (o->fnk > 0) {
+    lpar_wire_put64(j->call.p + LPAR_HDRSIZE, (uint64_t)o->fnk);
+    j->call.n += 8;
+  }
+  else if (lpar_xfer_encode(L, fidx, &j->call) != 0) {
+    freejob(j);
+    luaL_error(L, "cannot send the function: %s", lua_tostring(L, -1));
+  }
+  f.type = LPAR_FCALL;
+  /* with retries, a worker goes on with its chunk after an item fails */
+  f.count = (o->collect || o->retries > 0 ? LPAR_CALLCOLLECT : 0) |
+            (o->timeout > 0 ? LPAR_CALLTIMED : 0) |
+            (o->fnk > 0 ? LPAR_CALLINHERIT : 0);
+  f.len = j->call.n - LPAR_HDRSIZE;
+  lpar_wire_putheader(j->call.p, &f);
+  /* what was learnt about this function's items last time */
+  lua_rawgeti(L, c.uv, EU_TNS);
+  lua_pushvalue(L, fidx);
+  if (lua_rawget(L, -2) == LUA_TNUMBER)
+    j->tns = (double)lua_tonumber(L, -1);
+  lua_pop(L, 2);
+  if (n == 0) {
+    j->state = J_DONE;
+    freejob(j);
+    lua_settop(L, ju);
+    lua_remove(L, c.uv);
+    return j;
+  }
+  /* anchor it and queue it, then start it at once */
+  lua_rawgeti(L, c.uv, EU_ANCHORS);
+  lua_pushvalue(L, ju);
+  lua_rawsetp(L, -2, j);
+  lua_pop(L, 1);
+  if (c.e->lastjob)
+    c.e->lastjob->nextjob = j;
+  else
+    c.e->jobs = j;
+  c.e->lastjob = j;
+  if (!c.e->o.ondemand) /* a call's engine starts as it is waited for */
+    safepump(&c, 0);
+  lua_settop(L, ju);
+  lua_remove(L, c.uv);
+  return j;
+}
+
+void lpar_engine_pump(lua_State *L, int idx, int ms) {
+  Ctx c;
+  ctxof(L, idx, &c);
+  safepump(&c, ms);
+  lua_pop(L, 1);
+}
+
+/* Whether the next result of emitting job j may be taken. */
+static int emittable(Job *j) {
+  if (j->o.unordered)
+    return j->qhead < j->qtail;
+  return j->emit <= j->n && j->fin[(j->emit - 1) % LPAR_WINDOW];
+}
+
+/* Under lua_pcall: (ctx, job, engine's uservalue) pumps until the job is
+   finished, or has a result to take if it emits. */
+static int waitloop(lua_State *L) {
+  Ctx own = *(Ctx *)lua_touserdata(L, 1);
+  Job *j = lua_touserdata(L, 2);
+  own.L = L;
+  own.uv = 3;
+  while (j->state == J_RUNNING && !(j->fin && emittable(j))) {
+    pump(&own, -1);
+    if (interrupted && j->state == J_RUNNING) {
+      own.e->interrupted = interrupted;
+      lua_pushstring(L, interrupted == SIGTERM  ? "terminated"
+                        : interrupted == SIGHUP ? "hangup"
+                                                : "interrupted");
+      endjob(&own, j, J_CANCELLED, NULL);
+    }
+  }
+  return 0;
+}
+
+/* Pump until job j (at 'jidx') is finished or has a result to take, with
+   SIGINT ending the wait, and SIGTERM and SIGHUP too when the engine
+   takes them. A signal the caller ignores stays ignored. */
+static void waitjob(lua_State *L, int jidx, Job *j) {
+  static const int sigs[] = {SIGINT, SIGTERM, SIGHUP};
+  Ctx c;
+  Engine *e;
+  struct sigaction sa, old[3];
+  sigset_t block;
+  int status, k, taken[3] = {0, 0, 0};
+  if (j->state != J_RUNNING || (j->fin && emittable(j)))
+    return;
+  jobctx(L, jidx, &c);
+  e = c.e;
+  if (e->waiting)
+    luaL_error(L, "pool is busy (called from inside its own pump)");
+  sigemptyset(&block);
+  for (k = 0; k < 3; k++)
+    if (k == 0 || e->o.sigterm)
+      sigaddset(&block, sigs[k]);
+  sigprocmask(SIG_BLOCK, &block, &e->oldmask);
+  e->waitmask = e->oldmask;
+  memset(&sa, 0, sizeof sa);
+  sa.sa_handler = onint;
+  sigemptyset(&sa.sa_mask);
+  for (k = 0; k < 3; k++) {
+    if (!sigismember(&block, sigs[k]))
+      continue;
+    sigaction(sigs[k], NULL, &old[k]);
+    taken[k] = old[k].sa_handler != SIG_IGN;
+    if (taken[k]) {
+      sigaction(sigs[k], &sa, NULL);
+      sigdelset(&e->waitmask, sigs[k]);
+    }
+  }
+  e->watching = taken[0] || taken[1] || taken[2];
+  interrupted = 0;
+  e->waiting = 1;
+  e->inpump = 1;
+  holdchld(e);
+  lua_pushcfunction(L, waitloop);
+  lua_pushlightuserdata(L, &c);
+  lua_pushlightuserdata(L, j);
+  lua_pushvalue(L, c.uv);
+  status = lua_pcall(L, 3, 0, 0);
+  releasechld(e);
+  e->inpump = 0;
+  e->waiting = 0;
+  for (k = 0; k < 3; k++)
+    if (taken[k])
+      sigaction(sigs[k], &old[k], NULL);
+  sigprocmask(SIG_SETMASK, &e->oldmask, NULL);
+  if (status != LUA_OK)
+    lua_error(L);
+  lua_pop(L, 3);
+}
+
+void lpar_engine_wait(lua_State *L, int jidx) {
+  jidx = lua_absindex(L, jidx);
+  waitjob(L, jidx, lua_touserdata(L, jidx));
+}
+
+int lpar_engine_results(lua_State *L, int idx) {
+  Job *j = lua_touserdata(L, idx);
+  lua_getiuservalue(L, idx, 1);
+  if (j->state != J_DONE) {
+    lua_rawgeti(L, -1, JU_FAILURE);
+    return lua_error(L);
+  }
+  lua_rawgeti(L, -1, JU_RESULTS);
+  lua_pushinteger(L, j->n);
+  if (!j->o.collect)
+    return 2;
+  lua_rawgeti(L, -3, JU_ERRORS);
+  return 3;
+}
+
+/* Push index, value, error of item i of the job whose uservalue is at
+   'uv', and forget them. */
+static int emit(lua_State *L, Job *j, int uv, lua_Integer i) {
+  j->fin[(i - 1) % LPAR_WINDOW] = 0;
+  lua_rawgeti(L, uv, JU_RESULTS);
+  lua_rawgeti(L, uv, JU_ERRORS);
+  lua_pushinteger(L, i);
+  lua_rawgeti(L, -3, i);
+  lua_rawgeti(L, -3, i);
+  lua_pushnil(L);
+  lua_rawseti(L, -6, i);
+  lua_pushnil(L);
+  lua_rawseti(L, -5, i);
+  return 3;
+}
+
+int lpar_engine_next(lua_State *L, int jidx) {
+  Job *j;
+  int uv;
+  jidx = lua_absindex(L, jidx);
+  j = lua_touserdata(L, jidx);
+  waitjob(L, jidx, j);
+  lua_getiuservalue(L, jidx, 1);
+  uv = lua_gettop(L);
+  if (emittable(j)) {
+    lua_Integer i =
+        j->o.unordered ? j->queue[j->qhead++ % LPAR_WINDOW] : j->emit;
+    j->emit++;
+    /* a stream that said "not yet" may have held back for room: it is
+       asked again */
+    if (j->pending) {
+      j->pending = 0;
+      unwatchwake(j->e, j);
+    }
+    return emit(L, j, uv, i);
+  }
+  if (j->state == J_DONE)
+    return 0;
+  lua_rawgeti(L, uv, JU_FAILURE);
+  return lua_error(L);
+}
+
+void lpar_engine_cancel(lua_State *L, int jidx, const char *why) {
+  Job *j;
+  Ctx c;
+  jidx = lua_absindex(L, jidx);
+  j = lua_touserdata(L, jidx);
+  if (j->state != J_RUNNING)
+    return;
+  jobctx(L, jidx, &c);
+  lua_pushstring(L, why);
+  holdchld(c.e);
+  endjob(&c, j, J_CANCELLED, NULL);
+  reapdying(c.e, 1); /* killed: no zombie is left for a later pump */
+  releasechld(c.e);
+  lua_pop(L, 3);
+}
+
+void lpar_engine_close(lua_State *L, int idx, const char *why) {
+  Engine *e = lua_touserdata(L, idx);
+  Ctx c;
+  int i, hasclose, isbroken, hard = 0, report;
+  long long grace, deadline;
+  const char *who;
+  if (e == NULL || e->closed || e->owner != getpid())
+    return;
+  idx = lua_absindex(L, idx);
+  holdchld(e);
+  c.L = L;
+  c.e = e;
+  lua_getiuservalue(L, idx, 1);
+  c.uv = lua_gettop(L);
+  while (e->jobs) {
+    hard = 1;
+    lua_pushstring(L, why);
+    endjob(&c, e->jobs, J_CANCELLED, NULL);
+  }
+  e->closed = 1;
+  isbroken = broken(&c); /* workers still in init are of no use */
+  for (i = 0; e->w && i < e->o.n; i++) {
+    EWorker *w = &e->w[i];
+    if (w->state == W_EMPTY)
+      continue;
+    /* busy ones are killed; so are all of a call's engine after a failure
+       (no close hook is waited for) */
+    if (w->nq > 0 || (isbroken && w->state == W_STARTING) ||
+        (e->o.ondemand && e->ended))
+      lpar_pool_killproc(&w->proc, SIGKILL);
+    closeworker(e, w); /* end of file: an idle worker leaves */
+  }
+  /* idle ones run close: the timeout, or a grace period, bounds it; one
+     still there is killed and reported, as a failing close is. A call's
+     engine reports a bad leave only when the call went well. */
+  grace =
+      e->o.timeout > 0 ? (long long)(e->o.timeout * 1e9) : LPAR_CLOSEGRACENS;
+  deadline = lpar_pool_now() + grace;
+  lua_rawgeti(L, c.uv, EU_CLOSE);
+  hasclose = !lua_isnil(L, -1);
+  lua_pop(L, 1);
+  report = e->o.ondemand ? !hard && !e->ended : 1;
+  who = e->o.ondemand ? "worker" : "pool worker";
+  for (i = 0; e->w && i < e->o.n; i++) {
+    EWorker *w = &e->w[i];
+    /* os.exit(7) in close, or a crash, is reported; not the busy ones
+       killed above, whose places are empty by now */
+    if (w->state != W_EMPTY)
+      lpar_worker_finish(&w->proc, deadline, (double)grace / 1e9, hasclose,
+                         report, who);
+    w->state = W_EMPTY;
+    lpar_buf_free(&w->in);
+    lpar_buf_free(&w->out);
+    lpar_ring_unmap(&w->ring);
+  }
+  for (i = 0; i < e->nretired; i++) {
+    if (e->interrupted) /* Ctrl-C: no close hook is waited for */
+      lpar_pool_killproc(&e->retired[i], SIGKILL);
+    lpar_worker_finish(&e->retired[i], deadline, (double)grace / 1e9, hasclose,
+                       report, who);
+  }
+  e->nretired = 0;
+  e->live = 0;
+  reapdying(e, 1);
+  releasechld(e);
+  lua_pop(L, 1);
+  lpar_pool_closefd(&e->epfd);
+  lpar_pool_closefd(&e->tfd);
+  lpar_pool_freeslots(e->slots, (size_t)e->o.n);
+  e->slots = NULL;
+  free(e->w);
+  free(e->evs);
+  free(e->dying);
+  free(e->retired);
+  e->w = NULL;
+  e->evs = NULL;
+  e->dying = NULL;
+  e->retired = NULL;
+  e->ndying = e->capdying = e->capretired = 0;
+}
+
+/* __gc and __close of a call's engine. */
+static int engine_gc(lua_State *L) {
+  lua_settop(L, 1);
+  lpar_engine_close(L, 1, "pool closed");
+  return 0;
+}
+
+/* A running job is anchored by its engine, so this runs for it only when
+   the state closes or the job is done; the engine's own __gc ends it. */
+static int job_gc(lua_State *L) {
+  Job *j = lua_touserdata(L, 1);
+  freejob(j);
+  free(j->fin);
+  free(j->queue);
+  j->fin = NULL;
+  j->queue = NULL;
+  return 0;
+}
+
+void lpar_engine_open(lua_State *L) {
+  if (luaL_newmetatable(L, LPAR_ENGINEMT)) {
+    lua_pushcfunction(L, engine_gc);
+    lua_setfield(L, -2, "__gc");
+    lua_pushcfunction(L, engine_gc);
+    lua_setfield(L, -2, "__close");
+  }
+  lua_pop(L, 1);
+  if (luaL_newmetatable(L, LPAR_JOBMT)) {
+    lua_pushcfunction(L, job_gc);
+    lua_setfield(L, -2, "__gc");
+  }
+  lua_pop(L, 1);
+}

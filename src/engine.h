@@ -1,0 +1,206 @@
+/*
+** engine.h: the one loop of lpar: workers, jobs oldest first, timers and
+** signals, for lpar.parallel, lpar.imap, pools and the CLI alike.
+*/
+#ifndef lpar_engine_h
+#define lpar_engine_h
+
+#include <signal.h>
+#include <stdint.h>
+#include <sys/epoll.h>
+
+#include "buf.h"
+#include "lua.h"
+#include "policy.h"
+#include "pool.h"
+#include "ranges.h"
+#include "ring.h"
+
+#define LPAR_POOLMT "lpar.Pool"  /* an engine that lives on (lpar.pool) */
+#define LPAR_ENGINEMT "lpar.Run" /* the engine of one call (parallel, imap) */
+#define LPAR_JOBMT "lpar.Job"
+
+/* items pulled from an iterator, or results not yet taken by lpar.imap,
+   at most */
+#if !defined(LPAR_WINDOW)
+#define LPAR_WINDOW 16384
+#endif
+
+/* What an engine is made with. */
+typedef struct EngineOpts {
+  int n;          /* places: most workers at once (>= 1) */
+  int ondemand;   /* workers start as the policy finds them worth it
+                     (else all at once, replaced when lost) */
+  int retire;     /* idle workers leave once nothing is left to hand out */
+  int ignint;     /* workers keep SIGINT ignored */
+  int sigterm;    /* SIGTERM (and SIGHUP) end a wait, as SIGINT does */
+  double timeout; /* seconds for init and close; 0: none */
+  size_t maxmem;  /* Lua heap limit of each worker in bytes; 0: none */
+} EngineOpts;
+
+/* What a job is made with. */
+typedef struct JobOpts {
+  lua_Integer chunk; /* fixed chunk size; 0: adaptive */
+  int collect;       /* on_error = "collect" */
+  int retries;       /* times a failed item is run again */
+  double timeout;    /* seconds per item; 0: none */
+  int emitting;      /* results are taken one by one (imap) */
+  int unordered;     /* ... in the order they finish */
+  int fnk;           /* the engine's inherited function k; 0: send f */
+  int inherit;       /* items are the engine's inherited table (WORK) */
+  int wakefd;        /* a stream's iterator may say "not yet" (see
+                        lpar_engine_pushpending): then pulling waits until
+                        this fd is readable; -1: none */
+} JobOpts;
+
+enum { W_EMPTY = 0, W_STARTING, W_IDLE, W_BUSY };
+enum { J_RUNNING = 0, J_DONE, J_FAILED, J_CANCELLED };
+
+struct Job;
+
+typedef struct Chunk {
+  lua_Integer first, count;
+  int alone; /* one suspect (see lpar_ranges_take) */
+} Chunk;
+
+typedef struct EWorker {
+  Proc proc;
+  int state;            /* W_* */
+  struct Job *job;      /* job of the chunks it runs; NULL when idle, or
+                           when the results of its chunks are dropped */
+  uint64_t fnjob;       /* id of the job whose function it holds */
+  Chunk q[2];           /* chunks sent: q[0] runs, q[1] waits its turn */
+  int nq;               /* chunks sent and not finished */
+  lua_Integer got;      /* items of q[0] reported so far */
+  long long busy;       /* ns it reports spending on q[0] */
+  long long started;    /* when q[0] was sent, or became the first */
+  Buf in;               /* bytes received and not yet handled */
+  long long lastread;   /* when bytes last came */
+  Buf out;              /* bytes to send */
+  size_t outpos;        /* bytes of 'out' already sent */
+  int watchout;         /* its command fd is in the epoll set */
+  Ring ring;            /* big results frames arrive here */
+  lua_Integer timedout; /* item it was stopped for, 0 if none */
+  lua_Integer blame;    /* item whose report broke the protocol, 0 if none */
+  long long killat;     /* if > 0: SIGKILL due at this time */
+} EWorker;
+
+typedef struct Engine {
+  EngineOpts o;
+  pid_t owner; /* the process that made it (children inherit copies) */
+  int closed;
+  int creating; /* lpar.pool is waiting for the first workers */
+  int inpump;   /* a pump is running (guards against re-entry) */
+  int epfd;     /* every fd watched, and the timer */
+  int tfd;      /* timerfd of the next deadline */
+  long long armed;
+  EWorker *w;
+  Slot *slots;
+  struct epoll_event *evs;
+  int nevs;
+  pid_t *dying; /* workers killed and not yet reaped */
+  int ndying, capdying;
+  Proc *retired; /* workers let go, reaped when the engine closes */
+  int nretired, capretired;
+  struct Job *jobs, *lastjob; /* active jobs, oldest first */
+  uint64_t nextid;
+  int live;         /* workers running */
+  int forks;        /* workers started so far */
+  int cap;          /* most workers to run (a failed fork lowers it) */
+  int startfails;   /* workers lost before READY, in a row */
+  SchedWave wave;   /* workers started while none is past its first item */
+  long long pns;    /* ns the caller spent taking results */
+  long long pitems; /* results those ns were spent on */
+  int waiting;      /* a blocking wait owns SIGINT (and SIGTERM) */
+  int watching;     /* signals the wait takes: it waits with waitmask */
+  int interrupted;  /* the signal that ended a wait, 0 if none */
+  int ended;        /* a job failed or was cancelled */
+  sigset_t oldmask, waitmask;
+  int chld;     /* depth of the calls that made SIGCHLD deliverable */
+  int heldchld; /* the caller ignored SIGCHLD: oldchld is its action */
+  struct sigaction oldchld;
+} Engine;
+
+typedef struct Job {
+  Engine *e;
+  struct Job *nextjob;
+  uint64_t id;
+  int state; /* J_* */
+  JobOpts o;
+  lua_Integer n;      /* items: the count, or pulled so far (a stream) */
+  lua_Integer next;   /* next item never handed out */
+  lua_Integer done;   /* items reported */
+  int stream;         /* items come from an iterator */
+  int exhausted;      /* ... which has ended */
+  int pending;        /* ... which said "not yet": wait for wakefd */
+  int watchwake;      /* wakefd is in the epoll set */
+  int sized;          /* the results table was made at its full size */
+  double tns;         /* ns per item, 0 until measured */
+  Ranges redo;        /* items to hand out again */
+  int lost;           /* workers lost under it without a culprit */
+  Buf call;           /* CALL frame: header and the function */
+  lua_Integer emit;   /* next index to emit (imap) */
+  unsigned char *fin; /* ring of LPAR_WINDOW flags: item done (imap) */
+  lua_Integer *queue; /* ring of done indices (unordered imap) */
+  lua_Integer qhead, qtail;
+} Job;
+
+/*
+** Replace the four values on top of the stack (init and close hooks, a
+** table of functions and a table of items the workers inherit at fork;
+** each may be nil) with a new engine, a userdata with metatable 'mt'.
+** No worker starts yet. Raises on bad memory or fds.
+*/
+Engine *lpar_engine_new(lua_State *L, const EngineOpts *o, const char *mt);
+
+/* Start every worker of the engine at 'idx' and wait until each has run
+   init (lpar.pool); raises "worker init failed: ..." and the like, with
+   the engine closed. */
+void lpar_engine_start(lua_State *L, int idx);
+
+/*
+** Push a new job of the engine at 'eidx': function at 'fidx' over 'iidx',
+** a table of 'n' items (n >= 0) or an iterator (n < 0). A function to
+** send is encoded here (refused before anything is sent). The job starts
+** at once (a pump that does not wait).
+*/
+Job *lpar_engine_submit(lua_State *L, int eidx, int fidx, int iidx,
+                        lua_Integer n, const JobOpts *o);
+
+/* Handle what is ready, waiting up to 'ms' (-1: until something
+   happens); for the engine at 'idx'. */
+void lpar_engine_pump(lua_State *L, int idx, int ms);
+
+/* Pump until the job at 'jidx' is finished, with SIGINT ending the wait
+   ("interrupted", the job is cancelled; SIGTERM "terminated" and SIGHUP
+   "hangup" too when the engine takes them). */
+void lpar_engine_wait(lua_State *L, int jidx);
+
+/* Push what the finished job at 'idx' returns: results, n [, errors];
+   raises its failure. */
+int lpar_engine_results(lua_State *L, int idx);
+
+/* For an emitting job at 'jidx': pump until a result may be taken and
+   push index, value, error (3); 0 when all are taken. Raises the job's
+   failure. */
+int lpar_engine_next(lua_State *L, int jidx);
+
+/* Cancel the running job at 'jidx': it fails with 'why'. */
+void lpar_engine_cancel(lua_State *L, int jidx, const char *why);
+
+/*
+** Close the engine at 'idx': jobs not finished fail with 'why', busy
+** workers are killed, idle ones told to leave (they run close, bounded by
+** the timeout or a grace period), and all are reaped. Does nothing in a
+** process that inherited a copy. Never raises (but on memory errors).
+*/
+void lpar_engine_close(lua_State *L, int idx, const char *why);
+
+/* Push the value an iterator of a job with a wakefd returns to say "no
+   item yet" (a light userdata). */
+void lpar_engine_pushpending(lua_State *L);
+
+/* Register the engine and job metatables' shared parts. */
+void lpar_engine_open(lua_State *L);
+
+#endif
