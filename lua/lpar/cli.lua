@@ -184,6 +184,7 @@ local flags = {
   ["--unordered"] = "unordered", ["-0"] = "nul",
   ["--null"] = "nul", ["--progress"] = "progress", ["--version"] = "version",
   ["-h"] = "help", ["--help"] = "help", ["--resume"] = "resume", ["--tag"] = "tag",
+  ["--null-output"] = "nulout", ["--json"] = "json", ["--quiet"] = "quiet",
 }
 
 -- Whether an argument after a plain --halt is its value (else the
@@ -198,7 +199,7 @@ end
 -- argv[o.at + k], for k up to o.last - o.at. o.items: the items given
 -- after ':::'; o.files: those of -a.
 function M.parse(argv, cpus)
-  local o = {jobs = 8}
+  local o = {}
   local i = 1
   cpus = cpus or 1
   -- option 'name' with 'value' (nil: take the next argument if it needs
@@ -267,7 +268,11 @@ function M.parse(argv, cpus)
     if not ok then return nil, err or ("unknown option '%s'"):format(a) end
     i = i + 1
   end
+  o.jobsgiven, o.jobs = o.jobs ~= nil, o.jobs or 8
   if o.help or o.version then return o end
+  if o.json and o.tag then
+    return nil, "--json and --tag: a tagged line is not JSON (use one)"
+  end
   if o.resume and not (o.joblog and o.output) then
     return nil, "--resume needs --joblog FILE and -o FILE"
   end
@@ -310,26 +315,96 @@ local function jsonencoder()
   end
   local j = cjson.new()
   j.encode_sparse_array(true) -- a sparse array becomes an object
-  return j.encode
+  return j.encode, cjson.null
+end
+
+-- Where in v the first string (value or key) that is not valid UTF-8
+-- lies, as "[2].name" ("" for v itself), or nil if there is none: JSON
+-- holds UTF-8 only. 'seen' stops at shared tables and cycles.
+local function badutf8(v, path, seen)
+  if type(v) == "string" then
+    if utf8.len(v) then return nil end
+    return path
+  end
+  if type(v) ~= "table" or seen[v] then return nil end
+  seen[v] = true
+  for k, x in next, v do
+    local step
+    if type(k) == "string" and k:match("^[%a_][%w_]*$") then
+      step = (path == "" and "" or ".") .. k
+    else
+      step = "[" .. (type(k) == "string" and M.shorten(k, 20) or tostring(k)) .. "]"
+    end
+    if type(k) == "string" and not utf8.len(k) then
+      return path .. step .. " (its key)"
+    end
+    local at = badutf8(x, path .. step, seen)
+    if at then return at end
+  end
+  return nil
+end
+
+-- f's result v (a table, or with --json any value) as one line of JSON,
+-- or an error that fails the item.
+local function tojson(encode, v)
+  local at = badutf8(v, "", {})
+  if at then
+    error(at == "" and "cannot print the result as JSON: it is not valid UTF-8" or
+          ("cannot print the result as JSON: the string at %s is not valid UTF-8"):format(at), 0)
+  end
+  local ok, s = pcall(encode, v)
+  if not ok then error("cannot print the result as JSON: " .. tostring(s), 0) end
+  return s
 end
 
 -- A function that turns f's return values into one output line, or nil
--- for none. 'encode' (a table -> JSON function) is optional.
-function M.formatter(encode)
+-- for none. 'encode' (a table -> JSON function) is optional. With 'json'
+-- every result is one line of JSON: several values make an array.
+function M.formatter(encode, json)
+  local null
   local function field(v)
     local t = type(v)
     if t == "string" then return v end
     if t == "number" or t == "boolean" then return tostring(v) end
     if t == "nil" then return "" end
     if t == "table" then
-      encode = encode or jsonencoder()
-      local ok, s = pcall(encode, v)
-      if not ok then error("cannot print the result as JSON: " .. tostring(s), 0) end
-      return s
+      if not encode then encode, null = jsonencoder() end
+      return tojson(encode, v)
     end
     local mt = getmetatable(v)
     if type(mt) == "table" and mt.__tostring then return tostring(v) end
     error(("cannot print a %s result"):format(t), 0)
+  end
+  -- a value JSON cannot hold as it is: __tostring's string, or the error
+  local function plain(v)
+    local t = type(v)
+    if t == "function" or t == "thread" or (t == "userdata" and v ~= null) then
+      return field(v)
+    end
+    return v
+  end
+  if json then
+    return function(...)
+      local n, v = select("#", ...), ...
+      if n == 1 then
+        if v == nil then return nil end
+        if not encode then encode, null = jsonencoder() end
+        return tojson(encode, plain(v))
+      end
+      if n == 0 then return nil end
+      if not encode then encode, null = jsonencoder() end
+      local t, any = {...}, false
+      for k = 1, n do
+        if t[k] == nil then
+          t[k] = null
+        else
+          any = true
+          t[k] = plain(t[k])
+        end
+      end
+      if not any then return nil end
+      return tojson(encode, t)
+    end
   end
   return function(...)
     local n, v = select("#", ...), ...
@@ -501,6 +576,7 @@ M.budget = 0.05
 function M.batcher(map, fmt, nul, halt, timed, c, maxmem)
   local concat, shorten, clean, budget = table.concat, M.shorten, M.clean, M.budget
   local split, now, note = c.split, c.now, c.note
+  local eol = c.eol or "\n" -- "\0" with --null-output
   local out, times, recs = {}, {}, {}
   local nrec, k, n, t0, t1, over
   -- the records from k + 1 on, until one fails (one xpcall for all) or the
@@ -557,7 +633,7 @@ function M.batcher(map, fmt, nul, halt, timed, c, maxmem)
         parts = parts or {}
         if n > 0 then
           out[n + 1] = ""
-          parts[#parts + 1] = concat(out, "\n", 1, n + 1)
+          parts[#parts + 1] = concat(out, eol, 1, n + 1)
           n = 0
         end
         parts[#parts + 1] = {k, packfailure(shorten(recs[k]),
@@ -570,7 +646,7 @@ function M.batcher(map, fmt, nul, halt, timed, c, maxmem)
     local text = ""
     if n > 0 then
       out[n + 1] = ""
-      text = concat(out, "\n", 1, n + 1)
+      text = concat(out, eol, 1, n + 1)
     end
     if timed or over then
       parts = parts or {}
@@ -582,6 +658,16 @@ function M.batcher(map, fmt, nul, halt, timed, c, maxmem)
     if text ~= "" then parts[#parts + 1] = text end
     return parts
   end
+end
+
+-- failures reported in full before the rest are only counted
+M.shown = 5
+
+-- What the failure summary adds when 'n' failures were not shown.
+function M.more(n, o)
+  if n == 0 or o.quiet then return "" end
+  return (" (%d more not shown after the first %d%s)")
+    :format(n, M.shown, o.joblog and ": the joblog has them all" or "; --joblog FILE records them all")
 end
 
 -- The message for item n that failed with e.
@@ -903,7 +989,7 @@ end
 -- status.
 function M.run(o, c, reader, counter, map, init, close)
   local lpar = require "lpar"
-  local fmt = M.formatter()
+  local fmt = M.formatter(nil, o.json)
   local nul, halt, retries = o.nul, o.halt, o.retries or 0
   if o.colsep then map = M.fields(map, o.colsep) end
   if o.tag then map = M.tagged(map, fmt) end
@@ -969,7 +1055,7 @@ function M.run(o, c, reader, counter, map, init, close)
                     :format(o.joblog, done, skipped))
       end
     end
-    if o.output then ok, err = c.redirect(o.output, keepout) end
+    if o.output and not o.redirected then ok, err = c.redirect(o.output, keepout) end
     if ok and o.joblog then
       -- output positions are marks to resume from: with ordered output only
       ok, err = c.joblog(keeplog, o.output ~= nil and not o.unordered)
@@ -1043,10 +1129,22 @@ function M.run(o, c, reader, counter, map, init, close)
     if signame[128 + sig] then error(signame[128 + sig], 0) end
   end
 
+  -- Report a failed item: the first few in full, none with --quiet; the
+  -- summary counts those not shown.
+  local shown, unshown = 0, 0
+  local function tell(line, e)
+    if o.quiet or shown >= M.shown then
+      unshown = unshown + 1
+      return
+    end
+    shown = shown + 1
+    report(M.describe(line, e, nul))
+  end
+
   local function failure(line, e, secs, attempt)
     stopping(e)
     failed = failed + 1
-    report(M.describe(real(line), e, nul))
+    tell(real(line), e)
     logline(line, "failed", secs, attempt)
     check(line, false)
   end
@@ -1195,12 +1293,12 @@ function M.run(o, c, reader, counter, map, init, close)
                 halt.what == "fail" and "failed" or halt.what == "success" and "succeeded" or "done",
                 failed + succeeded))
     if failed > 0 then
-      say(c, ("lpar: %d of %d items failed"):format(failed, failed + succeeded))
+      say(c, ("lpar: %d of %d items failed"):format(failed, failed + succeeded) .. M.more(unshown, o))
     end
     return failed > 0 and 1 or 0
   end
   if failed > 0 then
-    say(c, ("lpar: %d of %d items failed"):format(failed, reader:count() - skipped))
+    say(c, ("lpar: %d of %d items failed"):format(failed, reader:count() - skipped) .. M.more(unshown, o))
     return 1
   end
   return 0
@@ -1223,6 +1321,170 @@ function M.commandline(codes)
     for k = 1, #chunks - 1 do chunks[k](...) end
     return chunks[#chunks](...)
   end
+end
+
+-- ---- the script ----
+
+-- While the script loads (or runs, as a program): the last byte it wrote
+-- on stdout (w.tail) and whether it read stdin (w.stdin), seen through
+-- print, io.write, io.read, io.lines and the stdin and stdout handles'
+-- methods. w.restore() puts the originals back.
+-- luacheck: push ignore 122 (io's fields are replaced)
+function M.watchio()
+  local w = {}
+  local iolib = io
+  local stdout, stdin = io.stdout, io.stdin
+  local methods = getmetatable(stdout).__index
+  local print, write, read, lines = _G.print, io.write, io.read, io.lines
+  local fwrite, fread, flines = methods.write, methods.read, methods.lines
+  local function track(...)
+    for k = select("#", ...), 1, -1 do
+      local v = select(k, ...)
+      if math.type(v) then
+        w.tail = "0"
+        return
+      elseif type(v) == "string" and v ~= "" then
+        w.tail = v:sub(-1)
+        return
+      end
+    end
+  end
+  _G.print = function(...)
+    w.tail = "\n"
+    return print(...)
+  end
+  iolib.write = function(...)
+    if io.output() == stdout then track(...) end
+    local f, e, n = write(...)
+    return f, e, n
+  end
+  iolib.read = function(...)
+    if io.input() == stdin then w.stdin = true end
+    local t = table.pack(read(...))
+    return table.unpack(t, 1, t.n)
+  end
+  iolib.lines = function(path, ...)
+    if path == nil and io.input() == stdin then w.stdin = true end
+    local a, b, c, d = lines(path, ...)
+    return a, b, c, d
+  end
+  methods.write = function(f, ...)
+    if f == stdout then track(...) end
+    local r, e, n = fwrite(f, ...)
+    return r, e, n
+  end
+  methods.read = function(f, ...)
+    if f == stdin then w.stdin = true end
+    local t = table.pack(fread(f, ...))
+    return table.unpack(t, 1, t.n)
+  end
+  methods.lines = function(f, ...)
+    if f == stdin then w.stdin = true end
+    local a, b, c, d = flines(f, ...)
+    return a, b, c, d
+  end
+  function w.restore()
+    _G.print, iolib.write, iolib.read, iolib.lines = print, write, read, lines
+    methods.write, methods.read, methods.lines = fwrite, fread, flines
+  end
+  return w
+end
+-- luacheck: pop
+
+-- The options of a run that a script's own lpar.parallel and lpar.imap
+-- calls take as defaults (when it runs as a program).
+local function calldefaults(o)
+  local d = {timeout = o.timeout, retries = o.retries, max_memory = o.maxmem,
+             chunksize = o.chunk, unordered = o.unordered}
+  if o.jobsgiven then d.n_workers = o.jobs end
+  return d
+end
+
+-- Give lpar.parallel, lpar.imap (and the global 'parallel') the defaults
+-- of calldefaults(o), and count the calls of those and of lpar.pool
+-- (u.calls). u.restore() puts the originals back.
+function M.usedefaults(o)
+  local lpar = require "lpar"
+  local u = {calls = 0}
+  local defaults = calldefaults(o)
+  local was = {parallel = lpar.parallel, imap = lpar.imap, pool = lpar.pool,
+               global = _G.parallel, workers = lpar.default_workers}
+  -- the options argument with the defaults filled in; anything else (a
+  -- bad value) is passed on as it is, to be refused as usual
+  local function fill(opts)
+    if opts ~= nil and not math.tointeger(opts) and type(opts) ~= "table" then
+      return opts
+    end
+    local t = {}
+    if type(opts) == "table" then
+      for k, v in next, opts do t[k] = v end
+    elseif opts ~= nil then
+      t.n_workers = opts
+    end
+    for k, v in pairs(defaults) do
+      if t[k] == nil then t[k] = v end
+    end
+    return t
+  end
+  local parallel, imap, pool = was.parallel, was.imap, was.pool
+  lpar.parallel = function(f, items, opts, ...)
+    u.calls = u.calls + 1
+    local t = table.pack(parallel(f, items, fill(opts), ...))
+    return table.unpack(t, 1, t.n)
+  end
+  lpar.imap = function(f, items, opts, ...)
+    u.calls = u.calls + 1
+    local a, b, c, d = imap(f, items, fill(opts), ...)
+    return a, b, c, d
+  end
+  if pool then
+    lpar.pool = function(...)
+      u.calls = u.calls + 1
+      local t = table.pack(pool(...))
+      return table.unpack(t, 1, t.n)
+    end
+  end
+  if _G.parallel == was.parallel then _G.parallel = lpar.parallel end
+  if o.jobsgiven then lpar.default_workers = o.jobs end
+  function u.restore()
+    lpar.parallel, lpar.imap, lpar.pool = was.parallel, was.imap, was.pool
+    if _G.parallel == u.parallel then _G.parallel = was.global end
+    lpar.default_workers = was.workers
+  end
+  u.parallel = lpar.parallel
+  return u
+end
+
+-- The options that mean nothing to a script that returned nothing (run
+-- as a program), as the user wrote them; their table is o.
+local function notforprograms(o)
+  local t = {}
+  if o.files then t[#t + 1] = "-a" end
+  if o.items then t[#t + 1] = "':::'" end
+  if o.joblog then t[#t + 1] = "--joblog" end
+  if o.resume then t[#t + 1] = "--resume" end
+  if o.tag then t[#t + 1] = "--tag" end
+  if o.colsep then t[#t + 1] = "--colsep" end
+  if o.shard then t[#t + 1] = "--shard" end
+  if o.nul then t[#t + 1] = "-0" end
+  if o.nulout then t[#t + 1] = "--null-output" end
+  if o.json then t[#t + 1] = "--json" end
+  if o.quiet then t[#t + 1] = "--quiet" end
+  if o.progress then t[#t + 1] = "--progress" end
+  local h = o.halt
+  if h == false or (h and not (h.when == "now" and h.what == "fail" and h.n == 1)) then
+    t[#t + 1] = "--halt " .. h.text
+  end
+  return t
+end
+
+-- The message if a map script's -o file, opened before the script runs,
+-- would be its script or items file; what the items are is guessed from
+-- the arguments (args) as a map script takes them.
+local function earlyclash(o, c, args)
+  local items = o.files and o.files[1] or (not o.items and (args[1] or "-"))
+  local id = items and c.fileid(items == "-" and "/dev/stdin" or items)
+  return M.clash(o, c, {fileid = function() return id end})
 end
 
 local function traceback(e)
@@ -1266,20 +1528,56 @@ function M.main(argv, c)
   for k = 0, o.last do args[k - o.at] = argv[k] end
   o.args = args
   _G.arg = args
+  -- -o is the script's standard output (as '> FILE' would be), opened
+  -- before it runs; with --joblog it is opened at the run's start
+  if o.output and not o.joblog then
+    local clash = earlyclash(o, c, args)
+    if clash then return fail(2, clash) end
+    local ok, rerr = c.redirect(o.output, 0)
+    if not ok then return fail(2, rerr) end
+    o.redirected = true
+  end
+  local w, u = M.watchio(), M.usedefaults(o)
   local res = table.pack(xpcall(chunk, traceback,
                                 table.unpack(args, 1, o.last - o.at)))
+  w.restore()
+  u.restore()
   if not res[1] then
     local e = res[2]
     if signalled[e] then return fail(signalled[e], e) end
     return fail(2, tostring(e))
   end
   local r = res[2]
-  if r == nil then return 0 end -- the script did its own work
   local name = o.script or "the script"
+  if res.n == 1 then -- nothing returned: the script did its own work
+    local wrong = notforprograms(o)
+    if #wrong > 0 then
+      return fail(2, ("%s does not apply: %s returned nothing, so it ran as a program, " ..
+                      "not a map over items"):format(table.concat(wrong, ", "), name))
+    end
+    local first = args[1]
+    if u.calls == 0 and first and (first == "-" or c.filetype(first) == "file") then
+      return fail(2, ("%s returned nothing and called no lpar.parallel, imap or pool: " ..
+                      "is its 'return' missing? (%s was not read)"):format(name, first))
+    end
+    return 0
+  end
   local map, init, close
-  if type(r) == "function" then
+  if not r then
+    return fail(2, ("%s returned %s, expected a function or a table with 'map' " ..
+                    "(or no value at all, to run as a program)"):format(name, tostring(r)))
+  elseif type(r) == "function" then
     map = r
-  elseif type(r) == "table" and type(r.map) == "function" then
+  elseif type(r) == "table" then
+    for k in next, r do
+      if k ~= "map" and k ~= "init" and k ~= "close" then
+        return fail(2, ("%s: unknown key %s in the table it returned (valid keys: map, init, close)")
+                    :format(name, type(k) == "string" and "'" .. k .. "'" or "[" .. tostring(k) .. "]"))
+      end
+    end
+    if type(r.map) ~= "function" then
+      return fail(2, ("%s: 'map' must be a function, got %s"):format(name, type(r.map)))
+    end
     map, init, close = r.map, r.init, r.close
     for _, k in ipairs({"init", "close"}) do
       if r[k] ~= nil and type(r[k]) ~= "function" then
@@ -1290,6 +1588,12 @@ function M.main(argv, c)
   else
     return fail(2, ("%s must return a function, a table with a 'map' " ..
                     "function, or nothing (got %s)"):format(name, type(r)))
+  end
+  -- what the script printed while loading stands on its own line(s)
+  if w.tail and w.tail ~= "\n" then io.stdout:write("\n") end
+  if o.nulout then
+    c.eol = "\0"
+    c.endlines(true)
   end
   local k, n = o.shard and o.shard[1], o.shard and o.shard[2]
   local reader, rerr, counter
@@ -1312,6 +1616,17 @@ function M.main(argv, c)
     end
   end
   if not reader then return fail(2, rerr) end
+  local fromstdin = false
+  for _, path in ipairs(o.items and {} or o.files or {args[1] or "-"}) do
+    if path == "-" then fromstdin = true end
+  end
+  if fromstdin and w.stdin then
+    return fail(2, ("%s read the standard input while loading, but the items come from it: " ..
+                    "give them as a file (lpar %s items.txt) or with -a"):format(name, o.script or "-e CODE"))
+  end
+  if fromstdin and c.isatty(0) and not o.quiet then
+    io.stderr:write("lpar: reading items from the terminal (end with Ctrl-D)\n")
+  end
   local code = M.run(o, c, reader, counter, map, init, close)
   reader:close()
   return code
