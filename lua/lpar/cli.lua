@@ -38,6 +38,9 @@ options:
                       -o stopped (even killed): nothing lost or repeated;
                       refused if the script, items or arguments differ
   -0, --null          items end with NUL bytes, not newlines
+      --null-output   results end with NUL bytes, not newlines
+      --json          print every result as one line of JSON
+      --quiet         no message per failed item: only the summary
   -a, --arg-file FILE the items are FILE's lines (repeat: files in turn);
                       then all that follows the script is its arguments
   ::: ITEM...         after the script and its arguments: these are the items
@@ -57,7 +60,8 @@ Options come before the script (short ones run together: -0j2); what
 follows it is the script's (in 'arg'). The script returns f(item), or
 {map = f, init = fn, close = fn} where init and close run once in each
 worker. A script that returns nothing is just run, with the 'parallel'
-function and require "lpar".
+function and require "lpar": -j, --timeout, --retries, --max-memory,
+--chunk and --unordered are the defaults of its calls, -o FILE its stdout.
 
 Results: a string as is; numbers and booleans as tostring gives them;
 several values joined by tabs; a table as one line of JSON; nil: no line.

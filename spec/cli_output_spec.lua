@@ -1,0 +1,292 @@
+-- The lpar command: scripts that return nothing (programs), what a script
+-- returns and does while it loads, the forms of the output (--json,
+-- --null-output) and how failures are reported (--quiet, the first few).
+-- Each runs the built binary for real.
+local H = require "spec.helper"
+
+local quote = H.quote
+local lpar = H.lpar
+local writefile = H.writefile
+
+describe("lpar with a script that returns nothing (a program)", function()
+  local dir
+  before_each(function() dir = H.tmpdir() end)
+  after_each(function() H.rmdir(dir) end)
+
+  it("gives --timeout to its lpar.parallel calls", function()
+    local rc, out, err = lpar("--timeout 1 -e " ..
+      quote("lpar.parallel(function() while true do end end, {1}) print('not here')"), nil, 30)
+    assert.equal(2, rc, err)
+    assert.equal("", out)
+    assert.matches("timed out after 1", err)
+  end)
+
+  it("gives -j to its lpar.parallel and lpar.imap calls, and to the global 'parallel'", function()
+    -- one worker runs every item: one pid
+    local code = [[
+      local function pid() local f = io.open("/proc/self/stat") local n = f:read("n") f:close() return n end
+      local seen, n = {}, 0
+      local function f() local t = os.clock() + 0.01 repeat until os.clock() > t return pid() end
+      for _, p in ipairs(parallel(f, {1, 2, 3, 4, 5, 6, 7, 8})) do
+        if not seen[p] then seen[p], n = true, n + 1 end
+      end
+      for _, p in require("lpar").imap(f, {1, 2, 3, 4, 5, 6, 7, 8}) do
+        if not seen[p] then seen[p], n = true, n + 1 end
+      end
+      print(n, require("lpar").default_workers)
+    ]]
+    local rc, out, err = lpar("-j1 -e " .. quote(code), nil, 60)
+    assert.equal(0, rc, err)
+    assert.equal("2\t1\n", out) -- a worker for each call
+  end)
+
+  it("gives --retries to its calls: an item that fails once succeeds", function()
+    local mark = dir .. "/failed-once"
+    local code = ([[
+      local r = lpar.parallel(function(x)
+        local f = io.open(%q)
+        if not f then io.open(%q, "w"):close() error("first time") end
+        f:close()
+        return x * 2
+      end, {21})
+      print(r[1])
+    ]]):format(mark, mark)
+    local rc, out, err = lpar("--retries 1 -e " .. quote(code), nil, 60)
+    assert.equal(0, rc, err)
+    assert.equal("42\n", out)
+  end)
+
+  it("writes its standard output to the file of -o", function()
+    local rc, out, err = lpar("-o " .. dir .. "/out -e " ..
+      quote("print('hello') io.write('world') io.stdout:write('!\\n')"))
+    assert.equal(0, rc, err)
+    assert.equal("", out)
+    assert.equal("hello\nworld!\n", H.readfile(dir .. "/out"))
+  end)
+
+  it("refuses options that cannot apply to it, naming them", function()
+    local items = writefile(dir .. "/items", "a\n")
+    local rc, out, err = lpar("--joblog " .. dir .. "/log --tag -e 'x = 1'")
+    assert.equal(2, rc)
+    assert.equal("", out)
+    assert.matches("lpar: %-%-joblog, %-%-tag does not apply: the script returned nothing, " ..
+                   "so it ran as a program", err)
+    rc, _, err = lpar("-a " .. items .. " -e 'x = 1'")
+    assert.equal(2, rc)
+    assert.matches("lpar: %-a does not apply", err)
+    rc, _, err = lpar("--halt soon,fail=3 -e 'x = 1' ::: a b")
+    assert.equal(2, rc)
+    assert.matches("lpar: ':::', %-%-halt soon,fail=3 does not apply", err)
+  end)
+
+  it("still runs with arguments that are not files", function()
+    local rc, out, err = lpar("-e " .. quote("print(arg[1], ...)") .. " ten 10")
+    assert.equal(0, rc, err)
+    assert.equal("ten\tten\t10\n", out)
+  end)
+end)
+
+describe("lpar with what a script returns", function()
+  local dir, items
+  before_each(function()
+    dir = H.tmpdir()
+    items = writefile(dir .. "/items", "a\nb\n")
+  end)
+  after_each(function() H.rmdir(dir) end)
+
+  it("refuses nil or false returned explicitly", function()
+    local rc, out, err = lpar("-e 'return nil' " .. items)
+    assert.equal(2, rc)
+    assert.equal("", out)
+    assert.matches("lpar: the script returned nil, expected a function or a table with 'map'", err)
+    local script = writefile(dir .. "/s.lua", "return false\n")
+    rc, _, err = lpar(script .. " " .. items)
+    assert.equal(2, rc)
+    assert.matches("s.lua returned false, expected a function", err)
+  end)
+
+  it("refuses a missing 'return' when an items file is given", function()
+    local script = writefile(dir .. "/forgot.lua", "local function f(s) return s end\n")
+    local rc, out, err = lpar(script .. " " .. items)
+    assert.equal(2, rc)
+    assert.equal("", out)
+    assert.matches("forgot.lua returned nothing and called no lpar.parallel, imap or pool: " ..
+                   "is its 'return' missing%? %(.*items was not read%)", err)
+    rc, _, err = lpar(script .. " -", "a\n")
+    assert.equal(2, rc)
+    assert.matches("%(%- was not read%)", err)
+  end)
+
+  it("refuses a table with an unknown key, listing the valid ones", function()
+    local script = writefile(dir .. "/typo.lua",
+      "return {map = function(s) return s end, int = function() end}\n")
+    local rc, out, err = lpar(script .. " " .. items)
+    assert.equal(2, rc)
+    assert.equal("", out)
+    assert.matches("typo.lua: unknown key 'int' in the table it returned " ..
+                   "%(valid keys: map, init, close%)", err)
+  end)
+end)
+
+describe("lpar while the script loads", function()
+  local dir, items
+  before_each(function()
+    dir = H.tmpdir()
+    items = writefile(dir .. "/items", "a\nb\n")
+  end)
+  after_each(function() H.rmdir(dir) end)
+
+  it("ends what the script wrote on its own line, before any result", function()
+    local rc, out, err = lpar("-e " ..
+      quote("io.write('loading') io.stdout:write(' model') return function(s) return 'r' .. s end") ..
+      " " .. items)
+    assert.equal(0, rc, err)
+    assert.equal("loading model\nra\nrb\n", out)
+    rc, out = lpar("-e " .. quote("print('ready') return function(s) return s end") .. " " .. items)
+    assert.equal(0, rc)
+    assert.equal("ready\na\nb\n", out)
+  end)
+
+  it("writes it first into the file of -o", function()
+    local rc, out, err = lpar("-o " .. dir .. "/out -e " ..
+      quote("io.write('header') return function(s) return s end") .. " " .. items)
+    assert.equal(0, rc, err)
+    assert.equal("", out)
+    assert.equal("header\na\nb\n", H.readfile(dir .. "/out"))
+  end)
+
+  it("refuses a script that reads stdin where the items come from", function()
+    local rc, out, err = lpar("-e " ..
+      quote("local first = io.read() return function(s) return s end"), "a\nb\n")
+    assert.equal(2, rc)
+    assert.equal("", out)
+    assert.matches("the script read the standard input while loading, but the items come from it", err)
+    rc, _, err = lpar("-e " .. quote("for l in io.lines() do end return function(s) return s end") ..
+                      " -", "a\n")
+    assert.equal(2, rc)
+    assert.matches("read the standard input while loading", err)
+  end)
+
+  it("gives the script its stdin when the items come from a file", function()
+    local rc, out, err = lpar("-e " ..
+      quote("local pre = io.read() return function(s) return pre .. s end") .. " " .. items, "x-\n")
+    assert.equal(0, rc, err)
+    assert.equal("x-a\nx-b\n", out)
+  end)
+end)
+
+describe("lpar's results", function()
+  local dir, items
+  before_each(function()
+    dir = H.tmpdir()
+    items = writefile(dir .. "/items", "a\nb\n")
+  end)
+  after_each(function() H.rmdir(dir) end)
+
+  it("end with NUL bytes with --null-output, newlines kept", function()
+    local rc, out, err = lpar("--null-output -e " ..
+      quote("function(s) if s == 'b' then error('no b') end return s .. '\\n' .. s end") ..
+      " " .. items)
+    assert.equal(1, rc)
+    assert.equal("a\na\0", out)
+    assert.matches("no b", err)
+    -- through a retry (one record per run) too
+    rc, out = lpar("--null-output --retries 1 -e " ..
+      quote("function(s) return s .. '\\n' end") .. " ::: x y")
+    assert.equal(0, rc)
+    assert.equal("x\n\0y\n\0", out)
+  end)
+
+  it("are each one line of JSON with --json", function()
+    local rc, out, err = lpar("--json -e " .. quote([[function(s)
+      if s == 'a' then return 'line\none "q"' end
+      if s == 'b' then return s, nil, 1.5, true end
+      if s == 'c' then return {k = s} end
+      if s == 'd' then return nil end
+      return 7
+    end]]) .. " ::: a b c d e")
+    assert.equal(0, rc, err)
+    assert.equal('"line\\none \\"q\\""\n["b",null,1.5,true]\n{"k":"c"}\n7\n', out)
+  end)
+
+  it("fail the item, saying why, for a string that is not UTF-8 with --json", function()
+    local rc, out, err = lpar("--json -e " ..
+      quote("function(s) if s == 'b' then return 'x\\255' end return s end") .. " " .. items)
+    assert.equal(1, rc)
+    assert.equal('"a"\n', out)
+    assert.matches('lpar: line 2 %("b"%): cannot print the result as JSON: it is not valid UTF%-8', err)
+  end)
+
+  it("fail the item for a table holding a string that is not UTF-8", function()
+    local rc, out, err = lpar("-e " ..
+      quote("function(s) return {name = s, list = {'ok', s == 'b' and '\\192' or 'fine'}} end") ..
+      " " .. items)
+    assert.equal(1, rc)
+    assert.equal(1, #H.lines(out))
+    assert.matches('"name":"a"', out)
+    assert.matches('lpar: line 2 %("b"%): cannot print the result as JSON: ' ..
+                   'the string at list%[2%] is not valid UTF%-8', err)
+    rc, out, err = lpar("-e " .. quote("function(s) return {[s .. '\\255'] = 1} end") .. " ::: k")
+    assert.equal(1, rc)
+    assert.equal("", out)
+    assert.matches('the string at %["k\\xff"%] %(its key%) is not valid UTF%-8', err)
+  end)
+
+  it("of several values follow one rule: tab-joined, nil empty, all nil no line", function()
+    local rc, out, err = lpar("-e " .. quote([[function(s)
+      if s == '1' then return 'a', nil end
+      if s == '2' then return nil, nil end
+      if s == '3' then return nil, 'b' end
+      return s
+    end]]) .. " ::: 1 2 3 4")
+    assert.equal(0, rc, err)
+    assert.equal("a\t\n\tb\n4\n", out)
+  end)
+end)
+
+describe("lpar's failure messages", function()
+  local dir, items
+  before_each(function()
+    dir = H.tmpdir()
+    local t = {}
+    for i = 1, 12 do t[i] = i .. "\n" end
+    items = writefile(dir .. "/items", table.concat(t))
+  end)
+  after_each(function() H.rmdir(dir) end)
+
+  local FAIL = quote("function(s) if tonumber(s) > 2 then error('bad ' .. s) end return s end")
+
+  it("show the first 5 failures in full and count the others", function()
+    local rc, out, err = lpar("-e " .. FAIL .. " " .. items)
+    assert.equal(1, rc)
+    assert.equal("1\n2\n", out)
+    local _, n = err:gsub("stack traceback:", "")
+    assert.equal(5, n)
+    assert.matches('lpar: line 7 %("7"%): %(command line%):1: bad 7', err)
+    assert.is_nil(err:find("bad 8", 1, true))
+    assert.matches("lpar: 10 of 12 items failed %(5 more not shown after the first 5; " ..
+                   "%-%-joblog FILE records them all%)\n$", err)
+  end)
+
+  it("leave stderr to the summary with --quiet", function()
+    local rc, out, err = lpar("--quiet -e " .. FAIL .. " " .. items)
+    assert.equal(1, rc)
+    assert.equal("1\n2\n", out)
+    assert.equal("lpar: 10 of 12 items failed\n", err)
+  end)
+
+  it("include a hint when the items are read from a terminal", function()
+    -- script(1) gives lpar a terminal for stdin, stdout and stderr
+    local cmd = ("printf 'a\\nb\\n\\004' | timeout 30 script -qc %s /dev/null")
+    local rc, out = H.run(cmd:format(quote(quote(H.cli) .. " -e 'function(s) return s:upper() end'")))
+    assert.equal(0, rc, out)
+    assert.matches("lpar: reading items from the terminal %(end with Ctrl%-D%)", out)
+    assert.matches("A\r\nB\r\n", out)
+    rc, out = H.run(cmd:format(quote(quote(H.cli) .. " --quiet -e 'function(s) return s:upper() end'")))
+    assert.equal(0, rc, out)
+    assert.is_nil(out:find("reading items", 1, true))
+    -- not from a file
+    local _, _, err = lpar("-e 'function(s) return s end' " .. items)
+    assert.equal("", err)
+  end)
+end)
