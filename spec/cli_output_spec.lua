@@ -256,16 +256,15 @@ describe("lpar's failure messages", function()
 
   local FAIL = quote("function(s) if tonumber(s) > 2 then error('bad ' .. s) end return s end")
 
-  it("show the first 5 failures in full and count the others", function()
+  it("show tracebacks for the first 5 failures only, and say so", function()
     local rc, out, err = lpar("-e " .. FAIL .. " " .. items)
     assert.equal(1, rc)
     assert.equal("1\n2\n", out)
     local _, n = err:gsub("stack traceback:", "")
     assert.equal(5, n)
-    assert.matches('lpar: line 7 %("7"%): %(command line%):1: bad 7', err)
-    assert.is_nil(err:find("bad 8", 1, true))
-    assert.matches("lpar: 10 of 12 items failed %(5 more not shown after the first 5; " ..
-                   "%-%-joblog FILE records them all%)\n$", err)
+    assert.matches('lpar: line 7 %("7"%): %(command line%):1: bad 7\nstack traceback:', err)
+    assert.matches('\nlpar: line 8 %("8"%): %(command line%):1: bad 8\nlpar: line 9 ', err)
+    assert.matches("lpar: 10 of 12 items failed %(5 shown without traceback, after the first 5%)\n$", err)
   end)
 
   it("leave stderr to the summary with --quiet", function()
@@ -288,5 +287,113 @@ describe("lpar's failure messages", function()
     -- not from a file
     local _, _, err = lpar("-e 'function(s) return s end' " .. items)
     assert.equal("", err)
+  end)
+end)
+
+describe("lpar's joblog and --resume-failed", function()
+  local dir, items, log, out, script
+  before_each(function()
+    dir = H.tmpdir()
+    items = writefile(dir .. "/items", "1\n2\n3\n4\n5\n6\n")
+    log, out = dir .. "/log", dir .. "/out"
+    -- items 2 and 5 fail until their file 'fixedN' exists
+    script = writefile(dir .. "/flaky.lua", ([[
+      return function(s)
+        if (s == "2" or s == "5") and not io.open(%q .. "/fixed" .. s) then
+          error("not yet " .. s .. "\tor\rnever\nsecond line")
+        end
+        return "r" .. s
+      end
+    ]]):format(dir))
+  end)
+  after_each(function() H.rmdir(dir) end)
+
+  -- the joblog's item lines, each as a list of its fields
+  local function entries()
+    local t = {}
+    for l in H.readfile(log):gmatch("[^\n]+") do
+      if l:sub(1, 1) ~= "#" then
+        local f = {}
+        for v in (l .. "\t"):gmatch("([^\t]*)\t") do f[#f + 1] = v end
+        t[#t + 1] = f
+      end
+    end
+    return t
+  end
+
+  it("has a header naming its columns, and the start, host and first line of the error", function()
+    local t0 = os.time()
+    local rc, _, err = lpar(("--joblog %s -o %s %s %s"):format(log, out, script, items))
+    assert.equal(1, rc, err)
+    assert.matches("^# lpar joblog 2\n.*\n# line\tstatus\tseconds\tattempts\tstart\thost\terror\n1\t",
+                   H.readfile(log))
+    local e = entries()
+    assert.equal(6, #e)
+    for i, f in ipairs(e) do
+      assert.equal(7, #f)
+      assert.equal(tostring(i), f[1])
+      local start = tonumber(f[5])
+      assert.is_true(start >= t0 - 1 and start <= os.time() + 1, f[5])
+      assert.equal(":", f[6])
+    end
+    assert.same({"ok", ""}, {e[1][2], e[1][7]})
+    assert.equal("failed", e[2][2])
+    assert.matches("flaky.lua:3: not yet 2\\tor\\rnever$", e[2][7])
+  end)
+
+  it("runs again only the items recorded as failed, and appends their outcome", function()
+    local rc = lpar(("--joblog %s -o %s %s %s"):format(log, out, script, items))
+    assert.equal(1, rc)
+    assert.equal("r1\nr3\nr4\nr6\n", H.readfile(out))
+    writefile(dir .. "/fixed5", "")
+    local rc2, _, err = lpar(("--resume-failed --joblog %s -o %s %s %s"):format(log, out, script, items))
+    assert.equal(1, rc2)
+    assert.matches('^lpar: line 2 %("2"%): [^\n]*not yet 2', err)
+    assert.matches("lpar: 1 of 2 items failed\n$", err)
+    assert.equal("r1\nr3\nr4\nr6\nr5\n", H.readfile(out))
+    local e = entries()
+    assert.same({"2", "failed"}, {e[7][1], e[7][2]})
+    assert.same({"5", "ok"}, {e[8][1], e[8][2]})
+    -- the next one sees the new outcomes: only 2 is left
+    writefile(dir .. "/fixed2", "")
+    local rc3, _, err3 = lpar(("--resume-failed --joblog %s -o %s %s %s"):format(log, out, script, items))
+    assert.equal(0, rc3, err3)
+    assert.equal("r1\nr3\nr4\nr6\nr5\nr2\n", H.readfile(out))
+    assert.equal(9, #entries())
+    -- then nothing is left, and --resume keeps all of it
+    local rc4, _, err4 = lpar(("--resume-failed --joblog %s -o %s %s %s"):format(log, out, script, items))
+    assert.equal(0, rc4)
+    assert.equal(("lpar: %s records no failed item: nothing to run again\n"):format(log), err4)
+    local rc5, _, err5 = lpar(("--resume --joblog %s -o %s %s %s"):format(log, out, script, items))
+    assert.equal(0, rc5, err5)
+    assert.equal("r1\nr3\nr4\nr6\nr5\nr2\n", H.readfile(out))
+    assert.equal(9, #entries())
+  end)
+
+  it("writes to stdout without -o, and refuses another run's joblog", function()
+    assert.equal(1, (lpar(("--joblog %s %s %s"):format(log, script, items))))
+    writefile(dir .. "/fixed2", "")
+    writefile(dir .. "/fixed5", "")
+    local other = writefile(dir .. "/other", "1\n2\n3\n4\n5\n7\n")
+    local rc, o, err = lpar(("--resume-failed --joblog %s %s %s"):format(log, script, other))
+    assert.equal(2, rc)
+    assert.equal("", o)
+    assert.matches("cannot resume from " .. log:gsub("%p", "%%%0") .. ": the items file differs", err)
+    rc, o, err = lpar(("--resume-failed --joblog %s %s %s"):format(log, script, items))
+    assert.equal(0, rc, err)
+    assert.equal("r2\nr5\n", o)
+    rc, _, err = lpar(("--resume-failed %s %s"):format(script, items))
+    assert.equal(2, rc)
+    assert.matches("%-%-resume%-failed needs %-%-joblog FILE", err)
+  end)
+
+  it("refuses to resume a joblog of the format before, saying why", function()
+    writefile(log, "# lpar joblog 1\n# script: 0 \"x\"\n# line\tstatus\tseconds\tattempts\n" ..
+                   "1\tok\t0.000001\t1\n# out 3 1\n")
+    writefile(out, "r1\n")
+    local rc, _, err = lpar(("--resume --joblog %s -o %s %s %s"):format(log, out, script, items))
+    assert.equal(2, rc)
+    assert.matches("cannot resume from [^\n]*: it was written by an older lpar %(joblog format 1", err)
+    assert.equal("r1\n", H.readfile(out))
   end)
 end)

@@ -606,6 +606,14 @@ static int l_joblog(lua_State *L) {
   return 1;
 }
 
+/* markers(on): whether marks write "# out <bytes> <line>" to the joblog */
+static int l_markers(lua_State *L) {
+  pthread_mutex_lock(&out.mu);
+  out.markers = lua_toboolean(L, 1);
+  pthread_mutex_unlock(&out.mu);
+  return 0;
+}
+
 /* The identity of a regular file or a pipe as "device:inode", or NULL
    (a terminal, /dev/null or a socket may well serve two streams). */
 static const char *pushfileid(lua_State *L, const struct stat *st) {
@@ -1423,6 +1431,15 @@ static int l_now(lua_State *L) {
   return 1;
 }
 
+/* clock() -> seconds since the epoch (wall clock), with a fraction */
+static int l_clock(lua_State *L) {
+  struct timespec ts;
+  if (clock_gettime(CLOCK_REALTIME, &ts) != 0)
+    return raisef(L, "cannot read the clock: %s", strerror(errno));
+  lua_pushnumber(L, (lua_Number)ts.tv_sec + (lua_Number)ts.tv_nsec * 1e-9);
+  return 1;
+}
+
 /* cpus() -> the number of CPUs online (at least 1) */
 static int l_cpus(lua_State *L) {
   long n = sysconf(_SC_NPROCESSORS_ONLN);
@@ -1481,6 +1498,8 @@ static const luaL_Reg helpers[] = {{"signals", l_signals},
                                    {"redirect", l_redirect},
                                    {"openjoblog", l_openjoblog},
                                    {"joblog", l_joblog},
+                                   {"markers", l_markers},
+                                   {"clock", l_clock},
                                    {"fileid", l_fileid},
                                    {"filetype", l_filetype},
                                    {"hash", l_hash},

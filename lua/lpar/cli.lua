@@ -188,7 +188,7 @@ local flags = {
   ["--unordered"] = "unordered", ["-0"] = "nul",
   ["--null"] = "nul", ["--progress"] = "progress", ["--version"] = "version",
   ["-h"] = "help", ["--help"] = "help", ["--resume"] = "resume", ["--tag"] = "tag",
-  ["--null-output"] = "nulout", ["--json"] = "json", ["--quiet"] = "quiet",
+  ["--resume-failed"] = "resumefailed", ["--null-output"] = "nulout", ["--json"] = "json", ["--quiet"] = "quiet",
 }
 
 -- Whether an argument after a plain --halt is its value (else the
@@ -279,6 +279,12 @@ function M.parse(argv, cpus)
   end
   if o.resume and not (o.joblog and o.output) then
     return nil, "--resume needs --joblog FILE and -o FILE"
+  end
+  if o.resumefailed and not o.joblog then
+    return nil, "--resume-failed needs --joblog FILE"
+  end
+  if o.resumefailed and o.resume then
+    return nil, "--resume and --resume-failed: use one"
   end
   if o.resume and o.unordered then
     return nil, "--resume needs ordered output (no --unordered)"
@@ -664,23 +670,36 @@ function M.batcher(map, fmt, nul, halt, timed, c, maxmem)
   end
 end
 
--- failures reported in full before the rest are only counted
-M.shown = 5
-
--- What the failure summary adds when 'n' failures were not shown.
-function M.more(n, o)
-  if n == 0 or o.quiet then return "" end
-  return (" (%d more not shown after the first %d%s)")
-    :format(n, M.shown, o.joblog and ": the joblog has them all" or "; --joblog FILE records them all")
+-- The first line of failure e's message, for the joblog: tabs and
+-- control bytes escaped, at most 200 bytes.
+function M.firstline(e)
+  local _, msg = M.unpackfailure(e)
+  msg = (msg or M.clean(errortext(e))):match("^[^\n]*")
+  if #msg > 200 then msg = msg:sub(1, 200) .. "..." end
+  return (msg:gsub("[%c\\]", function(ch)
+    return escapes[ch] or ("\\x%02x"):format(ch:byte())
+  end))
 end
 
--- The message for item n that failed with e.
-function M.describe(n, e, nul)
+-- failures reported with their traceback; the others without
+M.shown = 5
+
+-- What the failure summary adds when 'n' failures were shown without
+-- their traceback.
+function M.more(n, o)
+  if n == 0 or o.quiet then return "" end
+  return (" (%d shown without traceback, after the first %d)"):format(n, M.shown)
+end
+
+-- The message for item n that failed with e; with 'brief', without its
+-- traceback, and then whether one was left out.
+function M.describe(n, e, nul, brief)
   local what = (nul and "item " or "line ") .. n
   local item, msg, tb = M.unpackfailure(e)
   if item then
     return ("lpar: %s (%s): %s%s"):format(what, item, msg,
-                                          tb ~= "" and "\n" .. tb or "")
+                                          tb ~= "" and not brief and "\n" .. tb or ""),
+           brief and tb ~= ""
   end
   return ("lpar: %s: %s"):format(what, M.clean(errortext(e)))
 end
@@ -783,8 +802,12 @@ local function stopped(e)
   return 1, "lpar: " .. text
 end
 
-M.logheader = "# line\tstatus\tseconds\tattempts\n"
-M.logfirst = "# lpar joblog 1\n"
+M.logheader = "# line\tstatus\tseconds\tattempts\tstart\thost\terror\n"
+M.logfirst = "# lpar joblog 2\n"
+-- the first lines of joblogs of format 1 (lpar before the start, host
+-- and error columns), which --resume refuses with a clear message
+M.oldheader = "# line\tstatus\tseconds\tattempts\n"
+M.oldfirst = "# lpar joblog 1\n"
 
 -- Where to resume from a joblog's text: output bytes to keep, joblog
 -- bytes to keep, records done (all 0 to start afresh); or nil and a
@@ -810,7 +833,11 @@ function M.resumepoint(text, path)
     if line:sub(-1) == "\r" then
       return bad(n, "a line ends with CR (converted to CRLF?)", line)
     elseif n == 1 then
-      if line .. "\n" == M.logheader then -- an lpar from before the fingerprint
+      if line .. "\n" == M.oldfirst then
+        return nil, ("cannot resume from %s: it was written by an older lpar (joblog format 1, " ..
+                     "without the start, host and error columns): run afresh without --resume")
+          :format(path)
+      elseif line .. "\n" == M.oldheader or line .. "\n" == M.logheader then -- no fingerprint
         return nil, ("cannot resume from %s: it does not say which run it belongs to " ..
                      "(made by an older lpar?)"):format(path)
       elseif line .. "\n" ~= first then
@@ -836,7 +863,7 @@ function M.resumepoint(text, path)
         return bad(n, ("the mark goes back (from %d bytes, line %d)"):format(bytes, done), line)
       end
       bytes, done, keep = b, l, nl
-    elseif not line:match("^%d+\t%a+\t%d+%.%d+\t%d+$") or
+    elseif not line:match("^%d+\t%a+\t%d+%.%d+\t%d+\t%d+%.%d+\t[^\t]*\t[^\t]*$") or
         not (line:match("^%d+\tok\t") or line:match("^%d+\tfailed\t")) then
       return bad(n, "not an item line", line)
     end
@@ -957,6 +984,75 @@ function M.differs(text, fp, reader, done)
   return nil
 end
 
+-- --resume-failed: what the joblog (o.joblog) records, checked against
+-- this run as --resume checks it: {lines = the lines whose last outcome is
+-- failed, in order; keepout, keeplog = bytes of the output and the joblog
+-- to keep (up to the last mark, as --resume; all of the joblog without
+-- -o); done = the line of that mark}; or nil and a message.
+function M.failedlines(o, c, reader)
+  local path = o.joblog
+  local kind = c.filetype(path)
+  if kind ~= "file" then
+    return nil, ("cannot resume failed items from %s: %s"):format(path,
+      kind and ("it is a %s, not a regular file"):format(kind) or "no such file")
+  end
+  local clash = M.clash(o, c, reader)
+  if clash then return nil, clash end
+  local text = readall(path) or ""
+  local keepout, keeplog, done = M.resumepoint(text, path)
+  if not keepout then return nil, keeplog end
+  if not o.output then keeplog = #(text:match("^.*\n") or "") end
+  local last, maxline, lines = {}, 0, {}
+  for l, st in text:sub(1, keeplog):gmatch("\n(%d+)\t(%a+)\t") do
+    l = math.tointeger(tonumber(l))
+    last[l] = st
+    maxline = math.max(maxline, l)
+  end
+  for l, st in pairs(last) do
+    if st == "failed" then lines[#lines + 1] = l end
+  end
+  table.sort(lines)
+  if #lines > 0 then
+    local diff = M.differs(text, M.fingerprint(o, c, reader), reader, maxline)
+    if diff then return nil, ("cannot resume from %s: %s"):format(path, diff) end
+  end
+  return {lines = lines, keepout = keepout, keeplog = keeplog, done = done}
+end
+
+-- The input records whose numbers are in 'lines' (sorted), read whole
+-- from the items (o.items, o.files or 'paths'), each with the separator
+-- after it, in one string; or nil and a message.
+function M.pick(o, paths, lines)
+  local sep = o.nul and "\0" or "\n"
+  local want, got, n = {}, {}, 0
+  for _, l in ipairs(lines) do want[l] = true end
+  local function add(rec)
+    n = n + 1
+    if want[n] then got[#got + 1] = rec .. sep end
+  end
+  if o.items then
+    for _, v in ipairs(o.items) do add(v) end
+  else
+    for _, path in ipairs(paths) do
+      local data = path == "-" and io.stdin:read("a") or readall(path)
+      if not data then return nil, ("cannot read %s"):format(path) end
+      local pos = 1
+      while pos <= #data do
+        local at = data:find(sep, pos, true)
+        local rec = data:sub(pos, (at or #data + 1) - 1)
+        if at and not o.nul then rec = rec:gsub("\r$", "") end
+        add(rec)
+        pos = (at or #data) + 1
+      end
+    end
+  end
+  if #got < #lines then
+    return nil, ("cannot resume failed items: the input has %d %s, the joblog names %s %d")
+      :format(n, o.nul and "items" or "lines", o.nul and "item" or "line", lines[#lines])
+  end
+  return table.concat(got)
+end
+
 -- The message if two of the joblog, the output (-o or stdout), the items
 -- and the script are one file (compared as device and inode), or nil.
 function M.clash(o, c, reader)
@@ -1024,12 +1120,18 @@ function M.run(o, c, reader, counter, map, init, close)
   -- record i is input line real(i); the joblog and messages show those.
   local K, N = 1, 1
   if o.shard then K, N = o.shard[1], o.shard[2] end
-  local function real(i) return (i - 1) * N + K end
+  local function real(i)
+    if o.lines then return o.lines[i] end -- --resume-failed: the lines it runs again
+    return (i - 1) * N + K
+  end
   local function mine(line) return line >= K and (line - K) // N + 1 or 0 end
   local clash = M.clash(o, c, reader)
   if clash then return fail(2, clash) end
   if o.output or o.joblog then
     local keepout, keeplog, done = 0, 0
+    if o.again then -- --resume-failed: where to append, found by M.failedlines
+      keepout, keeplog = o.again.keepout, o.again.keeplog
+    end
     local ok, err = true, nil
     -- a joblog to resume from is read whole: a regular file only
     local kind = o.resume and c.filetype(o.joblog)
@@ -1062,7 +1164,8 @@ function M.run(o, c, reader, counter, map, init, close)
     if o.output and not o.redirected then ok, err = c.redirect(o.output, keepout) end
     if ok and o.joblog then
       -- output positions are marks to resume from: with ordered output only
-      ok, err = c.joblog(keeplog, o.output ~= nil and not o.unordered)
+      -- (--resume-failed writes one mark, at the end)
+      ok, err = c.joblog(keeplog, o.output ~= nil and not o.unordered and not o.again)
     end
     if not ok then return fail(2, err) end
     if o.joblog and keeplog == 0 then c.log(fp .. M.logheader) end
@@ -1095,9 +1198,10 @@ function M.run(o, c, reader, counter, map, init, close)
   for k, v in pairs(opts) do singleopts[k] = v end
   local lines = {}
 
-  local function logline(line, status, secs, attempt)
+  local function logline(line, status, secs, attempt, e)
     if logging then
-      lines[#lines + 1] = ("%d\t%s\t%.6f\t%d\n"):format(real(line), status, secs or 0, attempt)
+      lines[#lines + 1] = ("%d\t%s\t%.6f\t%d\t%.3f\t:\t%s\n"):format(real(line), status, secs or 0,
+        attempt, c.clock() - (secs or 0), e and M.firstline(e) or "")
     end
   end
 
@@ -1133,23 +1237,22 @@ function M.run(o, c, reader, counter, map, init, close)
     if signame[128 + sig] then error(signame[128 + sig], 0) end
   end
 
-  -- Report a failed item: the first few in full, none with --quiet; the
-  -- summary counts those not shown.
+  -- Report a failed item: the first few in full, the others without
+  -- their traceback (counted in 'unshown'), none with --quiet.
   local shown, unshown = 0, 0
   local function tell(line, e)
-    if o.quiet or shown >= M.shown then
-      unshown = unshown + 1
-      return
-    end
+    if o.quiet then return end
     shown = shown + 1
-    report(M.describe(line, e, nul))
+    local msg, cut = M.describe(line, e, nul, shown > M.shown)
+    if cut then unshown = unshown + 1 end
+    report(msg)
   end
 
   local function failure(line, e, secs, attempt)
     stopping(e)
     failed = failed + 1
     tell(real(line), e)
-    logline(line, "failed", secs, attempt)
+    logline(line, "failed", secs, attempt, e)
     check(line, false)
   end
 
@@ -1273,6 +1376,12 @@ function M.run(o, c, reader, counter, map, init, close)
     while not tripped and reader:wait() do batch() end
   end)
   if prog then prog.finish() end
+  if ok and o.again and o.output and c.caught() == 0 then
+    -- the output now holds the lines run again too: a later --resume
+    -- keeps them, and goes on from the same line as before
+    c.markers(true)
+    ok, err = pcall(mark, o.again.done)
+  end
   local outerr = c.finish()
   local code, msg = 0, nil
   if not ok then
@@ -1467,6 +1576,7 @@ local function notforprograms(o)
   if o.items then t[#t + 1] = "':::'" end
   if o.joblog then t[#t + 1] = "--joblog" end
   if o.resume then t[#t + 1] = "--resume" end
+  if o.resumefailed then t[#t + 1] = "--resume-failed" end
   if o.tag then t[#t + 1] = "--tag" end
   if o.colsep then t[#t + 1] = "--colsep" end
   if o.shard then t[#t + 1] = "--shard" end
@@ -1630,6 +1740,24 @@ function M.main(argv, c)
   end
   if fromstdin and c.isatty(0) and not o.quiet then
     io.stderr:write("lpar: reading items from the terminal (end with Ctrl-D)\n")
+  end
+  if o.resumefailed then -- the items the joblog records as failed, only
+    local again, why = M.failedlines(o, c, reader)
+    if not again then return fail(2, why) end
+    if #again.lines == 0 then
+      if not o.quiet then
+        io.stderr:write(("lpar: %s records no failed item: nothing to run again\n"):format(o.joblog))
+      end
+      return 0
+    end
+    local text
+    text, why = M.pick(o, o.files or {args[1] or "-"}, again.lines)
+    if not text then return fail(2, why) end
+    reader:close()
+    reader, rerr = c.open(nil, o.nul, 1, 1, text)
+    if not reader then return fail(2, rerr) end
+    o.lines, o.again = again.lines, again
+    counter = function() return #again.lines end
   end
   local code = M.run(o, c, reader, counter, map, init, close)
   reader:close()
