@@ -33,10 +33,13 @@ options:
       --max-memory SIZE  limit each worker's Lua memory (like 512M); an
                       item that needs more fails
   -o, --output FILE   write the results to FILE instead of stdout
-      --joblog FILE   record each item: line, status, seconds, attempts
+      --joblog FILE   record each item: line, status, seconds, attempts,
+                      start, host, the error's first line
       --resume        go on from where a run with the same --joblog and
                       -o stopped (even killed): nothing lost or repeated;
                       refused if the script, items or arguments differ
+      --resume-failed run again only the items the joblog records as
+                      failed, appending their outcome to it
   -0, --null          items end with NUL bytes, not newlines
       --null-output   results end with NUL bytes, not newlines
       --json          print every result as one line of JSON
