@@ -1004,7 +1004,15 @@ function M.failedlines(o, c, reader)
   local text = readall(path) or ""
   local keepout, keeplog, done = M.resumepoint(text, path)
   if not keepout then return nil, keeplog end
-  if not o.output then keeplog = #(text:match("^.*\n") or "") end
+  -- without marks (no -o, or --unordered), all of the joblog counts and
+  -- the results are appended to what -o holds
+  local marked = done > 0 or keepout > 0
+  if not o.output or not marked then
+    keeplog = #(text:match("^.*\n") or "")
+    local f = o.output and io.open(o.output, "rb")
+    keepout = f and f:seek("end") or 0
+    if f then f:close() end
+  end
   local last, maxline, lines = {}, 0, {}
   for l, st in text:sub(1, keeplog):gmatch("\n(%d+)\t(%a+)\t") do
     l = math.tointeger(tonumber(l))
@@ -1019,7 +1027,7 @@ function M.failedlines(o, c, reader)
     local diff = M.differs(text, M.fingerprint(o, c, reader), reader, maxline)
     if diff then return nil, ("cannot resume from %s: %s"):format(path, diff) end
   end
-  return {lines = lines, keepout = keepout, keeplog = keeplog, done = done}
+  return {lines = lines, keepout = keepout, keeplog = keeplog, done = done, marked = marked}
 end
 
 -- The input records whose numbers are in 'lines' (sorted), read whole
@@ -1379,7 +1387,7 @@ function M.run(o, c, reader, counter, map, init, close)
     while not tripped and reader:wait() do batch() end
   end)
   if prog then prog.finish() end
-  if ok and o.again and o.output and c.caught() == 0 then
+  if ok and o.again and o.again.marked and o.output and c.caught() == 0 then
     -- the output now holds the lines run again too: a later --resume
     -- keeps them, and goes on from the same line as before
     c.markers(true)
@@ -1590,7 +1598,7 @@ local function notforprograms(o)
   if o.progress then t[#t + 1] = "--progress" end
   local h = o.halt
   if h == false or (h and not (h.when == "now" and h.what == "fail" and h.n == 1)) then
-    t[#t + 1] = "--halt " .. h.text
+    t[#t + 1] = "--halt " .. (h and h.text or "never")
   end
   return t
 end
