@@ -321,7 +321,7 @@ describe("lpar retries, joblog and resume", function()
     assert.equal(0, code)
     assert.equal("a\nflaky1\nb\nflaky2\n", out)
     local attempts = {}
-    for line, status, n in readfile(log):gmatch("(%d+)\t(%a+)\t[%d.]+\t(%d+)\n") do
+    for line, status, n in readfile(log):gmatch("(%d+)\t(%a+)\t[%d.]+\t(%d+)\t") do
       assert.equal("ok", status)
       attempts[tonumber(line)] = tonumber(n)
     end
@@ -335,7 +335,7 @@ describe("lpar retries, joblog and resume", function()
     assert.equal(1, code)
     assert.equal("a\n", out)
     assert.matches('line 2 %("bad"%)', err)
-    assert.matches("\n2\tfailed\t[%d.]+\t2\n", readfile(log))
+    assert.matches("\n2\tfailed\t[%d.]+\t2\t%d+%.%d%d%d\t:\t[^\t\n]*cannot take \n", readfile(log))
   end)
 
   it("writes a joblog line per item, in order, and -o writes a file", function()
@@ -346,7 +346,7 @@ describe("lpar retries, joblog and resume", function()
     assert.equal("", out)
     assert.equal("a\nc\n", readfile(res))
     local text = readfile(log)
-    assert.matches("^# lpar joblog 1\n.*\n# line\tstatus\tseconds\tattempts\n", text)
+    assert.matches("^# lpar joblog 2\n.*\n# line\tstatus\tseconds\tattempts\tstart\thost\terror\n", text)
     local seen = {}
     for line, status in text:gmatch("\n(%d+)\t(%a+)\t") do
       seen[#seen + 1] = line .. " " .. status

@@ -380,7 +380,11 @@ static int reserve(char **p, size_t n, size_t *cap, size_t need) {
   return 0;
 }
 
-/* Buffer s (and a newline if 'nl'). Raises if the output failed. */
+/* what ends each result line: '\n', or '\0' with --null-output */
+static char eolchar = '\n';
+
+/* Buffer s (and the end of a line if 'nl'). Raises if the output
+   failed. */
 static int put(lua_State *L, int nl) {
   size_t len;
   const char *s = luaL_checklstring(L, 1, &len);
@@ -394,7 +398,7 @@ static int put(lua_State *L, int nl) {
     memcpy(out.p + out.n, s, len);
     out.n += len;
     if (nl)
-      out.p[out.n++] = '\n';
+      out.p[out.n++] = eolchar;
     out.outbytes += (long long)(len + (nl != 0));
     if (out.n >= LPAR_OUTHIGH || !out.started)
       drain();
@@ -418,6 +422,12 @@ static int l_write(lua_State *L) {
 /* writeln(s): output s and a newline */
 static int l_writeln(lua_State *L) {
   return put(L, 1);
+}
+
+/* endlines(nul): with nul, writeln ends results with a NUL byte */
+static int l_endlines(lua_State *L) {
+  eolchar = lua_toboolean(L, 1) ? '\0' : '\n';
+  return 0;
 }
 
 /* log(text): add text to the joblog; it is written at the next mark. */
@@ -594,6 +604,14 @@ static int l_joblog(lua_State *L) {
   out.markers = lua_toboolean(L, 2);
   lua_pushboolean(L, 1);
   return 1;
+}
+
+/* markers(on): whether marks write "# out <bytes> <line>" to the joblog */
+static int l_markers(lua_State *L) {
+  pthread_mutex_lock(&out.mu);
+  out.markers = lua_toboolean(L, 1);
+  pthread_mutex_unlock(&out.mu);
+  return 0;
 }
 
 /* The identity of a regular file or a pipe as "device:inode", or NULL
@@ -1413,6 +1431,15 @@ static int l_now(lua_State *L) {
   return 1;
 }
 
+/* clock() -> seconds since the epoch (wall clock), with a fraction */
+static int l_clock(lua_State *L) {
+  struct timespec ts;
+  if (clock_gettime(CLOCK_REALTIME, &ts) != 0)
+    return raisef(L, "cannot read the clock: %s", strerror(errno));
+  lua_pushnumber(L, (lua_Number)ts.tv_sec + (lua_Number)ts.tv_nsec * 1e-9);
+  return 1;
+}
+
 /* cpus() -> the number of CPUs online (at least 1) */
 static int l_cpus(lua_State *L) {
   long n = sysconf(_SC_NPROCESSORS_ONLN);
@@ -1465,11 +1492,14 @@ static const luaL_Reg helpers[] = {{"signals", l_signals},
                                    {"startoutput", l_startoutput},
                                    {"write", l_write},
                                    {"writeln", l_writeln},
+                                   {"endlines", l_endlines},
                                    {"log", l_log},
                                    {"mark", l_mark},
                                    {"redirect", l_redirect},
                                    {"openjoblog", l_openjoblog},
                                    {"joblog", l_joblog},
+                                   {"markers", l_markers},
+                                   {"clock", l_clock},
                                    {"fileid", l_fileid},
                                    {"filetype", l_filetype},
                                    {"hash", l_hash},

@@ -33,11 +33,17 @@ options:
       --max-memory SIZE  limit each worker's Lua memory (like 512M); an
                       item that needs more fails
   -o, --output FILE   write the results to FILE instead of stdout
-      --joblog FILE   record each item: line, status, seconds, attempts
+      --joblog FILE   record each item: line, status, seconds, attempts,
+                      start, host, the error's first line
       --resume        go on from where a run with the same --joblog and
                       -o stopped (even killed): nothing lost or repeated;
                       refused if the script, items or arguments differ
+      --resume-failed run again only the items the joblog records as
+                      failed, appending their outcome to it
   -0, --null          items end with NUL bytes, not newlines
+      --null-output   results end with NUL bytes, not newlines
+      --json          print every result as one line of JSON
+      --quiet         no message per failed item: only the summary
   -a, --arg-file FILE the items are FILE's lines (repeat: files in turn);
                       then all that follows the script is its arguments
   ::: ITEM...         after the script and its arguments: these are the items
@@ -57,7 +63,8 @@ Options come before the script (short ones run together: -0j2); what
 follows it is the script's (in 'arg'). The script returns f(item), or
 {map = f, init = fn, close = fn} where init and close run once in each
 worker. A script that returns nothing is just run, with the 'parallel'
-function and require "lpar".
+function and require "lpar": -j, --timeout, --retries, --max-memory,
+--chunk and --unordered are the defaults of its calls, -o FILE its stdout.
 
 Results: a string as is; numbers and booleans as tostring gives them;
 several values joined by tabs; a table as one line of JSON; nil: no line.
@@ -184,6 +191,7 @@ local flags = {
   ["--unordered"] = "unordered", ["-0"] = "nul",
   ["--null"] = "nul", ["--progress"] = "progress", ["--version"] = "version",
   ["-h"] = "help", ["--help"] = "help", ["--resume"] = "resume", ["--tag"] = "tag",
+  ["--resume-failed"] = "resumefailed", ["--null-output"] = "nulout", ["--json"] = "json", ["--quiet"] = "quiet",
 }
 
 -- Whether an argument after a plain --halt is its value (else the
@@ -198,7 +206,7 @@ end
 -- argv[o.at + k], for k up to o.last - o.at. o.items: the items given
 -- after ':::'; o.files: those of -a.
 function M.parse(argv, cpus)
-  local o = {jobs = 8}
+  local o = {}
   local i = 1
   cpus = cpus or 1
   -- option 'name' with 'value' (nil: take the next argument if it needs
@@ -267,9 +275,19 @@ function M.parse(argv, cpus)
     if not ok then return nil, err or ("unknown option '%s'"):format(a) end
     i = i + 1
   end
+  o.jobsgiven, o.jobs = o.jobs ~= nil, o.jobs or 8
   if o.help or o.version then return o end
+  if o.json and o.tag then
+    return nil, "--json and --tag: a tagged line is not JSON (use one)"
+  end
   if o.resume and not (o.joblog and o.output) then
     return nil, "--resume needs --joblog FILE and -o FILE"
+  end
+  if o.resumefailed and not o.joblog then
+    return nil, "--resume-failed needs --joblog FILE"
+  end
+  if o.resumefailed and o.resume then
+    return nil, "--resume and --resume-failed: use one"
   end
   if o.resume and o.unordered then
     return nil, "--resume needs ordered output (no --unordered)"
@@ -310,26 +328,96 @@ local function jsonencoder()
   end
   local j = cjson.new()
   j.encode_sparse_array(true) -- a sparse array becomes an object
-  return j.encode
+  return j.encode, cjson.null
+end
+
+-- Where in v the first string (value or key) that is not valid UTF-8
+-- lies, as "[2].name" ("" for v itself), or nil if there is none: JSON
+-- holds UTF-8 only. 'seen' stops at shared tables and cycles.
+local function badutf8(v, path, seen)
+  if type(v) == "string" then
+    if utf8.len(v) then return nil end
+    return path
+  end
+  if type(v) ~= "table" or seen[v] then return nil end
+  seen[v] = true
+  for k, x in next, v do
+    local step
+    if type(k) == "string" and k:match("^[%a_][%w_]*$") then
+      step = (path == "" and "" or ".") .. k
+    else
+      step = "[" .. (type(k) == "string" and M.shorten(k, 20) or tostring(k)) .. "]"
+    end
+    if type(k) == "string" and not utf8.len(k) then
+      return path .. step .. " (its key)"
+    end
+    local at = badutf8(x, path .. step, seen)
+    if at then return at end
+  end
+  return nil
+end
+
+-- f's result v (a table, or with --json any value) as one line of JSON,
+-- or an error that fails the item.
+local function tojson(encode, v)
+  local at = badutf8(v, "", {})
+  if at then
+    error(at == "" and "cannot print the result as JSON: it is not valid UTF-8" or
+          ("cannot print the result as JSON: the string at %s is not valid UTF-8"):format(at), 0)
+  end
+  local ok, s = pcall(encode, v)
+  if not ok then error("cannot print the result as JSON: " .. tostring(s), 0) end
+  return s
 end
 
 -- A function that turns f's return values into one output line, or nil
--- for none. 'encode' (a table -> JSON function) is optional.
-function M.formatter(encode)
+-- for none. 'encode' (a table -> JSON function) is optional. With 'json'
+-- every result is one line of JSON: several values make an array.
+function M.formatter(encode, json)
+  local null
   local function field(v)
     local t = type(v)
     if t == "string" then return v end
     if t == "number" or t == "boolean" then return tostring(v) end
     if t == "nil" then return "" end
     if t == "table" then
-      encode = encode or jsonencoder()
-      local ok, s = pcall(encode, v)
-      if not ok then error("cannot print the result as JSON: " .. tostring(s), 0) end
-      return s
+      if not encode then encode, null = jsonencoder() end
+      return tojson(encode, v)
     end
     local mt = getmetatable(v)
     if type(mt) == "table" and mt.__tostring then return tostring(v) end
     error(("cannot print a %s result"):format(t), 0)
+  end
+  -- a value JSON cannot hold as it is: __tostring's string, or the error
+  local function plain(v)
+    local t = type(v)
+    if t == "function" or t == "thread" or (t == "userdata" and v ~= null) then
+      return field(v)
+    end
+    return v
+  end
+  if json then
+    return function(...)
+      local n, v = select("#", ...), ...
+      if n == 1 then
+        if v == nil then return nil end
+        if not encode then encode, null = jsonencoder() end
+        return tojson(encode, plain(v))
+      end
+      if n == 0 then return nil end
+      if not encode then encode, null = jsonencoder() end
+      local t, any = {...}, false
+      for k = 1, n do
+        if t[k] == nil then
+          t[k] = null
+        else
+          any = true
+          t[k] = plain(t[k])
+        end
+      end
+      if not any then return nil end
+      return tojson(encode, t)
+    end
   end
   return function(...)
     local n, v = select("#", ...), ...
@@ -501,6 +589,7 @@ M.budget = 0.05
 function M.batcher(map, fmt, nul, halt, timed, c, maxmem)
   local concat, shorten, clean, budget = table.concat, M.shorten, M.clean, M.budget
   local split, now, note = c.split, c.now, c.note
+  local eol = c.eol or "\n" -- "\0" with --null-output
   local out, times, recs = {}, {}, {}
   local nrec, k, n, t0, t1, over
   -- the records from k + 1 on, until one fails (one xpcall for all) or the
@@ -557,7 +646,7 @@ function M.batcher(map, fmt, nul, halt, timed, c, maxmem)
         parts = parts or {}
         if n > 0 then
           out[n + 1] = ""
-          parts[#parts + 1] = concat(out, "\n", 1, n + 1)
+          parts[#parts + 1] = concat(out, eol, 1, n + 1)
           n = 0
         end
         parts[#parts + 1] = {k, packfailure(shorten(recs[k]),
@@ -570,7 +659,7 @@ function M.batcher(map, fmt, nul, halt, timed, c, maxmem)
     local text = ""
     if n > 0 then
       out[n + 1] = ""
-      text = concat(out, "\n", 1, n + 1)
+      text = concat(out, eol, 1, n + 1)
     end
     if timed or over then
       parts = parts or {}
@@ -584,13 +673,36 @@ function M.batcher(map, fmt, nul, halt, timed, c, maxmem)
   end
 end
 
--- The message for item n that failed with e.
-function M.describe(n, e, nul)
+-- The first line of failure e's message, for the joblog: tabs and
+-- control bytes escaped, at most 200 bytes.
+function M.firstline(e)
+  local _, msg = M.unpackfailure(e)
+  msg = (msg or M.clean(errortext(e))):match("^[^\n]*")
+  if #msg > 200 then msg = msg:sub(1, 200) .. "..." end
+  return (msg:gsub("[%c\\]", function(ch)
+    return escapes[ch] or ("\\x%02x"):format(ch:byte())
+  end))
+end
+
+-- failures reported with their traceback; the others without
+M.shown = 5
+
+-- What the failure summary adds when 'n' failures were shown without
+-- their traceback.
+function M.more(n, o)
+  if n == 0 or o.quiet then return "" end
+  return (" (%d shown without traceback, after the first %d)"):format(n, M.shown)
+end
+
+-- The message for item n that failed with e; with 'brief', without its
+-- traceback, and then whether one was left out.
+function M.describe(n, e, nul, brief)
   local what = (nul and "item " or "line ") .. n
   local item, msg, tb = M.unpackfailure(e)
   if item then
     return ("lpar: %s (%s): %s%s"):format(what, item, msg,
-                                          tb ~= "" and "\n" .. tb or "")
+                                          tb ~= "" and not brief and "\n" .. tb or ""),
+           brief and tb ~= ""
   end
   return ("lpar: %s: %s"):format(what, M.clean(errortext(e)))
 end
@@ -693,8 +805,12 @@ local function stopped(e)
   return 1, "lpar: " .. text
 end
 
-M.logheader = "# line\tstatus\tseconds\tattempts\n"
-M.logfirst = "# lpar joblog 1\n"
+M.logheader = "# line\tstatus\tseconds\tattempts\tstart\thost\terror\n"
+M.logfirst = "# lpar joblog 2\n"
+-- the first lines of joblogs of format 1 (lpar before the start, host
+-- and error columns), which --resume refuses with a clear message
+M.oldheader = "# line\tstatus\tseconds\tattempts\n"
+M.oldfirst = "# lpar joblog 1\n"
 
 -- Where to resume from a joblog's text: output bytes to keep, joblog
 -- bytes to keep, records done (all 0 to start afresh); or nil and a
@@ -720,7 +836,11 @@ function M.resumepoint(text, path)
     if line:sub(-1) == "\r" then
       return bad(n, "a line ends with CR (converted to CRLF?)", line)
     elseif n == 1 then
-      if line .. "\n" == M.logheader then -- an lpar from before the fingerprint
+      if line .. "\n" == M.oldfirst then
+        return nil, ("cannot resume from %s: it was written by an older lpar (joblog format 1, " ..
+                     "without the start, host and error columns): run afresh without --resume")
+          :format(path)
+      elseif line .. "\n" == M.oldheader or line .. "\n" == M.logheader then -- no fingerprint
         return nil, ("cannot resume from %s: it does not say which run it belongs to " ..
                      "(made by an older lpar?)"):format(path)
       elseif line .. "\n" ~= first then
@@ -746,7 +866,7 @@ function M.resumepoint(text, path)
         return bad(n, ("the mark goes back (from %d bytes, line %d)"):format(bytes, done), line)
       end
       bytes, done, keep = b, l, nl
-    elseif not line:match("^%d+\t%a+\t%d+%.%d+\t%d+$") or
+    elseif not line:match("^%d+\t%a+\t%d+%.%d+\t%d+\t%d+%.%d+\t[^\t]*\t[^\t]*$") or
         not (line:match("^%d+\tok\t") or line:match("^%d+\tfailed\t")) then
       return bad(n, "not an item line", line)
     end
@@ -867,6 +987,83 @@ function M.differs(text, fp, reader, done)
   return nil
 end
 
+-- --resume-failed: what the joblog (o.joblog) records, checked against
+-- this run as --resume checks it: {lines = the lines whose last outcome is
+-- failed, in order; keepout, keeplog = bytes of the output and the joblog
+-- to keep (up to the last mark, as --resume; all of the joblog without
+-- -o); done = the line of that mark}; or nil and a message.
+function M.failedlines(o, c, reader)
+  local path = o.joblog
+  local kind = c.filetype(path)
+  if kind ~= "file" then
+    return nil, ("cannot resume failed items from %s: %s"):format(path,
+      kind and ("it is a %s, not a regular file"):format(kind) or "no such file")
+  end
+  local clash = M.clash(o, c, reader)
+  if clash then return nil, clash end
+  local text = readall(path) or ""
+  local keepout, keeplog, done = M.resumepoint(text, path)
+  if not keepout then return nil, keeplog end
+  -- without marks (no -o, or --unordered), all of the joblog counts and
+  -- the results are appended to what -o holds
+  local marked = done > 0 or keepout > 0
+  if not o.output or not marked then
+    keeplog = #(text:match("^.*\n") or "")
+    local f = o.output and io.open(o.output, "rb")
+    keepout = f and f:seek("end") or 0
+    if f then f:close() end
+  end
+  local last, maxline, lines = {}, 0, {}
+  for l, st in text:sub(1, keeplog):gmatch("\n(%d+)\t(%a+)\t") do
+    l = math.tointeger(tonumber(l))
+    last[l] = st
+    maxline = math.max(maxline, l)
+  end
+  for l, st in pairs(last) do
+    if st == "failed" then lines[#lines + 1] = l end
+  end
+  table.sort(lines)
+  if #lines > 0 then
+    local diff = M.differs(text, M.fingerprint(o, c, reader), reader, maxline)
+    if diff then return nil, ("cannot resume from %s: %s"):format(path, diff) end
+  end
+  return {lines = lines, keepout = keepout, keeplog = keeplog, done = done, marked = marked}
+end
+
+-- The input records whose numbers are in 'lines' (sorted), read whole
+-- from the items (o.items, o.files or 'paths'), each with the separator
+-- after it, in one string; or nil and a message.
+function M.pick(o, paths, lines)
+  local sep = o.nul and "\0" or "\n"
+  local want, got, n = {}, {}, 0
+  for _, l in ipairs(lines) do want[l] = true end
+  local function add(rec)
+    n = n + 1
+    if want[n] then got[#got + 1] = rec .. sep end
+  end
+  if o.items then
+    for _, v in ipairs(o.items) do add(v) end
+  else
+    for _, path in ipairs(paths) do
+      local data = path == "-" and io.stdin:read("a") or readall(path)
+      if not data then return nil, ("cannot read %s"):format(path) end
+      local pos = 1
+      while pos <= #data do
+        local at = data:find(sep, pos, true)
+        local rec = data:sub(pos, (at or #data + 1) - 1)
+        if at and not o.nul then rec = rec:gsub("\r$", "") end
+        add(rec)
+        pos = (at or #data) + 1
+      end
+    end
+  end
+  if #got < #lines then
+    return nil, ("cannot resume failed items: the input has %d %s, the joblog names %s %d")
+      :format(n, o.nul and "items" or "lines", o.nul and "item" or "line", lines[#lines])
+  end
+  return table.concat(got)
+end
+
 -- The message if two of the joblog, the output (-o or stdout), the items
 -- and the script are one file (compared as device and inode), or nil.
 function M.clash(o, c, reader)
@@ -903,7 +1100,7 @@ end
 -- status.
 function M.run(o, c, reader, counter, map, init, close)
   local lpar = require "lpar"
-  local fmt = M.formatter()
+  local fmt = M.formatter(nil, o.json)
   local nul, halt, retries = o.nul, o.halt, o.retries or 0
   if o.colsep then map = M.fields(map, o.colsep) end
   if o.tag then map = M.tagged(map, fmt) end
@@ -934,12 +1131,18 @@ function M.run(o, c, reader, counter, map, init, close)
   -- record i is input line real(i); the joblog and messages show those.
   local K, N = 1, 1
   if o.shard then K, N = o.shard[1], o.shard[2] end
-  local function real(i) return (i - 1) * N + K end
+  local function real(i)
+    if o.lines then return o.lines[i] end -- --resume-failed: the lines it runs again
+    return (i - 1) * N + K
+  end
   local function mine(line) return line >= K and (line - K) // N + 1 or 0 end
   local clash = M.clash(o, c, reader)
   if clash then return fail(2, clash) end
   if o.output or o.joblog then
     local keepout, keeplog, done = 0, 0
+    if o.again then -- --resume-failed: where to append, found by M.failedlines
+      keepout, keeplog = o.again.keepout, o.again.keeplog
+    end
     local ok, err = true, nil
     -- a joblog to resume from is read whole: a regular file only
     local kind = o.resume and c.filetype(o.joblog)
@@ -969,10 +1172,11 @@ function M.run(o, c, reader, counter, map, init, close)
                     :format(o.joblog, done, skipped))
       end
     end
-    if o.output then ok, err = c.redirect(o.output, keepout) end
+    if o.output and not o.redirected then ok, err = c.redirect(o.output, keepout) end
     if ok and o.joblog then
       -- output positions are marks to resume from: with ordered output only
-      ok, err = c.joblog(keeplog, o.output ~= nil and not o.unordered)
+      -- (--resume-failed writes one mark, at the end)
+      ok, err = c.joblog(keeplog, o.output ~= nil and not o.unordered and not o.again)
     end
     if not ok then return fail(2, err) end
     if o.joblog and keeplog == 0 then c.log(fp .. M.logheader) end
@@ -1005,9 +1209,10 @@ function M.run(o, c, reader, counter, map, init, close)
   for k, v in pairs(opts) do singleopts[k] = v end
   local lines = {}
 
-  local function logline(line, status, secs, attempt)
+  local function logline(line, status, secs, attempt, e)
     if logging then
-      lines[#lines + 1] = ("%d\t%s\t%.6f\t%d\n"):format(real(line), status, secs or 0, attempt)
+      lines[#lines + 1] = ("%d\t%s\t%.6f\t%d\t%.3f\t:\t%s\n"):format(real(line), status, secs or 0,
+        attempt, c.clock() - (secs or 0), e and M.firstline(e) or "")
     end
   end
 
@@ -1043,11 +1248,22 @@ function M.run(o, c, reader, counter, map, init, close)
     if signame[128 + sig] then error(signame[128 + sig], 0) end
   end
 
+  -- Report a failed item: the first few in full, the others without
+  -- their traceback (counted in 'unshown'), none with --quiet.
+  local shown, unshown = 0, 0
+  local function tell(line, e)
+    if o.quiet then return end
+    shown = shown + 1
+    local msg, cut = M.describe(line, e, nul, shown > M.shown)
+    if cut then unshown = unshown + 1 end
+    report(msg)
+  end
+
   local function failure(line, e, secs, attempt)
     stopping(e)
     failed = failed + 1
-    report(M.describe(real(line), e, nul))
-    logline(line, "failed", secs, attempt)
+    tell(real(line), e)
+    logline(line, "failed", secs, attempt, e)
     check(line, false)
   end
 
@@ -1171,6 +1387,12 @@ function M.run(o, c, reader, counter, map, init, close)
     while not tripped and reader:wait() do batch() end
   end)
   if prog then prog.finish() end
+  if ok and o.again and o.again.marked and o.output and c.caught() == 0 then
+    -- the output now holds the lines run again too: a later --resume
+    -- keeps them, and goes on from the same line as before
+    c.markers(true)
+    ok, err = pcall(mark, o.again.done)
+  end
   local outerr = c.finish()
   local code, msg = 0, nil
   if not ok then
@@ -1195,12 +1417,12 @@ function M.run(o, c, reader, counter, map, init, close)
                 halt.what == "fail" and "failed" or halt.what == "success" and "succeeded" or "done",
                 failed + succeeded))
     if failed > 0 then
-      say(c, ("lpar: %d of %d items failed"):format(failed, failed + succeeded))
+      say(c, ("lpar: %d of %d items failed"):format(failed, failed + succeeded) .. M.more(unshown, o))
     end
     return failed > 0 and 1 or 0
   end
   if failed > 0 then
-    say(c, ("lpar: %d of %d items failed"):format(failed, reader:count() - skipped))
+    say(c, ("lpar: %d of %d items failed"):format(failed, reader:count() - skipped) .. M.more(unshown, o))
     return 1
   end
   return 0
@@ -1223,6 +1445,171 @@ function M.commandline(codes)
     for k = 1, #chunks - 1 do chunks[k](...) end
     return chunks[#chunks](...)
   end
+end
+
+-- ---- the script ----
+
+-- While the script loads (or runs, as a program): the last byte it wrote
+-- on stdout (w.tail) and whether it read stdin (w.stdin), seen through
+-- print, io.write, io.read, io.lines and the stdin and stdout handles'
+-- methods. w.restore() puts the originals back.
+-- luacheck: push ignore 122 (io's fields are replaced)
+function M.watchio()
+  local w = {}
+  local iolib = io
+  local stdout, stdin = io.stdout, io.stdin
+  local methods = getmetatable(stdout).__index
+  local print, write, read, lines = _G.print, io.write, io.read, io.lines
+  local fwrite, fread, flines = methods.write, methods.read, methods.lines
+  local function track(...)
+    for k = select("#", ...), 1, -1 do
+      local v = select(k, ...)
+      if math.type(v) then
+        w.tail = "0"
+        return
+      elseif type(v) == "string" and v ~= "" then
+        w.tail = v:sub(-1)
+        return
+      end
+    end
+  end
+  _G.print = function(...)
+    w.tail = "\n"
+    return print(...)
+  end
+  iolib.write = function(...)
+    if io.output() == stdout then track(...) end
+    local f, e, n = write(...)
+    return f, e, n
+  end
+  iolib.read = function(...)
+    if io.input() == stdin then w.stdin = true end
+    local t = table.pack(read(...))
+    return table.unpack(t, 1, t.n)
+  end
+  iolib.lines = function(path, ...)
+    if path == nil and io.input() == stdin then w.stdin = true end
+    local a, b, c, d = lines(path, ...)
+    return a, b, c, d
+  end
+  methods.write = function(f, ...)
+    if f == stdout then track(...) end
+    local r, e, n = fwrite(f, ...)
+    return r, e, n
+  end
+  methods.read = function(f, ...)
+    if f == stdin then w.stdin = true end
+    local t = table.pack(fread(f, ...))
+    return table.unpack(t, 1, t.n)
+  end
+  methods.lines = function(f, ...)
+    if f == stdin then w.stdin = true end
+    local a, b, c, d = flines(f, ...)
+    return a, b, c, d
+  end
+  function w.restore()
+    _G.print, iolib.write, iolib.read, iolib.lines = print, write, read, lines
+    methods.write, methods.read, methods.lines = fwrite, fread, flines
+  end
+  return w
+end
+-- luacheck: pop
+
+-- The options of a run that a script's own lpar.parallel and lpar.imap
+-- calls take as defaults (when it runs as a program).
+local function calldefaults(o)
+  local d = {timeout = o.timeout, retries = o.retries, max_memory = o.maxmem,
+             chunksize = o.chunk, unordered = o.unordered}
+  if o.jobsgiven then d.n_workers = o.jobs end
+  return d
+end
+
+-- Give lpar.parallel, lpar.imap (and the global 'parallel') the defaults
+-- of calldefaults(o), and count the calls of those and of lpar.pool
+-- (u.calls). u.restore() puts the originals back.
+function M.usedefaults(o)
+  local lpar = require "lpar"
+  local u = {calls = 0}
+  local defaults = calldefaults(o)
+  local was = {parallel = lpar.parallel, imap = lpar.imap, pool = lpar.pool,
+               global = _G.parallel, workers = lpar.default_workers}
+  -- the options argument with the defaults filled in; anything else (a
+  -- bad value) is passed on as it is, to be refused as usual
+  local function fill(opts)
+    if opts ~= nil and not math.tointeger(opts) and type(opts) ~= "table" then
+      return opts
+    end
+    local t = {}
+    if type(opts) == "table" then
+      for k, v in next, opts do t[k] = v end
+    elseif opts ~= nil then
+      t.n_workers = opts
+    end
+    for k, v in pairs(defaults) do
+      if t[k] == nil then t[k] = v end
+    end
+    return t
+  end
+  local parallel, imap, pool = was.parallel, was.imap, was.pool
+  lpar.parallel = function(f, items, opts, ...)
+    u.calls = u.calls + 1
+    local t = table.pack(parallel(f, items, fill(opts), ...))
+    return table.unpack(t, 1, t.n)
+  end
+  lpar.imap = function(f, items, opts, ...)
+    u.calls = u.calls + 1
+    local a, b, c, d = imap(f, items, fill(opts), ...)
+    return a, b, c, d
+  end
+  if pool then
+    lpar.pool = function(...)
+      u.calls = u.calls + 1
+      local t = table.pack(pool(...))
+      return table.unpack(t, 1, t.n)
+    end
+  end
+  if _G.parallel == was.parallel then _G.parallel = lpar.parallel end
+  if o.jobsgiven then lpar.default_workers = o.jobs end
+  function u.restore()
+    lpar.parallel, lpar.imap, lpar.pool = was.parallel, was.imap, was.pool
+    if _G.parallel == u.parallel then _G.parallel = was.global end
+    lpar.default_workers = was.workers
+  end
+  u.parallel = lpar.parallel
+  return u
+end
+
+-- The options that mean nothing to a script that returned nothing (run
+-- as a program), as the user wrote them; their table is o.
+local function notforprograms(o)
+  local t = {}
+  if o.files then t[#t + 1] = "-a" end
+  if o.items then t[#t + 1] = "':::'" end
+  if o.joblog then t[#t + 1] = "--joblog" end
+  if o.resume then t[#t + 1] = "--resume" end
+  if o.resumefailed then t[#t + 1] = "--resume-failed" end
+  if o.tag then t[#t + 1] = "--tag" end
+  if o.colsep then t[#t + 1] = "--colsep" end
+  if o.shard then t[#t + 1] = "--shard" end
+  if o.nul then t[#t + 1] = "-0" end
+  if o.nulout then t[#t + 1] = "--null-output" end
+  if o.json then t[#t + 1] = "--json" end
+  if o.quiet then t[#t + 1] = "--quiet" end
+  if o.progress then t[#t + 1] = "--progress" end
+  local h = o.halt
+  if h == false or (h and not (h.when == "now" and h.what == "fail" and h.n == 1)) then
+    t[#t + 1] = "--halt " .. (h and h.text or "never")
+  end
+  return t
+end
+
+-- The message if a map script's -o file, opened before the script runs,
+-- would be its script or items file; what the items are is guessed from
+-- the arguments (args) as a map script takes them.
+local function earlyclash(o, c, args)
+  local items = o.files and o.files[1] or (not o.items and (args[1] or "-"))
+  local id = items and c.fileid(items == "-" and "/dev/stdin" or items)
+  return M.clash(o, c, {fileid = function() return id end})
 end
 
 local function traceback(e)
@@ -1266,20 +1653,56 @@ function M.main(argv, c)
   for k = 0, o.last do args[k - o.at] = argv[k] end
   o.args = args
   _G.arg = args
+  -- -o is the script's standard output (as '> FILE' would be), opened
+  -- before it runs; with --joblog it is opened at the run's start
+  if o.output and not o.joblog then
+    local clash = earlyclash(o, c, args)
+    if clash then return fail(2, clash) end
+    local ok, rerr = c.redirect(o.output, 0)
+    if not ok then return fail(2, rerr) end
+    o.redirected = true
+  end
+  local w, u = M.watchio(), M.usedefaults(o)
   local res = table.pack(xpcall(chunk, traceback,
                                 table.unpack(args, 1, o.last - o.at)))
+  w.restore()
+  u.restore()
   if not res[1] then
     local e = res[2]
     if signalled[e] then return fail(signalled[e], e) end
     return fail(2, tostring(e))
   end
   local r = res[2]
-  if r == nil then return 0 end -- the script did its own work
   local name = o.script or "the script"
+  if res.n == 1 then -- nothing returned: the script did its own work
+    local wrong = notforprograms(o)
+    if #wrong > 0 then
+      return fail(2, ("%s does not apply: %s returned nothing, so it ran as a program, " ..
+                      "not a map over items"):format(table.concat(wrong, ", "), name))
+    end
+    local first = args[1]
+    if u.calls == 0 and first and (first == "-" or c.filetype(first) == "file") then
+      return fail(2, ("%s returned nothing and called no lpar.parallel, imap or pool: " ..
+                      "is its 'return' missing? (%s was not read)"):format(name, first))
+    end
+    return 0
+  end
   local map, init, close
-  if type(r) == "function" then
+  if not r then
+    return fail(2, ("%s returned %s, expected a function or a table with 'map' " ..
+                    "(or no value at all, to run as a program)"):format(name, tostring(r)))
+  elseif type(r) == "function" then
     map = r
-  elseif type(r) == "table" and type(r.map) == "function" then
+  elseif type(r) == "table" then
+    for k in next, r do
+      if k ~= "map" and k ~= "init" and k ~= "close" then
+        return fail(2, ("%s: unknown key %s in the table it returned (valid keys: map, init, close)")
+                    :format(name, type(k) == "string" and "'" .. k .. "'" or "[" .. tostring(k) .. "]"))
+      end
+    end
+    if type(r.map) ~= "function" then
+      return fail(2, ("%s: 'map' must be a function, got %s"):format(name, type(r.map)))
+    end
     map, init, close = r.map, r.init, r.close
     for _, k in ipairs({"init", "close"}) do
       if r[k] ~= nil and type(r[k]) ~= "function" then
@@ -1290,6 +1713,12 @@ function M.main(argv, c)
   else
     return fail(2, ("%s must return a function, a table with a 'map' " ..
                     "function, or nothing (got %s)"):format(name, type(r)))
+  end
+  -- what the script printed while loading stands on its own line(s)
+  if w.tail and w.tail ~= "\n" then io.stdout:write("\n") end
+  if o.nulout then
+    c.eol = "\0"
+    c.endlines(true)
   end
   local k, n = o.shard and o.shard[1], o.shard and o.shard[2]
   local reader, rerr, counter
@@ -1312,6 +1741,35 @@ function M.main(argv, c)
     end
   end
   if not reader then return fail(2, rerr) end
+  local fromstdin = false
+  for _, path in ipairs(o.items and {} or o.files or {args[1] or "-"}) do
+    if path == "-" then fromstdin = true end
+  end
+  if fromstdin and w.stdin then
+    return fail(2, ("%s read the standard input while loading, but the items come from it: " ..
+                    "give them as a file (lpar %s items.txt) or with -a"):format(name, o.script or "-e CODE"))
+  end
+  if fromstdin and c.isatty(0) and not o.quiet then
+    io.stderr:write("lpar: reading items from the terminal (end with Ctrl-D)\n")
+  end
+  if o.resumefailed then -- the items the joblog records as failed, only
+    local again, why = M.failedlines(o, c, reader)
+    if not again then return fail(2, why) end
+    if #again.lines == 0 then
+      if not o.quiet then
+        io.stderr:write(("lpar: %s records no failed item: nothing to run again\n"):format(o.joblog))
+      end
+      return 0
+    end
+    local text
+    text, why = M.pick(o, o.files or {args[1] or "-"}, again.lines)
+    if not text then return fail(2, why) end
+    reader:close()
+    reader, rerr = c.open(nil, o.nul, 1, 1, text)
+    if not reader then return fail(2, rerr) end
+    o.lines, o.again = again.lines, again
+    counter = function() return #again.lines end
+  end
   local code = M.run(o, c, reader, counter, map, init, close)
   reader:close()
   return code
