@@ -256,6 +256,56 @@ describe("the docs", function()
     H.run("rm -rf " .. shquote(dir))
   end)
 
+  it("show the benchmark figures of bench/results.json, in the table and the chart", function()
+    local status, out = H.run("lua5.4 scripts/bench-report.lua bench/results.json --doc docs/benchmarks.md --check")
+    assert(status == 0, out)
+    local run = require("cjson").decode(readfile("bench/results.json"))
+    assert.is_nil(run.tiny)
+    local svg = readfile("docs/bench.svg")
+    assert.truthy(svg:find(run.date, 1, true), "docs/bench.svg is not drawn from bench/results.json")
+    assert.truthy(readfile("README.md"):find("](docs/bench.svg)", 1, true))
+  end)
+
+  it("has a table that fails the check once a figure is edited by hand", function()
+    local dir = workdir({})
+    local doc = readfile("docs/benchmarks.md")
+    local edited = doc:gsub("(%d+%.%d+) ms", "9%1 ms", 1)
+    assert.are_not.equal(doc, edited)
+    writefile(dir .. "/benchmarks.md", edited)
+    local status, _, err = H.run("lua5.4 scripts/bench-report.lua bench/results.json --doc " .. shquote(dir)
+      .. "/benchmarks.md --check")
+    H.run("rm -rf " .. shquote(dir))
+    assert.equal(1, status)
+    assert.matches("is not what bench/results.json gives", err)
+  end)
+
+  it("are drawn by scripts/bench --plot (a tiny run)", function()
+    local dir = workdir({})
+    local status, out, err = H.run(string.format("LPAR_BUILD=%s timeout 600 scripts/bench --tiny --plot --out %s/b",
+      shquote(build), shquote(dir)))
+    assert(status == 0, out .. err)
+    local run = require("cjson").decode(readfile(dir .. "/b/results.json"))
+    assert.is_true(run.tiny)
+    local ids = {}
+    for _, c in ipairs(run.cases) do
+      ids[#ids + 1] = c.id
+      assert.is_true(c.serial > 0 and c.floor > 0 and c.tools.lpar.best > 0, c.id)
+    end
+    assert.same({"A", "B", "C", "D", "pool8", "poolB", "cli10k", "cli1m", "clicpu"}, ids)
+    local svg = readfile(dir .. "/b/bench.svg")
+    assert.matches("^%s*<%?xml", svg)
+    assert.matches("</svg>%s*$", svg)
+    for _, label in ipairs({"lpar", "xargs -P", "floor", "CLI 1M", run.date}) do
+      assert.truthy(svg:find(label, 1, true), label)
+    end
+    if os.execute("command -v xmllint >/dev/null") then
+      local xs, xout, xerr = H.run("xmllint --noout " .. shquote(dir .. "/b/bench.svg"))
+      assert(xs == 0, xout .. xerr)
+    end
+    assert.matches("| CLI: 200 trivial lines", readfile(dir .. "/b/benchmarks.md"), 1, true)
+    H.run("rm -rf " .. shquote(dir))
+  end)
+
   for _, p in ipairs(all) do
     describe(p.page, function()
       local dir
