@@ -1,6 +1,6 @@
 -- Runs every command and output example of README.md and docs/*.md against
 -- the built lpar and lpar.so, and fails when one drifts (docs/examples.md).
-local H = lpar_helper
+local H = require "spec.helper"
 
 local root = io.popen("pwd"):read("l")
 local build = H.build:match("^/") and H.build or root .. "/" .. H.build:gsub("^%./", "")
