@@ -235,6 +235,7 @@ describe("the docs", function()
 
   it("fails an example that drifted", function()
     local dir = workdir({})
+    finally(function() H.run("rm -rf " .. shquote(dir)) end)
     local function one(md)
       local b = blocks("drift.md", md)[1]
       return check(b, dir)
@@ -253,7 +254,6 @@ describe("the docs", function()
     ok, msg = one("```sh\n$ lpar -e 'function(s) error(s) end' ::: x\n[...]\n```\n")
     assert.is_false(ok)
     assert.matches("exited with status 1", msg)
-    H.run("rm -rf " .. shquote(dir))
   end)
 
   it("show the benchmark figures of bench/results.json, in the table and the chart", function()
@@ -268,19 +268,20 @@ describe("the docs", function()
 
   it("has a table that fails the check once a figure is edited by hand", function()
     local dir = workdir({})
+    finally(function() H.run("rm -rf " .. shquote(dir)) end)
     local doc = readfile("docs/benchmarks.md")
     local edited = doc:gsub("(%d+%.%d+) ms", "9%1 ms", 1)
     assert.are_not.equal(doc, edited)
     writefile(dir .. "/benchmarks.md", edited)
     local status, _, err = H.run("lua5.4 scripts/bench-report.lua bench/results.json --doc " .. shquote(dir)
       .. "/benchmarks.md --check")
-    H.run("rm -rf " .. shquote(dir))
     assert.equal(1, status)
     assert.matches("is not what bench/results.json gives", err)
   end)
 
   it("are drawn by scripts/bench --plot (a tiny run)", function()
     local dir = workdir({})
+    finally(function() H.run("rm -rf " .. shquote(dir)) end)
     local status, out, err = H.run(string.format("LPAR_BUILD=%s timeout 600 scripts/bench --tiny --plot --out %s/b",
       shquote(build), shquote(dir)))
     assert(status == 0, out .. err)
@@ -303,7 +304,6 @@ describe("the docs", function()
       assert(xs == 0, xout .. xerr)
     end
     assert.matches("| CLI: 200 trivial lines", readfile(dir .. "/b/benchmarks.md"), 1, true)
-    H.run("rm -rf " .. shquote(dir))
   end)
 
   for _, p in ipairs(all) do
