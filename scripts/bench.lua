@@ -1,38 +1,67 @@
--- Benchmarks of lpar.parallel against a serial loop (and Python's
--- multiprocessing.Pool when python3 is there), measured side by side in
--- one run. Reports times and ratios; passes or fails nothing.
---   lua5.4 scripts/bench.lua [A|B|C|D ...]
+-- Benchmarks of lpar side by side, in one run, with a serial loop, GNU
+-- parallel, xargs -P and Python's multiprocessing Pool; every figure, with
+-- its floor, goes to one results file (docs/benchmarks.md). Reports only.
+--   lua5.4 scripts/bench.lua [--tiny] [--out FILE] [CASE ...]
+-- CASE is one of A B C D pool8 poolB cli10k cli1m clicpu (default: all).
+-- --tiny runs every case on a few items (a check that the bench works).
 local build = os.getenv("LPAR_BUILD") or "build"
 package.cpath = build .. "/?.so;" .. package.cpath
 local lpar = require "lpar"
+local cjson = require "cjson"
 local ptime = require "posix.time"
 local unistd = require "posix.unistd"
+local wait = require "posix.sys.wait"
+
+local tiny, out, only = false, nil, {}
+do
+  local args, i = {...}, 1
+  while args[i] do
+    if args[i] == "--tiny" then
+      tiny = true
+    elseif args[i] == "--out" then
+      i = i + 1
+      out = assert(args[i], "--out needs a file")
+    else
+      only[#only + 1] = args[i]
+    end
+    i = i + 1
+  end
+end
+
+-- Sizes of every case, full and tiny.
+local N = tiny and {
+  A = 3, Asleep = 0.05, B = 1000, Breps = 5, C = 8, Cspin = 0.005, D = 10, pool8 = 100, poolB = 1000,
+  poolBreps = 10, cli10k = 200, cli1m = 20000, clicpu = 8, clicpu_s = 0.005, reps = 1, pyreps = 1,
+} or {
+  A = 10, Asleep = 1, B = 10000, Breps = 50, C = 64, Cspin = 0.02, D = 100, pool8 = 5000, poolB = 10000,
+  poolBreps = 300, cli10k = 10000, cli1m = 1000000, clicpu = 64, clicpu_s = 0.02, reps = 3, pyreps = 5,
+}
 
 local function now()
   local t = ptime.clock_gettime(ptime.CLOCK_MONOTONIC)
   return t.tv_sec + t.tv_nsec * 1e-9
 end
 
--- Time fn() 'runs' times; returns best and median seconds.
-local function timeit(runs, fn)
+local function readl(cmd)
+  local p = io.popen(cmd)
+  local s = p:read("a")
+  p:close()
+  return (s:gsub("%s+$", ""))
+end
+
+local cores = tonumber(readl("nproc"))
+
+-- Best and median seconds of 'reps' calls of fn.
+local function timeit(reps, fn)
   local t = {}
-  for i = 1, runs do
+  for i = 1, reps do
     collectgarbage()
     local t0 = now()
     fn()
     t[i] = now() - t0
   end
   table.sort(t)
-  return t[1], t[(runs + 1) // 2]
-end
-
-local function ms(s) return string.format("%9.3f ms", s * 1e3) end
-
-local function python(code)
-  local p = io.popen("command -v python3 >/dev/null && python3 -c '" .. code .. "' 2>/dev/null")
-  local out = p:read("a")
-  p:close()
-  return tonumber(out)
+  return {best = t[1], median = t[(reps + 1) // 2], runs = reps}
 end
 
 local function range(n)
@@ -46,74 +75,335 @@ local function spin(seconds) -- burn CPU time, not wall time
   while os.clock() - t0 < seconds do end
 end
 
-local experiments = {}
-
-experiments.A = function()
-  print("A: 10 items, f sleeps 1 s and returns x*2, 8 workers (limit 2.000 s)")
-  local items = range(10)
-  local f = function(x) unistd.sleep(1) return x * 2 end
-  local best, med = timeit(3, function() lpar.parallel(f, items, 8) end)
-  print(string.format("  lpar.parallel     best %.4f s  median %.4f s  serial would be 10 s (%.2fx)",
-    best, med, 10 / best))
+local function fmt(s)
+  if s < 1e-3 then return string.format("%.1f us", s * 1e6) end
+  if s < 1 then return string.format("%.2f ms", s * 1e3) end
+  return string.format("%.3f s", s)
 end
 
-experiments.B = function()
-  print("B: 10 000 items, f(x) = x*2, 8 workers, whole call")
-  local items = range(10000)
-  local f = function(x) return x * 2 end
-  local r
-  local sbest, smed = timeit(50, function()
-    r = {}
-    for i = 1, #items do r[i] = f(items[i]) end
-  end)
-  local pbest, pmed = timeit(50, function() lpar.parallel(f, items, 8) end)
-  print(string.format("  serial loop   best %s  median %s", ms(sbest), ms(smed)))
-  print(string.format("  lpar.parallel best %s  median %s  (%.1fx serial)", ms(pbest), ms(pmed), pmed / smed))
-  local py = python([[
-import time, multiprocessing as mp
-def f(x): return x * 2
-if __name__ == "__main__":
-    items = list(range(10000)); best = 1e9
-    for _ in range(5):
-        t = time.perf_counter()
-        with mp.Pool(8) as p: p.map(f, items)
-        best = min(best, time.perf_counter() - t)
-    print(best)
-]])
-  assert(r[#items] == 2 * #items)
-  if py then
-    print(string.format("  python Pool.map (8 procs, incl. start) best %s  (lpar is %.1fx faster)",
-      ms(py), py / pbest))
+local tmp = readl("mktemp -d /tmp/lpar-bench-XXXXXX")
+local function cleanup() os.execute("rm -rf '" .. tmp .. "'") end
+
+local function writefile(path, s)
+  local f = assert(io.open(path, "w"))
+  f:write(s)
+  f:close()
+end
+
+local have = {}
+for _, tool in ipairs({"parallel", "xargs", "python3"}) do
+  have[tool] = os.execute("command -v " .. tool .. " >/dev/null 2>&1") == true
+end
+
+-- Python's Pool on a case: {best, median}, or nil without python3.
+local function python(case, size, reps, arg)
+  if not have.python3 then return nil end
+  local s = readl(string.format("python3 scripts/bench.py %s %d %d %s 2>/dev/null", case, size, reps, arg or ""))
+  local ok, r = pcall(cjson.decode, s)
+  if not ok or type(r) ~= "table" then return nil end
+  r.runs = reps
+  return r
+end
+
+-- Runs a shell command once with its output to a file; returns wall
+-- seconds and the peak RSS (KB) of its largest process.
+local function command(cmd, name)
+  local t0 = now()
+  local ok = os.execute(string.format("/usr/bin/time -o %s/time -f %%M sh -c '%s' >%s/out.%s 2>%s/err",
+    tmp, cmd:gsub("'", "'\\''"), tmp, name, tmp))
+  local secs = now() - t0
+  assert(ok, "bench: failed: " .. cmd .. "\n" .. readl("cat " .. tmp .. "/err"))
+  return secs, tonumber(readl("tail -n 1 " .. tmp .. "/time"))
+end
+
+-- Runs commands alternately 'reps' times (so that a slow spell of the
+-- machine hits them alike); returns for each name {best, median, rss}.
+local function alternate(reps, cmds)
+  local times, res = {}, {}
+  for _ = 1, reps do
+    for _, c in ipairs(cmds) do
+      local secs, rss = command(c[2], c[1])
+      times[c[1]] = times[c[1]] or {}
+      table.insert(times[c[1]], secs)
+      res[c[1]] = res[c[1]] or {rss = rss}
+      res[c[1]].rss = math.max(res[c[1]].rss, rss or 0)
+    end
+  end
+  for name, t in pairs(times) do
+    table.sort(t)
+    res[name].best, res[name].median, res[name].runs = t[1], t[(#t + 1) // 2], #t
+  end
+  return res
+end
+
+-- Warns when two commands' outputs differ.
+local function same(a, b)
+  if not os.execute(string.format("cmp -s %s/out.%s %s/out.%s", tmp, a, tmp, b)) then
+    print(string.format("  (warning: the output of %s differs from %s's)", a, b))
   end
 end
 
-experiments.C = function()
-  print("C: 64 items of ~20 ms CPU each, 8 workers, " .. io.popen("nproc"):read("l") .. " cores")
-  local items = range(64)
-  local f = function(x) spin(0.02) return x end
-  local sbest = timeit(1, function() for i = 1, #items do f(items[i]) end end)
-  local pbest, pmed = timeit(3, function() lpar.parallel(f, items, 8) end)
-  print(string.format("  serial loop   %.3f s", sbest))
-  print(string.format("  lpar.parallel best %.3f s  median %.3f s  speed-up %.2fx (median %.2fx)",
-    pbest, pmed, sbest / pbest, sbest / pmed))
+-- One fork, _exit in the child and waitpid in the parent: the least any
+-- forking call pays on top of the serial loop.
+local function forkcost()
+  return timeit(tiny and 5 or 50, function()
+    local pid = unistd.fork()
+    if pid == 0 then unistd._exit(0) end
+    wait.wait(pid)
+  end)
 end
 
-experiments.D = function()
-  print("D: 100 results of 1 MB strings into the caller")
-  local items = range(100)
+local cases, order = {}, {}
+
+-- Each case returns a record: what it measured (title), the serial time,
+-- the floor (and what it is), the tools' times, the target, notes.
+local function case(id, fn)
+  cases[id] = fn
+  order[#order + 1] = id
+end
+
+case("A", function()
+  local n, s = N.A, N.Asleep
+  local f = function(x) ptime.nanosleep({tv_sec = math.floor(s), tv_nsec = math.floor(s % 1 * 1e9)}) return x * 2 end
+  local one = timeit(1, function() f(1) end).best
+  local items = range(n)
+  local r = {lpar = timeit(N.reps, function() lpar.parallel(f, items, 8) end)}
+  r.python = python("A", n, 1, s)
+  local seq = table.concat(items, " ")
+  if have.parallel then
+    r.parallel = alternate(1, {{"gnu", string.format("parallel --will-cite -j8 'sleep %g # {}' ::: %s", s, seq)}}).gnu
+  end
+  r.xargs = alternate(1, {{"xargs", string.format("printf '%%s\\n' %s | xargs -P8 -I{} sleep %g", seq, s)}}).xargs
+  return {
+    title = string.format("A: %d x sleep %g s, 8 workers", n, s), label = "A sleep",
+    serial = n * one, serial_is = string.format("%d x the time of one item", n),
+    floor = math.ceil(n / 8) * one, floor_is = "the sleeps of the busiest worker",
+    tools = r, target = {stat = "best", max = n == 10 and 2.005 or nil},
+  }
+end)
+
+case("B", function()
+  local items = range(N.B)
+  local f = function(x) return x * 2 end
+  local serial = timeit(N.Breps, function()
+    local r = {}
+    for i = 1, #items do r[i] = f(items[i]) end
+    return r
+  end)
+  local fork = forkcost()
+  local r = {lpar = timeit(N.Breps, function() lpar.parallel(f, items, 8) end)}
+  r.python = python("B", N.B, N.pyreps)
+  return {
+    title = string.format("B: %d x `x*2`, 8 workers, whole call", N.B), label = "B x*2",
+    serial = serial.best, serial_is = "a loop in the caller",
+    floor = serial.best + fork.best, floor_is = "the serial loop plus one fork, _exit and waitpid",
+    tools = r, target = {stat = "best", max = 1.5e-3},
+  }
+end)
+
+case("C", function()
+  local items = range(N.C)
+  local f = function(x) spin(N.Cspin) return x end
+  local serial = timeit(1, function() for i = 1, #items do f(items[i]) end end)
+  local r = {lpar = timeit(N.reps, function() lpar.parallel(f, items, 8) end)}
+  r.python = python("C", N.C, math.min(N.reps, 3), N.Cspin)
+  return {
+    title = string.format("C: %d x %g ms CPU, 8 workers", N.C, N.Cspin * 1e3), label = "C CPU",
+    serial = serial.best, serial_is = "a loop in the caller",
+    floor = serial.best / math.min(cores, 8), floor_is = string.format("the serial loop over %d cores",
+      math.min(cores, 8)),
+    tools = r, target = {stat = "best", speedup = 1.95},
+  }
+end)
+
+case("D", function()
+  local items = range(N.D)
   local block = string.rep("0123456789abcdef", 4) -- 64 bytes
   local f = function(x) return string.rep(block, 1 << 14, x % 2 == 0 and "" or nil) end
-  local sbest = timeit(5, function() for i = 1, #items do f(items[i]) end end)
-  local pbest, pmed = timeit(5, function() lpar.parallel(f, items, 8) end)
-  local mb = 100 * (1 << 20) / 1e9
-  print(string.format("  serial loop making them  best %s", ms(sbest)))
-  print(string.format("  lpar.parallel best %s  median %s  -> %.2f GB/s (median %.2f GB/s)",
-    ms(pbest), ms(pmed), mb / pbest, mb / pmed))
+  local serial = timeit(5, function()
+    local r = {}
+    for i = 1, #items do r[i] = f(items[i]) end
+    return r
+  end)
+  local r = {lpar = timeit(5, function() lpar.parallel(f, items, 8) end)}
+  r.python = python("D", N.D, math.min(N.reps, 3))
+  return {
+    title = string.format("D: %d results of 1 MiB strings into the caller", N.D), label = "D 1 MiB",
+    serial = serial.best, serial_is = "the caller making the same strings",
+    floor = serial.best, floor_is = "the caller making the same strings itself",
+    bytes = N.D * (1 << 20), tools = r, target = {stat = "best", rate = 1.3e9},
+  }
+end)
+
+local function poolcase(n, reps, label, title, target)
+  local items = range(n)
+  local double = function(x) return x * 2 end
+  local pool <close> = lpar.pool()
+  local serial = timeit(reps, function()
+    local r = {}
+    for i = 1, #items do r[i] = double(items[i]) end
+    return r
+  end)
+  for _ = 1, 20 do pool:map(double, items) end
+  local r = {lpar = timeit(reps, function() pool:map(double, items) end)}
+  assert(pool:map(double, items)[n] == 2 * n)
+  r.python = python("warm", n, math.max(reps // 10, 5))
+  return {
+    title = title .. string.format(" (a warm pool of %d workers)", pool:size()), label = label,
+    serial = serial.median, serial_is = "a loop in the caller (median)",
+    floor = serial.median, floor_is = "the serial loop (a warm pool forks nothing)",
+    tools = r, target = {stat = "median", max = target},
+  }
 end
 
-local which = {...}
-if #which == 0 then which = {"A", "B", "C", "D"} end
-print(lpar._VERSION .. " on " .. io.popen("uname -srm"):read("l"))
-for _, name in ipairs(which) do
-  assert(experiments[name], "no experiment " .. name)()
+case("pool8", function() return poolcase(8, N.pool8, "pool 8", "pool:map of 8 trivial items", 70e-6) end)
+case("poolB", function()
+  return poolcase(N.poolB, N.poolBreps, "pool x*2", string.format("pool:map of %d x `x*2`", N.poolB), 0.7e-3)
+end)
+
+-- ---- the CLI ----
+local lparcli = build .. "/lpar"
+local made = false
+local function clifiles()
+  if made then return end
+  made = true
+  os.execute(string.format("seq %d >%s/10k.txt", N.cli10k, tmp))
+  os.execute(string.format(
+    [[lua5.4 -e 'for i = 1, %d do print(("%%d lorem ipsum %%x"):format(i, i * 7919)) end' >%s/1m.txt]], N.cli1m, tmp))
+  writefile(tmp .. "/x2.lua", "return function(x) return x * 2 end\n")
+  writefile(tmp .. "/x2cmd.lua", "print(arg[1] * 2)\n")
+  writefile(tmp .. "/upper.lua", [[
+-- s:upper() and a small hash of it (31-multiplier, 32 bits)
+return function(s)
+  local u, h = s:upper(), 0
+  for i = 1, #u do h = (h * 31 + u:byte(i)) & 0xffffffff end
+  return u .. "\t" .. h
+end
+]])
+  -- the single-process reference: the same function over the same file
+  writefile(tmp .. "/loop.lua", [[
+local f, out = dofile(arg[1]), io.stdout
+local lines = arg[2] and io.lines(arg[2]) or io.lines()
+for l in lines do
+  local v = f(l)
+  if v ~= nil then out:write(tostring(v), "\n") end
+end
+]])
+  writefile(tmp .. "/cpu.lua", [[
+return function(n)
+  local x = 0
+  for i = 1, tonumber(n) do x = (x * 1103515245 + i) % 2147483648 end
+  return x
+end
+]])
+  writefile(tmp .. "/cpucmd.lua", "print(dofile(arg[1])(arg[2]))\n")
+end
+
+-- The single loop and lpar, alternately.
+local function pair(reps, loopcmd, lparcmd)
+  clifiles()
+  return alternate(reps, {{"loop", loopcmd}, {"lpar", lparcmd}})
+end
+
+case("cli10k", function()
+  local t = string.format("%s/x2.lua %s/10k.txt", tmp, tmp)
+  local r = pair(tiny and 1 or 10, "lua5.4 " .. tmp .. "/loop.lua " .. t, lparcli .. " " .. t)
+  same("lpar", "loop")
+  local tools = {lpar = r.lpar}
+  tools.xargs = alternate(1, {{"xargs",
+    string.format("xargs -P8 -n1 lua5.4 %s/x2cmd.lua <%s/10k.txt", tmp, tmp)}}).xargs
+  if have.parallel then
+    tools.parallel = alternate(1, {{"gnu", string.format("parallel --will-cite -j8 -k lua5.4 %s/x2cmd.lua <%s/10k.txt",
+      tmp, tmp)}}).gnu
+    same("gnu", "loop")
+  end
+  return {
+    title = string.format("CLI: %d trivial lines (`x*2`), -j8", N.cli10k), label = "CLI 10k",
+    serial = r.loop.best, serial_is = "one lua5.4 loop over the file",
+    floor = r.loop.best, floor_is = "the single loop", tools = tools, target = {stat = "best", ratio = 2},
+  }
+end)
+
+case("cli1m", function()
+  local t = string.format("%s/upper.lua %s/1m.txt", tmp, tmp)
+  local r = pair(N.reps, "lua5.4 " .. tmp .. "/loop.lua " .. t, lparcli .. " -j2 " .. t)
+  same("lpar", "loop")
+  local tools = {lpar = r.lpar}
+  if have.parallel then
+    tools.parallel = alternate(1, {{"gnu", string.format(
+      "parallel --will-cite --pipe -k -j2 --block 4M lua5.4 %s/loop.lua %s/upper.lua <%s/1m.txt", tmp, tmp, tmp)}}).gnu
+    same("gnu", "loop")
+  end
+  return {
+    title = string.format("CLI: %d lines, `s:upper()` and a hash, -j2", N.cli1m), label = "CLI 1M",
+    serial = r.loop.best, serial_is = "one lua5.4 loop over the file",
+    floor = r.loop.best / math.min(cores, 2), floor_is = string.format("the single loop over %d cores",
+      math.min(cores, 2)),
+    tools = tools, target = {stat = "best", ratio = 0.9, rss = 16 * 1024},
+  }
+end)
+
+case("clicpu", function()
+  clifiles()
+  local steps = tonumber(readl(string.format([[lua5.4 -e '
+local f, n, t = dofile(%q), 100000, 0
+repeat
+  n = n * 2
+  local c = os.clock()
+  f(n)
+  t = os.clock() - c
+until t > 0.1
+print(math.floor(n * %g / t))']], tmp .. "/cpu.lua", N.clicpu_s)))
+  writefile(tmp .. "/cpu.txt", string.rep(steps .. "\n", N.clicpu))
+  local t = string.format("%s/cpu.lua %s/cpu.txt", tmp, tmp)
+  local r = pair(N.reps, "lua5.4 " .. tmp .. "/loop.lua " .. t, lparcli .. " " .. t)
+  same("lpar", "loop")
+  local tools = {lpar = r.lpar}
+  tools.xargs = alternate(1, {{"xargs", string.format("xargs -P8 -n1 lua5.4 %s/cpucmd.lua %s/cpu.lua <%s/cpu.txt",
+    tmp, tmp, tmp)}}).xargs
+  if have.parallel then
+    tools.parallel = alternate(1, {{"gnu", string.format(
+      "parallel --will-cite -j8 -k lua5.4 %s/cpucmd.lua %s/cpu.lua <%s/cpu.txt", tmp, tmp, tmp)}}).gnu
+    same("gnu", "loop")
+  end
+  return {
+    title = string.format("CLI: %d items of ~%g ms CPU, -j8", N.clicpu, N.clicpu_s * 1e3), label = "CLI CPU",
+    serial = r.loop.best, serial_is = "one lua5.4 loop over the file",
+    floor = r.loop.best / math.min(cores, 8), floor_is = string.format("the single loop over %d cores",
+      math.min(cores, 8)),
+    tools = tools, target = {stat = "best", speedup = 1.9},
+  }
+end)
+
+local run = {
+  version = lpar._VERSION, system = readl("uname -srm"), cores = cores,
+  date = readl("date -u +%Y-%m-%dT%H:%M:%SZ"), load = readl("cut -d' ' -f1-3 /proc/loadavg"),
+  tiny = tiny or nil, cases = {},
+}
+print(string.format("lpar benchmarks: %s on %s, %d cores, load %s%s", run.version, run.system, cores, run.load,
+  tiny and " (tiny)" or ""))
+local ok, err = pcall(function()
+  for _, id in ipairs(#only > 0 and only or order) do
+    local fn = cases[id] or error("bench: no case " .. id .. " (cases: " .. table.concat(order, " ") .. ")")
+    local c = fn()
+    c.id = id
+    run.cases[#run.cases + 1] = c
+    io.write(string.format("%-8s %s\n  serial %s, floor %s", id, c.title, fmt(c.serial), fmt(c.floor)))
+    for _, tool in ipairs({"lpar", "parallel", "xargs", "python"}) do
+      local m = c.tools[tool]
+      if m then
+        io.write(string.format(", %s %s (%.2fx serial)", tool, fmt(m[c.target.stat] or m.best),
+          (m[c.target.stat] or m.best) / c.serial))
+      end
+    end
+    if c.tools.lpar.rss then io.write(string.format(", lpar RSS %.1f MB", c.tools.lpar.rss / 1024)) end
+    io.write("\n")
+    io.stdout:flush()
+  end
+end)
+cleanup()
+if not ok then error(err, 0) end
+if out then
+  writefile(out, cjson.encode(run) .. "\n")
+  print("bench: wrote " .. out)
 end
