@@ -178,6 +178,46 @@ describe("lpar input", function()
     assert.equal(0, code)
   end)
 
+  it("keeps its workers while the input trickles: init runs once per worker", function()
+    -- four quiet gaps, each waited out until the results before it came
+    local log = tmpname()
+    local script = tmpname()
+    writefile(script, ([[
+      local unistd = require "posix.unistd"
+      return {
+        init = function()
+          local f = assert(io.open(%q, "a"))
+          f:write(unistd.getpid(), "\n")
+          f:close()
+        end,
+        map = function(s) return s .. " " .. unistd.getpid() end,
+      }]]):format(log))
+    local p = spawn({"-j2", script})
+    local pids = {}
+    for k = 1, 5 do
+      unistd.write(p.stdin, "x" .. k .. "\n")
+      local out, ok = readuntil(p.stdout, function(s) return s:find("\n$") ~= nil end, 20)
+      assert.is_true(ok, "got only " .. ("%q"):format(out))
+      local item, pid = out:match("^(x%d+) (%d+)\n$")
+      assert.equal("x" .. k, item)
+      pids[tonumber(pid)] = true
+    end
+    unistd.close(p.stdin)
+    p.stdin = nil
+    local how, code = waitexit(p.pid, 20)
+    closeall(p)
+    assert.equal("exited", how)
+    assert.equal(0, code)
+    local inits = pidsof(log)
+    local seen = {}
+    for _, pid in ipairs(inits) do
+      assert.is_nil(seen[pid], "init ran twice in worker " .. pid)
+      seen[pid] = true
+    end
+    assert.is_true(#inits <= 2, #inits .. " inits for -j2")
+    for pid in pairs(pids) do assert.is_true(seen[pid], "worker " .. pid .. " ran no init") end
+  end)
+
   it("streams a long input with bounded memory", function()
     -- 2 million lines through a pipe: peak RSS stays small. A sanitizer
     -- build keeps freed memory in quarantine (no bound there), and its
@@ -553,8 +593,7 @@ describe("lpar and signals", function()
   end)
 end)
 
--- Engine behaviour the CLI relies on, or works around (pending until the
--- engine changes).
+-- Engine behaviour the CLI relies on.
 describe("lpar.imap over an iterator (engine)", function()
   it("spreads slow items over the workers", function()
     local engine = require "lpar"
@@ -574,26 +613,46 @@ describe("lpar.imap over an iterator (engine)", function()
     for _, n in pairs(per) do assert.is_true(n <= 16) end
   end)
 
-  pending("emits results while the iterator waits for input", function()
-    -- An iterator that waits (a pipe that stays open) holds up the whole
-    -- run: results already back are not emitted until it returns. The CLI
-    -- ends the run when its input is quiet for 50 ms and starts another;
-    -- the engine needs a way for the iterator to say 'nothing yet' (and a
-    -- fd to poll with the workers) to keep one run.
+  it("emits results while the iterator waits for input (lpar.pending)", function()
+    -- The iterator never blocks: with no line at hand it returns
+    -- lpar.pending and the pipe's fd. The second line is written only once
+    -- the first result came out, and the end only after the second: an
+    -- engine that waited for the iterator would never see them.
     local engine = require "lpar"
     local r, w = unistd.pipe()
     unistd.write(w, "1\n")
+    local buf, asked = "", 0
     local function items()
-      if poll.rpoll(r, 5000) == 1 then return unistd.read(r, 2) end
+      asked = asked + 1
+      while true do
+        local line, rest = buf:match("^([^\n]*)\n(.*)$")
+        if line then -- "end" ends the items: the workers hold the pipe too
+          buf = rest
+          return tonumber(line)
+        end
+        if poll.rpoll(r, 0) ~= 1 then return engine.pending, r end
+        local s = unistd.read(r, 4096)
+        if not s or s == "" then return nil end
+        buf = buf .. s
+      end
     end
-    local t0 = H.now()
-    local step, state, init, closing = engine.imap(function(x) return x end, items,
-                                                   {n_workers = 2})
-    step(state, init)
-    local got = H.now() - t0
-    local _ <close> = closing
+    local got = {}
+    for _, v in engine.imap(function(x) return x * 10 end, items, {n_workers = 2}) do
+      got[#got + 1] = v
+      if v == 10 then unistd.write(w, "2\n") end
+      if v == 20 then unistd.write(w, "end\n") end
+    end
     unistd.close(w)
     unistd.close(r)
-    assert.is_true(got < 1)
+    assert.same({10, 20}, got)
+    assert.is_true(asked < 1000, "the iterator was asked " .. asked .. " times")
+  end)
+
+  it("refuses lpar.pending with nothing to wait for", function()
+    local engine = require "lpar"
+    local ok, err = pcall(engine.parallel, function(x) return x end,
+                          function() return engine.pending end, 2)
+    assert.is_false(ok)
+    assert.matches("lpar.pending with no fd to wait on", err)
   end)
 end)

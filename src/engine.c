@@ -170,6 +170,7 @@ static void closeworker(Engine *e, EWorker *w) {
 
 /* Empty w's place (its process is someone else's business now). */
 static void vacate(Engine *e, EWorker *w) {
+  e->vacated = 1; /* the pump fills it before it waits */
   w->proc.pid = 0;
   w->state = W_EMPTY;
   w->job = NULL;
@@ -328,7 +329,7 @@ static void freejob(Job *j) {
 /* Stop watching j's wakefd. */
 static void unwatchwake(Engine *e, Job *j) {
   if (j->watchwake) {
-    evctl(e, EPOLL_CTL_DEL, j->o.wakefd, 0, 0);
+    evctl(e, EPOLL_CTL_DEL, j->wakefd, 0, 0);
     j->watchwake = 0;
   }
 }
@@ -712,16 +713,50 @@ static lua_Integer chunksize(Engine *e, Job *j) {
   return (lua_Integer)lpar_policy_chunk(&s);
 }
 
-/* lua_CFunction: (iterator) -> its next item, under lua_pcall. */
+/* lua_CFunction: (iterator) -> its next item and what follows it (the
+   fd after lpar.pending), under lua_pcall. */
 static int callnext(lua_State *L) {
-  lua_call(L, 0, 1);
-  return 1;
+  lua_call(L, 0, 2);
+  return 2;
+}
+
+/* Items of stream j handed out and not reported yet. */
+static lua_Integer inflight(Job *j) {
+  return j->n - j->done - j->redo.items;
+}
+
+/* Stream j's iterator returned lpar.pending, with what follows it at
+   'fdidx': pulling waits until that fd (else the job's wakefd) is
+   readable, or a result is taken. 0, or -1 if there is nothing to wait
+   for (the job failed). */
+static int pending(Ctx *c, Job *j, int fdidx) {
+  lua_State *L = c->L;
+  int isfd;
+  lua_Integer fd = lua_tointegerx(L, fdidx, &isfd);
+  if (!isfd || fd < 0 || fd > INT32_MAX)
+    fd = j->o.wakefd;
+  if (fd < 0 && (j->fin == NULL || inflight(j) == 0)) {
+    lua_pushliteral(L, "the items iterator returned lpar.pending with no fd "
+                       "to wait on and no result to wait for");
+    failjob(c, j, NULL);
+    return -1;
+  }
+  j->pending = 1;
+  if (fd >= 0 && j->watchwake && j->wakefd != fd)
+    unwatchwake(c->e, j);
+  if (fd >= 0 && !j->watchwake &&
+      evctl(c->e, EPOLL_CTL_ADD, (int)fd, EPOLLIN, EVDATA(EV_WAKE, j->id)) ==
+          0) {
+    j->watchwake = 1;
+    j->wakefd = (int)fd;
+  }
+  return 0;
 }
 
 /*
 ** Pull up to 'max' fresh items of stream j (uservalue at juv) into w->out
 ** and its in-flight table; returns how many, or -1 if the iterator raised
-** (the job failed with its error).
+** (the job failed with its error) or an item cannot be sent.
 */
 static lua_Integer pull(Ctx *c, Job *j, int juv, EWorker *w, lua_Integer max) {
   lua_State *L = c->L;
@@ -730,36 +765,37 @@ static lua_Integer pull(Ctx *c, Job *j, int juv, EWorker *w, lua_Integer max) {
   while (k < max && !j->exhausted && !j->pending && room(j) > 0) {
     lua_pushcfunction(L, callnext);
     lua_rawgeti(L, juv, JU_ITEMS);
-    if (lua_pcall(L, 1, 1, 0) != LUA_OK) {
+    if (lua_pcall(L, 1, 2, 0) != LUA_OK) {
       lua_remove(L, -2);
       failjob(c, j, NULL);
       return -1;
     }
+    lua_insert(L, -2); /* the item on top, what follows it below */
     if (lua_isnil(L, -1)) {
       j->exhausted = 1;
       unwatchwake(c->e, j);
     }
-    else if (lua_touserdata(L, -1) == &pendingkey && j->o.wakefd >= 0) {
-      j->pending = 1;
-      if (!j->watchwake && evctl(c->e, EPOLL_CTL_ADD, j->o.wakefd, EPOLLIN,
-                                 EVDATA(EV_WAKE, j->id)) == 0)
-        j->watchwake = 1;
+    else if (lua_touserdata(L, -1) == &pendingkey) {
+      if (pending(c, j, lua_gettop(L) - 1) != 0) {
+        lua_pop(L, 3);
+        return -1;
+      }
     }
     else {
       j->n++;
       lua_pushvalue(L, -1);
-      lua_rawseti(L, -3, j->n);
+      lua_rawseti(L, -4, j->n);
       if (lpar_codec_encode(L, -1, &w->out) != 0) {
         lua_pushfstring(L, "item %I: cannot send item: %s", (LUAI_UACINT)j->n,
                         lua_tostring(L, -1));
-        lua_replace(L, -4);
-        lua_pop(L, 2);
+        lua_replace(L, -5);
+        lua_pop(L, 3);
         failjob(c, j, NULL);
         return -1;
       }
       k++;
     }
-    lua_pop(L, 1);
+    lua_pop(L, 2);
   }
   lua_pop(L, 1);
   return k;
@@ -855,8 +891,8 @@ static void assign(Ctx *c, EWorker *w, Job *j, int juv) {
     w->busy = 0;
     w->started = lpar_pool_now();
   }
-  if (sendsome(c->e, w) != 0)
-    lose(c, w, 1, NULL);
+  if (sendsome(c->e, w) != 0) /* gone, or going: reaped as it ends */
+    lose(c, w, 0, NULL);
 }
 
 /* Whether busy worker w should get a second chunk of its job now, to
@@ -1463,7 +1499,7 @@ static int events(Ctx *c, int ms) {
         lose(c, w, 0, NULL);
     }
     else if (sendsome(e, w) != 0)
-      lose(c, w, 1, NULL);
+      lose(c, w, 0, NULL);
   }
   return n < 0 ? 0 : n;
 }
@@ -1481,8 +1517,9 @@ static void pump(Ctx *c, int ms) {
   if (broken(c))
     return; /* no worker is left to wait for */
   dispatch(c);
-  if (deadlines(c)) /* armed for workers just started, too */
+  if (deadlines(c) || e->vacated) /* armed for workers just started, too */
     ms = 0;
+  e->vacated = 0;
   if (canspawn(e)) { /* all busy: another worker, unless results are in */
     if (events(c, 0) == 0 && (d = spawnwait(e)) >= 0) {
       const char *call = "fork";

@@ -115,6 +115,7 @@ typedef struct Engine {
   int watching;     /* signals the wait takes: it waits with waitmask */
   int interrupted;  /* the signal that ended a wait, 0 if none */
   int ended;        /* a job failed or was cancelled */
+  int vacated;      /* a place was emptied since the pump looked */
   sigset_t oldmask, waitmask;
   int chld;     /* depth of the calls that made SIGCHLD deliverable */
   int heldchld; /* the caller ignored SIGCHLD: oldchld is its action */
@@ -134,6 +135,7 @@ typedef struct Job {
   int exhausted;      /* ... which has ended */
   int pending;        /* ... which said "not yet": wait for wakefd */
   int watchwake;      /* wakefd is in the epoll set */
+  int wakefd;         /* the fd a pending stream waits for */
   int sized;          /* the results table was made at its full size */
   double tns;         /* ns per item, 0 until measured */
   Ranges redo;        /* items to hand out again */

@@ -41,12 +41,6 @@ const char *lpar_embedded(const char *name, size_t *len);
 #define LPAR_OUTHIGH (64 * 1024)
 #endif
 
-/* input that stays silent this long (ms) ends the current run: its
-   results are written, and a new run starts when more input comes */
-#if !defined(LPAR_IDLEMS)
-#define LPAR_IDLEMS 50
-#endif
-
 #define READERMT "lpar.cli.Reader"
 
 static long long now(void) {
@@ -999,25 +993,33 @@ static int cut(lua_State *L, Reader *r, int blocks) {
 }
 
 /*
-** The items iterator handed to lpar.imap: () -> the next batch, or
-** nothing at the end of the input; or when LPAR_AHEAD records are out;
-** or when the input (a pipe, a terminal) has been silent for LPAR_IDLEMS
-** after batches of this run: then the run finishes and writes their
-** results; wait() starts the next run.
+** The items iterator of the CLI's job: () -> the next batch, or nothing at
+** the end of the input. It never waits: with no complete record at hand
+** it returns lpar.pending (upvalue 2) and the input's fd, and the engine
+** asks again once the input is readable; with LPAR_AHEAD records out, it
+** returns lpar.pending alone, and is asked again once a result is taken.
 */
 static int reader_next(lua_State *L) {
   Reader *r = lua_touserdata(L, lua_upvalueindex(1));
   lua_settop(L, 0);
   lua_getiuservalue(L, lua_upvalueindex(1), 1); /* 1: blocks */
-  if (r->fd < 0 || r->ahead >= LPAR_AHEAD)
+  if (r->fd < 0)
     return 0;
+  checkstop(L);
+  if (r->ahead >= LPAR_AHEAD) {
+    lua_pushvalue(L, lua_upvalueindex(2));
+    return 1;
+  }
   for (;;) {
     if (cut(L, r, 1))
       return 1;
     if (r->eof)
       return 0;
-    if (!ready(r) && !waitinput(L, r, r->batches > 0 ? LPAR_IDLEMS : -1))
-      return 0;
+    if (!ready(r)) {
+      lua_pushvalue(L, lua_upvalueindex(2));
+      lua_pushinteger(L, r->fd);
+      return 2;
+    }
     fill(L, r);
   }
 }
@@ -1027,7 +1029,7 @@ static Reader *checkreader(lua_State *L) {
 }
 
 /* reader:wait() -> whether a record is there: waits for one or for the
-   end of the input, and starts a new run. */
+   end of the input (once, before the run starts). */
 static int reader_wait(lua_State *L) {
   Reader *r = checkreader(L);
   r->batches = 0;
@@ -1207,11 +1209,13 @@ static int reader_count(lua_State *L) {
   return 1;
 }
 
-/* reader:items() -> the iterator function */
+/* reader:items(pending) -> the iterator function; 'pending' is what it
+   returns for "no item yet" (lpar.pending) */
 static int reader_items(lua_State *L) {
   checkreader(L);
-  lua_settop(L, 1);
-  lua_pushcclosure(L, reader_next, 1);
+  luaL_checkany(L, 2);
+  lua_settop(L, 2);
+  lua_pushcclosure(L, reader_next, 2);
   return 1;
 }
 

@@ -1106,8 +1106,12 @@ function M.run(o, c, reader, counter, map, init, close)
   if o.tag then map = M.tagged(map, fmt) end
   local logging = o.joblog ~= nil
   local isolate, now = c.isolate, c.now
+  -- One pool of workers for the whole input, started as work comes: the
+  -- main job streams batches of records (a batch is one item, see
+  -- main.c); records run again one by one are side jobs on the same
+  -- workers. Both functions are inherited at fork, so any closure works.
   local opts = {
-    n_workers = o.jobs, on_error = "collect", unordered = o.unordered or nil,
+    n_workers = o.jobs or lpar.default_workers, on_demand = true,
     timeout = o.timeout, max_memory = o.maxmem,
     init = function()
       isolate()
@@ -1120,7 +1124,9 @@ function M.run(o, c, reader, counter, map, init, close)
   }
   -- The engine hands out one batch at a time: batches are sized to take
   -- about a millisecond (or hold one slow record) already.
-  opts.chunksize = 1
+  local jobopts = {on_error = "collect", unordered = o.unordered or nil,
+                   timeout = o.timeout, chunksize = 1}
+  local sideopts = {on_error = "collect", timeout = o.timeout}
   if o.chunk then reader:setbatch(o.chunk) end
   -- --halt ...,success= or done=: each record's outcome is seen on its own
   if halt and halt.what ~= "fail" then reader:setbatch(1) end
@@ -1193,7 +1199,7 @@ function M.run(o, c, reader, counter, map, init, close)
   -- 'halted' when the run stops at once (now), with 'haltline' the last
   -- line whose result counts
   local tripped, tripline, halted, haltline = false, nil, false, nil
-  local items = reader:items()
+  local items = reader:items(lpar.pending)
   if halt and halt.when == "soon" then -- no new records once tripped
     local nextbatch = items
     items = function()
@@ -1205,8 +1211,8 @@ function M.run(o, c, reader, counter, map, init, close)
   local batchf = M.batcher(map, fmt, nul, halt and halt.when == "now" and halt.what == "fail"
                            and halt.n == 1, logging, c, o.maxmem)
   local single = M.mapper(map, fmt, now)
-  local singleopts = {}
-  for k, v in pairs(opts) do singleopts[k] = v end
+  opts.functions = {batchf, single}
+  local pool
   local lines = {}
 
   local function logline(line, status, secs, attempt, e)
@@ -1267,15 +1273,15 @@ function M.run(o, c, reader, counter, map, init, close)
     check(line, false)
   end
 
-  -- one record in a fresh run (a fresh worker): {output, secs} | nil, err
+  -- one record on its own: {output, secs} | nil, err
   local function once(rec)
     local v, err
-    for _, x, y in lpar.imap(single, {rec}, singleopts) do v, err = x, y end
+    for _, x, y in pool:imap(single, {rec}, sideopts) do v, err = x, y end
     return v, err
   end
 
-  -- Record 'rec' (line 'line') failed with e: try it again on fresh
-  -- workers, up to --retries times, then report it.
+  -- Record 'rec' (line 'line') failed with e: try it again, up to
+  -- --retries times, then report it.
   local function again(line, rec, e, secs)
     stopping(e)
     for attempt = 2, retries + 1 do
@@ -1292,14 +1298,14 @@ function M.run(o, c, reader, counter, map, init, close)
     failure(line, e, secs, retries + 1)
   end
 
-  -- Run records from..n of a batch one by one, on fresh workers: when the
-  -- engine lost the batch (its worker died, or it ran past the timeout),
-  -- which names the culprit; or when the batch ran out of budget.
+  -- Run records from..n of a batch one by one: when the engine lost the
+  -- batch (its worker died, or it ran past the timeout), which names the
+  -- culprit; or when the batch ran out of budget.
   local function rerun(first, block, from)
     local recs = c.split(block, nul)
     if from > 1 then recs = table.move(recs, from, #recs, 1, {}) end
     first = first + from - 1
-    for j, v, e in lpar.imap(single, recs, singleopts) do
+    for j, v, e in pool:imap(single, recs, sideopts) do
       if v ~= nil then
         if v[1] ~= nil then writeln(v[1]) end
         logline(first + j - 1, "ok", v[2], 1)
@@ -1360,7 +1366,7 @@ function M.run(o, c, reader, counter, map, init, close)
   end
 
   local function batch()
-    for i, r, e in lpar.imap(batchf, items, opts) do
+    for i, r, e in pool:imap(batchf, items, jobopts) do
       local first, n, block = reader:take(i)
       if type(r) == "string" then
         if r ~= "" then write(r) end
@@ -1381,11 +1387,18 @@ function M.run(o, c, reader, counter, map, init, close)
     end
   end
 
-  -- One run of workers per stretch of input: a new run starts when the
-  -- input resumes after going quiet (see reader_next in main.c).
+  -- One run for the whole input: while the input is quiet the workers
+  -- wait and the results so far are written (see reader_next in main.c).
   local ok, err = pcall(function()
-    while not tripped and reader:wait() do batch() end
+    if reader:wait() then
+      pool = lpar.pool(opts)
+      batch()
+    end
   end)
+  if pool then
+    local closed, cerr = pcall(pool.close, pool)
+    if ok and not closed then ok, err = false, cerr end
+  end
   if prog then prog.finish() end
   if ok and o.again and o.again.marked and o.output and c.caught() == 0 then
     -- the output now holds the lines run again too: a later --resume
