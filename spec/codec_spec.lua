@@ -504,7 +504,7 @@ describe("values from workers", function()
   end)
 end)
 
--- Bytes the engine (run.c) writes around encoded values.
+-- Bytes the engine (engine.c) writes around encoded values.
 describe("frames the engine sends to workers", function()
   it("are always whole, even when a streamed chunk finds no item", function()
     -- Such a chunk once left 24 bytes in the worker's buffer, their

@@ -17,7 +17,7 @@
 #include "lauxlib.h"
 #include "lpar.h"
 #include "policy.h"
-#include "pool.h"
+#include "proc.h"
 #include "ranges.h"
 #include "ring.h"
 #include "wire.h"
@@ -124,7 +124,7 @@ void lpar_engine_pushpending(lua_State *L) {
 */
 static void holdchld(Engine *e) {
   if (e->chld++ == 0)
-    e->heldchld = lpar_pool_holdchld(&e->oldchld);
+    e->heldchld = lpar_proc_holdchld(&e->oldchld);
 }
 
 static void releasechld(Engine *e) {
@@ -146,7 +146,7 @@ static int evctl(Engine *e, int op, int fd, uint32_t events, uint64_t data) {
 static void reapdying(Engine *e, int block) {
   int i = 0, status;
   while (i < e->ndying) {
-    if (lpar_pool_wait(e->dying[i], &status, block) != 0)
+    if (lpar_proc_wait(e->dying[i], &status, block) != 0)
       e->dying[i] = e->dying[--e->ndying];
     else
       i++;
@@ -163,7 +163,7 @@ static void closeworker(Engine *e, EWorker *w) {
   if (w->watchout && w->proc.cmdfd >= 0)
     evctl(e, EPOLL_CTL_DEL, w->proc.cmdfd, 0, 0);
   w->watchout = 0;
-  lpar_pool_close(&w->proc);
+  lpar_proc_close(&w->proc);
   w->in.n = 0;
   w->out.n = w->outpos = 0;
 }
@@ -182,13 +182,13 @@ static void vacate(Engine *e, EWorker *w) {
 static void dropworker(Engine *e, EWorker *w) {
   pid_t pid = w->proc.pid;
   closeworker(e, w);
-  lpar_pool_killproc(&w->proc, SIGKILL);
-  lpar_pool_closepid(&w->proc);
+  lpar_proc_killproc(&w->proc, SIGKILL);
+  lpar_proc_closepid(&w->proc);
   if (e->ndying == e->capdying) {
     int cap = e->capdying ? 2 * e->capdying : 8;
     pid_t *d = realloc(e->dying, (size_t)cap * sizeof(pid_t));
     if (d == NULL) { /* cannot defer: reap it now */
-      lpar_pool_wait(pid, &(int){0}, 1);
+      lpar_proc_wait(pid, &(int){0}, 1);
       pid = 0;
     }
     else {
@@ -259,7 +259,7 @@ static int spawn(Ctx *c, int i, const char **call) {
   lua_rawgeti(L, c->uv, EU_ITEMS);
   lua_rawgeti(L, c->uv, EU_INIT);
   lua_rawgeti(L, c->uv, EU_CLOSE);
-  pid = lpar_pool_fork(&w->proc, &cs, call);
+  pid = lpar_proc_fork(&w->proc, &cs, call);
   if (pid == 0) {
     WorkerArgs a;
     int top = lua_gettop(L);
@@ -284,7 +284,7 @@ static int spawn(Ctx *c, int i, const char **call) {
   }
   e->live++;
   e->forks++;
-  lpar_policy_started(&e->wave, e->live, lpar_pool_now());
+  lpar_policy_started(&e->wave, e->live, lpar_proc_now());
   w->state = W_STARTING;
   w->job = NULL;
   w->fnjob = 0;
@@ -296,7 +296,7 @@ static int spawn(Ctx *c, int i, const char **call) {
   w->timedout = 0;
   w->blame = 0;
   w->killat = 0;
-  w->lastread = lpar_pool_now();
+  w->lastread = lpar_proc_now();
   rc = evctl(e, EPOLL_CTL_ADD, w->proc.resfd, EPOLLIN, EVDATA(EV_RES, i));
   if (rc == 0 && w->proc.pidfd >= 0) /* its end, whoever holds its pipe */
     rc = evctl(e, EPOLL_CTL_ADD, w->proc.pidfd, EPOLLIN, EVDATA(EV_PID, i));
@@ -547,11 +547,11 @@ static void lose(Ctx *c, EWorker *w, int force, const char *why) {
   Chunk q0;
   char desc[96];
   closeworker(e, w);
-  rc = lpar_pool_reap(&w->proc, force, &status);
-  lpar_pool_closepid(&w->proc);
+  rc = lpar_proc_reap(&w->proc, force, &status);
+  lpar_proc_closepid(&w->proc);
   if (why == NULL)
     why = rc < 0 ? "vanished (reaped elsewhere)"
-                 : lpar_pool_describe(status, desc, sizeof desc);
+                 : lpar_proc_describe(status, desc, sizeof desc);
   if (starting) {
     giveback(c, w, 0); /* nothing of them ran */
     vacate(e, w);
@@ -559,7 +559,7 @@ static void lose(Ctx *c, EWorker *w, int force, const char *why) {
       if (lua_rawgeti(L, c->uv, EU_INITERR) == LUA_TNIL) {
         char secs[32];
         lua_pushfstring(L, "worker init timed out after %s s",
-                        lpar_pool_secs(e->o.timeout, secs, sizeof secs));
+                        lpar_proc_secs(e->o.timeout, secs, sizeof secs));
         lua_rawseti(L, c->uv, EU_INITERR);
       }
       lua_pop(L, 1);
@@ -607,7 +607,7 @@ static void lose(Ctx *c, EWorker *w, int force, const char *why) {
   if (culprit) {
     if (w->timedout)
       lua_pushfstring(L, "timed out after %s s",
-                      lpar_pool_secs(j->o.timeout, desc, sizeof desc));
+                      lpar_proc_secs(j->o.timeout, desc, sizeof desc));
     else
       lua_pushfstring(L, "worker %d %s", (int)pid, why);
     lua_pushnil(L);
@@ -889,7 +889,7 @@ static void assign(Ctx *c, EWorker *w, Job *j, int juv) {
   if (w->nq++ == 0) {
     w->got = 0;
     w->busy = 0;
-    w->started = lpar_pool_now();
+    w->started = lpar_proc_now();
   }
   if (sendsome(c->e, w) != 0) /* gone, or going: reaped as it ends */
     lose(c, w, 0, NULL);
@@ -958,7 +958,7 @@ static void dispatch(Ctx *c) {
   lua_settop(L, top);
   for (i = 0; i < e->o.n; i++) {
     EWorker *w = &e->w[i];
-    if (prefetch(e, w, lpar_pool_now())) {
+    if (prefetch(e, w, lpar_proc_now())) {
       assign(c, w, w->job, pushjob(c, w->job));
       lua_settop(L, top);
     }
@@ -1070,7 +1070,7 @@ static int spawnwait(Engine *e) {
   Job *j = canspawn(e);
   if (j == NULL)
     return -1;
-  s.now = lpar_pool_now();
+  s.now = lpar_proc_now();
   s.tns = j->tns > 0 ? j->tns : slotestimate(e, s.now);
   s.left = itemsleft(j);
   s.live = e->live;
@@ -1242,7 +1242,7 @@ static int readyframe(Ctx *c, EWorker *w, uint32_t count) {
   w->q[0] = w->q[1];
   w->got = 0;
   w->busy = 0;
-  w->started = lpar_pool_now();
+  w->started = lpar_proc_now();
   if (--w->nq == 0) {
     w->state = W_IDLE;
     w->job = NULL;
@@ -1326,7 +1326,7 @@ static int frames(Ctx *c, EWorker *w) {
    call spends on it counts as the caller's cost per result. */
 static void readworker(Ctx *c, EWorker *w) {
   Engine *e = c->e;
-  long long t0 = e->o.ondemand ? lpar_pool_now() : 0;
+  long long t0 = e->o.ondemand ? lpar_proc_now() : 0;
   lua_Integer done0 = 0;
   Job *j;
   for (j = e->jobs; j; j = j->nextjob)
@@ -1344,7 +1344,7 @@ static void readworker(Ctx *c, EWorker *w) {
       lose(c, w, k < 0, NULL);
       return;
     }
-    w->lastread = lpar_pool_now();
+    w->lastread = lpar_proc_now();
     if (frames(c, w) != 0)
       return;
   }
@@ -1352,7 +1352,7 @@ static void readworker(Ctx *c, EWorker *w) {
     lua_Integer done1 = 0;
     for (j = e->jobs; j; j = j->nextjob)
       done1 += j->done;
-    e->pns += lpar_pool_now() - t0;
+    e->pns += lpar_proc_now() - t0;
     if (done1 > done0)
       e->pitems += done1 - done0;
   }
@@ -1390,7 +1390,7 @@ static long long stalled(Ctx *c, EWorker *w, long long now) {
    worker was lost meanwhile (then do not wait: its place wants filling). */
 static int deadlines(Ctx *c) {
   Engine *e = c->e;
-  long long now = lpar_pool_now(), next = 0;
+  long long now = lpar_proc_now(), next = 0;
   int i, acted = 0;
   for (i = 0; i < e->o.n; i++) {
     EWorker *w = &e->w[i];
@@ -1399,7 +1399,7 @@ static int deadlines(Ctx *c) {
       continue;
     if (w->killat > 0) {
       if (now >= w->killat) {
-        lpar_pool_killproc(&w->proc, SIGKILL);
+        lpar_proc_killproc(&w->proc, SIGKILL);
         w->killat = 0;
       }
       else
@@ -1409,7 +1409,7 @@ static int deadlines(Ctx *c) {
       long long limit = e->slots[i].since + (long long)(e->o.timeout * 1e9);
       if (e->slots[i].item == LPAR_SLOTHOOK && now >= limit) {
         w->timedout = LPAR_SLOTHOOK;
-        lpar_pool_killproc(&w->proc, SIGTERM);
+        lpar_proc_killproc(&w->proc, SIGTERM);
         w->killat = now + KILLGRACE;
         due = w->killat;
       }
@@ -1422,7 +1422,7 @@ static int deadlines(Ctx *c) {
           e->slots[i].since + (long long)(w->job->o.timeout * 1e9);
       if (item != 0 && now >= limit) {
         w->timedout = item;
-        lpar_pool_killproc(&w->proc, SIGTERM);
+        lpar_proc_killproc(&w->proc, SIGTERM);
         w->killat = now + KILLGRACE;
         due = w->killat;
       }
@@ -1633,16 +1633,16 @@ Engine *lpar_engine_new(lua_State *L, const EngineOpts *o, const char *mt) {
     luaL_error(L, "not enough memory"); /* __gc frees what was made */
   for (i = 0; i < o->n; i++)
     e->w[i].proc.cmdfd = e->w[i].proc.resfd = e->w[i].proc.pidfd = -1;
-  e->slots = lpar_pool_slots((size_t)o->n);
+  e->slots = lpar_proc_slots((size_t)o->n);
   if (e->slots == NULL)
     luaL_error(L, "cannot map shared memory: %s", strerror(errno));
   e->closed = 0;
   e->epfd = epoll_create1(EPOLL_CLOEXEC);
   if (e->epfd >= 0)
-    lpar_pool_track(e->epfd);
+    lpar_proc_track(e->epfd);
   e->tfd = timerfd_create(CLOCK_MONOTONIC, TFD_NONBLOCK | TFD_CLOEXEC);
   if (e->tfd >= 0)
-    lpar_pool_track(e->tfd);
+    lpar_proc_track(e->tfd);
   if (e->epfd < 0 || e->tfd < 0 ||
       evctl(e, EPOLL_CTL_ADD, e->tfd, EPOLLIN, EVDATA(EV_TIMER, 0)) != 0)
     luaL_error(L, "cannot %s: %s: %s",
@@ -1996,7 +1996,7 @@ void lpar_engine_close(lua_State *L, int idx, const char *why) {
        (no close hook is waited for) */
     if (w->nq > 0 || (isbroken && w->state == W_STARTING) ||
         (e->o.ondemand && e->ended))
-      lpar_pool_killproc(&w->proc, SIGKILL);
+      lpar_proc_killproc(&w->proc, SIGKILL);
     closeworker(e, w); /* end of file: an idle worker leaves */
   }
   /* idle ones run close: the timeout, or a grace period, bounds it; one
@@ -2004,7 +2004,7 @@ void lpar_engine_close(lua_State *L, int idx, const char *why) {
      engine reports a bad leave only when the call went well. */
   grace =
       e->o.timeout > 0 ? (long long)(e->o.timeout * 1e9) : LPAR_CLOSEGRACENS;
-  deadline = lpar_pool_now() + grace;
+  deadline = lpar_proc_now() + grace;
   lua_rawgeti(L, c.uv, EU_CLOSE);
   hasclose = !lua_isnil(L, -1);
   lua_pop(L, 1);
@@ -2024,7 +2024,7 @@ void lpar_engine_close(lua_State *L, int idx, const char *why) {
   }
   for (i = 0; i < e->nretired; i++) {
     if (e->interrupted) /* Ctrl-C: no close hook is waited for */
-      lpar_pool_killproc(&e->retired[i], SIGKILL);
+      lpar_proc_killproc(&e->retired[i], SIGKILL);
     lpar_worker_finish(&e->retired[i], deadline, (double)grace / 1e9, hasclose,
                        report, who);
   }
@@ -2033,9 +2033,9 @@ void lpar_engine_close(lua_State *L, int idx, const char *why) {
   reapdying(e, 1);
   releasechld(e);
   lua_pop(L, 1);
-  lpar_pool_closefd(&e->epfd);
-  lpar_pool_closefd(&e->tfd);
-  lpar_pool_freeslots(e->slots, (size_t)e->o.n);
+  lpar_proc_closefd(&e->epfd);
+  lpar_proc_closefd(&e->tfd);
+  lpar_proc_freeslots(e->slots, (size_t)e->o.n);
   e->slots = NULL;
   free(e->w);
   free(e->evs);

@@ -12,7 +12,7 @@
 #include "buf.h"
 #include "lua.h"
 #include "policy.h"
-#include "pool.h"
+#include "proc.h"
 #include "ranges.h"
 #include "ring.h"
 

@@ -1,6 +1,6 @@
 /*
 ** policy.h: the scheduling policy. Pure functions of numbers (no Lua, no
-** processes, no clock of their own), shared by every engine.
+** processes, no clock of their own), used by the engine.
 */
 #ifndef lpar_policy_h
 #define lpar_policy_h

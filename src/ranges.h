@@ -1,7 +1,7 @@
 /*
 ** ranges.h: a stack of item index ranges waiting to be handed out again
-** (the rest of a dead worker's chunk, an item to retry). Shared by the
-** engine of lpar.parallel and that of pools; plain C.
+** (the rest of a dead worker's chunk, an item to retry), for the
+** engine's jobs; plain C.
 */
 #ifndef lpar_ranges_h
 #define lpar_ranges_h

@@ -152,7 +152,7 @@ void lpar_worker_begin(Runner *r, lua_Integer first) {
   r->out.n = LPAR_RESHDR;
   r->first = first;
   r->count = 0;
-  r->mark = lpar_pool_now();
+  r->mark = lpar_proc_now();
 }
 
 int lpar_worker_seal(Runner *r) {
@@ -165,7 +165,7 @@ int lpar_worker_seal(Runner *r) {
   lpar_wire_putheader(r->out.p, &f);
   lpar_wire_put64(r->out.p + LPAR_HDRSIZE, (uint64_t)r->first);
   lpar_wire_put64(r->out.p + LPAR_HDRSIZE + 8,
-                  (uint64_t)(lpar_pool_now() - r->mark));
+                  (uint64_t)(lpar_proc_now() - r->mark));
   return 1;
 }
 
@@ -396,7 +396,7 @@ void lpar_worker_senderror(Runner *r, lua_Integer i) {
   lpar_worker_flush(r);
   if (i > 0) {
     if (r->timed)
-      slot->since = lpar_pool_now();
+      slot->since = lpar_proc_now();
     slot->item = i;
   }
   lua_pushcfunction(L, errorframe);
@@ -441,7 +441,7 @@ int lpar_worker_runitem(Runner *r, lua_Integer i) {
   lua_State *L = r->L;
   int status;
   if (r->timed)
-    r->slot->since = lpar_pool_now();
+    r->slot->since = lpar_proc_now();
   /* the item is this worker's until its result is held or its error sent:
      a death before that is its failure */
   r->slot->item = i;
@@ -485,7 +485,7 @@ int lpar_worker_hook(Runner *r, int idx) {
 
 int lpar_worker_inithook(Runner *r, int idx) {
   int failed;
-  r->slot->since = lpar_pool_now(); /* the parent times init too */
+  r->slot->since = lpar_proc_now(); /* the parent times init too */
   r->slot->item = LPAR_SLOTHOOK;
   failed = lpar_worker_hook(r, idx);
   r->slot->item = 0;
@@ -502,10 +502,10 @@ void lpar_worker_reportclose(lua_State *L, const char *who) {
 
 void lpar_worker_finish(Proc *p, long long deadline, double secs, int hasclose,
                         int report, const char *who) {
-  int status = 0, rc = lpar_pool_waituntil(p, deadline, &status);
+  int status = 0, rc = lpar_proc_waituntil(p, deadline, &status);
   char desc[96];
-  if (rc == 1 && report && lpar_pool_leftbadly(status)) {
-    lpar_pool_describe(status, desc, sizeof desc);
+  if (rc == 1 && report && lpar_proc_leftbadly(status)) {
+    lpar_proc_describe(status, desc, sizeof desc);
     if (hasclose)
       fprintf(stderr, "lpar: %s %d: close failed: %s\n", who, (int)p->pid,
               desc);
@@ -515,7 +515,7 @@ void lpar_worker_finish(Proc *p, long long deadline, double secs, int hasclose,
     fflush(stderr);
   }
   if (rc == 0) {
-    lpar_pool_secs(secs, desc, sizeof desc);
+    lpar_proc_secs(secs, desc, sizeof desc);
     if (hasclose)
       fprintf(stderr, "lpar: %s %d: close timed out after %s s\n", who,
               (int)p->pid, desc);
@@ -523,10 +523,10 @@ void lpar_worker_finish(Proc *p, long long deadline, double secs, int hasclose,
       fprintf(stderr, "lpar: %s %d: did not leave within %s s\n", who,
               (int)p->pid, desc);
     fflush(stderr);
-    lpar_pool_killproc(p, SIGKILL);
-    lpar_pool_waitproc(p, &status, 1);
+    lpar_proc_killproc(p, SIGKILL);
+    lpar_proc_waitproc(p, &status, 1);
   }
-  lpar_pool_closepid(p);
+  lpar_proc_closepid(p);
   p->pid = 0;
 }
 
@@ -535,7 +535,7 @@ void lpar_worker_reseed(lua_State *L, lua_Integer place) {
   lua_getfield(L, LUA_REGISTRYINDEX, LUA_LOADED_TABLE);
   if (lua_getfield(L, -1, "math") == LUA_TTABLE &&
       lua_getfield(L, -1, "randomseed") == LUA_TFUNCTION) {
-    lua_pushinteger(L, (lua_Integer)getpid() ^ lpar_pool_now());
+    lua_pushinteger(L, (lua_Integer)getpid() ^ lpar_proc_now());
     lua_pushinteger(L, place);
     lua_pcall(L, 2, 0, 0);
   }

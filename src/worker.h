@@ -9,7 +9,7 @@
 
 #include "buf.h"
 #include "lua.h"
-#include "pool.h"
+#include "proc.h"
 #include "ring.h"
 
 /* flags of an LPAR_FCALL frame (its count field) */

@@ -1,8 +1,8 @@
 /*
-** pool.c: fork, channels, waitpid and shutdown of worker processes.
+** proc.c: fork, channels, waitpid and shutdown of worker processes.
 ** Plain C: returns 0 or -errno, never prints, never exits the parent.
 */
-#include "pool.h"
+#include "proc.h"
 
 #include <assert.h>
 #include <errno.h>
@@ -34,7 +34,7 @@
 #define WORDBITS 64
 static _Atomic unsigned long long tracked[LPAR_MAXTRACKFD / WORDBITS];
 
-void lpar_pool_track(int fd) {
+void lpar_proc_track(int fd) {
   if (fd >= 0 && fd < LPAR_MAXTRACKFD)
     atomic_fetch_or(&tracked[fd / WORDBITS], 1ULL << (fd % WORDBITS));
 }
@@ -44,7 +44,7 @@ static void untrack(int fd) {
     atomic_fetch_and(&tracked[fd / WORDBITS], ~(1ULL << (fd % WORDBITS)));
 }
 
-void lpar_pool_closefd(int *fd) {
+void lpar_proc_closefd(int *fd) {
   if (*fd >= 0) {
     assert(*fd > 2);
     untrack(*fd);
@@ -70,7 +70,7 @@ static void closeothers(int keep1, int keep2) {
   }
 }
 
-long long lpar_pool_now(void) {
+long long lpar_proc_now(void) {
   struct timespec ts;
   clock_gettime(CLOCK_MONOTONIC, &ts);
   return (long long)ts.tv_sec * 1000000000LL + ts.tv_nsec;
@@ -114,7 +114,7 @@ static int pidopen(pid_t pid) {
 #if defined(SYS_pidfd_open) && !defined(LPAR_NOPIDFD)
   long fd = syscall(SYS_pidfd_open, pid, 0);
   if (fd >= 0) {
-    lpar_pool_track((int)fd);
+    lpar_proc_track((int)fd);
     return (int)fd;
   }
 #else
@@ -123,7 +123,7 @@ static int pidopen(pid_t pid) {
   return -1;
 }
 
-pid_t lpar_pool_fork(Proc *p, const ChildSetup *cs, const char **call) {
+pid_t lpar_proc_fork(Proc *p, const ChildSetup *cs, const char **call) {
   int cmd[2] = {-1, -1}, res[2] = {-1, -1};
   p->pidfd = -1;
   pid_t parent = getpid(), pid;
@@ -132,14 +132,14 @@ pid_t lpar_pool_fork(Proc *p, const ChildSetup *cs, const char **call) {
   if (socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, cmd) == -1)
     return -errno;
   *call = "pipe2";
-  lpar_pool_track(cmd[0]);
-  lpar_pool_track(cmd[1]);
+  lpar_proc_track(cmd[0]);
+  lpar_proc_track(cmd[1]);
   if (pipe2(res, O_CLOEXEC) == -1) {
     rc = -errno;
     goto fail;
   }
-  lpar_pool_track(res[0]);
-  lpar_pool_track(res[1]);
+  lpar_proc_track(res[0]);
+  lpar_proc_track(res[1]);
 #if defined(F_SETPIPE_SZ)
   fcntl(res[1], F_SETPIPE_SZ, 1 << 20); /* best effort: fewer wake-ups */
 #endif
@@ -172,31 +172,31 @@ pid_t lpar_pool_fork(Proc *p, const ChildSetup *cs, const char **call) {
   /* the child does the same: whichever runs first, the group exists
      before either goes on (ESRCH: it is gone already) */
   setpgid(pid, pid);
-  lpar_pool_closefd(&cmd[1]);
-  lpar_pool_closefd(&res[1]);
+  lpar_proc_closefd(&cmd[1]);
+  lpar_proc_closefd(&res[1]);
   p->pid = pid;
   p->cmdfd = cmd[0];
   p->resfd = res[0];
   p->pidfd = pidopen(pid);
   return pid;
 fail:
-  lpar_pool_closefd(&cmd[0]);
-  lpar_pool_closefd(&cmd[1]);
-  lpar_pool_closefd(&res[0]);
-  lpar_pool_closefd(&res[1]);
+  lpar_proc_closefd(&cmd[0]);
+  lpar_proc_closefd(&cmd[1]);
+  lpar_proc_closefd(&res[0]);
+  lpar_proc_closefd(&res[1]);
   return rc;
 }
 
-void lpar_pool_close(Proc *p) {
-  lpar_pool_closefd(&p->cmdfd);
-  lpar_pool_closefd(&p->resfd);
+void lpar_proc_close(Proc *p) {
+  lpar_proc_closefd(&p->cmdfd);
+  lpar_proc_closefd(&p->resfd);
 }
 
-void lpar_pool_closepid(Proc *p) {
-  lpar_pool_closefd(&p->pidfd);
+void lpar_proc_closepid(Proc *p) {
+  lpar_proc_closefd(&p->pidfd);
 }
 
-void lpar_pool_kill(pid_t pid, int sig) {
+void lpar_proc_kill(pid_t pid, int sig) {
   assert(pid > 0); /* kill(0) or kill(-1) would hit far more */
   kill(-pid, sig); /* its group: what it started (fails if none) */
   kill(pid, sig);  /* and itself, even if it left the group */
@@ -215,14 +215,14 @@ static int pidsignal(const Proc *p, int sig) {
   return -ENOSYS;
 }
 
-void lpar_pool_killproc(const Proc *p, int sig) {
+void lpar_proc_killproc(const Proc *p, int sig) {
   int rc;
   assert(p->pid > 0);
   /* while it is not reaped (a zombie counts), its pid and its group's id
      are its own; signal 0 tells */
   rc = pidsignal(p, 0);
   if (rc == -ENOSYS || p->pidfd < 0) {
-    lpar_pool_kill(p->pid, sig);
+    lpar_proc_kill(p->pid, sig);
     return;
   }
   if (rc != 0)
@@ -242,13 +242,13 @@ static int waitpidfd(const Proc *p, siginfo_t *si, int options) {
   return rc == -1 ? -errno : 0;
 }
 
-int lpar_pool_waitproc(const Proc *p, int *status, int block) {
+int lpar_proc_waitproc(const Proc *p, int *status, int block) {
   siginfo_t si;
   int rc;
   memset(&si, 0, sizeof si);
   rc = waitpidfd(p, &si, WEXITED | WNOWAIT | (block ? 0 : WNOHANG));
   if (rc == -ENOSYS || rc == -EINVAL) /* no pidfd, or a kernel before 5.4 */
-    return lpar_pool_wait(p->pid, status, block);
+    return lpar_proc_wait(p->pid, status, block);
   if (rc != 0)
     return rc; /* -ECHILD: reaped elsewhere */
   if (si.si_pid == 0)
@@ -264,7 +264,7 @@ int lpar_pool_waitproc(const Proc *p, int *status, int block) {
   return 1;
 }
 
-int lpar_pool_wait(pid_t pid, int *status, int block) {
+int lpar_proc_wait(pid_t pid, int *status, int block) {
   siginfo_t si;
   pid_t r;
   int rc;
@@ -289,10 +289,10 @@ int lpar_pool_wait(pid_t pid, int *status, int block) {
   return 1;
 }
 
-int lpar_pool_waituntil(const Proc *p, long long deadline, int *status) {
+int lpar_proc_waituntil(const Proc *p, long long deadline, int *status) {
   int rc;
-  while ((rc = lpar_pool_waitproc(p, status, 0)) == 0) {
-    long long left = deadline - lpar_pool_now();
+  while ((rc = lpar_proc_waitproc(p, status, 0)) == 0) {
+    long long left = deadline - lpar_proc_now();
     int ms;
     if (left <= 0)
       return 0;
@@ -307,20 +307,20 @@ int lpar_pool_waituntil(const Proc *p, long long deadline, int *status) {
   return rc;
 }
 
-int lpar_pool_reap(const Proc *p, int force, int *status) {
+int lpar_proc_reap(const Proc *p, int force, int *status) {
   int rc, tries;
   assert(p->pid > 0); /* kill(0) would hit the whole process group */
   if (force)
-    lpar_pool_killproc(p, SIGKILL);
-  for (tries = 0; (rc = lpar_pool_waitproc(p, status, 0)) == 0; tries++) {
+    lpar_proc_killproc(p, SIGKILL);
+  for (tries = 0; (rc = lpar_proc_waitproc(p, status, 0)) == 0; tries++) {
     if (tries == 200)
-      lpar_pool_killproc(p, SIGKILL);
+      lpar_proc_killproc(p, SIGKILL);
     poll(NULL, 0, 1);
   }
   return rc;
 }
 
-int lpar_pool_holdchld(struct sigaction *old) {
+int lpar_proc_holdchld(struct sigaction *old) {
   struct sigaction sa;
   if (sigaction(SIGCHLD, NULL, old) != 0)
     return 0;
@@ -332,21 +332,21 @@ int lpar_pool_holdchld(struct sigaction *old) {
   return sigaction(SIGCHLD, &sa, NULL) == 0;
 }
 
-const char *lpar_pool_secs(double secs, char *buf, size_t size) {
+const char *lpar_proc_secs(double secs, char *buf, size_t size) {
   int n = snprintf(buf, size, "%.6g", secs);
   if (n > 0 && (size_t)n + 2 < size && strpbrk(buf, ".en") == NULL)
     memcpy(buf + n, ".0", 3); /* looks like a float, as in Lua */
   return buf;
 }
 
-int lpar_pool_leftbadly(int status) {
+int lpar_proc_leftbadly(int status) {
   if (WIFEXITED(status))
     return WEXITSTATUS(status) != 0;
   return WIFSIGNALED(status) && WTERMSIG(status) != SIGKILL &&
          WTERMSIG(status) != SIGPIPE;
 }
 
-const char *lpar_pool_describe(int status, char *buf, size_t size) {
+const char *lpar_proc_describe(int status, char *buf, size_t size) {
   if (WIFSIGNALED(status)) {
     int sig = WTERMSIG(status);
     const char *name = sigabbrev_np(sig);
@@ -362,13 +362,13 @@ const char *lpar_pool_describe(int status, char *buf, size_t size) {
   return buf;
 }
 
-Slot *lpar_pool_slots(size_t n) {
+Slot *lpar_proc_slots(size_t n) {
   void *p = mmap(NULL, n * sizeof(Slot), PROT_READ | PROT_WRITE,
                  MAP_SHARED | MAP_ANONYMOUS, -1, 0);
   return p == MAP_FAILED ? NULL : p;
 }
 
-void lpar_pool_freeslots(Slot *s, size_t n) {
+void lpar_proc_freeslots(Slot *s, size_t n) {
   if (s)
     munmap(s, n * sizeof(Slot));
 }

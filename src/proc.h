@@ -1,9 +1,9 @@
 /*
-** pool.h: worker processes: fork with two channels, fd hygiene, waitpid,
+** proc.h: worker processes: fork with two channels, fd hygiene, waitpid,
 ** kill, shared status slots. Knows nothing about Lua.
 */
-#ifndef lpar_pool_h
-#define lpar_pool_h
+#ifndef lpar_proc_h
+#define lpar_proc_h
 
 #include <signal.h>
 #include <stddef.h>
@@ -60,40 +60,40 @@ typedef struct ChildSetup {
 ** caller. -errno on failure, with nothing left open and *call naming the
 ** call that failed.
 */
-pid_t lpar_pool_fork(Proc *p, const ChildSetup *cs, const char **call);
+pid_t lpar_proc_fork(Proc *p, const ChildSetup *cs, const char **call);
 
 /* Close the parent's channel ends of 'p' (safe to call twice); the pidfd
-   stays until lpar_pool_closepid. */
-void lpar_pool_close(Proc *p);
-void lpar_pool_closepid(Proc *p);
+   stays until lpar_proc_closepid. */
+void lpar_proc_close(Proc *p);
+void lpar_proc_closepid(Proc *p);
 
 /* Send 'sig' to worker 'pid' and every process in its group (the worker
    itself too, should it have left the group). */
-void lpar_pool_kill(pid_t pid, int sig);
+void lpar_proc_kill(pid_t pid, int sig);
 
 /* The same for worker 'p', through its pidfd when it has one, and not at
    all once it was reaped (with SIGCHLD ignored, by the kernel): its pid
    could then be another process's. */
-void lpar_pool_killproc(const Proc *p, int sig);
+void lpar_proc_killproc(const Proc *p, int sig);
 
 /*
 ** Reap 'pid' if it has ended: 1 and *status set, 0 if still running (only
 ** when !block), -errno (-ECHILD when someone else reaped it). What is left
 ** of its process group is killed first, while the pid cannot be reused.
 */
-int lpar_pool_wait(pid_t pid, int *status, int block);
+int lpar_proc_wait(pid_t pid, int *status, int block);
 
 /* The same for worker 'p', through its pidfd when it has one: another
    process that got its pid once it was reaped elsewhere is never
    touched. */
-int lpar_pool_waitproc(const Proc *p, int *status, int block);
+int lpar_proc_waitproc(const Proc *p, int *status, int block);
 
 /*
 ** Wait until worker 'p' ends or the monotonic clock reaches 'deadline'
-** (ns), then reap it as lpar_pool_wait does: 1 and *status set, 0 if it
+** (ns), then reap it as lpar_proc_wait does: 1 and *status set, 0 if it
 ** still runs at the deadline, -errno. Uses its pidfd when it has one.
 */
-int lpar_pool_waituntil(const Proc *p, long long deadline, int *status);
+int lpar_proc_waituntil(const Proc *p, long long deadline, int *status);
 
 /*
 ** Make SIGCHLD deliverable for the time lpar waits for its workers: when
@@ -101,14 +101,14 @@ int lpar_pool_waituntil(const Proc *p, long long deadline, int *status);
 ** the kernel and their exit status is lost. Returns 1 and saves the
 ** caller's action in *old if it changed it (restore it with sigaction).
 */
-int lpar_pool_holdchld(struct sigaction *old);
+int lpar_proc_holdchld(struct sigaction *old);
 
 /*
 ** Reap a worker whose channel reached end of file, so it is exiting: it
 ** gets up to 200 ms to finish, then SIGKILL (at once if 'force'). Returns
-** as lpar_pool_wait when blocking.
+** as lpar_proc_wait when blocking.
 */
-int lpar_pool_reap(const Proc *p, int force, int *status);
+int lpar_proc_reap(const Proc *p, int force, int *status);
 
 /*
 ** Whether a worker that was told to leave ended badly: it exited with a
@@ -116,28 +116,28 @@ int lpar_pool_reap(const Proc *p, int force, int *status);
 ** signal other than SIGKILL (lpar's own) or SIGPIPE (its channel closed
 ** while it still wrote).
 */
-int lpar_pool_leftbadly(int status);
+int lpar_proc_leftbadly(int status);
 
 /* Describe a wait status: "exited with status 3", "killed by signal 9
    (SIGKILL)". Returns 'buf'. */
-const char *lpar_pool_describe(int status, char *buf, size_t size);
+const char *lpar_proc_describe(int status, char *buf, size_t size);
 
 /* Seconds as every message of lpar writes them, the way Lua writes a
    float: "0.25", "2.0", "1e+09"; returns buf. */
-const char *lpar_pool_secs(double secs, char *buf, size_t size);
+const char *lpar_proc_secs(double secs, char *buf, size_t size);
 
 /* Monotonic clock in nanoseconds. */
-long long lpar_pool_now(void);
+long long lpar_proc_now(void);
 
 /* Shared anonymous memory for 'n' slots; NULL on failure. */
-Slot *lpar_pool_slots(size_t n);
-void lpar_pool_freeslots(Slot *s, size_t n);
+Slot *lpar_proc_slots(size_t n);
+void lpar_proc_freeslots(Slot *s, size_t n);
 
 /*
 ** Every fd lpar opens is tracked, so that a forked child can close the
 ** ones that are not its own.
 */
-void lpar_pool_track(int fd);
-void lpar_pool_closefd(int *fd); /* untrack and close; sets *fd = -1 */
+void lpar_proc_track(int fd);
+void lpar_proc_closefd(int *fd); /* untrack and close; sets *fd = -1 */
 
 #endif
