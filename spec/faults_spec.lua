@@ -44,35 +44,55 @@ describe("worker faults", function()
     {"os.exit(3)", function() os.exit(3) end, "exited with status 3"},
     {"os.exit(0)", function() os.exit(0) end, "exited with status 0"},
   } do
-    it("replaces a worker that dies of " .. case[1] .. " and finishes the other items", function()
-      local die = case[2]
-      local r, n, errs = lpar.parallel(function(x)
-        if x == 13 then die() end
-        return x * 10
-      end, range(40), {n_workers = 3, chunksize = 8, on_error = "collect"})
-      assert.equal(40, n)
-      assert.same({13}, sorted_keys(errs))
-      assert.matches("^worker %d+ " .. case[3] .. "$", errs[13])
-      complete(r, 40, {[13] = true})
-    end)
+    -- one table of cases, two front ends: the same engine serves both
+    for _, front in ipairs{"parallel", "pool"} do
+      it("replaces a worker that dies of " .. case[1] .. " and finishes the other items, with "
+         .. front, function()
+        local die = case[2]
+        local function f(x)
+          if x == 13 then die() end
+          return x * 10
+        end
+        local r, n, errs
+        if front == "parallel" then
+          r, n, errs = lpar.parallel(f, range(40), {n_workers = 3, chunksize = 8, on_error = "collect"})
+        else
+          local pool <close> = lpar.pool{n_workers = 3}
+          r, n, errs = pool:map(f, range(40), {chunksize = 8, on_error = "collect"})
+        end
+        assert.equal(40, n)
+        assert.same({13}, sorted_keys(errs))
+        assert.matches("^worker %d+ " .. case[3] .. "$", errs[13])
+        complete(r, 40, {[13] = true})
+      end)
+    end
   end
 
-  it("runs the unfinished items of a dead worker's chunk again", function()
-    local path = os.tmpname()
-    local r, _, errs = lpar.parallel(function(x)
-      local f = io.open(path, "a"); f:write(x, "\n"); f:close()
-      if x == 3 then os.exit(1) end
-      return x * 10
-    end, range(10), {n_workers = 1, chunksize = 10, on_error = "collect"})
-    local f = io.open(path); local log = f:read("a"); f:close()
-    os.remove(path)
-    assert.same({3}, sorted_keys(errs))
-    complete(r, 10, {[3] = true})
-    local runs = {}
-    for x in log:gmatch("%d+") do runs[tonumber(x)] = (runs[tonumber(x)] or 0) + 1 end
-    assert.equal(1, runs[3])  -- the item that killed it is not run again
-    assert.equal(1, runs[10]) -- the rest of the chunk ran on the new worker
-  end)
+  for _, front in ipairs{"parallel", "pool"} do
+    it("runs the unfinished items of a dead worker's chunk again, with " .. front, function()
+      local path = os.tmpname()
+      local function f(x)
+        local fh = io.open(path, "a"); fh:write(x, "\n"); fh:close()
+        if x == 3 then os.exit(1) end
+        return x * 10
+      end
+      local r, errs, _
+      if front == "parallel" then
+        r, _, errs = lpar.parallel(f, range(10), {n_workers = 1, chunksize = 10, on_error = "collect"})
+      else
+        local pool <close> = lpar.pool{n_workers = 1}
+        r, _, errs = pool:map(f, range(10), {chunksize = 10, on_error = "collect"})
+      end
+      local fh = io.open(path); local log = fh:read("a"); fh:close()
+      os.remove(path)
+      assert.same({3}, sorted_keys(errs))
+      complete(r, 10, {[3] = true})
+      local runs = {}
+      for x in log:gmatch("%d+") do runs[tonumber(x)] = (runs[tonumber(x)] or 0) + 1 end
+      assert.equal(1, runs[3])  -- the item that killed it is not run again
+      assert.equal(1, runs[10]) -- the rest of the chunk ran on the new worker
+    end)
+  end
 
   it("detects a worker dying while idle", function()
     local r, n, errs = lpar.parallel(function(x)
