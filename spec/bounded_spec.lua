@@ -230,6 +230,31 @@ describe("a live worker that stops inside a frame", function()
   end
 end)
 
+describe("a pool worker stopped between items", function()
+  it("is let go once the timeout passes, its items run elsewhere", function()
+    -- SIGSTOP before the job: the worker never takes its chunk
+    local f = H.program([[
+      local lpar = require "lpar"
+      local signal = require "posix.signal"
+      local pool = lpar.pool{n_workers = 2}
+      local pids = pool:pids()
+      signal.kill(pids[1], signal.SIGSTOP)
+      local r, n, errs = pool:map(function(x) return x * 2 end, {1, 2, 3, 4, 5, 6, 7, 8},
+                                  {timeout = 1, chunksize = 1, on_error = "collect"})
+      local got = {}
+      for i = 1, n do got[i] = r[i] end
+      io.write(table.concat(got, ","), " ", tostring(next(errs)), "\n")
+      signal.kill(pids[1], signal.SIGCONT)
+      pool:close()
+    ]])
+    local rc, out, err = H.run(("timeout -k 5 %d lua5.4 %s"):format(LIMIT, f))
+    os.remove(f)
+    assert.equal("", err)
+    assert.equal(0, rc)
+    assert.equal("2,4,6,8,10,12,14,16 nil\n", out)
+  end)
+end)
+
 describe("subprocesses of workers", function()
   for _, front in ipairs(FRONTS) do
     it("are stopped with a worker that times out, with " .. front, function()

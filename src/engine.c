@@ -1385,6 +1385,32 @@ static long long stalled(Ctx *c, EWorker *w, long long now) {
   return -1;
 }
 
+/*
+** A busy worker of a job with a timeout that is between items: one that
+** has taken no item (nor sent a byte) for the timeout since its chunk
+** came, its last item began or its last bytes came, is stopped (SIGSTOP,
+** a debugger) or stuck outside any item; what it sent is read first. It
+** is let go and its items go back as suspects, unblamed. Returns when to
+** look again (ns), or -1 if it was let go.
+*/
+static long long idlelimit(Ctx *c, EWorker *w, long long now) {
+  Engine *e = c->e;
+  Slot *slot = &e->slots[w - e->w];
+  long long t = w->started, limit;
+  if (w->lastread > t)
+    t = w->lastread;
+  if (slot->since > t)
+    t = slot->since;
+  limit = t + (long long)(w->job->o.timeout * 1e9);
+  if (now < limit)
+    return limit < now + 10000000LL ? limit : now + 10000000LL;
+  readworker(c, w); /* what it sent counts */
+  if (w->state != W_BUSY || slot->item != 0 || w->lastread > t)
+    return now + 10000000LL; /* it moved on */
+  lose(c, w, 1, "took no item for the timeout");
+  return -1;
+}
+
 /* Timeouts per item and for init, stalled frames, TERM -> KILL
    escalation; arms the timer for the next deadline. Returns whether a
    worker was lost meanwhile (then do not wait: its place wants filling). */
@@ -1426,8 +1452,12 @@ static int deadlines(Ctx *c) {
         w->killat = now + KILLGRACE;
         due = w->killat;
       }
-      else
-        due = item != 0 ? limit : now + 10000000LL; /* look again soon */
+      else if (item != 0)
+        due = limit;
+      else if ((due = idlelimit(c, w, now)) < 0) { /* it was let go */
+        acted = 1;
+        continue;
+      }
     }
     if (w->killat == 0 && w->state != W_EMPTY &&
         (stall = stalled(c, w, now)) != 0) {
