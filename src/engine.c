@@ -1878,20 +1878,21 @@ static void waitjob(lua_State *L, int jidx, Job *j) {
   e = c.e;
   if (e->waiting)
     luaL_error(L, "pool is busy (called from inside its own pump)");
+  /* the signals taken: not one the caller ignores (blocked, it would be
+     left pending for the caller to find) */
   sigemptyset(&block);
   for (k = 0; k < 3; k++)
-    if (k == 0 || e->o.sigterm)
+    if ((k == 0 || e->o.sigterm) && sigaction(sigs[k], NULL, &old[k]) == 0 &&
+        old[k].sa_handler != SIG_IGN) {
+      taken[k] = 1;
       sigaddset(&block, sigs[k]);
+    }
   sigprocmask(SIG_BLOCK, &block, &e->oldmask);
   e->waitmask = e->oldmask;
   memset(&sa, 0, sizeof sa);
   sa.sa_handler = onint;
   sigemptyset(&sa.sa_mask);
   for (k = 0; k < 3; k++) {
-    if (!sigismember(&block, sigs[k]))
-      continue;
-    sigaction(sigs[k], NULL, &old[k]);
-    taken[k] = old[k].sa_handler != SIG_IGN;
     if (taken[k]) {
       sigaction(sigs[k], &sa, NULL);
       sigdelset(&e->waitmask, sigs[k]);
