@@ -1551,23 +1551,22 @@ static void pump(Ctx *c, int ms) {
     ms = 0;
   e->vacated = 0;
   if (canspawn(e)) { /* all busy: another worker, unless results are in */
-    if (events(c, 0) == 0 && (d = spawnwait(e)) >= 0) {
-      const char *call = "fork";
-      if (d == 0) {
-        if (spawnone(c, &call) < 0)
-          e->cap = e->live; /* go on with the workers there are */
-        dispatch(c);
-        return;
-      }
-      if (ms < 0 || d < ms)
-        ms = d;
-    }
-    else {
+    if (events(c, 0) > 0) {
       deadlines(c);
       refill(c);
       dispatch(c);
       return;
     }
+    d = spawnwait(e);
+    if (d == 0) {
+      const char *call = "fork";
+      if (spawnone(c, &call) < 0)
+        e->cap = e->live; /* go on with the workers there are */
+      dispatch(c);
+      return;
+    }
+    if (d > 0 && (ms < 0 || d < ms))
+      ms = d;
   }
   events(c, ms);
   deadlines(c);
@@ -2061,6 +2060,7 @@ void lpar_engine_close(lua_State *L, int idx, const char *why) {
   }
   e->nretired = 0;
   e->live = 0;
+
   reapdying(e, 1);
   releasechld(e);
   lua_pop(L, 1);
