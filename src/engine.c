@@ -1402,11 +1402,14 @@ static long long idlelimit(Ctx *c, EWorker *w, long long now) {
   if (slot->since > t)
     t = slot->since;
   limit = t + (long long)(w->job->o.timeout * 1e9);
+  if (w->in.n > 0) /* a frame begun: stalled() judges it */
+    return limit;
   if (now < limit)
     return limit < now + 10000000LL ? limit : now + 10000000LL;
   readworker(c, w); /* what it sent counts */
-  if (w->state != W_BUSY || slot->item != 0 || w->lastread > t)
+  if (w->state != W_BUSY || slot->item != 0 || w->lastread > t || w->in.n > 0)
     return now + 10000000LL; /* it moved on */
+  w->q[0].alone = 0;         /* no item of its chunk is to blame */
   lose(c, w, 1, "took no item for the timeout");
   return -1;
 }
