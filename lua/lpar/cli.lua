@@ -739,10 +739,12 @@ function M.progressline(done, total, failed, elapsed)
   return s
 end
 
+-- On a terminal the line is handed over on every step: main.c draws it
+-- after the output it counts, at most once per flush of the output.
 local function progress(c, total)
   local start = c.now()
   local tty = c.isatty(2)
-  local every = tty and 0.1 or 1
+  local every = tty and 0 or 1
   local last, done, failed = -1, 0, 0
   local p = {}
   local function draw()
