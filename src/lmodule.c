@@ -91,7 +91,7 @@ static int serial(lua_State *L, lua_Integer n, const RunOpts *o) {
   }
   lua_newtable(L); /* results */
   lua_newtable(L); /* errors */
-  lua_pushcfunction(L, lpar_worker_traceback);
+  lpar_worker_pushtraceback(L);
   for (i = 1; stream || i <= n; i++) {
     if (stream) {
       lua_pushvalue(L, 2);
@@ -280,7 +280,7 @@ static int imapserial(lua_State *L) {
     if (lua_isnil(L, -1))
       return imapdone(L);
   }
-  lua_pushcfunction(L, lpar_worker_traceback);
+  lpar_worker_pushtraceback(L);
   lua_pushvalue(L, lua_upvalueindex(1));
   lua_pushvalue(L, 1);
   if (lua_pcall(L, 1, 1, 2) == LUA_OK) {

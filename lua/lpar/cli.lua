@@ -492,17 +492,54 @@ function M.shorten(s, max)
 end
 
 -- Text (a message, a traceback) without the frames of this file and what
--- lies below them.
+-- lies below them, nor the C functions just above them (xpcall, or error
+-- when lpar itself raised): a traceback left with no frame goes too.
 function M.clean(text)
-  local lines = {}
+  local lines, cut = {}, false
   for line in (text .. "\n"):gmatch("(.-)\n") do
-    if line:sub(1, #SELF + 2) == "\t" .. SELF .. ":" then break end
+    if line:sub(1, #SELF + 2) == "\t" .. SELF .. ":" then
+      cut = true
+      break
+    end
     lines[#lines + 1] = line
+  end
+  while cut and lines[#lines] and lines[#lines]:match("^\t%[C%]: in ") do
+    lines[#lines] = nil
   end
   while lines[#lines] == "stack traceback:" or lines[#lines] == "" do
     lines[#lines] = nil
   end
   return table.concat(lines, "\n")
+end
+
+-- The traceback from 'level' (of the caller) up, cleaned, with the
+-- user's function that lpar called named as the user wrote it
+-- (function <fail.lua:2>) rather than by the variable lpar holds it in.
+function M.trace(msg, level)
+  level = level + 1
+  local text = debug.traceback(msg, level)
+  local l = level
+  while true do
+    local info, below = debug.getinfo(l, "Sl"), debug.getinfo(l + 1, "S")
+    if not info or not below then break end
+    if below.short_src == SELF and info.short_src ~= SELF then
+      if info.what == "Lua" then
+        local head = ("\t%s:%d: in "):format(info.short_src, info.currentline)
+        local name = ("function <%s:%d>"):format(info.short_src, info.linedefined)
+        local out, done = {}, false
+        for line in (text .. "\n"):gmatch("(.-)\n") do
+          if not done and line:sub(1, #head) == head then
+            line, done = head .. name, true
+          end
+          out[#out + 1] = line
+        end
+        text = table.concat(out, "\n")
+      end
+      break
+    end
+    l = l + 1
+  end
+  return M.clean(text)
 end
 
 -- A failed item travels from the worker as one string: a tag, then the
@@ -550,7 +587,7 @@ end
 local function runner(map, fmt)
   local function call(item) return fmt(map(item)) end
   local function handler(e)
-    return {errortext(e), debug.traceback("", 2):sub(2)}
+    return {errortext(e), M.trace("", 2):sub(2)}
   end
   return function(item)
     local ok, r = xpcall(call, handler, item)
@@ -626,7 +663,7 @@ function M.batcher(map, fmt, nul, halt, timed, c, maxmem)
     end
   end
   local function handler(e)
-    return {errortext(e), debug.traceback("", 2):sub(2)}
+    return {errortext(e), M.trace("", 2):sub(2)}
   end
   return function(block)
     local parts
@@ -1629,7 +1666,8 @@ end
 
 local function traceback(e)
   if signalled[e] then return e end
-  return M.clean(debug.traceback(errortext(e), 2))
+  local text = M.trace(errortext(e), 2) -- not a tail call: levels count
+  return text
 end
 
 -- The command: argv[0..n] as C gives it, c the C helpers. Returns the
