@@ -518,26 +518,41 @@ end
 function M.trace(msg, level)
   level = level + 1
   local text = debug.traceback(msg, level)
-  local l = level
-  while true do
-    local info, below = debug.getinfo(l, "Sl"), debug.getinfo(l + 1, "S")
-    if not info or not below then break end
-    if below.short_src == SELF and info.short_src ~= SELF then
-      if info.what == "Lua" then
-        local head = ("\t%s:%d: in "):format(info.short_src, info.currentline)
-        local name = ("function <%s:%d>"):format(info.short_src, info.linedefined)
-        local out, done = {}, false
-        for line in (text .. "\n"):gmatch("(.-)\n") do
-          if not done and line:sub(1, #head) == head then
-            line, done = head .. name, true
-          end
-          out[#out + 1] = line
-        end
-        text = table.concat(out, "\n")
+  -- the deepest level, found by doubling and halving: each getinfo walks
+  -- from the top, and a stack may be deep (a stack overflow)
+  local lo, hi = level, level * 2
+  while debug.getinfo(hi, "S") do lo, hi = hi, hi * 2 end
+  while hi - lo > 1 do
+    local mid = (lo + hi) // 2
+    if debug.getinfo(mid, "S") then lo = mid else hi = mid end
+  end
+  -- from there up, past lpar's frames (this file's and C functions), to
+  -- the first frame of the user's, called by this file
+  local l = lo
+  while l > level do
+    local info, below = debug.getinfo(l - 1, "Sl"), debug.getinfo(l, "S")
+    l = l - 1
+    if info.short_src ~= SELF and info.what ~= "C" then
+      if below.short_src ~= SELF then break end
+      local head = ("\t%s:%d: in "):format(info.short_src, info.currentline)
+      local name = ("function <%s:%d>"):format(info.short_src, info.linedefined)
+      -- its line is the last above this file's (but C functions and tail
+      -- calls), unless a long traceback skipped it
+      local lines, cut = {}, nil
+      for line in (text .. "\n"):gmatch("(.-)\n") do
+        lines[#lines + 1] = line
+        if not cut and line:sub(1, #SELF + 2) == "\t" .. SELF .. ":" then cut = #lines end
+      end
+      local k = (cut or #lines + 1) - 1
+      while k > 0 and (lines[k]:match("^\t%[C%]: in ") or lines[k] == "\t(...tail calls...)") do
+        k = k - 1
+      end
+      if k > 0 and lines[k]:sub(1, #head) == head then
+        lines[k] = head .. name
+        text = table.concat(lines, "\n")
       end
       break
     end
-    l = l + 1
   end
   return M.clean(text)
 end

@@ -1,6 +1,6 @@
 -- The progress option of lpar.parallel, lpar.imap and pool jobs, the
--- progress bar on a terminal (module and CLI), and the messages of pool
--- and job methods called wrongly.
+-- progress bar on a terminal (module and CLI), the messages of pool and
+-- job methods called wrongly, and tracebacks as the user wrote the code.
 local lpar = require "lpar"
 local H = require "spec.helper"
 
@@ -280,5 +280,62 @@ describe("pool and job method errors", function()
   it("leave errors of the items as they are", function()
     local err = raised(function() return pool:map(function() error("mine") end, {1}) end)
     assert.matches("^item 1: .*: mine", err)
+  end)
+end)
+
+describe("tracebacks", function()
+  local dir
+  setup(function()
+    dir = H.tmpdir()
+    H.writefile(dir .. "/fail.lua", 'return function(line)\n' ..
+                '  if line == "b" then error("bad " .. line) end\n' ..
+                '  return line\nend\n')
+    H.writefile(dir .. "/top.lua", 'local x = nil\nreturn x.y\n')
+  end)
+  teardown(function() H.rmdir(dir) end)
+
+  local want = 'lpar: line 2 ("b"): fail.lua:2: bad b\nstack traceback:\n' ..
+               "\t[C]: in function 'error'\n\tfail.lua:2: in function <fail.lua:1>\n" ..
+               "lpar: 1 of 3 items failed\n"
+
+  -- every way the CLI runs an item: batches, one by one (--retries), timed
+  -- (--joblog)
+  for _, opts in ipairs({"", "--retries 1", "--joblog log.txt", "-j1"}) do
+    it("name the user's function as written in the CLI (" .. (opts == "" and "plain" or opts) .. ")", function()
+      local rc, out, err = H.run(("cd %s && %s %s fail.lua"):format(H.quote(dir), H.quote(H.cli), opts),
+                                 "a\nb\nc\n")
+      assert.equal(1, rc)
+      assert.equal("a\nc\n", out)
+      assert.equal(want, err)
+    end)
+  end
+
+  it("show no xpcall or lpar frames for a script that fails as it loads", function()
+    local rc, _, err = H.run(("cd %s && %s top.lua"):format(H.quote(dir), H.quote(H.cli)), "a\n")
+    assert.equal(2, rc)
+    assert.equal("lpar: top.lua:2: attempt to index a nil value (local 'x')\nstack traceback:\n" ..
+                 "\ttop.lua:2: in main chunk\n", err)
+  end)
+
+  it("are left out, not left empty, when lpar itself fails an item (JSON)", function()
+    local rc, _, err = H.lpar("--json -e 'return function() return print end'", "a\n", 60)
+    assert.equal(1, rc)
+    assert.equal('lpar: line 1 ("a"): cannot print a function result\nlpar: 1 of 1 items failed\n', err)
+  end)
+
+  it("of the module stop at the user's function, serial runs too", function()
+    local function helper(x) error("bad " .. x) end
+    local function f(x) helper(x) return x end
+    for _, nw in ipairs({2, 0}) do
+      local ok, err = pcall(lpar.parallel, f, {1}, nw)
+      assert.is_false(ok)
+      assert.matches("^item 1: [^\n]*: bad 1\nstack traceback:\n", err)
+      assert.matches("in upvalue 'helper'\n\t[^\n]*: in function <[^\n]*>$", err)
+      assert.not_matches("in function 'pcall'", err)
+      assert.not_matches("lpar.parallel", err)
+      local ok2, err2 = pcall(function() for _ in lpar.imap(f, {1}, nw) do end end)
+      assert.is_false(ok2)
+      assert.matches("in upvalue 'helper'\n\t[^\n]*: in function <[^\n]*>$", err2)
+    end
   end)
 end)
