@@ -248,7 +248,16 @@ describe("pool and job method errors", function()
   end
 
   it("name the method and count arguments as the user wrote them", function()
-    -- tail calls too: the caller's frame is gone there
+    -- called through pcall, Lua itself cannot tell the name
+    local ok, err = pcall(pool.map, pool, {})
+    assert.is_false(ok)
+    assert.equal("bad argument #1 to 'map' (function expected, got table)", err)
+    ok, err = pcall(pool.imap, pool, print, {}, 5)
+    assert.is_false(ok)
+    assert.equal("bad argument #3 to 'imap' (table expected, got number)", err)
+    ok, err = pcall(pool.submit, pool, print, {}, {progress = 1})
+    assert.is_false(ok)
+    assert.equal("bad argument #3 to 'submit' (progress must be a boolean or a function)", err)
     assert.matches("bad argument #1 to 'map' %(function expected, got table%)$",
                    raised(function() return pool:map({}) end))
     assert.matches("bad argument #1 to 'submit' %(function expected, got nil%)$",
@@ -268,6 +277,9 @@ describe("pool and job method errors", function()
   end)
 
   it("say so when self is not a pool or a job", function()
+    local ok, err = pcall(pool.map, 5)
+    assert.is_false(ok)
+    assert.equal("calling 'map' on bad self (lpar.Pool expected, got number)", err)
     assert.matches("calling 'map' on bad self %(lpar.Pool expected, got number%)$",
                    raised(function() return pool.map(5) end))
     local job = pool:submit(print, {})
