@@ -41,7 +41,7 @@ typedef struct RunOpts {
 
 static const char *const optnames[] = {
     "n_workers", "chunksize", "on_error", "timeout",    "unordered", "init",
-    "close",     "sigterm",   "retries",  "max_memory", "progress", NULL};
+    "close",     "sigterm",   "retries",  "max_memory", "progress",  NULL};
 
 /* Read the options at 'arg': nil, a worker count, or a table. */
 static void getopts(lua_State *L, int arg, RunOpts *o) {

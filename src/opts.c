@@ -159,9 +159,9 @@ static int drawbar(lua_State *L) {
   lua_settop(L, 3);
   lua_pushvalue(L, lua_upvalueindex(2));
   lua_insert(L, 1);
-  lua_pushnumber(L, (lua_Number)(lpar_proc_now() -
-                                 lua_tointeger(L, lua_upvalueindex(1))) /
-                        1e9);
+  lua_pushnumber(
+      L, (lua_Number)(lpar_proc_now() - lua_tointeger(L, lua_upvalueindex(1))) /
+             1e9);
   lua_call(L, 4, 1);
   fprintf(stderr, "\r%s\033[K%s", luaL_checkstring(L, -1),
           known && done >= total ? "\n" : "");

@@ -82,7 +82,6 @@ void lpar_worker_describe(lua_State *L, int idx) {
   lua_pushfstring(L, "(error object is a %s value)", luaL_typename(L, idx));
 }
 
-
 /* lua_CFunction: __tostring of a table error value that crossed from a
    worker; upvalue 1 is what it says. */
 static int sayfailure(lua_State *L) {
