@@ -40,6 +40,12 @@
 #define LPAR_POOLMAXCHUNK (1 << 20)
 #endif
 
+/* a job's progress function is called at most this often (ns), and once
+   more when the job is over */
+#if !defined(LPAR_PROGRESSNS)
+#define LPAR_PROGRESSNS 50000000LL
+#endif
+
 /* after SIGTERM for a timeout, SIGKILL follows this much later (ns) */
 #define KILLGRACE 500000000LL
 
@@ -80,9 +86,10 @@ enum {
   JU_ENGINE,
   JU_F,
   JU_ATTEMPTS, /* item -> times run again so far, with retries */
-  JU_INFLIGHT  /* a stream's items handed out and not yet reported */
+  JU_INFLIGHT, /* a stream's items handed out and not yet reported */
+  JU_PROGRESS  /* the progress function, if any */
 };
-#define JU_N JU_INFLIGHT
+#define JU_N JU_PROGRESS
 
 /* epoll data: what an event is about, and which worker (or job) */
 enum { EV_RES = 0, EV_CMD, EV_TIMER, EV_PID, EV_WAKE };
@@ -494,6 +501,7 @@ static void itemfailed(Ctx *c, Job *j, lua_Integer i, EWorker *self) {
     lua_pop(L, 1);
     lua_pushnil(L);
     store(c, j, uv, i);
+    j->failed++;
     lua_pop(L, 3);
     settle(c, j);
     return;
@@ -1761,6 +1769,11 @@ Job *lpar_engine_submit(lua_State *L, int eidx, int fidx, int iidx,
     lua_newtable(L);
     lua_rawseti(L, -2, JU_INFLIGHT);
   }
+  if (o->progress != 0) {
+    lua_pushvalue(L, o->progress);
+    lua_rawseti(L, -2, JU_PROGRESS);
+  }
+  j->toldone = -1;
   lua_setiuservalue(L, ju, 1);
   if (o->emitting) {
     j->fin = calloc(LPAR_WINDOW, 1);
@@ -1844,6 +1857,52 @@ static int emittable(Job *j) {
   return j->emit <= j->n && j->fin[(j->emit - 1) % LPAR_WINDOW];
 }
 
+/*
+** Call the progress function of job j (at 'jidx') if it has one and it is
+** due: the counts changed and LPAR_PROGRESSNS passed since the last call,
+** or the job is over and its last counts were not told. Returns the ms
+** until a call is due (-1: none). An error it raises ends the job (failed)
+** with that error. The caller has the engine marked as pumping, so the
+** function cannot use the pool.
+*/
+static int tellprogress(Ctx *c, int jidx, Job *j) {
+  lua_State *L = c->L;
+  long long now, wait;
+  int over = j->state != J_RUNNING;
+  if (j->o.progress == 0 || (j->done == j->toldone && j->failed == j->toldfail))
+    return -1;
+  if (j->state == J_FAILED || j->state == J_CANCELLED)
+    return -1;
+  now = lpar_proc_now();
+  wait = j->toldone < 0 ? 0 : j->toldat + LPAR_PROGRESSNS - now;
+  if (!over && wait > 0)
+    return (int)(wait / 1000000) + 1;
+  j->toldone = j->done;
+  j->toldfail = j->failed;
+  j->toldat = now;
+  lua_getiuservalue(L, jidx, 1);
+  lua_rawgeti(L, -1, JU_PROGRESS);
+  lua_remove(L, -2);
+  lua_pushinteger(L, j->done);
+  if (j->stream && !j->exhausted)
+    lua_pushnil(L);
+  else
+    lua_pushinteger(L, j->n);
+  lua_pushinteger(L, j->failed);
+  if (lua_pcall(L, 3, 0, 0) != LUA_OK) {
+    if (j->state == J_RUNNING)
+      endjob(c, j, J_FAILED, NULL);
+    else { /* over: it fails all the same */
+      lua_getiuservalue(L, jidx, 1);
+      lua_insert(L, -2);
+      lua_rawseti(L, -2, JU_FAILURE);
+      lua_pop(L, 1);
+      j->state = J_FAILED;
+    }
+  }
+  return -1;
+}
+
 /* Under lua_pcall: (ctx, job, engine's uservalue) pumps until the job is
    finished, or has a result to take if it emits. */
 static int waitloop(lua_State *L) {
@@ -1851,8 +1910,11 @@ static int waitloop(lua_State *L) {
   Job *j = lua_touserdata(L, 2);
   own.L = L;
   own.uv = 3;
-  while (j->state == J_RUNNING && !(j->fin && emittable(j))) {
-    pump(&own, -1);
+  for (;;) {
+    int ms = tellprogress(&own, 2, j);
+    if (j->state != J_RUNNING || (j->fin && emittable(j)))
+      break;
+    pump(&own, ms);
     if (interrupted && j->state == J_RUNNING) {
       own.e->interrupted = interrupted;
       lua_pushstring(L, interrupted == SIGTERM  ? "terminated"
@@ -1874,7 +1936,9 @@ static void waitjob(lua_State *L, int jidx, Job *j) {
   struct sigaction sa, old[3];
   sigset_t block;
   int status, k, taken[3] = {0, 0, 0};
-  if (j->state != J_RUNNING || (j->fin && emittable(j)))
+  if ((j->state != J_RUNNING || (j->fin && emittable(j))) &&
+      (j->o.progress == 0 || j->e->closed ||
+       (j->done == j->toldone && j->failed == j->toldfail)))
     return;
   jobctx(L, jidx, &c);
   e = c.e;
@@ -1907,7 +1971,7 @@ static void waitjob(lua_State *L, int jidx, Job *j) {
   holdchld(e);
   lua_pushcfunction(L, waitloop);
   lua_pushlightuserdata(L, &c);
-  lua_pushlightuserdata(L, j);
+  lua_pushvalue(L, jidx);
   lua_pushvalue(L, c.uv);
   status = lua_pcall(L, 3, 0, 0);
   releasechld(e);

@@ -51,6 +51,9 @@ typedef struct JobOpts {
   int wakefd;        /* a stream's iterator may say "not yet" (see
                         lpar_engine_pushpending): then pulling waits until
                         this fd is readable; -1: none */
+  int progress;      /* stack index (at submit) of a function called as
+                        progress(done, total, failed) while the job is
+                        waited for (see LPAR_PROGRESSNS); 0: none */
 } JobOpts;
 
 enum { W_EMPTY = 0, W_STARTING, W_IDLE, W_BUSY };
@@ -145,6 +148,10 @@ typedef struct Job {
   unsigned char *fin; /* ring of LPAR_WINDOW flags: item done (imap) */
   lua_Integer *queue; /* ring of done indices (unordered imap) */
   lua_Integer qhead, qtail;
+  lua_Integer failed;   /* items that failed (collected) */
+  lua_Integer toldone;  /* done and failed at the last progress call; */
+  lua_Integer toldfail; /* toldone is -1 before the first */
+  long long toldat;     /* when it was made */
 } Job;
 
 /*

@@ -41,7 +41,7 @@ typedef struct RunOpts {
 
 static const char *const optnames[] = {
     "n_workers", "chunksize", "on_error", "timeout",    "unordered", "init",
-    "close",     "sigterm",   "retries",  "max_memory", NULL};
+    "close",     "sigterm",   "retries",  "max_memory", "progress",  NULL};
 
 /* Read the options at 'arg': nil, a worker count, or a table. */
 static void getopts(lua_State *L, int arg, RunOpts *o) {
@@ -91,7 +91,7 @@ static int serial(lua_State *L, lua_Integer n, const RunOpts *o) {
   }
   lua_newtable(L); /* results */
   lua_newtable(L); /* errors */
-  lua_pushcfunction(L, lpar_worker_traceback);
+  lpar_worker_pushtraceback(L);
   for (i = 1; stream || i <= n; i++) {
     if (stream) {
       lua_pushvalue(L, 2);
@@ -131,8 +131,8 @@ static int serial(lua_State *L, lua_Integer n, const RunOpts *o) {
   return o->collect ? 3 : 2;
 }
 
-/* Check f, items and options; leaves f, items, init, close at 1..4 and
-   returns the item count (-1 for an iterator). */
+/* Check f, items and options; leaves f, items, init, close, progress at
+   1..5 and returns the item count (-1 for an iterator). */
 static lua_Integer checkargs(lua_State *L, RunOpts *o) {
   lua_Integer n = -1;
   checkcallable(L, 1);
@@ -144,6 +144,7 @@ static lua_Integer checkargs(lua_State *L, RunOpts *o) {
   lua_settop(L, 3);
   lpar_opts_hook(L, 3, "init");
   lpar_opts_hook(L, 3, "close");
+  lpar_opts_progress(L, 3);
   lua_remove(L, 3);
   if (n >= 0 && o->nworkers > n)
     o->nworkers = (int)n;
@@ -151,9 +152,9 @@ static lua_Integer checkargs(lua_State *L, RunOpts *o) {
 }
 
 /*
-** Replace init and close at 3 and 4 with the engine of a call over f (at
-** 1) and items (at 2; n < 0: an iterator), then push its one job. The
-** workers inherit f, and a table of items, at fork.
+** Replace init, close and progress at 3..5 with the engine of a call over
+** f (at 1) and items (at 2; n < 0: an iterator), then push its one job.
+** The workers inherit f, and a table of items, at fork.
 */
 static void newrun(lua_State *L, lua_Integer n, const RunOpts *o,
                    int emitting) {
@@ -178,16 +179,19 @@ static void newrun(lua_State *L, lua_Integer n, const RunOpts *o,
   jo.fnk = 1;
   jo.inherit = n >= 0;
   jo.wakefd = -1;
-  lua_settop(L, 4);
-  lua_createtable(L, 1, 0); /* 5: the functions the workers inherit */
+  lua_settop(L, 5);
+  lua_rotate(L, 3, 1);      /* progress at 3, init and close at 4, 5 */
+  lua_createtable(L, 1, 0); /* 6: the functions the workers inherit */
   lua_pushvalue(L, 1);
-  lua_rawseti(L, 5, 1);
+  lua_rawseti(L, 6, 1);
   if (n >= 0)
     lua_pushvalue(L, 2);
   else
     lua_pushnil(L);
-  lpar_engine_new(L, &eo, LPAR_ENGINEMT); /* 3 */
-  lpar_engine_submit(L, 3, 1, 2, n, &jo); /* 4 */
+  lpar_engine_new(L, &eo, LPAR_ENGINEMT); /* 4 */
+  jo.progress = lua_isnil(L, 3) ? 0 : 3;
+  lpar_engine_submit(L, 4, 1, 2, n, &jo); /* 5 */
+  lua_remove(L, 3);                       /* engine at 3, job at 4 */
 }
 
 /* lua_CFunction: (job) -> what it returns once finished. */
@@ -276,7 +280,7 @@ static int imapserial(lua_State *L) {
     if (lua_isnil(L, -1))
       return imapdone(L);
   }
-  lua_pushcfunction(L, lpar_worker_traceback);
+  lpar_worker_pushtraceback(L);
   lua_pushvalue(L, lua_upvalueindex(1));
   lua_pushvalue(L, 1);
   if (lua_pcall(L, 1, 1, 2) == LUA_OK) {

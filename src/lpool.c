@@ -8,6 +8,7 @@
 #include <errno.h>
 #include <signal.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 #include <unistd.h>
 
@@ -133,9 +134,10 @@ static int l_pool(lua_State *L) {
 }
 
 static const char *const jobopts[] = {"chunksize", "on_error", "timeout",
-                                      "retries", NULL};
-static const char *const imapopts[] = {
-    "chunksize", "on_error", "timeout", "retries", "unordered", "wakefd", NULL};
+                                      "retries",   "progress", NULL};
+static const char *const imapopts[] = {"chunksize", "on_error",  "timeout",
+                                       "retries",   "unordered", "wakefd",
+                                       "progress",  NULL};
 
 /* Read the job options at 'arg' (nil or a table) into o: those of
    pool:imap if 'imap'. */
@@ -195,6 +197,8 @@ static int pool_submit(lua_State *L) {
     n = lpar_opts_itemcount(L, 3);
   }
   getjobopts(L, 4, &o, 0);
+  lpar_opts_progress(L, 4); /* 5 */
+  o.progress = lua_isnil(L, 5) ? 0 : 5;
   lpar_engine_submit(L, 1, 2, 3, n, &o);
   return 1;
 }
@@ -228,12 +232,14 @@ static int pool_imap(lua_State *L) {
                      "table or iterator function");
   getjobopts(L, 4, &o, 1);
   o.emitting = 1;
-  lpar_engine_submit(L, 1, 2, 3, n, &o); /* 5 */
-  lua_pushvalue(L, 5);
+  lpar_opts_progress(L, 4); /* 5 */
+  o.progress = lua_isnil(L, 5) ? 0 : 5;
+  lpar_engine_submit(L, 1, 2, 3, n, &o); /* 6 */
+  lua_pushvalue(L, 6);
   lua_pushcclosure(L, poolimapnext, 1);
   lua_pushnil(L);
   lua_pushnil(L);
-  lua_pushvalue(L, 5);
+  lua_pushvalue(L, 6);
   return 4;
 }
 
@@ -324,13 +330,27 @@ static int job_tostring(lua_State *L) {
   return 1;
 }
 
-/* pool:map(f, items [, opts]) -> results, n [, errors]: submit and wait. */
+/* lua_CFunction: (job): wait until it is finished. */
+static int waitcall(lua_State *L) {
+  lpar_engine_wait(L, 1);
+  return 0;
+}
+
+/* pool:map(f, items [, opts]) -> results, n [, errors]: submit and wait.
+   A job whose wait fails is cancelled. */
 static int pool_map(lua_State *L) {
+  int jidx, status;
   lua_settop(L, 4);
-  pool_submit(L); /* job at 5 */
-  lua_settop(L, 5);
-  lpar_engine_wait(L, 5);
-  return lpar_engine_results(L, 5);
+  pool_submit(L); /* the job on top */
+  jidx = lua_gettop(L);
+  lua_pushcfunction(L, waitcall);
+  lua_pushvalue(L, jidx);
+  status = lua_pcall(L, 1, 0, 0);
+  if (status != LUA_OK) { /* interrupted, or its progress function failed */
+    lpar_engine_cancel(L, jidx, "cancelled");
+    lua_error(L);
+  }
+  return lpar_engine_results(L, jidx);
 }
 
 /* pool:pump() -> number of jobs not finished; never blocks. For hosts
@@ -386,6 +406,51 @@ static int pool_tostring(lua_State *L) {
   return 1;
 }
 
+/*
+** lua_CFunction: a method of pools or jobs as the user calls it.
+** Upvalues: its name and the C function that does the work, which runs
+** under lua_pcall. A bad argument it reports ("bad argument #k to '?'",
+** k counting self as 1) is raised again as the user sees it: "bad
+** argument #k-1 to 'map'", or "calling 'map' on bad self" for self, at
+** the caller's line. Other errors pass unchanged.
+*/
+static int methodcall(lua_State *L) {
+  static const char bad[] = "bad argument #";
+  int n = lua_gettop(L);
+  const char *msg, *end;
+  long k;
+  lua_pushcfunction(L, lua_tocfunction(L, lua_upvalueindex(2)));
+  lua_insert(L, 1);
+  if (lua_pcall(L, n, LUA_MULTRET, 0) == LUA_OK)
+    return lua_gettop(L);
+  msg = lua_type(L, -1) == LUA_TSTRING ? lua_tostring(L, -1) : "";
+  if (strncmp(msg, bad, sizeof bad - 1) != 0)
+    return lua_error(L);
+  k = strtol(msg + sizeof bad - 1, (char **)&end, 10);
+  if (k < 1 || strncmp(end, " to '?' (", 9) != 0)
+    return lua_error(L);
+  luaL_where(L, 1);
+  if (k == 1)
+    lua_pushfstring(L, "calling '%s' on bad self (%s",
+                    lua_tostring(L, lua_upvalueindex(1)), end + 9);
+  else
+    lua_pushfstring(L, "bad argument #%d to '%s' (%s", (int)k - 1,
+                    lua_tostring(L, lua_upvalueindex(1)), end + 9);
+  lua_concat(L, 2);
+  return lua_error(L);
+}
+
+/* Push a table of methods made with methodcall. */
+static void newmethods(lua_State *L, const luaL_Reg *l) {
+  lua_newtable(L);
+  for (; l->name; l++) {
+    lua_pushstring(L, l->name);
+    lua_pushcfunction(L, l->func);
+    lua_pushcclosure(L, methodcall, 2);
+    lua_setfield(L, -2, l->name);
+  }
+}
+
 static const luaL_Reg poolmethods[] = {
     {"map", pool_map},   {"submit", pool_submit}, {"imap", pool_imap},
     {"pump", pool_pump}, {"fd", pool_fd},         {"pids", pool_pids},
@@ -402,7 +467,7 @@ int lpar_inworker(lua_State *L) {
 void lpar_lpool_open(lua_State *L) {
   lpar_engine_open(L);
   if (luaL_newmetatable(L, LPAR_POOLMT)) {
-    luaL_newlib(L, poolmethods);
+    newmethods(L, poolmethods);
     lua_setfield(L, -2, "__index");
     lua_pushcfunction(L, pool_gc);
     lua_setfield(L, -2, "__gc");
@@ -414,7 +479,7 @@ void lpar_lpool_open(lua_State *L) {
   lua_pop(L, 1);
   luaL_getmetatable(L, LPAR_JOBMT);
   if (lua_getfield(L, -1, "__index") == LUA_TNIL) {
-    luaL_newlib(L, jobmethods);
+    newmethods(L, jobmethods);
     lua_setfield(L, -3, "__index");
     lua_pushcfunction(L, job_close);
     lua_setfield(L, -3, "__close");

@@ -208,6 +208,7 @@ typedef struct Out {
   char bar[512];      /* the progress line, with its escapes */
   size_t barlen;
   int barshown; /* the bar is on the terminal */
+  int bardirty; /* the bar is to be drawn (again), after the output */
   int bartty;   /* stderr is a terminal */
   int shared;   /* stdout is a terminal too: lift the bar to write */
   /* the joblog: its lines are written up to the last mark, after the
@@ -229,7 +230,7 @@ static Out out = {.mu = PTHREAD_MUTEX_INITIALIZER, .logfd = -1};
 
 /* Whether something waits to be written (mu held). */
 static int pending(void) {
-  return out.n > 0 || out.marked;
+  return out.n > 0 || out.marked || out.bardirty;
 }
 
 /* Something is about to be pending (mu held): start the delay. */
@@ -264,7 +265,7 @@ static void drain(void) {
     }
     out.n = 0;
     if (out.shared)
-      dropbar();
+      out.bardirty = 1;
   }
   /* a mark is written only after the output it counts, and only while
      every write so far succeeded: the last mark is never ahead */
@@ -284,6 +285,11 @@ static void drain(void) {
     out.logmark = 0;
   }
   out.marked = 0;
+  /* the bar is drawn after the output it counts, never before */
+  if (out.bardirty) {
+    out.bardirty = 0;
+    dropbar();
+  }
 }
 
 static void *flusher(void *ud) {
@@ -682,13 +688,15 @@ static int l_report(lua_State *L) {
   return 0;
 }
 
-/* bar(text): show the progress line (on a terminal, in place); bar():
-   end it with a newline. */
+/* bar(text): show the progress line (on a terminal, in place, drawn by
+   the flusher after the output written before it); bar(): write what is
+   pending and end the line with a newline. */
 static int l_bar(lua_State *L) {
   size_t len;
   const char *s = luaL_optlstring(L, 1, NULL, &len);
   pthread_mutex_lock(&out.mu);
   if (s == NULL) {
+    drain();
     if (out.barshown && out.bartty)
       writeout(2, "\n", 1);
     out.barshown = 0;
@@ -701,7 +709,12 @@ static int l_bar(lua_State *L) {
     memcpy(out.bar + 1 + len, "\033[K", 3);
     out.barlen = len + 4;
     out.barshown = 1;
-    writeout(2, out.bar, out.barlen);
+    if (out.started) {
+      wake();
+      out.bardirty = 1;
+    }
+    else
+      writeout(2, out.bar, out.barlen);
   }
   else {
     drain();

@@ -4,10 +4,13 @@
 */
 #include "opts.h"
 
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 #include "lauxlib.h"
+#include "proc.h"
 
 void lpar_opts_checkkeys(lua_State *L, int arg, const char *const names[]) {
   lua_pushnil(L);
@@ -126,4 +129,64 @@ void lpar_opts_run(lua_State *L, int arg, lua_Integer *chunk, int *collect,
   }
   else
     lua_pop(L, 1);
+}
+
+/* the files of lua/lpar, built in (embedded.c in the build tree) */
+const char *lpar_embedded(const char *name, size_t *len);
+
+/*
+** lua_CFunction: (done, total, failed): draw the progress line of the
+** CLI (lpar.cli's progressline) in place on stderr, ended by a newline
+** once done reaches total. Upvalues: when it was made (ns), then
+** progressline, loaded on the first call.
+*/
+static int drawbar(lua_State *L) {
+  lua_Integer done = luaL_checkinteger(L, 1);
+  int known = !lua_isnil(L, 2);
+  lua_Integer total = known ? luaL_checkinteger(L, 2) : 0;
+  if (lua_isnil(L, lua_upvalueindex(2))) {
+    size_t len;
+    const char *src = lpar_embedded("lpar.cli", &len);
+    if (src == NULL)
+      return luaL_error(L, "lpar.cli is not built in");
+    if (luaL_loadbufferx(L, src, len, "=lpar.cli", "t") != LUA_OK)
+      return lua_error(L);
+    lua_call(L, 0, 1);
+    lua_getfield(L, -1, "progressline");
+    lua_replace(L, lua_upvalueindex(2));
+    lua_pop(L, 1);
+  }
+  lua_settop(L, 3);
+  lua_pushvalue(L, lua_upvalueindex(2));
+  lua_insert(L, 1);
+  lua_pushnumber(
+      L, (lua_Number)(lpar_proc_now() - lua_tointeger(L, lua_upvalueindex(1))) /
+             1e9);
+  lua_call(L, 4, 1);
+  fprintf(stderr, "\r%s\033[K%s", luaL_checkstring(L, -1),
+          known && done >= total ? "\n" : "");
+  fflush(stderr);
+  return 0;
+}
+
+void lpar_opts_progress(lua_State *L, int arg) {
+  int t;
+  if (lua_type(L, arg) != LUA_TTABLE) {
+    lua_pushnil(L);
+    return;
+  }
+  t = lua_getfield(L, arg, "progress");
+  if (t == LUA_TNIL || t == LUA_TFUNCTION)
+    return;
+  if (t != LUA_TBOOLEAN)
+    luaL_argerror(L, arg, "progress must be a boolean or a function");
+  t = lua_toboolean(L, -1);
+  lua_pop(L, 1);
+  if (!t || !isatty(2)) {
+    lua_pushnil(L);
+    return;
+  }
+  lua_pushinteger(L, lpar_proc_now());
+  lua_pushnil(L);
+  lua_pushcclosure(L, drawbar, 2);
 }

@@ -28,6 +28,12 @@ void lpar_opts_hook(lua_State *L, int arg, const char *name);
    table.pack makes), else its length. */
 lua_Integer lpar_opts_itemcount(lua_State *L, int idx);
 
+/* Push the progress function of the options at 'arg' (nil if not a
+   table): the function given, nil for none (or false, or true when stderr
+   is not a terminal), or for true a function that draws the CLI's
+   progress line on stderr. Raises on any other value. */
+void lpar_opts_progress(lua_State *L, int arg);
+
 /* most times a failed item is run again */
 #if !defined(LPAR_MAXRETRIES)
 #define LPAR_MAXRETRIES 1000000

@@ -82,14 +82,6 @@ void lpar_worker_describe(lua_State *L, int idx) {
   lua_pushfstring(L, "(error object is a %s value)", luaL_typename(L, idx));
 }
 
-int lpar_worker_traceback(lua_State *L) {
-  if (lua_type(L, 1) == LUA_TTABLE)
-    return 1; /* a table error value stays itself */
-  lpar_worker_describe(L, 1);
-  luaL_traceback(L, L, lua_tostring(L, -1), 1);
-  return 1;
-}
-
 /* lua_CFunction: __tostring of a table error value that crossed from a
    worker; upvalue 1 is what it says. */
 static int sayfailure(lua_State *L) {
@@ -298,6 +290,25 @@ static int msghandler(lua_State *L) {
 void lpar_worker_pushmsgh(lua_State *L) {
   lua_pushinteger(L, stackdepth(L));
   lua_pushcclosure(L, msghandler, 1);
+}
+
+/* lua_CFunction: the handler of lpar_worker_pushtraceback; upvalue 1 is
+   the stack depth of the run's caller, whose levels are left out. */
+static int serialhandler(lua_State *L) {
+  int base = (int)lua_tointeger(L, lua_upvalueindex(1));
+  if (lua_type(L, 1) == LUA_TTABLE)
+    return 1; /* a table error value stays itself */
+  lua_settop(L, 1);
+  lpar_worker_describe(L, 1);
+  lua_pushliteral(L, "\n");
+  traceback(L, 1, stackdepth(L) - base);
+  lua_concat(L, 3);
+  return 1;
+}
+
+void lpar_worker_pushtraceback(lua_State *L) {
+  lua_pushinteger(L, stackdepth(L));
+  lua_pushcclosure(L, serialhandler, 1);
 }
 
 void lpar_worker_unpackerror(lua_State *L) {

@@ -161,10 +161,13 @@ void lpar_worker_finish(Proc *p, long long deadline, double secs, int hasclose,
 void lpar_worker_reseed(lua_State *L, lua_Integer place);
 
 /*
-** Message handler for serial runs: error -> "msg\ntraceback", the message
-** as lpar_worker_describe gives it; a table error value stays itself.
+** Push the message handler for serial runs, to be used from the calling C
+** function's level: error -> "msg\ntraceback", the message as
+** lpar_worker_describe gives it and the traceback of the user's function
+** only (not of the caller that asked for the run); a table error value
+** stays itself.
 */
-int lpar_worker_traceback(lua_State *L);
+void lpar_worker_pushtraceback(lua_State *L);
 
 /*
 ** Push a description of the error value at 'idx': a string or number as

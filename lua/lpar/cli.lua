@@ -492,17 +492,69 @@ function M.shorten(s, max)
 end
 
 -- Text (a message, a traceback) without the frames of this file and what
--- lies below them.
+-- lies below them, nor the C functions just above them (xpcall, or error
+-- when lpar itself raised): a traceback left with no frame goes too.
 function M.clean(text)
-  local lines = {}
+  local lines, cut = {}, false
   for line in (text .. "\n"):gmatch("(.-)\n") do
-    if line:sub(1, #SELF + 2) == "\t" .. SELF .. ":" then break end
+    if line:sub(1, #SELF + 2) == "\t" .. SELF .. ":" then
+      cut = true
+      break
+    end
     lines[#lines + 1] = line
+  end
+  while cut and lines[#lines] and lines[#lines]:match("^\t%[C%]: in ") do
+    lines[#lines] = nil
   end
   while lines[#lines] == "stack traceback:" or lines[#lines] == "" do
     lines[#lines] = nil
   end
   return table.concat(lines, "\n")
+end
+
+-- The traceback from 'level' (of the caller) up, cleaned, with the
+-- user's function that lpar called named as the user wrote it
+-- (function <fail.lua:2>) rather than by the variable lpar holds it in.
+function M.trace(msg, level)
+  level = level + 1
+  local text = debug.traceback(msg, level)
+  -- the deepest level, found by doubling and halving: each getinfo walks
+  -- from the top, and a stack may be deep (a stack overflow)
+  local lo, hi = level, level * 2
+  while debug.getinfo(hi, "S") do lo, hi = hi, hi * 2 end
+  while hi - lo > 1 do
+    local mid = (lo + hi) // 2
+    if debug.getinfo(mid, "S") then lo = mid else hi = mid end
+  end
+  -- from there up, past lpar's frames (this file's and C functions), to
+  -- the first frame of the user's, called by this file
+  local l = lo
+  while l > level do
+    local info, below = debug.getinfo(l - 1, "Sl"), debug.getinfo(l, "S")
+    l = l - 1
+    if info.short_src ~= SELF and info.what ~= "C" then
+      if below.short_src ~= SELF then break end
+      local head = ("\t%s:%d: in "):format(info.short_src, info.currentline)
+      local name = ("function <%s:%d>"):format(info.short_src, info.linedefined)
+      -- its line is the last above this file's (but C functions and tail
+      -- calls), unless a long traceback skipped it
+      local lines, cut = {}, nil
+      for line in (text .. "\n"):gmatch("(.-)\n") do
+        lines[#lines + 1] = line
+        if not cut and line:sub(1, #SELF + 2) == "\t" .. SELF .. ":" then cut = #lines end
+      end
+      local k = (cut or #lines + 1) - 1
+      while k > 0 and (lines[k]:match("^\t%[C%]: in ") or lines[k] == "\t(...tail calls...)") do
+        k = k - 1
+      end
+      if k > 0 and lines[k]:sub(1, #head) == head then
+        lines[k] = head .. name
+        text = table.concat(lines, "\n")
+      end
+      break
+    end
+  end
+  return M.clean(text)
 end
 
 -- A failed item travels from the worker as one string: a tag, then the
@@ -550,7 +602,7 @@ end
 local function runner(map, fmt)
   local function call(item) return fmt(map(item)) end
   local function handler(e)
-    return {errortext(e), debug.traceback("", 2):sub(2)}
+    return {errortext(e), M.trace("", 2):sub(2)}
   end
   return function(item)
     local ok, r = xpcall(call, handler, item)
@@ -626,7 +678,7 @@ function M.batcher(map, fmt, nul, halt, timed, c, maxmem)
     end
   end
   local function handler(e)
-    return {errortext(e), debug.traceback("", 2):sub(2)}
+    return {errortext(e), M.trace("", 2):sub(2)}
   end
   return function(block)
     local parts
@@ -739,10 +791,12 @@ function M.progressline(done, total, failed, elapsed)
   return s
 end
 
+-- On a terminal the line is handed over on every step: main.c draws it
+-- after the output it counts, at most once per flush of the output.
 local function progress(c, total)
   local start = c.now()
   local tty = c.isatty(2)
-  local every = tty and 0.1 or 1
+  local every = tty and 0 or 1
   local last, done, failed = -1, 0, 0
   local p = {}
   local function draw()
@@ -1627,7 +1681,8 @@ end
 
 local function traceback(e)
   if signalled[e] then return e end
-  return M.clean(debug.traceback(errortext(e), 2))
+  local text = M.trace(errortext(e), 2) -- not a tail call: levels count
+  return text
 end
 
 -- The command: argv[0..n] as C gives it, c the C helpers. Returns the
