@@ -5,6 +5,8 @@
 #include "engine.h"
 
 #include <errno.h>
+#include <fcntl.h>
+#include <poll.h>
 #include <signal.h>
 #include <stdint.h>
 #include <stdio.h>
@@ -119,6 +121,36 @@ static void nomem(lua_State *L, int rc) {
 
 void lpar_engine_pushpending(lua_State *L) {
   lua_pushlightuserdata(L, (void *)&pendingkey);
+}
+
+static void waitpending(lua_State *L, int fdidx);
+
+void lpar_engine_nextitem(lua_State *L, int iter) {
+  iter = lua_absindex(L, iter);
+  for (;;) {
+    lua_pushvalue(L, iter);
+    lua_call(L, 0, 2);
+    if (lua_touserdata(L, -2) != &pendingkey) {
+      lua_pop(L, 1);
+      return;
+    }
+    waitpending(L, lua_gettop(L));
+    lua_pop(L, 2);
+  }
+}
+
+static void waitpending(lua_State *L, int fdidx) {
+  int isfd;
+  lua_Integer fd = lua_tointegerx(L, fdidx, &isfd);
+  struct pollfd p;
+  if (!isfd || fd < 0 || fd > INT32_MAX)
+    return;
+  p.fd = (int)fd;
+  p.events = POLLIN;
+  p.revents = 0;
+  if (poll(&p, 1, -1) == -1 && errno != EINTR)
+    luaL_error(L, "cannot wait on fd %d for the items iterator: %s", (int)fd,
+               strerror(errno));
 }
 
 /* ---- fds and processes ---- */
@@ -337,6 +369,7 @@ static void freejob(Job *j) {
 static void unwatchwake(Engine *e, Job *j) {
   if (j->watchwake) {
     evctl(e, EPOLL_CTL_DEL, j->wakefd, 0, 0);
+    lpar_proc_closefd(&j->wakefd); /* a copy of the iterator's fd */
     j->watchwake = 0;
   }
 }
@@ -398,6 +431,7 @@ static void endjob(Ctx *c, Job *j, int state, EWorker *self) {
   lua_pop(L, 3);
   j->state = state;
   e->ended = 1;
+  e->vacated = 1; /* a wait for it must not block */
   for (i = 0; i < e->o.n; i++) {
     EWorker *w = &e->w[i];
     if (w->job != j)
@@ -423,6 +457,7 @@ static int complete(Job *j) {
 static void settle(Ctx *c, Job *j) {
   if (j->state == J_RUNNING && complete(j)) {
     j->state = J_DONE;
+    c->e->vacated = 1; /* a wait for it must not block */
     detach(c, j);
   }
 }
@@ -431,6 +466,8 @@ static void settle(Ctx *c, Job *j) {
    'juv' (popped). */
 static void store(Ctx *c, Job *j, int juv, lua_Integer i) {
   lua_State *L = c->L;
+  if (j->pending && !j->watchwake) /* it waited for a result */
+    j->pending = 0;
   if (j->stream) {
     lua_rawgeti(L, juv, JU_INFLIGHT);
     lua_pushnil(L);
@@ -739,25 +776,51 @@ static lua_Integer inflight(Job *j) {
    for (the job failed). */
 static int pending(Ctx *c, Job *j, int fdidx) {
   lua_State *L = c->L;
-  int isfd;
+  int isfd, d, rc;
   lua_Integer fd = lua_tointegerx(L, fdidx, &isfd);
   if (!isfd || fd < 0 || fd > INT32_MAX)
     fd = j->o.wakefd;
-  if (fd < 0 && (j->fin == NULL || inflight(j) == 0)) {
-    lua_pushliteral(L, "the items iterator returned lpar.pending with no fd "
-                       "to wait on and no result to wait for");
+  if (fd < 0) {
+    if (inflight(j) == 0) {
+      lua_pushliteral(L, "the items iterator returned lpar.pending with no "
+                         "fd to wait on and no result to wait for");
+      failjob(c, j, NULL);
+      return -1;
+    }
+    j->pending = 1; /* asked again as a result comes */
+    return 0;
+  }
+  if (j->watchwake && j->wakesrc == fd) {
+    j->pending = 1;
+    return 0;
+  }
+  unwatchwake(c->e, j);
+  /* a copy is watched: the same fd may be another job's too */
+  d = fcntl((int)fd, F_DUPFD_CLOEXEC, 3);
+  if (d < 0) {
+    lua_pushfstring(L, "cannot wait on fd %d for the items iterator: %s",
+                    (int)fd, strerror(errno));
     failjob(c, j, NULL);
     return -1;
   }
-  j->pending = 1;
-  if (fd >= 0 && j->watchwake && j->wakefd != fd)
-    unwatchwake(c->e, j);
-  if (fd >= 0 && !j->watchwake &&
-      evctl(c->e, EPOLL_CTL_ADD, (int)fd, EPOLLIN, EVDATA(EV_WAKE, j->id)) ==
-          0) {
-    j->watchwake = 1;
-    j->wakefd = (int)fd;
+  rc = evctl(c->e, EPOLL_CTL_ADD, d, EPOLLIN, EVDATA(EV_WAKE, j->id));
+  if (rc == -EPERM) { /* a regular file: always readable, ask again */
+    close(d);
+    c->e->vacated = 1; /* the pump looks again without waiting */
+    return 1;
   }
+  if (rc != 0) {
+    close(d);
+    lua_pushfstring(L, "cannot wait on fd %d for the items iterator: %s",
+                    (int)fd, strerror(-rc));
+    failjob(c, j, NULL);
+    return -1;
+  }
+  lpar_proc_track(d);
+  j->watchwake = 1;
+  j->wakefd = d;
+  j->wakesrc = (int)fd;
+  j->pending = 1;
   return 0;
 }
 
@@ -784,9 +847,14 @@ static lua_Integer pull(Ctx *c, Job *j, int juv, EWorker *w, lua_Integer max) {
       unwatchwake(c->e, j);
     }
     else if (lua_touserdata(L, -1) == &pendingkey) {
-      if (pending(c, j, lua_gettop(L) - 1) != 0) {
+      int rc = pending(c, j, lua_gettop(L) - 1);
+      if (rc < 0) {
         lua_pop(L, 3);
         return -1;
+      }
+      if (rc > 0) { /* asked again on the next turn */
+        lua_pop(L, 2);
+        break;
       }
     }
     else {
@@ -939,10 +1007,23 @@ static int alldrained(Engine *e) {
 */
 static void dispatch(Ctx *c) {
   Engine *e = c->e;
-  Job *j = e->jobs;
+  Job *j = e->waited;
   int i, juv = 0;
   lua_State *L = c->L;
   int top = lua_gettop(L);
+  /* the job the caller waits for goes first (a side job waited for in
+     the body of another's loop must not queue behind it) */
+  for (i = 0; j && i < e->o.n && workleft(j) && j->state == J_RUNNING; i++) {
+    EWorker *w = &e->w[i];
+    if (!takes(w))
+      continue;
+    if (juv == 0)
+      juv = pushjob(c, j);
+    assign(c, w, j, juv);
+  }
+  lua_settop(L, top);
+  juv = 0;
+  j = e->jobs;
   for (i = 0; i < e->o.n && j; i++) {
     EWorker *w = &e->w[i];
     if (!takes(w))
@@ -979,6 +1060,47 @@ static void dispatch(Ctx *c) {
     }
 }
 
+/*
+** Whether job j has an item to hand out. A stream that has none at hand
+** is asked for its next one (kept in flight, handed out first), so that
+** no worker starts for items that do not exist.
+*/
+static int hasitem(Ctx *c, Job *j) {
+  lua_State *L = c->L;
+  int juv, top = lua_gettop(L);
+  if (!workleft(j))
+    return 0;
+  if (!j->stream || j->redo.n > 0)
+    return 1;
+  juv = pushjob(c, j);
+  lua_rawgeti(L, juv, JU_INFLIGHT);
+  lua_pushcfunction(L, callnext);
+  lua_rawgeti(L, juv, JU_ITEMS);
+  if (lua_pcall(L, 1, 2, 0) != LUA_OK) {
+    lua_replace(L, top + 1);
+    lua_settop(L, top + 1);
+    failjob(c, j, NULL);
+    return 0;
+  }
+  lua_insert(L, -2); /* the item on top */
+  if (lua_isnil(L, -1)) {
+    j->exhausted = 1;
+    unwatchwake(c->e, j);
+    lua_settop(L, top);
+    settle(c, j); /* its items may all be in */
+    return 0;
+  }
+  else if (lua_touserdata(L, -1) == &pendingkey)
+    pending(c, j, lua_gettop(L) - 1); /* (a failure leaves the stack) */
+  else {
+    j->n++;
+    lua_rawseti(L, juv + 1, j->n);
+    nomem(L, lpar_ranges_add(&j->redo, j->n, 1));
+  }
+  lua_settop(L, top);
+  return j->state == J_RUNNING && j->redo.n > 0;
+}
+
 /* Whether the engine is broken (no worker will start). */
 static int broken(Ctx *c) {
   int b = lua_rawgeti(c->L, c->uv, EU_BROKEN) != LUA_TNIL;
@@ -1013,7 +1135,7 @@ static void refill(Ctx *c) {
   if (e->o.ondemand) {
     if (e->live > 0)
       return;
-    for (j = e->jobs; j && !workleft(j); j = j->nextjob)
+    for (j = e->jobs; j && !hasitem(c, j); j = j->nextjob)
       ;
     if (j == NULL)
       return;
@@ -1060,22 +1182,24 @@ static double slotestimate(Engine *e, long long now) {
 /* For an engine that starts workers on demand, whether to start another
    now: 0 yes, -1 no, else ask again in this many ms (see
    lpar_policy_spawn). */
-static Job *canspawn(Engine *e) {
+static Job *canspawn(Ctx *c) {
+  Engine *e = c->e;
   Job *j;
   int i;
   if (!e->o.ondemand || e->closed || e->live == 0 || e->live >= e->cap)
     return NULL;
-  for (j = e->jobs; j && !workleft(j); j = j->nextjob)
-    ;
-  for (i = 0; j && i < e->o.n; i++)
+  for (i = 0; i < e->o.n; i++)
     if (takes(&e->w[i]))
       return NULL;
+  for (j = e->jobs; j && !hasitem(c, j); j = j->nextjob)
+    ;
   return j;
 }
 
-static int spawnwait(Engine *e) {
+static int spawnwait(Ctx *c) {
+  Engine *e = c->e;
   SchedSpawn s;
-  Job *j = canspawn(e);
+  Job *j = canspawn(c);
   if (j == NULL)
     return -1;
   s.now = lpar_proc_now();
@@ -1561,14 +1685,14 @@ static void pump(Ctx *c, int ms) {
   if (deadlines(c) || e->vacated) /* armed for workers just started, too */
     ms = 0;
   e->vacated = 0;
-  if (canspawn(e)) { /* all busy: another worker, unless results are in */
+  if (canspawn(c)) { /* all busy: another worker, unless results are in */
     if (events(c, 0) > 0) {
       deadlines(c);
       refill(c);
       dispatch(c);
       return;
     }
-    d = spawnwait(e);
+    d = spawnwait(c);
     if (d == 0) {
       const char *call = "fork";
       if (spawnone(c, &call) < 0)
@@ -1967,6 +2091,7 @@ static void waitjob(lua_State *L, int jidx, Job *j) {
   e->watching = taken[0] || taken[1] || taken[2];
   interrupted = 0;
   e->waiting = 1;
+  e->waited = j;
   e->inpump = 1;
   holdchld(e);
   lua_pushcfunction(L, waitloop);
@@ -1977,6 +2102,7 @@ static void waitjob(lua_State *L, int jidx, Job *j) {
   releasechld(e);
   e->inpump = 0;
   e->waiting = 0;
+  e->waited = NULL;
   for (k = 0; k < 3; k++)
     if (taken[k])
       sigaction(sigs[k], &old[k], NULL);

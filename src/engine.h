@@ -107,18 +107,19 @@ typedef struct Engine {
   int nretired, capretired;
   struct Job *jobs, *lastjob; /* active jobs, oldest first */
   uint64_t nextid;
-  int live;         /* workers running */
-  int forks;        /* workers started so far */
-  int cap;          /* most workers to run (a failed fork lowers it) */
-  int startfails;   /* workers lost before READY, in a row */
-  SchedWave wave;   /* workers started while none is past its first item */
-  long long pns;    /* ns the caller spent taking results */
-  long long pitems; /* results those ns were spent on */
-  int waiting;      /* a blocking wait owns SIGINT (and SIGTERM) */
-  int watching;     /* signals the wait takes: it waits with waitmask */
-  int interrupted;  /* the signal that ended a wait, 0 if none */
-  int ended;        /* a job failed or was cancelled */
-  int vacated;      /* a place was emptied since the pump looked */
+  int live;           /* workers running */
+  int forks;          /* workers started so far */
+  int cap;            /* most workers to run (a failed fork lowers it) */
+  int startfails;     /* workers lost before READY, in a row */
+  SchedWave wave;     /* workers started while none is past its first item */
+  long long pns;      /* ns the caller spent taking results */
+  long long pitems;   /* results those ns were spent on */
+  int waiting;        /* a blocking wait owns SIGINT (and SIGTERM) */
+  int watching;       /* signals the wait takes: it waits with waitmask */
+  int interrupted;    /* the signal that ended a wait, 0 if none */
+  int ended;          /* a job failed or was cancelled */
+  int vacated;        /* a place was emptied since the pump looked */
+  struct Job *waited; /* the job a blocking wait is for, or NULL */
   sigset_t oldmask, waitmask;
   int chld;     /* depth of the calls that made SIGCHLD deliverable */
   int heldchld; /* the caller ignored SIGCHLD: oldchld is its action */
@@ -138,7 +139,8 @@ typedef struct Job {
   int exhausted;      /* ... which has ended */
   int pending;        /* ... which said "not yet": wait for wakefd */
   int watchwake;      /* wakefd is in the epoll set */
-  int wakefd;         /* the fd a pending stream waits for */
+  int wakefd;         /* a copy of the fd a pending stream waits for */
+  int wakesrc;        /* ... the iterator's own fd */
   int sized;          /* the results table was made at its full size */
   double tns;         /* ns per item, 0 until measured */
   Ranges redo;        /* items to hand out again */
@@ -208,6 +210,12 @@ void lpar_engine_close(lua_State *L, int idx, const char *why);
 /* Push the value an iterator of a job with a wakefd returns to say "no
    item yet" (a light userdata). */
 void lpar_engine_pushpending(lua_State *L);
+
+/* Where no engine waits (a serial run, a pool draining an iterator): push
+   the next item of the iterator at 'iter' (nil at its end); while it
+   returns lpar.pending, wait until the fd that follows is readable (at
+   once without one) and ask again. Raises what the iterator raises. */
+void lpar_engine_nextitem(lua_State *L, int iter);
 
 /* Register the engine and job metatables' shared parts. */
 void lpar_engine_open(lua_State *L);

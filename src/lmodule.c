@@ -94,8 +94,7 @@ static int serial(lua_State *L, lua_Integer n, const RunOpts *o) {
   lpar_worker_pushtraceback(L);
   for (i = 1; stream || i <= n; i++) {
     if (stream) {
-      lua_pushvalue(L, 2);
-      lua_call(L, 0, 1);
+      lpar_engine_nextitem(L, 2);
       if (lua_isnil(L, -1)) {
         lua_pop(L, 1);
         n = i - 1;
@@ -275,8 +274,7 @@ static int imapserial(lua_State *L) {
     lua_geti(L, lua_upvalueindex(2), i);
   }
   else {
-    lua_pushvalue(L, lua_upvalueindex(2));
-    lua_call(L, 0, 1);
+    lpar_engine_nextitem(L, lua_upvalueindex(2));
     if (lua_isnil(L, -1))
       return imapdone(L);
   }

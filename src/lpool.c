@@ -35,6 +35,8 @@ static Engine *usable(lua_State *L, int idx) {
 }
 
 static int pool_close(lua_State *L) {
+  if (checkpool(L, 1)->owner != getpid())
+    return luaL_error(L, "pool belongs to another process");
   if (checkpool(L, 1)->inpump)
     return luaL_error(L, "pool is busy (called from inside its own pump)");
   lua_settop(L, 1);
@@ -180,8 +182,7 @@ static int pool_submit(lua_State *L) {
     lua_Integer i = 0;
     lua_newtable(L);
     for (;;) {
-      lua_pushvalue(L, 3);
-      lua_call(L, 0, 1);
+      lpar_engine_nextitem(L, 3);
       if (lua_isnil(L, -1)) {
         lua_pop(L, 1);
         break;
