@@ -419,3 +419,33 @@ describe("lpar's joblog and --resume-failed", function()
     assert.equal("r1\n", H.readfile(out))
   end)
 end)
+
+describe("lpar and options found wanting by an outside test", function()
+  it("fails an item whose --colsep pattern matches an empty string (%f), not hangs", function()
+    local code, out, err = lpar("--colsep " .. quote("%f[%w]") .. " -e " ..
+                                quote("function(...) return select('#', ...) end"), "a,b\n")
+    assert.equal(1, code)
+    assert.equal("", out)
+    assert.matches("%-%-colsep %%f%[%%w%] matched an empty string at byte 1", err)
+  end)
+
+  it("gives --unordered to a program's lpar.imap calls, not to lpar.parallel", function()
+    local code, out, err = lpar("--unordered -e " ..
+                                quote("print(table.concat(parallel(function(x) return x * 2 end, {1, 2, 3}), ','))"))
+    assert.equal("", err)
+    assert.equal(0, code)
+    assert.equal("2,4,6\n", out)
+  end)
+
+  it("cuts the joblog's error column at 200 bytes after escaping", function()
+    local log = os.tmpname()
+    local code = lpar(("--joblog %s -e %s"):format(log, quote("function(s) error(('\\1'):rep(150), 0) end")),
+                      "a\n")
+    assert.equal(1, code)
+    local line = H.readfile(log):match("\n1\tfailed\t[^\n]*")
+    os.remove(log)
+    local field = line:match("([^\t]*)$")
+    assert.is_true(#field <= 203, #field .. " bytes")
+    assert.matches("^\\x01\\x01.*%.%.%.$", field)
+  end)
+end)

@@ -446,6 +446,9 @@ function M.fields(map, sep)
     while true do
       local a, b = find(rec, sep, pos)
       if not a then break end
+      if b < a then -- an empty match (%f...): it would split forever
+        error(("--colsep %s matched an empty string at byte %d"):format(sep, a), 0)
+      end
       n = n + 1
       t[n] = sub(rec, pos, a - 1)
       pos = b + 1
@@ -730,10 +733,19 @@ end
 function M.firstline(e)
   local _, msg = M.unpackfailure(e)
   msg = (msg or M.clean(errortext(e))):match("^[^\n]*")
-  if #msg > 200 then msg = msg:sub(1, 200) .. "..." end
-  return (msg:gsub("[%c\\]", function(ch)
-    return escapes[ch] or ("\\x%02x"):format(ch:byte())
-  end))
+  -- escaped, and cut at 200 bytes between escapes
+  local out, n = {}, 0
+  for ch in msg:gmatch(".") do
+    local piece = ch:find("[%c\\]") and (escapes[ch] or ("\\x%02x"):format(ch:byte())) or ch
+    if n + #piece > 200 then
+      out[#out + 1] = "..."
+      break
+    end
+    out[#out + 1] = piece
+    n = n + #piece
+  end
+  msg = table.concat(out)
+  return msg
 end
 
 -- failures reported with their traceback; the others without
@@ -934,6 +946,17 @@ M.prefix = 1024 * 1024
 
 -- The joblog's first lines: what the run is (see "Joblog and resume" in
 -- README.md), so that --resume can refuse another run's joblog.
+-- What shapes the results a run writes (so that a resumed run writes
+-- them alike): "plain", or the options, as "--json --tag --colsep ,".
+function M.outputform(o)
+  local t = {}
+  if o.json then t[#t + 1] = "--json" end
+  if o.nulout then t[#t + 1] = "--null-output" end
+  if o.tag then t[#t + 1] = "--tag" end
+  if o.colsep then t[#t + 1] = "--colsep " .. M.shorten(o.colsep, 40) end
+  return #t > 0 and table.concat(t, " ") or "plain"
+end
+
 function M.fingerprint(o, c, reader)
   local t = {M.logfirst}
   t[2] = ("# script: %s %s\n"):format(c.hash(o.source), o.script and M.shorten(o.script, 200) or "-e")
@@ -975,6 +998,7 @@ function M.fingerprint(o, c, reader)
   t[5] = ("# args: %s%s\n"):format(c.hash(table.concat(args)),
                                    #shown > 0 and " " .. table.concat(shown, " ") or "")
   if o.shard then t[6] = ("# shard: %d/%d\n"):format(o.shard[1], o.shard[2]) end
+  t[#t + 1] = ("# output: %s\n"):format(M.outputform(o))
   return table.concat(t)
 end
 
@@ -1000,6 +1024,10 @@ function M.differs(text, fp, reader, done)
   end
   if was.args:match("^%S+") ~= now.args:match("^%S+") then
     d[#d + 1] = "the script's arguments differ"
+  end
+  if (was.output or "plain") ~= now.output then
+    d[#d + 1] = ("the results were written as %s then, as %s now")
+      :format(was.output or "plain", now.output)
   end
   if (was.shard or "1/1") ~= (now.shard or "1/1") then
     d[#d + 1] = ("it is the joblog of shard %s, this run is shard %s")
@@ -1602,7 +1630,7 @@ function M.usedefaults(o)
                global = _G.parallel, workers = lpar.default_workers}
   -- the options argument with the defaults filled in; anything else (a
   -- bad value) is passed on as it is, to be refused as usual
-  local function fill(opts)
+  local function fill(opts, forimap)
     if opts ~= nil and not math.tointeger(opts) and type(opts) ~= "table" then
       return opts
     end
@@ -1613,7 +1641,8 @@ function M.usedefaults(o)
       t.n_workers = opts
     end
     for k, v in pairs(defaults) do
-      if t[k] == nil then t[k] = v end
+      -- --unordered is for imap: parallel's results are a table anyway
+      if t[k] == nil and (forimap or k ~= "unordered") then t[k] = v end
     end
     return t
   end
@@ -1625,7 +1654,7 @@ function M.usedefaults(o)
   end
   lpar.imap = function(f, items, opts, ...)
     u.calls = u.calls + 1
-    local a, b, c, d = imap(f, items, fill(opts), ...)
+    local a, b, c, d = imap(f, items, fill(opts, true), ...)
     return a, b, c, d
   end
   if pool then
