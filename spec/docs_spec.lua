@@ -5,18 +5,9 @@ local H = require "spec.helper"
 local root = io.popen("pwd"):read("l")
 local build = H.build:match("^/") and H.build or root .. "/" .. H.build:gsub("^%./", "")
 
-local function readfile(path)
-  local f = assert(io.open(path, "rb"))
-  local s = f:read("a")
-  f:close()
-  return s
-end
-
-local function writefile(path, s)
-  local f = assert(io.open(path, "wb"))
-  f:write(s)
-  f:close()
-end
+-- a file's bytes (it must be there), and a file written whole
+local function readfile(path) return (assert(H.readfile(path), "cannot read " .. path)) end
+local writefile = H.writefile
 
 local function shquote(s) return "'" .. s:gsub("'", "'\\''") .. "'" end
 
