@@ -437,6 +437,17 @@ describe("lpar and options found wanting by an outside test", function()
     assert.equal("2,4,6\n", out)
   end)
 
+  it("calls a --max-memory that leaves no room, or cannot be, a usage error", function()
+    local code, out, err = lpar("--max-memory 1M -e " .. quote("function(s) return s end") .. " ::: a")
+    assert.equal(2, code)
+    assert.equal("", out)
+    assert.matches("^lpar: %-%-max%-memory 1048576 bytes leaves less than", err)
+    code, out, err = lpar("--max-memory 1000000000G -e " .. quote("function(s) return s end") .. " ::: a")
+    assert.equal(2, code)
+    assert.equal("", out)
+    assert.matches("^lpar: bad value for '%-%-max%-memory': '1000000000G'", err)
+  end)
+
   it("cuts the joblog's error column at 200 bytes after escaping", function()
     local log = os.tmpname()
     local code = lpar(("--joblog %s -e %s"):format(log, quote("function(s) error(('\\1'):rep(150), 0) end")),

@@ -102,7 +102,8 @@ end
 local function memsize(name, v)
   local n, unit = v:match("^(%d+%.?%d*)([KMG]?)i?B?$")
   local power = unit and (unit == "" and 0 or ("KMG"):find(unit, 1, true))
-  if not n or tonumber(n) * 1024 ^ power < 1024 * 1024 then
+  local bytes = n and tonumber(n) * 1024 ^ power
+  if not n or bytes < 1024 * 1024 or bytes >= 2 ^ 53 then
     return nil, ("bad value for '%s': '%s' (expected a size of at least 1M, " ..
                  "like 512M)"):format(name, v)
   end
@@ -865,7 +866,7 @@ local function stopped(e)
   if e == "output closed" then return 141, nil end
   local text = M.clean(errortext(e))
   if text:find("^worker init ") then return 2, "lpar: " .. text end
-  if text:find("^max_memory .* is below") then
+  if text:find("^max_memory .* is below") or text:find("^max_memory .* leaves less than") then
     return 2, "lpar: --max-memory" .. text:sub(#"max_memory" + 1)
   end
   return 1, "lpar: " .. text
