@@ -178,7 +178,7 @@ describe("lpar --halt", function()
     local rc, out, err = lpar("--halt -e " .. FAIL3 .. " " .. items)
     assert.equal(1, rc)
     assert.equal("1\n2\n", out)
-    assert.matches("stopped at the first failure %(%-%-halt%)", err)
+    assert.matches("stopped at the first failure %(%-%-halt%)\nlpar: 1 of 3 items failed\n$", err)
   end)
 
   it("now,fail=N stops at the Nth failure, with the results before it", function()

@@ -1503,6 +1503,7 @@ function M.run(o, c, reader, counter, map, init, close)
   if code ~= 0 then return code end
   if tripped and not halt.text then
     say(c, "lpar: stopped at the first failure (--halt)")
+    say(c, ("lpar: %d of %d items failed"):format(failed, failed + succeeded) .. M.more(unshown, o))
     return 1
   end
   if tripped then
