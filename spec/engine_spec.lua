@@ -180,3 +180,31 @@ describe("pool methods in a worker", function()
     assert.matches("^false .*pool belongs to another process$", r[1])
   end)
 end)
+
+describe("a pool job that fails", function()
+  it("leaves no zombie of the workers it killed", function()
+    local pool <close> = lpar.pool{n_workers = 2}
+    local items = {}
+    for i = 1, 30 do items[i] = i end
+    local ok, err = pcall(pool.map, pool, function(x)
+      require("posix.time").nanosleep({tv_sec = 0, tv_nsec = 10000000})
+      return x
+    end, items, {progress = function(done) if done > 5 then error("stop", 0) end end})
+    assert.is_false(ok)
+    assert.equal("stop", err)
+    for _, c in ipairs(H.children()) do
+      assert.is_true(c.state ~= "Z", "zombie worker " .. c.pid)
+    end
+  end)
+end)
+
+describe("a close hook that fails", function()
+  it("is described as every failure is", function()
+    local rc, _, err = H.lua([[
+      local lpar = require "lpar"
+      lpar.parallel(function(x) return x end, {1}, {close = function() error({}) end})
+    ]])
+    assert.equal(0, rc)
+    assert.matches("^lpar: worker %d+: close failed: %(error object is a table value%)\n", err)
+  end)
+end)

@@ -2099,6 +2099,7 @@ static void waitjob(lua_State *L, int jidx, Job *j) {
   lua_pushvalue(L, jidx);
   lua_pushvalue(L, c.uv);
   status = lua_pcall(L, 3, 0, 0);
+  reapdying(e, 1); /* workers killed for a failure: no zombie is left */
   releasechld(e);
   e->inpump = 0;
   e->waiting = 0;

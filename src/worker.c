@@ -504,11 +504,11 @@ int lpar_worker_inithook(Runner *r, int idx) {
 }
 
 void lpar_worker_reportclose(lua_State *L, const char *who) {
-  const char *msg = lua_tostring(L, -2);
+  lpar_worker_describe(L, -2); /* as every failure reads */
   fprintf(stderr, "lpar: %s %d: close failed: %s\n%s\n", who, (int)getpid(),
-          msg ? msg : luaL_typename(L, -2),
-          lua_isstring(L, -1) ? lua_tostring(L, -1) : "");
+          lua_tostring(L, -1), lua_isstring(L, -2) ? lua_tostring(L, -2) : "");
   fflush(stderr);
+  lua_pop(L, 1);
 }
 
 void lpar_worker_finish(Proc *p, long long deadline, double secs, int hasclose,
