@@ -516,12 +516,45 @@ function M.clean(text)
   return table.concat(lines, "\n")
 end
 
--- The traceback from 'level' (of the caller) up, cleaned, with the
--- user's function that lpar called named as the user wrote it
--- (function <fail.lua:2>) rather than by the variable lpar holds it in.
+-- The name of function 'f' as a loaded module holds it ("error",
+-- "string.rep"), as Lua's tracebacks name C functions; nil if none does.
+local function modname(f)
+  for mod, t in pairs(package.loaded) do
+    if type(t) == "table" then
+      for k, v in pairs(t) do
+        if v == f and type(k) == "string" then
+          return mod == "_G" and k or mod .. "." .. k
+        end
+      end
+    end
+  end
+end
+
+-- One line of a traceback for the frame 'info' (getinfo "Slnft"), as
+-- luaL_traceback writes it.
+local function frameline(info)
+  local where = info.what == "C" and "[C]" or ("%s:%d"):format(info.short_src, info.currentline)
+  local name = info.what == "C" and modname(info.func)
+  if name then
+    name = ("function '%s'"):format(name)
+  elseif info.namewhat ~= "" then
+    name = ("%s '%s'"):format(info.namewhat, info.name)
+  elseif info.what == "main" then
+    name = "main chunk"
+  elseif info.what ~= "C" then
+    name = ("function <%s:%d>"):format(info.short_src, info.linedefined)
+  else
+    name = "?"
+  end
+  return "\n\t" .. where .. ": in " .. name .. (info.istailcall and "\n\t(...tail calls...)" or "")
+end
+
+-- 'msg' and a traceback from 'level' (of the caller) down to the user's
+-- function that lpar called, which is named as written (function
+-- <file:line>), not by lpar's variable; lpar's own frames are not shown.
+-- Long ones keep the first 10 and the last 11 levels, as Lua's do.
 function M.trace(msg, level)
   level = level + 1
-  local text = debug.traceback(msg, level)
   -- the deepest level, found by doubling and halving: each getinfo walks
   -- from the top, and a stack may be deep (a stack overflow)
   local lo, hi = level, level * 2
@@ -531,34 +564,34 @@ function M.trace(msg, level)
     if debug.getinfo(mid, "S") then lo = mid else hi = mid end
   end
   -- from there up, past lpar's frames (this file's and C functions), to
-  -- the first frame of the user's, called by this file
-  local l = lo
+  -- the first frame of the user's, called by this file: 'top'
+  local top, l = nil, lo
   while l > level do
-    local info, below = debug.getinfo(l - 1, "Sl"), debug.getinfo(l, "S")
+    local info, below = debug.getinfo(l - 1, "S"), debug.getinfo(l, "S")
     l = l - 1
     if info.short_src ~= SELF and info.what ~= "C" then
       if below.short_src ~= SELF then break end
-      local head = ("\t%s:%d: in "):format(info.short_src, info.currentline)
-      local name = ("function <%s:%d>"):format(info.short_src, info.linedefined)
-      -- its line is the last above this file's (but C functions and tail
-      -- calls), unless a long traceback skipped it
-      local lines, cut = {}, nil
-      for line in (text .. "\n"):gmatch("(.-)\n") do
-        lines[#lines + 1] = line
-        if not cut and line:sub(1, #SELF + 2) == "\t" .. SELF .. ":" then cut = #lines end
-      end
-      local k = (cut or #lines + 1) - 1
-      while k > 0 and (lines[k]:match("^\t%[C%]: in ") or lines[k] == "\t(...tail calls...)") do
-        k = k - 1
-      end
-      if k > 0 and lines[k]:sub(1, #head) == head then
-        lines[k] = head .. name
-        text = table.concat(lines, "\n")
-      end
+      top = l
       break
     end
   end
-  return M.clean(text)
+  if not top then return M.clean(debug.traceback(msg, level)) end
+  local out, n = {msg, "\nstack traceback:"}, top - level + 1
+  local function add(lv)
+    local info = debug.getinfo(lv + 1, "Slnft") -- (this function is a level)
+    if lv == top and info.what ~= "C" then -- the user's function, as written
+      info.namewhat, info.name = "", nil
+    end
+    out[#out + 1] = frameline(info)
+  end
+  if n <= 21 then
+    for lv = level, top do add(lv) end
+  else
+    for lv = level, level + 9 do add(lv) end
+    out[#out + 1] = ("\n\t...\t(skipping %d levels)"):format(n - 21)
+    for lv = top - 10, top do add(lv) end
+  end
+  return M.clean(table.concat(out))
 end
 
 -- A failed item travels from the worker as one string: a tag, then the
