@@ -448,6 +448,18 @@ describe("lpar and options found wanting by an outside test", function()
     assert.matches("^lpar: bad value for '%-%-max%-memory': '1000000000G'", err)
   end)
 
+  it("keeps the user's own function last in a deep traceback", function()
+    local script = os.tmpname()
+    writefile(script, "local function r(n) if n == 0 then error('bottom') end return 1 + r(n - 1) end\n" ..
+                      "return function(s) local v = r(tonumber(s)) return v end\n")
+    local code, _, err = lpar("-j1 " .. script, "30\n")
+    os.remove(script)
+    assert.equal(1, code)
+    local short = script:match("[^/]*$"):gsub("%p", "%%%0")
+    assert.matches("%.%.%.\t%(skipping 12 levels%)\n", err)
+    assert.matches(short .. ":2: in function <[^\n]*" .. short .. ":2>\nlpar: 1 of 1 items failed\n$", err)
+  end)
+
   it("cuts the joblog's error column at 200 bytes after escaping", function()
     local log = os.tmpname()
     local code = lpar(("--joblog %s -e %s"):format(log, quote("function(s) error(('\\1'):rep(150), 0) end")),
