@@ -495,6 +495,7 @@ static void store(Ctx *c, Job *j, int juv, lua_Integer i) {
     lua_pop(L, 1);
   }
   j->done++;
+  c->e->stored++;
 }
 
 /*
@@ -825,55 +826,64 @@ static int pending(Ctx *c, Job *j, int fdidx) {
 }
 
 /*
-** Pull up to 'max' fresh items of stream j (uservalue at juv) into w->out
-** and its in-flight table; returns how many, or -1 if the iterator raised
-** (the job failed with its error) or an item cannot be sent.
+** Ask stream j (uservalue at 'juv') for its next item: 1 with the item
+** pushed (counted, and kept in flight); 0 with nothing pushed when it has
+** ended or has none yet (lpar.pending); -1 when it raised or waits on an
+** fd that cannot be (the job failed).
+*/
+static int askiter(Ctx *c, Job *j, int juv) {
+  lua_State *L = c->L;
+  lua_pushcfunction(L, callnext);
+  lua_rawgeti(L, juv, JU_ITEMS);
+  if (lua_pcall(L, 1, 2, 0) != LUA_OK) {
+    failjob(c, j, NULL);
+    return -1;
+  }
+  lua_insert(L, -2); /* the item on top, what follows it below */
+  if (lua_isnil(L, -1)) {
+    lua_pop(L, 2);
+    j->exhausted = 1;
+    unwatchwake(c->e, j);
+    settle(c, j); /* its items may all be in */
+    return 0;
+  }
+  if (lua_touserdata(L, -1) == &pendingkey) {
+    int rc = pending(c, j, lua_gettop(L) - 1);
+    lua_pop(L, 2);
+    return rc < 0 ? -1 : 0;
+  }
+  lua_remove(L, -2);
+  j->n++;
+  lua_rawgeti(L, juv, JU_INFLIGHT);
+  lua_pushvalue(L, -2);
+  lua_rawseti(L, -2, j->n);
+  lua_pop(L, 1);
+  return 1;
+}
+
+/*
+** Pull up to 'max' fresh items of stream j (uservalue at juv) into w->out;
+** returns how many, or -1 if the job failed (the iterator raised, or an
+** item cannot be sent).
 */
 static lua_Integer pull(Ctx *c, Job *j, int juv, EWorker *w, lua_Integer max) {
   lua_State *L = c->L;
   lua_Integer k = 0;
-  lua_rawgeti(L, juv, JU_INFLIGHT);
   while (k < max && !j->exhausted && !j->pending && room(j) > 0) {
-    lua_pushcfunction(L, callnext);
-    lua_rawgeti(L, juv, JU_ITEMS);
-    if (lua_pcall(L, 1, 2, 0) != LUA_OK) {
-      lua_remove(L, -2);
+    int rc = askiter(c, j, juv);
+    if (rc <= 0)
+      return rc < 0 ? -1 : k;
+    if (lpar_codec_encode(L, -1, &w->out) != 0) {
+      lua_pushfstring(L, "item %I: cannot send item: %s", (LUAI_UACINT)j->n,
+                      lua_tostring(L, -1));
+      lua_replace(L, -3);
+      lua_pop(L, 1);
       failjob(c, j, NULL);
       return -1;
     }
-    lua_insert(L, -2); /* the item on top, what follows it below */
-    if (lua_isnil(L, -1)) {
-      j->exhausted = 1;
-      unwatchwake(c->e, j);
-    }
-    else if (lua_touserdata(L, -1) == &pendingkey) {
-      int rc = pending(c, j, lua_gettop(L) - 1);
-      if (rc < 0) {
-        lua_pop(L, 3);
-        return -1;
-      }
-      if (rc > 0) { /* asked again on the next turn */
-        lua_pop(L, 2);
-        break;
-      }
-    }
-    else {
-      j->n++;
-      lua_pushvalue(L, -1);
-      lua_rawseti(L, -4, j->n);
-      if (lpar_codec_encode(L, -1, &w->out) != 0) {
-        lua_pushfstring(L, "item %I: cannot send item: %s", (LUAI_UACINT)j->n,
-                        lua_tostring(L, -1));
-        lua_replace(L, -5);
-        lua_pop(L, 3);
-        failjob(c, j, NULL);
-        return -1;
-      }
-      k++;
-    }
-    lua_pop(L, 2);
+    lua_pop(L, 1);
+    k++;
   }
-  lua_pop(L, 1);
   return k;
 }
 
@@ -1067,36 +1077,13 @@ static void dispatch(Ctx *c) {
 */
 static int hasitem(Ctx *c, Job *j) {
   lua_State *L = c->L;
-  int juv, top = lua_gettop(L);
+  int top = lua_gettop(L);
   if (!workleft(j))
     return 0;
   if (!j->stream || j->redo.n > 0)
     return 1;
-  juv = pushjob(c, j);
-  lua_rawgeti(L, juv, JU_INFLIGHT);
-  lua_pushcfunction(L, callnext);
-  lua_rawgeti(L, juv, JU_ITEMS);
-  if (lua_pcall(L, 1, 2, 0) != LUA_OK) {
-    lua_replace(L, top + 1);
-    lua_settop(L, top + 1);
-    failjob(c, j, NULL);
-    return 0;
-  }
-  lua_insert(L, -2); /* the item on top */
-  if (lua_isnil(L, -1)) {
-    j->exhausted = 1;
-    unwatchwake(c->e, j);
-    lua_settop(L, top);
-    settle(c, j); /* its items may all be in */
-    return 0;
-  }
-  else if (lua_touserdata(L, -1) == &pendingkey)
-    pending(c, j, lua_gettop(L) - 1); /* (a failure leaves the stack) */
-  else {
-    j->n++;
-    lua_rawseti(L, juv + 1, j->n);
-    nomem(L, lpar_ranges_add(&j->redo, j->n, 1));
-  }
+  if (askiter(c, j, pushjob(c, j)) > 0)
+    nomem(L, lpar_ranges_add(&j->redo, j->n, 1)); /* handed out first */
   lua_settop(L, top);
   return j->state == J_RUNNING && j->redo.n > 0;
 }
@@ -1459,10 +1446,7 @@ static int frames(Ctx *c, EWorker *w) {
 static void readworker(Ctx *c, EWorker *w) {
   Engine *e = c->e;
   long long t0 = e->o.ondemand ? lpar_proc_now() : 0;
-  lua_Integer done0 = 0;
-  Job *j;
-  for (j = e->jobs; j; j = j->nextjob)
-    done0 += j->done;
+  long long stored0 = e->stored;
   for (;;) {
     long k = lpar_wire_tryread(w->proc.resfd, &w->in);
     if (k == -EAGAIN)
@@ -1481,12 +1465,8 @@ static void readworker(Ctx *c, EWorker *w) {
       return;
   }
   if (e->o.ondemand) {
-    lua_Integer done1 = 0;
-    for (j = e->jobs; j; j = j->nextjob)
-      done1 += j->done;
     e->pns += lpar_proc_now() - t0;
-    if (done1 > done0)
-      e->pitems += done1 - done0;
+    e->pitems += e->stored - stored0;
   }
 }
 

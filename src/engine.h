@@ -114,6 +114,7 @@ typedef struct Engine {
   SchedWave wave;     /* workers started while none is past its first item */
   long long pns;      /* ns the caller spent taking results */
   long long pitems;   /* results those ns were spent on */
+  long long stored;   /* results stored, all jobs (failures too) */
   int waiting;        /* a blocking wait owns SIGINT (and SIGTERM) */
   int watching;       /* signals the wait takes: it waits with waitmask */
   int interrupted;    /* the signal that ended a wait, 0 if none */
