@@ -208,3 +208,34 @@ describe("a close hook that fails", function()
     assert.matches("^lpar: worker %d+: close failed: %(error object is a table value%)\n", err)
   end)
 end)
+
+describe("an items iterator that raises", function()
+  -- the second call comes while the first worker starts: it is asked
+  -- ahead, to see whether another worker is worth starting
+  for _, front in ipairs{"parallel", "imap"} do
+    for _, n in ipairs{2, 8} do
+      it("on its second call fails " .. front .. " with n_workers = " .. n, function()
+        local f = H.program(([[
+          local lpar = require "lpar"
+          local i = 0
+          local function items()
+            i = i + 1
+            if i == 2 then error("boom", 0) end
+            if i > 150 then return nil end
+            return i
+          end
+          local ok, e = pcall(function()
+            if %q == "parallel" then return lpar.parallel(function(x) return x end, items, %d) end
+            for _ in lpar.imap(function(x) return x end, items, %d) do end
+          end)
+          io.write(tostring(ok), " ", tostring(e))
+        ]]):format(front, n, n))
+        local rc, out, err = H.run("timeout -k 5 30 lua5.4 " .. f)
+        os.remove(f)
+        assert.equal("", err)
+        assert.equal(0, rc)
+        assert.equal("false boom", out)
+      end)
+    end
+  end
+end)

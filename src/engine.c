@@ -1662,9 +1662,8 @@ static void pump(Ctx *c, int ms) {
   if (broken(c))
     return; /* no worker is left to wait for */
   dispatch(c);
-  if (deadlines(c) || e->vacated) /* armed for workers just started, too */
+  if (deadlines(c)) /* armed for workers just started, too */
     ms = 0;
-  e->vacated = 0;
   if (canspawn(c)) { /* all busy: another worker, unless results are in */
     if (events(c, 0) > 0) {
       deadlines(c);
@@ -1683,6 +1682,11 @@ static void pump(Ctx *c, int ms) {
     if (d > 0 && (ms < 0 || d < ms))
       ms = d;
   }
+  /* a place emptied or a job ended in any step above (even asking a
+     stream for an item): look again before waiting */
+  if (e->vacated)
+    ms = 0;
+  e->vacated = 0;
   events(c, ms);
   deadlines(c);
   refill(c);
