@@ -10,12 +10,14 @@
 #include <signal.h>
 #include <stdint.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 #include <sys/epoll.h>
 #include <sys/timerfd.h>
 #include <unistd.h>
 
 #include "codec.h"
+#include "hosts.h"
 #include "lauxlib.h"
 #include "lpar.h"
 #include "policy.h"
@@ -35,6 +37,12 @@
 /* ... and hold this many items at most before it is known */
 #if !defined(LPAR_POOLPROBE)
 #define LPAR_POOLPROBE 256
+#endif
+
+/* a host's chunk keeps each of its workers busy this long at least (ns):
+   a round trip through ssh or srun is far longer than through a pipe */
+#if !defined(LPAR_HOSTCHUNKNS)
+#define LPAR_HOSTCHUNKNS 50000000
 #endif
 
 /* most items in one chunk */
@@ -75,9 +83,12 @@ enum {
   EU_ANCHORS,
   EU_TNS,
   EU_BROKEN,
-  EU_INITERR
+  EU_INITERR,
+  EU_HOSTS,  /* what lpar_engine_sethosts was given */
+  EU_SETUP,  /* ... the payload of SETUP after the versions */
+  EU_HOSTERR /* why the last host was left out */
 };
-#define EU_N EU_INITERR
+#define EU_N EU_HOSTERR
 
 /* fields of a job's uservalue */
 enum {
@@ -214,7 +225,8 @@ static void vacate(Engine *e, EWorker *w) {
   w->state = W_EMPTY;
   w->job = NULL;
   w->nq = 0;
-  e->live--;
+  if (!w->host)
+    e->live--;
 }
 
 /* Kill worker w and empty its place; it is reaped later. */
@@ -347,6 +359,148 @@ static int spawn(Ctx *c, int i, const char **call) {
   return 0;
 }
 
+static int broken(Ctx *c);
+
+/* The places of local workers come first, hosts after them. */
+static int nlocal(const Engine *e) {
+  return e->o.n - e->o.nhosts;
+}
+
+/* Push the description of w's host (see lpar_hosts_parse). */
+static void pushhost(Ctx *c, const EWorker *w) {
+  lua_rawgeti(c->L, c->uv, EU_HOSTS);
+  lua_rawgeti(c->L, -1, w->host);
+  lua_remove(c->L, -2);
+}
+
+/* The spec of w's host, for messages (valid while the engine lives: the
+   string is held by EU_HOSTS). */
+static const char *hostname(Ctx *c, const EWorker *w) {
+  const char *spec;
+  pushhost(c, w);
+  lua_getfield(c->L, -1, "spec");
+  spec = lua_tostring(c->L, -1);
+  lua_pop(c->L, 2);
+  return spec ? spec : "?";
+}
+
+/* Queue frame (type, count) with payload p[0..len) for host w. */
+static void hostframe(Ctx *c, EWorker *w, int type, uint32_t count,
+                      const char *p, size_t len) {
+  Frame f;
+  if (w->outpos == w->out.n)
+    w->out.n = w->outpos = 0;
+  nomem(c->L, lpar_buf_reserve(&w->out, LPAR_HDRSIZE + len));
+  f.type = (uint32_t)type;
+  f.count = count;
+  f.len = len;
+  lpar_wire_putheader(w->out.p + w->out.n, &f);
+  if (len > 0)
+    memcpy(w->out.p + w->out.n + LPAR_HDRSIZE, p, len);
+  w->out.n += LPAR_HDRSIZE + len;
+}
+
+/*
+** Start host k's command in empty place i, its stdin and stdout the
+** place's channel, and queue SETUP for its agent; 0, or -errno with
+** *call naming the call that failed. The command runs in a process group
+** of its own, killed with the place (ssh then hangs up, and the agent
+** leaves at end of file).
+*/
+static int spawnhost(Ctx *c, int i, const char **call) {
+  lua_State *L = c->L;
+  Engine *e = c->e;
+  EWorker *w = &e->w[i];
+  ChildSetup cs;
+  sigset_t cur;
+  pid_t pid;
+  int rc, top = lua_gettop(L);
+  lua_Integer k, n;
+  const char **argv;
+  size_t len;
+  const char *setup;
+  pushhost(c, w);
+  lua_getfield(L, -1, "argv");
+  n = (lua_Integer)lua_rawlen(L, -1);
+  argv = lua_newuserdatauv(L, (size_t)(n + 1) * sizeof(char *), 0);
+  for (k = 1; k <= n; k++) {
+    lua_rawgeti(L, top + 2, k);
+    argv[k - 1] = lua_tostring(L, -1);
+    lua_pop(L, 1); /* still held by the table */
+  }
+  argv[n] = NULL;
+  sigprocmask(SIG_BLOCK, NULL, &cur);
+  cs.mask = e->waiting ? &e->oldmask : &cur;
+  cs.ignint = 1;
+  e->slots[i].item = 0;
+  pid = lpar_proc_fork(&w->proc, &cs, call);
+  if (pid == 0) {
+    int in = w->proc.cmdfd, out = w->proc.resfd;
+    /* both above 2 first, so that neither is overwritten by the other */
+    if (in <= 2)
+      in = fcntl(in, F_DUPFD, 3);
+    if (out <= 2)
+      out = fcntl(out, F_DUPFD, 3);
+    if (in < 0 || out < 0 || dup2(in, 0) < 0 || dup2(out, 1) < 0)
+      _exit(127);
+    execvp(argv[0], (char *const *)argv);
+    fprintf(stderr, "lpar: host '%s': cannot run %s: %s\n", hostname(c, w),
+            argv[0], strerror(errno));
+    _exit(127);
+  }
+  lua_settop(L, top);
+  if (pid < 0)
+    return (int)pid;
+  w->state = W_STARTING;
+  w->job = NULL;
+  w->fnjob = 0;
+  w->nq = 0;
+  w->got = w->busy = 0;
+  w->in.n = 0;
+  w->out.n = w->outpos = 0;
+  w->watchout = 0;
+  w->timedout = 0;
+  w->blame = 0;
+  w->killat = 0;
+  w->hello = 0;
+  w->hostn = 0;
+  w->lastread = w->sentat = lpar_proc_now();
+  w->ring.base = NULL;
+  lua_rawgeti(L, c->uv, EU_SETUP);
+  setup = lua_tolstring(L, -1, &len);
+  {
+    Buf b = {0};
+    int bad = lpar_hosts_putversions(&b) != 0 ||
+              lpar_buf_add(&b, setup ? setup : "", setup ? len : 0) != 0;
+    if (!bad)
+      hostframe(c, w, LPAR_FSETUP, 0, b.p, b.n);
+    lpar_buf_free(&b);
+    nomem(L, bad);
+  }
+  lua_pop(L, 1);
+  rc = evctl(e, EPOLL_CTL_ADD, w->proc.resfd, EPOLLIN, EVDATA(EV_RES, i));
+  if (rc == 0 && w->proc.pidfd >= 0)
+    rc = evctl(e, EPOLL_CTL_ADD, w->proc.pidfd, EPOLLIN, EVDATA(EV_PID, i));
+  if (rc != 0) {
+    *call = "epoll_ctl";
+    dropworker(e, w);
+    return rc;
+  }
+  return 0;
+}
+
+/* Whether every host is left out and no local place exists: then the
+   engine has nothing to run on. */
+static int nohost(Engine *e) {
+  int i;
+  if (nlocal(e) > 0 || e->o.nhosts == 0)
+    return 0;
+  for (i = nlocal(e); i < e->o.n; i++)
+    if (!e->w[i].dropped)
+      return 0;
+  return 1;
+}
+
 /* ---- jobs ---- */
 
 /* Push job j (from the anchors) and its uservalue; returns the index of
@@ -363,6 +517,7 @@ static int pushjob(Ctx *c, Job *j) {
 static void freejob(Job *j) {
   lpar_ranges_free(&j->redo);
   lpar_buf_free(&j->call);
+  lpar_buf_free(&j->hostcall);
 }
 
 /* Stop watching j's wakefd. */
@@ -436,7 +591,9 @@ static void endjob(Ctx *c, Job *j, int state, EWorker *self) {
     EWorker *w = &e->w[i];
     if (w->job != j)
       continue;
-    if (w == self && w->nq == 1) /* it skips the rest and says READY */
+    /* it skips the rest and says READY; a host's agent sends what is left
+       of its chunks, and they are dropped (a host costs a connection) */
+    if ((w == self && w->nq == 1) || w->host)
       w->job = NULL;
     else
       dropworker(e, w);
@@ -577,6 +734,59 @@ static void giveback(Ctx *c, EWorker *w, int from) {
 }
 
 /*
+** Host w is gone or must go: its command is killed and reaped, and the
+** chunks it held go back to their job as they are, unblamed (the host
+** failed, not an item: a failing item is the agent's to name). Said on
+** stderr. A host lost LPAR_HOSTFAILS times with no chunk done in between,
+** or before its agent said HELLO, is left out; else it starts again a
+** little later. With no host left and no local place, the engine breaks.
+*/
+static void losehost(Ctx *c, EWorker *w, int force, const char *why) {
+  lua_State *L = c->L;
+  Engine *e = c->e;
+  int status = 0, rc;
+  lua_Integer inflight = 0;
+  char desc[96];
+  const char *name = hostname(c, w);
+  int k;
+  for (k = 0; k < w->nq; k++)
+    inflight += w->q[k].count - (k == 0 ? w->got : 0);
+  closeworker(e, w);
+  rc = lpar_proc_reap(&w->proc, force, &status);
+  lpar_proc_closepid(&w->proc);
+  if (why == NULL)
+    why = rc < 0 ? "vanished (reaped elsewhere)"
+                 : lpar_proc_describe(status, desc, sizeof desc);
+  if (w->job != NULL && w->job->state == J_RUNNING)
+    giveback(c, w, 0);
+  else
+    inflight = 0;
+  w->hostfails++;
+  if (!w->dropped && (!w->hello || w->hostfails >= LPAR_HOSTFAILS)) {
+    w->dropped = 1;
+    lua_pushfstring(L, "host '%s' %s", name, why);
+    fprintf(stderr, "lpar: host '%s' is left out: its command %s%s\n", name,
+            why, w->hello ? ", again and again" : "");
+    lua_rawseti(L, c->uv, EU_HOSTERR);
+  }
+  else if (!w->dropped)
+    fprintf(stderr, "lpar: host '%s' was lost (its command %s)\n", name, why);
+  if (inflight > 0)
+    fprintf(stderr, "lpar: %lld item%s of host '%s' run again elsewhere\n",
+            (long long)inflight, inflight == 1 ? "" : "s", name);
+  fflush(stderr);
+  w->retryat = lpar_proc_now() + (long long)w->hostfails * 1000000000LL;
+  vacate(e, w);
+  if (nohost(e) && !broken(c)) {
+    lua_rawgeti(L, c->uv, EU_HOSTERR);
+    lua_pushfstring(L, "no host can run workers (the last: %s)",
+                    lua_tostring(L, -1));
+    lua_remove(L, -2);
+    breakengine(c);
+  }
+}
+
+/*
 ** Worker w is gone or must go: reap it (killing it first if 'force'),
 ** name the item it was running, and queue the rest of its chunk again.
 ** 'why' overrides the wait status in the message.
@@ -592,6 +802,10 @@ static void lose(Ctx *c, EWorker *w, int force, const char *why) {
   int suspects, nq;
   Chunk q0;
   char desc[96];
+  if (w->host) {
+    losehost(c, w, force, why);
+    return;
+  }
   closeworker(e, w);
   rc = lpar_proc_reap(&w->proc, force, &status);
   lpar_proc_closepid(&w->proc);
@@ -680,9 +894,12 @@ static void protoerror(Ctx *c, EWorker *w, const char *what) {
 /* Send what is pending to w, watching its fd while some is left. 0, or
    -errno if the worker cannot be written. */
 static int sendsome(Engine *e, EWorker *w) {
+  size_t before = w->outpos;
   int rc = lpar_wire_sendsome(w->proc.cmdfd, &w->out, &w->outpos);
   if (rc != 0)
     return rc;
+  if (w->host && w->outpos > before)
+    w->sentat = lpar_proc_now();
   if (w->outpos < w->out.n && !w->watchout) {
     rc = evctl(e, EPOLL_CTL_ADD, w->proc.cmdfd, EPOLLOUT,
                EVDATA(EV_CMD, w - e->w));
@@ -757,6 +974,45 @@ static lua_Integer chunksize(Engine *e, Job *j) {
     s.max = LPAR_POOLMAXCHUNK;
   }
   return (lua_Integer)lpar_policy_chunk(&s);
+}
+
+/* Workers of the engine that can run a job now: local places and the
+   agents' workers of the hosts that said HELLO. */
+static int workers(Engine *e) {
+  int i, n = nlocal(e);
+  for (i = nlocal(e); i < e->o.n; i++)
+    if (e->w[i].state != W_EMPTY && e->w[i].hello)
+      n += e->w[i].hostn;
+  return n > 0 ? n : 1;
+}
+
+/* Chunk size for host w (see lpar_policy_hostchunk): each of its workers
+   gets a chunk that is long next to a round trip (LPAR_HOSTCHUNKNS). */
+static lua_Integer hostchunk(Engine *e, Job *j, EWorker *w) {
+  SchedChunk s = {0};
+  s.fixed = j->o.chunk;
+  s.left = itemsleft(j);
+  s.places = workers(e);
+  s.tns = j->tns;
+  s.minns = LPAR_HOSTCHUNKNS;
+  s.probe = LPAR_POOLPROBE;
+  s.max = LPAR_POOLMAXCHUNK;
+  return (lua_Integer)lpar_policy_hostchunk(&s, w->hostn);
+}
+
+/* The CALL frame of job j as hosts take it: the timeout per item (ns)
+   before the function. */
+static void makehostcall(lua_State *L, Job *j) {
+  Frame f;
+  nomem(L, lpar_buf_reserve(&j->hostcall, j->call.n + 8));
+  lpar_wire_getheader(j->call.p, &f);
+  f.len += 8;
+  lpar_wire_putheader(j->hostcall.p, &f);
+  lpar_wire_put64(j->hostcall.p + LPAR_HDRSIZE,
+                  (uint64_t)(j->o.timeout > 0 ? j->o.timeout * 1e9 : 0));
+  memcpy(j->hostcall.p + LPAR_HDRSIZE + 8, j->call.p + LPAR_HDRSIZE,
+         j->call.n - LPAR_HDRSIZE);
+  j->hostcall.n = j->call.n + 8;
 }
 
 /* lua_CFunction: (iterator) -> its next item and what follows it (the
@@ -923,12 +1179,17 @@ static void assign(Ctx *c, EWorker *w, Job *j, int juv) {
   if (w->outpos == w->out.n) /* all sent: start afresh */
     w->out.n = w->outpos = 0;
   start = w->out.n;
-  if (w->fnjob != j->id)
+  if (w->fnjob != j->id && w->host) {
+    if (j->hostcall.n == 0)
+      makehostcall(L, j);
+    nomem(L, lpar_buf_add(&w->out, j->hostcall.p, j->hostcall.n));
+  }
+  else if (w->fnjob != j->id)
     nomem(L, lpar_buf_add(&w->out, j->call.p, j->call.n));
   at = w->out.n;
   nomem(L, lpar_buf_reserve(&w->out, LPAR_HDRSIZE + 8));
   w->out.n += LPAR_HDRSIZE + 8;
-  count = chunksize(c->e, j);
+  count = w->host ? hostchunk(c->e, j, w) : chunksize(c->e, j);
   if (j->redo.n > 0) {
     long long from;
     count = lpar_ranges_take(&j->redo, count, &from, &alone);
@@ -988,6 +1249,8 @@ static int prefetch(Engine *e, EWorker *w, long long now) {
   Job *j = w->job;
   if (w->state != W_BUSY || w->nq != 1 || j == NULL || !workleft(j))
     return 0;
+  if (w->host) /* a round trip away: its next chunk waits there */
+    return 1;
   return lpar_policy_prefetch(
       j->tns, w->q[0].count, now - w->started,
       e->o.ondemand ? LPAR_MINCHUNKNS : LPAR_POOLCHUNKNS,
@@ -997,6 +1260,8 @@ static int prefetch(Engine *e, EWorker *w, long long now) {
 /* Whether w may be handed a chunk: live and holding none (a worker still
    in init takes it after init). */
 static int takes(const EWorker *w) {
+  if (w->host) /* once its agent runs */
+    return w->state == W_IDLE && w->nq == 0;
   return (w->state == W_IDLE || w->state == W_STARTING) && w->nq == 0;
 }
 
@@ -1025,7 +1290,7 @@ static void dispatch(Ctx *c) {
      the body of another's loop must not queue behind it) */
   for (i = 0; j && i < e->o.n && workleft(j) && j->state == J_RUNNING; i++) {
     EWorker *w = &e->w[i];
-    if (!takes(w))
+    if (!takes(w) || (w->host && j->o.inherit))
       continue;
     if (juv == 0)
       juv = pushjob(c, j);
@@ -1045,6 +1310,8 @@ static void dispatch(Ctx *c) {
     }
     if (j == NULL)
       break;
+    if (w->host && j->o.inherit) /* items a host cannot have */
+      continue;
     if (juv == 0)
       juv = pushjob(c, j);
     assign(c, w, j, juv);
@@ -1095,10 +1362,47 @@ static int broken(Ctx *c) {
   return b;
 }
 
+/* Start every host that is not running, not left out and not waiting to
+   start again. */
+static void refillhosts(Ctx *c) {
+  Engine *e = c->e;
+  long long now = lpar_proc_now();
+  int i;
+  for (i = nlocal(e); i < e->o.n && !broken(c); i++) {
+    EWorker *w = &e->w[i];
+    const char *call = "fork";
+    int rc;
+    if (w->state != W_EMPTY || w->dropped || now < w->retryat)
+      continue;
+    rc = spawnhost(c, i, &call);
+    if (rc == 0 && sendsome(e, w) != 0)
+      lose(c, w, 0, NULL);
+    else if (rc != 0) {
+      char why[128];
+      snprintf(why, sizeof why, "cannot start (%s: %s)", call, strerror(-rc));
+      w->hello = 0;
+      w->dropped = 1;
+      fprintf(stderr, "lpar: host '%s' is left out: %s\n", hostname(c, w),
+              why);
+      fflush(stderr);
+      lua_pushfstring(c->L, "host '%s' %s", hostname(c, w), why);
+      if (nohost(e)) {
+        lua_pushfstring(c->L, "no host can run workers (the last: %s)",
+                        lua_tostring(c->L, -1));
+        lua_insert(c->L, -2);
+        lua_rawseti(c->L, c->uv, EU_HOSTERR);
+        breakengine(c);
+      }
+      else
+        lua_rawseti(c->L, c->uv, EU_HOSTERR);
+    }
+  }
+}
+
 /* Fork a worker into the first empty place; 0 or -errno, *call set. */
 static int spawnone(Ctx *c, const char **call) {
   int i;
-  for (i = 0; i < c->e->o.n; i++)
+  for (i = 0; i < nlocal(c->e); i++)
     if (c->e->w[i].state == W_EMPTY)
       return spawn(c, i, call);
   return 0;
@@ -1119,6 +1423,11 @@ static void refill(Ctx *c) {
   Job *j;
   if (e->closed || broken(c))
     return;
+  if (e->o.nhosts > 0) {
+    refillhosts(c);
+    if (broken(c) || nlocal(e) == 0)
+      return;
+  }
   if (e->o.ondemand) {
     if (e->live > 0)
       return;
@@ -1127,7 +1436,7 @@ static void refill(Ctx *c) {
     if (j == NULL)
       return;
   }
-  else if (e->live == e->o.n)
+  else if (e->live == nlocal(e))
     return;
   if (e->o.maxmem > 0 && e->forks == 0 &&
       lpar_worker_checkheap(L, e->o.maxmem)) {
@@ -1137,7 +1446,7 @@ static void refill(Ctx *c) {
   if (e->o.ondemand)
     rc = spawnone(c, &call);
   else
-    for (i = 0; i < e->o.n; i++)
+    for (i = 0; i < nlocal(e); i++)
       if (e->w[i].state == W_EMPTY) {
         int r = spawn(c, i, &call);
         if (r != 0)
@@ -1309,6 +1618,19 @@ static int errorframe(Ctx *c, EWorker *w, const char *p, size_t len,
     }
     return -1;
   }
+  if (i == 0 && w->state == W_STARTING && w->host) {
+    /* its agent could not start: it says why and leaves */
+    const char *name = hostname(c, w), *msg;
+    lpar_worker_failure(L, NULL);
+    msg = luaL_tolstring(L, -1, NULL);
+    fprintf(stderr, "lpar: host '%s' is left out: %s\n", name, msg);
+    fflush(stderr);
+    lua_pushfstring(L, "host '%s': %s", name, msg);
+    lua_rawseti(L, c->uv, EU_HOSTERR);
+    lua_pop(L, 2);
+    w->dropped = 1;
+    return 0;
+  }
   if (i == 0 && w->state == W_STARTING) {
     lpar_worker_failure(L, "worker init failed: ");
     lua_rawseti(L, c->uv, EU_INITERR);
@@ -1369,6 +1691,24 @@ static int readyframe(Ctx *c, EWorker *w, uint32_t count) {
   return 0;
 }
 
+/* A HELLO frame from host w: its agent's versions must be this lpar's.
+   0, or -1 with a message pushed. */
+static int helloframe(Ctx *c, EWorker *w, const Frame *f, const char *p) {
+  char why[400];
+  if (lpar_hosts_checkversions(p, (size_t)f->len, "its agent", why,
+                               sizeof why) != 0) {
+    lua_pushstring(c->L, why);
+    return -1;
+  }
+  if (f->count < 1 || f->count > LPAR_MAXWORKERS) {
+    lua_pushliteral(c->L, "its agent has no workers");
+    return -1;
+  }
+  w->hello = 1;
+  w->hostn = (int)f->count;
+  return 0;
+}
+
 /* Handle frame f (payload at p) from worker w: 0, or -1 when w broke the
    protocol with it (it is lost then). */
 static int frame(Ctx *c, EWorker *w, const Frame *f, const char *p) {
@@ -1382,8 +1722,12 @@ static int frame(Ctx *c, EWorker *w, const Frame *f, const char *p) {
   }
   else if (f->type == LPAR_FERROR && f->len >= 8)
     rc = errorframe(c, w, p, (size_t)f->len, (lua_Integer)lpar_wire_get64(p));
-  else if (f->type == LPAR_FREADY)
+  else if (f->type == LPAR_FREADY && (!w->host || w->hello))
     rc = readyframe(c, w, f->count);
+  else if (f->type == LPAR_FHELLO && w->host && !w->hello)
+    rc = helloframe(c, w, f, p);
+  else if (f->type == LPAR_FBEAT && w->host)
+    rc = 0; /* still there: lastread says so */
   else {
     lua_pushstring(L, f->type == LPAR_FRESULT ? "bad frame header"
                                               : "unexpected frame");
@@ -1420,9 +1764,14 @@ static int ringframe(Ctx *c, EWorker *w, const char *p) {
 static int frames(Ctx *c, EWorker *w) {
   size_t at = 0;
   pid_t pid = w->proc.pid;
-  while (w->in.n - at >= LPAR_HDRSIZE) {
+  for (;;) {
     Frame f;
     const char *p;
+    if (w->host) /* the '\n' an agent writes after each frame */
+      while (at < w->in.n && w->in.p[at] == '\n')
+        at++;
+    if (w->in.n - at < LPAR_HDRSIZE)
+      break;
     if (lpar_wire_getheader(w->in.p + at, &f) != 0 ||
         (f.type == LPAR_FRING && f.len != 16)) {
       protoerror(c, w, "bad frame header");
@@ -1526,6 +1875,38 @@ static long long idlelimit(Ctx *c, EWorker *w, long long now) {
   return -1;
 }
 
+/*
+** Host w: lost when it sent nothing (not even BEAT) for its limit, what
+** it sent being read first; sent BEAT when it was sent nothing for
+** LPAR_BEATNS. Returns when to look again (ns), or -1 if it was lost.
+*/
+static long long hostdeadline(Ctx *c, EWorker *w, long long now) {
+  long long limit = w->hello ? LPAR_HOSTSILENCENS : LPAR_HOSTSTARTNS;
+  long long due;
+  if (now >= w->lastread + limit) {
+    readworker(c, w); /* waiting bytes are not silence */
+    if (w->state == W_EMPTY)
+      return -1;
+    if (now >= w->lastread + limit) {
+      char why[96];
+      snprintf(why, sizeof why, "sent nothing for %.0f s (stopped, or cut off)",
+               (double)limit / 1e9);
+      lose(c, w, 1, why);
+      return -1;
+    }
+  }
+  if (now >= w->sentat + LPAR_BEATNS && w->outpos == w->out.n) {
+    hostframe(c, w, LPAR_FBEAT, 0, NULL, 0);
+    if (sendsome(c->e, w) != 0) {
+      lose(c, w, 0, NULL);
+      return -1;
+    }
+    w->sentat = now;
+  }
+  due = w->lastread + limit;
+  return w->sentat + LPAR_BEATNS < due ? w->sentat + LPAR_BEATNS : due;
+}
+
 /* Timeouts per item and for init, stalled frames, TERM -> KILL
    escalation; arms the timer for the next deadline. Returns whether a
    worker was lost meanwhile (then do not wait: its place wants filling). */
@@ -1536,6 +1917,17 @@ static int deadlines(Ctx *c) {
   for (i = 0; i < e->o.n; i++) {
     EWorker *w = &e->w[i];
     long long due = 0, stall;
+    if (w->host) {
+      if (w->state != W_EMPTY)
+        due = hostdeadline(c, w, now);
+      else if (!w->dropped && w->retryat > now)
+        due = w->retryat; /* it starts again then */
+      if (due < 0)
+        acted = 1;
+      else if (due > 0 && (next == 0 || due < next))
+        next = due;
+      continue;
+    }
     if (w->state == W_EMPTY)
       continue;
     if (w->killat > 0) {
@@ -1755,7 +2147,7 @@ Engine *lpar_engine_new(lua_State *L, const EngineOpts *o, const char *mt) {
   e->epfd = e->tfd = -1;
   e->owner = getpid();
   e->o = *o;
-  e->cap = o->n;
+  e->cap = o->n - o->nhosts;
   e->closed = 1; /* until it is complete: __gc has nothing to do */
   luaL_setmetatable(L, mt);
   lua_createtable(L, EU_N, 0);
@@ -1949,6 +2341,21 @@ Job *lpar_engine_submit(lua_State *L, int eidx, int fidx, int iidx,
   lua_settop(L, ju);
   lua_remove(L, c.uv);
   return j;
+}
+
+void lpar_engine_sethosts(lua_State *L, int eidx, int hostsidx, int setupidx) {
+  Engine *e = lua_touserdata(L, eidx);
+  int i;
+  hostsidx = lua_absindex(L, hostsidx);
+  setupidx = lua_absindex(L, setupidx);
+  lua_getiuservalue(L, eidx, 1);
+  lua_pushvalue(L, hostsidx);
+  lua_rawseti(L, -2, EU_HOSTS);
+  lua_pushvalue(L, setupidx);
+  lua_rawseti(L, -2, EU_SETUP);
+  lua_pop(L, 1);
+  for (i = 0; i < e->o.nhosts; i++)
+    e->w[nlocal(e) + i].host = i + 1;
 }
 
 void lpar_engine_pump(lua_State *L, int idx, int ms) {

@@ -36,6 +36,8 @@ typedef struct EngineOpts {
   int sigterm;    /* SIGTERM (and SIGHUP) end a wait, as SIGINT does */
   double timeout; /* seconds for init and close; 0: none */
   size_t maxmem;  /* Lua heap limit of each worker in bytes; 0: none */
+  int nhosts;     /* the last nhosts places are hosts (hosts.h), which
+                     lpar_engine_sethosts describes */
 } EngineOpts;
 
 /* What a job is made with. */
@@ -86,6 +88,13 @@ typedef struct EWorker {
   lua_Integer timedout; /* item it was stopped for, 0 if none */
   lua_Integer blame;    /* item whose report broke the protocol, 0 if none */
   long long killat;     /* if > 0: SIGKILL due at this time */
+  int host;             /* its host's number (1-based), 0: a local worker */
+  int hostn;            /* a host's workers, as its HELLO says */
+  int hello;            /* a host said HELLO */
+  int hostfails;        /* a host lost this many times with no chunk done */
+  int dropped;          /* a host left out for good */
+  long long sentat;     /* a host: when bytes were last sent */
+  long long retryat;    /* a lost host starts again from this time */
 } EWorker;
 
 typedef struct Engine {
@@ -147,6 +156,7 @@ typedef struct Job {
   Ranges redo;        /* items to hand out again */
   int lost;           /* workers lost under it without a culprit */
   Buf call;           /* CALL frame: header and the function */
+  Buf hostcall;       /* ... as hosts take it (with the timeout) */
   lua_Integer emit;   /* next index to emit (imap) */
   unsigned char *fin; /* ring of LPAR_WINDOW flags: item done (imap) */
   lua_Integer *queue; /* ring of done indices (unordered imap) */
@@ -217,6 +227,14 @@ void lpar_engine_pushpending(lua_State *L);
    returns lpar.pending, wait until the fd that follows is readable (at
    once without one) and ask again. Raises what the iterator raises. */
 void lpar_engine_nextitem(lua_State *L, int iter);
+
+/*
+** Describe the hosts of the engine at 'eidx' (made with nhosts): the table
+** at 'hostsidx' holds, for each, what lpar_hosts_parse gives, in the order
+** of the last places; the string at 'setupidx' is the payload of its
+** SETUP frame after the versions block. Before any job.
+*/
+void lpar_engine_sethosts(lua_State *L, int eidx, int hostsidx, int setupidx);
 
 /* Register the engine and job metatables' shared parts. */
 void lpar_engine_open(lua_State *L);

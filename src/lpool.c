@@ -12,10 +12,14 @@
 #include <string.h>
 #include <unistd.h>
 
+#include "codec.h"
 #include "engine.h"
+#include "hosts.h"
 #include "lauxlib.h"
 #include "lpar.h"
 #include "opts.h"
+#include "wire.h"
+#include "xfer.h"
 #include "worker.h"
 
 static Engine *checkpool(lua_State *L, int idx) {
@@ -58,7 +62,118 @@ static int ncpus(void) {
 
 static const char *const poolopts[] = {"n_workers", "init",       "close",
                                        "timeout",   "max_memory", "sigterm",
-                                       "functions", "on_demand",  NULL};
+                                       "functions", "on_demand",  "hosts",
+                                       "remote_lpar", "agent_setup", NULL};
+
+/*
+** Read opts.hosts (at 'opts', a table) into the table pushed: the hosts'
+** descriptions (lpar_hosts_parse), in order; returns how many local
+** workers ":" entries ask for (*here set when there is one: 'nw' each
+** when they give no count).
+*/
+static int gethosts(lua_State *L, int opts, lua_Integer nw, int *here) {
+  const char *remote = "lpar";
+  lua_Integer k, n, local = 0, nh = 0;
+  if (lua_getfield(L, opts, "remote_lpar") != LUA_TNIL) {
+    if (!lua_isstring(L, -1))
+      luaL_argerror(L, 1, "remote_lpar must be a command (a string)");
+    remote = lua_tostring(L, -1);
+  }
+  lua_getfield(L, opts, "hosts");
+  if (!lua_istable(L, -1))
+    luaL_argerror(L, 1, "hosts must be a sequence of host specs (strings)");
+  n = (lua_Integer)lua_rawlen(L, -1);
+  lua_newtable(L);
+  *here = 0;
+  for (k = 1; k <= n; k++) {
+    if (lua_rawgeti(L, -2, k) != LUA_TSTRING)
+      luaL_argerror(L, 1, "hosts must be a sequence of host specs (strings)");
+    lpar_hosts_parse(L, -1, remote);
+    if (lua_getfield(L, -1, "here") != LUA_TNIL) {
+      lua_Integer m;
+      lua_getfield(L, -2, "n");
+      m = lua_tointeger(L, -1);
+      local += m > 0 ? m : nw;
+      *here = 1;
+      lua_pop(L, 4);
+      continue;
+    }
+    lua_pop(L, 1);
+    lua_rawseti(L, -3, ++nh);
+    lua_pop(L, 1);
+  }
+  if (n == 0)
+    luaL_argerror(L, 1, "hosts is empty");
+  lua_replace(L, -3);
+  lua_pop(L, 1);
+  return (int)(local > LPAR_MAXWORKERS ? LPAR_MAXWORKERS : local);
+}
+
+/* Append u32 v to b (little-endian). */
+static int add32(Buf *b, uint32_t v) {
+  char p[4];
+  int k;
+  for (k = 0; k < 4; k++)
+    p[k] = (char)((v >> (8 * k)) & 0xff);
+  return lpar_buf_add(b, p, 4);
+}
+
+/* Encode the function at 'idx' for the hosts into b, or raise naming
+   'what'. */
+static void sendfn(lua_State *L, int idx, Buf *b, const char *what) {
+  if (lpar_xfer_encode(L, idx, b) != 0) {
+    lpar_buf_free(b);
+    luaL_error(L, "cannot send %s to the hosts: %s", what, lua_tostring(L, -1));
+  }
+}
+
+/*
+** Push the payload of SETUP after the versions (hosts.h) for a pool with
+** options o: the functions init, close (at 'init', 'close'; nil: none)
+** and those of the table at 'fns' (or nil), encoded; or, with
+** opts.agent_setup (the CLI's), that table through the codec.
+*/
+static void pushsetup(lua_State *L, int opts, const EngineOpts *o, int init,
+                      int close, int fns) {
+  Buf b = {0};
+  char h[8];
+  int bad;
+  lpar_wire_put64(h, (uint64_t)o->maxmem);
+  bad = lpar_buf_add(&b, h, 8) != 0;
+  lpar_wire_put64(h, (uint64_t)(o->timeout * 1e9));
+  bad = bad || lpar_buf_add(&b, h, 8) != 0;
+  if (lua_getfield(L, opts, "agent_setup") != LUA_TNIL) {
+    bad = bad || add32(&b, 1) != 0;
+    if (!bad && lpar_codec_encode(L, -1, &b) != 0) {
+      lpar_buf_free(&b);
+      luaL_error(L, "cannot send the setup to the hosts: %s",
+                 lua_tostring(L, -1));
+    }
+  }
+  else {
+    lua_Integer k, nf = lua_istable(L, fns) ? (lua_Integer)lua_rawlen(L, fns) : 0;
+    bad = bad || add32(&b, 0) != 0 ||
+          add32(&b, (lua_isnil(L, init) ? 0 : 1) | (lua_isnil(L, close) ? 0 : 2)) !=
+              0 ||
+          add32(&b, (uint32_t)nf) != 0;
+    if (!bad && !lua_isnil(L, init))
+      sendfn(L, init, &b, "init");
+    if (!bad && !lua_isnil(L, close))
+      sendfn(L, close, &b, "close");
+    for (k = 1; k <= nf && !bad; k++) {
+      lua_rawgeti(L, fns, k);
+      sendfn(L, lua_gettop(L), &b, "a function of 'functions'");
+      lua_pop(L, 1);
+    }
+  }
+  lua_pop(L, 1);
+  if (bad) {
+    lpar_buf_free(&b);
+    luaL_error(L, "not enough memory");
+  }
+  lua_pushlstring(L, b.p, b.n);
+  lpar_buf_free(&b);
+}
 
 /*
 ** lpar.pool([n_workers | opts]) -> pool. opts: n_workers (default: the
@@ -122,16 +237,34 @@ static int l_pool(lua_State *L) {
   o.n = nw > LPAR_MAXWORKERS ? LPAR_MAXWORKERS : (int)nw;
   o.ignint = 1; /* a pool's workers outlive Ctrl-C; they die with it */
   lua_settop(L, 1);
-  lpar_opts_hook(L, 1, "init");
-  lpar_opts_hook(L, 1, "close");
+  if (lua_istable(L, 1) && lua_getfield(L, 1, "hosts") != LUA_TNIL) {
+    int here;
+    lua_pop(L, 1);
+    o.n = gethosts(L, 1, o.n, &here); /* 2: the hosts */
+    o.nhosts = (int)lua_rawlen(L, 2);
+    o.n += o.nhosts;
+  }
+  else {
+    lua_settop(L, 1);
+    lua_pushnil(L);
+  }
+  lpar_opts_hook(L, 1, "init");  /* 3 */
+  lpar_opts_hook(L, 1, "close"); /* 4 */
   if (lua_istable(L, 1)) /* functions the workers inherit; others are sent */
     lua_getfield(L, 1, "functions");
   else
     lua_pushnil(L);
+  if (o.nhosts > 0)
+    pushsetup(L, 1, &o, 3, 4, 5); /* 6 */
+  else
+    lua_pushnil(L);
+  lua_insert(L, 3);
   lua_pushnil(L);                      /* items are always sent */
-  lpar_engine_new(L, &o, LPAR_POOLMT); /* 2 */
+  lpar_engine_new(L, &o, LPAR_POOLMT); /* 4 */
+  if (o.nhosts > 0)
+    lpar_engine_sethosts(L, 4, 2, 3);
   if (!o.ondemand)
-    lpar_engine_start(L, 2);
+    lpar_engine_start(L, 4);
   return 1;
 }
 

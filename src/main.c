@@ -20,6 +20,7 @@
 #include <unistd.h>
 
 #include "lauxlib.h"
+#include "agent.h"
 #include "lpar.h"
 #include "lualib.h"
 
@@ -1556,6 +1557,36 @@ static int msghandler(lua_State *L) {
   return 1;
 }
 
+/* lpar --worker [-j N]: the agent of a host (agent.h); N defaults to the
+   machine's CPUs. */
+static int agentmain(lua_State *L, int argc, char **argv) {
+  long n = sysconf(_SC_NPROCESSORS_ONLN);
+  int i;
+  for (i = 2; i < argc; i++) {
+    char *end;
+    if ((strcmp(argv[i], "-j") == 0 || strcmp(argv[i], "--jobs") == 0) &&
+        i + 1 < argc) {
+      errno = 0;
+      n = strtol(argv[++i], &end, 10);
+      if (errno != 0 || *end != '\0' || end == argv[i] || n < 1 ||
+          n > LPAR_MAXWORKERS) {
+        fprintf(stderr, "lpar --worker: -j wants 1 to %d workers, not '%s'\n",
+                LPAR_MAXWORKERS, argv[i]);
+        return 2;
+      }
+    }
+    else {
+      fprintf(stderr, "lpar --worker: unknown argument '%s' (usage: lpar "
+                      "--worker [-j N])\n",
+              argv[i]);
+      return 2;
+    }
+  }
+  if (n < 1)
+    n = 1;
+  return lpar_agent_run(L, (int)n);
+}
+
 /*
 ** Stack: argc, argv. Opens the libraries and lpar (with the global
 ** 'parallel'), loads the built-in lpar.cli and returns the exit status
@@ -1583,6 +1614,10 @@ static int pmain(lua_State *L) {
   lua_pushvalue(L, -2);
   lua_setfield(L, -2, "lpar.cli");
   lua_pop(L, 1); /* pop package.loaded */
+  if (argc >= 2 && strcmp(argv[1], "--worker") == 0) {
+    lua_pushinteger(L, agentmain(L, argc, argv));
+    return 1;
+  }
   lua_getfield(L, -1, "main");
   lua_createtable(L, argc, 1);
   for (i = 0; i < argc; i++) {

@@ -31,6 +31,15 @@ long long lpar_policy_chunk(const SchedChunk *s) {
   return c < 1 ? 1 : c;
 }
 
+long long lpar_policy_hostchunk(const SchedChunk *s, int hostn) {
+  long long c = lpar_policy_chunk(s) * (hostn > 1 ? hostn : 1);
+  if (s->left > 0 && c > s->left)
+    c = s->left;
+  if (s->max > 0 && c > s->max)
+    c = s->max;
+  return c < 1 ? 1 : c;
+}
+
 /*
 ** Whether to start another worker now that all 'live' are busy: 0 yes, -1
 ** no, else ask again in this many ms (what is left of the wait, rounded

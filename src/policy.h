@@ -18,6 +18,11 @@ typedef struct SchedChunk {
 
 long long lpar_policy_chunk(const SchedChunk *s);
 
+/* Chunk for a host whose agent runs 'hostn' workers (s->places counting
+   every worker of the job): a worker's chunk for each of them, within
+   what is left and s->max. */
+long long lpar_policy_hostchunk(const SchedChunk *s, int hostn);
+
 /* Waves of workers started while every worker is on its first item. */
 typedef struct SchedWave {
   long long at; /* when the current wave began */

@@ -47,7 +47,8 @@ int lpar_wire_getheader(const char *h, Frame *f) {
   f->type = get32(h);
   f->count = get32(h + 4);
   f->len = lpar_wire_get64(h + 8);
-  if (f->type < LPAR_FWORK || f->type >= LPAR_FLAST || f->len > LPAR_MAXFRAME)
+  if (f->type < LPAR_FWORK || f->type >= LPAR_FLAST ||
+      f->type == LPAR_FNEWLINE || f->len > LPAR_MAXFRAME)
     return -EPROTO;
   return 0;
 }

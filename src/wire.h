@@ -26,6 +26,14 @@ enum {
   LPAR_FCALL,     /* parent -> worker: a function and its upvalues (pools) */
   LPAR_FRING,     /* worker -> parent: u64 place, u64 length of a frame put
                      in the shared ring (see ring.h) */
+  LPAR_FHELLO,    /* agent -> parent, first: versions (hosts.h); count =
+                     the agent's workers */
+  LPAR_FSETUP,    /* parent -> agent, first: versions, engine options and
+                     what the workers hold (hosts.h) */
+  LPAR_FNEWLINE,  /* never a frame: a header cannot begin with '\n', the
+                     byte an agent writes after each frame */
+  LPAR_FBEAT,     /* either way between a parent and an agent: still
+                     there (no payload) */
   LPAR_FLAST
 };
 

@@ -217,8 +217,34 @@ static void test_learn(void) {
   CHECK(lpar_policy_learn(0, 0, 4) == 0.25); /* never 0: 0 means unknown */
 }
 
+static void test_hostchunk(void) {
+  SchedChunk s = {0};
+  /* 90 left over 3 workers: a worker's share is 15; a host of 2 takes 30 */
+  s.left = 90;
+  s.places = 3;
+  CHECK(lpar_policy_chunk(&s) == 15);
+  CHECK(lpar_policy_hostchunk(&s, 2) == 30);
+  CHECK(lpar_policy_hostchunk(&s, 1) == 15);
+  CHECK(lpar_policy_hostchunk(&s, 0) == 15);
+  /* never more than is left */
+  s.left = 3;
+  CHECK(lpar_policy_hostchunk(&s, 8) == 3);
+  /* a stream with a known time per item: 50 ms of work per worker */
+  s.left = -1;
+  s.tns = 1e6;
+  s.minns = 5e7;
+  CHECK(lpar_policy_hostchunk(&s, 4) == 200);
+  s.max = 150;
+  CHECK(lpar_policy_hostchunk(&s, 4) == 150);
+  /* a fixed size is per worker */
+  s.max = 0;
+  s.fixed = 7;
+  CHECK(lpar_policy_hostchunk(&s, 3) == 21);
+}
+
 int main(void) {
   test_chunk();
+  test_hostchunk();
   test_waves();
   test_spawn_known();
   test_slotrate();

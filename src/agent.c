@@ -1,0 +1,610 @@
+/*
+** agent.c: `lpar --worker [-j N]`, the far end of a host (hosts.h). A pool
+** of N workers of its own (the engine) behind one stream: stdin brings
+** frames from the parent, stdout takes frames back. Each chunk the parent
+** sends becomes a job of that pool; its results go back in item order,
+** chunk after chunk. The agent enforces the parent's timeouts and memory
+** limit itself, and leaves, killing its workers, at end of file, on
+** SIGTERM or SIGHUP, or when the parent has been silent for
+** LPAR_AGENTIDLENS.
+*/
+#include "agent.h"
+
+#include <errno.h>
+#include <fcntl.h>
+#include <poll.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "codec.h"
+#include "engine.h"
+#include "hosts.h"
+#include "lauxlib.h"
+#include "lpar.h"
+#include "proc.h"
+#include "wire.h"
+#include "worker.h"
+#include "xfer.h"
+
+/* a chunk from the parent, as a job of the agent's pool */
+typedef struct Entry {
+  Job *j;            /* NULL: its function could not be loaded */
+  lua_Integer first; /* the parent's index of its first item */
+  lua_Integer count;
+  int flags; /* of the CALL it runs under (LPAR_CALL*) */
+} Entry;
+
+typedef struct Agent {
+  lua_State *L;
+  int in, out;  /* the stream to the parent */
+  Buf inb;      /* bytes from the parent not handled yet */
+  Buf outb;     /* bytes for the parent */
+  size_t outpos;
+  long long lastin, lastout;
+  int eidx;  /* stack: the pool */
+  int fidx;  /* ... the function of the last CALL (nil: none) */
+  int jobs;  /* ... a table anchoring the jobs in 'q' */
+  int fns;   /* ... the functions the workers inherit (or nil) */
+  int flags; /* of the last CALL */
+  double timeout;
+  Entry *q; /* chunks in the order they came */
+  int head, tail, cap;
+  int n; /* workers */
+} Agent;
+
+static volatile sig_atomic_t stopsig;
+
+static void onstop(int sig) {
+  stopsig = sig;
+}
+
+static uint32_t get32(const char *p) {
+  const unsigned char *u = (const unsigned char *)p;
+  return (uint32_t)u[0] | (uint32_t)u[1] << 8 | (uint32_t)u[2] << 16 |
+         (uint32_t)u[3] << 24;
+}
+
+static void nomem(lua_State *L, int rc) {
+  if (rc != 0)
+    luaL_error(L, "not enough memory");
+}
+
+/* Queue a frame for the parent, with the '\n' that follows each. */
+static void put(Agent *a, int type, uint32_t count, const char *p,
+                size_t len) {
+  Frame f;
+  if (a->outpos == a->outb.n)
+    a->outb.n = a->outpos = 0;
+  nomem(a->L, lpar_buf_reserve(&a->outb, LPAR_HDRSIZE + len + 1));
+  f.type = (uint32_t)type;
+  f.count = count;
+  f.len = len;
+  lpar_wire_putheader(a->outb.p + a->outb.n, &f);
+  if (len > 0)
+    memcpy(a->outb.p + a->outb.n + LPAR_HDRSIZE, p, len);
+  a->outb.n += LPAR_HDRSIZE + len;
+  a->outb.p[a->outb.n++] = '\n';
+}
+
+/* Write what the parent can take now; -1 when it is gone. */
+static int flush(Agent *a) {
+  while (a->outpos < a->outb.n) {
+    ssize_t k = write(a->out, a->outb.p + a->outpos, a->outb.n - a->outpos);
+    if (k < 0 && errno == EINTR)
+      continue;
+    if (k < 0 && (errno == EAGAIN || errno == EWOULDBLOCK))
+      return 0;
+    if (k <= 0)
+      return -1;
+    a->outpos += (size_t)k;
+    a->lastout = lpar_proc_now();
+  }
+  return 0;
+}
+
+/* Write everything queued, waiting as long as it takes (up to the idle
+   limit); -1 when the parent is gone or stuck. */
+static int flushall(Agent *a) {
+  long long until = lpar_proc_now() + LPAR_AGENTIDLENS;
+  while (a->outpos < a->outb.n) {
+    struct pollfd p = {a->out, POLLOUT, 0};
+    if (flush(a) != 0)
+      return -1;
+    if (a->outpos == a->outb.n)
+      break;
+    if (lpar_proc_now() > until)
+      return -1;
+    if (poll(&p, 1, 1000) < 0 && errno != EINTR)
+      return -1;
+  }
+  return 0;
+}
+
+/* Queue an ERROR frame for item i: the value on top (popped), with no
+   traceback (a failure's message holds it). */
+static void puterror(Agent *a, lua_Integer i) {
+  lua_State *L = a->L;
+  Buf b = {0};
+  int bad = lpar_buf_reserve(&b, 8) != 0;
+  if (!bad) {
+    lpar_wire_put64(b.p, (uint64_t)i);
+    b.n = 8;
+    if (lpar_codec_encode(L, -1, &b) != 0) { /* a table that cannot go */
+      lua_pop(L, 1);
+      lpar_worker_describe(L, -1);
+      lua_replace(L, -2);
+      b.n = 8;
+      bad = lpar_codec_encode(L, -1, &b) != 0;
+    }
+    lua_pushnil(L);
+    bad = bad || lpar_codec_encode(L, -1, &b) != 0;
+    lua_pop(L, 1);
+  }
+  lua_pop(L, 1);
+  if (!bad)
+    put(a, LPAR_FERROR, 0, b.p, b.n);
+  lpar_buf_free(&b);
+  nomem(L, bad);
+}
+
+/* Tell the parent why the agent cannot go on (the message on top,
+   popped), as the failure of its start, and leave. */
+static _Noreturn void giveup(Agent *a) {
+  fprintf(stderr, "lpar --worker: %s\n", lua_tostring(a->L, -1));
+  fflush(stderr);
+  puterror(a, 0);
+  flushall(a);
+  _exit(1);
+}
+
+/* Read what the parent sent; 0, 1 at end of file, -1 on an error. */
+static int readin(Agent *a) {
+  for (;;) {
+    long k = lpar_wire_tryread(a->in, &a->inb);
+    if (k == -EAGAIN)
+      return 0;
+    if (k == 0)
+      return 1;
+    if (k < 0)
+      return -1;
+    a->lastin = lpar_proc_now();
+  }
+}
+
+/* The next whole frame in a->inb, *at advanced past it: 1, 0 if none is
+   there yet, -1 on a bad header. */
+static int nextframe(Agent *a, size_t *at, Frame *f, const char **p) {
+  if (a->inb.n - *at < LPAR_HDRSIZE)
+    return 0;
+  if (lpar_wire_getheader(a->inb.p + *at, f) != 0)
+    return -1;
+  if (f->len > a->inb.n - *at - LPAR_HDRSIZE)
+    return 0;
+  *p = a->inb.p + *at + LPAR_HDRSIZE;
+  *at += LPAR_HDRSIZE + (size_t)f->len;
+  return 1;
+}
+
+/* lua_CFunction: (bytes) -> the functions they hold, xfer-encoded one
+   after another: init or nil, close or nil, and a sequence. */
+static int decodefns(lua_State *L) {
+  size_t len, pos = 8;
+  const char *p = lua_tolstring(L, 1, &len);
+  uint32_t flags, nf, k;
+  if (len < 8)
+    return luaL_error(L, "setup too short");
+  flags = get32(p);
+  nf = get32(p + 4);
+  lua_settop(L, 1);
+  if (flags & 1)
+    lpar_xfer_decode(L, p, len, &pos);
+  else
+    lua_pushnil(L);
+  if (flags & 2)
+    lpar_xfer_decode(L, p, len, &pos);
+  else
+    lua_pushnil(L);
+  if (nf > 0) {
+    lua_createtable(L, (int)nf, 0);
+    for (k = 1; k <= nf; k++) {
+      lpar_xfer_decode(L, p, len, &pos);
+      lua_rawseti(L, -2, k);
+    }
+  }
+  else
+    lua_pushnil(L);
+  if (pos != len)
+    return luaL_error(L, "bad setup (trailing bytes)");
+  return 3;
+}
+
+/* lua_CFunction: (bytes) -> init, close, functions, from the table of the
+   CLI (lpar.cli's agent() makes them from the script it names). */
+static int clifns(lua_State *L) {
+  size_t len, pos = 0;
+  const char *p = lua_tolstring(L, 1, &len);
+  lua_getglobal(L, "require");
+  lua_pushliteral(L, "lpar.cli");
+  lua_call(L, 1, 1);
+  lua_getfield(L, -1, "agent");
+  if (lpar_codec_decode(L, p, len, &pos) != 0 || pos != len)
+    return luaL_error(L, "bad setup for the command line");
+  lua_call(L, 1, 3);
+  return 3;
+}
+
+/*
+** Take the SETUP frame's payload p[0..len): check the versions, then make
+** the pool (pushed at a->eidx, with its functions at a->fns) and start
+** its workers. Gives up (ERROR 0, leaves) when something does not fit.
+*/
+static void setup(Agent *a, const char *p, size_t len) {
+  lua_State *L = a->L;
+  char why[400];
+  EngineOpts o;
+  uint32_t kind;
+  if (lpar_hosts_checkversions(p, len, "its parent", why, sizeof why) != 0) {
+    lua_pushstring(L, why);
+    giveup(a);
+  }
+  if (len < LPAR_VERSIONSIZE + 20) {
+    lua_pushliteral(L, "setup too short");
+    giveup(a);
+  }
+  p += LPAR_VERSIONSIZE;
+  len -= LPAR_VERSIONSIZE;
+  memset(&o, 0, sizeof o);
+  o.n = a->n;
+  o.ignint = 1;
+  o.maxmem = (size_t)lpar_wire_get64(p);
+  o.timeout = (double)lpar_wire_get64(p + 8) / 1e9;
+  kind = get32(p + 16);
+  lua_pushcfunction(L, kind == 1 ? clifns : decodefns);
+  lua_pushlstring(L, p + 20, len - 20);
+  if (lua_pcall(L, 1, 3, 0) != LUA_OK) {
+    lua_pushfstring(L, "cannot load the setup: %s", lua_tostring(L, -1));
+    giveup(a);
+  }
+  lua_pushvalue(L, -1);
+  a->fns = lua_gettop(L) - 3; /* below init, close, functions, items */
+  lua_insert(L, a->fns);
+  lua_pushnil(L); /* items are always sent */
+  lpar_engine_new(L, &o, LPAR_POOLMT);
+  a->eidx = lua_gettop(L);
+  lpar_engine_start(L, a->eidx); /* raises "worker init failed: ..." */
+}
+
+/* A CALL frame: u64 timeout (ns), then what a worker's CALL holds. */
+static void call(Agent *a, const Frame *f, const char *p) {
+  lua_State *L = a->L;
+  size_t pos = 8;
+  a->flags = (int)f->count;
+  a->timeout = f->len >= 8 ? (double)lpar_wire_get64(p) / 1e9 : 0;
+  if (f->len >= 16 && (a->flags & LPAR_CALLINHERIT) && lua_istable(L, a->fns))
+    lua_rawgeti(L, a->fns, (lua_Integer)lpar_wire_get64(p + 8));
+  else if (f->len >= 8 && !(a->flags & LPAR_CALLINHERIT)) {
+    lua_pushcfunction(L, lpar_agent_loadfn);
+    lua_pushlstring(L, p + pos, (size_t)f->len - pos);
+    if (lua_pcall(L, 1, 1, 0) != LUA_OK) {
+      lua_pushfstring(L, "cannot load the function: %s", lua_tostring(L, -1));
+      lua_remove(L, -2);
+      puterror(a, 0);
+      lua_pushnil(L);
+    }
+  }
+  else
+    lua_pushnil(L);
+  if (!lua_isfunction(L, -1)) {
+    lua_pop(L, 1);
+    lua_pushnil(L);
+  }
+  lua_replace(L, a->fidx);
+}
+
+int lpar_agent_loadfn(lua_State *L) {
+  size_t len, pos = 0;
+  const char *p = lua_tolstring(L, 1, &len);
+  lpar_xfer_decode(L, p, len, &pos);
+  if (pos != len)
+    luaL_error(L, "bad function encoding (trailing bytes)");
+  return 1;
+}
+
+/* An ITEMS frame: its items become a job of the pool, queued. */
+static void items(Agent *a, const Frame *f, const char *p) {
+  lua_State *L = a->L;
+  size_t pos = 8;
+  uint32_t k;
+  Entry *e;
+  if (a->tail == a->cap) {
+    int cap = a->cap ? 2 * a->cap : 8;
+    Entry *q;
+    if (a->head > 0) { /* make room at the front first */
+      memmove(a->q, a->q + a->head, (size_t)(a->tail - a->head) * sizeof *q);
+      a->tail -= a->head;
+      a->head = 0;
+    }
+    else {
+      q = realloc(a->q, (size_t)cap * sizeof *q);
+      nomem(L, q == NULL);
+      a->q = q;
+      a->cap = cap;
+    }
+  }
+  e = &a->q[a->tail++];
+  e->first = f->len >= 8 ? (lua_Integer)lpar_wire_get64(p) : 0;
+  e->count = f->count;
+  e->flags = a->flags;
+  e->j = NULL;
+  if (f->len < 8) {
+    lua_pushliteral(L, "bad items frame");
+    giveup(a);
+  }
+  if (lua_isnil(L, a->fidx) || f->count == 0)
+    return; /* said already: its items are skipped */
+  lua_createtable(L, (int)f->count, 0);
+  for (k = 1; k <= f->count; k++) {
+    if (lpar_codec_decode(L, p, (size_t)f->len, &pos) != 0) {
+      lua_pushfstring(L, "bad items frame: %s", lua_tostring(L, -1));
+      giveup(a);
+    }
+    lua_rawseti(L, -2, k);
+  }
+  {
+    JobOpts o;
+    memset(&o, 0, sizeof o);
+    o.collect = 1;
+    o.timeout = a->timeout;
+    o.wakefd = -1;
+    e->j = lpar_engine_submit(L, a->eidx, a->fidx, -1, f->count, &o);
+  }
+  lua_rawsetp(L, a->jobs, e->j);
+  lua_pop(L, 1);
+}
+
+/* lua_CFunction: (job) -> results, n, errors, or raises its failure. */
+static int jobresults(lua_State *L) {
+  return lpar_engine_results(L, 1);
+}
+
+/* Queue a RESULT frame for the values aside[from .. to] (items first +
+   from - 1 ...), 'ns' spent on them. */
+static void putresults(Agent *a, int aside, lua_Integer first,
+                       lua_Integer from, lua_Integer to, long long ns) {
+  lua_State *L = a->L;
+  Buf b = {0};
+  lua_Integer k;
+  int bad;
+  if (to < from)
+    return;
+  bad = lpar_buf_reserve(&b, 16) != 0;
+  if (!bad) {
+    lpar_wire_put64(b.p, (uint64_t)(first + from - 1));
+    lpar_wire_put64(b.p + 8, (uint64_t)ns);
+    b.n = 16;
+  }
+  for (k = from; k <= to && !bad; k++) {
+    lua_rawgeti(L, aside, k);
+    if (lpar_codec_encode(L, -1, &b) != 0) {
+      luaL_error(L, "cannot send the result of item %I: %s",
+                 (LUAI_UACINT)(first + k - 1), lua_tostring(L, -1));
+    }
+    lua_pop(L, 1);
+  }
+  if (!bad)
+    put(a, LPAR_FRESULT, (uint32_t)(to - from + 1), b.p, b.n);
+  lpar_buf_free(&b);
+  nomem(L, bad);
+}
+
+/* The chunk at the head of the queue is done: its results and errors,
+   in item order (up to the first error unless the parent collects), then
+   READY. */
+static void relay(Agent *a) {
+  lua_State *L = a->L;
+  Entry *e = &a->q[a->head];
+  int top = lua_gettop(L);
+  if (e->j != NULL) {
+    lua_rawgetp(L, a->jobs, e->j);
+    lua_pushcfunction(L, jobresults);
+    lua_pushvalue(L, -2);
+    if (lua_pcall(L, 1, 3, 0) != LUA_OK)
+      puterror(a, 0); /* the chunk failed as a whole */
+    else {
+      int res = top + 2, errs = top + 4;
+      lua_Integer k, from = 1;
+      long long ns = (long long)(e->j->tns * (double)e->count);
+      for (k = 1; k <= e->count; k++) {
+        if (lua_rawgeti(L, errs, k) == LUA_TNIL) {
+          lua_pop(L, 1);
+          continue;
+        }
+        putresults(a, res, e->first, from, k - 1, ns);
+        ns = 0;
+        puterror(a, e->first + k - 1);
+        from = k + 1;
+        if (!(e->flags & LPAR_CALLCOLLECT))
+          break;
+      }
+      if (k > e->count)
+        putresults(a, res, e->first, from, e->count, ns);
+    }
+    lua_pushnil(L);
+    lua_rawsetp(L, a->jobs, e->j);
+  }
+  lua_settop(L, top);
+  put(a, LPAR_FREADY, 0, NULL, 0);
+  a->head++;
+  if (a->head == a->tail)
+    a->head = a->tail = 0;
+}
+
+/* Handle the frames that have come; -1 on a bad one. */
+static int frames(Agent *a) {
+  size_t at = 0;
+  Frame f;
+  const char *p;
+  int rc;
+  while ((rc = nextframe(a, &at, &f, &p)) > 0) {
+    if (f.type == LPAR_FCALL)
+      call(a, &f, p);
+    else if (f.type == LPAR_FITEMS)
+      items(a, &f, p);
+    else if (f.type != LPAR_FBEAT)
+      return -1;
+  }
+  lpar_buf_drop(&a->inb, at);
+  return rc < 0 ? -1 : 0;
+}
+
+/* Wait for SETUP (BEAT may come first) and take it. */
+static void waitsetup(Agent *a) {
+  lua_State *L = a->L;
+  for (;;) {
+    struct pollfd p = {a->in, POLLIN, 0};
+    size_t at = 0;
+    Frame f;
+    const char *q;
+    int rc;
+    while ((rc = nextframe(a, &at, &f, &q)) > 0) {
+      if (f.type == LPAR_FSETUP) {
+        Buf copy = {0};
+        nomem(L, lpar_buf_add(&copy, q, (size_t)f.len));
+        lpar_buf_drop(&a->inb, at);
+        setup(a, copy.p, copy.n);
+        lpar_buf_free(&copy);
+        return;
+      }
+      if (f.type != LPAR_FBEAT)
+        rc = -1;
+      if (rc < 0)
+        break;
+    }
+    if (rc < 0) {
+      lua_pushliteral(L, "the parent did not speak lpar's protocol");
+      giveup(a);
+    }
+    lpar_buf_drop(&a->inb, at);
+    if (lpar_proc_now() > a->lastin + LPAR_AGENTIDLENS) {
+      lua_pushliteral(L, "no setup came from the parent");
+      giveup(a);
+    }
+    if (poll(&p, 1, 1000) < 0 && errno != EINTR)
+      luaL_error(L, "poll: %s", strerror(errno));
+    if (stopsig)
+      _exit(1);
+    if ((p.revents & (POLLIN | POLLHUP)) && readin(a) != 0)
+      _exit(0); /* the parent left first */
+  }
+}
+
+/* lua_CFunction: the agent, with a light userdata Agent at 1. */
+static int agentmain(lua_State *L) {
+  Agent *a = lua_touserdata(L, 1);
+  char hello[LPAR_VERSIONSIZE];
+  Buf b = {0};
+  a->L = L;
+  lua_pushnil(L);
+  a->fidx = lua_gettop(L);
+  lua_newtable(L);
+  a->jobs = lua_gettop(L);
+  nomem(L, lpar_hosts_putversions(&b));
+  memcpy(hello, b.p, sizeof hello);
+  lpar_buf_free(&b);
+  put(a, LPAR_FHELLO, (uint32_t)a->n, hello, sizeof hello);
+  if (flushall(a) != 0)
+    return 0;
+  waitsetup(a);
+  put(a, LPAR_FREADY, 1, NULL, 0);
+  for (;;) {
+    Engine *e = lua_touserdata(L, a->eidx);
+    struct pollfd p[3];
+    long long now = lpar_proc_now(), wait;
+    int rc;
+    p[0].fd = a->in;
+    p[0].events = POLLIN;
+    p[1].fd = e->epfd;
+    p[1].events = POLLIN;
+    p[2].fd = a->out;
+    p[2].events = a->outpos < a->outb.n ? POLLOUT : 0;
+    if (flush(a) != 0)
+      break; /* the parent is gone */
+    wait = (a->lastout + LPAR_BEATNS - now) / 1000000;
+    if (wait < 0)
+      wait = 0;
+    if (wait > 1000)
+      wait = 1000;
+    rc = poll(p, 3, (int)wait);
+    if (rc < 0 && errno != EINTR)
+      luaL_error(L, "poll: %s", strerror(errno));
+    if (stopsig)
+      break;
+    now = lpar_proc_now();
+    if (rc > 0 && (p[0].revents & (POLLIN | POLLHUP | POLLERR))) {
+      int r = readin(a);
+      if (r != 0 || frames(a) != 0)
+        break; /* end of file, or bytes that are not frames */
+    }
+    lpar_engine_pump(L, a->eidx, 0);
+    while (a->head < a->tail &&
+           (a->q[a->head].j == NULL || a->q[a->head].j->state != J_RUNNING))
+      relay(a);
+    if (a->outpos == a->outb.n && now >= a->lastout + LPAR_BEATNS)
+      put(a, LPAR_FBEAT, 0, NULL, 0);
+    if (now > a->lastin + LPAR_AGENTIDLENS) {
+      fprintf(stderr, "lpar --worker: nothing came from the parent for %.0f "
+                      "s: leaving\n",
+              (double)LPAR_AGENTIDLENS / 1e9);
+      break;
+    }
+  }
+  lpar_engine_close(L, a->eidx, "the parent is gone");
+  return 0;
+}
+
+int lpar_agent_run(lua_State *L, int n) {
+  Agent a;
+  struct sigaction sa;
+  int fd;
+  memset(&a, 0, sizeof a);
+  a.n = n;
+  /* the stream leaves fds 0 and 1: what the workers print goes to stderr
+     and what they read is empty, so neither can break a frame */
+  a.in = fcntl(0, F_DUPFD_CLOEXEC, 3);
+  a.out = fcntl(1, F_DUPFD_CLOEXEC, 3);
+  if (a.in < 0 || a.out < 0 || dup2(2, 1) < 0) {
+    fprintf(stderr, "lpar --worker: cannot move the stream: %s\n",
+            strerror(errno));
+    return 1;
+  }
+  fd = open("/dev/null", O_RDONLY | O_CLOEXEC);
+  if (fd >= 0) {
+    dup2(fd, 0);
+    close(fd);
+  }
+  fcntl(a.in, F_SETFL, O_NONBLOCK);
+  fcntl(a.out, F_SETFL, O_NONBLOCK);
+  memset(&sa, 0, sizeof sa);
+  sa.sa_handler = onstop;
+  sigemptyset(&sa.sa_mask);
+  sigaction(SIGTERM, &sa, NULL);
+  sigaction(SIGHUP, &sa, NULL);
+  sa.sa_handler = SIG_IGN;
+  sigaction(SIGPIPE, &sa, NULL);
+  sigaction(SIGINT, &sa, NULL);
+  a.lastin = a.lastout = lpar_proc_now();
+  lua_pushcfunction(L, agentmain);
+  lua_pushlightuserdata(L, &a);
+  if (lua_pcall(L, 1, 0, 0) != LUA_OK) {
+    a.L = L;
+    fprintf(stderr, "lpar --worker: %s\n", lua_tostring(L, -1));
+    puterror(&a, 0);
+    flushall(&a);
+    return 1;
+  }
+  flushall(&a);
+  return 0;
+}
