@@ -39,9 +39,9 @@ typedef struct Entry {
 
 typedef struct Agent {
   lua_State *L;
-  int in, out;  /* the stream to the parent */
-  Buf inb;      /* bytes from the parent not handled yet */
-  Buf outb;     /* bytes for the parent */
+  int in, out; /* the stream to the parent */
+  Buf inb;     /* bytes from the parent not handled yet */
+  Buf outb;    /* bytes for the parent */
   size_t outpos;
   long long lastin, lastout;
   int eidx;  /* stack: the pool */
@@ -73,8 +73,7 @@ static void nomem(lua_State *L, int rc) {
 }
 
 /* Queue a frame for the parent, with the '\n' that follows each. */
-static void put(Agent *a, int type, uint32_t count, const char *p,
-                size_t len) {
+static void put(Agent *a, int type, uint32_t count, const char *p, size_t len) {
   Frame f;
   if (a->outpos == a->outb.n)
     a->outb.n = a->outpos = 0;
@@ -372,8 +371,8 @@ static int jobresults(lua_State *L) {
 
 /* Queue a RESULT frame for the values aside[from .. to] (items first +
    from - 1 ...), 'ns' spent on them. */
-static void putresults(Agent *a, int aside, lua_Integer first,
-                       lua_Integer from, lua_Integer to, long long ns) {
+static void putresults(Agent *a, int aside, lua_Integer first, lua_Integer from,
+                       lua_Integer to, long long ns) {
   lua_State *L = a->L;
   Buf b = {0};
   lua_Integer k;
@@ -555,8 +554,9 @@ static int agentmain(lua_State *L) {
     if (a->outpos == a->outb.n && now >= a->lastout + LPAR_BEATNS)
       put(a, LPAR_FBEAT, 0, NULL, 0);
     if (now > a->lastin + LPAR_AGENTIDLENS) {
-      fprintf(stderr, "lpar --worker: nothing came from the parent for %.0f "
-                      "s: leaving\n",
+      fprintf(stderr,
+              "lpar --worker: nothing came from the parent for %.0f "
+              "s: leaving\n",
               (double)LPAR_AGENTIDLENS / 1e9);
       break;
     }

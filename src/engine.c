@@ -1382,8 +1382,7 @@ static void refillhosts(Ctx *c) {
       snprintf(why, sizeof why, "cannot start (%s: %s)", call, strerror(-rc));
       w->hello = 0;
       w->dropped = 1;
-      fprintf(stderr, "lpar: host '%s' is left out: %s\n", hostname(c, w),
-              why);
+      fprintf(stderr, "lpar: host '%s' is left out: %s\n", hostname(c, w), why);
       fflush(stderr);
       lua_pushfstring(c->L, "host '%s' %s", hostname(c, w), why);
       if (nohost(e)) {

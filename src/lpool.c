@@ -19,8 +19,8 @@
 #include "lpar.h"
 #include "opts.h"
 #include "wire.h"
-#include "xfer.h"
 #include "worker.h"
+#include "xfer.h"
 
 static Engine *checkpool(lua_State *L, int idx) {
   return luaL_checkudata(L, idx, LPAR_POOLMT);
@@ -60,10 +60,9 @@ static int ncpus(void) {
   return n < 1 ? 1 : n > LPAR_MAXWORKERS ? LPAR_MAXWORKERS : (int)n;
 }
 
-static const char *const poolopts[] = {"n_workers", "init",       "close",
-                                       "timeout",   "max_memory", "sigterm",
-                                       "functions", "on_demand",  "hosts",
-                                       "remote_lpar", "agent_setup", NULL};
+static const char *const poolopts[] = {
+    "n_workers", "init",      "close", "timeout",     "max_memory",  "sigterm",
+    "functions", "on_demand", "hosts", "remote_lpar", "agent_setup", NULL};
 
 /*
 ** Read opts.hosts (at 'opts', a table) into the table pushed: the hosts'
@@ -151,10 +150,11 @@ static void pushsetup(lua_State *L, int opts, const EngineOpts *o, int init,
     }
   }
   else {
-    lua_Integer k, nf = lua_istable(L, fns) ? (lua_Integer)lua_rawlen(L, fns) : 0;
+    lua_Integer k,
+        nf = lua_istable(L, fns) ? (lua_Integer)lua_rawlen(L, fns) : 0;
     bad = bad || add32(&b, 0) != 0 ||
-          add32(&b, (lua_isnil(L, init) ? 0 : 1) | (lua_isnil(L, close) ? 0 : 2)) !=
-              0 ||
+          add32(&b, (lua_isnil(L, init) ? 0 : 1) |
+                        (lua_isnil(L, close) ? 0 : 2)) != 0 ||
           add32(&b, (uint32_t)nf) != 0;
     if (!bad && !lua_isnil(L, init))
       sendfn(L, init, &b, "init");

@@ -19,8 +19,8 @@
 #include <time.h>
 #include <unistd.h>
 
-#include "lauxlib.h"
 #include "agent.h"
+#include "lauxlib.h"
 #include "lpar.h"
 #include "lualib.h"
 
@@ -1576,8 +1576,9 @@ static int agentmain(lua_State *L, int argc, char **argv) {
       }
     }
     else {
-      fprintf(stderr, "lpar --worker: unknown argument '%s' (usage: lpar "
-                      "--worker [-j N])\n",
+      fprintf(stderr,
+              "lpar --worker: unknown argument '%s' (usage: lpar "
+              "--worker [-j N])\n",
               argv[i]);
       return 2;
     }
