@@ -1616,6 +1616,8 @@ static int pmain(lua_State *L) {
   lua_setfield(L, -2, "lpar.cli");
   lua_pop(L, 1); /* pop package.loaded */
   if (argc >= 2 && strcmp(argv[1], "--worker") == 0) {
+    pushhelpers(L); /* lpar.cli's agent() makes the CLI's workers */
+    lua_setfield(L, -2, "helpers");
     lua_pushinteger(L, agentmain(L, argc, argv));
     return 1;
   }

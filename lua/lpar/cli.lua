@@ -52,6 +52,12 @@ options:
       --tag           start each result line with its item and a tab
       --shard K/N     take input lines K, K+N, K+2N... only: N runs (a
                       job array) split one input, each with its own -o
+  -S, --host [N/]CMD  run workers on another machine: CMD (ssh node1,
+                      srun -N1 -n1 -w node2, ...) followed by
+                      'lpar --worker -j N' starts an agent there; ':' is
+                      this machine; repeat, or separate with commas
+      --hosts FILE    the hosts are FILE's lines (# starts a comment)
+      --remote-lpar CMD  the agent's command on the hosts (default lpar)
   -e CODE             the script is CODE, not a file: a chunk, or a
                       function expression; several run in order, the
                       last one gives f
@@ -182,12 +188,14 @@ local valued = {
   ["-o"] = "output", ["--output"] = "output", ["--joblog"] = "joblog",
   ["--max-memory"] = "maxmem", ["--shard"] = "shard", ["-a"] = "files",
   ["--arg-file"] = "files", ["--colsep"] = "colsep", ["--halt"] = "halt",
+  ["-S"] = "hosts", ["--host"] = "hosts", ["--hosts"] = "hostsfile",
+  ["--remote-lpar"] = "remotelpar",
 }
 local checks = {jobs = jobs, chunk = posint, timeout = seconds,
                 retries = count, maxmem = memsize, shard = shard, halt = haltvalue,
                 colsep = colsep}
 -- options that may be given several times: a list of their values
-local lists = {files = true, code = true}
+local lists = {files = true, code = true, hosts = true}
 local flags = {
   ["--unordered"] = "unordered", ["-0"] = "nul",
   ["--null"] = "nul", ["--progress"] = "progress", ["--version"] = "version",
@@ -1214,30 +1222,122 @@ end
 
 -- Map f over the records of 'reader', writing results; returns the exit
 -- status.
-function M.run(o, c, reader, counter, map, init, close)
-  local lpar = require "lpar"
+-- What the workers hold, here or on a host's agent: the init and close
+-- hooks and the two functions the engine names, the batch function and
+-- the one-record function, made from the script's map, init and close
+-- and the options that shape results.
+function M.workerfns(o, c, map, init, close)
   local fmt = M.formatter(nil, o.json)
-  local nul, halt, retries = o.nul, o.halt, o.retries or 0
+  local halt = o.halt
   if o.colsep then map = M.fields(map, o.colsep) end
   if o.tag then map = M.tagged(map, fmt) end
+  local isolate = c.isolate
+  local batchf = M.batcher(map, fmt, o.nul, halt and halt.when == "now" and halt.what == "fail"
+                           and halt.n == 1, o.joblog ~= nil, c, o.maxmem)
+  local single = M.mapper(map, fmt, c.now)
+  return function()
+    isolate()
+    if init then init() end
+  end, function()
+    if close then close() end
+    io.stdout:flush()
+  end, batchf, single
+end
+
+-- The options a host's agent needs to make the same worker functions.
+local agentkeys = {"json", "colsep", "tag", "nul", "halt", "joblog", "maxmem", "nulout"}
+
+-- The setup a host's agent gets (see M.agent): the script, its
+-- arguments and the options of M.workerfns.
+function M.agentsetup(o)
+  local t = {name = o.script, code = o.code, args = o.args, o = {}}
+  if not o.code then t.source = o.source end
+  for _, k in ipairs(agentkeys) do t.o[k] = o[k] end
+  return t
+end
+
+-- In a host's agent (lpar --worker): run the script the CLI sent, as the
+-- CLI ran it, and make the workers' init, close and functions from it.
+function M.agent(t)
+  local c = M.helpers
+  local chunk, msg
+  if t.code then
+    chunk, msg = M.commandline(t.code)
+  else
+    chunk, msg = load(t.source, "@" .. t.name, "t")
+  end
+  if not chunk then error(msg, 0) end
+  _G.arg = t.args
+  local n = 0
+  for k in pairs(t.args) do
+    if math.type(k) == "integer" and k > n then n = k end
+  end
+  local res = table.pack(xpcall(chunk, M.traceback, table.unpack(t.args, 1, n)))
+  if not res[1] then error(tostring(res[2]), 0) end
+  local r = res[2]
+  local map, init, close = r, nil, nil
+  if type(r) == "table" then map, init, close = r.map, r.init, r.close end
+  if type(map) ~= "function" then
+    error(("%s does not return a map function on this host"):format(t.name or "the script"), 0)
+  end
+  if t.o.nulout then c.eol = "\0" end
+  local i, cl, batchf, single = M.workerfns(t.o, c, map, init, close)
+  return i, cl, {batchf, single}
+end
+
+-- The message handler a script's main chunk runs under.
+function M.traceback(e)
+  if signalled[e] then return e end
+  local text = M.trace(errortext(e), 2) -- not a tail call: levels count
+  return text
+end
+local traceback = M.traceback
+
+-- The host specs of -S and --hosts, with -j as the count of those that
+-- give none; nil and a message if --hosts cannot be read.
+function M.hostlist(o)
+  local list = {}
+  local function add(spec)
+    spec = spec:match("^%s*(.-)%s*$")
+    if spec == "" then return end
+    if o.jobs and not spec:match("^%d+/") then spec = o.jobs .. "/" .. spec end
+    list[#list + 1] = spec
+  end
+  for _, v in ipairs(o.hosts or {}) do
+    for spec in v:gmatch("[^,]+") do add(spec) end
+  end
+  if o.hostsfile then
+    local f, err = io.open(o.hostsfile)
+    if not f then return nil, ("cannot read the hosts: %s"):format(err) end
+    for line in f:lines() do add(line:gsub("#.*", "")) end
+    f:close()
+  end
+  if #list == 0 then
+    return nil, ("no host given%s"):format(o.hostsfile and (" (%s lists none)"):format(o.hostsfile) or "")
+  end
+  return list
+end
+
+function M.run(o, c, reader, counter, map, init, close)
+  local lpar = require "lpar"
+  local nul, halt, retries = o.nul, o.halt, o.retries or 0
   local logging = o.joblog ~= nil
-  local isolate, now = c.isolate, c.now
+  local now = c.now
+  local winit, wclose, batchf, single = M.workerfns(o, c, map, init, close)
   -- One pool of workers for the whole input, started as work comes: the
   -- main job streams batches of records (a batch is one item, see
   -- main.c); records run again one by one are side jobs on the same
   -- workers. Both functions are inherited at fork, so any closure works.
   local opts = {
     n_workers = o.jobs or lpar.default_workers, on_demand = true,
-    timeout = o.timeout, max_memory = o.maxmem,
-    init = function()
-      isolate()
-      if init then init() end
-    end,
-    close = function()
-      if close then close() end
-      io.stdout:flush()
-    end,
+    timeout = o.timeout, max_memory = o.maxmem, init = winit, close = wclose,
   }
+  if o.hosts or o.hostsfile then
+    local list, err = M.hostlist(o)
+    if not list then return fail(2, err) end
+    opts.hosts, opts.remote_lpar = list, o.remotelpar
+    opts.agent_setup = M.agentsetup(o)
+  end
   -- The engine hands out one batch at a time: batches are sized to take
   -- about a millisecond (or hold one slow record) already.
   local jobopts = {on_error = "collect", unordered = o.unordered or nil,
@@ -1323,10 +1423,6 @@ function M.run(o, c, reader, counter, map, init, close)
       return nextbatch()
     end
   end
-  -- With a plain --halt (now,fail=1) a batch stops at its first failure.
-  local batchf = M.batcher(map, fmt, nul, halt and halt.when == "now" and halt.what == "fail"
-                           and halt.n == 1, logging, c, o.maxmem)
-  local single = M.mapper(map, fmt, now)
   opts.functions = {batchf, single}
   local pool
   local lines = {}
@@ -1741,12 +1837,6 @@ local function earlyclash(o, c, args)
   local items = o.files and o.files[1] or (not o.items and (args[1] or "-"))
   local id = items and c.fileid(items == "-" and "/dev/stdin" or items)
   return M.clash(o, c, {fileid = function() return id end})
-end
-
-local function traceback(e)
-  if signalled[e] then return e end
-  local text = M.trace(errortext(e), 2) -- not a tail call: levels count
-  return text
 end
 
 -- The command: argv[0..n] as C gives it, c the C helpers. Returns the
