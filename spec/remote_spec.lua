@@ -1,0 +1,326 @@
+-- Workers on other hosts: lpar --worker agents at the end of ssh and srun
+-- streams (sshd hosts on loopback ports and an emulated Slurm cluster, see
+-- spec/hosts.lua), for the CLI's -S and for lpar.pool{hosts = ...}.
+local H = require "spec.helper"
+local hosts = require "spec.hosts"
+local dirent = require "posix.dirent"
+local signal = require "posix.signal"
+local unistd = require "posix.unistd"
+
+local function abs(path)
+  if path:sub(1, 1) == "/" then return path end
+  return unistd.getcwd() .. "/" .. path:gsub("^%./", "")
+end
+
+local lparbin = abs(H.cli)
+local q = H.quote
+
+-- The names of the files in dir.
+local function names(dir)
+  local t = {}
+  for name in dirent.files(dir) do
+    if name ~= "." and name ~= ".." then t[#t + 1] = name end
+  end
+  return t
+end
+
+-- Processes whose command line runs this build's agent.
+local function agents()
+  local t = {}
+  for name in dirent.files("/proc") do
+    local pid = tonumber(name)
+    local cmd = pid and H.slurp("/proc/" .. name .. "/cmdline")
+    if cmd and cmd:find(lparbin .. "\0--worker", 1, true) then
+      local st = H.slurp("/proc/" .. name .. "/stat")
+      if st and st:match(".*%) (%S)") ~= "Z" then t[#t + 1] = pid end
+    end
+  end
+  return t
+end
+
+-- A script whose items note where they ran (a file per item in arg[2]:
+-- <host>.<agent pid>.<worker pid>.<item>) and take 'secs' each.
+local function noting(secs)
+  return ([[
+local unistd = require "posix.unistd"
+local time = require "posix.time"
+local dir = arg[2]
+return function(x)
+  local host = os.getenv("LPAR_TEST_HOST") or "here"
+  local f = assert(io.open(("%%s/%%s.%%d.%%d.%%s"):format(dir, host, unistd.getppid(),
+                                                   unistd.getpid(), x), "w"))
+  f:close()
+  if %g > 0 then time.nanosleep({tv_sec = 0, tv_nsec = math.floor(%g * 1e9)}) end
+  return x .. "\t" .. #x
+end
+]]):format(secs, secs)
+end
+
+describe("hosts", function()
+  local ssh, slurm
+  local down = {}
+  local tmp = H.tmpfiles(after_each)
+
+  lazy_setup(function()
+    local why, unavailable
+    ssh, why, unavailable = hosts.ssh(3)
+    down.ssh = not ssh and {why, unavailable}
+    slurm, why, unavailable = hosts.slurm(3)
+    down.slurm = not slurm and {why, unavailable}
+  end)
+  lazy_teardown(function() assert(hosts.stopall()) end)
+
+  local function up(...)
+    for _, kind in ipairs({...}) do
+      local d = down[kind]
+      if d then
+        if d[2] == "unavailable" then
+          pending(d[1])
+          return false
+        end
+        error(d[1], 0)
+      end
+    end
+    return true
+  end
+
+  -- -S options for the ssh hosts, 'n' workers each
+  local function sshopts(n, list)
+    local t = {}
+    for _, h in ipairs(list or ssh.hosts) do
+      t[#t + 1] = "-S " .. q(n .. "/" .. ssh.launch[h])
+    end
+    return table.concat(t, " ") .. " --remote-lpar " .. q(lparbin)
+  end
+
+  local function items(n, path)
+    local t = {}
+    for i = 1, n do t[i] = ("item-%04d"):format(i) end
+    return H.writefile(path or tmp(), table.concat(t, "\n") .. "\n")
+  end
+
+  local function expected(n)
+    local t = {}
+    for i = 1, n do t[i] = ("item-%04d\t9\n"):format(i) end
+    return table.concat(t)
+  end
+
+  -- which hosts ran items, from the files noting() leaves
+  local function seen(dir)
+    local t = {}
+    for _, name in ipairs(names(dir)) do t[name:match("^([^.]+)")] = true end
+    return t
+  end
+
+  it("gives the bytes of a local run, in order, with every host seen", function()
+    if not up("ssh") then return end
+    local script = H.writefile(tmp() .. ".lua", noting(0.002))
+    local input = items(600)
+    local dir = H.tmpdir()
+    local rc, out, err = H.lpar(q(script) .. " " .. q(input) .. " " .. q(dir), nil, 120)
+    assert.equal(0, rc, err)
+    assert.equal(expected(600), out)
+    H.rmdir(dir)
+    dir = H.tmpdir()
+    rc, out, err = H.lpar(sshopts(2) .. " " .. q(script) .. " " .. q(input) .. " " .. q(dir), nil, 120)
+    assert.equal(0, rc, err)
+    assert.equal(expected(600), out)
+    assert.same({h1 = true, h2 = true, h3 = true}, seen(dir))
+    assert.equal(600, #names(dir))
+    H.rmdir(dir)
+  end)
+
+  it("keeps stray output of f on the agent out of the results", function()
+    if not up("ssh") then return end
+    local script = H.writefile(tmp() .. ".lua", [[
+return function(x)
+  print("printed", x)
+  io.stdout:write("written ", x, "\n")
+  io.write("io.write ", x, "\n")
+  return x
+end
+]])
+    local input = H.writefile(tmp(), "a\nb\nc\nd\n")
+    local rc, out, err = H.lpar(sshopts(1, {"h1"}) .. " " .. q(script) .. " " .. q(input), nil, 120)
+    assert.equal(0, rc, err)
+    assert.equal("a\nb\nc\nd\n", out)
+    assert.matches("printed\ta", err, 1, true)
+    assert.matches("written d", err, 1, true)
+  end)
+
+  it("runs a pool's jobs on the hosts: map, submit and wait", function()
+    if not up("ssh") then return end
+    local code = ([[
+package.cpath = %q .. "/?.so;" .. package.cpath
+local lpar = require "lpar"
+local pool = lpar.pool{hosts = {"2/" .. %q, "1/" .. %q}, remote_lpar = %q}
+local t = {}
+for i = 1, 300 do t[i] = i end
+local k = 3
+local r = pool:map(function(x) return x * k, os.getenv("LPAR_TEST_HOST") end, t)
+for i = 1, 300 do assert(r[i] == 3 * i, "item " .. i) end
+local job = pool:submit(function(x) return os.getenv("LPAR_TEST_HOST") end, t)
+local names = job:wait()
+local seen = {}
+for i = 1, 300 do seen[names[i] ] = true end
+assert(seen.h1 and seen.h2, "hosts seen: " .. tostring(seen.h1) .. " " .. tostring(seen.h2))
+local ok, e = pcall(pool.map, pool, function(x) if x == 7 then error("seven") end return x end, t)
+assert(not ok and tostring(e):match("item 7: .*seven"), tostring(e))
+print("ok")
+pool:close()
+]]):format(abs(H.build), ssh.launch.h1, ssh.launch.h2, lparbin)
+    local rc, out, err = H.run("timeout 120 lua5.4 " .. q(H.writefile(tmp() .. ".lua", code)))
+    assert.equal(0, rc, err)
+    assert.equal("ok\n", out)
+  end)
+
+  it("runs the items of an agent killed mid-run elsewhere, each once", function()
+    if not up("ssh") then return end
+    local script = H.writefile(tmp() .. ".lua", noting(0.02))
+    local input = items(300)
+    local dir = H.tmpdir()
+    local p = H.spawncli({"-S", "1/" .. ssh.launch.h1, "-S", "1/" .. ssh.launch.h2,
+                          "-S", "1/" .. ssh.launch.h3, "--remote-lpar", lparbin,
+                          script, input, dir})
+    local victim
+    assert.is_true(H.waitfor(function()
+      for _, name in ipairs(names(dir)) do
+        local agent = name:match("^h2%.(%d+)%.")
+        if agent then victim = tonumber(agent) end
+      end
+      return victim ~= nil
+    end, 60), "no item ran on h2")
+    signal.kill(victim, signal.SIGKILL)
+    local out = H.readuntil(p.stdout, function() return false end, 120)
+    local err = H.readuntil(p.stderr, function() return false end, 5)
+    local how, code = H.waitexit(p.pid, 60)
+    H.closeall(p)
+    assert.equal("exited", how)
+    assert.equal(0, code, err)
+    assert.equal(expected(300), out)
+    assert.matches("host '1/" .. ssh.launch.h2:gsub("%p", "%%%0") .. "' was lost", err)
+    H.rmdir(dir)
+  end)
+
+  it("takes a stopped agent as lost within seconds, and the run completes", function()
+    if not up("ssh") then return end
+    local script = H.writefile(tmp() .. ".lua", noting(0.02))
+    local input = items(400)
+    local dir = H.tmpdir()
+    local p = H.spawncli({"-S", "1/" .. ssh.launch.h1, "-S", "1/" .. ssh.launch.h3,
+                          "--remote-lpar", lparbin, script, input, dir})
+    local victim
+    assert.is_true(H.waitfor(function()
+      for _, name in ipairs(names(dir)) do
+        local agent = name:match("^h3%.(%d+)%.")
+        if agent then victim = tonumber(agent) end
+      end
+      return victim ~= nil
+    end, 60), "no item ran on h3")
+    signal.kill(victim, signal.SIGSTOP)
+    local out = H.readuntil(p.stdout, function() return false end, 120)
+    local err = H.readuntil(p.stderr, function() return false end, 5)
+    local how, code = H.waitexit(p.pid, 60)
+    H.closeall(p)
+    signal.kill(victim, signal.SIGCONT) -- it finds its stream gone, and leaves
+    assert.equal("exited", how)
+    assert.equal(0, code, err)
+    assert.equal(expected(400), out)
+    assert.matches("sent nothing for 5 s", err, 1, true)
+    assert.is_true(H.waitfor(function() return not H.alive(victim) end, 30),
+                   "the stopped agent is still there once continued")
+    H.rmdir(dir)
+  end)
+
+  it("leaves out a host that cannot start, and runs on the others", function()
+    if not up("ssh") then return end
+    local script = H.writefile(tmp() .. ".lua", noting(0))
+    local input = items(200)
+    local dir = H.tmpdir()
+    local rc, out, err = H.lpar("-S 1/no-such-command-of-lpar -S " .. q("1/" .. ssh.launch.h1) ..
+                                " -S " .. q("1/ssh -F " .. ssh.config .. " no-such-host.invalid") ..
+                                " --remote-lpar " .. q(lparbin) .. " " .. q(script) .. " " ..
+                                q(input) .. " " .. q(dir), nil, 120)
+    assert.equal(0, rc, err)
+    assert.equal(expected(200), out)
+    assert.matches("host '1/no-such-command-of-lpar' is left out", err, 1, true)
+    assert.matches("no-such-host.invalid' is left out", err, 1, true)
+    assert.same({h1 = true}, seen(dir))
+    H.rmdir(dir)
+    -- with no host that works, the run fails and says why
+    rc, out, err = H.lpar("-S 1/no-such-command-of-lpar " .. q(script) .. " " .. q(input) ..
+                          " " .. q(H.tmpdir()), nil, 120)
+    assert.is_not.equal(0, rc)
+    assert.equal("", out)
+    assert.matches("no host can run workers", err, 1, true)
+  end)
+
+  it("refuses an agent of another protocol version, naming both", function()
+    if not up("ssh") then return end
+    -- an agent that says HELLO as protocol 99 would, then waits
+    local fake = H.writefile(tmp() .. ".lua", [[
+local hello = "LPAR" .. string.pack("<I4I4I4I4", 99, 504, 8, 8) .. ("lpar 9.9.9" .. ("\0"):rep(22))
+io.stdout:write(string.pack("<I4I4I8", 8, 2, #hello) .. hello .. "\n")
+io.stdout:flush()
+io.stdin:read("a")
+]])
+    local script = H.writefile(tmp() .. ".lua", noting(0))
+    local input = items(50)
+    local dir = H.tmpdir()
+    local rc, out, err = H.lpar("-S " .. q("1/" .. ssh.launch.h1 .. " lua5.4 " .. fake .. " #") ..
+                                " -S " .. q("1/" .. ssh.launch.h2) .. " --remote-lpar " ..
+                                q(lparbin) .. " " .. q(script) .. " " .. q(input) .. " " .. q(dir),
+                                nil, 120)
+    assert.equal(0, rc, err)
+    assert.equal(expected(50), out)
+    assert.matches("its agent is lpar 9.9.9 (protocol 99, Lua 5.4", err, 1, true)
+    assert.matches("this is lpar %d+%.%d+%.%d+ %(protocol 1, Lua 5%.4", err)
+    assert.same({h2 = true}, seen(dir))
+    H.rmdir(dir)
+  end)
+
+  it("leaves no agent and no worker on any host when the parent is killed", function()
+    if not up("ssh") then return end
+    local script = H.writefile(tmp() .. ".lua", noting(0.05))
+    local input = items(2000)
+    local dir = H.tmpdir()
+    local p = H.spawncli({"-S", "2/" .. ssh.launch.h1, "-S", "2/" .. ssh.launch.h2,
+                          "--remote-lpar", lparbin, script, input, dir})
+    local pids = {}
+    assert.is_true(H.waitfor(function()
+      local hostsseen = {}
+      for _, name in ipairs(names(dir)) do
+        local h, agent, worker = name:match("^(h%d)%.(%d+)%.(%d+)%.")
+        if h then
+          hostsseen[h] = true
+          pids[tonumber(agent)], pids[tonumber(worker)] = true, true
+        end
+      end
+      return hostsseen.h1 and hostsseen.h2
+    end, 60), "items did not run on both hosts")
+    assert.is_true(#agents() >= 2)
+    signal.kill(p.pid, signal.SIGKILL)
+    H.waitexit(p.pid, 30)
+    H.closeall(p)
+    assert.is_true(H.waitfor(function()
+      for pid in pairs(pids) do
+        if H.alive(pid) then return false end
+      end
+      return #agents() == 0
+    end, 30), "agents or workers are left")
+    H.rmdir(dir)
+  end)
+
+  it("runs on Slurm nodes through srun, with and without -u", function()
+    if not up("slurm") then return end
+    local script = H.writefile(tmp() .. ".lua", noting(0.002))
+    local input = items(300)
+    local dir = H.tmpdir()
+    local rc, out, err = H.lpar("-S " .. q("1/srun -N1 -n1 -w n1") .. " -S " ..
+                                q("1/srun -u -N1 -n1 -w n2") .. " --remote-lpar " .. q(lparbin) ..
+                                " " .. q(script) .. " " .. q(input) .. " " .. q(dir), nil, 180)
+    assert.equal(0, rc, err)
+    assert.equal(expected(300), out)
+    H.rmdir(dir)
+  end)
+end)
