@@ -1823,6 +1823,9 @@ local function notforprograms(o)
   if o.json then t[#t + 1] = "--json" end
   if o.quiet then t[#t + 1] = "--quiet" end
   if o.progress then t[#t + 1] = "--progress" end
+  if o.hosts then t[#t + 1] = "-S" end
+  if o.hostsfile then t[#t + 1] = "--hosts" end
+  if o.remotelpar then t[#t + 1] = "--remote-lpar" end
   local h = o.halt
   if h == false or (h and not (h.when == "now" and h.what == "fail" and h.n == 1)) then
     t[#t + 1] = "--halt " .. (h and h.text or "never")
