@@ -32,7 +32,14 @@ long long lpar_policy_chunk(const SchedChunk *s) {
 }
 
 long long lpar_policy_hostchunk(const SchedChunk *s, int hostn) {
-  long long c = lpar_policy_chunk(s) * (hostn > 1 ? hostn : 1);
+  SchedChunk t = *s;
+  long long c;
+  /* a fixed size is the least a worker gets: a round trip is costly */
+  t.fixed = 0;
+  c = lpar_policy_chunk(&t);
+  if (c < s->fixed)
+    c = s->fixed;
+  c *= hostn > 1 ? hostn : 1;
   if (s->left > 0 && c > s->left)
     c = s->left;
   if (s->max > 0 && c > s->max)

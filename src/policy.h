@@ -20,7 +20,8 @@ long long lpar_policy_chunk(const SchedChunk *s);
 
 /* Chunk for a host whose agent runs 'hostn' workers (s->places counting
    every worker of the job): a worker's chunk for each of them, within
-   what is left and s->max. */
+   what is left and s->max. A fixed size is only the least a worker gets:
+   on a host, a chunk keeps each worker busy for minns too. */
 long long lpar_policy_hostchunk(const SchedChunk *s, int hostn);
 
 /* Waves of workers started while every worker is on its first item. */

@@ -236,10 +236,15 @@ static void test_hostchunk(void) {
   CHECK(lpar_policy_hostchunk(&s, 4) == 200);
   s.max = 150;
   CHECK(lpar_policy_hostchunk(&s, 4) == 150);
-  /* a fixed size is per worker */
+  /* a fixed size is per worker, and the least a worker gets */
   s.max = 0;
   s.fixed = 7;
+  s.tns = 0;
   CHECK(lpar_policy_hostchunk(&s, 3) == 21);
+  s.tns = 1e6; /* 50 ms of 1 ms items: 50 */
+  CHECK(lpar_policy_hostchunk(&s, 3) == 150);
+  s.fixed = 80;
+  CHECK(lpar_policy_hostchunk(&s, 3) == 240);
 }
 
 int main(void) {
