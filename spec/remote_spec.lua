@@ -234,7 +234,8 @@ pool:close()
 
   it("leaves out a host that cannot start, and runs on the others", function()
     if not up("ssh") then return end
-    local script = H.writefile(tmp() .. ".lua", noting(0))
+    -- a second's work: the bad hosts are found out long before the end
+    local script = H.writefile(tmp() .. ".lua", noting(0.005))
     local input = items(200)
     local dir = H.tmpdir()
     local rc, out, err = H.lpar("-S 1/no-such-command-of-lpar -S " .. q("1/" .. ssh.launch.h1) ..
@@ -268,14 +269,14 @@ io.stdin:read("a")
     local input = items(50)
     local dir = H.tmpdir()
     local rc, out, err = H.lpar("-S " .. q("1/" .. ssh.launch.h1 .. " lua5.4 " .. fake .. " #") ..
-                                " -S " .. q("1/" .. ssh.launch.h2) .. " --remote-lpar " ..
-                                q(lparbin) .. " " .. q(script) .. " " .. q(input) .. " " .. q(dir),
-                                nil, 120)
-    assert.equal(0, rc, err)
-    assert.equal(expected(50), out)
+                                " --remote-lpar " .. q(lparbin) .. " " .. q(script) .. " " ..
+                                q(input) .. " " .. q(dir), nil, 120)
+    assert.is_not.equal(0, rc)
+    assert.equal("", out)
     assert.matches("its agent is lpar 9.9.9 (protocol 99, Lua 5.4", err, 1, true)
     assert.matches("this is lpar %d+%.%d+%.%d+ %(protocol 1, Lua 5%.4", err)
-    assert.same({h2 = true}, seen(dir))
+    assert.matches("no host can run workers", err, 1, true)
+    assert.same({}, names(dir))
     H.rmdir(dir)
   end)
 
@@ -323,4 +324,182 @@ io.stdin:read("a")
     assert.equal(expected(300), out)
     H.rmdir(dir)
   end)
+  it("takes hosts from --hosts FILE and comma lists, and the joblog names them", function()
+    if not up("ssh") then return end
+    local script = H.writefile(tmp() .. ".lua", noting(0.002))
+    local input = items(300)
+    local list = H.writefile(tmp(), "# the test hosts\n\n1/" .. ssh.launch.h1 .. "  # first\n")
+    local log = tmp()
+    os.remove(log)
+    local dir = H.tmpdir()
+    local rc, out, err = H.lpar("--hosts " .. q(list) .. " -S " ..
+                                q("1/" .. ssh.launch.h2 .. ",1/" .. ssh.launch.h3) ..
+                                " --remote-lpar " .. q(lparbin) .. " --joblog " .. q(log) .. " " ..
+                                q(script) .. " " .. q(input) .. " " .. q(dir), nil, 120)
+    assert.equal(0, rc, err)
+    assert.equal(expected(300), out)
+    local specs, lines = {}, 0
+    for line in io.lines(log) do
+      if not line:match("^#") then
+        local host = select(6, table.unpack((function()
+          local t = {}
+          for f in (line .. "\t"):gmatch("([^\t]*)\t") do t[#t + 1] = f end
+          return t
+        end)()))
+        specs[host] = true
+        lines = lines + 1
+      end
+    end
+    assert.equal(300, lines)
+    local want = {}
+    for _, h in ipairs({"h1", "h2", "h3"}) do want["1/" .. ssh.launch[h]] = true end
+    for spec in pairs(specs) do assert.is_true(want[spec], "joblog names " .. spec) end
+    assert.same({h1 = true, h2 = true, h3 = true}, seen(dir))
+    H.rmdir(dir)
+  end)
+
+  it("goes on with --resume after the parent was killed: each item once", function()
+    if not up("ssh") then return end
+    local script = H.writefile(tmp() .. ".lua", noting(0.01))
+    local input = items(400)
+    local log, outf = tmp(), tmp()
+    os.remove(log)
+    os.remove(outf)
+    local dir = H.tmpdir()
+    local args = {"-S", "1/" .. ssh.launch.h1, "-S", "1/" .. ssh.launch.h2, "--remote-lpar", lparbin,
+                  "--joblog", log, "-o", outf, script, input, dir}
+    local p = H.spawncli(args)
+    assert.is_true(H.waitfor(function() return #names(dir) >= 100 end, 60), "no progress")
+    signal.kill(p.pid, signal.SIGKILL)
+    H.waitexit(p.pid, 30)
+    H.closeall(p)
+    local rc, out, err = H.lpar("-S " .. q("1/" .. ssh.launch.h1) .. " -S " .. q("1/" .. ssh.launch.h2) ..
+                                " --remote-lpar " .. q(lparbin) .. " --joblog " .. q(log) ..
+                                " -o " .. q(outf) .. " --resume " .. q(script) .. " " .. q(input) ..
+                                " " .. q(dir), nil, 120)
+    assert.equal(0, rc, err)
+    assert.equal("", out)
+    assert.equal(expected(400), H.readfile(outf))
+    H.rmdir(dir)
+  end)
+
+  it("stops every host on Ctrl-C, leaving no agent or worker", function()
+    if not up("ssh") then return end
+    local script = H.writefile(tmp() .. ".lua", noting(0.05))
+    local input = items(2000)
+    local dir = H.tmpdir()
+    local p = H.spawncli({"-S", "2/" .. ssh.launch.h1, "-S", "2/" .. ssh.launch.h3,
+                          "--remote-lpar", lparbin, script, input, dir})
+    local pids = {}
+    assert.is_true(H.waitfor(function()
+      local on = {}
+      for _, name in ipairs(names(dir)) do
+        local h, agent, worker = name:match("^(h%d)%.(%d+)%.(%d+)%.")
+        if h then
+          on[h] = true
+          pids[tonumber(agent)], pids[tonumber(worker)] = true, true
+        end
+      end
+      return on.h1 and on.h3
+    end, 60), "items did not run on both hosts")
+    signal.kill(p.pid, signal.SIGINT)
+    H.readuntil(p.stdout, function() return false end, 60)
+    local how, code = H.waitexit(p.pid, 60)
+    H.closeall(p)
+    assert.equal("exited", how)
+    assert.equal(130, code)
+    assert.is_true(H.waitfor(function()
+      for pid in pairs(pids) do
+        if H.alive(pid) then return false end
+      end
+      return #agents() == 0
+    end, 30), "agents or workers are left")
+    H.rmdir(dir)
+  end)
+
+  it("never blocks a frame loop's done() while a host is stopped", function()
+    if not up("ssh") then return end
+    local dir = H.tmpdir()
+    local code = ([[
+package.cpath = %q .. "/?.so;" .. package.cpath
+local lpar = require "lpar"
+local unistd = require "posix.unistd"
+local signal = require "posix.signal"
+local time = require "posix.time"
+local function now()
+  local t = time.clock_gettime(time.CLOCK_MONOTONIC)
+  return t.tv_sec + t.tv_nsec * 1e-9
+end
+local pool = lpar.pool{hosts = {"1/" .. %q, "1/" .. %q}, remote_lpar = %q}
+local dir = %q
+-- each host notes its agent's pid
+local t = {}
+for i = 1, 40 do t[i] = i end
+local job = pool:submit(function(x)
+  local f = io.open(dir .. "/" .. os.getenv("LPAR_TEST_HOST") .. "." .. unistd.getppid(), "w")
+  f:close()
+  time.nanosleep({tv_sec = 0, tv_nsec = 100000000})
+  return x
+end, t)
+local agent
+while not agent do
+  for name in require("posix.dirent").files(dir) do
+    local pid = name:match("^h2%%.(%%d+)$")
+    if pid then agent = tonumber(pid) end
+  end
+  assert(not job:done(), "done before h2 ran anything")
+  time.nanosleep({tv_sec = 0, tv_nsec = 10000000})
+end
+signal.kill(agent, signal.SIGSTOP)
+-- polled while h2 is stopped: every call returns at once, and the job
+-- finishes once h2 is found lost
+local calls, slowest, t0 = 0, 0, now()
+while not job:done() do
+  local a = now()
+  job:done()
+  slowest = math.max(slowest, now() - a)
+  calls = calls + 1
+  time.nanosleep({tv_sec = 0, tv_nsec = 5000000})
+  assert(now() - t0 < 60, "the job never finished")
+end
+signal.kill(agent, signal.SIGCONT)
+local r = job:wait()
+for i = 1, 40 do assert(r[i] == i) end
+print(calls > 100, slowest < 3)
+pool:close()
+]]):format(abs(H.build), ssh.launch.h1, ssh.launch.h2, lparbin, dir)
+    local rc, out, err = H.run("timeout 120 lua5.4 " .. q(H.writefile(tmp() .. ".lua", code)))
+    assert.equal(0, rc, err)
+    assert.equal("true\ttrue\n", out)
+    assert.matches("sent nothing for 5 s", err, 1, true)
+    H.rmdir(dir)
+  end)
+
+  it("yields the host of each item from pool:imap", function()
+    if not up("ssh") then return end
+    local code = ([[
+package.cpath = %q .. "/?.so;" .. package.cpath
+local lpar = require "lpar"
+local h1, h2 = "1/" .. %q, "1/" .. %q
+local pool = lpar.pool{hosts = {h1, h2, "1/:"}, remote_lpar = %q}
+local t = {}
+for i = 1, 200 do t[i] = i end
+local n = 0
+for i, v, e, host in pool:imap(function(x)
+  require("posix.time").nanosleep({tv_sec = 0, tv_nsec = 2000000})
+  return os.getenv("LPAR_TEST_HOST") or "here"
+end, t) do
+  n = n + 1
+  assert(e == nil)
+  local want = v == "h1" and h1 or v == "h2" and h2 or nil
+  assert(host == want, ("item %%d ran on %%s, imap says %%s"):format(i, v, tostring(host)))
+end
+print(n)
+pool:close()
+]]):format(abs(H.build), ssh.launch.h1, ssh.launch.h2, lparbin)
+    local rc, out, err = H.run("timeout 120 lua5.4 " .. q(H.writefile(tmp() .. ".lua", code)))
+    assert.equal(0, rc, err)
+    assert.equal("200\n", out)
+  end)
 end)
+

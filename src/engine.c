@@ -631,6 +631,8 @@ static void store(Ctx *c, Job *j, int juv, lua_Integer i) {
     lua_rawseti(L, -2, i);
     lua_pop(L, 1);
   }
+  if (j->where != NULL)
+    j->where[(i - 1) % LPAR_WINDOW] = (unsigned short)c->e->from;
   if (j->fin != NULL) {
     j->fin[(i - 1) % LPAR_WINDOW] = 1;
     if (j->o.unordered)
@@ -1713,6 +1715,7 @@ static int helloframe(Ctx *c, EWorker *w, const Frame *f, const char *p) {
 static int frame(Ctx *c, EWorker *w, const Frame *f, const char *p) {
   lua_State *L = c->L;
   int rc;
+  c->e->from = w->host; /* what it stores is from there */
   if (f->type == LPAR_FRESULT && f->len >= 16 && f->count > 0 &&
       w->state == W_BUSY) {
     w->busy += (long long)lpar_wire_get64(p + 8);
@@ -1732,6 +1735,7 @@ static int frame(Ctx *c, EWorker *w, const Frame *f, const char *p) {
                                               : "unexpected frame");
     rc = -1;
   }
+  c->e->from = 0;
   if (rc != 0) {
     char what[160];
     snprintf(what, sizeof what, "%s", lua_tostring(L, -1));
@@ -2277,7 +2281,10 @@ Job *lpar_engine_submit(lua_State *L, int eidx, int fidx, int iidx,
   if (o->emitting) {
     j->fin = calloc(LPAR_WINDOW, 1);
     j->queue = calloc(LPAR_WINDOW, sizeof(lua_Integer));
-    if (j->fin == NULL || j->queue == NULL)
+    if (c.e->o.nhosts > 0)
+      j->where = calloc(LPAR_WINDOW, sizeof(unsigned short));
+    if (j->fin == NULL || j->queue == NULL ||
+        (c.e->o.nhosts > 0 && j->where == NULL))
       luaL_error(L, "not enough memory"); /* __gc frees them */
   }
   /* a function the workers inherited is named, not sent */
@@ -2536,7 +2543,20 @@ static int emit(lua_State *L, Job *j, int uv, lua_Integer i) {
   lua_rawseti(L, -6, i);
   lua_pushnil(L);
   lua_rawseti(L, -5, i);
-  return 3;
+  if (j->where == NULL)
+    return 3;
+  if (j->where[(i - 1) % LPAR_WINDOW] == 0) {
+    lua_pushnil(L);
+    return 4;
+  }
+  lua_rawgeti(L, uv, JU_ENGINE); /* the host's spec */
+  lua_getiuservalue(L, -1, 1);
+  lua_rawgeti(L, -1, EU_HOSTS);
+  lua_rawgeti(L, -1, j->where[(i - 1) % LPAR_WINDOW]);
+  lua_getfield(L, -1, "spec");
+  lua_replace(L, -5);
+  lua_pop(L, 3);
+  return 4;
 }
 
 int lpar_engine_next(lua_State *L, int jidx) {
@@ -2677,8 +2697,10 @@ static int job_gc(lua_State *L) {
   freejob(j);
   free(j->fin);
   free(j->queue);
+  free(j->where);
   j->fin = NULL;
   j->queue = NULL;
+  j->where = NULL;
   return 0;
 }
 

@@ -130,6 +130,7 @@ typedef struct Engine {
   int ended;          /* a job failed or was cancelled */
   int vacated;        /* a place was emptied since the pump looked */
   struct Job *waited; /* the job a blocking wait is for, or NULL */
+  int from;           /* the host whose frame is handled (0: none) */
   sigset_t oldmask, waitmask;
   int chld;     /* depth of the calls that made SIGCHLD deliverable */
   int heldchld; /* the caller ignored SIGCHLD: oldchld is its action */
@@ -142,24 +143,26 @@ typedef struct Job {
   uint64_t id;
   int state; /* J_* */
   JobOpts o;
-  lua_Integer n;      /* items: the count, or pulled so far (a stream) */
-  lua_Integer next;   /* next item never handed out */
-  lua_Integer done;   /* items reported */
-  int stream;         /* items come from an iterator */
-  int exhausted;      /* ... which has ended */
-  int pending;        /* ... which said "not yet": wait for wakefd */
-  int watchwake;      /* wakefd is in the epoll set */
-  int wakefd;         /* a copy of the fd a pending stream waits for */
-  int wakesrc;        /* ... the iterator's own fd */
-  int sized;          /* the results table was made at its full size */
-  double tns;         /* ns per item, 0 until measured */
-  Ranges redo;        /* items to hand out again */
-  int lost;           /* workers lost under it without a culprit */
-  Buf call;           /* CALL frame: header and the function */
-  Buf hostcall;       /* ... as hosts take it (with the timeout) */
-  lua_Integer emit;   /* next index to emit (imap) */
-  unsigned char *fin; /* ring of LPAR_WINDOW flags: item done (imap) */
-  lua_Integer *queue; /* ring of done indices (unordered imap) */
+  lua_Integer n;         /* items: the count, or pulled so far (a stream) */
+  lua_Integer next;      /* next item never handed out */
+  lua_Integer done;      /* items reported */
+  int stream;            /* items come from an iterator */
+  int exhausted;         /* ... which has ended */
+  int pending;           /* ... which said "not yet": wait for wakefd */
+  int watchwake;         /* wakefd is in the epoll set */
+  int wakefd;            /* a copy of the fd a pending stream waits for */
+  int wakesrc;           /* ... the iterator's own fd */
+  int sized;             /* the results table was made at its full size */
+  double tns;            /* ns per item, 0 until measured */
+  Ranges redo;           /* items to hand out again */
+  int lost;              /* workers lost under it without a culprit */
+  Buf call;              /* CALL frame: header and the function */
+  Buf hostcall;          /* ... as hosts take it (with the timeout) */
+  lua_Integer emit;      /* next index to emit (imap) */
+  unsigned char *fin;    /* ring of LPAR_WINDOW flags: item done (imap) */
+  lua_Integer *queue;    /* ring of done indices (unordered imap) */
+  unsigned short *where; /* ring of LPAR_WINDOW: the host that ran an item
+                            (0: a local worker), with hosts */
   lua_Integer qhead, qtail;
   lua_Integer failed;   /* items that failed (collected) */
   lua_Integer toldone;  /* done and failed at the last progress call; */
@@ -203,8 +206,9 @@ void lpar_engine_wait(lua_State *L, int jidx);
 int lpar_engine_results(lua_State *L, int idx);
 
 /* For an emitting job at 'jidx': pump until a result may be taken and
-   push index, value, error (3); 0 when all are taken. Raises the job's
-   failure. */
+   push index, value, error (3), and with hosts the spec of the host that
+   ran the item (nil: this machine) (4); 0 when all are taken. Raises the
+   job's failure. */
 int lpar_engine_next(lua_State *L, int jidx);
 
 /* Cancel the running job at 'jidx': it fails with 'why'. */

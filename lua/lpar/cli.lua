@@ -1426,11 +1426,17 @@ function M.run(o, c, reader, counter, map, init, close)
   opts.functions = {batchf, single}
   local pool
   local lines = {}
+  -- the host that ran the results at hand: its spec (-S), ':' for this
+  -- machine
+  local host = ":"
+  local function ranon(where)
+    host = where and where:gsub("[%c]", " ") or ":"
+  end
 
   local function logline(line, status, secs, attempt, e)
     if logging then
-      lines[#lines + 1] = ("%d\t%s\t%.6f\t%d\t%.3f\t:\t%s\n"):format(real(line), status, secs or 0,
-        attempt, c.clock() - (secs or 0), e and M.firstline(e) or "")
+      lines[#lines + 1] = ("%d\t%s\t%.6f\t%d\t%.3f\t%s\t%s\n"):format(real(line), status, secs or 0,
+        attempt, c.clock() - (secs or 0), host, e and M.firstline(e) or "")
     end
   end
 
@@ -1488,7 +1494,10 @@ function M.run(o, c, reader, counter, map, init, close)
   -- one record on its own: {output, secs} | nil, err
   local function once(rec)
     local v, err
-    for _, x, y in pool:imap(single, {rec}, sideopts) do v, err = x, y end
+    for _, x, y, where in pool:imap(single, {rec}, sideopts) do
+      v, err = x, y
+      ranon(where)
+    end
     return v, err
   end
 
@@ -1517,7 +1526,8 @@ function M.run(o, c, reader, counter, map, init, close)
     local recs = c.split(block, nul)
     if from > 1 then recs = table.move(recs, from, #recs, 1, {}) end
     first = first + from - 1
-    for j, v, e in pool:imap(single, recs, sideopts) do
+    for j, v, e, where in pool:imap(single, recs, sideopts) do
+      ranon(where)
       if v ~= nil then
         if v[1] ~= nil then writeln(v[1]) end
         logline(first + j - 1, "ok", v[2], 1)
@@ -1578,8 +1588,9 @@ function M.run(o, c, reader, counter, map, init, close)
   end
 
   local function batch()
-    for i, r, e in pool:imap(batchf, items, jobopts) do
+    for i, r, e, where in pool:imap(batchf, items, jobopts) do
       local first, n, block = reader:take(i)
+      ranon(where)
       if type(r) == "string" then
         if r ~= "" then write(r) end
         if halt then
