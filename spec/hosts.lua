@@ -623,4 +623,22 @@ function M.slurm(n, opts)
   return c
 end
 
+-- For a spec: whether the hosts of these kinds are up, where down[kind] is
+-- nil or {why, "unavailable" or nil} as a bring-up returned it; marks the
+-- test pending (busted's 'pending') where this machine cannot have them,
+-- and raises where they failed to start.
+function M.up(down, pending, ...)
+  for _, kind in ipairs({...}) do
+    local d = down[kind]
+    if d then
+      if d[2] == "unavailable" then
+        pending(d[1])
+        return false
+      end
+      error(d[1], 0)
+    end
+  end
+  return true
+end
+
 return M

@@ -84,19 +84,7 @@ describe("test hosts", function()
 
   -- Whether the hosts of these kinds are up: pending where this machine
   -- cannot have them, an error where they failed to start.
-  local function up(...)
-    for _, kind in ipairs({...}) do
-      local d = down[kind]
-      if d then
-        if d[2] == "unavailable" then
-          pending(d[1])
-          return false
-        end
-        error(d[1], 0)
-      end
-    end
-    return true
-  end
+  local function up(...) return hosts.up(down, pending, ...) end
 
   lazy_teardown(function() assert(hosts.stopall()) end)
 

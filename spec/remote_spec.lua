@@ -70,19 +70,7 @@ describe("hosts", function()
   end)
   lazy_teardown(function() assert(hosts.stopall()) end)
 
-  local function up(...)
-    for _, kind in ipairs({...}) do
-      local d = down[kind]
-      if d then
-        if d[2] == "unavailable" then
-          pending(d[1])
-          return false
-        end
-        error(d[1], 0)
-      end
-    end
-    return true
-  end
+  local function up(...) return hosts.up(down, pending, ...) end
 
   -- -S options for the ssh hosts, 'n' workers each
   local function sshopts(n, list)
@@ -110,6 +98,47 @@ describe("hosts", function()
     local t = {}
     for _, name in ipairs(names(dir)) do t[name:match("^([^.]+)")] = true end
     return t
+  end
+
+  -- Wait until items ran on each host of 'want' (names h1...); returns
+  -- the pid of the agent that ran them on each, and the set of pids of
+  -- the agents and workers seen.
+  local function running(dir, want)
+    local agentof, pids = {}, {}
+    local ok = H.waitfor(function()
+      for _, name in ipairs(names(dir)) do
+        local h, agent, worker = name:match("^(h%d)%.(%d+)%.(%d+)%.")
+        if h then
+          agentof[h] = tonumber(agent)
+          pids[tonumber(agent)], pids[tonumber(worker)] = true, true
+        end
+      end
+      for _, h in ipairs(want) do
+        if not agentof[h] then return false end
+      end
+      return true
+    end, 60)
+    assert.is_true(ok, "no item ran on " .. table.concat(want, " and "))
+    return agentof, pids
+  end
+
+  -- What a CLI started by H.spawncli wrote, and how it ended.
+  local function finish(p)
+    local out = H.readuntil(p.stdout, function() return false end, 120)
+    local err = H.readuntil(p.stderr, function() return false end, 5)
+    local how, code = H.waitexit(p.pid, 60)
+    H.closeall(p)
+    return out, err, how, code
+  end
+
+  -- Whether the pids and every agent of this build are gone in time.
+  local function allgone(pids)
+    return H.waitfor(function()
+      for pid in pairs(pids) do
+        if H.alive(pid) then return false end
+      end
+      return #agents() == 0
+    end, 30)
   end
 
   it("gives the bytes of a local run, in order, with every host seen", function()
@@ -182,19 +211,8 @@ pool:close()
     local p = H.spawncli({"-S", "1/" .. ssh.launch.h1, "-S", "1/" .. ssh.launch.h2,
                           "-S", "1/" .. ssh.launch.h3, "--remote-lpar", lparbin,
                           script, input, dir})
-    local victim
-    assert.is_true(H.waitfor(function()
-      for _, name in ipairs(names(dir)) do
-        local agent = name:match("^h2%.(%d+)%.")
-        if agent then victim = tonumber(agent) end
-      end
-      return victim ~= nil
-    end, 60), "no item ran on h2")
-    signal.kill(victim, signal.SIGKILL)
-    local out = H.readuntil(p.stdout, function() return false end, 120)
-    local err = H.readuntil(p.stderr, function() return false end, 5)
-    local how, code = H.waitexit(p.pid, 60)
-    H.closeall(p)
+    signal.kill(running(dir, {"h2"}).h2, signal.SIGKILL)
+    local out, err, how, code = finish(p)
     assert.equal("exited", how)
     assert.equal(0, code, err)
     assert.equal(expected(300), out)
@@ -209,19 +227,9 @@ pool:close()
     local dir = H.tmpdir()
     local p = H.spawncli({"-S", "1/" .. ssh.launch.h1, "-S", "1/" .. ssh.launch.h3,
                           "--remote-lpar", lparbin, script, input, dir})
-    local victim
-    assert.is_true(H.waitfor(function()
-      for _, name in ipairs(names(dir)) do
-        local agent = name:match("^h3%.(%d+)%.")
-        if agent then victim = tonumber(agent) end
-      end
-      return victim ~= nil
-    end, 60), "no item ran on h3")
+    local victim = running(dir, {"h3"}).h3
     signal.kill(victim, signal.SIGSTOP)
-    local out = H.readuntil(p.stdout, function() return false end, 120)
-    local err = H.readuntil(p.stderr, function() return false end, 5)
-    local how, code = H.waitexit(p.pid, 60)
-    H.closeall(p)
+    local out, err, how, code = finish(p)
     signal.kill(victim, signal.SIGCONT) -- it finds its stream gone, and leaves
     assert.equal("exited", how)
     assert.equal(0, code, err)
@@ -287,28 +295,12 @@ io.stdin:read("a")
     local dir = H.tmpdir()
     local p = H.spawncli({"-S", "2/" .. ssh.launch.h1, "-S", "2/" .. ssh.launch.h2,
                           "--remote-lpar", lparbin, script, input, dir})
-    local pids = {}
-    assert.is_true(H.waitfor(function()
-      local hostsseen = {}
-      for _, name in ipairs(names(dir)) do
-        local h, agent, worker = name:match("^(h%d)%.(%d+)%.(%d+)%.")
-        if h then
-          hostsseen[h] = true
-          pids[tonumber(agent)], pids[tonumber(worker)] = true, true
-        end
-      end
-      return hostsseen.h1 and hostsseen.h2
-    end, 60), "items did not run on both hosts")
+    local _, pids = running(dir, {"h1", "h2"})
     assert.is_true(#agents() >= 2)
     signal.kill(p.pid, signal.SIGKILL)
     H.waitexit(p.pid, 30)
     H.closeall(p)
-    assert.is_true(H.waitfor(function()
-      for pid in pairs(pids) do
-        if H.alive(pid) then return false end
-      end
-      return #agents() == 0
-    end, 30), "agents or workers are left")
+    assert.is_true(allgone(pids), "agents or workers are left")
     H.rmdir(dir)
   end)
 
@@ -390,30 +382,12 @@ io.stdin:read("a")
     local dir = H.tmpdir()
     local p = H.spawncli({"-S", "2/" .. ssh.launch.h1, "-S", "2/" .. ssh.launch.h3,
                           "--remote-lpar", lparbin, script, input, dir})
-    local pids = {}
-    assert.is_true(H.waitfor(function()
-      local on = {}
-      for _, name in ipairs(names(dir)) do
-        local h, agent, worker = name:match("^(h%d)%.(%d+)%.(%d+)%.")
-        if h then
-          on[h] = true
-          pids[tonumber(agent)], pids[tonumber(worker)] = true, true
-        end
-      end
-      return on.h1 and on.h3
-    end, 60), "items did not run on both hosts")
+    local _, pids = running(dir, {"h1", "h3"})
     signal.kill(p.pid, signal.SIGINT)
-    H.readuntil(p.stdout, function() return false end, 60)
-    local how, code = H.waitexit(p.pid, 60)
-    H.closeall(p)
+    local _, err, how, code = finish(p)
     assert.equal("exited", how)
-    assert.equal(130, code)
-    assert.is_true(H.waitfor(function()
-      for pid in pairs(pids) do
-        if H.alive(pid) then return false end
-      end
-      return #agents() == 0
-    end, 30), "agents or workers are left")
+    assert.equal(130, code, err)
+    assert.is_true(allgone(pids), "agents or workers are left")
     H.rmdir(dir)
   end)
 

@@ -74,18 +74,10 @@ static void nomem(lua_State *L, int rc) {
 
 /* Queue a frame for the parent, with the '\n' that follows each. */
 static void put(Agent *a, int type, uint32_t count, const char *p, size_t len) {
-  Frame f;
   if (a->outpos == a->outb.n)
     a->outb.n = a->outpos = 0;
-  nomem(a->L, lpar_buf_reserve(&a->outb, LPAR_HDRSIZE + len + 1));
-  f.type = (uint32_t)type;
-  f.count = count;
-  f.len = len;
-  lpar_wire_putheader(a->outb.p + a->outb.n, &f);
-  if (len > 0)
-    memcpy(a->outb.p + a->outb.n + LPAR_HDRSIZE, p, len);
-  a->outb.n += LPAR_HDRSIZE + len;
-  a->outb.p[a->outb.n++] = '\n';
+  nomem(a->L, lpar_wire_addframe(&a->outb, (uint32_t)type, count, p, len) ||
+                  lpar_buf_add(&a->outb, "\n", 1));
 }
 
 /* Write what the parent can take now; -1 when it is gone. */
@@ -285,7 +277,7 @@ static void call(Agent *a, const Frame *f, const char *p) {
   if (f->len >= 16 && (a->flags & LPAR_CALLINHERIT) && lua_istable(L, a->fns))
     lua_rawgeti(L, a->fns, (lua_Integer)lpar_wire_get64(p + 8));
   else if (f->len >= 8 && !(a->flags & LPAR_CALLINHERIT)) {
-    lua_pushcfunction(L, lpar_agent_loadfn);
+    lua_pushcfunction(L, lpar_worker_loadfn);
     lua_pushlstring(L, p + pos, (size_t)f->len - pos);
     if (lua_pcall(L, 1, 1, 0) != LUA_OK) {
       lua_pushfstring(L, "cannot load the function: %s", lua_tostring(L, -1));
@@ -301,15 +293,6 @@ static void call(Agent *a, const Frame *f, const char *p) {
     lua_pushnil(L);
   }
   lua_replace(L, a->fidx);
-}
-
-int lpar_agent_loadfn(lua_State *L) {
-  size_t len, pos = 0;
-  const char *p = lua_tolstring(L, 1, &len);
-  lpar_xfer_decode(L, p, len, &pos);
-  if (pos != len)
-    luaL_error(L, "bad function encoding (trailing bytes)");
-  return 1;
 }
 
 /* An ITEMS frame: its items become a job of the pool, queued. */

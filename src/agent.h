@@ -14,7 +14,4 @@
 */
 int lpar_agent_run(lua_State *L, int n);
 
-/* lua_CFunction: (bytes) -> the function that xfer encoded in them. */
-int lpar_agent_loadfn(lua_State *L);
-
 #endif

@@ -289,6 +289,35 @@ static void dropresults(Ctx *c) {
   }
 }
 
+/* Place i has a fresh process, w: start its conversation, watching its
+   channel and its end. 0, or -errno with *call naming the call that
+   failed (then it is dropped). */
+static int startplace(Engine *e, EWorker *w, int i, const char **call) {
+  int rc;
+  w->state = W_STARTING;
+  w->job = NULL;
+  w->fnjob = 0;
+  w->nq = 0;
+  w->got = w->busy = 0;
+  w->in.n = 0;
+  w->out.n = w->outpos = 0;
+  w->watchout = 0;
+  w->timedout = 0;
+  w->blame = 0;
+  w->killat = 0;
+  w->hello = 0;
+  w->hostn = 0;
+  w->lastread = w->sentat = lpar_proc_now();
+  rc = evctl(e, EPOLL_CTL_ADD, w->proc.resfd, EPOLLIN, EVDATA(EV_RES, i));
+  if (rc == 0 && w->proc.pidfd >= 0) /* its end, whoever holds its pipe */
+    rc = evctl(e, EPOLL_CTL_ADD, w->proc.pidfd, EPOLLIN, EVDATA(EV_PID, i));
+  if (rc != 0) {
+    *call = "epoll_ctl";
+    dropworker(e, w);
+  }
+  return rc;
+}
+
 /* Fork a worker into empty place i; 0, or -errno with *call naming the
    call that failed. */
 static int spawn(Ctx *c, int i, const char **call) {
@@ -298,7 +327,6 @@ static int spawn(Ctx *c, int i, const char **call) {
   ChildSetup cs;
   sigset_t cur;
   pid_t pid;
-  int rc;
   sigprocmask(SIG_BLOCK, NULL, &cur);
   cs.mask = e->waiting ? &e->oldmask : &cur;
   cs.ignint = e->o.ignint;
@@ -336,27 +364,7 @@ static int spawn(Ctx *c, int i, const char **call) {
   e->live++;
   e->forks++;
   lpar_policy_started(&e->wave, e->live, lpar_proc_now());
-  w->state = W_STARTING;
-  w->job = NULL;
-  w->fnjob = 0;
-  w->nq = 0;
-  w->got = w->busy = 0;
-  w->in.n = 0;
-  w->out.n = w->outpos = 0;
-  w->watchout = 0;
-  w->timedout = 0;
-  w->blame = 0;
-  w->killat = 0;
-  w->lastread = lpar_proc_now();
-  rc = evctl(e, EPOLL_CTL_ADD, w->proc.resfd, EPOLLIN, EVDATA(EV_RES, i));
-  if (rc == 0 && w->proc.pidfd >= 0) /* its end, whoever holds its pipe */
-    rc = evctl(e, EPOLL_CTL_ADD, w->proc.pidfd, EPOLLIN, EVDATA(EV_PID, i));
-  if (rc != 0) {
-    *call = "epoll_ctl";
-    dropworker(e, w);
-    return rc;
-  }
-  return 0;
+  return startplace(e, w, i, call);
 }
 
 static int broken(Ctx *c);
@@ -387,17 +395,9 @@ static const char *hostname(Ctx *c, const EWorker *w) {
 /* Queue frame (type, count) with payload p[0..len) for host w. */
 static void hostframe(Ctx *c, EWorker *w, int type, uint32_t count,
                       const char *p, size_t len) {
-  Frame f;
   if (w->outpos == w->out.n)
     w->out.n = w->outpos = 0;
-  nomem(c->L, lpar_buf_reserve(&w->out, LPAR_HDRSIZE + len));
-  f.type = (uint32_t)type;
-  f.count = count;
-  f.len = len;
-  lpar_wire_putheader(w->out.p + w->out.n, &f);
-  if (len > 0)
-    memcpy(w->out.p + w->out.n + LPAR_HDRSIZE, p, len);
-  w->out.n += LPAR_HDRSIZE + len;
+  nomem(c->L, lpar_wire_addframe(&w->out, (uint32_t)type, count, p, len));
 }
 
 /*
@@ -451,21 +451,9 @@ static int spawnhost(Ctx *c, int i, const char **call) {
   lua_settop(L, top);
   if (pid < 0)
     return (int)pid;
-  w->state = W_STARTING;
-  w->job = NULL;
-  w->fnjob = 0;
-  w->nq = 0;
-  w->got = w->busy = 0;
-  w->in.n = 0;
-  w->out.n = w->outpos = 0;
-  w->watchout = 0;
-  w->timedout = 0;
-  w->blame = 0;
-  w->killat = 0;
-  w->hello = 0;
-  w->hostn = 0;
-  w->lastread = w->sentat = lpar_proc_now();
   w->ring.base = NULL;
+  if ((rc = startplace(e, w, i, call)) != 0)
+    return rc;
   lua_rawgeti(L, c->uv, EU_SETUP);
   setup = lua_tolstring(L, -1, &len);
   {
@@ -478,14 +466,6 @@ static int spawnhost(Ctx *c, int i, const char **call) {
     nomem(L, bad);
   }
   lua_pop(L, 1);
-  rc = evctl(e, EPOLL_CTL_ADD, w->proc.resfd, EPOLLIN, EVDATA(EV_RES, i));
-  if (rc == 0 && w->proc.pidfd >= 0)
-    rc = evctl(e, EPOLL_CTL_ADD, w->proc.pidfd, EPOLLIN, EVDATA(EV_PID, i));
-  if (rc != 0) {
-    *call = "epoll_ctl";
-    dropworker(e, w);
-    return rc;
-  }
   return 0;
 }
 

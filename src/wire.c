@@ -4,6 +4,8 @@
 */
 #include "wire.h"
 
+#include <string.h>
+
 #include <errno.h>
 #include <stdio.h>
 #include <sys/socket.h>
@@ -41,6 +43,21 @@ void lpar_wire_putheader(char *h, const Frame *f) {
   put32(h, f->type);
   put32(h + 4, f->count);
   lpar_wire_put64(h + 8, f->len);
+}
+
+int lpar_wire_addframe(Buf *b, uint32_t type, uint32_t count, const char *p,
+                       size_t len) {
+  Frame f;
+  if (lpar_buf_reserve(b, LPAR_HDRSIZE + len) != 0)
+    return -1;
+  f.type = type;
+  f.count = count;
+  f.len = len;
+  lpar_wire_putheader(b->p + b->n, &f);
+  if (len > 0)
+    memcpy(b->p + b->n + LPAR_HDRSIZE, p, len);
+  b->n += LPAR_HDRSIZE + len;
+  return 0;
 }
 
 int lpar_wire_getheader(const char *h, Frame *f) {

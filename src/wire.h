@@ -46,6 +46,11 @@ typedef struct Frame {
 /* Write the header of 'f' into h[0..LPAR_HDRSIZE). */
 void lpar_wire_putheader(char *h, const Frame *f);
 
+/* Append a frame (type, count) with payload p[0..len) to b; 0, or -1 out
+   of memory. */
+int lpar_wire_addframe(Buf *b, uint32_t type, uint32_t count, const char *p,
+                       size_t len);
+
 /* Parse a header; 0, or -EPROTO for a bad type or length. */
 int lpar_wire_getheader(const char *h, Frame *f);
 

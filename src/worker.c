@@ -695,8 +695,7 @@ static void chunkdone(Runner *r) {
   lpar_worker_begin(r, r->first + r->count);
 }
 
-/* lua_CFunction: (bytes) -> the function they encode. */
-static int loadfunc(lua_State *L) {
+int lpar_worker_loadfn(lua_State *L) {
   size_t len, pos = 0;
   const char *p = lua_tolstring(L, 1, &len);
   lpar_xfer_decode(L, p, len, &pos);
@@ -716,7 +715,7 @@ static void call(WState *ws, const Frame *f) {
     lua_replace(L, ws->fidx);
     return;
   }
-  lua_pushcfunction(L, loadfunc);
+  lua_pushcfunction(L, lpar_worker_loadfn);
   lua_pushlstring(L, ws->in.p, ws->in.n);
   if (lua_pcall(L, 1, 1, ws->r.msgh) == LUA_OK) {
     lua_replace(L, ws->fidx);

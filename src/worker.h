@@ -55,6 +55,9 @@ void lpar_worker_pushmsgh(lua_State *L);
    top: push the traceback noted for that very value, or nil. */
 void lpar_worker_unpackerror(lua_State *L);
 
+/* lua_CFunction: (bytes) -> the function that xfer encoded in them. */
+int lpar_worker_loadfn(lua_State *L);
+
 /* a results frame: header, u64 first index, u64 ns spent, values */
 #define LPAR_RESHDR (LPAR_HDRSIZE + 16)
 
