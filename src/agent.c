@@ -265,7 +265,9 @@ static void setup(Agent *a, const char *p, size_t len) {
   lua_pushnil(L); /* items are always sent */
   lpar_engine_new(L, &o, LPAR_POOLMT);
   a->eidx = lua_gettop(L);
-  lpar_engine_start(L, a->eidx); /* raises "worker init failed: ..." */
+  /* its workers start now, and the agent goes on beating while they run
+     init: one that fails fails the chunks, as an on-demand pool's does */
+  lpar_engine_pump(L, a->eidx, 0);
 }
 
 /* A CALL frame: u64 timeout (ns), then what a worker's CALL holds. */
@@ -435,6 +437,8 @@ static int frames(Agent *a) {
       call(a, &f, p);
     else if (f.type == LPAR_FITEMS)
       items(a, &f, p);
+    else if (f.type == LPAR_FBEAT && f.count == 0 && f.len == 8)
+      put(a, LPAR_FBEAT, 1, p, 8); /* timed: back at once */
     else if (f.type != LPAR_FBEAT)
       return -1;
   }

@@ -307,7 +307,8 @@ static int startplace(Engine *e, EWorker *w, int i, const char **call) {
   w->killat = 0;
   w->hello = 0;
   w->hostn = 0;
-  w->lastread = w->sentat = lpar_proc_now();
+  w->rtt = 0;
+  w->lastread = w->sentat = w->probeat = lpar_proc_now();
   rc = evctl(e, EPOLL_CTL_ADD, w->proc.resfd, EPOLLIN, EVDATA(EV_RES, i));
   if (rc == 0 && w->proc.pidfd >= 0) /* its end, whoever holds its pipe */
     rc = evctl(e, EPOLL_CTL_ADD, w->proc.pidfd, EPOLLIN, EVDATA(EV_PID, i));
@@ -976,7 +977,7 @@ static lua_Integer hostchunk(Engine *e, Job *j, EWorker *w) {
   s.left = itemsleft(j);
   s.places = workers(e);
   s.tns = j->tns;
-  s.minns = LPAR_HOSTCHUNKNS;
+  s.minns = lpar_policy_hostwork(LPAR_HOSTCHUNKNS, w->rtt);
   s.probe = LPAR_POOLPROBE;
   s.max = LPAR_POOLMAXCHUNK;
   return (lua_Integer)lpar_policy_hostchunk(&s, w->hostn);
@@ -1349,13 +1350,18 @@ static int broken(Ctx *c) {
 static void refillhosts(Ctx *c) {
   Engine *e = c->e;
   long long now = lpar_proc_now();
-  int i;
+  int i, starting = 0;
+  for (i = nlocal(e); i < e->o.n; i++)
+    starting += e->w[i].state == W_STARTING && !e->w[i].hello;
   for (i = nlocal(e); i < e->o.n && !broken(c); i++) {
     EWorker *w = &e->w[i];
     const char *call = "fork";
     int rc;
     if (w->state != W_EMPTY || w->dropped || now < w->retryat)
       continue;
+    if (starting >= LPAR_HOSTWAVE)
+      break; /* the next wave starts as these say HELLO */
+    starting++;
     rc = spawnhost(c, i, &call);
     if (rc == 0 && sendsome(e, w) != 0)
       lose(c, w, 0, NULL);
@@ -1708,8 +1714,15 @@ static int frame(Ctx *c, EWorker *w, const Frame *f, const char *p) {
     rc = readyframe(c, w, f->count);
   else if (f->type == LPAR_FHELLO && w->host && !w->hello)
     rc = helloframe(c, w, f, p);
-  else if (f->type == LPAR_FBEAT && w->host)
-    rc = 0; /* still there: lastread says so */
+  else if (f->type == LPAR_FBEAT && w->host) {
+    /* still there (lastread says so); a timed one came back */
+    if (f->count == 1 && f->len == 8) {
+      long long rtt = lpar_proc_now() - (long long)lpar_wire_get64(p);
+      if (rtt > 0 && (w->rtt == 0 || rtt < w->rtt))
+        w->rtt = rtt;
+    }
+    rc = 0;
+  }
   else {
     lua_pushstring(L, f->type == LPAR_FRESULT ? "bad frame header"
                                               : "unexpected frame");
@@ -1864,7 +1877,9 @@ static long long idlelimit(Ctx *c, EWorker *w, long long now) {
 ** LPAR_BEATNS. Returns when to look again (ns), or -1 if it was lost.
 */
 static long long hostdeadline(Ctx *c, EWorker *w, long long now) {
-  long long limit = w->hello ? LPAR_HOSTSILENCENS : LPAR_HOSTSTARTNS;
+  /* until READY, the agent loads (the CLI's script runs there) */
+  long long limit =
+      w->state == W_STARTING ? LPAR_HOSTSTARTNS : LPAR_HOSTSILENCENS;
   long long due;
   if (now >= w->lastread + limit) {
     readworker(c, w); /* waiting bytes are not silence */
@@ -1878,16 +1893,19 @@ static long long hostdeadline(Ctx *c, EWorker *w, long long now) {
       return -1;
     }
   }
-  if (now >= w->sentat + LPAR_BEATNS && w->outpos == w->out.n) {
-    hostframe(c, w, LPAR_FBEAT, 0, NULL, 0);
+  if (now >= w->probeat) { /* timed: the round trip is measured */
+    char clock[8];
+    lpar_wire_put64(clock, (uint64_t)now);
+    hostframe(c, w, LPAR_FBEAT, 0, clock, sizeof clock);
     if (sendsome(c->e, w) != 0) {
       lose(c, w, 0, NULL);
       return -1;
     }
     w->sentat = now;
+    w->probeat = now + LPAR_BEATNS;
   }
   due = w->lastread + limit;
-  return w->sentat + LPAR_BEATNS < due ? w->sentat + LPAR_BEATNS : due;
+  return w->probeat < due ? w->probeat : due;
 }
 
 /* Timeouts per item and for init, stalled frames, TERM -> KILL

@@ -95,6 +95,8 @@ typedef struct EWorker {
   int dropped;          /* a host left out for good */
   long long sentat;     /* a host: when bytes were last sent */
   long long retryat;    /* a lost host starts again from this time */
+  long long probeat;    /* a host: when to send the next timed BEAT */
+  long long rtt;        /* ... the shortest round trip seen (ns), 0: none */
 } EWorker;
 
 typedef struct Engine {

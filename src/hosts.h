@@ -18,7 +18,10 @@
 **           as a worker does: RESULT and ERROR frames in item order, then
 **           READY (count 0). Two chunks may be in flight;
 **   both:   BEAT when nothing else was sent for LPAR_BEATNS; a side that
-**           hears nothing for its limit takes the other as gone.
+**           hears nothing for its limit takes the other as gone. The
+**           parent's BEAT carries its clock (u64 ns), every LPAR_BEATNS,
+**           and the agent sends it back at once (count 1): the round trip
+**           sizes the host's chunks.
 ** The agent writes '\n' after each frame (line-buffered relays pass whole
 ** frames on); the parent skips it.
 */
@@ -46,8 +49,8 @@
 #define LPAR_HOSTSILENCENS 5000000000LL
 #endif
 
-/* ... and one that has not said HELLO for this long (ns): ssh and srun
-   take their time to connect */
+/* ... and one that has not said READY for this long (ns): ssh and srun
+   take their time to connect, and the CLI's script loads there */
 #if !defined(LPAR_HOSTSTARTNS)
 #define LPAR_HOSTSTARTNS 60000000000LL
 #endif
@@ -55,6 +58,12 @@
 /* an agent that heard nothing from its parent for this long leaves (ns) */
 #if !defined(LPAR_AGENTIDLENS)
 #define LPAR_AGENTIDLENS 10000000000LL
+#endif
+
+/* at most this many hosts are starting (no HELLO yet) at once: ssh
+   refuses bursts of connections (MaxStartups) */
+#if !defined(LPAR_HOSTWAVE)
+#define LPAR_HOSTWAVE 32
 #endif
 
 /* a host lost this many times in a row (no chunk done in between) is

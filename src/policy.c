@@ -31,6 +31,11 @@ long long lpar_policy_chunk(const SchedChunk *s) {
   return c < 1 ? 1 : c;
 }
 
+double lpar_policy_hostwork(double floor, long long rtt) {
+  double w = (double)rtt * LPAR_HOSTRTTS;
+  return w > floor ? w : floor;
+}
+
 long long lpar_policy_hostchunk(const SchedChunk *s, int hostn) {
   SchedChunk t = *s;
   long long c;

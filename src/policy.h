@@ -24,6 +24,14 @@ long long lpar_policy_chunk(const SchedChunk *s);
    on a host, a chunk keeps each worker busy for minns too. */
 long long lpar_policy_hostchunk(const SchedChunk *s, int hostn);
 
+/* The work (ns) each worker of a host gets in a chunk: 'floor', or
+   LPAR_HOSTRTTS round trips ('rtt' ns, 0: not measured) if that is more,
+   so that a far host spends little of its time waiting. */
+#if !defined(LPAR_HOSTRTTS)
+#define LPAR_HOSTRTTS 20
+#endif
+double lpar_policy_hostwork(double floor, long long rtt);
+
 /* Waves of workers started while every worker is on its first item. */
 typedef struct SchedWave {
   long long at; /* when the current wave began */

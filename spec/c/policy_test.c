@@ -247,9 +247,16 @@ static void test_hostchunk(void) {
   CHECK(lpar_policy_hostchunk(&s, 3) == 240);
 }
 
+static void test_hostwork(void) {
+  CHECK(lpar_policy_hostwork(5e7, 0) == 5e7);        /* not measured */
+  CHECK(lpar_policy_hostwork(5e7, 200000) == 5e7);   /* 0.2 ms: loopback */
+  CHECK(lpar_policy_hostwork(5e7, 10000000) == 2e8); /* 10 ms: 20 of them */
+}
+
 int main(void) {
   test_chunk();
   test_hostchunk();
+  test_hostwork();
   test_waves();
   test_spawn_known();
   test_slotrate();
