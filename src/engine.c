@@ -308,7 +308,10 @@ static int startplace(Engine *e, EWorker *w, int i, const char **call) {
   w->hello = 0;
   w->hostn = 0;
   w->rtt = 0;
-  w->lastread = w->sentat = w->probeat = lpar_proc_now();
+  w->lastread = w->sentat = lpar_proc_now();
+  /* timed beats begin once its agent runs: the first would measure the
+     connection's start */
+  w->probeat = w->lastread + LPAR_HOSTSTARTNS;
   rc = evctl(e, EPOLL_CTL_ADD, w->proc.resfd, EPOLLIN, EVDATA(EV_RES, i));
   if (rc == 0 && w->proc.pidfd >= 0) /* its end, whoever holds its pipe */
     rc = evctl(e, EPOLL_CTL_ADD, w->proc.pidfd, EPOLLIN, EVDATA(EV_PID, i));
@@ -1656,6 +1659,7 @@ static int readyframe(Ctx *c, EWorker *w, uint32_t count) {
   Job *j = w->job;
   if (count == 1 && w->state == W_STARTING) {
     w->state = w->nq > 0 ? W_BUSY : W_IDLE;
+    w->probeat = lpar_proc_now(); /* its round trip, at once */
     c->e->startfails = 0;
     return 0;
   }

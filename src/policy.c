@@ -33,6 +33,8 @@ long long lpar_policy_chunk(const SchedChunk *s) {
 
 double lpar_policy_hostwork(double floor, long long rtt) {
   double w = (double)rtt * LPAR_HOSTRTTS;
+  if (w > LPAR_HOSTMAXWORKNS)
+    w = LPAR_HOSTMAXWORKNS;
   return w > floor ? w : floor;
 }
 

@@ -25,10 +25,16 @@ long long lpar_policy_chunk(const SchedChunk *s);
 long long lpar_policy_hostchunk(const SchedChunk *s, int hostn);
 
 /* The work (ns) each worker of a host gets in a chunk: 'floor', or
-   LPAR_HOSTRTTS round trips ('rtt' ns, 0: not measured) if that is more,
-   so that a far host spends little of its time waiting. */
+   LPAR_HOSTRTTS round trips ('rtt' ns, 0: not measured) if that is more
+   (up to LPAR_HOSTMAXWORKNS), so that a far host spends little of its
+   time waiting. */
 #if !defined(LPAR_HOSTRTTS)
 #define LPAR_HOSTRTTS 20
+#endif
+/* ... but no more than this (ns): a chunk is also what a lost host
+   takes back */
+#if !defined(LPAR_HOSTMAXWORKNS)
+#define LPAR_HOSTMAXWORKNS 2e9
 #endif
 double lpar_policy_hostwork(double floor, long long rtt);
 

@@ -248,9 +248,10 @@ static void test_hostchunk(void) {
 }
 
 static void test_hostwork(void) {
-  CHECK(lpar_policy_hostwork(5e7, 0) == 5e7);        /* not measured */
-  CHECK(lpar_policy_hostwork(5e7, 200000) == 5e7);   /* 0.2 ms: loopback */
-  CHECK(lpar_policy_hostwork(5e7, 10000000) == 2e8); /* 10 ms: 20 of them */
+  CHECK(lpar_policy_hostwork(5e7, 0) == 5e7);          /* not measured */
+  CHECK(lpar_policy_hostwork(5e7, 200000) == 5e7);     /* 0.2 ms: loopback */
+  CHECK(lpar_policy_hostwork(5e7, 10000000) == 2e8);   /* 10 ms: 20 of them */
+  CHECK(lpar_policy_hostwork(5e7, 1000000000) == 2e9); /* 1 s: capped */
 }
 
 int main(void) {
