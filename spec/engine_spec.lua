@@ -54,6 +54,26 @@ describe("lpar.pending", function()
     assert.same({10, 20, 40}, r)
   end)
 
+  it("without an fd waits for results done but not taken yet (imap)", function()
+    -- items 1 and 2, then "not yet" until the caller took both results:
+    -- both are done, none in flight, when it is asked again
+    local given, taken = 0, 0
+    local function items()
+      if given < 2 or (taken == 2 and given < 3) then
+        given = given + 1
+        return given
+      end
+      if taken < 2 then return lpar.pending end
+      return nil
+    end
+    local got = {}
+    for i, v in lpar.imap(function(x) return x * 10 end, items, 2) do
+      got[i] = v
+      taken = taken + 1
+    end
+    assert.same({10, 20, 30}, got)
+  end)
+
   it("is waited out where no engine runs: n_workers = 0 and pool:map", function()
     local calls = {0}
     local r, n = lpar.parallel(function(x) return x * 10 end,

@@ -1013,10 +1013,13 @@ static lua_Integer inflight(Job *j) {
   return j->n - j->done - j->redo.items;
 }
 
+static int emittable(Job *j);
+
 /* Stream j's iterator returned lpar.pending, with what follows it at
    'fdidx': pulling waits until that fd (else the job's wakefd) is
-   readable, or a result is taken. 0, or -1 if there is nothing to wait
-   for (the job failed). */
+   readable, or a result is taken (one in flight, or one done that the
+   caller has still to take). 0, or -1 if there is nothing to wait for
+   (the job failed). */
 static int pending(Ctx *c, Job *j, int fdidx) {
   lua_State *L = c->L;
   int isfd, d, rc;
@@ -1024,7 +1027,7 @@ static int pending(Ctx *c, Job *j, int fdidx) {
   if (!isfd || fd < 0 || fd > INT32_MAX)
     fd = j->o.wakefd;
   if (fd < 0) {
-    if (inflight(j) == 0) {
+    if (inflight(j) == 0 && !(j->fin != NULL && emittable(j))) {
       lua_pushliteral(L, "the items iterator returned lpar.pending with no "
                          "fd to wait on and no result to wait for");
       failjob(c, j, NULL);

@@ -814,7 +814,8 @@ typedef struct Reader {
   off_t start;                /* a regular file: where the items begin in it */
   lua_Integer shardk, shardn; /* keep the records numbered k mod n */
   lua_Integer raw;            /* records of the input seen (all shards) */
-  size_t scan; /* buf[pos, scan) is kept records; [scan, len) unsorted */
+  int skipping; /* inside a record of another shard: drop up to its end */
+  size_t scan;  /* buf[pos, scan) is kept records; [scan, len) unsorted */
 } Reader;
 
 /* Raise if a signal asks to stop or the output is gone. */
@@ -862,15 +863,32 @@ static int waitinput(lua_State *L, Reader *r, int idlems) {
 ** are not this shard's (input records K, K+N, K+2N...), moving the kept
 ** ones down, so that the rest of the reader sees this shard's records
 ** only. At the end of the input a last record without separator counts.
+** The start of another shard's record is dropped at once, and the rest
+** of it as it comes ('skipping'): a long one is never held whole.
 */
 static void sift(Reader *r) {
   char *p = r->buf + r->scan, *end = r->buf + r->len, *w = p;
   for (;;) {
     char *e = memchr(p, r->sep, (size_t)(end - p));
     size_t n;
-    if (e == NULL) {
-      if (!r->eof || p == end)
+    if (r->skipping) { /* the rest of a record counted already */
+      p = e != NULL ? e + 1 : end;
+      r->skipping = e == NULL && !r->eof;
+      if (e == NULL)
         break;
+      continue;
+    }
+    if (e == NULL) {
+      if (p == end)
+        break;
+      if (!r->eof) {
+        if ((r->raw + 1) % r->shardn != r->shardk % r->shardn) {
+          r->raw++; /* not this shard's: drop what came of it */
+          r->skipping = 1;
+          p = end;
+        }
+        break;
+      }
       e = end - 1;
     }
     n = (size_t)(e + 1 - p);

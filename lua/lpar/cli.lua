@@ -50,8 +50,11 @@ options:
       --colsep SEP    split each line where the Lua pattern SEP matches
                       (\t is a tab); f gets the fields as arguments
       --tag           start each result line with its item and a tab
+      --number        start each result line with its input line number
+                      and a tab (shards merge back: sort -m -n)
       --shard K/N     take input lines K, K+N, K+2N... only: N runs (a
-                      job array) split one input, each with its own -o
+                      job array) split one input, each with its own -o;
+                      the joblog and --number keep the input's numbers
   -S, --host [N/]CMD  run workers on another machine: CMD (ssh node1,
                       srun -N1 -n1 -w node2, ...) followed by
                       'lpar --worker -j N' starts an agent there; ':' is
@@ -128,7 +131,7 @@ end
 local function shard(name, v)
   local k, n = v:match("^(%d+)/(%d+)$")
   k, n = math.tointeger(tonumber(k)), math.tointeger(tonumber(n))
-  if not k or k < 1 or k > n then
+  if not k or not n or k < 1 or k > n then
     return nil, ("bad value for '%s': '%s' (expected K/N, 1 <= K <= N, like 2/3)")
       :format(name, v)
   end
@@ -200,6 +203,7 @@ local flags = {
   ["--unordered"] = "unordered", ["-0"] = "nul",
   ["--null"] = "nul", ["--progress"] = "progress", ["--version"] = "version",
   ["-h"] = "help", ["--help"] = "help", ["--resume"] = "resume", ["--tag"] = "tag",
+  ["--number"] = "number",
   ["--resume-failed"] = "resumefailed", ["--null-output"] = "nulout", ["--json"] = "json", ["--quiet"] = "quiet",
 }
 
@@ -682,13 +686,15 @@ M.budget = 0.05
 -- budget). With 'halt' it stops at the first failure. With 'timed' it
 -- always returns the table, its field 'times' the seconds each record
 -- took (string.pack'ed doubles). It tells the parent (note) the time a
--- record took.
-function M.batcher(map, fmt, nul, halt, timed, c, maxmem)
+-- record took. With 'label' (--number) a batch comes as {first, block}
+-- (first: its first record's number in the reader) and each output line
+-- starts with label(number of its record).
+function M.batcher(map, fmt, nul, halt, timed, c, maxmem, label)
   local concat, shorten, clean, budget = table.concat, M.shorten, M.clean, M.budget
   local split, now, note = c.split, c.now, c.note
   local eol = c.eol or "\n" -- "\0" with --null-output
   local out, times, recs = {}, {}, {}
-  local nrec, k, n, t0, t1, over
+  local nrec, k, n, t0, t1, over, first
   -- the records from k + 1 on, until one fails (one xpcall for all) or the
   -- budget is spent
   local function loop()
@@ -697,7 +703,7 @@ function M.batcher(map, fmt, nul, halt, timed, c, maxmem)
       local r = fmt(map(recs[k]))
       if r ~= nil then
         n = n + 1
-        out[n] = r
+        out[n] = label and label(first + k - 1) .. r or r
       end
       if now() - t0 > budget and k < nrec then
         over = true
@@ -714,7 +720,7 @@ function M.batcher(map, fmt, nul, halt, timed, c, maxmem)
       times[k] = t2 - t1
       if r ~= nil then
         n = n + 1
-        out[n] = r
+        out[n] = label and label(first + k - 1) .. r or r
       end
       if t2 - t0 > budget and k < nrec then
         over = true
@@ -727,6 +733,7 @@ function M.batcher(map, fmt, nul, halt, timed, c, maxmem)
   end
   return function(block)
     local parts
+    if label then first, block = block[1], block[2] end
     t0, over = now(), false
     recs, nrec = split(block, nul, recs)
     k, n = 0, 0
@@ -994,6 +1001,7 @@ function M.outputform(o)
   local t = {}
   if o.json then t[#t + 1] = "--json" end
   if o.nulout then t[#t + 1] = "--null-output" end
+  if o.number then t[#t + 1] = "--number" end
   if o.tag then t[#t + 1] = "--tag" end
   if o.colsep then t[#t + 1] = "--colsep " .. M.shorten(o.colsep, 40) end
   return #t > 0 and table.concat(t, " ") or "plain"
@@ -1233,7 +1241,7 @@ function M.workerfns(o, c, map, init, close)
   if o.tag then map = M.tagged(map, fmt) end
   local isolate = c.isolate
   local batchf = M.batcher(map, fmt, o.nul, halt and halt.when == "now" and halt.what == "fail"
-                           and halt.n == 1, o.joblog ~= nil, c, o.maxmem)
+                           and halt.n == 1, o.joblog ~= nil, c, o.maxmem, M.labeller(o))
   local single = M.mapper(map, fmt, c.now)
   return function()
     isolate()
@@ -1244,8 +1252,19 @@ function M.workerfns(o, c, map, init, close)
   end, batchf, single
 end
 
+-- With --number: what starts the output line of the reader's record i
+-- (its input line number and a tab), else nil.
+function M.labeller(o)
+  if not o.number then return nil end
+  local K, N = 1, 1
+  if o.shard then K, N = o.shard[1], o.shard[2] end
+  local lines = o.lines -- --resume-failed: the lines it runs again
+  return function(i) return (lines and lines[i] or (i - 1) * N + K) .. "\t" end
+end
+
 -- The options a host's agent needs to make the same worker functions.
-local agentkeys = {"json", "colsep", "tag", "nul", "halt", "joblog", "maxmem", "nulout"}
+local agentkeys = {"json", "colsep", "tag", "nul", "halt", "joblog", "maxmem", "nulout",
+                   "number", "shard", "lines"}
 
 -- The setup a host's agent gets (see M.agent): the script, its
 -- arguments and the options of M.workerfns.
@@ -1358,6 +1377,8 @@ function M.run(o, c, reader, counter, map, init, close)
     return (i - 1) * N + K
   end
   local function mine(line) return line >= K and (line - K) // N + 1 or 0 end
+  -- --number: what starts the output line of record i (workers inherit it)
+  local label = M.labeller(o)
   local clash = M.clash(o, c, reader)
   if clash then return fail(2, clash) end
   if o.output or o.joblog then
@@ -1416,6 +1437,15 @@ function M.run(o, c, reader, counter, map, init, close)
   -- line whose result counts
   local tripped, tripline, halted, haltline = false, nil, false, nil
   local items = reader:items(lpar.pending)
+  if label then -- each batch goes with the number of its first record
+    local nextbatch, taken = items, reader.count
+    items = function()
+      local first = taken(reader) + 1
+      local b, fd = nextbatch()
+      if type(b) == "string" then return {first, b} end
+      return b, fd
+    end
+  end
   if halt and halt.when == "soon" then -- no new records once tripped
     local nextbatch = items
     items = function()
@@ -1431,6 +1461,11 @@ function M.run(o, c, reader, counter, map, init, close)
   local host = ":"
   local function ranon(where)
     host = where and where:gsub("[%c]", " ") or ":"
+  end
+
+  -- the output line 'out' of record 'line' run on its own (nil: none)
+  local function emit(line, out)
+    if out ~= nil then writeln(label and label(line) .. out or out) end
   end
 
   local function logline(line, status, secs, attempt, e)
@@ -1509,7 +1544,7 @@ function M.run(o, c, reader, counter, map, init, close)
       local t0 = now()
       local v, err = once(rec)
       if err == nil then
-        if v[1] ~= nil then writeln(v[1]) end
+        emit(line, v[1])
         logline(line, "ok", v[2], attempt)
         success(line)
         return
@@ -1529,7 +1564,7 @@ function M.run(o, c, reader, counter, map, init, close)
     for j, v, e, where in pool:imap(single, recs, sideopts) do
       ranon(where)
       if v ~= nil then
-        if v[1] ~= nil then writeln(v[1]) end
+        emit(first + j - 1, v[1])
         logline(first + j - 1, "ok", v[2], 1)
         success(first + j - 1)
       else
@@ -1827,6 +1862,7 @@ local function notforprograms(o)
   if o.resume then t[#t + 1] = "--resume" end
   if o.resumefailed then t[#t + 1] = "--resume-failed" end
   if o.tag then t[#t + 1] = "--tag" end
+  if o.number then t[#t + 1] = "--number" end
   if o.colsep then t[#t + 1] = "--colsep" end
   if o.shard then t[#t + 1] = "--shard" end
   if o.nul then t[#t + 1] = "-0" end
