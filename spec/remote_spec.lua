@@ -475,5 +475,102 @@ pool:close()
     assert.equal(0, rc, err)
     assert.equal("200\n", out)
   end)
+
+  describe("the agent, lpar --worker", function()
+    it("refuses bad arguments", function()
+      local rc, out, err = H.lpar("--worker -j 0", nil, 30)
+      assert.equal(2, rc)
+      assert.equal("", out)
+      assert.matches("lpar %-%-worker: %-j wants 1 to %d+ workers, not '0'", err)
+      rc, out, err = H.lpar("--worker --bogus", nil, 30)
+      assert.equal("", out)
+      assert.equal(2, rc)
+      assert.matches("unknown argument '--bogus' (usage: lpar --worker [-j N])", err, 1, true)
+    end)
+
+    -- the agent, its stdin a pipe this test holds: {pid, stdin, stdout, stderr}
+    local function agent()
+      local posix = {signal = require "posix.signal"}
+      local inr, inw = unistd.pipe()
+      local outr, outw = unistd.pipe()
+      local errr, errw = unistd.pipe()
+      local pid = assert(unistd.fork())
+      if pid == 0 then
+        unistd.dup2(inr, 0)
+        unistd.dup2(outw, 1)
+        unistd.dup2(errw, 2)
+        for _, fd in ipairs({inr, inw, outr, outw, errr, errw}) do unistd.close(fd) end
+        posix.signal.signal(posix.signal.SIGTERM, posix.signal.SIG_DFL)
+        unistd.execp(lparbin, {[0] = lparbin, "--worker", "-j", "1"})
+        unistd._exit(127)
+      end
+      unistd.close(inr)
+      unistd.close(outw)
+      unistd.close(errw)
+      return {pid = pid, stdin = inw, stdout = outr, stderr = errr}
+    end
+
+    -- the frames in s (each followed by '\n'): {type, count, payload}
+    local function frames(s)
+      local t, pos = {}, 1
+      while #s - pos + 1 >= 16 do
+        local ty, count, len = string.unpack("<I4I4I8", s, pos)
+        if #s - pos + 1 < 16 + len then break end
+        t[#t + 1] = {ty, count, s:sub(pos + 16, pos + 15 + len)}
+        pos = pos + 16 + len
+        assert.equal("\n", s:sub(pos, pos), "no newline after a frame")
+        pos = pos + 1
+      end
+      return t
+    end
+
+    it("says HELLO first, and leaves when no setup comes", function()
+      local a = agent()
+      local out = H.readuntil(a.stdout, function(s) return #frames(s) >= 1 end, 30)
+      local hello = frames(out)[1]
+      assert.equal(8, hello[1]) -- HELLO
+      assert.equal(1, hello[2]) -- its workers
+      assert.equal("LPAR", hello[3]:sub(1, 4))
+      local how, code = H.waitexit(a.pid, 40)
+      local err = H.readuntil(a.stderr, function() return false end, 5)
+      H.closeall(a)
+      assert.equal("exited", how)
+      assert.equal(1, code)
+      assert.matches("no setup came from the parent", err, 1, true)
+    end)
+
+    it("leaves, killing its workers, when its parent goes silent", function()
+      local a = agent()
+      local out = H.readuntil(a.stdout, function(s) return #frames(s) >= 1 end, 30)
+      local versions = frames(out)[1][3]
+      -- SETUP: versions, no memory limit, no timeout, kind 0, no functions
+      local setup = versions .. string.pack("<I8I8I4I4I4", 0, 0, 0, 0, 0)
+      unistd.write(a.stdin, string.pack("<I4I4I8", 9, 0, #setup) .. setup)
+      local _, ready = H.readuntil(a.stdout, function(s)
+        for _, f in ipairs(frames(s)) do
+          if f[1] == 5 and f[2] == 1 then return true end -- READY
+        end
+        return false
+      end, 30)
+      assert.is_true(ready, "no READY after SETUP")
+      local workers
+      assert.is_true(H.waitfor(function()
+        workers = {}
+        for name in dirent.files("/proc") do
+          local st = tonumber(name) and H.slurp("/proc/" .. name .. "/stat")
+          if st and tonumber(st:match(".*%) %S (%d+)")) == a.pid then workers[#workers + 1] = tonumber(name) end
+        end
+        return #workers == 1
+      end, 30), "its worker did not start")
+      -- nothing more is sent: it leaves after its idle limit (10 s)
+      local how, code = H.waitexit(a.pid, 40)
+      local err = H.readuntil(a.stderr, function() return false end, 5)
+      H.closeall(a)
+      assert.equal("exited", how)
+      assert.equal(0, code)
+      assert.matches("nothing came from the parent for 10 s: leaving", err, 1, true)
+      assert.is_true(H.waitfor(function() return not H.alive(workers[1]) end, 30), "its worker is left")
+    end)
+  end)
 end)
 
