@@ -315,6 +315,8 @@ function M.stop(c)
     sleep(0.02)
   end
   for _, p in ipairs(c.procs) do gone(p) end
+  for _, ns in ipairs(c.netns or {}) do sh("ip netns del " .. ns .. " 2>/dev/null") end
+  if c.blackhole then sh("ip route del blackhole 10.231.0.0/16") end
   for k, v in pairs(c.saved_env or {}) do
     if v then stdlib.setenv(k, v) else stdlib.setenv(k, nil) end
   end
@@ -372,7 +374,7 @@ end
 ---------------------------------------------------------------- ssh
 
 local sshd_config = [[
-ListenAddress 127.0.0.1:%d
+ListenAddress %s:%d
 HostKey %s/host_key
 PidFile %s/sshd.pid
 AuthorizedKeysFile %s/authorized_keys
@@ -394,7 +396,7 @@ LogLevel INFO
 
 local ssh_config = [[
 Host %s
-  HostName 127.0.0.1
+  HostName %s
   Port %d
   User root
   IdentityFile %s/client_key
@@ -415,6 +417,13 @@ Host %s
 -- ports = {...}, dir = ...}, once every host ran a command over ssh; or nil
 -- and the reason. opts.sshd overrides the sshd
 -- binary (an absolute path: sshd re-executes itself).
+--
+-- With opts.netns, each host's sshd runs in a network namespace of its
+-- own, behind a veth pair with addresses in 10.231.0.0/16, which gets a
+-- blackhole route first so that nothing for it can leave the machine;
+-- then c.partition[name]() takes the link down inside that namespace (the
+-- host stays, its network does not) and c.heal[name]() brings it back.
+-- Unavailable where namespaces cannot be made.
 function M.ssh(n, opts)
   n, opts = n or 3, opts or {}
   assert(n >= 1 and n <= 9, "ssh: 1 to 9 hosts")
@@ -429,10 +438,24 @@ function M.ssh(n, opts)
   if not stat.stat(sshd) then
     return nil, "ssh: " .. sshd .. " is not installed (scripts/setup installs openssh-server)", "unavailable"
   end
+  if opts.netns and not have("ip") then
+    return nil, "ssh: ip (iproute2) is not installed", "unavailable"
+  end
   local c = newhandle("ssh")
   local err
   c.dir, err = newdir("ssh")
   if not c.dir then return fail(c, "ssh: " .. err) end
+  if opts.netns then
+    c.netns, c.partition, c.heal = {}, {}, {}
+    -- the range is blackholed before any address of it exists
+    if not sh("ip route show type blackhole | grep -q '^blackhole 10.231.0.0/16'") then
+      if not sh("ip route add blackhole 10.231.0.0/16") then
+        M.stop(c)
+        return nil, "ssh: cannot add a blackhole route (no network namespaces here)", "unavailable"
+      end
+      c.blackhole = true
+    end
+  end
   -- sshd's privilege separation directory, as the package's service makes it
   if not stat.stat("/run/sshd") then
     local ok, e = stat.mkdir("/run/sshd", tonumber("755", 8))
@@ -448,13 +471,35 @@ function M.ssh(n, opts)
     local hdir = c.dir .. "/" .. name
     assert(stat.mkdir(hdir))
     if not sh(keygen .. q(hdir .. "/host_key")) then return fail(c, "ssh: ssh-keygen failed") end
-    local port = freeports(1)
+    local port, addr, argv = freeports(1), "127.0.0.1", {}
     if not port then return fail(c, "ssh: no free port on 127.0.0.1") end
-    spit(hdir .. "/sshd_config", sshd_config:format(port, hdir, hdir, c.dir, name, c.dir))
+    if opts.netns then
+      -- namespace lpar-<pid>-hK; veth lv<pid>hK here, eth0 there; a /30
+      -- per host in 10.231.<pid % 250>.0/24
+      local ns, net = ("lpar-%d-%s"):format(unistd.getpid(), name), unistd.getpid() % 250
+      local veth = ("lv%d%s"):format(unistd.getpid() % 1000000, name)
+      local here = ("10.231.%d.%d"):format(net, 4 * i + 1)
+      addr = ("10.231.%d.%d"):format(net, 4 * i + 2)
+      c.netns[#c.netns + 1] = ns
+      local up = sh(("ip netns add %s && ip link add %s type veth peer name eth0 netns %s" ..
+                     " && ip addr add %s/30 dev %s && ip link set %s up" ..
+                     " && ip -n %s addr add %s/30 dev eth0 && ip -n %s link set eth0 up" ..
+                     " && ip -n %s link set lo up")
+                    :format(ns, veth, ns, here, veth, veth, ns, addr, ns, ns))
+      if not up then
+        M.stop(c)
+        return nil, "ssh: cannot make network namespace " .. ns, "unavailable"
+      end
+      c.partition[name] = function() return sh(("ip -n %s link set eth0 down"):format(ns)) end
+      c.heal[name] = function() return sh(("ip -n %s link set eth0 up"):format(ns)) end
+      argv = {"ip", "netns", "exec", ns}
+    end
+    spit(hdir .. "/sshd_config", sshd_config:format(addr, port, hdir, hdir, c.dir, name, c.dir))
     c.hosts[i], c.ports[i] = name, port
     c.launch[name] = "ssh -F " .. c.dir .. "/ssh_config " .. name
-    client[i] = ssh_config:format(name, port, c.dir)
-    local pid, e = spawn(c, "sshd-" .. name, {sshd, "-D", "-e", "-f", hdir .. "/sshd_config"})
+    client[i] = ssh_config:format(name, addr, port, c.dir)
+    for _, a in ipairs({sshd, "-D", "-e", "-f", hdir .. "/sshd_config"}) do argv[#argv + 1] = a end
+    local pid, e = spawn(c, "sshd-" .. name, argv)
     if not pid then return fail(c, "ssh: " .. e) end
   end
   c.config = c.dir .. "/ssh_config"

@@ -476,6 +476,40 @@ pool:close()
     assert.equal("200\n", out)
   end)
 
+  describe("behind a network partition", function()
+    local cut, cutdown
+    lazy_setup(function()
+      local why, unavailable
+      cut, why, unavailable = hosts.ssh(1, {netns = true})
+      cutdown = not cut and {why, unavailable}
+    end)
+    lazy_teardown(function() if cut then assert(hosts.stop(cut)) end end)
+
+    it("takes a host cut off as lost; its agent leaves by itself", function()
+      if not up("ssh") then return end
+      if not hosts.up({netns = cutdown}, pending, "netns") then return end
+      local script = H.writefile(tmp() .. ".lua", noting(0.02))
+      local input = items(400)
+      local dir = H.tmpdir()
+      -- h1 is the host in its own network namespace, h2 a loopback one
+      local p = H.spawncli({"-S", "1/" .. cut.launch.h1, "-S", "1/" .. ssh.launch.h2,
+                            "--remote-lpar", lparbin, script, input, dir})
+      local agentof = running(dir, {"h1", "h2"})
+      assert.is_true(cut.partition.h1())
+      local out, err, how, code = finish(p)
+      assert.equal("exited", how)
+      assert.equal(0, code, err)
+      assert.equal(expected(400), out)
+      assert.matches("host '1/" .. cut.launch.h1:gsub("%p", "%%%0") .. "' was lost", err)
+      -- it hears nothing from its parent any more: it leaves within its
+      -- idle limit, killing its worker
+      assert.is_true(H.waitfor(function() return not H.alive(agentof.h1) end, 40),
+                     "the cut-off agent is still there")
+      cut.heal.h1()
+      H.rmdir(dir)
+    end)
+  end)
+
   describe("the agent, lpar --worker", function()
     it("refuses bad arguments", function()
       local rc, out, err = H.lpar("--worker -j 0", nil, 30)
