@@ -1678,6 +1678,7 @@ static int readyframe(Ctx *c, EWorker *w, uint32_t count) {
   w->got = 0;
   w->busy = 0;
   w->started = lpar_proc_now();
+  w->hostfails = 0; /* a host that finishes chunks is sound */
   if (--w->nq == 0) {
     w->state = W_IDLE;
     w->job = NULL;
