@@ -476,6 +476,29 @@ pool:close()
     assert.equal("200\n", out)
   end)
 
+  it("leaves out a host lost again and again, and runs its items elsewhere", function()
+    -- on the host whose environment says BAD, every item kills its agent
+    local script = H.writefile(tmp() .. ".lua", [[
+local signal = require "posix.signal"
+local unistd = require "posix.unistd"
+return function(x)
+  if os.getenv("LPAR_BAD_HOST") then signal.kill(unistd.getppid(), signal.SIGKILL) end
+  require("posix.time").nanosleep({tv_sec = 0, tv_nsec = 20000000})
+  return x .. "\t" .. #x
+end
+]])
+    -- 8 s of items: the bad host starts again after 1 s, then 2 s
+    local input = items(400)
+    local rc, out, err = H.lpar("-S " .. q("1/env LPAR_BAD_HOST=1") .. " -S 1/env --remote-lpar " ..
+                                q(lparbin) .. " " .. q(script) .. " " .. q(input), nil, 120)
+    assert.equal(0, rc, err)
+    assert.equal(expected(400), out)
+    local lost = select(2, err:gsub("host '1/env LPAR_BAD_HOST=1' was lost", ""))
+    assert.equal(2, lost, err)
+    assert.matches("host '1/env LPAR_BAD_HOST=1' is left out: its command killed by signal 9 " ..
+                   "(SIGKILL), again and again", err, 1, true)
+  end)
+
   describe("behind a network partition", function()
     local cut, cutdown
     lazy_setup(function()
