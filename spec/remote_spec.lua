@@ -375,21 +375,32 @@ io.stdin:read("a")
     H.rmdir(dir)
   end)
 
-  it("stops every host on Ctrl-C, leaving no agent or worker", function()
-    if not up("ssh") then return end
-    local script = H.writefile(tmp() .. ".lua", noting(0.05))
-    local input = items(2000)
-    local dir = H.tmpdir()
-    local p = H.spawncli({"-S", "2/" .. ssh.launch.h1, "-S", "2/" .. ssh.launch.h3,
-                          "--remote-lpar", lparbin, script, input, dir})
-    local _, pids = running(dir, {"h1", "h3"})
-    signal.kill(p.pid, signal.SIGINT)
-    local _, err, how, code = finish(p)
-    assert.equal("exited", how)
-    assert.equal(130, code, err)
-    assert.is_true(allgone(pids), "agents or workers are left")
-    H.rmdir(dir)
-  end)
+  -- Ctrl-C, SIGTERM, and the reader of the output gone
+  for _, case in ipairs({{"Ctrl-C", signal.SIGINT, 130}, {"SIGTERM", signal.SIGTERM, 143},
+                         {"a closed output", nil, 141}}) do
+    it("stops every host on " .. case[1] .. ", leaving no agent or worker", function()
+      if not up("ssh") then return end
+      local script = H.writefile(tmp() .. ".lua", noting(0.05))
+      local input = items(2000)
+      local dir = H.tmpdir()
+      local p = H.spawncli({"-S", "2/" .. ssh.launch.h1, "-S", "2/" .. ssh.launch.h3,
+                            "--remote-lpar", lparbin, script, input, dir})
+      local _, pids = running(dir, {"h1", "h3"})
+      if case[2] then
+        signal.kill(p.pid, case[2])
+      else
+        unistd.close(p.stdout)
+        p.stdout = nil
+      end
+      local err = H.readuntil(p.stderr, function() return false end, 60)
+      local how, code = H.waitexit(p.pid, 60)
+      H.closeall(p)
+      assert.equal("exited", how)
+      assert.equal(case[3], code, err)
+      assert.is_true(allgone(pids), "agents or workers are left")
+      H.rmdir(dir)
+    end)
+  end
 
   it("never blocks a frame loop's done() while a host is stopped", function()
     if not up("ssh") then return end
