@@ -555,7 +555,7 @@ static int agentmain(lua_State *L) {
 int lpar_agent_run(lua_State *L, int n) {
   Agent a;
   struct sigaction sa;
-  int fd;
+  int fd, status;
   memset(&a, 0, sizeof a);
   a.n = n;
   /* the stream leaves fds 0 and 1: what the workers print goes to stderr
@@ -585,13 +585,15 @@ int lpar_agent_run(lua_State *L, int n) {
   a.lastin = a.lastout = lpar_proc_now();
   lua_pushcfunction(L, agentmain);
   lua_pushlightuserdata(L, &a);
-  if (lua_pcall(L, 1, 0, 0) != LUA_OK) {
+  status = lua_pcall(L, 1, 0, 0);
+  if (status != LUA_OK) {
     a.L = L;
     fprintf(stderr, "lpar --worker: %s\n", lua_tostring(L, -1));
     puterror(&a, 0);
-    flushall(&a);
-    return 1;
   }
   flushall(&a);
-  return 0;
+  lpar_buf_free(&a.inb);
+  lpar_buf_free(&a.outb);
+  free(a.q);
+  return status == LUA_OK ? 0 : 1;
 }
