@@ -51,6 +51,11 @@ typedef struct JobOpts {
   int wakefd;        /* a stream's iterator may say "not yet" (see
                         lpar_engine_pushpending): then pulling waits until
                         this fd is readable; -1: none */
+  int batched;       /* a stream whose items are batches of records: its
+                        iterator is called with the number of records the
+                        policy wants in the next item and returns the item
+                        and the number it holds; a chunk is one batch,
+                        'chunk' and the time per item count records */
   int progress;      /* stack index (at submit) of a function called as
                         progress(done, total, failed) while the job is
                         waited for (see LPAR_PROGRESSNS); 0: none */
@@ -63,7 +68,8 @@ struct Job;
 
 typedef struct Chunk {
   lua_Integer first, count;
-  int alone; /* one suspect (see lpar_ranges_take) */
+  lua_Integer weight; /* records in it (a batched job), else count */
+  int alone;          /* one suspect (see lpar_ranges_take) */
 } Chunk;
 
 typedef struct EWorker {
@@ -149,6 +155,8 @@ typedef struct Job {
   Buf call;           /* CALL frame: header and the function */
   lua_Integer emit;   /* next index to emit (imap) */
   unsigned char *fin; /* ring of LPAR_WINDOW flags: item done (imap) */
+  lua_Integer *recs;  /* ring of LPAR_WINDOW: records in each item in
+                         flight (a batched job) */
   lua_Integer *queue; /* ring of done indices (unordered imap) */
   lua_Integer qhead, qtail;
   lua_Integer failed;   /* items that failed (collected) */

@@ -135,3 +135,34 @@ double lpar_policy_learn(double tns, long long busyns, long long count) {
   double per = (double)(busyns > 0 ? busyns : 1) / (double)count;
   return tns > 0 ? 0.5 * tns + 0.5 * per : per;
 }
+
+/*
+** The time per item to size a stream's next chunk by, given a chunk of
+** 'count' items out for 'elapsed' ns: that chunk will have taken at least
+** elapsed / count per item, so a chunk that runs past what tns promised
+** raises the estimate at once, before it reports; one on time leaves tns
+** as it is. Until tns is measured (0), nothing is inferred: a chunk only
+** just sent would make items look quick.
+*/
+double lpar_policy_pace(double tns, long long elapsed, long long count) {
+  double least;
+  if (tns <= 0 || count <= 0 || elapsed <= 0)
+    return tns;
+  least = (double)elapsed / (double)count;
+  return least > tns ? least : tns;
+}
+
+/*
+** How long (ns) a chunk of 'count' items, at tns each, may run before it
+** is overdue and asked to end early (a batch of records gives back those
+** it has not run, to be spread over the workers): 8 times what it should
+** take, and never under floorns, so that a pause of the machine does not
+** cut batches that are on time. Items that turn slow after many quick ones
+** so do not queue behind each other in a batch sized for quick ones.
+*/
+long long lpar_policy_overdue(double tns, long long count, long long floorns) {
+  double t = 8.0 * tns * (double)(count > 0 ? count : 1);
+  if (t > 1e18)
+    return (long long)1e18;
+  return t > (double)floorns ? (long long)t : floorns;
+}
