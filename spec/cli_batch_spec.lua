@@ -7,12 +7,12 @@ local tmpname = H.tmpfiles(after_each)
 
 describe("lpar batches", function()
   it("hands out one record at a time while a batch is overdue", function()
-    -- "s1" holds its worker until "s2" starts; the 2000 quick records
+    -- "s1" holds its worker until "s2" starts; the 4000 quick records
     -- between them show the other worker that s1's batch is overdue, so
     -- the batch with "s2" holds no quick record: s2 sees all the "a"
     -- records after it run in the other worker
     local dir = H.tmpdir()
-    local n = 2000
+    local n = 4000
     local items = tmpname()
     H.writefile(items, ("f\n"):rep(n) .. "s1\n" .. ("f\n"):rep(n) .. "s2\n" .. ("a\n"):rep(n))
     local code, out, err = H.lpar(("-j2 %s %s %s 1 %d"):format(FIX .. "hostage.lua", H.quote(items),

@@ -743,8 +743,8 @@ static lua_Integer itemsleft(Job *j) {
 }
 
 /* The time per item (per record for a batched job) that stream j's next
-   chunk is sized by: the time learnt, raised by any of its chunks out
-   longer than that promised (see lpar_policy_pace). */
+   chunk is sized by: the time learnt, raised by any of its chunks that is
+   overdue (see lpar_policy_pace). */
 static double pace(Engine *e, Job *j) {
   long long now = 0;
   double tns = j->tns;
@@ -754,7 +754,8 @@ static double pace(Engine *e, Job *j) {
     if (w->job == j && w->nq > 0 && w->state == W_BUSY) {
       if (now == 0)
         now = lpar_proc_now();
-      tns = lpar_policy_pace(tns, now - w->started, w->q[0].weight);
+      tns = lpar_policy_pace(tns, now - w->started, w->q[0].weight,
+                             LPAR_OVERDUENS);
     }
   }
   return tns;
@@ -1304,7 +1305,8 @@ static int results(Ctx *c, EWorker *w, const char *p, size_t len,
     /* its chunk is done: learn from its timing, and give the engine of a
        call's worker its next chunk before decoding, so that it works
        while the caller does */
-    j->tns = lpar_policy_learn(j->tns, w->busy, w->q[0].weight);
+    j->tns = lpar_policy_learn(j->tns, j->tnsn, w->busy, w->q[0].weight);
+    j->tnsn = w->q[0].weight;
     j->lost = 0;
     if (c->e->o.retire && w->nq == 1 && j == c->e->jobs && workleft(j))
       assign(c, w, j, juv);

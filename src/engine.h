@@ -150,6 +150,7 @@ typedef struct Job {
   int wakesrc;        /* ... the iterator's own fd */
   int sized;          /* the results table was made at its full size */
   double tns;         /* ns per item, 0 until measured */
+  long long tnsn;     /* ... from this many items (0: remembered) */
   Ranges redo;        /* items to hand out again */
   int lost;           /* workers lost under it without a culprit */
   Buf call;           /* CALL frame: header and the function */

@@ -129,24 +129,37 @@ int lpar_policy_retry(long long tries, int retries) {
   return tries >= 0 && tries < retries;
 }
 
-/* The time per item learnt from a chunk of 'count' items that took busyns
-   in its worker: half the old estimate, half the new. */
-double lpar_policy_learn(double tns, long long busyns, long long count) {
+/*
+** The time per item learnt from a chunk of 'count' items that took busyns
+** in its worker, with tns learnt from 'basis' items before (0: not
+** known): the old estimate weighs as its items do, but never more than
+** the new chunk's (half and half for chunks alike), so a first guess from
+** one item gives way at once to a chunk of many, and a change of pace
+** shows in the next chunk.
+*/
+double lpar_policy_learn(double tns, long long basis, long long busyns,
+                         long long count) {
   double per = (double)(busyns > 0 ? busyns : 1) / (double)count;
-  return tns > 0 ? 0.5 * tns + 0.5 * per : per;
+  double w = (double)(basis > 0 && basis < count ? basis : count);
+  if (tns <= 0)
+    return per;
+  return (tns * w + per * (double)count) / (w + (double)count);
 }
 
 /*
 ** The time per item to size a stream's next chunk by, given a chunk of
-** 'count' items out for 'elapsed' ns: that chunk will have taken at least
-** elapsed / count per item, so a chunk that runs past what tns promised
-** raises the estimate at once, before it reports; one on time leaves tns
-** as it is. Until tns is measured (0), nothing is inferred: a chunk only
-** just sent would make items look quick.
+** 'count' items out for 'elapsed' ns: once that chunk is overdue (see
+** lpar_policy_overdue, with floorns), it will have taken at least elapsed
+** / count per item, so it raises the estimate at once, before it reports.
+** A chunk merely late (its worker waiting for a processor, more workers
+** than cores) leaves tns as it is. Until tns is measured (0), nothing is
+** inferred.
 */
-double lpar_policy_pace(double tns, long long elapsed, long long count) {
+double lpar_policy_pace(double tns, long long elapsed, long long count,
+                        long long floorns) {
   double least;
-  if (tns <= 0 || count <= 0 || elapsed <= 0)
+  if (tns <= 0 || count <= 0 ||
+      elapsed < lpar_policy_overdue(tns, count, floorns))
     return tns;
   least = (double)elapsed / (double)count;
   return least > tns ? least : tns;

@@ -210,22 +210,33 @@ static void test_suspects(void) {
 }
 
 static void test_learn(void) {
-  double t = lpar_policy_learn(0, 1000, 10);
+  double t = lpar_policy_learn(0, 0, 1000, 10);
   CHECK(t == 100);
-  t = lpar_policy_learn(t, 3000, 10);
+  t = lpar_policy_learn(t, 10, 3000, 10); /* chunks alike: half and half */
   CHECK(t == 200);
-  CHECK(lpar_policy_learn(0, 0, 4) == 0.25); /* never 0: 0 means unknown */
+  CHECK(lpar_policy_learn(0, 0, 0, 4) == 0.25); /* never 0: 0 means unknown */
+  /* a remembered estimate (basis unknown) weighs as the new chunk */
+  CHECK(lpar_policy_learn(100, 0, 3000, 10) == 200);
+  /* a first guess from one slow item gives way to a chunk of many */
+  t = lpar_policy_learn(20000, 1, 50 * 300, 50);
+  CHECK(t > 680 && t < 690);
+  /* one slow item after many quick ones: half and half, at once */
+  CHECK(lpar_policy_learn(300, 4096, 1000300, 1) == 500300);
 }
 
 static void test_pace(void) {
   /* unknown stays unknown: a chunk just sent proves nothing */
-  CHECK(lpar_policy_pace(0, 5 * MS, 10) == 0);
+  CHECK(lpar_policy_pace(0, 500 * MS, 10, 50 * MS) == 0);
   /* a chunk on time leaves the estimate */
-  CHECK(lpar_policy_pace(1000, 5000, 10) == 1000);
-  /* one out longer than promised raises it at once */
-  CHECK(lpar_policy_pace(1000, 100 * MS, 10) == 10 * MS);
-  CHECK(lpar_policy_pace(1000, 100 * MS, 0) == 1000);
-  CHECK(lpar_policy_pace(1000, 0, 10) == 1000);
+  CHECK(lpar_policy_pace(1000, 5000, 10, 50 * MS) == 1000);
+  /* so does one merely late (its worker waits for a processor) */
+  CHECK(lpar_policy_pace(1000, 40 * MS, 10, 50 * MS) == 1000);
+  /* one overdue raises it at once */
+  CHECK(lpar_policy_pace(1000, 100 * MS, 10, 50 * MS) == 10 * MS);
+  /* overdue is 8 times its time when that is over the floor */
+  CHECK(lpar_policy_pace(1 * MS, 70 * MS, 10, 50 * MS) == 1 * MS);
+  CHECK(lpar_policy_pace(1 * MS, 90 * MS, 10, 50 * MS) == 9 * MS);
+  CHECK(lpar_policy_pace(1000, 100 * MS, 0, 50 * MS) == 1000);
 }
 
 /* The CLI's batches: a stream of records sized as the engine of a call
@@ -255,13 +266,13 @@ static void test_batches(void) {
   s = batchof(50, 100000);
   CHECK(lpar_policy_chunk(&s) == 100000);
   /* the time per record learnt from a batch's busy time and records */
-  CHECK(lpar_policy_learn(0, 1 * MS, 1000) == 1000);
+  CHECK(lpar_policy_learn(0, 0, 1 * MS, 1000) == 1000);
   /* a batch of 20 quick records (50 us each), out for 100 ms: one of them
      is slow; the batches cut meanwhile hold one record each */
-  s = batchof(lpar_policy_pace(50000, 100 * MS, 20), 0);
+  s = batchof(lpar_policy_pace(50000, 100 * MS, 20, 50 * MS), 0);
   CHECK(lpar_policy_chunk(&s) == 1);
-  /* out for 1 ms (20 x 50 us: on time): the batches stay as they were */
-  s = batchof(lpar_policy_pace(50000, 1 * MS, 20), 0);
+  /* out for 10 ms (20 x 50 us, late but not overdue): as they were */
+  s = batchof(lpar_policy_pace(50000, 10 * MS, 20, 50 * MS), 0);
   CHECK(lpar_policy_chunk(&s) == 20);
 }
 
