@@ -974,3 +974,57 @@ describe("closing a pool", function()
     assert.equal("bye\nbye\n", err)
   end)
 end)
+
+describe("pool:imap batched", function()
+  local pool
+
+  before_each(function() pool = lpar.pool{n_workers = 2, on_demand = true} end)
+  after_each(function() pool:close() end)
+
+  -- An iterator of batches (strings of 'x', one per record) over n
+  -- records, noting each 'want' it is called with.
+  local function batches(n, wants)
+    local given = 0
+    return function(want)
+      if given >= n then return nil end
+      wants[#wants + 1] = want
+      local k = math.min(want, n - given)
+      given = given + k
+      return ("x"):rep(k), k
+    end
+  end
+
+  it("asks the iterator for one record, then for the policy's number", function()
+    local wants, total = {}, 0
+    for _, v in pool:imap(function(b) return #b end, batches(20000, wants), {batched = true}) do
+      total = total + v
+    end
+    assert.equal(20000, total)
+    assert.equal(1, wants[1])
+    -- trivial records: once their time is known, batches of many
+    local most = 1
+    for _, w in ipairs(wants) do most = math.max(most, w) end
+    assert.is_true(most > 1, "every batch held one record")
+    assert.is_true(most <= 4096)
+  end)
+
+  it("asks for 'chunksize' records at a time", function()
+    local wants, total = {}, 0
+    for _, v in pool:imap(function(b) return #b end, batches(100, wants),
+                          {batched = true, chunksize = 7}) do
+      total = total + v
+    end
+    assert.equal(100, total)
+    for _, w in ipairs(wants) do assert.equal(7, w) end
+  end)
+
+  it("needs an iterator, and a record count after each batch", function()
+    assert.has_error(function() pool:imap(double, {1, 2}, {batched = true}) end,
+                     "bad argument #3 to 'imap' (batched needs an iterator function of items)")
+    local ok, err = pcall(function()
+      for _ in pool:imap(double, function() return 1 end, {batched = true}) do end
+    end)
+    assert.is_false(ok)
+    assert.matches("item 1: the items iterator gave no record count", err, 1, true)
+  end)
+end)

@@ -56,6 +56,12 @@
 #define LPAR_PROGRESSNS 50000000LL
 #endif
 
+/* a batch of records (a batched job) runs at least this long before it
+   may be asked to end early (see lpar_policy_overdue), ns */
+#if !defined(LPAR_OVERDUENS)
+#define LPAR_OVERDUENS 50000000LL
+#endif
+
 /* after SIGTERM for a timeout, SIGKILL follows this much later (ns) */
 #define KILLGRACE 500000000LL
 
@@ -939,7 +945,27 @@ static lua_Integer itemsleft(Job *j) {
   return j->n - j->next + 1 + j->redo.items;
 }
 
-/* Chunk size (see lpar_policy_chunk). The engine of a call amortizes
+/* The time per item (per record for a batched job) that stream j's next
+   chunk is sized by: the time learnt, raised by any of its chunks that is
+   overdue (see lpar_policy_pace). */
+static double pace(Engine *e, Job *j) {
+  long long now = 0;
+  double tns = j->tns;
+  int i;
+  for (i = 0; i < e->o.n && tns > 0; i++) {
+    EWorker *w = &e->w[i];
+    if (w->job == j && w->nq > 0 && w->state == W_BUSY) {
+      if (now == 0)
+        now = lpar_proc_now();
+      tns = lpar_policy_pace(tns, now - w->started, w->q[0].weight,
+                             LPAR_OVERDUENS);
+    }
+  }
+  return tns;
+}
+
+/* Chunk size (see lpar_policy_chunk), in records for a batched job. The
+   engine of a call amortizes
    forks (LPAR_MINCHUNKS of work at least, more for a stream, which has
    no tail to balance until it ends); one that lives on only a round trip
    (LPAR_POOLCHUNKNS), with at most LPAR_POOLPROBE items until the time
@@ -949,7 +975,7 @@ static lua_Integer chunksize(Engine *e, Job *j) {
   s.fixed = j->o.chunk;
   s.left = itemsleft(j);
   s.places = e->o.n;
-  s.tns = j->tns;
+  s.tns = j->stream ? pace(e, j) : j->tns;
   if (e->o.ondemand) {
     s.minns = (j->stream ? 4.0 : 1.0) * LPAR_MINCHUNKNS;
     s.max = j->stream && j->o.chunk <= 0 ? LPAR_MAXSTREAMCHUNK : 0;
@@ -1001,10 +1027,11 @@ static void makehostcall(lua_State *L, Job *j) {
   j->hostcall.n = j->call.n + 8;
 }
 
-/* lua_CFunction: (iterator) -> its next item and what follows it (the
-   fd after lpar.pending), under lua_pcall. */
+/* lua_CFunction: (iterator [, want]) -> its next item and what follows
+   it (the fd after lpar.pending; a batch's record count), under
+   lua_pcall. */
 static int callnext(lua_State *L) {
-  lua_call(L, 0, 2);
+  lua_call(L, lua_gettop(L) - 1, 2);
   return 2;
 }
 
@@ -1078,9 +1105,12 @@ static int pending(Ctx *c, Job *j, int fdidx) {
 */
 static int askiter(Ctx *c, Job *j, int juv) {
   lua_State *L = c->L;
+  lua_Integer weight = 1;
   lua_pushcfunction(L, callnext);
   lua_rawgeti(L, juv, JU_ITEMS);
-  if (lua_pcall(L, 1, 2, 0) != LUA_OK) {
+  if (j->o.batched)
+    lua_pushinteger(L, chunksize(c->e, j));
+  if (lua_pcall(L, j->o.batched ? 2 : 1, 2, 0) != LUA_OK) {
     failjob(c, j, NULL);
     return -1;
   }
@@ -1097,8 +1127,23 @@ static int askiter(Ctx *c, Job *j, int juv) {
     lua_pop(L, 2);
     return rc < 0 ? -1 : 0;
   }
+  if (j->o.batched) {
+    int isnum;
+    weight = lua_tointegerx(L, -2, &isnum);
+    if (!isnum || weight < 1) {
+      lua_pop(L, 2);
+      lua_pushfstring(L,
+                      "item %I: the items iterator gave no record count "
+                      "(a positive integer after the batch)",
+                      (LUAI_UACINT)(j->n + 1));
+      failjob(c, j, NULL);
+      return -1;
+    }
+  }
   lua_remove(L, -2);
   j->n++;
+  if (j->recs != NULL)
+    j->recs[(j->n - 1) % LPAR_WINDOW] = weight;
   lua_rawgeti(L, juv, JU_INFLIGHT);
   lua_pushvalue(L, -2);
   lua_rawseti(L, -2, j->n);
@@ -1178,7 +1223,19 @@ static void assign(Ctx *c, EWorker *w, Job *j, int juv) {
   at = w->out.n;
   nomem(L, lpar_buf_reserve(&w->out, LPAR_HDRSIZE + 8));
   w->out.n += LPAR_HDRSIZE + 8;
-  count = w->host ? hostchunk(c->e, j, w) : chunksize(c->e, j);
+  /* a batched job's chunk is one batch, of the records the policy wants
+     (asked of the iterator); a host's, as many batches as make its share
+     of records */
+  if (j->o.batched && w->host) {
+    lua_Integer per = chunksize(c->e, j);
+    count = (hostchunk(c->e, j, w) + per - 1) / per;
+    if (count < w->hostn)
+      count = w->hostn;
+  }
+  else if (j->o.batched)
+    count = 1;
+  else
+    count = w->host ? hostchunk(c->e, j, w) : chunksize(c->e, j);
   if (j->redo.n > 0) {
     long long from;
     count = lpar_ranges_take(&j->redo, count, &from, &alone);
@@ -1221,11 +1278,19 @@ static void assign(Ctx *c, EWorker *w, Job *j, int juv) {
   w->job = j;
   w->q[w->nq].first = first;
   w->q[w->nq].count = count;
+  w->q[w->nq].weight = count;
+  if (j->recs != NULL) { /* the records of its batches */
+    lua_Integer k;
+    w->q[w->nq].weight = 0;
+    for (k = first; k < first + count; k++)
+      w->q[w->nq].weight += j->recs[(k - 1) % LPAR_WINDOW];
+  }
   w->q[w->nq].alone = alone;
   if (w->nq++ == 0) {
     w->got = 0;
     w->busy = 0;
     w->started = lpar_proc_now();
+    c->e->slots[w - c->e->w].cut = 0;
   }
   if (sendsome(c->e, w) != 0) /* gone, or going: reaped as it ends */
     lose(c, w, 0, NULL);
@@ -1240,10 +1305,11 @@ static int prefetch(Engine *e, EWorker *w, long long now) {
     return 0;
   if (w->host) /* a round trip away: its next chunk waits there */
     return 1;
-  return lpar_policy_prefetch(
-      j->tns, w->q[0].count, now - w->started,
-      e->o.ondemand ? LPAR_MINCHUNKNS : LPAR_POOLCHUNKNS,
-      itemsleft(j) < 0 ? LPAR_WINDOW : itemsleft(j), e->o.n, chunksize(e, j));
+  return lpar_policy_prefetch(j->tns, w->q[0].weight, now - w->started,
+                              e->o.ondemand ? LPAR_MINCHUNKNS
+                                            : LPAR_POOLCHUNKNS,
+                              itemsleft(j) < 0 ? LPAR_WINDOW : itemsleft(j),
+                              e->o.n, j->o.batched ? 1 : chunksize(e, j));
 }
 
 /* Whether w may be handed a chunk: live and holding none (a worker still
@@ -1492,7 +1558,9 @@ static int spawnwait(Ctx *c) {
   if (j == NULL)
     return -1;
   s.now = lpar_proc_now();
-  s.tns = j->tns > 0 ? j->tns : slotestimate(e, s.now);
+  /* per item: a batched job's items are batches of chunksize records */
+  s.tns = j->tns > 0 ? j->tns * (j->o.batched ? (double)chunksize(e, j) : 1.0)
+                     : slotestimate(e, s.now);
   s.left = itemsleft(j);
   s.live = e->live;
   s.pns = e->pns;
@@ -1554,7 +1622,8 @@ static int results(Ctx *c, EWorker *w, const char *p, size_t len,
     /* its chunk is done: learn from its timing, and give the engine of a
        call's worker its next chunk before decoding, so that it works
        while the caller does */
-    j->tns = lpar_policy_learn(j->tns, w->busy, w->q[0].count);
+    j->tns = lpar_policy_learn(j->tns, j->tnsn, w->busy, w->q[0].weight);
+    j->tnsn = w->q[0].weight;
     j->lost = 0;
     if (c->e->o.retire && w->nq == 1 && j == c->e->jobs && workleft(j))
       assign(c, w, j, juv);
@@ -1679,6 +1748,7 @@ static int readyframe(Ctx *c, EWorker *w, uint32_t count) {
   w->busy = 0;
   w->started = lpar_proc_now();
   w->hostfails = 0; /* a host that finishes chunks is sound */
+  c->e->slots[w - c->e->w].cut = 0;
   if (--w->nq == 0) {
     w->state = W_IDLE;
     w->job = NULL;
@@ -1974,6 +2044,17 @@ static int deadlines(Ctx *c) {
         acted = 1;
         continue;
       }
+    }
+    if (w->killat == 0 && w->state == W_BUSY && w->nq > 0 && w->job &&
+        w->job->o.batched && e->slots[i].cut != w->q[0].first) {
+      /* a batch far past its time gives back the records it has not run */
+      long long at =
+          w->started +
+          lpar_policy_overdue(w->job->tns, w->q[0].weight, LPAR_OVERDUENS);
+      if (now >= at)
+        e->slots[i].cut = w->q[0].first;
+      else if (due == 0 || at < due)
+        due = at;
     }
     if (w->killat == 0 && w->state != W_EMPTY &&
         (stall = stalled(c, w, now)) != 0) {
@@ -2284,6 +2365,13 @@ Job *lpar_engine_submit(lua_State *L, int eidx, int fidx, int iidx,
   }
   j->toldone = -1;
   lua_setiuservalue(L, ju, 1);
+  if (j->o.batched && j->stream) {
+    j->recs = calloc(LPAR_WINDOW, sizeof(lua_Integer));
+    if (j->recs == NULL)
+      luaL_error(L, "not enough memory"); /* __gc frees it */
+  }
+  else
+    j->o.batched = 0;
   if (o->emitting) {
     j->fin = calloc(LPAR_WINDOW, 1);
     j->queue = calloc(LPAR_WINDOW, sizeof(lua_Integer));
@@ -2704,9 +2792,11 @@ static int job_gc(lua_State *L) {
   free(j->fin);
   free(j->queue);
   free(j->where);
+  free(j->recs);
   j->fin = NULL;
   j->queue = NULL;
   j->where = NULL;
+  j->recs = NULL;
   return 0;
 }
 

@@ -53,6 +53,11 @@ typedef struct JobOpts {
   int wakefd;        /* a stream's iterator may say "not yet" (see
                         lpar_engine_pushpending): then pulling waits until
                         this fd is readable; -1: none */
+  int batched;       /* a stream whose items are batches of records: its
+                        iterator is called with the number of records the
+                        policy wants in the next item and returns the item
+                        and the number it holds; a chunk is one batch,
+                        'chunk' and the time per item count records */
   int progress;      /* stack index (at submit) of a function called as
                         progress(done, total, failed) while the job is
                         waited for (see LPAR_PROGRESSNS); 0: none */
@@ -65,7 +70,8 @@ struct Job;
 
 typedef struct Chunk {
   lua_Integer first, count;
-  int alone; /* one suspect (see lpar_ranges_take) */
+  lua_Integer weight; /* records in it (a batched job), else count */
+  int alone;          /* one suspect (see lpar_ranges_take) */
 } Chunk;
 
 typedef struct EWorker {
@@ -156,12 +162,15 @@ typedef struct Job {
   int wakesrc;           /* ... the iterator's own fd */
   int sized;             /* the results table was made at its full size */
   double tns;            /* ns per item, 0 until measured */
+  long long tnsn;        /* ... from this many items (0: remembered) */
   Ranges redo;           /* items to hand out again */
   int lost;              /* workers lost under it without a culprit */
   Buf call;              /* CALL frame: header and the function */
   Buf hostcall;          /* ... as hosts take it (with the timeout) */
   lua_Integer emit;      /* next index to emit (imap) */
   unsigned char *fin;    /* ring of LPAR_WINDOW flags: item done (imap) */
+  lua_Integer *recs;     /* ring of LPAR_WINDOW: records in each item in
+                            flight (a batched job) */
   lua_Integer *queue;    /* ring of done indices (unordered imap) */
   unsigned short *where; /* ring of LPAR_WINDOW: the host that ran an item
                             (0: a local worker), with hosts */

@@ -90,4 +90,13 @@ void lpar_openlib(lua_State *L);
 */
 int lpar_inworker(lua_State *L);
 
+/*
+** 1 if 'L' runs in an lpar worker whose current item the engine asks to
+** end early, else 0: an item of a batched job (a batch of records, see
+** pool:imap's 'batched') that runs far past the time the policy gave it
+** (lpar_policy_overdue). The function running the batch checks it between
+** records and returns what it has run, leaving the rest to its caller.
+*/
+int lpar_overdue(lua_State *L);
+
 #endif

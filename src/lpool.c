@@ -272,7 +272,7 @@ static const char *const jobopts[] = {"chunksize", "on_error", "timeout",
                                       "retries",   "progress", NULL};
 static const char *const imapopts[] = {"chunksize", "on_error",  "timeout",
                                        "retries",   "unordered", "wakefd",
-                                       "progress",  NULL};
+                                       "batched",   "progress",  NULL};
 
 /* Read the job options at 'arg' (nil or a table) into o: those of
    pool:imap if 'imap'. */
@@ -288,6 +288,9 @@ static void getjobopts(lua_State *L, int arg, JobOpts *o, int imap) {
     return;
   lua_getfield(L, arg, "unordered");
   o->unordered = lua_toboolean(L, -1);
+  lua_pop(L, 1);
+  lua_getfield(L, arg, "batched");
+  o->batched = lua_toboolean(L, -1);
   lua_pop(L, 1);
   if (lua_getfield(L, arg, "wakefd") != LUA_TNIL) {
     int isnum;
@@ -351,7 +354,9 @@ static int poolimapnext(lua_State *L) {
 ** from an iterator pulled as workers need them, a bounded number at a
 ** time. An iterator may return lpar.pending for "no item yet": with
 ** opts.wakefd, pulling waits until that fd is readable (or a result is
-** taken).
+** taken). With opts.batched each item is a batch of records: the
+** iterator is called with the number of records the policy wants next
+** and returns the batch and how many it holds (see JobOpts).
 */
 static int pool_imap(lua_State *L) {
   JobOpts o;
@@ -365,6 +370,8 @@ static int pool_imap(lua_State *L) {
     luaL_argexpected(L, lua_type(L, 3) == LUA_TFUNCTION, 3,
                      "table or iterator function");
   getjobopts(L, 4, &o, 1);
+  luaL_argcheck(L, !o.batched || n < 0, 4,
+                "batched needs an iterator function of items");
   o.emitting = 1;
   lpar_opts_progress(L, 4); /* 5 */
   o.progress = lua_isnil(L, 5) ? 0 : 5;
@@ -596,6 +603,10 @@ static const luaL_Reg jobmethods[] = {
 
 int lpar_inworker(lua_State *L) {
   return lpar_worker_inside(L);
+}
+
+int lpar_overdue(lua_State *L) {
+  return lpar_worker_overdue(L);
 }
 
 void lpar_lpool_open(lua_State *L) {

@@ -14,7 +14,6 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/file.h>
-#include <sys/mman.h>
 #include <sys/stat.h>
 #include <time.h>
 #include <unistd.h>
@@ -761,29 +760,16 @@ static int l_finish(lua_State *L) {
 ** The items go to the engine in batches: one engine item is a block of
 ** consecutive records, raw bytes with their separators, which a worker
 ** splits (split()). The parent's work per record is then a memchr and a
-** memcpy; the engine's cost is paid per batch. Batches are sized from
-** the time workers report for them, to take about LPAR_BATCHSECS each,
-** so slow items still go one at a time.
+** memcpy; the engine's cost is paid per batch. How many records a batch
+** holds is the engine's to say (its policy, from the time per record the
+** workers report): the reader cuts what it is asked for, fewer only
+** where the bytes run out.
 */
-
-/* a batch should take a worker about this long (s) */
-#if !defined(LPAR_BATCHSECS)
-#define LPAR_BATCHSECS 0.001
-#endif
-
-/* most records in a batch */
-#if !defined(LPAR_BATCHMAX)
-#define LPAR_BATCHMAX 1024
-#endif
 
 /* most bytes in a batch (a longer record goes alone) */
 #if !defined(LPAR_BATCHBYTES)
 #define LPAR_BATCHBYTES (64 * 1024)
 #endif
-
-/* the time per record the workers measured last (ns; 0 until known), in
-   memory shared with them */
-static _Atomic long long *pertime;
 
 /* records handed out and not yet taken back, at most: past this the run
    gets no more items, finishes, and a new run goes on (which bounds the
@@ -807,8 +793,6 @@ typedef struct Reader {
   lua_Integer count;          /* records read so far */
   lua_Integer batches;        /* batches handed out in this run */
   lua_Integer ahead;          /* records handed out, not yet taken back */
-  int batchmax;               /* records per batch now */
-  int fixed;                  /* batchmax was set, not learned */
   lua_Integer *first;         /* ring of LPAR_AHEAD: first record of a batch */
   int *size;                  /* ring of LPAR_AHEAD: records in a batch */
   off_t start;                /* a regular file: where the items begin in it */
@@ -979,25 +963,21 @@ static int ready(Reader *r) {
 
 /*
 ** Cut the next batch from the buffer (reading more first while less than
-** a batch is buffered and more is at hand): up to batchmax complete
-** records within LPAR_BATCHBYTES, at least one. Pushes the block, notes
-** it in the ring and in the table at 'blocks', and returns 1; returns 0
-** if no complete record is buffered.
+** a batch is buffered and more is at hand): up to 'want' complete records
+** within LPAR_BATCHBYTES, at least one. Pushes the block and its record
+** count, notes it in the ring and in the table at 'blocks', and returns
+** 1; returns 0 if no complete record is buffered.
 */
-static int cut(lua_State *L, Reader *r, int blocks) {
+static int cut(lua_State *L, Reader *r, int blocks, lua_Integer want) {
   char *s, *p, *end;
-  int k = 0;
-  lua_Integer slot;
-  long long per = pertime ? atomic_load(pertime) : 0;
-  if (per > 0 && !r->fixed) {
-    double b = LPAR_BATCHSECS * 1e9 / (double)per;
-    r->batchmax = b < 1 ? 1 : b > LPAR_BATCHMAX ? LPAR_BATCHMAX : (int)b;
-  }
+  lua_Integer k = 0, slot;
+  if (want > LPAR_AHEAD)
+    want = LPAR_AHEAD;
   while (!r->eof && r->len - r->pos < LPAR_BATCHBYTES && ready(r))
     fill(L, r);
   s = p = r->buf + r->pos;
   end = r->buf + r->len;
-  while (k < r->batchmax && p < end) {
+  while (k < want && p < end) {
     char *e = memchr(p, r->sep, (size_t)(end - p));
     if (e == NULL) {
       if (!r->eof || (k > 0 && end - s > LPAR_BATCHBYTES))
@@ -1016,23 +996,26 @@ static int cut(lua_State *L, Reader *r, int blocks) {
   r->batches++;
   slot = r->batches % LPAR_AHEAD;
   r->first[slot] = r->count + 1;
-  r->size[slot] = k;
+  r->size[slot] = (int)k;
   r->count += k;
   r->ahead += k;
   lua_pushvalue(L, -1);
   lua_rawseti(L, blocks, r->batches);
+  lua_pushinteger(L, k);
   return 1;
 }
 
 /*
-** The items iterator of the CLI's job: () -> the next batch, or nothing at
-** the end of the input. It never waits: with no complete record at hand
+** The items iterator of the CLI's job (a batched one): (want) -> the next
+** batch of up to 'want' records and how many it holds, or nothing at the
+** end of the input. It never waits: with no complete record at hand
 ** it returns lpar.pending (upvalue 2) and the input's fd, and the engine
 ** asks again once the input is readable; with LPAR_AHEAD records out, it
 ** returns lpar.pending alone, and is asked again once a result is taken.
 */
 static int reader_next(lua_State *L) {
   Reader *r = lua_touserdata(L, lua_upvalueindex(1));
+  lua_Integer want = luaL_optinteger(L, 1, 1);
   lua_settop(L, 0);
   lua_getiuservalue(L, lua_upvalueindex(1), 1); /* 1: blocks */
   if (r->fd < 0)
@@ -1043,8 +1026,8 @@ static int reader_next(lua_State *L) {
     return 1;
   }
   for (;;) {
-    if (cut(L, r, 1))
-      return 1;
+    if (cut(L, r, 1, want))
+      return 2;
     if (r->eof)
       return 0;
     if (!ready(r)) {
@@ -1102,16 +1085,11 @@ static int reader_take(lua_State *L) {
   return 3;
 }
 
-/* note(t0, n): in a worker, a batch of n records begun at t0 (now())
-   is done: tell the parent the time per record. */
-static int l_note(lua_State *L) {
-  double t0 = luaL_checknumber(L, 1);
-  lua_Integer n = luaL_checkinteger(L, 2);
-  if (pertime != NULL && n > 0) {
-    long long per = (long long)(((double)now() - t0 * 1e9) / (double)n);
-    atomic_store(pertime, per > 0 ? per : 1);
-  }
-  return 0;
+/* overdue() -> whether, in a worker, lpar asks the batch it runs to end
+   early (see lpar_overdue) */
+static int l_overdue(lua_State *L) {
+  lua_pushboolean(L, lpar_overdue(L));
+  return 1;
 }
 
 /* reader:skip(n) -> skipped: read past n records (fewer at the end). */
@@ -1140,16 +1118,6 @@ static int reader_skip(lua_State *L) {
   r->count += k;
   lua_pushinteger(L, k);
   return 1;
-}
-
-/* reader:setbatch(n): n records per batch from now on, not learned */
-static int reader_setbatch(lua_State *L) {
-  Reader *r = checkreader(L);
-  lua_Integer n = luaL_checkinteger(L, 2);
-  luaL_argcheck(L, n >= 1, 2, "must be positive");
-  r->batchmax = n > LPAR_BATCHMAX ? LPAR_BATCHMAX : (int)n;
-  r->fixed = 1;
-  return 0;
 }
 
 /* reader:fileid() -> "device:inode" of a regular file or a pipe, or nil */
@@ -1322,14 +1290,6 @@ static int l_open(lua_State *L) {
   memset(r, 0, sizeof *r);
   r->fd = -1;
   luaL_setmetatable(L, READERMT); /* __gc frees what follows */
-  if (pertime == NULL) {
-    void *m = mmap(NULL, sizeof *pertime, PROT_READ | PROT_WRITE,
-                   MAP_SHARED | MAP_ANONYMOUS, -1, 0);
-    if (m == MAP_FAILED)
-      return raisef(L, "cannot map shared memory: %s", strerror(errno));
-    pertime = m;
-    atomic_store(pertime, 0);
-  }
   r->first = malloc(LPAR_AHEAD * sizeof *r->first);
   r->size = malloc(LPAR_AHEAD * sizeof *r->size);
   r->buf = malloc(tlen > LPAR_READSIZE ? tlen : LPAR_READSIZE);
@@ -1343,7 +1303,6 @@ static int l_open(lua_State *L) {
   r->shardk = k;
   r->shardn = shards;
   r->tail = -1;
-  r->batchmax = 1;
   if (text != NULL) { /* nothing to read: the records are all there */
     fd = opensource(L, "/dev/null", &st);
     if (fd < 0)
@@ -1511,17 +1470,12 @@ static int l_isolate(lua_State *L) {
   return 0;
 }
 
-static const luaL_Reg readermethods[] = {{"wait", reader_wait},
-                                         {"take", reader_take},
-                                         {"setbatch", reader_setbatch},
-                                         {"skip", reader_skip},
-                                         {"count", reader_count},
-                                         {"items", reader_items},
-                                         {"fileid", reader_fileid},
-                                         {"identity", reader_identity},
-                                         {"partial", reader_partial},
-                                         {"close", reader_close},
-                                         {NULL, NULL}};
+static const luaL_Reg readermethods[] = {
+    {"wait", reader_wait},         {"take", reader_take},
+    {"skip", reader_skip},         {"count", reader_count},
+    {"items", reader_items},       {"fileid", reader_fileid},
+    {"identity", reader_identity}, {"partial", reader_partial},
+    {"close", reader_close},       {NULL, NULL}};
 
 static const luaL_Reg helpers[] = {{"signals", l_signals},
                                    {"caught", l_caught},
@@ -1545,7 +1499,7 @@ static const luaL_Reg helpers[] = {{"signals", l_signals},
                                    {"open", l_open},
                                    {"count", l_count},
                                    {"split", l_split},
-                                   {"note", l_note},
+                                   {"overdue", l_overdue},
                                    {"now", l_now},
                                    {"isatty", l_isatty},
                                    {"cpus", l_cpus},

@@ -152,9 +152,53 @@ int lpar_policy_retry(long long tries, int retries) {
   return tries >= 0 && tries < retries;
 }
 
-/* The time per item learnt from a chunk of 'count' items that took busyns
-   in its worker: half the old estimate, half the new. */
-double lpar_policy_learn(double tns, long long busyns, long long count) {
+/*
+** The time per item learnt from a chunk of 'count' items that took busyns
+** in its worker, with tns learnt from 'basis' items before (0: not
+** known): the old estimate weighs as its items do, but never more than
+** the new chunk's (half and half for chunks alike), so a first guess from
+** one item gives way at once to a chunk of many, and a change of pace
+** shows in the next chunk.
+*/
+double lpar_policy_learn(double tns, long long basis, long long busyns,
+                         long long count) {
   double per = (double)(busyns > 0 ? busyns : 1) / (double)count;
-  return tns > 0 ? 0.5 * tns + 0.5 * per : per;
+  double w = (double)(basis > 0 && basis < count ? basis : count);
+  if (tns <= 0)
+    return per;
+  return (tns * w + per * (double)count) / (w + (double)count);
+}
+
+/*
+** The time per item to size a stream's next chunk by, given a chunk of
+** 'count' items out for 'elapsed' ns: once that chunk is overdue (see
+** lpar_policy_overdue, with floorns), it will have taken at least elapsed
+** / count per item, so it raises the estimate at once, before it reports.
+** A chunk merely late (its worker waiting for a processor, more workers
+** than cores) leaves tns as it is. Until tns is measured (0), nothing is
+** inferred.
+*/
+double lpar_policy_pace(double tns, long long elapsed, long long count,
+                        long long floorns) {
+  double least;
+  if (tns <= 0 || count <= 0 ||
+      elapsed < lpar_policy_overdue(tns, count, floorns))
+    return tns;
+  least = (double)elapsed / (double)count;
+  return least > tns ? least : tns;
+}
+
+/*
+** How long (ns) a chunk of 'count' items, at tns each, may run before it
+** is overdue and asked to end early (a batch of records gives back those
+** it has not run, to be spread over the workers): 8 times what it should
+** take, and never under floorns, so that a pause of the machine does not
+** cut batches that are on time. Items that turn slow after many quick ones
+** so do not queue behind each other in a batch sized for quick ones.
+*/
+long long lpar_policy_overdue(double tns, long long count, long long floorns) {
+  double t = 8.0 * tns * (double)(count > 0 ? count : 1);
+  if (t > 1e18)
+    return (long long)1e18;
+  return t > (double)floorns ? (long long)t : floorns;
 }

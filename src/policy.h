@@ -72,6 +72,12 @@ long long lpar_policy_culprit(long long first, long long count, long long got,
 
 int lpar_policy_retry(long long tries, int retries);
 
-double lpar_policy_learn(double tns, long long busyns, long long count);
+double lpar_policy_learn(double tns, long long basis, long long busyns,
+                         long long count);
+
+double lpar_policy_pace(double tns, long long elapsed, long long count,
+                        long long floorns);
+
+long long lpar_policy_overdue(double tns, long long count, long long floorns);
 
 #endif

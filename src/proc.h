@@ -41,6 +41,8 @@ typedef struct Proc {
 typedef struct Slot {
   volatile long long item;
   volatile long long since; /* CLOCK_MONOTONIC, ns */
+  volatile long long cut;   /* written by the parent: the item it asks the
+                               worker to end early (see lpar_overdue) */
 } Slot;
 
 /* What the child does with SIGINT: the host's choice if it ignored it. */

@@ -21,6 +21,7 @@
 #include "xfer.h"
 
 #define WORKERKEY "lpar.inworker"
+#define SLOTKEY "lpar.slot" /* the worker's Slot, a light userdata */
 
 /*
 ** os.exit in a worker: flush stdio and leave with _exit, as a worker always
@@ -49,6 +50,14 @@ void lpar_worker_mark(lua_State *L) {
     lua_setfield(L, -2, "exit");
   }
   lua_pop(L, 2);
+}
+
+int lpar_worker_overdue(lua_State *L) {
+  Slot *slot;
+  lua_getfield(L, LUA_REGISTRYINDEX, SLOTKEY);
+  slot = lua_touserdata(L, -1);
+  lua_pop(L, 1);
+  return slot != NULL && slot->item != 0 && slot->cut == slot->item;
 }
 
 int lpar_worker_inside(lua_State *L) {
@@ -133,6 +142,8 @@ void lpar_worker_check(int rc) {
 
 void lpar_worker_initrunner(Runner *r, lua_State *L, int fd, Slot *slot) {
   lpar_worker_mark(L);
+  lua_pushlightuserdata(L, slot);
+  lua_setfield(L, LUA_REGISTRYINDEX, SLOTKEY);
   if (lpar_buf_reserve(&r->out, 4096) != 0)
     _exit(3);
   r->L = L;

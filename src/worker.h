@@ -34,6 +34,10 @@ typedef struct WorkerArgs {
 void lpar_worker_mark(lua_State *L);
 int lpar_worker_inside(lua_State *L);
 
+/* Whether the parent asked the item this worker runs to end early (see
+   lpar_overdue). */
+int lpar_worker_overdue(lua_State *L);
+
 /*
 ** Serve an engine in a freshly forked child: run init, say READY, then
 ** serve CALL, WORK and ITEMS frames until the command channel closes; run

@@ -674,29 +674,25 @@ function M.mapper(map, fmt, now)
   end
 end
 
--- A worker that has spent this long on a batch (s) stops at the next
--- record and gives the rest back: items that were quick and turn slow do
--- not stay in a batch sized for quick ones.
-M.budget = 0.05
-
 -- The function the workers run on a batch (a block of records, see
--- main.c): returns the output (lines, each ended by a newline) or a table
--- of parts: output text, or {k, failure} for the batch's k-th record; its
--- field 'rest', if set, is the first record it did not run (out of
--- budget). With 'halt' it stops at the first failure. With 'timed' it
--- always returns the table, its field 'times' the seconds each record
--- took (string.pack'ed doubles). It tells the parent (note) the time a
--- record took. With 'label' (--number) a batch comes as {first, block}
--- (first: its first record's number in the reader) and each output line
--- starts with label(number of its record).
+-- main.c; the engine's policy sizes it): returns the output (lines, each
+-- ended by a newline) or a table of parts: output text, or {k, failure}
+-- for the batch's k-th record; its field 'rest', if set, is the first
+-- record it did not run (lpar asked the batch to end early: it ran far
+-- past its time, see lpar_policy_overdue). With 'halt' it stops at the
+-- first failure. With 'timed' it always returns the table, its field
+-- 'times' the seconds each record took (string.pack'ed doubles). With
+-- 'label' (--number) a batch comes as {first, block} (first: its first
+-- record's number in the reader) and each output line starts with
+-- label(number of its record).
 function M.batcher(map, fmt, nul, halt, timed, c, maxmem, label)
-  local concat, shorten, clean, budget = table.concat, M.shorten, M.clean, M.budget
-  local split, now, note = c.split, c.now, c.note
+  local concat, shorten, clean = table.concat, M.shorten, M.clean
+  local split, now, overdue = c.split, c.now, c.overdue
   local eol = c.eol or "\n" -- "\0" with --null-output
   local out, times, recs = {}, {}, {}
-  local nrec, k, n, t0, t1, over, first
-  -- the records from k + 1 on, until one fails (one xpcall for all) or the
-  -- budget is spent
+  local nrec, k, n, t1, over, first
+  -- the records from k + 1 on, until one fails (one xpcall for all) or
+  -- lpar asks for the rest back
   local function loop()
     while k < nrec do
       k = k + 1
@@ -705,7 +701,7 @@ function M.batcher(map, fmt, nul, halt, timed, c, maxmem, label)
         n = n + 1
         out[n] = label and label(first + k - 1) .. r or r
       end
-      if now() - t0 > budget and k < nrec then
+      if k < nrec and overdue() then
         over = true
         return
       end
@@ -716,13 +712,12 @@ function M.batcher(map, fmt, nul, halt, timed, c, maxmem, label)
       k = k + 1
       t1 = now()
       local r = fmt(map(recs[k]))
-      local t2 = now()
-      times[k] = t2 - t1
+      times[k] = now() - t1
       if r ~= nil then
         n = n + 1
         out[n] = label and label(first + k - 1) .. r or r
       end
-      if t2 - t0 > budget and k < nrec then
+      if k < nrec and overdue() then
         over = true
         return
       end
@@ -734,7 +729,7 @@ function M.batcher(map, fmt, nul, halt, timed, c, maxmem, label)
   return function(block)
     local parts
     if label then first, block = block[1], block[2] end
-    t0, over = now(), false
+    over = false
     recs, nrec = split(block, nul, recs)
     k, n = 0, 0
     while k < nrec and not over do
@@ -756,10 +751,9 @@ function M.batcher(map, fmt, nul, halt, timed, c, maxmem, label)
         parts[#parts + 1] = {k, packfailure(shorten(recs[k]),
                                             (r[1]:gsub("%z", "\\0")), clean(r[2]))}
         if halt then break end
-        if now() - t0 > budget and k < nrec then over = true end
+        if k < nrec and overdue() then over = true end
       end
     end
-    note(t0, k)
     local text = ""
     if n > 0 then
       out[n + 1] = ""
@@ -1357,14 +1351,14 @@ function M.run(o, c, reader, counter, map, init, close)
     opts.hosts, opts.remote_lpar = list, o.remotelpar
     opts.agent_setup = M.agentsetup(o)
   end
-  -- The engine hands out one batch at a time: batches are sized to take
-  -- about a millisecond (or hold one slow record) already.
+  -- The job's items are batches of records: the engine's policy says how
+  -- many records each holds (from the time per record the workers
+  -- report), the reader cuts them. --chunk N fixes it at N records.
   local jobopts = {on_error = "collect", unordered = o.unordered or nil,
-                   timeout = o.timeout, chunksize = 1}
+                   timeout = o.timeout, chunksize = o.chunk, batched = true}
   local sideopts = {on_error = "collect", timeout = o.timeout}
-  if o.chunk then reader:setbatch(o.chunk) end
   -- --halt ...,success= or done=: each record's outcome is seen on its own
-  if halt and halt.what ~= "fail" then reader:setbatch(1) end
+  if halt and halt.what ~= "fail" then jobopts.chunksize = 1 end
 
   -- where results and the joblog go; what a resumed run skips
   local skipped = 0
@@ -1439,18 +1433,18 @@ function M.run(o, c, reader, counter, map, init, close)
   local items = reader:items(lpar.pending)
   if label then -- each batch goes with the number of its first record
     local nextbatch, taken = items, reader.count
-    items = function()
+    items = function(want)
       local first = taken(reader) + 1
-      local b, fd = nextbatch()
-      if type(b) == "string" then return {first, b} end
-      return b, fd
+      local b, n = nextbatch(want) -- n: its records, or the fd to wait on
+      if type(b) == "string" then return {first, b}, n end
+      return b, n
     end
   end
   if halt and halt.when == "soon" then -- no new records once tripped
     local nextbatch = items
-    items = function()
+    items = function(want)
       if tripped then return nil end
-      return nextbatch()
+      return nextbatch(want)
     end
   end
   opts.functions = {batchf, single}
@@ -1556,7 +1550,8 @@ function M.run(o, c, reader, counter, map, init, close)
 
   -- Run records from..n of a batch one by one: when the engine lost the
   -- batch (its worker died, or it ran past the timeout), which names the
-  -- culprit; or when the batch ran out of budget.
+  -- culprit; or when lpar asked the batch to end early (it ran far past
+  -- its time), so that the rest is spread over the workers.
   local function rerun(first, block, from)
     local recs = c.split(block, nul)
     if from > 1 then recs = table.move(recs, from, #recs, 1, {}) end

@@ -210,11 +210,82 @@ static void test_suspects(void) {
 }
 
 static void test_learn(void) {
-  double t = lpar_policy_learn(0, 1000, 10);
+  double t = lpar_policy_learn(0, 0, 1000, 10);
   CHECK(t == 100);
-  t = lpar_policy_learn(t, 3000, 10);
+  t = lpar_policy_learn(t, 10, 3000, 10); /* chunks alike: half and half */
   CHECK(t == 200);
-  CHECK(lpar_policy_learn(0, 0, 4) == 0.25); /* never 0: 0 means unknown */
+  CHECK(lpar_policy_learn(0, 0, 0, 4) == 0.25); /* never 0: 0 means unknown */
+  /* a remembered estimate (basis unknown) weighs as the new chunk */
+  CHECK(lpar_policy_learn(100, 0, 3000, 10) == 200);
+  /* a first guess from one slow item gives way to a chunk of many */
+  t = lpar_policy_learn(20000, 1, 50 * 300, 50);
+  CHECK(t > 680 && t < 690);
+  /* one slow item after many quick ones: half and half, at once */
+  CHECK(lpar_policy_learn(300, 4096, 1000300, 1) == 500300);
+}
+
+static void test_pace(void) {
+  /* unknown stays unknown: a chunk just sent proves nothing */
+  CHECK(lpar_policy_pace(0, 500 * MS, 10, 50 * MS) == 0);
+  /* a chunk on time leaves the estimate */
+  CHECK(lpar_policy_pace(1000, 5000, 10, 50 * MS) == 1000);
+  /* so does one merely late (its worker waits for a processor) */
+  CHECK(lpar_policy_pace(1000, 40 * MS, 10, 50 * MS) == 1000);
+  /* one overdue raises it at once */
+  CHECK(lpar_policy_pace(1000, 100 * MS, 10, 50 * MS) == 10 * MS);
+  /* overdue is 8 times its time when that is over the floor */
+  CHECK(lpar_policy_pace(1 * MS, 70 * MS, 10, 50 * MS) == 1 * MS);
+  CHECK(lpar_policy_pace(1 * MS, 90 * MS, 10, 50 * MS) == 9 * MS);
+  CHECK(lpar_policy_pace(1000, 100 * MS, 0, 50 * MS) == 1000);
+}
+
+/* The CLI's batches: a stream of records sized as the engine of a call
+   sizes a stream's chunks (4 x 250 us of work, at most 4096). */
+static SchedChunk batchof(double tns, long long fixed) {
+  SchedChunk s = chunkof(-1, 2, tns);
+  s.minns = 4 * 250000;
+  s.fixed = fixed;
+  s.max = fixed > 0 ? 0 : 4096;
+  return s;
+}
+
+static void test_batches(void) {
+  SchedChunk s = batchof(0, 0);
+  /* one record until the time per record is known */
+  CHECK(lpar_policy_chunk(&s) == 1);
+  /* then about a millisecond of records, at most 4096 */
+  s = batchof(1000, 0);
+  CHECK(lpar_policy_chunk(&s) == 1000);
+  s = batchof(50, 0);
+  CHECK(lpar_policy_chunk(&s) == 4096);
+  s = batchof(1e9, 0); /* slow records go one at a time */
+  CHECK(lpar_policy_chunk(&s) == 1);
+  /* --chunk N: N records, uncapped (the reader cuts at 64 KiB) */
+  s = batchof(1000, 7);
+  CHECK(lpar_policy_chunk(&s) == 7);
+  s = batchof(50, 100000);
+  CHECK(lpar_policy_chunk(&s) == 100000);
+  /* the time per record learnt from a batch's busy time and records */
+  CHECK(lpar_policy_learn(0, 0, 1 * MS, 1000) == 1000);
+  /* a batch of 20 quick records (50 us each), out for 100 ms: one of them
+     is slow; the batches cut meanwhile hold one record each */
+  s = batchof(lpar_policy_pace(50000, 100 * MS, 20, 50 * MS), 0);
+  CHECK(lpar_policy_chunk(&s) == 1);
+  /* out for 10 ms (20 x 50 us, late but not overdue): as they were */
+  s = batchof(lpar_policy_pace(50000, 10 * MS, 20, 50 * MS), 0);
+  CHECK(lpar_policy_chunk(&s) == 20);
+}
+
+static void test_overdue(void) {
+  /* a batch of 1000 records of 1 us: overdue after the floor (50 ms),
+     not after 8 ms, so that a pause does not cut it */
+  CHECK(lpar_policy_overdue(1000, 1000, 50 * MS) == 50 * MS);
+  /* 100 records of 1 ms: after 8 times their time */
+  CHECK(lpar_policy_overdue(1e6, 100, 50 * MS) == 800 * MS);
+  /* unknown time (the first batches): the floor */
+  CHECK(lpar_policy_overdue(0, 7, 50 * MS) == 50 * MS);
+  CHECK(lpar_policy_overdue(1e6, 0, 0) == 8 * MS);
+  CHECK(lpar_policy_overdue(1e30, 1000, 0) == (long long)1e18);
 }
 
 static void test_hostchunk(void) {
@@ -266,6 +337,9 @@ int main(void) {
   test_retry();
   test_suspects();
   test_learn();
+  test_pace();
+  test_batches();
+  test_overdue();
   printf("%d passed, %d failed\n", passed, failed);
   return failed != 0;
 }
