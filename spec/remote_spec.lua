@@ -487,6 +487,52 @@ pool:close()
     assert.equal("200\n", out)
   end)
 
+  it("enforces --timeout and --max-memory on the hosts, as locally", function()
+    local script = H.writefile(tmp() .. ".lua", [[
+return function(x)
+  x = tonumber(x)
+  if x == 3 then while true do end end
+  if x == 5 then local t = {} for i = 1, 1e8 do t[i] = i end end
+  if x == 7 then os.exit(3) end
+  return x
+end
+]])
+    local input = H.writefile(tmp(), "1\n2\n3\n4\n5\n6\n7\n8\n")
+    local rc, out, err = H.lpar("--timeout 1 --max-memory 64M -S 2/env --remote-lpar " ..
+                                q(lparbin) .. " " .. q(script) .. " " .. q(input), nil, 120)
+    assert.equal(1, rc, err)
+    assert.equal("1\n2\n4\n6\n8\n", out)
+    assert.matches("line 3: timed out after 1", err, 1, true)
+    assert.matches("line 5 (\"5\"): not enough memory", err, 1, true)
+    assert.matches("line 7: worker %d+ exited with status 3", err)
+    assert.matches("3 of 8 items failed", err, 1, true)
+  end)
+
+  it("cancels a pool's job on hosts, and the pool goes on", function()
+    local code = ([[
+package.cpath = %q .. "/?.so;" .. package.cpath
+local lpar = require "lpar"
+local time = require "posix.time"
+local pool = lpar.pool{hosts = {"2/env"}, remote_lpar = %q}
+local t = {}
+for i = 1, 200 do t[i] = i end
+local job = pool:submit(function(x)
+  time.nanosleep({tv_sec = 0, tv_nsec = 50000000})
+  return x
+end, t)
+job:cancel()
+local ok, e = pcall(job.wait, job)
+assert(not ok and tostring(e):match("cancelled"), tostring(e))
+local r = pool:map(function(x) return x + 1 end, t)
+for i = 1, 200 do assert(r[i] == i + 1) end
+print("ok")
+pool:close()
+]]):format(abs(H.build), lparbin)
+    local rc, out, err = H.run("timeout 120 lua5.4 " .. q(H.writefile(tmp() .. ".lua", code)))
+    assert.equal(0, rc, err)
+    assert.equal("ok\n", out)
+  end)
+
   it("leaves out a host lost again and again, and runs its items elsewhere", function()
     -- on the host whose environment says BAD, every item kills its agent
     local script = H.writefile(tmp() .. ".lua", [[
@@ -605,6 +651,27 @@ end
       assert.equal("exited", how)
       assert.equal(1, code)
       assert.matches("no setup came from the parent", err, 1, true)
+    end)
+
+    it("refuses a parent of another protocol version, naming both", function()
+      local a = agent()
+      local out = H.readuntil(a.stdout, function(s) return #frames(s) >= 1 end, 30)
+      local versions = frames(out)[1][3]
+      -- the parent's versions as protocol 99 would say them
+      local theirs = versions:sub(1, 4) .. string.pack("<I4", 99) .. versions:sub(9)
+      local setup = theirs .. string.pack("<I8I8I4I4I4", 0, 0, 0, 0, 0)
+      unistd.write(a.stdin, string.pack("<I4I4I8", 9, 0, #setup) .. setup)
+      local got = H.readuntil(a.stdout, function(s) return #frames(s) >= 1 end, 30)
+      local how, code = H.waitexit(a.pid, 30)
+      local err = H.readuntil(a.stderr, function() return false end, 5)
+      H.closeall(a)
+      assert.equal("exited", how)
+      assert.equal(1, code)
+      local e = frames(got)[1]
+      assert.equal(4, e[1]) -- ERROR, for index 0
+      assert.matches("its parent is lpar [%d.]+ %(protocol 99, Lua 5%.4", e[3])
+      assert.matches("this is lpar [%d.]+ %(protocol 1, Lua 5%.4", e[3])
+      assert.matches("its parent is lpar", err, 1, true)
     end)
 
     it("leaves, killing its workers, when its parent goes silent", function()
