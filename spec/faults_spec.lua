@@ -484,9 +484,31 @@ describe("a worker lost with nothing to name its item", function()
         h:write("ran\n")
         h:close()
         local pid = io.open("/proc/self/stat"):read("n")
-        os.execute("(for i in $(seq 1 20000); do " ..
-          "[ \"$(cat /proc/" .. pid .. "/wchan 2>/dev/null)\" = anon_pipe_write ] && " ..
-          "{ kill -9 " .. pid .. "; exit; }; sleep 0.001; done) >/dev/null 2>&1 &")
+        -- a watcher in one process (a shell loop would fork thousands,
+        -- and the pids wrap around): it kills this worker when it is
+        -- writing to its pipe, and stops once the worker is gone, never
+        -- touching another process that got its pid
+        os.execute(("lua5.4 -e %q >/dev/null 2>&1 &"):format(([[
+          local signal, time = require "posix.signal", require "posix.time"
+          local function born()
+            local f = io.open("/proc/%d/stat")
+            local s = f and f:read("a")
+            if f then f:close() end
+            return s and s:match("%%) %%S+ " .. ("%%S+ "):rep(18) .. "(%%d+)")
+          end
+          local start = born()
+          for _ = 1, 20000 do
+            if start == nil or born() ~= start then return end
+            local f = io.open("/proc/%d/wchan")
+            local w = f and f:read("a")
+            if f then f:close() end
+            if w == "anon_pipe_write" and born() == start then
+              signal.kill(%d, signal.SIGKILL)
+              return
+            end
+            time.nanosleep({tv_sec = 0, tv_nsec = 1000000})
+          end
+        ]]):format(pid, pid, pid)))
         return string.rep("x", 20e6)
       end
       return x
