@@ -8,21 +8,7 @@ local lpar = H.lpar
 local writefile = H.writefile
 local lines = H.lines
 
--- "1\n2\n...n\n"
-local function numbers(n)
-  local t = {}
-  for i = 1, n do t[i] = i .. "\n" end
-  return table.concat(t)
-end
-
--- The joblog's item lines as {line, status}, in order.
-local function logged(path)
-  local t = {}
-  for l, st in (H.slurp(path) or ""):gmatch("\n(%d+)\t(%a+)\t") do
-    t[#t + 1] = {tonumber(l), st}
-  end
-  return t
-end
+local numbers, logged = H.numbers, H.logged
 
 local ECHO = quote("return function(s) return 'r' .. s end")
 

@@ -287,6 +287,22 @@ function H.closeall(p)
   end
 end
 
+-- "1\n2\n...n\n"
+function H.numbers(n)
+  local t = {}
+  for i = 1, n do t[i] = i .. "\n" end
+  return table.concat(t)
+end
+
+-- A joblog's item lines as {line, status}, in order.
+function H.logged(path)
+  local t = {}
+  for l, st in (H.slurp(path) or ""):gmatch("\n(%d+)\t(%a+)\t") do
+    t[#t + 1] = {tonumber(l), st}
+  end
+  return t
+end
+
 -- Temporary file names, removed after each test of the spec that calls
 -- H.tmpfiles(after_each) at its top (busted's hook, which only specs
 -- see): returns the function that makes one.

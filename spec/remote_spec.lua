@@ -603,26 +603,7 @@ end
     end)
 
     -- the agent, its stdin a pipe this test holds: {pid, stdin, stdout, stderr}
-    local function agent()
-      local posix = {signal = require "posix.signal"}
-      local inr, inw = unistd.pipe()
-      local outr, outw = unistd.pipe()
-      local errr, errw = unistd.pipe()
-      local pid = assert(unistd.fork())
-      if pid == 0 then
-        unistd.dup2(inr, 0)
-        unistd.dup2(outw, 1)
-        unistd.dup2(errw, 2)
-        for _, fd in ipairs({inr, inw, outr, outw, errr, errw}) do unistd.close(fd) end
-        posix.signal.signal(posix.signal.SIGTERM, posix.signal.SIG_DFL)
-        unistd.execp(lparbin, {[0] = lparbin, "--worker", "-j", "1"})
-        unistd._exit(127)
-      end
-      unistd.close(inr)
-      unistd.close(outw)
-      unistd.close(errw)
-      return {pid = pid, stdin = inw, stdout = outr, stderr = errr}
-    end
+    local function agent() return H.spawncli({"--worker", "-j", "1"}) end
 
     -- the frames in s (each followed by '\n'): {type, count, payload}
     local function frames(s)
