@@ -533,6 +533,48 @@ pool:close()
     assert.equal("ok\n", out)
   end)
 
+  it("runs again, elsewhere, the items of a host that sent a frame that does not decode", function()
+    -- its first start: an agent that answers its first chunk with a RESULT
+    -- whose value does not decode; later starts run the real agent
+    local marker = tmp()
+    os.remove(marker)
+    local fake = H.writefile(tmp() .. ".lua", [[
+local unistd = require "posix.unistd"
+local marker = arg[1]
+if io.open(marker) then
+  unistd.execp(arg[2], table.move(arg, 2, #arg, 0, {}))
+end
+io.open(marker, "w"):close()
+local function frame(t, count, payload)
+  io.stdout:write(string.pack("<I4I4I8", t, count, #payload), payload, "\n")
+  io.stdout:flush()
+end
+local name = "lpar 0.1.0" .. ("\0"):rep(22)
+frame(8, 1, "LPAR" .. string.pack("<I4I4I4I4", 1, 504, 8, 8) .. name) -- HELLO
+local setup = io.stdin:read(16)
+io.stdin:read((string.unpack("<I8", setup, 9)))
+frame(5, 1, "") -- READY
+while true do
+  local h = io.stdin:read(16)
+  if not h then return end
+  local t, count, len = string.unpack("<I4I4I8", h)
+  local p = len > 0 and io.stdin:read(len) or ""
+  if t == 2 then -- ITEMS: a value tag that does not exist
+    frame(3, count, string.pack("<I8I8", (string.unpack("<I8", p)), 1000) .. ("\254"):rep(3))
+  end
+end
+]])
+    local input = items(40)
+    local rc, out, err = H.lpar("-S " .. q("1/lua5.4 " .. fake .. " " .. marker) .. " -S 1/env " ..
+                                "--remote-lpar " .. q(lparbin) .. " " ..
+                                q(H.writefile(tmp() .. ".lua", noting(0.05))) .. " " .. q(input) ..
+                                " " .. q(H.tmpdir()), nil, 120)
+    assert.equal(0, rc, err)
+    assert.equal(expected(40), out)
+    assert.matches("was lost (its command broke the protocol (bad value tag", err, 1, true)
+    os.remove(marker)
+  end)
+
   it("leaves out a host lost again and again, and runs its items elsewhere", function()
     -- on the host whose environment says BAD, every item kills its agent
     local script = H.writefile(tmp() .. ".lua", [[

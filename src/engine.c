@@ -741,6 +741,12 @@ static void losehost(Ctx *c, EWorker *w, int force, const char *why) {
   char desc[96];
   const char *name = hostname(c, w);
   int k;
+  /* a frame it broke cannot be the item's doing (a relay, its agent):
+     that item goes back too */
+  if (w->blame && w->nq > 0 && w->blame >= w->q[0].first &&
+      w->blame - w->q[0].first < w->got)
+    w->got = w->blame - w->q[0].first;
+  w->blame = 0;
   for (k = 0; k < w->nq; k++)
     inflight += w->q[k].count - (k == 0 ? w->got : 0);
   closeworker(e, w);
