@@ -31,7 +31,8 @@
 
 /* a chunk from the parent, as a job of the agent's pool */
 typedef struct Entry {
-  Job *j;            /* NULL: its function could not be loaded */
+  Job *j;            /* NULL: its function could not be loaded, or the
+                        parent cancelled it */
   lua_Integer first; /* the parent's index of its first item */
   lua_Integer count;
   int flags; /* of the CALL it runs under (LPAR_CALL*) */
@@ -426,6 +427,26 @@ static void relay(Agent *a) {
     a->head = a->tail = 0;
 }
 
+/* The parent does not want the chunks it sent so far: their jobs are
+   cancelled (the workers running them killed), and each chunk ends with
+   READY alone. */
+static void cancelall(Agent *a) {
+  lua_State *L = a->L;
+  int k;
+  for (k = a->head; k < a->tail; k++) {
+    Entry *e = &a->q[k];
+    if (e->j == NULL)
+      continue;
+    lua_rawgetp(L, a->jobs, e->j);
+    if (e->j->state == J_RUNNING)
+      lpar_engine_cancel(L, lua_gettop(L), "cancelled by the parent");
+    lua_pop(L, 1);
+    lua_pushnil(L);
+    lua_rawsetp(L, a->jobs, e->j);
+    e->j = NULL;
+  }
+}
+
 /* Handle the frames that have come; -1 on a bad one. */
 static int frames(Agent *a) {
   size_t at = 0;
@@ -437,6 +458,8 @@ static int frames(Agent *a) {
       call(a, &f, p);
     else if (f.type == LPAR_FITEMS)
       items(a, &f, p);
+    else if (f.type == LPAR_FCANCEL)
+      cancelall(a);
     else if (f.type == LPAR_FBEAT && f.count == 0 && f.len == 8)
       put(a, LPAR_FBEAT, 1, p, 8); /* timed: back at once */
     else if (f.type != LPAR_FBEAT)

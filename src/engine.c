@@ -378,6 +378,7 @@ static int spawn(Ctx *c, int i, const char **call) {
 }
 
 static int broken(Ctx *c);
+static int sendsome(Engine *e, EWorker *w);
 
 /* The places of local workers come first, hosts after them. */
 static int nlocal(const Engine *e) {
@@ -581,9 +582,16 @@ static void endjob(Ctx *c, Job *j, int state, EWorker *self) {
     EWorker *w = &e->w[i];
     if (w->job != j)
       continue;
-    /* it skips the rest and says READY; a host's agent sends what is left
-       of its chunks, and they are dropped (a host costs a connection) */
-    if ((w == self && w->nq == 1) || w->host)
+    /* it skips the rest and says READY; a host's agent is told to stop
+       its chunks (a host costs a connection) and says READY for each */
+    if (w->host) {
+      w->job = NULL;
+      if (w->proc.cmdfd >= 0) { /* a channel that failed ends it later */
+        hostframe(c, w, LPAR_FCANCEL, 0, NULL, 0);
+        sendsome(e, w);
+      }
+    }
+    else if (w == self && w->nq == 1)
       w->job = NULL;
     else
       dropworker(e, w);

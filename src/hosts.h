@@ -21,7 +21,10 @@
 **           hears nothing for its limit takes the other as gone. The
 **           parent's BEAT carries its clock (u64 ns), every LPAR_BEATNS,
 **           and the agent sends it back at once (count 1): the round trip
-**           sizes the host's chunks.
+**           sizes the host's chunks;
+**   parent: CANCEL when the job of the chunks a host holds ended (failed,
+**           cancelled): the agent stops them (killing the workers that
+**           run them) and says READY for each, with no results.
 ** The agent writes '\n' after each frame (line-buffered relays pass whole
 ** frames on); the parent skips it.
 */

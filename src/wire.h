@@ -34,6 +34,8 @@ enum {
                      byte an agent writes after each frame */
   LPAR_FBEAT,     /* either way between a parent and an agent: still
                      there (no payload) */
+  LPAR_FCANCEL,   /* parent -> agent: the chunks it holds are not wanted
+                     (their job ended): stop them, say READY for each */
   LPAR_FLAST
 };
 
