@@ -641,8 +641,8 @@ end
       assert.equal(expected(400), out)
       assert.matches("host '1/" .. cut.launch.h1:gsub("%p", "%%%0") .. "' was lost", err)
       -- it hears nothing from its parent any more: it leaves within its
-      -- idle limit, killing its worker
-      assert.is_true(H.waitfor(function() return not H.alive(agentof.h1) end, 40),
+      -- limit (60 s), killing its worker
+      assert.is_true(H.waitfor(function() return not H.alive(agentof.h1) end, 120),
                      "the cut-off agent is still there")
       cut.heal.h1()
       H.rmdir(dir)
@@ -699,7 +699,7 @@ end
       local versions = frames(out)[1][3]
       -- the parent's versions as protocol 99 would say them
       local theirs = versions:sub(1, 4) .. string.pack("<I4", 99) .. versions:sub(9)
-      local setup = theirs .. string.pack("<I8I8I4I4I4", 0, 0, 0, 0, 0)
+      local setup = theirs .. string.pack("<I8I8I8I4I4I4", 0, 0, 0, 0, 0, 0)
       unistd.write(a.stdin, string.pack("<I4I4I8", 9, 0, #setup) .. setup)
       local got = H.readuntil(a.stdout, function(s) return #frames(s) >= 1 end, 30)
       local how, code = H.waitexit(a.pid, 30)
@@ -718,8 +718,9 @@ end
       local a = agent()
       local out = H.readuntil(a.stdout, function(s) return #frames(s) >= 1 end, 30)
       local versions = frames(out)[1][3]
-      -- SETUP: versions, no memory limit, no timeout, kind 0, no functions
-      local setup = versions .. string.pack("<I8I8I4I4I4", 0, 0, 0, 0, 0)
+      -- SETUP: versions, no memory limit, no timeout, a silence of 3 s
+      -- taken as the parent's end, kind 0, no functions
+      local setup = versions .. string.pack("<I8I8I8I4I4I4", 0, 0, 3e9, 0, 0, 0)
       unistd.write(a.stdin, string.pack("<I4I4I8", 9, 0, #setup) .. setup)
       local _, ready = H.readuntil(a.stdout, function(s)
         for _, f in ipairs(frames(s)) do
@@ -737,13 +738,13 @@ end
         end
         return #workers == 1
       end, 30), "its worker did not start")
-      -- nothing more is sent: it leaves after its idle limit (10 s)
+      -- nothing more is sent: it leaves after that limit
       local how, code = H.waitexit(a.pid, 40)
       local err = H.readuntil(a.stderr, function() return false end, 5)
       H.closeall(a)
       assert.equal("exited", how)
       assert.equal(0, code)
-      assert.matches("nothing came from the parent for 10 s: leaving", err, 1, true)
+      assert.matches("nothing came from the parent for 3 s: leaving", err, 1, true)
       assert.is_true(H.waitfor(function() return not H.alive(workers[1]) end, 30), "its worker is left")
     end)
   end)

@@ -5,8 +5,8 @@
 ** sends becomes a job of that pool; its results go back in item order,
 ** chunk after chunk. The agent enforces the parent's timeouts and memory
 ** limit itself, and leaves, killing its workers, at end of file, on
-** SIGTERM or SIGHUP, or when the parent has been silent for
-** LPAR_AGENTIDLENS.
+** SIGTERM or SIGHUP, or when the parent has been silent for the time its
+** setup gives (LPAR_AGENTIDLENS by default).
 */
 #include "agent.h"
 
@@ -53,7 +53,8 @@ typedef struct Agent {
   double timeout;
   Entry *q; /* chunks in the order they came */
   int head, tail, cap;
-  int n; /* workers */
+  int n;          /* workers */
+  long long idle; /* the parent's silence it takes as its end (ns) */
 } Agent;
 
 static volatile sig_atomic_t stopsig;
@@ -242,7 +243,7 @@ static void setup(Agent *a, const char *p, size_t len) {
     lua_pushstring(L, why);
     giveup(a);
   }
-  if (len < LPAR_VERSIONSIZE + 20) {
+  if (len < LPAR_VERSIONSIZE + 28) {
     lua_pushliteral(L, "setup too short");
     giveup(a);
   }
@@ -253,9 +254,11 @@ static void setup(Agent *a, const char *p, size_t len) {
   o.ignint = 1;
   o.maxmem = (size_t)lpar_wire_get64(p);
   o.timeout = (double)lpar_wire_get64(p + 8) / 1e9;
-  kind = get32(p + 16);
+  if (lpar_wire_get64(p + 16) > 0)
+    a->idle = (long long)lpar_wire_get64(p + 16);
+  kind = get32(p + 24);
   lua_pushcfunction(L, kind == 1 ? clifns : decodefns);
-  lua_pushlstring(L, p + 20, len - 20);
+  lua_pushlstring(L, p + 28, len - 28);
   if (lua_pcall(L, 1, 3, 0) != LUA_OK) {
     lua_pushfstring(L, "cannot load the setup: %s", lua_tostring(L, -1));
     giveup(a);
@@ -497,7 +500,7 @@ static void waitsetup(Agent *a) {
       giveup(a);
     }
     lpar_buf_drop(&a->inb, at);
-    if (lpar_proc_now() > a->lastin + LPAR_AGENTIDLENS) {
+    if (lpar_proc_now() > a->lastin + LPAR_AGENTSETUPNS) {
       lua_pushliteral(L, "no setup came from the parent");
       giveup(a);
     }
@@ -563,11 +566,11 @@ static int agentmain(lua_State *L) {
       relay(a);
     if (a->outpos == a->outb.n && now >= a->lastout + LPAR_BEATNS)
       put(a, LPAR_FBEAT, 0, NULL, 0);
-    if (now > a->lastin + LPAR_AGENTIDLENS) {
+    if (now > a->lastin + a->idle) {
       fprintf(stderr,
               "lpar --worker: nothing came from the parent for %.0f "
               "s: leaving\n",
-              (double)LPAR_AGENTIDLENS / 1e9);
+              (double)a->idle / 1e9);
       break;
     }
   }
@@ -606,6 +609,7 @@ int lpar_agent_run(lua_State *L, int n) {
   sigaction(SIGPIPE, &sa, NULL);
   sigaction(SIGINT, &sa, NULL);
   a.lastin = a.lastout = lpar_proc_now();
+  a.idle = LPAR_AGENTIDLENS;
   lua_pushcfunction(L, agentmain);
   lua_pushlightuserdata(L, &a);
   status = lua_pcall(L, 1, 0, 0);

@@ -13,6 +13,9 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/epoll.h>
+#if defined(__linux__)
+#include <sys/prctl.h>
+#endif
 #include <sys/timerfd.h>
 #include <unistd.h>
 
@@ -447,6 +450,11 @@ static int spawnhost(Ctx *c, int i, const char **call) {
   pid = lpar_proc_fork(&w->proc, &cs, call);
   if (pid == 0) {
     int in = w->proc.cmdfd, out = w->proc.resfd;
+#if defined(__linux__)
+    /* should the parent die, even by SIGKILL, the command is told to stop,
+       not killed: an agent here stops its workers' children too */
+    prctl(PR_SET_PDEATHSIG, SIGTERM);
+#endif
     /* both above 2 first, so that neither is overwritten by the other */
     if (in <= 2)
       in = fcntl(in, F_DUPFD, 3);
@@ -758,7 +766,9 @@ static void losehost(Ctx *c, EWorker *w, int force, const char *why) {
   for (k = 0; k < w->nq; k++)
     inflight += w->q[k].count - (k == 0 ? w->got : 0);
   closeworker(e, w);
-  rc = lpar_proc_reap(&w->proc, force, &status);
+  if (force) /* its agent stops its workers (and their children) first */
+    lpar_proc_killproc(&w->proc, SIGTERM);
+  rc = lpar_proc_reap(&w->proc, 0, &status);
   lpar_proc_closepid(&w->proc);
   if (why == NULL)
     why = rc < 0 ? "vanished (reaped elsewhere)"
@@ -2735,9 +2745,13 @@ void lpar_engine_close(lua_State *L, int idx, const char *why) {
     if (w->state == W_EMPTY)
       continue;
     /* busy ones are killed; so are all of a call's engine after a failure
-       (no close hook is waited for) */
-    if (w->nq > 0 || (isbroken && w->state == W_STARTING) ||
-        (e->o.ondemand && e->ended))
+       (no close hook is waited for). A busy host's command is told to
+       stop (its agent kills its busy workers, their children with them,
+       then leaves); one not started yet is of no use. */
+    if (w->host && w->nq > 0)
+      lpar_proc_killproc(&w->proc, SIGTERM);
+    else if (w->nq > 0 || (isbroken && w->state == W_STARTING) ||
+             (e->o.ondemand && e->ended) || (w->host && w->state == W_STARTING))
       lpar_proc_killproc(&w->proc, SIGKILL);
     closeworker(e, w); /* end of file: an idle worker leaves */
   }
@@ -2758,7 +2772,7 @@ void lpar_engine_close(lua_State *L, int idx, const char *why) {
        killed above, whose places are empty by now */
     if (w->state != W_EMPTY)
       lpar_worker_finish(&w->proc, deadline, (double)grace / 1e9, hasclose,
-                         report, who);
+                         report, w->host ? "host command" : who);
     w->state = W_EMPTY;
     lpar_buf_free(&w->in);
     lpar_buf_free(&w->out);

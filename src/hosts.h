@@ -7,7 +7,9 @@
 **
 ** The conversation, on top of the workers' frames (worker.h):
 **   agent:  HELLO (count = its workers; payload: versions), first;
-**   parent: SETUP (versions, u64 max_memory, u64 timeout in ns, u32 kind,
+**   parent: SETUP (versions, u64 max_memory, u64 timeout in ns, u64 the
+**           silence the agent takes as the parent's end in ns (0: its
+**           default), u32 kind,
 **           then kind 0: u32 flags (1 init, 2 close), u32 functions, and
 **           as many xfer encodings; kind 1: a codec table the CLI builds
 **           its functions from, see lpar.cli's agent()). The agent refuses
@@ -58,15 +60,23 @@
 #define LPAR_HOSTSTARTNS 60000000000LL
 #endif
 
-/* an agent that heard nothing from its parent for this long leaves (ns) */
+/* an agent that heard nothing from its parent for this long leaves (ns):
+   a parent blocked on its output (a pager) or not pumping its pool stays
+   silent, and its hosts' work is redone when it comes back */
 #if !defined(LPAR_AGENTIDLENS)
-#define LPAR_AGENTIDLENS 10000000000LL
+#define LPAR_AGENTIDLENS 60000000000LL
 #endif
 
 /* at most this many hosts are starting (no HELLO yet) at once: ssh
    refuses bursts of connections (MaxStartups) */
 #if !defined(LPAR_HOSTWAVE)
 #define LPAR_HOSTWAVE 32
+#endif
+
+/* ... and one that got no SETUP for this long, after its HELLO (the
+   parent sends it at once) */
+#if !defined(LPAR_AGENTSETUPNS)
+#define LPAR_AGENTSETUPNS 10000000000LL
 #endif
 
 /* a host lost this many times in a row (no chunk done in between) is

@@ -141,6 +141,8 @@ static void pushsetup(lua_State *L, int opts, const EngineOpts *o, int init,
   bad = lpar_buf_add(&b, h, 8) != 0;
   lpar_wire_put64(h, (uint64_t)(o->timeout * 1e9));
   bad = bad || lpar_buf_add(&b, h, 8) != 0;
+  lpar_wire_put64(h, 0); /* the agent's own silence limit */
+  bad = bad || lpar_buf_add(&b, h, 8) != 0;
   if (lua_getfield(L, opts, "agent_setup") != LUA_TNIL) {
     bad = bad || add32(&b, 1) != 0;
     if (!bad && lpar_codec_encode(L, -1, &b) != 0) {
