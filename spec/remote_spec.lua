@@ -592,6 +592,32 @@ end
     os.remove(marker)
   end)
 
+  -- a host whose agent runs on this machine: the items' own children go
+  -- too, whether the parent is told to stop or killed
+  for _, case in ipairs({{"SIGTERM", signal.SIGTERM}, {"kill -9", signal.SIGKILL}}) do
+    it("leaves no child of an item behind on " .. case[1] .. " of the parent", function()
+      local dir = H.tmpdir()
+      local script = H.writefile(tmp() .. ".lua", [[
+return function(s)
+  os.execute("echo $$ >> " .. arg[2] .. "/kids; exec sleep 1000")
+  return s
+end
+]])
+      local p = H.spawncli({"-S", "2/env", "--remote-lpar", lparbin, script, items(20), dir})
+      local kids
+      assert.is_true(H.waitfor(function()
+        kids = H.pidsof(dir .. "/kids")
+        return #kids >= 2
+      end, 60), "the items did not start")
+      signal.kill(p.pid, case[2])
+      H.waitexit(p.pid, 60)
+      H.closeall(p)
+      assert.is_true(H.waitfor(function() return H.anyalive(kids) == nil end, 30),
+                     "an item's child is left: " .. tostring(H.anyalive(kids)))
+      H.rmdir(dir)
+    end)
+  end
+
   it("leaves out a host lost again and again, and runs its items elsewhere", function()
     -- on the host whose environment says BAD, every item kills its agent
     local script = H.writefile(tmp() .. ".lua", [[
