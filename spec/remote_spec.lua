@@ -675,6 +675,49 @@ end
     end)
   end)
 
+  describe("host specs", function()
+    it("are split at commas outside quotes, and take -j as their count", function()
+      -- each item says its host's A, its agent and the agent's -j
+      local script = H.writefile(tmp() .. ".lua", [[
+local unistd = require "posix.unistd"
+local time = require "posix.time"
+return function(x)
+  time.nanosleep({tv_sec = 0, tv_nsec = 20000000})
+  local agent = unistd.getppid()
+  local f = io.open("/proc/" .. agent .. "/cmdline")
+  local cmd = f:read("a")
+  f:close()
+  return ("%s %d %s"):format(os.getenv("A") or "-", agent, cmd:match("%-j%z(%d+)%z") or "?")
+end
+]])
+      local rc, out, err = H.lpar("-j 3 -S " .. q([[env "A=1,2",env A=3]]) .. " --remote-lpar " ..
+                                  q(lparbin) .. " " .. q(script) .. " ::: " .. ("x "):rep(120), nil, 60)
+      assert.equal(0, rc, err)
+      local values, pids = {}, {}
+      for _, line in ipairs(H.lines(out)) do
+        local a, pid, j = line:match("^(%S+) (%d+) (%S+)$")
+        values[a], pids[pid] = true, true
+        assert.equal("3", j)
+      end
+      assert.same({["1,2"] = true, ["3"] = true}, values)
+      local n = 0
+      for _ in pairs(pids) do n = n + 1 end
+      assert.equal(2, n) -- one agent per host
+    end)
+
+    it("that are malformed are usage errors, named", function()
+      for spec, why in pairs({["2/env 'x"] = "unbalanced ' quote",
+                              ["0/ssh node1"] = "the worker count must be 1 to 1024",
+                              ["4/"] = "no command to run"}) do
+        local rc, out, err = H.lpar("-S " .. q(spec) .. " -e " .. q("function(x) return x end") ..
+                                    " ::: a", nil, 30)
+        assert.equal(2, rc, spec)
+        assert.equal("", out)
+        assert.equal("lpar: host '" .. spec .. "': " .. why .. "\n", err)
+      end
+    end)
+  end)
+
   describe("the agent, lpar --worker", function()
     it("refuses bad arguments", function()
       local rc, out, err = H.lpar("--worker -j 0", nil, 30)

@@ -13,6 +13,8 @@
 #include "wire.h"
 
 #define MAGIC "LPAR"
+#define LPAR_STR1(x) #x
+#define LPAR_STR(x) LPAR_STR1(x)
 #define NAMESIZE 32
 
 static void put32(char *p, uint32_t v) {
@@ -137,6 +139,12 @@ int lpar_hosts_words(lua_State *L, const char *s) {
   }
 }
 
+/* Raise the message, with no position: it is about a spec, not code. */
+static int bad(lua_State *L, const char *fmt, const char *a, const char *b) {
+  lua_pushfstring(L, fmt, a, b);
+  return lua_error(L);
+}
+
 void lpar_hosts_parse(lua_State *L, int idx, const char *remote) {
   const char *spec = luaL_checkstring(L, idx), *s = spec, *slash;
   lua_Integer n = 0, k, nw;
@@ -151,8 +159,8 @@ void lpar_hosts_parse(lua_State *L, int idx, const char *remote) {
     if (d == slash) { /* N/PREFIX */
       if (slash - s > 6 || (n = (lua_Integer)strtol(s, NULL, 10)) < 1 ||
           n > LPAR_MAXWORKERS)
-        luaL_error(L, "host '%s': the worker count must be 1 to %d", spec,
-                   LPAR_MAXWORKERS);
+        bad(L, "host '%s': the worker count must be 1 to %s", spec,
+            LPAR_STR(LPAR_MAXWORKERS));
       s = slash + 1;
     }
   }
@@ -169,14 +177,14 @@ void lpar_hosts_parse(lua_State *L, int idx, const char *remote) {
     return;
   }
   if (lpar_hosts_words(L, s) != 0)
-    luaL_error(L, "host '%s': %s", spec, lua_tostring(L, -1));
+    bad(L, "host '%s': %s", spec, lua_tostring(L, -1));
   nw = (lua_Integer)lua_rawlen(L, -1);
   if (nw == 0)
-    luaL_error(L, "host '%s': no command to run", spec);
+    bad(L, "host '%s': no command to run%s", spec, "");
   if (lpar_hosts_words(L, remote) != 0)
-    luaL_error(L, "remote lpar '%s': %s", remote, lua_tostring(L, -1));
+    bad(L, "remote lpar '%s': %s", remote, lua_tostring(L, -1));
   if (lua_rawlen(L, -1) == 0)
-    luaL_error(L, "remote lpar is empty");
+    bad(L, "remote lpar is empty%s%s", "", "");
   for (k = 1; k <= (lua_Integer)lua_rawlen(L, -1); k++) {
     lua_rawgeti(L, -1, k);
     lua_rawseti(L, -3, ++nw);

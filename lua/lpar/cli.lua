@@ -1313,11 +1313,24 @@ function M.hostlist(o)
   local function add(spec)
     spec = spec:match("^%s*(.-)%s*$")
     if spec == "" then return end
-    if o.jobs and not spec:match("^%d+/") then spec = o.jobs .. "/" .. spec end
+    if o.jobsgiven and not spec:match("^%d+/") then spec = o.jobs .. "/" .. spec end
     list[#list + 1] = spec
   end
+  -- -S: hosts separated by commas outside quotes
   for _, v in ipairs(o.hosts or {}) do
-    for spec in v:gmatch("[^,]+") do add(spec) end
+    local from, quote = 1, nil
+    for k = 1, #v do
+      local ch = v:sub(k, k)
+      if quote then
+        if ch == quote then quote = nil end
+      elseif ch == "'" or ch == '"' then
+        quote = ch
+      elseif ch == "," then
+        add(v:sub(from, k - 1))
+        from = k + 1
+      end
+    end
+    add(v:sub(from))
   end
   if o.hostsfile then
     local f, err = io.open(o.hostsfile)
@@ -1348,6 +1361,10 @@ function M.run(o, c, reader, counter, map, init, close)
   if o.hosts or o.hostsfile then
     local list, err = M.hostlist(o)
     if not list then return fail(2, err) end
+    -- a bad spec is a usage error: found before anything starts
+    local ok, probe = pcall(lpar.pool, {hosts = list, remote_lpar = o.remotelpar, on_demand = true})
+    if not ok then return fail(2, probe) end
+    probe:close()
     opts.hosts, opts.remote_lpar = list, o.remotelpar
     opts.agent_setup = M.agentsetup(o)
   end
