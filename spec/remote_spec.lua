@@ -39,21 +39,39 @@ local function agents()
 end
 
 -- A script whose items note where they ran (a file per item in arg[2]:
--- <host>.<agent pid>.<worker pid>.<item>) and take 'secs' each.
-local function noting(secs)
+-- <host>.<agent pid>.<worker pid>.<item>) and take 'secs' each. With
+-- 'want' (host names), no item returns before each of those hosts has
+-- started one (for up to 60 s): on a loaded machine a host that connects
+-- late still gets work before the run is over.
+local function noting(secs, want)
   return ([[
 local unistd = require "posix.unistd"
 local time = require "posix.time"
-local dir = arg[2]
+local dir, want = arg[2], {%s}
+local function started(host)
+  for name in require("posix.dirent").files(dir) do
+    if name:sub(1, #host + 1) == host .. "." then return true end
+  end
+  return false
+end
+local function waitall()
+  local t = time.clock_gettime(time.CLOCK_MONOTONIC).tv_sec + 60
+  for _, host in ipairs(want) do
+    while not started(host) and time.clock_gettime(time.CLOCK_MONOTONIC).tv_sec < t do
+      time.nanosleep({tv_sec = 0, tv_nsec = 10000000})
+    end
+  end
+end
 return function(x)
   local host = os.getenv("LPAR_TEST_HOST") or "here"
   local f = assert(io.open(("%%s/%%s.%%d.%%d.%%s"):format(dir, host, unistd.getppid(),
                                                    unistd.getpid(), x), "w"))
   f:close()
+  if #want > 0 then waitall() end
   if %g > 0 then time.nanosleep({tv_sec = 0, tv_nsec = math.floor(%g * 1e9)}) end
   return x .. "\t" .. #x
 end
-]]):format(secs, secs)
+]]):format(want and ('"' .. table.concat(want, '", "') .. '"') or "", secs, secs)
 end
 
 describe("hosts", function()
@@ -143,14 +161,15 @@ describe("hosts", function()
 
   it("gives the bytes of a local run, in order, with every host seen", function()
     if not up("ssh") then return end
-    local script = H.writefile(tmp() .. ".lua", noting(0.002))
     local input = items(600)
     local dir = H.tmpdir()
-    local rc, out, err = H.lpar(q(script) .. " " .. q(input) .. " " .. q(dir), nil, 120)
+    local rc, out, err = H.lpar(q(H.writefile(tmp() .. ".lua", noting(0.002))) .. " " ..
+                                q(input) .. " " .. q(dir), nil, 120)
     assert.equal(0, rc, err)
     assert.equal(expected(600), out)
     H.rmdir(dir)
     dir = H.tmpdir()
+    local script = H.writefile(tmp() .. ".lua", noting(0.002, {"h1", "h2", "h3"}))
     rc, out, err = H.lpar(sshopts(2) .. " " .. q(script) .. " " .. q(input) .. " " .. q(dir), nil, 120)
     assert.equal(0, rc, err)
     assert.equal(expected(600), out)
@@ -205,7 +224,7 @@ pool:close()
 
   it("runs the items of an agent killed mid-run elsewhere, each once", function()
     if not up("ssh") then return end
-    local script = H.writefile(tmp() .. ".lua", noting(0.02))
+    local script = H.writefile(tmp() .. ".lua", noting(0.02, {"h2"}))
     local input = items(300)
     local dir = H.tmpdir()
     local p = H.spawncli({"-S", "1/" .. ssh.launch.h1, "-S", "1/" .. ssh.launch.h2,
@@ -222,7 +241,7 @@ pool:close()
 
   it("takes a stopped agent as lost within seconds, and the run completes", function()
     if not up("ssh") then return end
-    local script = H.writefile(tmp() .. ".lua", noting(0.02))
+    local script = H.writefile(tmp() .. ".lua", noting(0.02, {"h3"}))
     local input = items(400)
     local dir = H.tmpdir()
     local p = H.spawncli({"-S", "1/" .. ssh.launch.h1, "-S", "1/" .. ssh.launch.h3,
@@ -318,7 +337,7 @@ io.stdin:read("a")
   end)
   it("takes hosts from --hosts FILE and comma lists, and the joblog names them", function()
     if not up("ssh") then return end
-    local script = H.writefile(tmp() .. ".lua", noting(0.002))
+    local script = H.writefile(tmp() .. ".lua", noting(0.002, {"h1", "h2", "h3"}))
     local input = items(300)
     local list = H.writefile(tmp(), "# the test hosts\n\n1/" .. ssh.launch.h1 .. "  # first\n")
     local log = tmp()
@@ -557,9 +576,9 @@ pool:close()
     os.remove(marker)
     local fake = H.writefile(tmp() .. ".lua", [[
 local unistd = require "posix.unistd"
-local marker = arg[1]
+local marker, dir = arg[1], arg[2]
 if io.open(marker) then
-  unistd.execp(arg[2], table.move(arg, 2, #arg, 0, {}))
+  unistd.execp(arg[3], table.move(arg, 3, #arg, 0, {}))
 end
 io.open(marker, "w"):close()
 local function frame(t, count, payload)
@@ -577,19 +596,22 @@ while true do
   local t, count, len = string.unpack("<I4I4I8", h)
   local p = len > 0 and io.stdin:read(len) or ""
   if t == 2 then -- ITEMS: a value tag that does not exist
+    io.open(dir .. "/fake.0.0.0", "w"):close() -- the items may end now
     frame(3, count, string.pack("<I8I8", (string.unpack("<I8", p)), 1000) .. ("\254"):rep(3))
   end
 end
 ]])
     local input = items(40)
-    local rc, out, err = H.lpar("-S " .. q("1/lua5.4 " .. fake .. " " .. marker) .. " -S 1/env " ..
-                                "--remote-lpar " .. q(lparbin) .. " " ..
-                                q(H.writefile(tmp() .. ".lua", noting(0.05))) .. " " .. q(input) ..
-                                " " .. q(H.tmpdir()), nil, 120)
+    local dir = H.tmpdir()
+    local rc, out, err = H.lpar("-S " .. q("1/lua5.4 " .. fake .. " " .. marker .. " " .. dir) ..
+                                " -S 1/env --remote-lpar " .. q(lparbin) .. " " ..
+                                q(H.writefile(tmp() .. ".lua", noting(0.05, {"fake"}))) .. " " ..
+                                q(input) .. " " .. q(dir), nil, 120)
     assert.equal(0, rc, err)
     assert.equal(expected(40), out)
     assert.matches("was lost (its command broke the protocol (bad value tag", err, 1, true)
     os.remove(marker)
+    H.rmdir(dir)
   end)
 
   -- a host whose agent runs on this machine: the items' own children go
@@ -629,12 +651,12 @@ return function(x)
   return x .. "\t" .. #x
 end
 ]])
-    -- 8 s of items: the bad host starts again after 1 s, then 2 s
-    local input = items(400)
+    -- 10 s of items: the bad host starts again after 1 s, then 2 s
+    local input = items(500)
     local rc, out, err = H.lpar("-S " .. q("1/env LPAR_BAD_HOST=1") .. " -S 1/env --remote-lpar " ..
                                 q(lparbin) .. " " .. q(script) .. " " .. q(input), nil, 120)
     assert.equal(0, rc, err)
-    assert.equal(expected(400), out)
+    assert.equal(expected(500), out)
     local lost = select(2, err:gsub("host '1/env LPAR_BAD_HOST=1' was lost", ""))
     assert.equal(2, lost, err)
     assert.matches("host '1/env LPAR_BAD_HOST=1' is left out: its command killed by signal 9 " ..
@@ -653,7 +675,7 @@ end
     it("takes a host cut off as lost; its agent leaves by itself", function()
       if not up("ssh") then return end
       if not hosts.up({netns = cutdown}, pending, "netns") then return end
-      local script = H.writefile(tmp() .. ".lua", noting(0.02))
+      local script = H.writefile(tmp() .. ".lua", noting(0.02, {"h1", "h2"}))
       local input = items(400)
       local dir = H.tmpdir()
       -- h1 is the host in its own network namespace, h2 a loopback one
@@ -677,12 +699,23 @@ end
 
   describe("host specs", function()
     it("are split at commas outside quotes, and take -j as their count", function()
-      -- each item says its host's A, its agent and the agent's -j
+      -- each item says its host's A, its agent and the agent's -j; none
+      -- returns before both hosts ran one (for up to 60 s)
+      local dir = H.tmpdir()
       local script = H.writefile(tmp() .. ".lua", [[
 local unistd = require "posix.unistd"
 local time = require "posix.time"
+local dir = ]] .. ("%q"):format(dir) .. [[
+
+local function seen(a)
+  return io.open(dir .. "/" .. a) ~= nil
+end
 return function(x)
-  time.nanosleep({tv_sec = 0, tv_nsec = 20000000})
+  io.open(dir .. "/" .. (os.getenv("A") or "-"), "w"):close()
+  local t = os.time() + 60
+  while not (seen("1,2") and seen("3")) and os.time() < t do
+    time.nanosleep({tv_sec = 0, tv_nsec = 10000000})
+  end
   local agent = unistd.getppid()
   local f = io.open("/proc/" .. agent .. "/cmdline")
   local cmd = f:read("a")
@@ -703,6 +736,7 @@ end
       local n = 0
       for _ in pairs(pids) do n = n + 1 end
       assert.equal(2, n) -- one agent per host
+      H.rmdir(dir)
     end)
 
     it("that are malformed are usage errors, named", function()
