@@ -197,6 +197,7 @@ typedef struct Out {
   pthread_cond_t cv;
   pthread_t thread;
   int started; /* the flusher runs */
+  int running; /* ... and is past its thread's start (mu held to see) */
   int quit;    /* the flusher must leave */
   char *p;     /* pending bytes */
   size_t n, cap;
@@ -295,6 +296,8 @@ static void drain(void) {
 static void *flusher(void *ud) {
   (void)ud;
   pthread_mutex_lock(&out.mu);
+  out.running = 1; /* its start is over: see l_startoutput */
+  pthread_cond_broadcast(&out.cv);
   while (!out.quit) {
     long long due = out.since + LPAR_OUTDELAYNS;
     if (!pending())
@@ -332,6 +335,13 @@ static int l_startoutput(lua_State *L) {
   pthread_sigmask(SIG_SETMASK, &old, NULL);
   if (rc != 0)
     return raisef(L, "cannot start the output thread: %s", strerror(rc));
+  /* wait until the thread has started: a worker forked while the new
+     thread is still being set up (by a sanitizer's allocator, say) could
+     inherit a lock that thread holds */
+  pthread_mutex_lock(&out.mu);
+  while (!out.running)
+    pthread_cond_wait(&out.cv, &out.mu);
+  pthread_mutex_unlock(&out.mu);
   out.started = 1;
   return 0;
 }
