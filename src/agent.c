@@ -63,12 +63,6 @@ static void onstop(int sig) {
   stopsig = sig;
 }
 
-static uint32_t get32(const char *p) {
-  const unsigned char *u = (const unsigned char *)p;
-  return (uint32_t)u[0] | (uint32_t)u[1] << 8 | (uint32_t)u[2] << 16 |
-         (uint32_t)u[3] << 24;
-}
-
 static void nomem(lua_State *L, int rc) {
   if (rc != 0)
     luaL_error(L, "not enough memory");
@@ -189,8 +183,8 @@ static int decodefns(lua_State *L) {
   uint32_t flags, nf, k;
   if (len < 8)
     return luaL_error(L, "setup too short");
-  flags = get32(p);
-  nf = get32(p + 4);
+  flags = lpar_wire_get32(p);
+  nf = lpar_wire_get32(p + 4);
   lua_settop(L, 1);
   if (flags & 1)
     lpar_xfer_decode(L, p, len, &pos);
@@ -256,7 +250,7 @@ static void setup(Agent *a, const char *p, size_t len) {
   o.timeout = (double)lpar_wire_get64(p + 8) / 1e9;
   if (lpar_wire_get64(p + 16) > 0)
     a->idle = (long long)lpar_wire_get64(p + 16);
-  kind = get32(p + 24);
+  kind = lpar_wire_get32(p + 24);
   lua_pushcfunction(L, kind == 1 ? clifns : decodefns);
   lua_pushlstring(L, p + 28, len - 28);
   if (lua_pcall(L, 1, 3, 0) != LUA_OK) {

@@ -94,7 +94,7 @@ enum {
   EU_BROKEN,
   EU_INITERR,
   EU_HOSTS,  /* what lpar_engine_sethosts was given */
-  EU_SETUP,  /* ... the payload of SETUP after the versions */
+  EU_SETUP,  /* ... and the SETUP frame its agents get */
   EU_HOSTERR /* why the last host was left out */
 };
 #define EU_N EU_HOSTERR
@@ -317,7 +317,7 @@ static int startplace(Engine *e, EWorker *w, int i, const char **call) {
   w->hello = 0;
   w->hostn = 0;
   w->rtt = 0;
-  w->lastread = w->sentat = lpar_proc_now();
+  w->lastread = lpar_proc_now();
   /* timed beats begin once its agent runs: the first would measure the
      connection's start */
   w->probeat = w->lastread + LPAR_HOSTSTARTNS;
@@ -331,18 +331,26 @@ static int startplace(Engine *e, EWorker *w, int i, const char **call) {
   return rc;
 }
 
+/* What a child of e starts with: the caller's signal mask (the one in
+   force now, or the one a wait replaced, in 'cur'), SIGINT as 'ignint'
+   says. */
+static ChildSetup childsetup(Engine *e, sigset_t *cur, int ignint) {
+  ChildSetup cs;
+  sigprocmask(SIG_BLOCK, NULL, cur);
+  cs.mask = e->waiting ? &e->oldmask : cur;
+  cs.ignint = ignint;
+  return cs;
+}
+
 /* Fork a worker into empty place i; 0, or -errno with *call naming the
    call that failed. */
 static int spawn(Ctx *c, int i, const char **call) {
   lua_State *L = c->L;
   Engine *e = c->e;
   EWorker *w = &e->w[i];
-  ChildSetup cs;
   sigset_t cur;
+  ChildSetup cs = childsetup(e, &cur, e->o.ignint);
   pid_t pid;
-  sigprocmask(SIG_BLOCK, NULL, &cur);
-  cs.mask = e->waiting ? &e->oldmask : &cur;
-  cs.ignint = e->o.ignint;
   e->slots[i].item = 0;
   lpar_ring_unmap(&w->ring); /* the last worker in this place is gone */
   if (lpar_ring_map(&w->ring, LPAR_RINGSIZE) != 0)
@@ -425,8 +433,8 @@ static int spawnhost(Ctx *c, int i, const char **call) {
   lua_State *L = c->L;
   Engine *e = c->e;
   EWorker *w = &e->w[i];
-  ChildSetup cs;
   sigset_t cur;
+  ChildSetup cs = childsetup(e, &cur, 1);
   pid_t pid;
   int rc, top = lua_gettop(L);
   lua_Integer k, n;
@@ -443,9 +451,6 @@ static int spawnhost(Ctx *c, int i, const char **call) {
     lua_pop(L, 1); /* still held by the table */
   }
   argv[n] = NULL;
-  sigprocmask(SIG_BLOCK, NULL, &cur);
-  cs.mask = e->waiting ? &e->oldmask : &cur;
-  cs.ignint = 1;
   e->slots[i].item = 0;
   pid = lpar_proc_fork(&w->proc, &cs, call);
   if (pid == 0) {
@@ -473,17 +478,9 @@ static int spawnhost(Ctx *c, int i, const char **call) {
   w->ring.base = NULL;
   if ((rc = startplace(e, w, i, call)) != 0)
     return rc;
-  lua_rawgeti(L, c->uv, EU_SETUP);
+  lua_rawgeti(L, c->uv, EU_SETUP); /* the whole frame */
   setup = lua_tolstring(L, -1, &len);
-  {
-    Buf b = {0};
-    int bad = lpar_hosts_putversions(&b) != 0 ||
-              lpar_buf_add(&b, setup ? setup : "", setup ? len : 0) != 0;
-    if (!bad)
-      hostframe(c, w, LPAR_FSETUP, 0, b.p, b.n);
-    lpar_buf_free(&b);
-    nomem(L, bad);
-  }
+  nomem(L, lpar_buf_add(&w->out, setup, len));
   lua_pop(L, 1);
   return 0;
 }
@@ -498,6 +495,31 @@ static int nohost(Engine *e) {
     if (!e->w[i].dropped)
       return 0;
   return 1;
+}
+
+/* Leave host w out for good, saying why on stderr; 'why' is kept as the
+   last host's failure. */
+static void leaveout(Ctx *c, EWorker *w, const char *why) {
+  const char *name = hostname(c, w);
+  w->dropped = 1;
+  fprintf(stderr, "lpar: host '%s' is left out: %s\n", name, why);
+  fflush(stderr);
+  lua_pushfstring(c->L, "host '%s': %s", name, why);
+  lua_rawseti(c->L, c->uv, EU_HOSTERR);
+}
+
+static void breakengine(Ctx *c);
+
+/* With every host left out and no local place, the engine breaks, naming
+   the last host's failure. */
+static void checkhosts(Ctx *c) {
+  if (!nohost(c->e) || broken(c))
+    return;
+  lua_rawgeti(c->L, c->uv, EU_HOSTERR);
+  lua_pushfstring(c->L, "no host can run workers (the last: %s)",
+                  lua_tostring(c->L, -1));
+  lua_remove(c->L, -2);
+  breakengine(c);
 }
 
 /* ---- jobs ---- */
@@ -779,11 +801,10 @@ static void losehost(Ctx *c, EWorker *w, int force, const char *why) {
     inflight = 0;
   w->hostfails++;
   if (!w->dropped && (!w->hello || w->hostfails >= LPAR_HOSTFAILS)) {
-    w->dropped = 1;
-    lua_pushfstring(L, "host '%s' %s", name, why);
-    fprintf(stderr, "lpar: host '%s' is left out: its command %s%s\n", name,
-            why, w->hello ? ", again and again" : "");
-    lua_rawseti(L, c->uv, EU_HOSTERR);
+    leaveout(c, w,
+             lua_pushfstring(L, "its command %s%s", why,
+                             w->hello ? ", again and again" : ""));
+    lua_pop(L, 1);
   }
   else if (!w->dropped)
     fprintf(stderr, "lpar: host '%s' was lost (its command %s)\n", name, why);
@@ -793,13 +814,7 @@ static void losehost(Ctx *c, EWorker *w, int force, const char *why) {
   fflush(stderr);
   w->retryat = lpar_proc_now() + (long long)w->hostfails * 1000000000LL;
   vacate(e, w);
-  if (nohost(e) && !broken(c)) {
-    lua_rawgeti(L, c->uv, EU_HOSTERR);
-    lua_pushfstring(L, "no host can run workers (the last: %s)",
-                    lua_tostring(L, -1));
-    lua_remove(L, -2);
-    breakengine(c);
-  }
+  checkhosts(c);
 }
 
 /*
@@ -910,12 +925,9 @@ static void protoerror(Ctx *c, EWorker *w, const char *what) {
 /* Send what is pending to w, watching its fd while some is left. 0, or
    -errno if the worker cannot be written. */
 static int sendsome(Engine *e, EWorker *w) {
-  size_t before = w->outpos;
   int rc = lpar_wire_sendsome(w->proc.cmdfd, &w->out, &w->outpos);
   if (rc != 0)
     return rc;
-  if (w->host && w->outpos > before)
-    w->sentat = lpar_proc_now();
   if (w->outpos < w->out.n && !w->watchout) {
     rc = evctl(e, EPOLL_CTL_ADD, w->proc.cmdfd, EPOLLOUT,
                EVDATA(EV_CMD, w - e->w));
@@ -1464,20 +1476,8 @@ static void refillhosts(Ctx *c) {
     else if (rc != 0) {
       char why[128];
       snprintf(why, sizeof why, "cannot start (%s: %s)", call, strerror(-rc));
-      w->hello = 0;
-      w->dropped = 1;
-      fprintf(stderr, "lpar: host '%s' is left out: %s\n", hostname(c, w), why);
-      fflush(stderr);
-      lua_pushfstring(c->L, "host '%s' %s", hostname(c, w), why);
-      if (nohost(e)) {
-        lua_pushfstring(c->L, "no host can run workers (the last: %s)",
-                        lua_tostring(c->L, -1));
-        lua_insert(c->L, -2);
-        lua_rawseti(c->L, c->uv, EU_HOSTERR);
-        breakengine(c);
-      }
-      else
-        lua_rawseti(c->L, c->uv, EU_HOSTERR);
+      leaveout(c, w, why);
+      checkhosts(c);
     }
   }
 }
@@ -1705,16 +1705,11 @@ static int errorframe(Ctx *c, EWorker *w, const char *p, size_t len,
     return -1;
   }
   if (i == 0 && w->state == W_STARTING && w->host) {
-    /* its agent could not start: it says why and leaves */
-    const char *name = hostname(c, w), *msg;
+    /* its agent could not start: it says why and leaves (the engine
+       breaks, if it must, as its stream ends) */
     lpar_worker_failure(L, NULL);
-    msg = luaL_tolstring(L, -1, NULL);
-    fprintf(stderr, "lpar: host '%s' is left out: %s\n", name, msg);
-    fflush(stderr);
-    lua_pushfstring(L, "host '%s': %s", name, msg);
-    lua_rawseti(L, c->uv, EU_HOSTERR);
+    leaveout(c, w, luaL_tolstring(L, -1, NULL));
     lua_pop(L, 2);
-    w->dropped = 1;
     return 0;
   }
   if (i == 0 && w->state == W_STARTING) {
@@ -2003,7 +1998,6 @@ static long long hostdeadline(Ctx *c, EWorker *w, long long now) {
       lose(c, w, 0, NULL);
       return -1;
     }
-    w->sentat = now;
     w->probeat = now + LPAR_BEATNS;
   }
   due = w->lastread + limit;
@@ -2469,14 +2463,29 @@ Job *lpar_engine_submit(lua_State *L, int eidx, int fidx, int iidx,
 
 void lpar_engine_sethosts(lua_State *L, int eidx, int hostsidx, int setupidx) {
   Engine *e = lua_touserdata(L, eidx);
-  int i;
+  Buf b = {0};
+  size_t len;
+  const char *setup;
+  int i, bad;
   hostsidx = lua_absindex(L, hostsidx);
-  setupidx = lua_absindex(L, setupidx);
+  setup = lua_tolstring(L, setupidx, &len);
   lua_getiuservalue(L, eidx, 1);
   lua_pushvalue(L, hostsidx);
   lua_rawseti(L, -2, EU_HOSTS);
-  lua_pushvalue(L, setupidx);
-  lua_rawseti(L, -2, EU_SETUP);
+  /* the frame every host's agent gets first, made once */
+  bad = lpar_buf_reserve(&b, LPAR_HDRSIZE) != 0;
+  if (!bad) {
+    b.n = LPAR_HDRSIZE;
+    bad = lpar_hosts_putversions(&b) != 0 || lpar_buf_add(&b, setup, len) != 0;
+  }
+  if (!bad) {
+    Frame f = {LPAR_FSETUP, 0, b.n - LPAR_HDRSIZE};
+    lpar_wire_putheader(b.p, &f);
+    lua_pushlstring(L, b.p, b.n);
+    lua_rawseti(L, -2, EU_SETUP);
+  }
+  lpar_buf_free(&b);
+  nomem(L, bad);
   lua_pop(L, 1);
   for (i = 0; i < e->o.nhosts; i++)
     e->w[nlocal(e) + i].host = i + 1;

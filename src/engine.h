@@ -99,7 +99,6 @@ typedef struct EWorker {
   int hello;            /* a host said HELLO */
   int hostfails;        /* a host lost this many times with no chunk done */
   int dropped;          /* a host left out for good */
-  long long sentat;     /* a host: when bytes were last sent */
   long long retryat;    /* a lost host starts again from this time */
   long long probeat;    /* a host: when to send the next timed BEAT */
   long long rtt;        /* ... the shortest round trip seen (ns), 0: none */

@@ -17,18 +17,6 @@
 #define LPAR_STR(x) LPAR_STR1(x)
 #define NAMESIZE 32
 
-static void put32(char *p, uint32_t v) {
-  int k;
-  for (k = 0; k < 4; k++)
-    p[k] = (char)((v >> (8 * k)) & 0xff);
-}
-
-static uint32_t get32(const char *p) {
-  const unsigned char *u = (const unsigned char *)p;
-  return (uint32_t)u[0] | (uint32_t)u[1] << 8 | (uint32_t)u[2] << 16 |
-         (uint32_t)u[3] << 24;
-}
-
 int lpar_hosts_putversions(Buf *b) {
   char *p;
   if (lpar_buf_reserve(b, LPAR_VERSIONSIZE) != 0)
@@ -36,10 +24,10 @@ int lpar_hosts_putversions(Buf *b) {
   p = b->p + b->n;
   memset(p, 0, LPAR_VERSIONSIZE);
   memcpy(p, MAGIC, 4);
-  put32(p + 4, LPAR_PROTOCOL);
-  put32(p + 8, LUA_VERSION_NUM);
-  put32(p + 12, (uint32_t)sizeof(lua_Integer));
-  put32(p + 16, (uint32_t)sizeof(lua_Number));
+  lpar_wire_put32(p + 4, LPAR_PROTOCOL);
+  lpar_wire_put32(p + 8, LUA_VERSION_NUM);
+  lpar_wire_put32(p + 12, (uint32_t)sizeof(lua_Integer));
+  lpar_wire_put32(p + 16, (uint32_t)sizeof(lua_Number));
   snprintf(p + 20, NAMESIZE, "%s", LPAR_VERSION);
   b->n += LPAR_VERSIONSIZE;
   return 0;
@@ -47,7 +35,7 @@ int lpar_hosts_putversions(Buf *b) {
 
 /* "lpar 0.1.0 (protocol 1, Lua 5.4, 8-byte integers, 8-byte floats)" */
 static void describe(const char *p, char *buf, size_t size) {
-  uint32_t lua = get32(p + 8);
+  uint32_t lua = lpar_wire_get32(p + 8);
   char name[NAMESIZE + 1];
   memcpy(name, p + 20, NAMESIZE);
   name[NAMESIZE] = '\0';
@@ -56,9 +44,9 @@ static void describe(const char *p, char *buf, size_t size) {
       *s = '?';
   snprintf(buf, size,
            "%s (protocol %u, Lua %u.%u, %u-byte integers, %u-byte floats)",
-           name, (unsigned)get32(p + 4), (unsigned)(lua / 100),
-           (unsigned)(lua % 100), (unsigned)get32(p + 12),
-           (unsigned)get32(p + 16));
+           name, (unsigned)lpar_wire_get32(p + 4), (unsigned)(lua / 100),
+           (unsigned)(lua % 100), (unsigned)lpar_wire_get32(p + 12),
+           (unsigned)lpar_wire_get32(p + 16));
 }
 
 int lpar_hosts_checkversions(const char *p, size_t len, const char *who,

@@ -67,10 +67,9 @@ static const char *const poolopts[] = {
 /*
 ** Read opts.hosts (at 'opts', a table) into the table pushed: the hosts'
 ** descriptions (lpar_hosts_parse), in order; returns how many local
-** workers ":" entries ask for (*here set when there is one: 'nw' each
-** when they give no count).
+** workers ":" entries ask for ('nw' each when they give no count).
 */
-static int gethosts(lua_State *L, int opts, lua_Integer nw, int *here) {
+static int gethosts(lua_State *L, int opts, lua_Integer nw) {
   const char *remote = "lpar";
   lua_Integer k, n, local = 0, nh = 0;
   if (lua_getfield(L, opts, "remote_lpar") != LUA_TNIL) {
@@ -83,7 +82,6 @@ static int gethosts(lua_State *L, int opts, lua_Integer nw, int *here) {
     luaL_argerror(L, 1, "hosts must be a sequence of host specs (strings)");
   n = (lua_Integer)lua_rawlen(L, -1);
   lua_newtable(L);
-  *here = 0;
   for (k = 1; k <= n; k++) {
     if (lua_rawgeti(L, -2, k) != LUA_TSTRING)
       luaL_argerror(L, 1, "hosts must be a sequence of host specs (strings)");
@@ -93,7 +91,6 @@ static int gethosts(lua_State *L, int opts, lua_Integer nw, int *here) {
       lua_getfield(L, -2, "n");
       m = lua_tointeger(L, -1);
       local += m > 0 ? m : nw;
-      *here = 1;
       lua_pop(L, 4);
       continue;
     }
@@ -111,9 +108,7 @@ static int gethosts(lua_State *L, int opts, lua_Integer nw, int *here) {
 /* Append u32 v to b (little-endian). */
 static int add32(Buf *b, uint32_t v) {
   char p[4];
-  int k;
-  for (k = 0; k < 4; k++)
-    p[k] = (char)((v >> (8 * k)) & 0xff);
+  lpar_wire_put32(p, v);
   return lpar_buf_add(b, p, 4);
 }
 
@@ -240,9 +235,8 @@ static int l_pool(lua_State *L) {
   o.ignint = 1; /* a pool's workers outlive Ctrl-C; they die with it */
   lua_settop(L, 1);
   if (lua_istable(L, 1) && lua_getfield(L, 1, "hosts") != LUA_TNIL) {
-    int here;
     lua_pop(L, 1);
-    o.n = gethosts(L, 1, o.n, &here); /* 2: the hosts */
+    o.n = gethosts(L, 1, o.n); /* 2: the hosts */
     o.nhosts = (int)lua_rawlen(L, 2);
     o.n += o.nhosts;
   }

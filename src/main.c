@@ -781,8 +781,8 @@ static int l_finish(lua_State *L) {
 #define LPAR_BATCHBYTES (64 * 1024)
 #endif
 
-/* records handed out and not yet taken back, at most: past this the run
-   gets no more items, finishes, and a new run goes on (which bounds the
+/* records handed out and not yet taken back, at most: past this the
+   iterator says "not yet" until a result is taken (which bounds the
    memory a very slow item can make the others pile up) */
 #if !defined(LPAR_AHEAD)
 #define LPAR_AHEAD 65536

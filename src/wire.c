@@ -25,13 +25,13 @@ uint64_t lpar_wire_get64(const char *p) {
   return v;
 }
 
-static void put32(char *p, uint32_t v) {
+void lpar_wire_put32(char *p, uint32_t v) {
   int i;
   for (i = 0; i < 4; i++)
     p[i] = (char)(v >> (8 * i));
 }
 
-static uint32_t get32(const char *p) {
+uint32_t lpar_wire_get32(const char *p) {
   uint32_t v = 0;
   int i;
   for (i = 0; i < 4; i++)
@@ -40,8 +40,8 @@ static uint32_t get32(const char *p) {
 }
 
 void lpar_wire_putheader(char *h, const Frame *f) {
-  put32(h, f->type);
-  put32(h + 4, f->count);
+  lpar_wire_put32(h, f->type);
+  lpar_wire_put32(h + 4, f->count);
   lpar_wire_put64(h + 8, f->len);
 }
 
@@ -61,8 +61,8 @@ int lpar_wire_addframe(Buf *b, uint32_t type, uint32_t count, const char *p,
 }
 
 int lpar_wire_getheader(const char *h, Frame *f) {
-  f->type = get32(h);
-  f->count = get32(h + 4);
+  f->type = lpar_wire_get32(h);
+  f->count = lpar_wire_get32(h + 4);
   f->len = lpar_wire_get64(h + 8);
   if (f->type < LPAR_FWORK || f->type >= LPAR_FLAST ||
       f->type == LPAR_FNEWLINE || f->len > LPAR_MAXFRAME)

@@ -56,9 +56,11 @@ int lpar_wire_addframe(Buf *b, uint32_t type, uint32_t count, const char *p,
 /* Parse a header; 0, or -EPROTO for a bad type or length. */
 int lpar_wire_getheader(const char *h, Frame *f);
 
-/* Little-endian u64 helpers for payloads. */
+/* Little-endian u64 and u32 helpers for payloads. */
 void lpar_wire_put64(char *p, uint64_t v);
 uint64_t lpar_wire_get64(const char *p);
+void lpar_wire_put32(char *p, uint32_t v);
+uint32_t lpar_wire_get32(const char *p);
 
 /* Blocking full write; 0 or -errno. EINTR-safe, SIGPIPE is the caller's. */
 int lpar_wire_write(int fd, const void *p, size_t n);
