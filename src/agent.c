@@ -110,31 +110,48 @@ static int flushall(Agent *a) {
   return 0;
 }
 
+/* Begin a frame at the end of a->outb, its payload to be appended;
+   returns where it begins (see endframe). */
+static size_t beginframe(Agent *a) {
+  size_t at;
+  if (a->outpos == a->outb.n)
+    a->outb.n = a->outpos = 0;
+  nomem(a->L, lpar_buf_reserve(&a->outb, LPAR_HDRSIZE));
+  at = a->outb.n;
+  a->outb.n += LPAR_HDRSIZE;
+  return at;
+}
+
+/* End the frame begun at 'at': its header, and the '\n' after it. */
+static void endframe(Agent *a, size_t at, int type, uint32_t count) {
+  Frame f;
+  f.type = (uint32_t)type;
+  f.count = count;
+  f.len = a->outb.n - at - LPAR_HDRSIZE;
+  lpar_wire_putheader(a->outb.p + at, &f);
+  nomem(a->L, lpar_buf_add(&a->outb, "\n", 1));
+}
+
 /* Queue an ERROR frame for item i: the value on top (popped), with no
    traceback (a failure's message holds it). */
 static void puterror(Agent *a, lua_Integer i) {
   lua_State *L = a->L;
-  Buf b = {0};
-  int bad = lpar_buf_reserve(&b, 8) != 0;
-  if (!bad) {
-    lpar_wire_put64(b.p, (uint64_t)i);
-    b.n = 8;
-    if (lpar_codec_encode(L, -1, &b) != 0) { /* a table that cannot go */
-      lua_pop(L, 1);
-      lpar_worker_describe(L, -1);
-      lua_replace(L, -2);
-      b.n = 8;
-      bad = lpar_codec_encode(L, -1, &b) != 0;
-    }
-    lua_pushnil(L);
-    bad = bad || lpar_codec_encode(L, -1, &b) != 0;
+  size_t at = beginframe(a);
+  char index[8];
+  lpar_wire_put64(index, (uint64_t)i);
+  nomem(L, lpar_buf_add(&a->outb, index, 8));
+  if (lpar_codec_encode(L, -1, &a->outb) != 0) { /* a table that cannot go */
     lua_pop(L, 1);
+    a->outb.n = at + LPAR_HDRSIZE + 8;
+    lpar_worker_describe(L, -1);
+    lua_replace(L, -2);
+    nomem(L, lpar_codec_encode(L, -1, &a->outb));
   }
   lua_pop(L, 1);
-  if (!bad)
-    put(a, LPAR_FERROR, 0, b.p, b.n);
-  lpar_buf_free(&b);
-  nomem(L, bad);
+  lua_pushnil(L); /* no traceback */
+  nomem(L, lpar_codec_encode(L, -1, &a->outb));
+  lua_pop(L, 1);
+  endframe(a, at, LPAR_FERROR, 0);
 }
 
 /* Tell the parent why the agent cannot go on (the message on top,
@@ -357,29 +374,25 @@ static int jobresults(lua_State *L) {
 static void putresults(Agent *a, int aside, lua_Integer first, lua_Integer from,
                        lua_Integer to, long long ns) {
   lua_State *L = a->L;
-  Buf b = {0};
+  char head[16];
   lua_Integer k;
-  int bad;
+  size_t at;
   if (to < from)
     return;
-  bad = lpar_buf_reserve(&b, 16) != 0;
-  if (!bad) {
-    lpar_wire_put64(b.p, (uint64_t)(first + from - 1));
-    lpar_wire_put64(b.p + 8, (uint64_t)ns);
-    b.n = 16;
-  }
-  for (k = from; k <= to && !bad; k++) {
+  at = beginframe(a);
+  lpar_wire_put64(head, (uint64_t)(first + from - 1));
+  lpar_wire_put64(head + 8, (uint64_t)ns);
+  nomem(L, lpar_buf_add(&a->outb, head, 16));
+  for (k = from; k <= to; k++) {
     lua_rawgeti(L, aside, k);
-    if (lpar_codec_encode(L, -1, &b) != 0) {
+    if (lpar_codec_encode(L, -1, &a->outb) != 0) {
+      a->outb.n = at; /* no frame half made goes out */
       luaL_error(L, "cannot send the result of item %I: %s",
                  (LUAI_UACINT)(first + k - 1), lua_tostring(L, -1));
     }
     lua_pop(L, 1);
   }
-  if (!bad)
-    put(a, LPAR_FRESULT, (uint32_t)(to - from + 1), b.p, b.n);
-  lpar_buf_free(&b);
-  nomem(L, bad);
+  endframe(a, at, LPAR_FRESULT, (uint32_t)(to - from + 1));
 }
 
 /* The chunk at the head of the queue is done: its results and errors,
