@@ -21,7 +21,10 @@
 #include "xfer.h"
 
 #define WORKERKEY "lpar.inworker"
-#define SLOTKEY "lpar.slot" /* the worker's Slot, a light userdata */
+/* this process's shared status, if it is a worker: a worker is a process
+   of its own, with one state, and the batch loop asks after every record
+   whether it is overdue (a lookup in the registry there costs more) */
+static Slot *ownslot;
 
 /*
 ** os.exit in a worker: flush stdio and leave with _exit, as a worker always
@@ -53,11 +56,8 @@ void lpar_worker_mark(lua_State *L) {
 }
 
 int lpar_worker_overdue(lua_State *L) {
-  Slot *slot;
-  lua_getfield(L, LUA_REGISTRYINDEX, SLOTKEY);
-  slot = lua_touserdata(L, -1);
-  lua_pop(L, 1);
-  return slot != NULL && slot->item != 0 && slot->cut == slot->item;
+  (void)L;
+  return ownslot != NULL && ownslot->item != 0 && ownslot->cut == ownslot->item;
 }
 
 int lpar_worker_inside(lua_State *L) {
@@ -142,8 +142,7 @@ void lpar_worker_check(int rc) {
 
 void lpar_worker_initrunner(Runner *r, lua_State *L, int fd, Slot *slot) {
   lpar_worker_mark(L);
-  lua_pushlightuserdata(L, slot);
-  lua_setfield(L, LUA_REGISTRYINDEX, SLOTKEY);
+  ownslot = slot;
   if (lpar_buf_reserve(&r->out, 4096) != 0)
     _exit(3);
   r->L = L;
