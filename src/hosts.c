@@ -13,8 +13,6 @@
 #include "wire.h"
 
 #define MAGIC "LPAR"
-#define LPAR_STR1(x) #x
-#define LPAR_STR(x) LPAR_STR1(x)
 #define NAMESIZE 32
 
 int lpar_hosts_putversions(Buf *b) {
@@ -127,12 +125,6 @@ int lpar_hosts_words(lua_State *L, const char *s) {
   }
 }
 
-/* Raise the message, with no position: it is about a spec, not code. */
-static int bad(lua_State *L, const char *fmt, const char *a, const char *b) {
-  lua_pushfstring(L, fmt, a, b);
-  return lua_error(L);
-}
-
 void lpar_hosts_parse(lua_State *L, int idx, const char *remote) {
   const char *spec = luaL_checkstring(L, idx), *s = spec, *slash;
   lua_Integer n = 0, k, nw;
@@ -146,9 +138,11 @@ void lpar_hosts_parse(lua_State *L, int idx, const char *remote) {
       d++;
     if (d == slash) { /* N/PREFIX */
       if (slash - s > 6 || (n = (lua_Integer)strtol(s, NULL, 10)) < 1 ||
-          n > LPAR_MAXWORKERS)
-        bad(L, "host '%s': the worker count must be 1 to %s", spec,
-            LPAR_STR(LPAR_MAXWORKERS));
+          n > LPAR_MAXWORKERS) {
+        lua_pushfstring(L, "host '%s': the worker count must be 1 to %d", spec,
+                        LPAR_MAXWORKERS);
+        lua_error(L); /* a spec's fault: no code position */
+      }
       s = slash + 1;
     }
   }
@@ -164,15 +158,23 @@ void lpar_hosts_parse(lua_State *L, int idx, const char *remote) {
     lua_setfield(L, -2, "here");
     return;
   }
-  if (lpar_hosts_words(L, s) != 0)
-    bad(L, "host '%s': %s", spec, lua_tostring(L, -1));
+  if (lpar_hosts_words(L, s) != 0) {
+    lua_pushfstring(L, "host '%s': %s", spec, lua_tostring(L, -1));
+    lua_error(L); /* a spec's fault: no code position */
+  }
   nw = (lua_Integer)lua_rawlen(L, -1);
-  if (nw == 0)
-    bad(L, "host '%s': no command to run%s", spec, "");
-  if (lpar_hosts_words(L, remote) != 0)
-    bad(L, "remote lpar '%s': %s", remote, lua_tostring(L, -1));
-  if (lua_rawlen(L, -1) == 0)
-    bad(L, "remote lpar is empty%s%s", "", "");
+  if (nw == 0) {
+    lua_pushfstring(L, "host '%s': no command to run", spec);
+    lua_error(L); /* a spec's fault: no code position */
+  }
+  if (lpar_hosts_words(L, remote) != 0) {
+    lua_pushfstring(L, "remote lpar '%s': %s", remote, lua_tostring(L, -1));
+    lua_error(L); /* a spec's fault: no code position */
+  }
+  if (lua_rawlen(L, -1) == 0) {
+    lua_pushliteral(L, "remote lpar is empty");
+    lua_error(L); /* a spec's fault: no code position */
+  }
   for (k = 1; k <= (lua_Integer)lua_rawlen(L, -1); k++) {
     lua_rawgeti(L, -1, k);
     lua_rawseti(L, -3, ++nw);
