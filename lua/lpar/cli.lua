@@ -1250,10 +1250,19 @@ end
 -- (its input line number and a tab), else nil.
 function M.labeller(o)
   if not o.number then return nil end
+  local real = M.inputline(o)
+  return function(i) return real(i) .. "\t" end
+end
+
+-- The input line number of the reader's record i: with --shard K/N the
+-- reader gives this shard's records only, and with --resume-failed the
+-- lines it runs again.
+function M.inputline(o)
   local K, N = 1, 1
   if o.shard then K, N = o.shard[1], o.shard[2] end
-  local lines = o.lines -- --resume-failed: the lines it runs again
-  return function(i) return (lines and lines[i] or (i - 1) * N + K) .. "\t" end
+  local lines = o.lines
+  if lines then return function(i) return lines[i] end end
+  return function(i) return (i - 1) * N + K end
 end
 
 -- The options a host's agent needs to make the same worker functions.
@@ -1379,14 +1388,11 @@ function M.run(o, c, reader, counter, map, init, close)
 
   -- where results and the joblog go; what a resumed run skips
   local skipped = 0
-  -- With --shard K/N the reader gives this shard's records only: its
-  -- record i is input line real(i); the joblog and messages show those.
+  -- the reader's record i is input line real(i): the joblog and messages
+  -- show those
+  local real = M.inputline(o)
   local K, N = 1, 1
   if o.shard then K, N = o.shard[1], o.shard[2] end
-  local function real(i)
-    if o.lines then return o.lines[i] end -- --resume-failed: the lines it runs again
-    return (i - 1) * N + K
-  end
   local function mine(line) return line >= K and (line - K) // N + 1 or 0 end
   -- --number: what starts the output line of record i (workers inherit it)
   local label = M.labeller(o)
