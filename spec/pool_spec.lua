@@ -1025,6 +1025,20 @@ describe("pool:imap batched", function()
       for _ in pool:imap(double, function() return 1 end, {batched = true}) do end
     end)
     assert.is_false(ok)
-    assert.matches("item 1: the items iterator gave no record count", err, 1, true)
+    assert.matches("the items iterator (batched) gave nil as the record count of its batch 1, " ..
+                   "not a positive integer", err, 1, true)
+    -- a count given, but not a positive integer, is named as it is
+    for _, bad in ipairs({0, -1, 1.5, "x"}) do
+      ok, err = pcall(function()
+        local sent = false
+        for _ in pool:imap(double, function()
+          if sent then return nil end
+          sent = true
+          return 1, bad
+        end, {batched = true}) do end
+      end)
+      assert.is_false(ok)
+      assert.matches("gave " .. tostring(bad) .. " as the record count of its batch 1", err, 1, true)
+    end
   end)
 end)

@@ -901,6 +901,15 @@ static void lose(Ctx *c, EWorker *w, int force, const char *why) {
                       lpar_proc_secs(j->o.timeout, desc, sizeof desc));
     else
       lua_pushfstring(L, "worker %d %s", (int)pid, why);
+    /* a batch that said how far it got: the record it was running is
+       named, {message = ..., record = k} */
+    if (j->o.batched && culprit == (lua_Integer)slot->item && slot->part >= 0) {
+      lua_createtable(L, 0, 2);
+      lua_insert(L, -2);
+      lua_setfield(L, -2, "message");
+      lua_pushinteger(L, (lua_Integer)slot->part + 1);
+      lua_setfield(L, -2, "record");
+    }
     lua_pushnil(L);
     itemfailed(c, j, culprit, NULL);
   }
@@ -983,7 +992,7 @@ static lua_Integer itemsleft(Job *j) {
 
 /* The time per item (per record for a batched job) that stream j's next
    chunk is sized by: the time learnt, raised by any of its chunks that is
-   overdue (see lpar_policy_pace). */
+   overdue by the time it was sized by (see lpar_policy_pace). */
 static double pace(Engine *e, Job *j) {
   long long now = 0;
   double tns = j->tns;
@@ -991,10 +1000,13 @@ static double pace(Engine *e, Job *j) {
   for (i = 0; i < e->o.n && tns > 0; i++) {
     EWorker *w = &e->w[i];
     if (w->job == j && w->nq > 0 && w->state == W_BUSY) {
+      double t;
       if (now == 0)
         now = lpar_proc_now();
-      tns = lpar_policy_pace(tns, now - w->started, w->q[0].weight,
-                             LPAR_OVERDUENS);
+      t = lpar_policy_pace(w->q[0].tns, now - w->started, w->q[0].weight,
+                           LPAR_OVERDUENS);
+      if (t > tns)
+        tns = t;
     }
   }
   return tns;
@@ -1167,11 +1179,13 @@ static int askiter(Ctx *c, Job *j, int juv) {
     int isnum;
     weight = lua_tointegerx(L, -2, &isnum);
     if (!isnum || weight < 1) {
-      lua_pop(L, 2);
+      const char *got = luaL_tolstring(L, -2, NULL);
       lua_pushfstring(L,
-                      "item %I: the items iterator gave no record count "
-                      "(a positive integer after the batch)",
-                      (LUAI_UACINT)(j->n + 1));
+                      "the items iterator (batched) gave %s as the record "
+                      "count of its batch %I, not a positive integer",
+                      got, (LUAI_UACINT)(j->n + 1));
+      lua_replace(L, -4);
+      lua_pop(L, 2);
       failjob(c, j, NULL);
       return -1;
     }
@@ -1315,6 +1329,7 @@ static void assign(Ctx *c, EWorker *w, Job *j, int juv) {
   w->q[w->nq].first = first;
   w->q[w->nq].count = count;
   w->q[w->nq].weight = count;
+  w->q[w->nq].tns = j->tns;
   if (j->recs != NULL) { /* the records of its batches */
     lua_Integer k;
     w->q[w->nq].weight = 0;
@@ -1341,6 +1356,8 @@ static int prefetch(Engine *e, EWorker *w, long long now) {
     return 0;
   if (w->host) /* a round trip away: its next chunk waits there */
     return 1;
+  if (e->slots[w - e->w].cut >= w->q[0].first) /* overdue: not behind it */
+    return 0;
   return lpar_policy_prefetch(j->tns, w->q[0].weight, now - w->started,
                               e->o.ondemand ? LPAR_MINCHUNKNS
                                             : LPAR_POOLCHUNKNS,
@@ -1767,7 +1784,6 @@ static int readyframe(Ctx *c, EWorker *w, uint32_t count) {
   w->busy = 0;
   w->started = lpar_proc_now();
   w->hostfails = 0; /* a host that finishes chunks is sound */
-  c->e->slots[w - c->e->w].cut = 0;
   if (--w->nq == 0) {
     w->state = W_IDLE;
     w->job = NULL;
@@ -2064,13 +2080,15 @@ static int deadlines(Ctx *c) {
       }
     }
     if (w->killat == 0 && w->state == W_BUSY && w->nq > 0 && w->job &&
-        w->job->o.batched && e->slots[i].cut != w->q[0].first) {
-      /* a batch far past its time gives back the records it has not run */
+        w->job->o.batched && e->slots[i].cut < w->q[w->nq - 1].first) {
+      /* a batch far past the time it was sized for gives back the records
+         it has not run, and so does the one queued behind it: they go to
+         the other workers */
       long long at =
           w->started +
-          lpar_policy_overdue(w->job->tns, w->q[0].weight, LPAR_OVERDUENS);
+          lpar_policy_overdue(w->q[0].tns, w->q[0].weight, LPAR_OVERDUENS);
       if (now >= at)
-        e->slots[i].cut = w->q[0].first;
+        e->slots[i].cut = w->q[w->nq - 1].first;
       else if (due == 0 || at < due)
         due = at;
     }

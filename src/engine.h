@@ -71,6 +71,7 @@ struct Job;
 typedef struct Chunk {
   lua_Integer first, count;
   lua_Integer weight; /* records in it (a batched job), else count */
+  double tns;         /* the time per record it was sized by (0: none) */
   int alone;          /* one suspect (see lpar_ranges_take) */
 } Chunk;
 

@@ -22,6 +22,7 @@
 #include "lauxlib.h"
 #include "lpar.h"
 #include "lualib.h"
+#include "worker.h"
 
 /* the files of lua/lpar, built in (embedded.c in the build tree) */
 const char *lpar_embedded(const char *name, size_t *len);
@@ -1098,6 +1099,8 @@ static int reader_take(lua_State *L) {
 /* overdue() -> whether, in a worker, lpar asks the batch it runs to end
    early (see lpar_overdue) */
 static int l_overdue(lua_State *L) {
+  if (!lua_isnoneornil(L, 1)) /* overdue(k): k records of it are done */
+    lpar_worker_progress(luaL_checkinteger(L, 1));
   lua_pushboolean(L, lpar_overdue(L));
   return 1;
 }

@@ -41,8 +41,12 @@ typedef struct Proc {
 typedef struct Slot {
   volatile long long item;
   volatile long long since; /* CLOCK_MONOTONIC, ns */
-  volatile long long cut;   /* written by the parent: the item it asks the
-                               worker to end early (see lpar_overdue) */
+  volatile long long cut;   /* written by the parent: the worker's items up
+                               to this one are asked to end early (see
+                               lpar_overdue); 0: none */
+  volatile long long part;  /* written by the worker: records of its item
+                               (a batch) done so far, or -1 if its function
+                               does not say (see lpar_worker_progress) */
 } Slot;
 
 /* What the child does with SIGINT: the host's choice if it ignored it. */

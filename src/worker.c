@@ -55,9 +55,14 @@ void lpar_worker_mark(lua_State *L) {
   lua_pop(L, 2);
 }
 
+void lpar_worker_progress(long long done) {
+  if (ownslot != NULL)
+    ownslot->part = done;
+}
+
 int lpar_worker_overdue(lua_State *L) {
   (void)L;
-  return ownslot != NULL && ownslot->item != 0 && ownslot->cut == ownslot->item;
+  return ownslot != NULL && ownslot->item != 0 && ownslot->cut >= ownslot->item;
 }
 
 int lpar_worker_inside(lua_State *L) {
@@ -465,6 +470,7 @@ int lpar_worker_runitem(Runner *r, lua_Integer i) {
     r->slot->since = lpar_proc_now();
   /* the item is this worker's until its result is held or its error sent:
      a death before that is its failure */
+  r->slot->part = -1;
   r->slot->item = i;
   status = lua_pcall(L, 1, 1, r->msgh);
   if (status == LUA_OK) {

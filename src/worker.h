@@ -38,6 +38,10 @@ int lpar_worker_inside(lua_State *L);
    lpar_overdue). */
 int lpar_worker_overdue(lua_State *L);
 
+/* In a worker running a batch of records: 'done' of them are done, so a
+   death now is the next one's (the parent names it, see lose()). */
+void lpar_worker_progress(long long done);
+
 /*
 ** Serve an engine in a freshly forked child: run init, say READY, then
 ** serve CALL, WORK and ITEMS frames until the command channel closes; run

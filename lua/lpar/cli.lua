@@ -701,7 +701,7 @@ function M.batcher(map, fmt, nul, halt, timed, c, maxmem, label)
         n = n + 1
         out[n] = label and label(first + k - 1) .. r or r
       end
-      if k < nrec and overdue() then
+      if overdue(k) and k < nrec then
         over = true
         return
       end
@@ -717,7 +717,7 @@ function M.batcher(map, fmt, nul, halt, timed, c, maxmem, label)
         n = n + 1
         out[n] = label and label(first + k - 1) .. r or r
       end
-      if k < nrec and overdue() then
+      if overdue(k) and k < nrec then
         over = true
         return
       end
@@ -729,7 +729,8 @@ function M.batcher(map, fmt, nul, halt, timed, c, maxmem, label)
   return function(block)
     local parts
     if label then first, block = block[1], block[2] end
-    over = false
+    -- a batch queued behind an overdue one goes back whole
+    over = overdue(0)
     recs, nrec = split(block, nul, recs)
     k, n = 0, 0
     while k < nrec and not over do
@@ -751,7 +752,7 @@ function M.batcher(map, fmt, nul, halt, timed, c, maxmem, label)
         parts[#parts + 1] = {k, packfailure(shorten(recs[k]),
                                             (r[1]:gsub("%z", "\\0")), clean(r[2]))}
         if halt then break end
-        if k < nrec and overdue() then over = true end
+        if overdue(k) and k < nrec then over = true end
       end
     end
     local text = ""
@@ -1382,7 +1383,9 @@ function M.run(o, c, reader, counter, map, init, close)
   -- report), the reader cuts them. --chunk N fixes it at N records.
   local jobopts = {on_error = "collect", unordered = o.unordered or nil,
                    timeout = o.timeout, chunksize = o.chunk, batched = true}
-  local sideopts = {on_error = "collect", timeout = o.timeout}
+  -- records run again one by one: lost or handed back by a batch, they
+  -- may be slow, so they go out one at a time
+  local sideopts = {on_error = "collect", timeout = o.timeout, chunksize = 1}
   -- --halt ...,success= or done=: each record's outcome is seen on its own
   if halt and halt.what ~= "fail" then jobopts.chunksize = 1 end
 
@@ -1575,9 +1578,11 @@ function M.run(o, c, reader, counter, map, init, close)
   -- batch (its worker died, or it ran past the timeout), which names the
   -- culprit; or when lpar asked the batch to end early (it ran far past
   -- its time), so that the rest is spread over the workers.
-  local function rerun(first, block, from)
+  local function rerun(first, block, from, to)
     local recs = c.split(block, nul)
-    if from > 1 then recs = table.move(recs, from, #recs, 1, {}) end
+    to = to or #recs
+    if to < from then return end
+    if from > 1 or to < #recs then recs = table.move(recs, from, to, 1, {}) end
     first = first + from - 1
     for j, v, e, where in pool:imap(single, recs, sideopts) do
       ranon(where)
@@ -1607,9 +1612,19 @@ function M.run(o, c, reader, counter, map, init, close)
   -- A batch that is not plain output: failures, joblog times, or lost.
   local function settle(first, n, block, r, e)
     if r == nil then
+      -- lost with its worker: the record it was running, if the batch
+      -- said, fails (or is tried again); the others run again
+      local at = type(e) == "table" and math.tointeger(e.record)
+      if at then e = e.message end
       stopping(e)
       if n == 1 then
         again(first, c.split(block, nul)[1], e, nil)
+      elseif at and at <= n then
+        rerun(first, block, 1, at - 1)
+        if halted then return end
+        again(first + at - 1, c.split(block, nul)[at], e, nil)
+        if halted then return end
+        rerun(first, block, at + 1)
       else
         rerun(first, block, 1)
       end
