@@ -92,7 +92,7 @@ end
                                                                     H.quote(dir)), nil, 120)
     H.rmdir(dir)
     assert.equal(1, code, err)
-    assert.matches("^lpar: line 31: worker %d+ killed by signal 9", err)
+    assert.matches('^lpar: line 31 %("31"%): worker %d+ killed by signal 9', err)
     local want = H.numbers(100):gsub("\n31\n", "\n")
     assert.equal(want, out)
   end)

@@ -30,7 +30,7 @@ describe("lpar with a worker lost in the middle of its items", function()
       local code, out, err = lpar("-j1 " .. crash .. " -", "a\nexit\n")
       assert.equal(1, code, err)
       assert.equal("a\n", out)
-      assert.matches("lpar: line 2: worker %d+ exited with status 3\n", err)
+      assert.matches('lpar: line 2 %("exit"%): worker %d+ exited with status 3\n', err)
       assert.matches("\nlpar: 1 of 2 items failed\n$", err)
     end
   end)
@@ -39,8 +39,8 @@ describe("lpar with a worker lost in the middle of its items", function()
     local code, out, err = lpar("-j1 " .. crash .. " -", "exit\na\nexit\nb\n")
     assert.equal(1, code, err)
     assert.equal("a\nb\n", out)
-    assert.matches("lpar: line 1: worker %d+ exited", err)
-    assert.matches("lpar: line 3: worker %d+ exited", err)
+    assert.matches('lpar: line 1 %("exit"%): worker %d+ exited', err)
+    assert.matches('lpar: line 3 %("exit"%): worker %d+ exited', err)
     assert.matches("2 of 4 items failed", err)
   end)
 
@@ -49,21 +49,21 @@ describe("lpar with a worker lost in the middle of its items", function()
                                 "a\nspin\n")
     assert.equal(1, code, err)
     assert.equal("a\n", out)
-    assert.matches("lpar: line 2: timed out after 0.5 s", err)
+    assert.matches('lpar: line 2 %("spin"%): timed out after 0.5 s', err)
   end)
 
   it("finishes with --unordered", function()
     local code, out, err = lpar("-j1 --unordered " .. crash .. " -", "a\nexit\n")
     assert.equal(1, code, err)
     assert.equal("a\n", out)
-    assert.matches("lpar: line 2: worker %d+ exited", err)
+    assert.matches('lpar: line 2 %("exit"%): worker %d+ exited', err)
   end)
 
   it("finishes with --retries 1", function()
     local code, out, err = lpar("-j1 --retries 1 " .. crash .. " -", "a\nexit\n")
     assert.equal(1, code, err)
     assert.equal("a\n", out)
-    assert.matches("lpar: line 2: worker %d+ exited", err)
+    assert.matches('lpar: line 2 %("exit"%): worker %d+ exited', err)
   end)
 
   it("finishes with the default -j on 3 to 10 items, from a file or a pipe", function()
@@ -80,7 +80,7 @@ describe("lpar with a worker lost in the middle of its items", function()
           local code, out, err = lpar(how[1], how[2])
           assert.equal(1, code, ("%d items, exit at %d: %s"):format(n, at, err))
           assert.equal(want, out)
-          assert.matches(("lpar: line %d: worker %%d+ exited"):format(at), err)
+          assert.matches(('lpar: line %d %%("exit"%%): worker %%d+ exited'):format(at), err)
         end
       end
     end
@@ -958,5 +958,43 @@ describe("lpar and hooks that hang or die", function()
     assert.equal("3\t2\n", out)
     assert.matches("^lpar: worker %d+: close failed: exited with status 7\n" ..
                    "lpar: pool worker %d+: close failed: exited with status 7\n$", err)
+  end)
+end)
+
+describe("the message of a record's failure", function()
+  local quoted = FIX .. "quoted.lua"
+
+  -- lpar's message for the one failing record among "a", 'rec', "c"
+  local function said(args, rec)
+    local code, out, err = lpar(args .. " " .. quoted .. " -", "a\n" .. rec .. "\nc\n")
+    assert.equal(1, code, err)
+    assert.equal("a\nc\n", out)
+    return (err:match("^([^\n]*)\nlpar: 1 of 3 items failed\n$"))
+  end
+
+  it("quotes the record of a worker killed by a signal", function()
+    assert.matches('^lpar: line 2 %("kill me"%): worker %d+ killed by signal 9',
+                   said("-j2", "kill me"))
+  end)
+
+  it("quotes the record of a worker that exits", function()
+    assert.matches('^lpar: line 2 %("exit 3"%): worker %d+ exited with status 3$',
+                   said("-j2", "exit 3"))
+  end)
+
+  it("quotes the record of a timeout", function()
+    assert.equal('lpar: line 2 ("spin \\t"): timed out after 0.5 s',
+                 said("-j2 --timeout 0.5", "spin \t"))
+  end)
+
+  it("quotes the record that ran past --max-memory", function()
+    assert.matches('^lpar: line 2 %("hog"%): not enough memory %(limit 32M%)',
+                   said("-j2 --max-memory 32M", "hog"))
+  end)
+
+  it("quotes a long record shortened, as for a Lua error", function()
+    local rec = "spin " .. ("x"):rep(100)
+    assert.equal(('lpar: line 2 ("%s"...): timed out after 0.5 s'):format(rec:sub(1, 40)),
+                 said("-j2 --timeout 0.5", rec))
   end)
 end)

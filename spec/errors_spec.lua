@@ -349,7 +349,7 @@ describe("frames a worker sends that the caller cannot take", function()
       assert.equal(1, rc)
       assert.equal("a\nc\nd\n", out)
       err = err:gsub("==%d+==WARNING: AddressSanitizer failed to allocate[^\n]*\n", "")
-      assert.matches("^lpar: line 2: worker %d+ broke the protocol %([^\n]*" ..
+      assert.matches("^lpar: line 2 %(\"" .. frame[1] .. " 2\"%): worker %d+ broke the protocol %([^\n]*" ..
                      frame[2] .. "[^\n]*%)\nlpar: 1 of 4 items failed\n$", err)
     end)
   end

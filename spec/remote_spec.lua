@@ -521,9 +521,9 @@ end
                                 q(lparbin) .. " " .. q(script) .. " " .. q(input), nil, 120)
     assert.equal(1, rc, err)
     assert.equal("1\n2\n4\n6\n8\n", out)
-    assert.matches("line 3: timed out after 1", err, 1, true)
+    assert.matches("line 3 (\"3\"): timed out after 1", err, 1, true)
     assert.matches("line 5 (\"5\"): not enough memory", err, 1, true)
-    assert.matches("line 7: worker %d+ exited with status 3", err)
+    assert.matches('line 7 %("7"%): worker %d+ exited with status 3', err)
     assert.matches("3 of 8 items failed", err, 1, true)
   end)
 

@@ -90,7 +90,7 @@ describe("lpar --shard K/N", function()
     rc, out, err = lpar("-j2 --number --retries 1 --shard 1/3 " .. script .. " " .. items)
     assert.equal(1, rc)
     assert.equal("1\t1\n4\t4\n10\t10\n", out)
-    assert.matches("lpar: line 7: worker %d+ exited with status 3", err)
+    assert.matches('lpar: line 7 %("7"%): worker %d+ exited with status 3', err)
   end)
 
   it("refuses a bad K/N, naming the option and the value", function()

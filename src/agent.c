@@ -22,6 +22,7 @@
 #include "codec.h"
 #include "engine.h"
 #include "hosts.h"
+#include "kind.h"
 #include "lauxlib.h"
 #include "lpar.h"
 #include "proc.h"
@@ -132,9 +133,9 @@ static void endframe(Agent *a, size_t at, int type, uint32_t count) {
   nomem(a->L, lpar_buf_add(&a->outb, "\n", 1));
 }
 
-/* Queue an ERROR frame for item i: the value on top (popped), with no
-   traceback (a failure's message holds it). */
-static void puterror(Agent *a, lua_Integer i) {
+/* Queue an ERROR frame for item i: the value on top (popped), of kind
+   'code' (kind.h), with no traceback (a failure's message holds it). */
+static void puterror(Agent *a, lua_Integer i, int code) {
   lua_State *L = a->L;
   size_t at = beginframe(a);
   char index[8];
@@ -151,7 +152,7 @@ static void puterror(Agent *a, lua_Integer i) {
   lua_pushnil(L); /* no traceback */
   nomem(L, lpar_codec_encode(L, -1, &a->outb));
   lua_pop(L, 1);
-  endframe(a, at, LPAR_FERROR, 0);
+  endframe(a, at, LPAR_FERROR, (uint32_t)code);
 }
 
 /* Tell the parent why the agent cannot go on (the message on top,
@@ -159,7 +160,7 @@ static void puterror(Agent *a, lua_Integer i) {
 static _Noreturn void giveup(Agent *a) {
   fprintf(stderr, "lpar --worker: %s\n", lua_tostring(a->L, -1));
   fflush(stderr);
-  puterror(a, 0);
+  puterror(a, 0, LPAR_KERROR);
   flushall(a);
   _exit(1);
 }
@@ -299,7 +300,7 @@ static void call(Agent *a, const Frame *f, const char *p) {
     if (lua_pcall(L, 1, 1, 0) != LUA_OK) {
       lua_pushfstring(L, "cannot load the function: %s", lua_tostring(L, -1));
       lua_remove(L, -2);
-      puterror(a, 0);
+      puterror(a, 0, LPAR_KERROR);
       lua_pushnil(L);
     }
   }
@@ -406,8 +407,8 @@ static void relay(Agent *a) {
     lua_rawgetp(L, a->jobs, e->j);
     lua_pushcfunction(L, jobresults);
     lua_pushvalue(L, -2);
-    if (lua_pcall(L, 1, 3, 0) != LUA_OK)
-      puterror(a, 0); /* the chunk failed as a whole */
+    if (lua_pcall(L, 1, 3, 0) != LUA_OK) /* the chunk failed as a whole */
+      puterror(a, 0, lpar_engine_failkind(L, top + 1));
     else {
       int res = top + 2, errs = top + 4;
       lua_Integer k, from = 1;
@@ -419,7 +420,7 @@ static void relay(Agent *a) {
         }
         putresults(a, res, e->first, from, k - 1, ns);
         ns = 0;
-        puterror(a, e->first + k - 1);
+        puterror(a, e->first + k - 1, lpar_engine_itemkind(L, top + 1, k));
         from = k + 1;
         if (!(e->flags & LPAR_CALLCOLLECT))
           break;
@@ -623,7 +624,7 @@ int lpar_agent_run(lua_State *L, int n) {
   if (status != LUA_OK) {
     a.L = L;
     fprintf(stderr, "lpar --worker: %s\n", lua_tostring(L, -1));
-    puterror(&a, 0);
+    puterror(&a, 0, LPAR_KERROR);
   }
   flushall(&a);
   lpar_buf_free(&a.inb);

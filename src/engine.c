@@ -21,6 +21,7 @@
 
 #include "codec.h"
 #include "hosts.h"
+#include "kind.h"
 #include "lauxlib.h"
 #include "lpar.h"
 #include "policy.h"
@@ -109,9 +110,10 @@ enum {
   JU_F,
   JU_ATTEMPTS, /* item -> times run again so far, with retries */
   JU_INFLIGHT, /* a stream's items handed out and not yet reported */
-  JU_PROGRESS  /* the progress function, if any */
+  JU_PROGRESS, /* the progress function, if any */
+  JU_KINDS     /* item -> kind code (kind.h) of its collected failure */
 };
-#define JU_N JU_PROGRESS
+#define JU_N JU_KINDS
 
 /* epoll data: what an event is about, and which worker (or job) */
 enum { EV_RES = 0, EV_CMD, EV_TIMER, EV_PID, EV_WAKE };
@@ -508,7 +510,7 @@ static void leaveout(Ctx *c, EWorker *w, const char *why) {
   lua_rawseti(c->L, c->uv, EU_HOSTERR);
 }
 
-static void breakengine(Ctx *c);
+static void breakengine(Ctx *c, int code);
 
 /* With every host left out and no local place, the engine breaks, naming
    the last host's failure. */
@@ -519,7 +521,7 @@ static void checkhosts(Ctx *c) {
   lua_pushfstring(c->L, "no host can run workers (the last: %s)",
                   lua_tostring(c->L, -1));
   lua_remove(c->L, -2);
-  breakengine(c);
+  breakengine(c, LPAR_KLOST);
 }
 
 /* ---- jobs ---- */
@@ -589,11 +591,12 @@ static void detach(Ctx *c, Job *j) {
 
 /*
 ** Job j ends with the error value at the top of the stack (popped) as its
-** failure. Workers still running its chunks are killed and replaced, but
-** 'self', which skips the rest of its chunk by itself (unless it holds
-** another chunk of the job); what it sends until it is idle is dropped.
+** failure, of kind 'code' (kind.h). Workers still running its chunks are
+** killed and replaced, but 'self', which skips the rest of its chunk by
+** itself (unless it holds another chunk of the job); what it sends until
+** it is idle is dropped.
 */
-static void endjob(Ctx *c, Job *j, int state, EWorker *self) {
+static void endjob(Ctx *c, Job *j, int state, EWorker *self, int code) {
   lua_State *L = c->L;
   Engine *e = c->e;
   int i, uv;
@@ -606,6 +609,7 @@ static void endjob(Ctx *c, Job *j, int state, EWorker *self) {
   lua_rawseti(L, uv, JU_FAILURE);
   lua_pop(L, 3);
   j->state = state;
+  j->failcode = code;
   e->ended = 1;
   e->vacated = 1; /* a wait for it must not block */
   for (i = 0; i < e->o.n; i++) {
@@ -629,8 +633,8 @@ static void endjob(Ctx *c, Job *j, int state, EWorker *self) {
   detach(c, j);
 }
 
-static void failjob(Ctx *c, Job *j, EWorker *self) {
-  endjob(c, j, J_FAILED, self);
+static void failjob(Ctx *c, Job *j, EWorker *self, int code) {
+  endjob(c, j, J_FAILED, self, code);
 }
 
 /* Whether every item of j is reported. */
@@ -687,11 +691,11 @@ static void store(Ctx *c, Job *j, int juv, lua_Integer i) {
 
 /*
 ** Item i of job j failed with the error value and traceback at the top of
-** the stack (both popped): run again if it has retries left, recorded
-** when collecting, else the job fails with "item i: <message>\n<traceback>".
-** 'self' as for endjob.
+** the stack (both popped), of kind 'code' (kind.h): run again if it has
+** retries left, recorded when collecting, else the job fails with "item
+** i: <message>\n<traceback>". 'self' as for endjob.
 */
-static void itemfailed(Ctx *c, Job *j, lua_Integer i, EWorker *self) {
+static void itemfailed(Ctx *c, Job *j, lua_Integer i, EWorker *self, int code) {
   lua_State *L = c->L;
   char prefix[48];
   int uv;
@@ -724,6 +728,17 @@ static void itemfailed(Ctx *c, Job *j, lua_Integer i, EWorker *self) {
     lua_pushvalue(L, uv - 2);
     lua_rawseti(L, -2, i);
     lua_pop(L, 1);
+    if (code != LPAR_KERROR) { /* the kinds of failures but Lua errors */
+      if (lua_rawgeti(L, uv, JU_KINDS) == LUA_TNIL) {
+        lua_pop(L, 1);
+        lua_newtable(L);
+        lua_pushvalue(L, -1);
+        lua_rawseti(L, uv, JU_KINDS);
+      }
+      lua_pushinteger(L, code);
+      lua_rawseti(L, -2, i);
+      lua_pop(L, 1);
+    }
     lua_pushnil(L);
     store(c, j, uv, i);
     j->failed++;
@@ -733,19 +748,21 @@ static void itemfailed(Ctx *c, Job *j, lua_Integer i, EWorker *self) {
   }
   snprintf(prefix, sizeof prefix, "item %lld: ", (long long)i);
   lpar_worker_failure(L, prefix);
-  failjob(c, j, self);
+  failjob(c, j, self, code);
 }
 
 /* ---- workers lost ---- */
 
-/* Make the engine unusable: 'why' on top (popped) fails every job. */
-static void breakengine(Ctx *c) {
+/* Make the engine unusable: 'why' on top (popped), of kind 'code', fails
+   every job. */
+static void breakengine(Ctx *c, int code) {
   lua_State *L = c->L;
   lua_pushvalue(L, -1);
   lua_rawseti(L, c->uv, EU_BROKEN);
+  c->e->brokencode = code;
   while (c->e->jobs) {
     lua_pushvalue(L, -1);
-    failjob(c, c->e->jobs, NULL);
+    failjob(c, c->e->jobs, NULL, code);
   }
   lua_pop(L, 1);
 }
@@ -820,9 +837,10 @@ static void losehost(Ctx *c, EWorker *w, int force, const char *why) {
 /*
 ** Worker w is gone or must go: reap it (killing it first if 'force'),
 ** name the item it was running, and queue the rest of its chunk again.
-** 'why' overrides the wait status in the message.
+** 'why' overrides the wait status in the message, and 'code' its kind
+** (kind.h; 0: from the wait status).
 */
-static void lose(Ctx *c, EWorker *w, int force, const char *why) {
+static void lose(Ctx *c, EWorker *w, int force, const char *why, int code) {
   lua_State *L = c->L;
   Engine *e = c->e;
   pid_t pid = w->proc.pid;
@@ -843,6 +861,8 @@ static void lose(Ctx *c, EWorker *w, int force, const char *why) {
   if (why == NULL)
     why = rc < 0 ? "vanished (reaped elsewhere)"
                  : lpar_proc_describe(status, desc, sizeof desc);
+  if (code == 0)
+    code = rc < 0 ? LPAR_KLOST : lpar_kind_fromstatus(status);
   if (starting) {
     giveback(c, w, 0); /* nothing of them ran */
     vacate(e, w);
@@ -852,6 +872,7 @@ static void lose(Ctx *c, EWorker *w, int force, const char *why) {
         lua_pushfstring(L, "worker init timed out after %s s",
                         lpar_proc_secs(e->o.timeout, secs, sizeof secs));
         lua_rawseti(L, c->uv, EU_INITERR);
+        e->initcode = LPAR_KINIT;
       }
       lua_pop(L, 1);
     }
@@ -859,6 +880,7 @@ static void lose(Ctx *c, EWorker *w, int force, const char *why) {
       if (lua_rawgeti(L, c->uv, EU_INITERR) == LUA_TNIL) {
         lua_pushfstring(L, "worker init failed: worker %d %s", (int)pid, why);
         lua_rawseti(L, c->uv, EU_INITERR);
+        e->initcode = LPAR_KINIT;
       }
       lua_pop(L, 1);
     }
@@ -871,7 +893,9 @@ static void lose(Ctx *c, EWorker *w, int force, const char *why) {
         lua_pop(L, 1);
         lua_pushfstring(L, "workers keep dying (worker %d %s)", (int)pid, why);
       }
-      breakengine(c);
+      else
+        code = e->initcode;
+      breakengine(c, code);
     }
     else
       lua_pop(L, 1);
@@ -896,9 +920,11 @@ static void lose(Ctx *c, EWorker *w, int force, const char *why) {
   if (w->blame) /* it broke the protocol reporting this one */
     culprit = w->blame;
   if (culprit) {
-    if (w->timedout)
+    if (w->timedout) {
       lua_pushfstring(L, "timed out after %s s",
                       lpar_proc_secs(j->o.timeout, desc, sizeof desc));
+      code = LPAR_KTIMEOUT;
+    }
     else
       lua_pushfstring(L, "worker %d %s", (int)pid, why);
     /* a batch that said how far it got: the record it was running is
@@ -911,14 +937,14 @@ static void lose(Ctx *c, EWorker *w, int force, const char *why) {
       lua_setfield(L, -2, "record");
     }
     lua_pushnil(L);
-    itemfailed(c, j, culprit, NULL);
+    itemfailed(c, j, culprit, NULL, code);
   }
   /* a loss that sent items back as suspects is bound to name one of them
      if it happens again: only the others count towards the limit */
   else if (!suspects) {
     if (++j->lost > 2 * e->o.n + 2) {
       lua_pushfstring(L, "workers keep dying (worker %d %s)", (int)pid, why);
-      failjob(c, j, NULL);
+      failjob(c, j, NULL, code);
     }
   }
 }
@@ -926,7 +952,7 @@ static void lose(Ctx *c, EWorker *w, int force, const char *why) {
 static void protoerror(Ctx *c, EWorker *w, const char *what) {
   char why[256];
   snprintf(why, sizeof why, "broke the protocol (%s)", what);
-  lose(c, w, 1, why);
+  lose(c, w, 1, why, LPAR_KPROTOCOL);
 }
 
 /* ---- sending ---- */
@@ -1090,6 +1116,14 @@ static lua_Integer inflight(Job *j) {
 
 static int emittable(Job *j);
 
+/* Whether j's items come from an iterator that may block (one with no
+   wakefd) and its results are taken one by one (imap): then it is not
+   asked while a result is ready to go back (see pollfirst), nor for a
+   busy worker's second chunk. */
+static int mayblock(const Job *j) {
+  return j->stream && j->fin != NULL && j->o.wakefd < 0 && !j->exhausted;
+}
+
 /* Stream j's iterator returned lpar.pending, with what follows it at
    'fdidx': pulling waits until that fd (else the job's wakefd) is
    readable, or a result is taken (one in flight, or one done that the
@@ -1105,7 +1139,7 @@ static int pending(Ctx *c, Job *j, int fdidx) {
     if (inflight(j) == 0 && !(j->fin != NULL && emittable(j))) {
       lua_pushliteral(L, "the items iterator returned lpar.pending with no "
                          "fd to wait on and no result to wait for");
-      failjob(c, j, NULL);
+      failjob(c, j, NULL, LPAR_KERROR);
       return -1;
     }
     j->pending = 1; /* asked again as a result comes */
@@ -1121,7 +1155,7 @@ static int pending(Ctx *c, Job *j, int fdidx) {
   if (d < 0) {
     lua_pushfstring(L, "cannot wait on fd %d for the items iterator: %s",
                     (int)fd, strerror(errno));
-    failjob(c, j, NULL);
+    failjob(c, j, NULL, LPAR_KERROR);
     return -1;
   }
   rc = evctl(c->e, EPOLL_CTL_ADD, d, EPOLLIN, EVDATA(EV_WAKE, j->id));
@@ -1134,7 +1168,7 @@ static int pending(Ctx *c, Job *j, int fdidx) {
     close(d);
     lua_pushfstring(L, "cannot wait on fd %d for the items iterator: %s",
                     (int)fd, strerror(-rc));
-    failjob(c, j, NULL);
+    failjob(c, j, NULL, LPAR_KERROR);
     return -1;
   }
   lpar_proc_track(d);
@@ -1146,6 +1180,53 @@ static int pending(Ctx *c, Job *j, int fdidx) {
 }
 
 /*
+** Whether the iterator at 'idx' reads a Lua file (file:lines, io.lines):
+** a C closure whose first upvalue is an open file. Then its fd goes in
+** *fd, and the file is returned, so that the engine waits for the fd
+** rather than ask the iterator while nothing can be read (see
+** fileready): results that are ready go back meanwhile. NULL if not, or
+** where stdio's buffer cannot be seen (not glibc).
+*/
+static luaL_Stream *fileiter(lua_State *L, int idx, int *fd) {
+#if defined(__GLIBC__)
+  luaL_Stream *s = NULL;
+  if (lua_iscfunction(L, idx) && lua_getupvalue(L, idx, 1) != NULL) {
+    s = luaL_testudata(L, -1, LUA_FILEHANDLE);
+    lua_pop(L, 1);
+    if (s != NULL && (s->closef == NULL || s->f == NULL || fileno(s->f) < 0))
+      s = NULL;
+    if (s != NULL)
+      *fd = fileno(s->f);
+  }
+  return s;
+#else
+  (void)L, (void)idx, (void)fd;
+  return NULL;
+#endif
+}
+
+/* Whether reading file s (fd 'fd') can give bytes without waiting: stdio
+   holds some, or the fd is readable (or at its end); a closed file too
+   (its iterator says so). */
+static int fileready(luaL_Stream *s, int fd) {
+#if defined(__GLIBC__)
+  struct pollfd p;
+  int n;
+  if (s->closef == NULL || s->f->_IO_read_ptr < s->f->_IO_read_end)
+    return 1;
+  p.fd = fd;
+  p.events = POLLIN;
+  do
+    n = poll(&p, 1, 0);
+  while (n == -1 && errno == EINTR);
+  return n != 0;
+#else
+  (void)s, (void)fd;
+  return 1;
+#endif
+}
+
+/*
 ** Ask stream j (uservalue at 'juv') for its next item: 1 with the item
 ** pushed (counted, and kept in flight); 0 with nothing pushed when it has
 ** ended or has none yet (lpar.pending); -1 when it raised or waits on an
@@ -1154,12 +1235,20 @@ static int pending(Ctx *c, Job *j, int fdidx) {
 static int askiter(Ctx *c, Job *j, int juv) {
   lua_State *L = c->L;
   lua_Integer weight = 1;
+  if (j->file != NULL && !fileready(j->file, j->o.wakefd)) {
+    int rc;
+    lua_pushnil(L); /* no fd of its own: the file's */
+    rc = pending(c, j, lua_gettop(L));
+    lua_pop(L, 1);
+    if (rc <= 0)
+      return rc;
+  }
   lua_pushcfunction(L, callnext);
   lua_rawgeti(L, juv, JU_ITEMS);
   if (j->o.batched)
     lua_pushinteger(L, chunksize(c->e, j));
   if (lua_pcall(L, j->o.batched ? 2 : 1, 2, 0) != LUA_OK) {
-    failjob(c, j, NULL);
+    failjob(c, j, NULL, LPAR_KERROR);
     return -1;
   }
   lua_insert(L, -2); /* the item on top, what follows it below */
@@ -1186,7 +1275,7 @@ static int askiter(Ctx *c, Job *j, int juv) {
                       got, (LUAI_UACINT)(j->n + 1));
       lua_replace(L, -4);
       lua_pop(L, 2);
-      failjob(c, j, NULL);
+      failjob(c, j, NULL, LPAR_KERROR);
       return -1;
     }
   }
@@ -1209,7 +1298,8 @@ static int askiter(Ctx *c, Job *j, int juv) {
 static lua_Integer pull(Ctx *c, Job *j, int juv, EWorker *w, lua_Integer max) {
   lua_State *L = c->L;
   lua_Integer k = 0;
-  while (k < max && !j->exhausted && !j->pending && room(j) > 0) {
+  while (k < max && !j->exhausted && !j->pending && room(j) > 0 &&
+         !(mayblock(j) && emittable(j))) {
     int rc = askiter(c, j, juv);
     if (rc <= 0)
       return rc < 0 ? -1 : k;
@@ -1218,7 +1308,7 @@ static lua_Integer pull(Ctx *c, Job *j, int juv, EWorker *w, lua_Integer max) {
                       lua_tostring(L, -1));
       lua_replace(L, -3);
       lua_pop(L, 1);
-      failjob(c, j, NULL);
+      failjob(c, j, NULL, LPAR_KERROR);
       return -1;
     }
     lua_pop(L, 1);
@@ -1240,7 +1330,7 @@ static int putitems(Ctx *c, Job *j, int tidx, EWorker *w, lua_Integer first,
                       lua_tostring(L, -1));
       lua_replace(L, -3);
       lua_pop(L, 1);
-      failjob(c, j, NULL);
+      failjob(c, j, NULL, LPAR_KERROR);
       return -1;
     }
     lua_pop(L, 1);
@@ -1344,7 +1434,7 @@ static void assign(Ctx *c, EWorker *w, Job *j, int juv) {
     c->e->slots[w - c->e->w].cut = 0;
   }
   if (sendsome(c->e, w) != 0) /* gone, or going: reaped as it ends */
-    lose(c, w, 0, NULL);
+    lose(c, w, 0, NULL, 0);
 }
 
 /* Whether busy worker w should get a second chunk of its job now, to
@@ -1353,6 +1443,8 @@ static void assign(Ctx *c, EWorker *w, Job *j, int juv) {
 static int prefetch(Engine *e, EWorker *w, long long now) {
   Job *j = w->job;
   if (w->state != W_BUSY || w->nq != 1 || j == NULL || !workleft(j))
+    return 0;
+  if (mayblock(j)) /* its results go back before its iterator is asked */
     return 0;
   if (w->host) /* a round trip away: its next chunk waits there */
     return 1;
@@ -1457,6 +1549,8 @@ static int hasitem(Ctx *c, Job *j) {
     return 0;
   if (!j->stream || j->redo.n > 0)
     return 1;
+  if (mayblock(j) && emittable(j)) /* it goes back first */
+    return 0;
   if (askiter(c, j, pushjob(c, j)) > 0)
     nomem(L, lpar_ranges_add(&j->redo, j->n, 1)); /* handed out first */
   lua_settop(L, top);
@@ -1489,7 +1583,7 @@ static void refillhosts(Ctx *c) {
     starting++;
     rc = spawnhost(c, i, &call);
     if (rc == 0 && sendsome(e, w) != 0)
-      lose(c, w, 0, NULL);
+      lose(c, w, 0, NULL, 0);
     else if (rc != 0) {
       char why[128];
       snprintf(why, sizeof why, "cannot start (%s: %s)", call, strerror(-rc));
@@ -1540,7 +1634,7 @@ static void refill(Ctx *c) {
     return;
   if (e->o.maxmem > 0 && e->forks == 0 &&
       lpar_worker_checkheap(L, e->o.maxmem)) {
-    breakengine(c);
+    breakengine(c, LPAR_KMEMORY);
     return;
   }
   if (e->o.ondemand)
@@ -1554,7 +1648,7 @@ static void refill(Ctx *c) {
       }
   if (e->live == 0 && rc != 0) {
     lua_pushfstring(L, "cannot start a worker: %s: %s", call, strerror(-rc));
-    breakengine(c);
+    breakengine(c, LPAR_KINIT);
   }
 }
 
@@ -1707,10 +1801,10 @@ static int results(Ctx *c, EWorker *w, const char *p, size_t len,
   return 0;
 }
 
-/* An ERROR frame for item i (0: init or loading the function failed).
-   0, or -1 with a message pushed. */
+/* An ERROR frame for item i (0: init or loading the function failed), of
+   kind 'code'. 0, or -1 with a message pushed. */
 static int errorframe(Ctx *c, EWorker *w, const char *p, size_t len,
-                      lua_Integer i) {
+                      lua_Integer i, int code) {
   lua_State *L = c->L;
   Job *j = w->job;
   if (geterror(L, p, len) != 0) {
@@ -1732,6 +1826,7 @@ static int errorframe(Ctx *c, EWorker *w, const char *p, size_t len,
   if (i == 0 && w->state == W_STARTING) {
     lpar_worker_failure(L, "worker init failed: ");
     lua_rawseti(L, c->uv, EU_INITERR);
+    c->e->initcode = LPAR_KINIT;
     return 0; /* it leaves: lose() follows at end of file */
   }
   if (w->state != W_BUSY) {
@@ -1745,7 +1840,7 @@ static int errorframe(Ctx *c, EWorker *w, const char *p, size_t len,
   }
   if (i == 0) {
     lua_pop(L, 1); /* the message says it all */
-    failjob(c, j, w);
+    failjob(c, j, w, code);
     return 0;
   }
   if (i < w->q[0].first + w->got || i >= w->q[0].first + w->q[0].count) {
@@ -1756,7 +1851,7 @@ static int errorframe(Ctx *c, EWorker *w, const char *p, size_t len,
   w->got = i - w->q[0].first + 1;
   if (w->got == w->q[0].count)
     j->lost = 0;
-  itemfailed(c, j, i, w);
+  itemfailed(c, j, i, w, code);
   return 0;
 }
 
@@ -1822,7 +1917,8 @@ static int frame(Ctx *c, EWorker *w, const Frame *f, const char *p) {
                  f->count);
   }
   else if (f->type == LPAR_FERROR && f->len >= 8)
-    rc = errorframe(c, w, p, (size_t)f->len, (lua_Integer)lpar_wire_get64(p));
+    rc = errorframe(c, w, p, (size_t)f->len, (lua_Integer)lpar_wire_get64(p),
+                    lpar_kind_fromwire(f->count));
   else if (f->type == LPAR_FREADY && (!w->host || w->hello))
     rc = readyframe(c, w, f->count);
   else if (f->type == LPAR_FHELLO && w->host && !w->hello)
@@ -1915,7 +2011,7 @@ static void readworker(Ctx *c, EWorker *w) {
       return;
     }
     if (k <= 0) { /* end of file (a partial frame is dropped) or error */
-      lose(c, w, k < 0, NULL);
+      lose(c, w, k < 0, NULL, 0);
       return;
     }
     w->lastread = lpar_proc_now();
@@ -1980,7 +2076,7 @@ static long long idlelimit(Ctx *c, EWorker *w, long long now) {
   if (w->state != W_BUSY || slot->item != 0 || w->lastread > t || w->in.n > 0)
     return now + 10000000LL; /* it moved on */
   w->q[0].alone = 0;         /* no item of its chunk is to blame */
-  lose(c, w, 1, "took no item for the timeout");
+  lose(c, w, 1, "took no item for the timeout", LPAR_KTIMEOUT);
   return -1;
 }
 
@@ -2002,7 +2098,7 @@ static long long hostdeadline(Ctx *c, EWorker *w, long long now) {
       char why[96];
       snprintf(why, sizeof why, "sent nothing for %.0f s (stopped, or cut off)",
                (double)limit / 1e9);
-      lose(c, w, 1, why);
+      lose(c, w, 1, why, LPAR_KLOST);
       return -1;
     }
   }
@@ -2011,7 +2107,7 @@ static long long hostdeadline(Ctx *c, EWorker *w, long long now) {
     lpar_wire_put64(clock, (uint64_t)now);
     hostframe(c, w, LPAR_FBEAT, 0, clock, sizeof clock);
     if (sendsome(c->e, w) != 0) {
-      lose(c, w, 0, NULL);
+      lose(c, w, 0, NULL, 0);
       return -1;
     }
     w->probeat = now + LPAR_BEATNS;
@@ -2159,12 +2255,25 @@ static int events(Ctx *c, int ms) {
       pid_t pid = w->proc.pid;
       readworker(c, w); /* what it sent before it ended counts */
       if (w->state != W_EMPTY && w->proc.pid == pid)
-        lose(c, w, 0, NULL);
+        lose(c, w, 0, NULL, 0);
     }
     else if (sendsome(e, w) != 0)
-      lose(c, w, 0, NULL);
+      lose(c, w, 0, NULL, 0);
   }
   return n < 0 ? 0 : n;
+}
+
+/* Before anything asks an iterator that may block (see mayblock): read
+   what the workers sent, without waiting, so that results that are ready
+   go back first. */
+static void pollfirst(Ctx *c) {
+  Job *j;
+  for (j = c->e->jobs; j; j = j->nextjob)
+    if (j->state == J_RUNNING && mayblock(j) && !emittable(j)) {
+      if (events(c, 0) > 0)
+        c->e->vacated = 1; /* what it read may be waited for: no wait */
+      return;
+    }
 }
 
 /*
@@ -2176,6 +2285,7 @@ static void pump(Ctx *c, int ms) {
   Engine *e = c->e;
   int d;
   reapdying(e, 0);
+  pollfirst(c);
   refill(c);
   if (broken(c))
     return; /* no worker is left to wait for */
@@ -2350,7 +2460,9 @@ void lpar_engine_start(lua_State *L, int idx) {
   releasechld(e);
   if (lua_gettop(L) > c.uv) { /* an error, or the reason it broke */
     lpar_engine_close(L, idx, "pool closed");
-    lua_error(L);
+    if (status != LUA_OK)
+      lua_error(L);
+    lpar_kind_raise(L, e->brokencode);
   }
   lua_pop(L, 1);
 }
@@ -2366,7 +2478,7 @@ Job *lpar_engine_submit(lua_State *L, int eidx, int fidx, int iidx,
   iidx = lua_absindex(L, iidx);
   ctxof(L, eidx, &c);
   if (lua_rawgeti(L, c.uv, EU_BROKEN) != LUA_TNIL)
-    lua_error(L);
+    lpar_kind_raise(L, c.e->brokencode);
   lua_pop(L, 1);
   j = lua_newuserdatauv(L, sizeof(Job), 1);
   memset(j, 0, sizeof *j);
@@ -2394,6 +2506,8 @@ Job *lpar_engine_submit(lua_State *L, int eidx, int fidx, int iidx,
   if (j->stream) {
     lua_newtable(L);
     lua_rawseti(L, -2, JU_INFLIGHT);
+    if (j->o.wakefd < 0)
+      j->file = fileiter(L, iidx, &j->o.wakefd);
   }
   if (o->progress != 0) {
     lua_pushvalue(L, o->progress);
@@ -2557,13 +2671,14 @@ static int tellprogress(Ctx *c, int jidx, Job *j) {
   lua_pushinteger(L, j->failed);
   if (lua_pcall(L, 3, 0, 0) != LUA_OK) {
     if (j->state == J_RUNNING)
-      endjob(c, j, J_FAILED, NULL);
+      endjob(c, j, J_FAILED, NULL, LPAR_KERROR);
     else { /* over: it fails all the same */
       lua_getiuservalue(L, jidx, 1);
       lua_insert(L, -2);
       lua_rawseti(L, -2, JU_FAILURE);
       lua_pop(L, 1);
       j->state = J_FAILED;
+      j->failcode = LPAR_KERROR;
     }
   }
   return -1;
@@ -2586,7 +2701,8 @@ static int waitloop(lua_State *L) {
       lua_pushstring(L, interrupted == SIGTERM  ? "terminated"
                         : interrupted == SIGHUP ? "hangup"
                                                 : "interrupted");
-      endjob(&own, j, J_CANCELLED, NULL);
+      endjob(&own, j, J_CANCELLED, NULL,
+             LPAR_KINDCODE(LPAR_KINTERRUPTED, interrupted));
     }
   }
   return 0;
@@ -2665,7 +2781,7 @@ int lpar_engine_results(lua_State *L, int idx) {
   lua_getiuservalue(L, idx, 1);
   if (j->state != J_DONE) {
     lua_rawgeti(L, -1, JU_FAILURE);
-    return lua_error(L);
+    return lpar_kind_raise(L, j->failcode);
   }
   lua_rawgeti(L, -1, JU_RESULTS);
   lua_pushinteger(L, j->n);
@@ -2678,30 +2794,40 @@ int lpar_engine_results(lua_State *L, int idx) {
 /* Push index, value, error of item i of the job whose uservalue is at
    'uv', and forget them. */
 static int emit(lua_State *L, Job *j, int uv, lua_Integer i) {
+  int code = 0;
   j->fin[(i - 1) % LPAR_WINDOW] = 0;
   lua_rawgeti(L, uv, JU_RESULTS);
   lua_rawgeti(L, uv, JU_ERRORS);
   lua_pushinteger(L, i);
   lua_rawgeti(L, -3, i);
-  lua_rawgeti(L, -3, i);
+  if (lua_rawgeti(L, -3, i) != LUA_TNIL) { /* its kind */
+    code = LPAR_KERROR;
+    if (lua_rawgeti(L, uv, JU_KINDS) == LUA_TTABLE) {
+      if (lua_rawgeti(L, -1, i) == LUA_TNUMBER)
+        code = (int)lua_tointeger(L, -1);
+      lua_pop(L, 1);
+      lua_pushnil(L);
+      lua_rawseti(L, -2, i);
+    }
+    lua_pop(L, 1);
+  }
   lua_pushnil(L);
   lua_rawseti(L, -6, i);
   lua_pushnil(L);
   lua_rawseti(L, -5, i);
-  if (j->where == NULL)
-    return 3;
-  if (j->where[(i - 1) % LPAR_WINDOW] == 0) {
+  if (j->where == NULL || j->where[(i - 1) % LPAR_WINDOW] == 0)
     lua_pushnil(L);
-    return 4;
+  else {
+    lua_rawgeti(L, uv, JU_ENGINE); /* the host's spec */
+    lua_getiuservalue(L, -1, 1);
+    lua_rawgeti(L, -1, EU_HOSTS);
+    lua_rawgeti(L, -1, j->where[(i - 1) % LPAR_WINDOW]);
+    lua_getfield(L, -1, "spec");
+    lua_replace(L, -5);
+    lua_pop(L, 3);
   }
-  lua_rawgeti(L, uv, JU_ENGINE); /* the host's spec */
-  lua_getiuservalue(L, -1, 1);
-  lua_rawgeti(L, -1, EU_HOSTS);
-  lua_rawgeti(L, -1, j->where[(i - 1) % LPAR_WINDOW]);
-  lua_getfield(L, -1, "spec");
-  lua_replace(L, -5);
-  lua_pop(L, 3);
-  return 4;
+  lpar_kind_push(L, code);
+  return 6;
 }
 
 int lpar_engine_next(lua_State *L, int jidx) {
@@ -2727,7 +2853,26 @@ int lpar_engine_next(lua_State *L, int jidx) {
   if (j->state == J_DONE)
     return 0;
   lua_rawgeti(L, uv, JU_FAILURE);
-  return lua_error(L);
+  return lpar_kind_raise(L, j->failcode);
+}
+
+int lpar_engine_itemkind(lua_State *L, int jidx, lua_Integer i) {
+  int code = 0, top = lua_gettop(L);
+  lua_getiuservalue(L, jidx, 1);
+  if (lua_rawgeti(L, top + 1, JU_ERRORS) == LUA_TTABLE &&
+      lua_rawgeti(L, top + 2, i) != LUA_TNIL) {
+    code = LPAR_KERROR;
+    if (lua_rawgeti(L, top + 1, JU_KINDS) == LUA_TTABLE &&
+        lua_rawgeti(L, -1, i) == LUA_TNUMBER)
+      code = (int)lua_tointeger(L, -1);
+  }
+  lua_settop(L, top);
+  return code;
+}
+
+int lpar_engine_failkind(lua_State *L, int jidx) {
+  Job *j = lua_touserdata(L, jidx);
+  return j->state == J_FAILED || j->state == J_CANCELLED ? j->failcode : 0;
 }
 
 void lpar_engine_cancel(lua_State *L, int jidx, const char *why) {
@@ -2740,7 +2885,7 @@ void lpar_engine_cancel(lua_State *L, int jidx, const char *why) {
   jobctx(L, jidx, &c);
   lua_pushstring(L, why);
   holdchld(c.e);
-  endjob(&c, j, J_CANCELLED, NULL);
+  endjob(&c, j, J_CANCELLED, NULL, LPAR_KCANCELLED);
   reapdying(c.e, 1); /* killed: no zombie is left for a later pump */
   releasechld(c.e);
   lua_pop(L, 3);
@@ -2763,7 +2908,7 @@ void lpar_engine_close(lua_State *L, int idx, const char *why) {
   while (e->jobs) {
     hard = 1;
     lua_pushstring(L, why);
-    endjob(&c, e->jobs, J_CANCELLED, NULL);
+    endjob(&c, e->jobs, J_CANCELLED, NULL, LPAR_KCANCELLED);
   }
   e->closed = 1;
   isbroken = broken(&c); /* workers still in init are of no use */

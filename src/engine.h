@@ -140,8 +140,10 @@ typedef struct Engine {
   struct Job *waited; /* the job a blocking wait is for, or NULL */
   int from;           /* the host whose frame is handled (0: none) */
   sigset_t oldmask, waitmask;
-  int chld;     /* depth of the calls that made SIGCHLD deliverable */
-  int heldchld; /* the caller ignored SIGCHLD: oldchld is its action */
+  int brokencode; /* the kind (kind.h) of what broke it (EU_BROKEN) */
+  int initcode;   /* ... of the first worker init's failure */
+  int chld;       /* depth of the calls that made SIGCHLD deliverable */
+  int heldchld;   /* the caller ignored SIGCHLD: oldchld is its action */
   struct sigaction oldchld;
 } Engine;
 
@@ -179,6 +181,9 @@ typedef struct Job {
   lua_Integer toldone;  /* done and failed at the last progress call; */
   lua_Integer toldfail; /* toldone is -1 before the first */
   long long toldat;     /* when it was made */
+  int failcode;         /* the kind (kind.h) of its failure, once failed */
+  void *file; /* the luaL_Stream a stream's iterator reads (see fileiter in
+                 engine.c), whose fd is o.wakefd; NULL: none */
 } Job;
 
 /*
@@ -217,10 +222,17 @@ void lpar_engine_wait(lua_State *L, int jidx);
 int lpar_engine_results(lua_State *L, int idx);
 
 /* For an emitting job at 'jidx': pump until a result may be taken and
-   push index, value, error (3), and with hosts the spec of the host that
-   ran the item (nil: this machine) (4); 0 when all are taken. Raises the
-   job's failure. */
+   push index, value, error, the spec of the host that ran the item (nil:
+   this machine or no hosts), and the error's kind and detail (see
+   lpar_kind_push) (6); 0 when all are taken. Raises the job's failure. */
 int lpar_engine_next(lua_State *L, int jidx);
+
+/* The kind code (kind.h) of item i's failure in the finished job at
+   'jidx' that collected it; 0 if none. */
+int lpar_engine_itemkind(lua_State *L, int jidx, lua_Integer i);
+
+/* The kind code of the failure of the job at 'jidx'; 0 if none. */
+int lpar_engine_failkind(lua_State *L, int jidx);
 
 /* Cancel the running job at 'jidx': it fails with 'why'. */
 void lpar_engine_cancel(lua_State *L, int jidx, const char *why);

@@ -9,6 +9,7 @@
 
 #include "codec.h"
 #include "engine.h"
+#include "kind.h"
 #include "lauxlib.h"
 #include "lpar.h"
 #include "lpool.h"
@@ -229,12 +230,14 @@ static int l_parallel(lua_State *L) {
   return lua_gettop(L) - 4;
 }
 
-/* lua_CFunction: (job) -> index, value, error, or nothing. */
+/* lua_CFunction: (job) -> index, value, error, host, kind, detail, or
+   nothing. */
 static int nextcall(lua_State *L) {
   return lpar_engine_next(L, 1);
 }
 
-/* Iterator of lpar.imap: (engine) -> index, value, error; upvalue: the
+/* Iterator of lpar.imap: (engine) -> index, value, error, host, kind,
+   detail (see lpar_engine_next); upvalue: the
    job. The engine closes when the items run out or on an error. */
 static int imapnext(lua_State *L) {
   int status;
@@ -262,7 +265,8 @@ static int imapdone(lua_State *L) {
   return 0;
 }
 
-/* Serial imap: (state) -> index, value, error, for n_workers = 0.
+/* Serial imap: (state) -> index, value, error, host (nil), kind, detail,
+   for n_workers = 0.
    Upvalues: f, items, collect, n, close. */
 static int imapserial(lua_State *L) {
   lua_Integer i = luaL_optinteger(L, 2, 0) + 1;
@@ -294,7 +298,9 @@ static int imapserial(lua_State *L) {
   lua_pushinteger(L, i);
   lua_pushnil(L);
   lua_pushvalue(L, -3);
-  return 3;
+  lua_pushnil(L); /* no host */
+  lpar_kind_push(L, LPAR_KERROR);
+  return 6;
 }
 
 /*
@@ -351,11 +357,10 @@ static int l_decode(lua_State *L) {
   return 1;
 }
 
-static const luaL_Reg funcs[] = {{"parallel", l_parallel},
-                                 {"imap", l_imap},
-                                 {"encode", l_encode},
-                                 {"decode", l_decode},
-                                 {NULL, NULL}};
+static const luaL_Reg funcs[] = {
+    {"parallel", l_parallel},       {"imap", l_imap},
+    {"encode", l_encode},           {"decode", l_decode},
+    {"errkind", lpar_kind_errkind}, {NULL, NULL}};
 
 int luaopen_lpar(lua_State *L) {
   luaL_newlib(L, funcs);

@@ -19,6 +19,7 @@
 #include <unistd.h>
 
 #include "agent.h"
+#include "kind.h"
 #include "lauxlib.h"
 #include "lpar.h"
 #include "lualib.h"
@@ -63,12 +64,6 @@ static int writeall(int fd, const char *p, size_t n) {
     n -= (size_t)k;
   }
   return 0;
-}
-
-/* Raise msg as it is (no position: lpar.cli matches these). */
-static int raisemsg(lua_State *L, const char *msg) {
-  lua_pushstring(L, msg);
-  return lua_error(L);
 }
 
 /* Raise a formatted message, without a position: a user's error, not
@@ -353,12 +348,14 @@ static int failed(void) {
 }
 
 /* Push the message of the first failed write, output first: "output
-   closed" for EPIPE, else naming the file. Returns 0 (pushing nothing)
-   if none failed. */
+   closed" for EPIPE (of kind "output" for lpar.errkind), else naming the
+   file. Returns 0 (pushing nothing) if none failed. */
 static int pushfailure(lua_State *L) {
   int e = atomic_load(&out.err);
-  if (e == EPIPE)
+  if (e == EPIPE) {
     lua_pushliteral(L, "output closed");
+    lpar_kind_mark(L, LPAR_KOUTPUT);
+  }
   else if (e != 0)
     lua_pushfstring(L, "cannot write %s: %s",
                     out.outname ? out.outname : "the output", strerror(e));
@@ -816,10 +813,12 @@ typedef struct Reader {
 /* Raise if a signal asks to stop or the output is gone. */
 static void checkstop(lua_State *L) {
   int sig = stopsignal();
-  if (sig)
-    raisemsg(L, sig == SIGTERM  ? "terminated"
-                : sig == SIGHUP ? "hangup"
-                                : "interrupted");
+  if (sig) {
+    lua_pushstring(L, sig == SIGTERM  ? "terminated"
+                      : sig == SIGHUP ? "hangup"
+                                      : "interrupted");
+    lpar_kind_raise(L, LPAR_KINDCODE(LPAR_KINTERRUPTED, sig));
+  }
   if (failed())
     outerror(L);
 }

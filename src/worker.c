@@ -15,6 +15,7 @@
 #include <unistd.h>
 
 #include "codec.h"
+#include "kind.h"
 #include "lauxlib.h"
 #include "lpar.h"
 #include "wire.h"
@@ -433,9 +434,9 @@ void lpar_worker_senderror(Runner *r, lua_Integer i) {
     b = lua_touserdata(L, -1);
   else
     lpar_worker_check(plainerror(L, -3, b));
-  r->memerr = 0;
   f.type = LPAR_FERROR;
-  f.count = 1;
+  f.count = r->memerr ? LPAR_KMEMORY : LPAR_KERROR; /* its kind */
+  r->memerr = 0;
   f.len = b->n - LPAR_HDRSIZE;
   lpar_wire_putheader(b->p, &f);
   lpar_wire_put64(b->p + LPAR_HDRSIZE, (uint64_t)i);

@@ -607,8 +607,10 @@ function M.trace(msg, level)
 end
 
 -- A failed item travels from the worker as one string: a tag, then the
--- shortened item, the message and the traceback, each as <length>:<bytes>
--- (no NUL byte: the engine handles the message as a C string).
+-- shortened item, the message, the traceback and the kind of the failure
+-- ("error" or "memory", as lpar.errkind names them), each as
+-- <length>:<bytes> (no NUL byte: the engine handles the message as a C
+-- string).
 local TAG = "\1lpar-failure\1"
 
 local function packfailure(...)
@@ -623,13 +625,13 @@ end
 function M.unpackfailure(e)
   if type(e) ~= "string" or e:sub(1, #TAG) ~= TAG then return nil end
   local pos, parts = #TAG + 1, {}
-  for k = 1, 3 do
+  for k = 1, 4 do
     local n, at = e:match("^(%d+):()", pos)
     if not n then return nil end
     parts[k] = e:sub(at, at + n - 1)
     pos = at + n
   end
-  return parts[1], parts[2], parts[3]
+  return parts[1], parts[2], parts[3], parts[4]
 end
 
 -- An error value as text, as the workers of the module describe it: a
@@ -656,9 +658,9 @@ local function runner(map, fmt)
   return function(item)
     local ok, r = xpcall(call, handler, item)
     if ok then return true, r end
-    if type(r) ~= "table" then r = {tostring(r), ""} end
+    if type(r) ~= "table" then r = {tostring(r), "", kind = "memory"} end
     return false, packfailure(M.shorten(item), (r[1]:gsub("%z", "\\0")),
-                              M.clean(r[2]))
+                              M.clean(r[2]), r.kind or "error")
   end
 end
 
@@ -737,10 +739,8 @@ function M.batcher(map, fmt, nul, halt, timed, c, maxmem, label)
       local ok, r = xpcall(timed and timedloop or loop, handler)
       if not ok then
         if type(r) ~= "table" then -- a memory error skips the handler
-          r = {tostring(r), ""}
-          if maxmem and r[1] == "not enough memory" then
-            r[1] = ("not enough memory (limit %s)"):format(maxmem)
-          end
+          r = {maxmem and ("not enough memory (limit %s)"):format(maxmem) or tostring(r), "",
+               kind = "memory"}
         end
         if timed then times[k] = now() - t1 end
         parts = parts or {}
@@ -750,7 +750,8 @@ function M.batcher(map, fmt, nul, halt, timed, c, maxmem, label)
           n = 0
         end
         parts[#parts + 1] = {k, packfailure(shorten(recs[k]),
-                                            (r[1]:gsub("%z", "\\0")), clean(r[2]))}
+                                            (r[1]:gsub("%z", "\\0")), clean(r[2]),
+                                            r.kind or "error")}
         if halt then break end
         if overdue(k) and k < nrec then over = true end
       end
@@ -804,7 +805,7 @@ end
 
 -- The message for item n that failed with e; with 'brief', without its
 -- traceback, and then whether one was left out.
-function M.describe(n, e, nul, brief)
+function M.describe(n, e, nul, brief, rec)
   local what = (nul and "item " or "line ") .. n
   local item, msg, tb = M.unpackfailure(e)
   if item then
@@ -812,6 +813,7 @@ function M.describe(n, e, nul, brief)
                                           tb ~= "" and not brief and "\n" .. tb or ""),
            brief and tb ~= ""
   end
+  if rec ~= nil then what = ("%s (%s)"):format(what, M.shorten(rec)) end
   return ("lpar: %s: %s"):format(what, M.clean(errortext(e)))
 end
 
@@ -899,17 +901,29 @@ local function fail(code, msg)
   return code
 end
 
--- the errors a signal raises, and the exit status each gives
-local signalled = {interrupted = 130, terminated = 143, hangup = 129}
+-- what lpar says when a signal stops a run, by exit status
 local signame = {[130] = "interrupted", [143] = "terminated", [129] = "hangup"}
 
--- exit status and message for an error that ended a run
-local function stopped(e)
-  if signalled[e] then return signalled[e], "lpar: " .. e end
-  if e == "output closed" then return 141, nil end
+-- A run stopped by signal 'sig' (see stopping in M.run): raised as this
+-- value, so that nothing else is taken for it.
+local Stop = {}
+
+-- The failure 'e' just caught, with its kind and detail (lpar.errkind,
+-- asked before lpar gives another failure): {e, kind, detail}.
+local function caught(e)
+  return {e, require("lpar").errkind(e)}
+end
+
+-- Exit status and message for an error that ended a run (as 'caught'
+-- gives it), by its kind.
+local function stopped(f)
+  local e, kind, detail = f[1], f[2], f[3]
+  if getmetatable(e) == Stop then return 128 + e.signal, "lpar: " .. signame[128 + e.signal] end
+  if kind == "interrupted" then return 128 + detail, "lpar: " .. e end
+  if kind == "output" then return 141, nil end
   local text = M.clean(errortext(e))
-  if text:find("^worker init ") then return 2, "lpar: " .. text end
-  if text:find("^max_memory .* is below") or text:find("^max_memory .* leaves less than") then
+  if kind == "init" then return 2, "lpar: " .. text end
+  if kind == "memory" then -- max_memory below what the workers inherit
     return 2, "lpar: --max-memory" .. text:sub(#"max_memory" + 1)
   end
   return 1, "lpar: " .. text
@@ -1310,7 +1324,7 @@ end
 
 -- The message handler a script's main chunk runs under.
 function M.traceback(e)
-  if signalled[e] then return e end
+  if require("lpar").errkind(e) == "interrupted" then return e end
   local text = M.trace(errortext(e), 2) -- not a tail call: levels count
   return text
 end
@@ -1519,59 +1533,60 @@ function M.run(o, c, reader, counter, map, init, close)
   -- killed by one (sent to every process at once: a process group, a
   -- service being stopped) before lpar saw its own. Then the run stops as
   -- for that signal, the item unrecorded, so that --resume runs it again.
-  local function stopping(e)
+  local function stopping(kind, detail)
     local sig = c.caught()
-    if sig == 0 then
-      sig = tonumber(type(e) == "string" and e:match("^worker %d+ killed by signal (%d+)")) or 0
-    end
-    if signame[128 + sig] then error(signame[128 + sig], 0) end
+    if sig == 0 and kind == "signal" then sig = detail end
+    if signame[128 + sig] then error(setmetatable({signal = sig}, Stop), 0) end
   end
 
-  -- Report a failed item: the first few in full, the others without
-  -- their traceback (counted in 'unshown'), none with --quiet.
+  -- Report a failed item (its record 'rec', if at hand): the first few
+  -- in full, the others without their traceback (counted in 'unshown'),
+  -- none with --quiet.
   local shown, unshown = 0, 0
-  local function tell(line, e)
+  local function tell(line, e, rec)
     if o.quiet then return end
     shown = shown + 1
-    local msg, cut = M.describe(line, e, nul, shown > M.shown)
+    local msg, cut = M.describe(line, e, nul, shown > M.shown, rec)
     if cut then unshown = unshown + 1 end
     report(msg)
   end
 
-  local function failure(line, e, secs, attempt)
-    stopping(e)
+  -- Record 'rec' (line 'line') failed for good with e, of kind 'kind'
+  -- (lpar.errkind's names) and its detail.
+  local function failure(line, e, secs, attempt, rec, kind, detail)
+    stopping(kind, detail)
     failed = failed + 1
-    tell(real(line), e)
+    tell(real(line), e, rec)
     logline(line, "failed", secs, attempt, e)
     check(line, false)
   end
 
-  -- one record on its own: {output, secs} | nil, err
+  -- one record on its own: {output, secs} | nil, err, kind, detail
   local function once(rec)
-    local v, err
-    for _, x, y, where in pool:imap(single, {rec}, sideopts) do
-      v, err = x, y
+    local v, err, kind, detail
+    for _, x, y, where, k, d in pool:imap(single, {rec}, sideopts) do
+      v, err, kind, detail = x, y, k, d
       ranon(where)
     end
-    return v, err
+    return v, err, kind, detail
   end
 
-  -- Record 'rec' (line 'line') failed with e: try it again, up to
-  -- --retries times, then report it.
-  local function again(line, rec, e, secs)
-    stopping(e)
+  -- Record 'rec' (line 'line') failed with e (of kind 'kind'): try it
+  -- again, up to --retries times, then report it.
+  local function again(line, rec, e, secs, kind, detail)
+    stopping(kind, detail)
     for attempt = 2, retries + 1 do
       local t0 = now()
-      local v, err = once(rec)
+      local v, err, k, d = once(rec)
       if err == nil then
         emit(line, v[1])
         logline(line, "ok", v[2], attempt)
         success(line)
         return
       end
-      e, secs = err, now() - t0
+      e, secs, kind, detail = err, now() - t0, k, d
     end
-    failure(line, e, secs, retries + 1)
+    failure(line, e, secs, retries + 1, rec, kind, detail)
   end
 
   -- Run records from..n of a batch one by one: when the engine lost the
@@ -1584,14 +1599,14 @@ function M.run(o, c, reader, counter, map, init, close)
     if to < from then return end
     if from > 1 or to < #recs then recs = table.move(recs, from, to, 1, {}) end
     first = first + from - 1
-    for j, v, e, where in pool:imap(single, recs, sideopts) do
+    for j, v, e, where, kind, detail in pool:imap(single, recs, sideopts) do
       ranon(where)
       if v ~= nil then
         emit(first + j - 1, v[1])
         logline(first + j - 1, "ok", v[2], 1)
         success(first + j - 1)
       else
-        again(first + j - 1, recs[j], e, nil)
+        again(first + j - 1, recs[j], e, nil, kind, detail)
       end
       if halted then break end
     end
@@ -1610,19 +1625,19 @@ function M.run(o, c, reader, counter, map, init, close)
   end
 
   -- A batch that is not plain output: failures, joblog times, or lost.
-  local function settle(first, n, block, r, e)
+  local function settle(first, n, block, r, e, kind, detail)
     if r == nil then
       -- lost with its worker: the record it was running, if the batch
       -- said, fails (or is tried again); the others run again
       local at = type(e) == "table" and math.tointeger(e.record)
       if at then e = e.message end
-      stopping(e)
+      stopping(kind, detail)
       if n == 1 then
-        again(first, c.split(block, nul)[1], e, nil)
+        again(first, c.split(block, nul)[1], e, nil, kind, detail)
       elseif at and at <= n then
         rerun(first, block, 1, at - 1)
         if halted then return end
-        again(first + at - 1, c.split(block, nul)[at], e, nil)
+        again(first + at - 1, c.split(block, nul)[at], e, nil, kind, detail)
         if halted then return end
         rerun(first, block, at + 1)
       else
@@ -1641,10 +1656,11 @@ function M.run(o, c, reader, counter, map, init, close)
         from = k + 1
         recs = recs or (retries > 0 and c.split(block, nul))
         local secs = times and string.unpack("d", times, 8 * k - 7)
+        local pkind = select(4, M.unpackfailure(p[2]))
         if recs then
-          again(first + k - 1, recs[k], p[2], secs)
+          again(first + k - 1, recs[k], p[2], secs, pkind)
         else
-          failure(first + k - 1, p[2], secs, 1)
+          failure(first + k - 1, p[2], secs, 1, nil, pkind)
         end
         if halted then return end
       end
@@ -1656,7 +1672,7 @@ function M.run(o, c, reader, counter, map, init, close)
   end
 
   local function batch()
-    for i, r, e, where in pool:imap(batchf, items, jobopts) do
+    for i, r, e, where, kind, detail in pool:imap(batchf, items, jobopts) do
       local first, n, block = reader:take(i)
       ranon(where)
       if type(r) == "string" then
@@ -1666,7 +1682,7 @@ function M.run(o, c, reader, counter, map, init, close)
           success(first + n - 1)
         end
       else
-        settle(first, n, block, r, e)
+        settle(first, n, block, r, e, kind, detail)
       end
       if logging then
         c.log(table.concat(lines))
@@ -1686,9 +1702,10 @@ function M.run(o, c, reader, counter, map, init, close)
       batch()
     end
   end)
+  if not ok then err = caught(err) end
   if pool then
     local closed, cerr = pcall(pool.close, pool)
-    if ok and not closed then ok, err = false, cerr end
+    if ok and not closed then ok, err = false, caught(cerr) end
   end
   if prog then prog.finish() end
   if ok and o.again and o.again.marked and o.output and c.caught() == 0 then
@@ -1696,8 +1713,10 @@ function M.run(o, c, reader, counter, map, init, close)
     -- keeps them, and goes on from the same line as before
     c.markers(true)
     ok, err = pcall(mark, o.again.done)
+    if not ok then err = caught(err) end
   end
   local outerr = c.finish()
+  if outerr then outerr = caught(outerr) end
   local code, msg = 0, nil
   if not ok then
     code, msg = stopped(err)
@@ -1974,7 +1993,8 @@ function M.main(argv, c)
   u.restore()
   if not res[1] then
     local e = res[2]
-    if signalled[e] then return fail(signalled[e], e) end
+    local kind, sig = require("lpar").errkind(e)
+    if kind == "interrupted" then return fail(128 + sig, e) end
     return fail(2, tostring(e))
   end
   local r = res[2]

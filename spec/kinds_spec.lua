@@ -1,0 +1,202 @@
+-- The kind of each failure as Lua sees it: the fifth and sixth values of
+-- pool:imap and lpar.imap for an item's failure, lpar.errkind for what
+-- lpar raises; code above the engine branches on these, never on text.
+local lpar = require "lpar"
+local H = require "spec.helper"
+
+-- item 2 fails as 'how' says; the others return x * 10
+local failing = {
+  error = function(x)
+    if x == 2 then error("no two") end
+    return x * 10
+  end,
+  timeout = function(x)
+    if x == 2 then while true do end end
+    return x * 10
+  end,
+  signal = function(x)
+    if x == 2 then
+      local f = assert(io.open("/proc/self/stat"))
+      local pid = f:read("n")
+      f:close()
+      os.execute("kill -9 " .. pid)
+      while true do end
+    end
+    return x * 10
+  end,
+  exit = function(x)
+    if x == 2 then require("posix.unistd")._exit(3) end
+    return x * 10
+  end,
+  memory = function(x)
+    if x == 2 then
+      local t = {}
+      for i = 1, 1 << 24 do t[i] = ("%d"):format(i) end
+      return #t
+    end
+    return x * 10
+  end,
+  -- a RESULT header announcing 512 GiB on the results pipe, then a pause
+  protocol = function(x)
+    if x == 2 then
+      local stat, unistd = require "posix.sys.stat", require "posix.unistd"
+      for fd = 3, 64 do -- the results pipe is the only FIFO a worker holds
+        local st = stat.fstat(fd)
+        if st and stat.S_ISFIFO(st.st_mode) ~= 0 then
+          unistd.write(fd, string.pack("<I4I4I8", 3, 1, 1 << 39))
+        end
+      end
+      unistd.sleep(5)
+    end
+    return x * 10
+  end,
+}
+
+-- kind and detail of each failed item of a pool:imap (or lpar.imap) run
+local function kinds(front, how, opts)
+  local got, values = {}, {}
+  opts = opts or {}
+  local jobopts = {chunksize = 1, on_error = "collect", timeout = opts.timeout}
+  local function take(i, v, e, where, kind, detail)
+    assert.is_nil(where)
+    if e ~= nil then got[i] = {kind, detail} else values[i] = v end
+  end
+  if front == "pool:imap" then
+    local pool <close> = lpar.pool{n_workers = 2, max_memory = opts.max_memory}
+    for i, v, e, where, kind, detail in pool:imap(failing[how], H.range(4), jobopts) do
+      take(i, v, e, where, kind, detail)
+    end
+  else
+    jobopts.n_workers, jobopts.max_memory = 2, opts.max_memory
+    for i, v, e, where, kind, detail in lpar.imap(failing[how], H.range(4), jobopts) do
+      take(i, v, e, where, kind, detail)
+    end
+  end
+  assert.same({[1] = 10, [3] = 30, [4] = 40}, values)
+  return got
+end
+
+describe("the kind of an item's failure", function()
+  after_each(function() assert.same({}, H.children()) end)
+
+  for _, front in ipairs{"pool:imap", "lpar.imap"} do
+    it("is 'error' for a Lua error, in " .. front, function()
+      assert.same({[2] = {"error"}}, kinds(front, "error"))
+    end)
+
+    it("is 'timeout' for an item past its timeout, in " .. front, function()
+      assert.same({[2] = {"timeout"}}, kinds(front, "timeout", {timeout = 0.5}))
+    end)
+
+    it("is 'signal' with the signal for a worker killed, in " .. front, function()
+      assert.same({[2] = {"signal", 9}}, kinds(front, "signal"))
+    end)
+
+    it("is 'exit' with the status for a worker that exits, in " .. front, function()
+      assert.same({[2] = {"exit", 3}}, kinds(front, "exit"))
+    end)
+
+    it("is 'memory' for an item past max_memory, in " .. front, function()
+      assert.same({[2] = {"memory"}}, kinds(front, "memory", {max_memory = "64M"}))
+    end)
+
+    it("is 'protocol' for a worker that breaks the protocol, in " .. front, function()
+      assert.same({[2] = {"protocol"}}, kinds(front, "protocol"))
+    end)
+  end
+
+  it("is 'error' for a serial lpar.imap (n_workers = 0)", function()
+    local got = {}
+    for i, _, e, where, kind in lpar.imap(failing.error, H.range(3),
+                                           {n_workers = 0, on_error = "collect"}) do
+      assert.is_nil(where)
+      if e ~= nil then got[i] = kind end
+    end
+    assert.same({[2] = "error"}, got)
+  end)
+
+  it("is nil for an item that succeeds", function()
+    local pool <close> = lpar.pool(1)
+    for i, v, e, where, kind, detail in pool:imap(function(x) return x end, {7}) do
+      assert.same({1, 7}, {i, v})
+      assert.is_nil(e)
+      assert.is_nil(where)
+      assert.is_nil(kind)
+      assert.is_nil(detail)
+    end
+  end)
+end)
+
+describe("lpar.errkind", function()
+  after_each(function() assert.same({}, H.children()) end)
+
+  it("names a job's failure that lpar raises: 'error', 'exit', 'timeout'", function()
+    local pool <close> = lpar.pool(2)
+    for how, want in pairs{error = {"error"}, exit = {"exit", 3}, timeout = {"timeout"}} do
+      local ok, e = pcall(pool.map, pool, failing[how], H.range(4), {chunksize = 1, timeout = 0.5})
+      assert.is_false(ok)
+      assert.same(want, {lpar.errkind(e)}, how)
+    end
+  end)
+
+  it("names a worker init that fails 'init'", function()
+    local ok, e = pcall(lpar.pool, {n_workers = 2, init = function() error("cannot init") end})
+    assert.is_false(ok)
+    assert.matches("^worker init failed: ", e)
+    assert.equal("init", lpar.errkind(e))
+  end)
+
+  it("names max_memory below the caller's heap 'memory'", function()
+    local keep = {}
+    for i = 1, 1 << 19 do keep[i] = i end -- about 8 MiB
+    local ok, e = pcall(lpar.pool, {n_workers = 2, max_memory = "2M"})
+    assert.is_false(ok)
+    assert.matches("^max_memory 2 MiB is below ", e)
+    assert.equal("memory", lpar.errkind(e))
+    assert.equal(1 << 19, #keep)
+  end)
+
+  it("names a job cancelled 'cancelled'", function()
+    local pool <close> = lpar.pool(1)
+    local job = pool:submit(function() require("posix.unistd").sleep(30) end, {1})
+    job:cancel()
+    local ok, e = pcall(job.wait, job)
+    assert.is_false(ok)
+    assert.equal("cancelled", lpar.errkind(e))
+  end)
+
+  it("names a wait that SIGINT ends 'interrupted', with the signal", function()
+    local rc, out, err = H.lua([[
+      local lpar = require "lpar"
+      local f = assert(io.open("/proc/self/stat"))
+      local parent = f:read("n")
+      f:close()
+      local pool <close> = lpar.pool(1)
+      local ok, e = pcall(pool.map, pool, function()
+        -- once the caller waits in epoll (its handler is in place)
+        local unistd, time = require "posix.unistd", require "posix.time"
+        for _ = 1, 2000 do
+          local w = io.open("/proc/" .. parent .. "/wchan")
+          local at = w and w:read("a") or ""
+          if w then w:close() end
+          if at:find("epoll") or at:find("ep_poll") then break end
+          time.nanosleep({tv_sec = 0, tv_nsec = 10000000})
+        end
+        os.execute("kill -INT " .. parent)
+        unistd.sleep(30)
+      end, {1})
+      io.write(tostring(ok), " ", tostring(e), " ", table.concat({lpar.errkind(e)}, " "))
+    ]])
+    assert.equal(0, rc, err)
+    assert.equal("false interrupted interrupted 2", out)
+  end)
+
+  it("gives nothing for a value lpar did not raise", function()
+    local ok, e = pcall(error, "worker init failed: not from lpar")
+    assert.is_false(ok)
+    assert.is_nil(lpar.errkind(e))
+    assert.is_nil(lpar.errkind({}))
+    assert.is_nil(lpar.errkind(nil))
+    assert.has_error(function() lpar.errkind() end)
+  end)
+end)
