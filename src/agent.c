@@ -204,11 +204,11 @@ static int decodefns(lua_State *L) {
   flags = lpar_wire_get32(p);
   nf = lpar_wire_get32(p + 4);
   lua_settop(L, 1);
-  if (flags & 1)
+  if (flags & LPAR_SETUPINIT)
     lpar_xfer_decode(L, p, len, &pos);
   else
     lua_pushnil(L);
-  if (flags & 2)
+  if (flags & LPAR_SETUPCLOSE)
     lpar_xfer_decode(L, p, len, &pos);
   else
     lua_pushnil(L);
@@ -269,7 +269,7 @@ static void setup(Agent *a, const char *p, size_t len) {
   if (lpar_wire_get64(p + 16) > 0)
     a->idle = (long long)lpar_wire_get64(p + 16);
   kind = lpar_wire_get32(p + 24);
-  lua_pushcfunction(L, kind == 1 ? clifns : decodefns);
+  lua_pushcfunction(L, kind == LPAR_SETUPCLI ? clifns : decodefns);
   lua_pushlstring(L, p + 28, len - 28);
   if (lua_pcall(L, 1, 3, 0) != LUA_OK) {
     lua_pushfstring(L, "cannot load the setup: %s", lua_tostring(L, -1));

@@ -69,6 +69,12 @@
 /* after SIGTERM for a timeout, SIGKILL follows this much later (ns) */
 #define KILLGRACE 500000000LL
 
+/* a worker that may be past a deadline soon (one not yet in its init,
+   one between items) is looked at again at least this often (ns) */
+#if !defined(LPAR_LOOKNS)
+#define LPAR_LOOKNS 10000000LL
+#endif
+
 /*
 ** How the pieces fit. An Engine is a userdata holding its workers'
 ** places; its uservalue table holds the init and close hooks, what the
@@ -2071,11 +2077,11 @@ static long long idlelimit(Ctx *c, EWorker *w, long long now) {
   if (w->in.n > 0) /* a frame begun: stalled() judges it */
     return limit;
   if (now < limit)
-    return limit < now + 10000000LL ? limit : now + 10000000LL;
+    return limit < now + LPAR_LOOKNS ? limit : now + LPAR_LOOKNS;
   readworker(c, w); /* what it sent counts */
   if (w->state != W_BUSY || slot->item != 0 || w->lastread > t || w->in.n > 0)
-    return now + 10000000LL; /* it moved on */
-  w->q[0].alone = 0;         /* no item of its chunk is to blame */
+    return now + LPAR_LOOKNS; /* it moved on */
+  w->q[0].alone = 0;          /* no item of its chunk is to blame */
   lose(c, w, 1, "took no item for the timeout", LPAR_KTIMEOUT);
   return -1;
 }
@@ -2156,7 +2162,7 @@ static int deadlines(Ctx *c) {
         due = w->killat;
       }
       else /* not in init yet, or until its limit */
-        due = e->slots[i].item == LPAR_SLOTHOOK ? limit : now + 10000000LL;
+        due = e->slots[i].item == LPAR_SLOTHOOK ? limit : now + LPAR_LOOKNS;
     }
     else if (w->state == W_BUSY && w->job && w->job->o.timeout > 0) {
       lua_Integer item = e->slots[i].item;
@@ -2854,6 +2860,12 @@ int lpar_engine_next(lua_State *L, int jidx) {
     return 0;
   lua_rawgeti(L, uv, JU_FAILURE);
   return lpar_kind_raise(L, j->failcode);
+}
+
+void lpar_engine_pushengine(lua_State *L, int jidx) {
+  lua_getiuservalue(L, jidx, 1);
+  lua_rawgeti(L, -1, JU_ENGINE);
+  lua_remove(L, -2);
 }
 
 int lpar_engine_itemkind(lua_State *L, int jidx, lua_Integer i) {

@@ -227,6 +227,9 @@ int lpar_engine_results(lua_State *L, int idx);
    lpar_kind_push) (6); 0 when all are taken. Raises the job's failure. */
 int lpar_engine_next(lua_State *L, int jidx);
 
+/* Push the engine of the job at 'jidx'. */
+void lpar_engine_pushengine(lua_State *L, int jidx);
+
 /* The kind code (kind.h) of item i's failure in the finished job at
    'jidx' that collected it; 0 if none. */
 int lpar_engine_itemkind(lua_State *L, int jidx, lua_Integer i);

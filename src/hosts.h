@@ -41,6 +41,14 @@
 
 #define LPAR_PROTOCOL 1
 
+/* what the workers of a host hold, as SETUP says (its kind) */
+#define LPAR_SETUPPOOL 0 /* a pool's functions, xfer-encoded */
+#define LPAR_SETUPCLI 1  /* the CLI's script and options, one codec table */
+
+/* flags of a pool's SETUP: which hooks follow */
+#define LPAR_SETUPINIT 1  /* an init function */
+#define LPAR_SETUPCLOSE 2 /* a close function */
+
 /* bytes of the versions block that opens HELLO and SETUP */
 #define LPAR_VERSIONSIZE 52
 

@@ -139,7 +139,7 @@ static void pushsetup(lua_State *L, int opts, const EngineOpts *o, int init,
   lpar_wire_put64(h, 0); /* the agent's own silence limit */
   bad = bad || lpar_buf_add(&b, h, 8) != 0;
   if (lua_getfield(L, opts, "agent_setup") != LUA_TNIL) {
-    bad = bad || add32(&b, 1) != 0;
+    bad = bad || add32(&b, LPAR_SETUPCLI) != 0;
     if (!bad && lpar_codec_encode(L, -1, &b) != 0) {
       lpar_buf_free(&b);
       luaL_error(L, "cannot send the setup to the hosts: %s",
@@ -149,9 +149,9 @@ static void pushsetup(lua_State *L, int opts, const EngineOpts *o, int init,
   else {
     lua_Integer k,
         nf = lua_istable(L, fns) ? (lua_Integer)lua_rawlen(L, fns) : 0;
-    bad = bad || add32(&b, 0) != 0 ||
-          add32(&b, (lua_isnil(L, init) ? 0 : 1) |
-                        (lua_isnil(L, close) ? 0 : 2)) != 0 ||
+    bad = bad || add32(&b, LPAR_SETUPPOOL) != 0 ||
+          add32(&b, (lua_isnil(L, init) ? 0 : LPAR_SETUPINIT) |
+                        (lua_isnil(L, close) ? 0 : LPAR_SETUPCLOSE)) != 0 ||
           add32(&b, (uint32_t)nf) != 0;
     if (!bad && !lua_isnil(L, init))
       sendfn(L, init, &b, "init");
@@ -390,11 +390,10 @@ static Job *checkjob(lua_State *L, int idx) {
 static void jobpump(lua_State *L, Job *j) {
   if (j->state != J_RUNNING)
     return;
-  lua_getiuservalue(L, 1, 1);
-  lua_rawgeti(L, -1, 5); /* its engine */
+  lpar_engine_pushengine(L, 1);
   usable(L, -1);
   lpar_engine_pump(L, lua_gettop(L), 0);
-  lua_pop(L, 2);
+  lua_pop(L, 1);
 }
 
 /* job:done() -> true once the job is finished (failed or cancelled too);

@@ -143,14 +143,14 @@ typedef struct WState {
 
 void lpar_worker_check(int rc) {
   if (rc != 0) /* parent gone or out of memory: nothing more to do */
-    _exit(rc == -EPIPE ? 0 : 3);
+    _exit(rc == -EPIPE ? 0 : LPAR_EXITBROKEN);
 }
 
 void lpar_worker_initrunner(Runner *r, lua_State *L, int fd, Slot *slot) {
   lpar_worker_mark(L);
   ownslot = slot;
   if (lpar_buf_reserve(&r->out, 4096) != 0)
-    _exit(3);
+    _exit(LPAR_EXITBROKEN);
   r->L = L;
   r->fd = fd;
   r->slot = slot;
@@ -727,7 +727,7 @@ static void call(WState *ws, const Frame *f) {
   ws->flags = (int)f->count;
   if (ws->flags & LPAR_CALLINHERIT) {
     if (ws->in.n != 8 || ws->a->fnsidx == 0)
-      _exit(4); /* the parent sent bad bytes */
+      _exit(LPAR_EXITBADINPUT); /* the parent sent bad bytes */
     lua_geti(L, ws->a->fnsidx, (lua_Integer)lpar_wire_get64(ws->in.p));
     lua_replace(L, ws->fidx);
     return;
@@ -753,7 +753,7 @@ static void items(WState *ws, const Frame *f) {
   lua_Integer first, k;
   size_t pos = 8;
   if (ws->in.n < 8 || (f->type == LPAR_FWORK && ws->a->itemsidx == 0))
-    _exit(4); /* the parent sent bad bytes */
+    _exit(LPAR_EXITBADINPUT); /* the parent sent bad bytes */
   first = (lua_Integer)lpar_wire_get64(ws->in.p);
   ws->r.timed = (ws->flags & LPAR_CALLTIMED) != 0;
   lpar_worker_begin(&ws->r, first);
@@ -762,7 +762,7 @@ static void items(WState *ws, const Frame *f) {
     if (f->type == LPAR_FWORK)
       lua_geti(L, ws->a->itemsidx, first + k);
     else if (lpar_codec_decode(L, ws->in.p, ws->in.n, &pos) != 0)
-      _exit(4);
+      _exit(LPAR_EXITBADINPUT);
     if (lpar_worker_runitem(&ws->r, first + k) &&
         !(ws->flags & LPAR_CALLCOLLECT))
       break;
@@ -782,7 +782,7 @@ static void serve(WState *ws) {
     else if (f.type == LPAR_FWORK || f.type == LPAR_FITEMS)
       items(ws, &f);
     else
-      _exit(4);
+      _exit(LPAR_EXITBADINPUT);
   }
 }
 
@@ -842,5 +842,5 @@ _Noreturn void lpar_worker_run(lua_State *L, const WorkerArgs *a) {
   own.closeidx = a->closeidx ? 4 : 0;
   ws.a = &own;
   status = lua_pcall(L, 5, 0, 0);
-  _exit(status == LUA_OK ? 0 : 3);
+  _exit(status == LUA_OK ? 0 : LPAR_EXITBROKEN);
 }

@@ -12,6 +12,11 @@
 #include "proc.h"
 #include "ring.h"
 
+/* how a worker leaves when it cannot go on (its exit status): it cannot
+   write to the parent or has no memory; the parent sent bad bytes */
+#define LPAR_EXITBROKEN 3
+#define LPAR_EXITBADINPUT 4
+
 /* flags of an LPAR_FCALL frame (its count field) */
 #define LPAR_CALLCOLLECT 1 /* go on with a chunk after an item fails */
 #define LPAR_CALLTIMED 2   /* note when each item starts (timeouts) */
