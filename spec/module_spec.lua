@@ -624,3 +624,34 @@ describe("lpar.encode and lpar.decode", function()
     assert.same(v, lpar.decode(lpar.encode(v)))
   end)
 end)
+
+describe("lpar on_event", function()
+  it("tells each item's start and end in parallel and imap", function()
+    local seen = {}
+    local _, _, errs = lpar.parallel(function(x)
+      if x == 2 then error("two") end
+      return x
+    end, {1, 2, 3}, {n_workers = 2, on_error = "collect",
+                     on_event = function(ev) seen[#seen + 1] = ev end})
+    assert.matches("two", errs[2])
+    local ends, starts = {}, 0
+    for _, ev in ipairs(seen) do
+      if ev.event == "start" then
+        starts = starts + 1
+      else
+        ends[ev.item] = ev.status
+      end
+    end
+    assert.equal(3, starts)
+    assert.same({"ok", "failed", "ok"}, ends)
+    local n = 0
+    for _ in lpar.imap(function(x) return x end, {1, 2, 3, 4},
+                       {n_workers = 2, on_event = function(ev)
+                         if ev.event == "end" then n = n + 1 end
+                       end}) do
+    end
+    assert.equal(4, n)
+    assert.has_error(function() lpar.parallel(print, {1}, {on_event = 3}) end,
+                     "bad argument #3 to 'parallel' (on_event must be a function)")
+  end)
+end)

@@ -1042,3 +1042,103 @@ describe("pool:imap batched", function()
     end
   end)
 end)
+
+describe("lpar.pool on_event", function()
+  it("tells each item's start and end, with status, attempt and seconds", function()
+    local pool = lpar.pool({n_workers = 2})
+    local evs = {}
+    local f = function(x)
+      if x == 3 then error("three") end
+      return x * 2
+    end
+    for _ in pool:imap(f, {1, 2, 3, 4}, {on_error = "collect",
+                                         on_event = function(ev) evs[#evs + 1] = ev end}) do
+    end
+    local started, ended = {}, {}
+    for _, ev in ipairs(evs) do
+      assert.equal(1, ev.attempt)
+      if ev.event == "start" then
+        assert.is_nil(ended[ev.item])
+        assert.is_true(ev.place == 1 or ev.place == 2)
+        started[ev.item] = true
+      else
+        assert.equal("end", ev.event)
+        assert.is_true(started[ev.item])
+        assert.is_number(ev.seconds)
+        ended[ev.item] = ev
+      end
+    end
+    assert.same({"ok", "ok", "failed", "ok"},
+                {ended[1].status, ended[2].status, ended[3].status, ended[4].status})
+    assert.matches("three", ended[3].error)
+    local seen = {}
+    pool:submit(function(x) return x end, {1, 2},
+                {on_event = function(ev) seen[#seen + 1] = ev.event .. ev.item end}):wait()
+    table.sort(seen)
+    assert.same({"end1", "end2", "start1", "start2"}, seen)
+    assert.has_error(function() pool:imap(f, {1}, {on_event = 1}) end)
+    pool:close()
+  end)
+end)
+
+describe("lpar.pool on_event when a loop breaks", function()
+  it("ends the items running as cancelled", function()
+    local pool = lpar.pool({n_workers = 2})
+    local started, ended = {}, {}
+    local function f(x)
+      if x > 1 then os.execute("sleep 30") end -- killed by the cancel
+      return x
+    end
+    local iter, _, _, job = pool:imap(f, {1, 2, 3, 4}, {chunksize = 1, on_event = function(ev)
+      if ev.event == "start" then started[ev.item] = true else ended[ev.item] = ev.status end
+    end})
+    assert.equal(1, iter())
+    assert.is_true(H.waitfor(function()
+      pool:pump()
+      return started[2]
+    end, 30))
+    assert.is_true(job:cancel())
+    assert.equal("ok", ended[1])
+    assert.equal("cancelled", ended[2])
+    for item in pairs(started) do assert.is_string(ended[item], "item " .. item) end
+    pool:close()
+  end)
+end)
+
+describe("lpar.pool job:halt", function()
+  it("hands out nothing more; the items handed out finish", function()
+    local dir = H.tmpdir()
+    local go = dir .. "/go"
+    local pool = lpar.pool({n_workers = 2})
+    local k = 0
+    local function items()
+      k = k + 1
+      if k <= 50 then return k, 1 end
+    end
+    -- items past 6 wait (up to 30 s) until the test says go
+    local function f(x)
+      if x > 6 then
+        local deadline = os.time() + 30
+        while not io.open(go) and os.time() < deadline do os.execute("sleep 0.01") end
+      end
+      return x
+    end
+    local iter, _, _, job = pool:imap(f, items, {batched = true})
+    local got = {}
+    for i, v in iter, nil, nil, job do
+      got[#got + 1] = v
+      if i == 3 then
+        assert.is_true(job:halt())
+        H.writefile(go, "")
+      end
+    end
+    H.rmdir(dir)
+    assert.equal("done", job:status())
+    assert.is_true(#got < 50, #got .. " results")
+    for i = 1, #got do
+      if got[i] ~= nil then assert.equal(i, got[i]) end
+    end
+    assert.has_error(function() pool:submit(f, {1}):halt() end)
+    pool:close()
+  end)
+end)

@@ -117,9 +117,17 @@ enum {
   JU_ATTEMPTS, /* item -> times run again so far, with retries */
   JU_INFLIGHT, /* a stream's items handed out and not yet reported */
   JU_PROGRESS, /* the progress function, if any */
-  JU_KINDS     /* item -> kind code (kind.h) of its collected failure */
+  JU_KINDS,    /* item -> kind code (kind.h) of its collected failure */
+  JU_SLICE,    /* o.slice: cuts a batch into parts */
+  JU_KIDS,     /* item -> its node (see "records" below) */
+  JU_ONEVENT,  /* o.onevent */
+  JU_STARTS    /* item -> when it was handed out (ns), with o.onevent */
 };
-#define JU_N JU_KINDS
+#define JU_N JU_STARTS
+
+/* the first index of the items made of parts of batches (o.slice), so
+   that the iterator's items keep their own numbers */
+#define KIDBASE ((lua_Integer)1 << 48)
 
 /* epoll data: what an event is about, and which worker (or job) */
 enum { EV_RES = 0, EV_CMD, EV_TIMER, EV_PID, EV_WAKE };
@@ -595,6 +603,28 @@ static void detach(Ctx *c, Job *j) {
   freejob(j);
 }
 
+static void tellend(Ctx *c, Job *j, int juv, lua_Integer i, int eidx, int code,
+                    lua_Integer ok, lua_Integer failed, lua_Integer again);
+
+/* Job j (with on_event) is cancelled: the items its workers run end so. */
+static void tellcancelled(Ctx *c, Job *j) {
+  lua_State *L = c->L;
+  Engine *e = c->e;
+  int i, k, uv = pushjob(c, j);
+  lua_Integer item;
+  lua_pushliteral(L, "cancelled");
+  for (i = 0; i < e->o.n; i++) {
+    EWorker *w = &e->w[i];
+    if (w->job != j)
+      continue;
+    for (k = 0; k < w->nq; k++)
+      for (item = w->q[k].first + (k == 0 ? w->got : 0);
+           item < w->q[k].first + w->q[k].count; item++)
+        tellend(c, j, uv, item, uv + 1, LPAR_KCANCELLED, -1, 0, 0);
+  }
+  lua_settop(L, uv - 2);
+}
+
 /*
 ** Job j ends with the error value at the top of the stack (popped) as its
 ** failure, of kind 'code' (kind.h). Workers still running its chunks are
@@ -618,6 +648,8 @@ static void endjob(Ctx *c, Job *j, int state, EWorker *self, int code) {
   j->failcode = code;
   e->ended = 1;
   e->vacated = 1; /* a wait for it must not block */
+  if (state == J_CANCELLED && j->o.onevent)
+    tellcancelled(c, j);
   for (i = 0; i < e->o.n; i++) {
     EWorker *w = &e->w[i];
     if (w->job != j)
@@ -645,24 +677,511 @@ static void failjob(Ctx *c, Job *j, EWorker *self, int code) {
 
 /* Whether every item of j is reported. */
 static int complete(Job *j) {
-  return j->done == j->n && (!j->stream || (j->exhausted && j->redo.n == 0));
+  if (j->halting) /* what was handed out is in */
+    return j->done + j->redo.items == j->n + j->nkids;
+  return j->done == j->n + j->nkids &&
+         (!j->stream || (j->exhausted && j->redo.n == 0));
 }
 
 /* Job j is over if all its items are reported. */
+static void unhold(Ctx *c, Job *j);
+
 static void settle(Ctx *c, Job *j) {
   if (j->state == J_RUNNING && complete(j)) {
+    if (j->halting)
+      unhold(c, j);
     j->state = J_DONE;
     c->e->vacated = 1; /* a wait for it must not block */
     detach(c, j);
   }
 }
 
+/*
+** Events (o.onevent): on_event(ev) is called as each item is handed to a
+** place, ev = {event = "start", item = i, attempt = k, host = spec (nil:
+** this machine)}, and as it ends, ev = {event = "end", item, attempt,
+** host, status = "ok" | "failed" | "timeout" | "lost", error = message,
+** seconds}. For a part of a batch (see "records") item is its batch's
+** number and 'at' and 'n' say which records it holds; an end of a
+** batched job's item also says how many of its records ended ok, failed
+** for good ('failed') or run again ('again'). An error it raises fails the
+** job.
+*/
+/* Push on_event and a new event for item i (start or end); returns the
+   event's index. */
+static int newevent(Ctx *c, Job *j, int juv, lua_Integer i, int start) {
+  lua_State *L = c->L;
+  int ev;
+  lua_Integer attempt = 1;
+  long long now = lpar_proc_now();
+  lua_rawgeti(L, juv, JU_ONEVENT);
+  lua_createtable(L, 0, 10);
+  ev = lua_gettop(L);
+  lua_pushstring(L, start ? "start" : "end");
+  lua_setfield(L, ev, "event");
+  if (i > KIDBASE) {
+    lua_rawgeti(L, juv, JU_KIDS);
+    if (lua_rawgeti(L, -1, i) == LUA_TTABLE) {
+      lua_getfield(L, -1, "root");
+      lua_setfield(L, ev, "item");
+      lua_getfield(L, -1, "at");
+      lua_setfield(L, ev, "at");
+      lua_getfield(L, -1, "n");
+      lua_setfield(L, ev, "n");
+      lua_getfield(L, -1, "attempt");
+      attempt = lua_tointeger(L, -1);
+      lua_pop(L, 1);
+    }
+    lua_pop(L, 2);
+  }
+  else {
+    lua_pushinteger(L, i);
+    lua_setfield(L, ev, "item");
+  }
+  if (!j->o.slice && j->o.retries > 0) { /* the item as a whole runs again */
+    lua_rawgeti(L, juv, JU_ATTEMPTS);
+    if (lua_istable(L, -1)) {
+      lua_rawgeti(L, -1, i);
+      attempt = lua_tointeger(L, -1) + 1;
+      lua_pop(L, 1);
+    }
+    lua_pop(L, 1);
+  }
+  lua_pushinteger(L, attempt);
+  lua_setfield(L, ev, "attempt");
+  lua_rawgeti(L, juv, JU_STARTS);
+  if (start) {
+    lua_pushinteger(L, now);
+    lua_rawseti(L, -2, i);
+  }
+  else {
+    if (lua_rawgeti(L, -1, i) == LUA_TNUMBER) {
+      lua_pushnumber(L, (double)(now - lua_tointeger(L, -1)) / 1e9);
+      lua_setfield(L, ev, "seconds");
+    }
+    lua_pop(L, 1);
+    lua_pushnil(L);
+    lua_rawseti(L, -2, i);
+  }
+  lua_pop(L, 1);
+  return ev;
+}
+
+/* Call on_event with the event on top (both popped); an error it raises
+   fails the job. */
+static void callevent(Ctx *c, Job *j) {
+  if (lua_pcall(c->L, 1, 0, 0) != LUA_OK)
+    failjob(c, j, NULL, LPAR_KERROR);
+}
+
+/* Item i was handed to worker w. */
+static void tellstart(Ctx *c, Job *j, int juv, lua_Integer i, EWorker *w) {
+  lua_State *L = c->L;
+  int ev = newevent(c, j, juv, i, 1);
+  lua_pushinteger(L, (lua_Integer)(w - c->e->w) + 1);
+  lua_setfield(L, ev, "place");
+  if (w->host) {
+    pushhost(c, w);
+    lua_getfield(L, -1, "spec");
+    lua_setfield(L, ev, "host");
+    lua_pop(L, 1);
+  }
+  callevent(c, j);
+}
+
+/* The status an end event gives a failure of kind 'code' (kind.h). */
+static const char *endstatus(int code) {
+  switch (LPAR_KINDOF(code)) {
+  case LPAR_KTIMEOUT:
+    return "timeout";
+  case LPAR_KSIGNAL:
+  case LPAR_KEXIT:
+  case LPAR_KLOST:
+  case LPAR_KPROTOCOL:
+    return "lost";
+  case LPAR_KCANCELLED:
+  case LPAR_KINTERRUPTED:
+    return "cancelled";
+  default:
+    return "failed";
+  }
+}
+
+/* Item i ended: its error (nil: none) at 'eidx', of kind 'code' (0: as
+   JU_KINDS has it); for a batched job, what became of its records: ok,
+   failed for good, run again (-1: not a batched job). */
+static void tellend(Ctx *c, Job *j, int juv, lua_Integer i, int eidx, int code,
+                    lua_Integer ok, lua_Integer failed, lua_Integer again) {
+  lua_State *L = c->L;
+  int ev = newevent(c, j, juv, i, 0);
+  if (!lua_isnil(L, eidx) && code == 0) {
+    code = LPAR_KERROR;
+    if (lua_rawgeti(L, juv, JU_KINDS) == LUA_TTABLE &&
+        lua_rawgeti(L, -1, i) == LUA_TNUMBER)
+      code = (int)lua_tointeger(L, -1);
+    lua_settop(L, ev);
+  }
+  lua_pushstring(L, lua_isnil(L, eidx) ? "ok" : endstatus(code));
+  lua_setfield(L, ev, "status");
+  if (!lua_isnil(L, eidx)) {
+    lpar_kind_push(L, code);
+    lua_setfield(L, ev, "detail");
+    lua_setfield(L, ev, "kind");
+    if (lua_istable(L, eidx))
+      lua_getfield(L, eidx, "message");
+    else
+      lua_pushvalue(L, eidx);
+    lua_setfield(L, ev, "error");
+  }
+  if (c->e->from > 0) {
+    lua_rawgeti(L, c->uv, EU_HOSTS);
+    lua_rawgeti(L, -1, c->e->from);
+    lua_getfield(L, -1, "spec");
+    lua_setfield(L, ev, "host");
+    lua_pop(L, 2);
+  }
+  if (ok >= 0) {
+    lua_pushinteger(L, ok);
+    lua_setfield(L, ev, "ok");
+    lua_pushinteger(L, failed);
+    lua_setfield(L, ev, "failed");
+    lua_pushinteger(L, again);
+    lua_setfield(L, ev, "again");
+  }
+  callevent(c, j);
+}
+
+/*
+** Records (a batched job with o.slice). A batch is an item, and so is
+** each part of a batch run again: a record that failed with retries left
+** (alone, its next attempt), the records a batch handed back (its field
+** 'rest': it ran past its time), and those of a batch lost with its
+** worker (before the record it was running, that record if it has
+** retries left, after it). Parts are items from KIDBASE on, handed out
+** before fresh ones, so they run in parallel with the rest, on any
+** worker. Each has a node in JU_KIDS while it runs: {root = the batch it
+** comes from, at = its first record there (1-based, in the item it was
+** cut from), n = records, attempt = k}; when it is reported the node gets
+** value, error and host (the spec, nil: this machine), and the nodes of
+** its own parts in 'kids'. A batch with parts has a node too ({kids,
+** hold = parts not reported}) and is emitted once hold is 0, its parts in
+** the field 'kids' of its result ({kids = ...} for a batch lost whole).
+** A batch's result is a string (all ran), or a table of strings and
+** {k, error} (record k failed) with the field 'rest'.
+*/
+
+/* Cut records from..to (run for the 'attempt'th time) of the batch at
+   'bidx' as a new part, child of the node at 'nidx' whose root is item
+   'root'. 0, or -1 with the job failed (slice raised). */
+static int addpart(Ctx *c, Job *j, int juv, int bidx, int nidx,
+                   lua_Integer root, lua_Integer from, lua_Integer to,
+                   lua_Integer attempt) {
+  lua_State *L = c->L;
+  lua_Integer kid = KIDBASE + j->nkids + 1;
+  lua_rawgeti(L, juv, JU_SLICE);
+  lua_pushvalue(L, bidx);
+  lua_pushinteger(L, from);
+  lua_pushinteger(L, to);
+  if (lua_pcall(L, 3, 1, 0) != LUA_OK) {
+    failjob(c, j, NULL, LPAR_KERROR);
+    return -1;
+  }
+  j->nkids++;
+  lua_rawgeti(L, juv, JU_INFLIGHT);
+  lua_insert(L, -2);
+  lua_rawseti(L, -2, kid);
+  lua_pop(L, 1);
+  lua_createtable(L, 0, 8); /* its node */
+  lua_pushinteger(L, root);
+  lua_setfield(L, -2, "root");
+  lua_pushinteger(L, from);
+  lua_setfield(L, -2, "at");
+  lua_pushinteger(L, to - from + 1);
+  lua_setfield(L, -2, "n");
+  lua_pushinteger(L, attempt);
+  lua_setfield(L, -2, "attempt");
+  lua_rawgeti(L, juv, JU_KIDS);
+  lua_pushvalue(L, -2);
+  lua_rawseti(L, -2, kid);
+  lua_pop(L, 1);
+  if (lua_isnil(L, nidx)) { /* a batch's first part: its node */
+    lua_newtable(L);
+    lua_replace(L, nidx);
+  }
+  if (lua_getfield(L, nidx, "kids") == LUA_TNIL) {
+    lua_pop(L, 1);
+    lua_newtable(L);
+    lua_pushvalue(L, -1);
+    lua_setfield(L, nidx, "kids");
+  }
+  lua_insert(L, -2);
+  lua_rawseti(L, -2, (lua_Integer)lua_rawlen(L, -2) + 1);
+  lua_pop(L, 1);
+  /* a record run again is a suspect: alone, so that losing its worker
+     again names it */
+  nomem(L, lpar_ranges_push(&j->redo, kid, 1, attempt > 1));
+  return 0;
+}
+
+/* The parts of item i (records 1..n, run for the 'attempt'th time; its
+   result at 'vidx', its error at 'eidx', its batch at 'bidx', its node at
+   'nidx'): how many were made, or -1 with the job failed. */
+static lua_Integer addparts(Ctx *c, Job *j, int juv, const int idx[4],
+                            lua_Integer root, lua_Integer n,
+                            lua_Integer attempt, lua_Integer cnt[2]) {
+  lua_State *L = c->L;
+  int vidx = idx[0], eidx = idx[1], bidx = idx[2], nidx = idx[3];
+  int stop = j->halting; /* nothing more runs */
+  int again = !stop && lpar_policy_retry(attempt - 1, j->o.retries);
+  lua_Integer made = 0, k, x, len, p = 0;
+  /* cnt: records failed for good, records in parts */
+#define PART(from, to, a)                                                      \
+  do {                                                                         \
+    if (addpart(c, j, juv, bidx, nidx, root, from, to, a) != 0)                \
+      return -1;                                                               \
+    made++;                                                                    \
+    cnt[1] += (to) - (from) + 1;                                               \
+  } while (0)
+  cnt[0] = cnt[1] = 0;
+  if (lua_istable(L, vidx)) {
+    len = (lua_Integer)lua_rawlen(L, vidx);
+    for (x = 1; x <= len; x++) {
+      if (lua_rawgeti(L, vidx, x) == LUA_TTABLE) {
+        lua_rawgeti(L, -1, 1);
+        k = lua_tointeger(L, -1);
+        lua_pop(L, 1);
+        if (again && k >= 1 && k <= n) {
+          lua_pop(L, 1);
+          PART(k, k, attempt + 1);
+          continue;
+        }
+        cnt[0]++;
+      }
+      lua_pop(L, 1);
+    }
+    lua_getfield(L, vidx, "rest");
+    k = lua_tointeger(L, -1);
+    lua_pop(L, 1);
+    if (k >= 1 && k <= n && stop)
+      cnt[1] += n - k + 1;       /* not run: neither ok nor failed */
+    else if (k >= 1 && k <= n) { /* handed back: spread over the places */
+      lua_Integer left = n - k + 1, ways = c->e->o.n, size;
+      if (ways > left)
+        ways = left;
+      for (x = 0; x < ways; x++) {
+        size = (left - x + ways - 1) / ways; /* sums to 'left' */
+        PART(k, k + size - 1, attempt);
+        k += size;
+      }
+    }
+    return made;
+  }
+  if (lua_isnil(L, eidx)) /* ran whole */
+    return 0;
+  /* lost with its worker, or stopped at its timeout */
+  if (lua_istable(L, eidx)) {
+    lua_getfield(L, eidx, "record");
+    p = lua_tointeger(L, -1);
+    lua_pop(L, 1);
+  }
+  if (stop) {
+    cnt[0] = 1;
+    cnt[1] = n - 1;
+    return 0;
+  }
+  if (p < 1 || p > n) {
+    if (n == 1 && again)
+      PART(1, 1, attempt + 1);
+    else if (n > 1) /* which record did it is not known: each alone */
+      for (k = 1; k <= n; k++)
+        PART(k, k, attempt);
+    else
+      cnt[0] = 1;
+    return made;
+  }
+  if (p > 1)
+    PART(1, p - 1, attempt);
+  if (again)
+    PART(p, p, attempt + 1);
+  else
+    cnt[0] = 1;
+  if (p < n)
+    PART(p + 1, n, attempt);
+#undef PART
+  return made;
+}
+
+/* Every part of batch 'root' is reported: it may be emitted, its parts in
+   its result's field 'kids'. */
+static void release(Ctx *c, Job *j, int juv, lua_Integer root) {
+  lua_State *L = c->L;
+  lua_rawgeti(L, juv, JU_RESULTS);
+  if (lua_rawgeti(L, -1, root) != LUA_TTABLE) {
+    lua_pop(L, 1);
+    lua_newtable(L);
+    lua_pushvalue(L, -1);
+    lua_rawseti(L, -3, root);
+  }
+  lua_rawgeti(L, juv, JU_KIDS);
+  lua_rawgeti(L, -1, root);
+  lua_getfield(L, -1, "kids");
+  lua_setfield(L, -4, "kids");
+  lua_pop(L, 1);
+  lua_pushnil(L);
+  lua_rawseti(L, -2, root);
+  lua_pop(L, 3);
+  if (j->fin != NULL) {
+    j->fin[(root - 1) % LPAR_WINDOW] = 1;
+    if (j->o.unordered)
+      j->queue[j->qtail++ % LPAR_WINDOW] = root;
+  }
+}
+
+/*
+** Item i of a job with o.slice is reported, its result on top (left
+** there): make its parts (see "records"). Returns -1 for a part (its
+** node has its outcome; the result must not be stored), 1 for a batch
+** that waits for its parts, 0 for a batch that may be emitted.
+*/
+static int adopt(Ctx *c, Job *j, int juv, lua_Integer i) {
+  lua_State *L = c->L;
+  int top = lua_gettop(L), idx[4];
+  lua_Integer root = i, attempt = 1, n, made, hold, cnt[2];
+  idx[0] = top;
+  lua_rawgeti(L, juv, JU_KIDS); /* top + 1 */
+  if (i > KIDBASE) {
+    lua_rawgeti(L, top + 1, i); /* its node */
+    lua_getfield(L, -1, "root");
+    lua_getfield(L, -2, "attempt");
+    lua_getfield(L, -3, "n");
+    root = lua_tointeger(L, -3);
+    attempt = lua_tointeger(L, -2);
+    n = lua_tointeger(L, -1);
+    lua_pop(L, 3);
+  }
+  else {
+    lua_pushnil(L); /* its node, made if it gets parts */
+    n = j->recs[(i - 1) % LPAR_WINDOW];
+  }
+  idx[3] = top + 2;
+  lua_rawgeti(L, juv, JU_ERRORS);
+  lua_rawgeti(L, -1, i);
+  lua_remove(L, -2);
+  idx[1] = top + 3;
+  lua_rawgeti(L, juv, JU_INFLIGHT);
+  lua_rawgeti(L, -1, i);
+  lua_remove(L, -2);
+  idx[2] = top + 4;
+  made = addparts(c, j, juv, idx, root, n, attempt, cnt);
+  if (made < 0) {
+    lua_settop(L, top);
+    return i > KIDBASE ? -1 : 0;
+  }
+  if (j->o.onevent)
+    tellend(c, j, juv, i, idx[1], 0, n - cnt[0] - cnt[1], cnt[0], cnt[1]);
+  if (i <= KIDBASE) {
+    if (made > 0) {
+      lua_pushinteger(L, made);
+      lua_setfield(L, idx[3], "hold");
+      lua_pushvalue(L, idx[3]);
+      lua_rawseti(L, top + 1, i);
+    }
+    lua_settop(L, top);
+    return made > 0;
+  }
+  /* a part: its outcome goes into its node, with its failure's kind */
+  lua_pushvalue(L, top);
+  lua_setfield(L, idx[3], "value");
+  lua_pushvalue(L, idx[1]);
+  lua_setfield(L, idx[3], "error");
+  if (!lua_isnil(L, idx[1])) {
+    int code = LPAR_KERROR;
+    if (lua_rawgeti(L, juv, JU_KINDS) == LUA_TTABLE) {
+      if (lua_rawgeti(L, -1, i) == LUA_TNUMBER)
+        code = (int)lua_tointeger(L, -1);
+      lua_pop(L, 1);
+      lua_pushnil(L);
+      lua_rawseti(L, -2, i);
+    }
+    lua_pop(L, 1);
+    lpar_kind_push(L, code);
+    lua_setfield(L, idx[3], "detail");
+    lua_setfield(L, idx[3], "kind");
+  }
+  if (c->e->from > 0) {
+    lua_rawgeti(L, c->uv, EU_HOSTS);
+    lua_rawgeti(L, -1, c->e->from);
+    lua_getfield(L, -1, "spec");
+    lua_setfield(L, idx[3], "host");
+    lua_pop(L, 2);
+  }
+  lua_pushnil(L);
+  lua_rawseti(L, top + 1, i);
+  lua_rawgeti(L, juv, JU_ERRORS);
+  lua_pushnil(L);
+  lua_rawseti(L, -2, i);
+  lua_rawgeti(L, juv, JU_INFLIGHT);
+  lua_pushnil(L);
+  lua_rawseti(L, -2, i);
+  lua_rawgeti(L, top + 1, root);
+  lua_getfield(L, -1, "hold");
+  hold = lua_tointeger(L, -1) + made - 1;
+  lua_pushinteger(L, hold);
+  lua_setfield(L, -3, "hold");
+  lua_settop(L, top);
+  if (hold == 0 && j->state == J_RUNNING)
+    release(c, j, juv, root);
+  return -1;
+}
+
+/* A halted job is over: the batches that wait for parts that will not
+   run are emitted as they are, and (in order) those never run as not run
+   (nil, nil). */
+static void unhold(Ctx *c, Job *j) {
+  lua_State *L = c->L;
+  int top = lua_gettop(L), juv;
+  lua_Integer i;
+  if (j->fin == NULL)
+    return;
+  juv = pushjob(c, j);
+  if (j->o.slice) {
+    lua_rawgeti(L, juv, JU_KIDS);
+    lua_pushnil(L);
+    while (lua_next(L, -2) != 0) {
+      i = lua_tointeger(L, -2);
+      lua_pop(L, 1);
+      if (i <= KIDBASE)
+        release(c, j, juv, i);
+    }
+  }
+  if (!j->o.unordered)
+    for (i = j->emit; i <= j->n; i++)
+      j->fin[(i - 1) % LPAR_WINDOW] = 1;
+  lua_settop(L, top);
+}
+
 /* The value on top is the result of item i of j, whose uservalue is at
    'juv' (popped). */
 static void store(Ctx *c, Job *j, int juv, lua_Integer i) {
   lua_State *L = c->L;
+  int held = 0;
   if (j->pending && !j->watchwake) /* it waited for a result */
     j->pending = 0;
+  if (j->o.onevent && !j->o.slice) {
+    lua_rawgeti(L, juv, JU_ERRORS);
+    lua_rawgeti(L, -1, i);
+    tellend(c, j, juv, i, lua_gettop(L), 0, -1, 0, 0);
+    lua_pop(L, 2);
+  }
+  if (j->o.slice) {
+    held = adopt(c, j, juv, i);
+    if (held < 0) { /* a part: it went into its batch's node */
+      lua_pop(L, 1);
+      j->done++;
+      c->e->stored++;
+      return;
+    }
+  }
   if (j->stream) {
     lua_rawgeti(L, juv, JU_INFLIGHT);
     lua_pushnil(L);
@@ -671,7 +1190,7 @@ static void store(Ctx *c, Job *j, int juv, lua_Integer i) {
   }
   if (j->where != NULL)
     j->where[(i - 1) % LPAR_WINDOW] = (unsigned short)c->e->from;
-  if (j->fin != NULL) {
+  if (j->fin != NULL && !held) {
     j->fin[(i - 1) % LPAR_WINDOW] = 1;
     if (j->o.unordered)
       j->queue[j->qtail++ % LPAR_WINDOW] = i;
@@ -705,7 +1224,7 @@ static void itemfailed(Ctx *c, Job *j, lua_Integer i, EWorker *self, int code) {
   lua_State *L = c->L;
   char prefix[48];
   int uv;
-  if (j->o.retries > 0) {
+  if (j->o.retries > 0 && !j->o.slice) { /* a batch's records retry alone */
     lua_Integer tries;
     uv = pushjob(c, j);
     if (lua_rawgeti(L, uv, JU_ATTEMPTS) == LUA_TNIL) {
@@ -935,12 +1454,15 @@ static void lose(Ctx *c, EWorker *w, int force, const char *why, int code) {
       lua_pushfstring(L, "worker %d %s", (int)pid, why);
     /* a batch that said how far it got: the record it was running is
        named, {message = ..., record = k} */
-    if (j->o.batched && culprit == (lua_Integer)slot->item && slot->part >= 0) {
+    if (j->o.slice || (j->o.batched && culprit == (lua_Integer)slot->item &&
+                       slot->part >= 0)) { /* {message, record} */
       lua_createtable(L, 0, 2);
       lua_insert(L, -2);
       lua_setfield(L, -2, "message");
-      lua_pushinteger(L, (lua_Integer)slot->part + 1);
-      lua_setfield(L, -2, "record");
+      if (culprit == (lua_Integer)slot->item && slot->part >= 0) {
+        lua_pushinteger(L, (lua_Integer)slot->part + 1);
+        lua_setfield(L, -2, "record");
+      }
     }
     lua_pushnil(L);
     itemfailed(c, j, culprit, NULL, code);
@@ -1001,7 +1523,7 @@ static lua_Integer room(Job *j) {
 }
 
 static int workleft(Job *j) {
-  if (j->state != J_RUNNING)
+  if (j->state != J_RUNNING || j->halting)
     return 0;
   if (j->redo.n > 0)
     return 1;
@@ -1117,7 +1639,7 @@ static int callnext(lua_State *L) {
 
 /* Items of stream j handed out and not reported yet. */
 static lua_Integer inflight(Job *j) {
-  return j->n - j->done - j->redo.items;
+  return j->n + j->nkids - j->done - j->redo.items;
 }
 
 static int emittable(Job *j);
@@ -1323,6 +1845,17 @@ static lua_Integer pull(Ctx *c, Job *j, int juv, EWorker *w, lua_Integer max) {
   return k;
 }
 
+/* Records in part k (see "records"). */
+static lua_Integer partsize(Ctx *c, int juv, lua_Integer k) {
+  lua_Integer n;
+  lua_rawgeti(c->L, juv, JU_KIDS);
+  lua_rawgeti(c->L, -1, k);
+  lua_getfield(c->L, -1, "n");
+  n = lua_tointeger(c->L, -1);
+  lua_pop(c->L, 3);
+  return n > 0 ? n : 1;
+}
+
 /* Encode items first .. first+count-1 of the table at 'tidx' into
    w->out; 0, or -1 with the job failed. */
 static int putitems(Ctx *c, Job *j, int tidx, EWorker *w, lua_Integer first,
@@ -1430,7 +1963,8 @@ static void assign(Ctx *c, EWorker *w, Job *j, int juv) {
     lua_Integer k;
     w->q[w->nq].weight = 0;
     for (k = first; k < first + count; k++)
-      w->q[w->nq].weight += j->recs[(k - 1) % LPAR_WINDOW];
+      w->q[w->nq].weight +=
+          k > KIDBASE ? partsize(c, juv, k) : j->recs[(k - 1) % LPAR_WINDOW];
   }
   w->q[w->nq].alone = alone;
   if (w->nq++ == 0) {
@@ -1439,8 +1973,25 @@ static void assign(Ctx *c, EWorker *w, Job *j, int juv) {
     w->started = lpar_proc_now();
     c->e->slots[w - c->e->w].cut = 0;
   }
+  if (j->o.onevent) {
+    lua_Integer k;
+    for (k = first; k < first + count && j->state == J_RUNNING; k++)
+      tellstart(c, j, juv, k, w);
+  }
   if (sendsome(c->e, w) != 0) /* gone, or going: reaped as it ends */
     lose(c, w, 0, NULL, 0);
+}
+
+/* The highest first item of the chunks w holds: a slot cut there asks
+   them all to end early (parts of batches have higher indices than the
+   batches after them, see "records"). */
+static long long lastitem(const EWorker *w) {
+  long long at = 0;
+  int k;
+  for (k = 0; k < w->nq; k++)
+    if (w->q[k].first > at)
+      at = w->q[k].first;
+  return at;
 }
 
 /* Whether busy worker w should get a second chunk of its job now, to
@@ -2182,7 +2733,7 @@ static int deadlines(Ctx *c) {
       }
     }
     if (w->killat == 0 && w->state == W_BUSY && w->nq > 0 && w->job &&
-        w->job->o.batched && e->slots[i].cut < w->q[w->nq - 1].first) {
+        w->job->o.batched && e->slots[i].cut < lastitem(w)) {
       /* a batch far past the time it was sized for gives back the records
          it has not run, and so does the one queued behind it: they go to
          the other workers */
@@ -2190,7 +2741,7 @@ static int deadlines(Ctx *c) {
           w->started +
           lpar_policy_overdue(w->q[0].tns, w->q[0].weight, LPAR_OVERDUENS);
       if (now >= at)
-        e->slots[i].cut = w->q[w->nq - 1].first;
+        e->slots[i].cut = lastitem(w);
       else if (due == 0 || at < due)
         due = at;
     }
@@ -2519,6 +3070,20 @@ Job *lpar_engine_submit(lua_State *L, int eidx, int fidx, int iidx,
     lua_pushvalue(L, o->progress);
     lua_rawseti(L, -2, JU_PROGRESS);
   }
+  if (o->onevent != 0) {
+    lua_pushvalue(L, o->onevent);
+    lua_rawseti(L, -2, JU_ONEVENT);
+    lua_newtable(L);
+    lua_rawseti(L, -2, JU_STARTS);
+  }
+  if (o->slice != 0 && o->batched && n < 0 && o->emitting) {
+    lua_pushvalue(L, o->slice);
+    lua_rawseti(L, -2, JU_SLICE);
+    lua_newtable(L);
+    lua_rawseti(L, -2, JU_KIDS);
+  }
+  else
+    j->o.slice = 0;
   j->toldone = -1;
   lua_setiuservalue(L, ju, 1);
   if (j->o.batched && j->stream) {
@@ -2885,6 +3450,29 @@ int lpar_engine_itemkind(lua_State *L, int jidx, lua_Integer i) {
 int lpar_engine_failkind(lua_State *L, int jidx) {
   Job *j = lua_touserdata(L, jidx);
   return j->state == J_FAILED || j->state == J_CANCELLED ? j->failcode : 0;
+}
+
+void lpar_engine_halt(lua_State *L, int jidx) {
+  Job *j;
+  Engine *e;
+  int i;
+  jidx = lua_absindex(L, jidx);
+  j = lua_touserdata(L, jidx);
+  e = j->e;
+  if (j->state != J_RUNNING || j->halting)
+    return;
+  j->halting = 1;
+  for (i = 0; i < e->o.n; i++) {
+    EWorker *w = &e->w[i];
+    if (w->job == j && w->nq > 0 && !w->host)
+      e->slots[i].cut = lastitem(w); /* between records, it stops */
+  }
+  if (!e->inpump) { /* nothing in flight: it is over now */
+    Ctx c;
+    jobctx(L, jidx, &c);
+    settle(&c, j);
+    lua_pop(L, 3); /* job's uservalue, engine, engine's uservalue */
+  }
 }
 
 void lpar_engine_cancel(lua_State *L, int jidx, const char *why) {

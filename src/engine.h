@@ -58,6 +58,14 @@ typedef struct JobOpts {
                         policy wants in the next item and returns the item
                         and the number it holds; a chunk is one batch,
                         'chunk' and the time per item count records */
+  int slice;         /* a batched job of an emitting call: stack index (at
+                        submit) of slice(batch, from, to), which returns
+                        the batch of records from..to of a batch; then
+                        each record lives on its own (see "records" in
+                        engine.c), 0: a batch lives as one item */
+  int onevent;       /* stack index (at submit) of a function called as
+                        on_event(ev) as each item starts and ends (see
+                        "events" in engine.c); 0: none */
   int progress;      /* stack index (at submit) of a function called as
                         progress(done, total, failed) while the job is
                         waited for (see LPAR_PROGRESSNS); 0: none */
@@ -177,6 +185,8 @@ typedef struct Job {
   unsigned short *where; /* ring of LPAR_WINDOW: the host that ran an item
                             (0: a local worker), with hosts */
   lua_Integer qhead, qtail;
+  lua_Integer nkids;    /* items made of parts of batches (o.slice) */
+  int halting;          /* lpar_engine_halt: nothing more is handed out */
   lua_Integer failed;   /* items that failed (collected) */
   lua_Integer toldone;  /* done and failed at the last progress call; */
   lua_Integer toldfail; /* toldone is -1 before the first */
@@ -236,6 +246,12 @@ int lpar_engine_itemkind(lua_State *L, int jidx, lua_Integer i);
 
 /* The kind code of the failure of the job at 'jidx'; 0 if none. */
 int lpar_engine_failkind(lua_State *L, int jidx);
+
+/* Halt the emitting job at 'jidx' soon: nothing more is handed out, and
+   workers running its batches stop between records; the job ends once
+   the items handed out are reported (the others are emitted as not run:
+   nil, nil). */
+void lpar_engine_halt(lua_State *L, int jidx);
 
 /* Cancel the running job at 'jidx': it fails with 'why'. */
 void lpar_engine_cancel(lua_State *L, int jidx, const char *why);

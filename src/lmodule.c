@@ -41,8 +41,9 @@ typedef struct RunOpts {
 } RunOpts;
 
 static const char *const optnames[] = {
-    "n_workers", "chunksize", "on_error", "timeout",    "unordered", "init",
-    "close",     "sigterm",   "retries",  "max_memory", "progress",  NULL};
+    "n_workers", "chunksize", "on_error", "timeout", "unordered",
+    "init",      "close",     "sigterm",  "retries", "max_memory",
+    "progress",  "on_event",  NULL};
 
 /* Read the options at 'arg': nil, a worker count, or a table. */
 static void getopts(lua_State *L, int arg, RunOpts *o) {
@@ -131,8 +132,8 @@ static int serial(lua_State *L, lua_Integer n, const RunOpts *o) {
   return o->collect ? 3 : 2;
 }
 
-/* Check f, items and options; leaves f, items, init, close, progress at
-   1..5 and returns the item count (-1 for an iterator). */
+/* Check f, items and options; leaves f, items, init, close, progress,
+   on_event at 1..6 and returns the item count (-1 for an iterator). */
 static lua_Integer checkargs(lua_State *L, RunOpts *o) {
   lua_Integer n = -1;
   checkcallable(L, 1);
@@ -145,6 +146,7 @@ static lua_Integer checkargs(lua_State *L, RunOpts *o) {
   lpar_opts_hook(L, 3, "init");
   lpar_opts_hook(L, 3, "close");
   lpar_opts_progress(L, 3);
+  lpar_opts_onevent(L, 3);
   lua_remove(L, 3);
   if (n >= 0 && o->nworkers > n)
     o->nworkers = (int)n;
@@ -152,7 +154,8 @@ static lua_Integer checkargs(lua_State *L, RunOpts *o) {
 }
 
 /*
-** Replace init, close and progress at 3..5 with the engine of a call over
+** Replace init, close, progress and on_event at 3..6 with the engine of a
+** call over
 ** f (at 1) and items (at 2; n < 0: an iterator), then push its one job.
 ** The workers inherit f, and a table of items, at fork.
 */
@@ -179,19 +182,21 @@ static void newrun(lua_State *L, lua_Integer n, const RunOpts *o,
   jo.fnk = 1;
   jo.inherit = n >= 0;
   jo.wakefd = -1;
-  lua_settop(L, 5);
-  lua_rotate(L, 3, 1);      /* progress at 3, init and close at 4, 5 */
-  lua_createtable(L, 1, 0); /* 6: the functions the workers inherit */
+  lua_settop(L, 6);
+  lua_rotate(L, 3, 2); /* progress, on_event at 3, 4; init, close at 5, 6 */
+  lua_createtable(L, 1, 0); /* 7: the functions the workers inherit */
   lua_pushvalue(L, 1);
-  lua_rawseti(L, 6, 1);
+  lua_rawseti(L, 7, 1);
   if (n >= 0)
     lua_pushvalue(L, 2);
   else
     lua_pushnil(L);
-  lpar_engine_new(L, &eo, LPAR_ENGINEMT); /* 4 */
+  lpar_engine_new(L, &eo, LPAR_ENGINEMT); /* 5 */
   jo.progress = lua_isnil(L, 3) ? 0 : 3;
-  lpar_engine_submit(L, 4, 1, 2, n, &jo); /* 5 */
-  lua_remove(L, 3);                       /* engine at 3, job at 4 */
+  jo.onevent = lua_isnil(L, 4) ? 0 : 4;
+  lpar_engine_submit(L, 5, 1, 2, n, &jo); /* 6 */
+  lua_remove(L, 3);
+  lua_remove(L, 3); /* engine at 3, job at 4 */
 }
 
 /* lua_CFunction: (job) -> what it returns once finished. */

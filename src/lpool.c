@@ -265,10 +265,11 @@ static int l_pool(lua_State *L) {
 }
 
 static const char *const jobopts[] = {"chunksize", "on_error", "timeout",
-                                      "retries",   "progress", NULL};
-static const char *const imapopts[] = {"chunksize", "on_error",  "timeout",
-                                       "retries",   "unordered", "wakefd",
-                                       "batched",   "progress",  NULL};
+                                      "retries",   "progress", "on_event",
+                                      NULL};
+static const char *const imapopts[] = {
+    "chunksize", "on_error", "timeout",  "retries",  "unordered", "wakefd",
+    "batched",   "slice",    "progress", "on_event", NULL};
 
 /* Read the job options at 'arg' (nil or a table) into o: those of
    pool:imap if 'imap'. */
@@ -332,6 +333,8 @@ static int pool_submit(lua_State *L) {
   getjobopts(L, 4, &o, 0);
   lpar_opts_progress(L, 4); /* 5 */
   o.progress = lua_isnil(L, 5) ? 0 : 5;
+  lpar_opts_onevent(L, 4); /* 6 */
+  o.onevent = lua_isnil(L, 6) ? 0 : 6;
   lpar_engine_submit(L, 1, 2, 3, n, &o);
   return 1;
 }
@@ -371,12 +374,22 @@ static int pool_imap(lua_State *L) {
   o.emitting = 1;
   lpar_opts_progress(L, 4); /* 5 */
   o.progress = lua_isnil(L, 5) ? 0 : 5;
-  lpar_engine_submit(L, 1, 2, 3, n, &o); /* 6 */
-  lua_pushvalue(L, 6);
+  /* slice(batch, from, to): each record of a batch lives on its own */
+  if (lua_istable(L, 4))
+    lua_getfield(L, 4, "slice"); /* 6 */
+  else
+    lua_pushnil(L);
+  luaL_argcheck(L, lua_isnil(L, 6) || (o.batched && lua_isfunction(L, 6)), 4,
+                "slice must be a function, with batched");
+  o.slice = lua_isnil(L, 6) ? 0 : 6;
+  lpar_opts_onevent(L, 4); /* 7 */
+  o.onevent = lua_isnil(L, 7) ? 0 : 7;
+  lpar_engine_submit(L, 1, 2, 3, n, &o); /* 8 */
+  lua_pushvalue(L, 8);
   lua_pushcclosure(L, poolimapnext, 1);
   lua_pushnil(L);
   lua_pushnil(L);
-  lua_pushvalue(L, 6);
+  lua_pushvalue(L, 8);
   return 4;
 }
 
@@ -437,6 +450,20 @@ static int job_wait(lua_State *L) {
 /* job:cancel() -> true if it was running: its items are no longer handed
    out and workers running them are killed and replaced. wait() then
    raises "cancelled". */
+/*
+** job:halt() -> whether it was running: an imap job hands out nothing
+** more, its workers stop between the records of their batches, and it
+** ends once what was handed out is reported. Callable from its on_event.
+*/
+static int job_halt(lua_State *L) {
+  Job *j = checkjob(L, 1);
+  lua_settop(L, 1);
+  luaL_argcheck(L, j->o.emitting, 1, "only an imap job halts");
+  lua_pushboolean(L, j->state == J_RUNNING);
+  lpar_engine_halt(L, 1);
+  return 1;
+}
+
 static int job_cancel(lua_State *L) {
   Job *j = checkjob(L, 1);
   lua_settop(L, 1);
@@ -592,9 +619,13 @@ static const luaL_Reg poolmethods[] = {
     {"pump", pool_pump}, {"fd", pool_fd},         {"pids", pool_pids},
     {"size", pool_size}, {"close", pool_close},   {NULL, NULL}};
 
-static const luaL_Reg jobmethods[] = {
-    {"done", job_done},     {"progress", job_progress}, {"wait", job_wait},
-    {"cancel", job_cancel}, {"status", job_status},     {NULL, NULL}};
+static const luaL_Reg jobmethods[] = {{"done", job_done},
+                                      {"progress", job_progress},
+                                      {"wait", job_wait},
+                                      {"cancel", job_cancel},
+                                      {"status", job_status},
+                                      {"halt", job_halt},
+                                      {NULL, NULL}};
 
 int lpar_inworker(lua_State *L) {
   return lpar_worker_inside(L);

@@ -35,6 +35,8 @@ options:
   -o, --output FILE   write the results to FILE instead of stdout
       --joblog FILE   record each item: line, status, seconds, attempts,
                       start, host, the error's first line
+      --events FILE   write each item's start and end as JSON lines
+                      (item, event, status, attempt, host, seconds)
       --resume        go on from where a run with the same --joblog and
                       -o stopped (even killed): nothing lost or repeated;
                       refused if the script, items or arguments differ
@@ -189,6 +191,7 @@ local valued = {
   ["-j"] = "jobs", ["--jobs"] = "jobs", ["--chunk"] = "chunk",
   ["--timeout"] = "timeout", ["-e"] = "code", ["--retries"] = "retries",
   ["-o"] = "output", ["--output"] = "output", ["--joblog"] = "joblog",
+  ["--events"] = "events",
   ["--max-memory"] = "maxmem", ["--shard"] = "shard", ["-a"] = "files",
   ["--arg-file"] = "files", ["--colsep"] = "colsep", ["--halt"] = "halt",
   ["-S"] = "hosts", ["--host"] = "hosts", ["--hosts"] = "hostsfile",
@@ -295,6 +298,10 @@ function M.parse(argv, cpus)
   end
   if o.resume and not (o.joblog and o.output) then
     return nil, "--resume needs --joblog FILE and -o FILE"
+  end
+  if o.events and (o.events == o.joblog or o.events == o.output) then
+    return nil, ("--events and %s name one file (%s)")
+                :format(o.events == o.joblog and "--joblog" or "-o", o.events)
   end
   if o.resumefailed and not o.joblog then
     return nil, "--resume-failed needs --joblog FILE"
@@ -647,35 +654,6 @@ local function errortext(e)
   return ("(error object is a %s value)"):format(type(e))
 end
 
--- A function that runs f on one record in a worker: true and the output
--- line (or nil), or false and the failure, which carries the record and
--- a traceback cut at this file.
-local function runner(map, fmt)
-  local function call(item) return fmt(map(item)) end
-  local function handler(e)
-    return {errortext(e), M.trace("", 2):sub(2)}
-  end
-  return function(item)
-    local ok, r = xpcall(call, handler, item)
-    if ok then return true, r end
-    if type(r) ~= "table" then r = {tostring(r), "", kind = "memory"} end
-    return false, packfailure(M.shorten(item), (r[1]:gsub("%z", "\\0")),
-                              M.clean(r[2]), r.kind or "error")
-  end
-end
-
--- The function the workers run when each engine item is one record:
--- returns {output line or nil, seconds}; a failure raises.
-function M.mapper(map, fmt, now)
-  local run = runner(map, fmt)
-  return function(item)
-    local t0 = now()
-    local ok, r = run(item)
-    if ok then return {r, now() - t0} end
-    error(r, 0)
-  end
-end
-
 -- The function the workers run on a batch (a block of records, see
 -- main.c; the engine's policy sizes it): returns the output (lines, each
 -- ended by a newline) or a table of parts: output text, or {k, failure}
@@ -752,8 +730,9 @@ function M.batcher(map, fmt, nul, halt, timed, c, maxmem, label)
         parts[#parts + 1] = {k, packfailure(shorten(recs[k]),
                                             (r[1]:gsub("%z", "\\0")), clean(r[2]),
                                             r.kind or "error")}
+        -- with --halt ...,fail=1 the rest goes back: lpar stops
+        if (halt or overdue(k)) and k < nrec then over = true end
         if halt then break end
-        if overdue(k) and k < nrec then over = true end
       end
     end
     local text = ""
@@ -772,6 +751,52 @@ function M.batcher(map, fmt, nul, halt, timed, c, maxmem, label)
     return parts
   end
 end
+
+-- What cuts a batch (see M.batcher) for the engine, which runs parts of
+-- it again (see "records" in engine.c): slice(batch, from, to) -> the
+-- batch of its records from..to. With 'numbered' (--number) a batch is
+-- {first, block}.
+function M.slicer(c, nul, numbered)
+  local split, concat = c.split, table.concat
+  local sep = nul and "\0" or "\n"
+  local last, recs -- the batch cut last time (parts of one come together)
+  return function(batch, from, to)
+    local block = numbered and batch[2] or batch
+    if block ~= last then last, recs = block, split(block, nul) end
+    block = concat(recs, sep, from, to) .. sep
+    if numbered then return {batch[1] + from - 1, block} end
+    return block
+  end
+end
+
+-- A string as JSON.
+local function jsonstring(v)
+  return '"' .. v:gsub('[%c"\\]', function(ch)
+    return ch == '"' and '\\"' or ch == "\\" and "\\\\" or ("\\u%04x"):format(ch:byte())
+  end) .. '"'
+end
+
+-- One --events line: record 'item' (its input line number) started or
+-- ended ('event') at 'time' (seconds since the epoch); an end has its
+-- status, seconds, error and the error's kind (lpar.errkind's names).
+-- 'host' is given as JSON (M.jsonhost).
+function M.eventline(item, event, status, attempt, host, time, secs, err, kind)
+  if not status then
+    return ('{"item":%d,"event":"%s","attempt":%d,"host":%s,"time":%.3f}\n')
+           :format(item, event, attempt, host, time)
+  end
+  return ('{"item":%d,"event":"%s","status":"%s","attempt":%d,"host":%s,"time":%.3f,"seconds":%.6f%s%s}\n')
+         :format(item, event, status, attempt, host, time, secs or 0,
+                 err and ',"error":' .. jsonstring(err) or "",
+                 kind and (',"kind":"%s"'):format(kind) or "")
+end
+
+-- A host as --events writes it (a JSON string), made once per host.
+M.jsonhost = setmetatable({}, {__mode = "k", __index = function(t, h)
+  local v = jsonstring(h)
+  t[h] = v
+  return v
+end})
 
 -- The first line of failure e's message, for the joblog: tabs and
 -- control bytes escaped, at most 200 bytes.
@@ -1249,16 +1274,17 @@ function M.workerfns(o, c, map, init, close)
   if o.colsep then map = M.fields(map, o.colsep) end
   if o.tag then map = M.tagged(map, fmt) end
   local isolate = c.isolate
-  local batchf = M.batcher(map, fmt, o.nul, halt and halt.when == "now" and halt.what == "fail"
-                           and halt.n == 1, o.joblog ~= nil, c, o.maxmem, M.labeller(o))
-  local single = M.mapper(map, fmt, c.now)
+  -- with --halt ...,fail=: a batch ends at its first failure (the rest
+  -- goes back), so that lpar sees each failure as it comes
+  local batchf = M.batcher(map, fmt, o.nul, (halt and halt.what == "fail") == true,
+                           o.joblog ~= nil or o.events ~= nil, c, o.maxmem, M.labeller(o))
   return function()
     isolate()
     if init then init() end
   end, function()
     if close then close() end
     io.stdout:flush()
-  end, batchf, single
+  end, batchf
 end
 
 -- With --number: what starts the output line of the reader's record i
@@ -1318,8 +1344,8 @@ function M.agent(t)
     error(("%s does not return a map function on this host"):format(t.name or "the script"), 0)
   end
   if t.o.nulout then c.eol = "\0" end
-  local i, cl, batchf, single = M.workerfns(t.o, c, map, init, close)
-  return i, cl, {batchf, single}
+  local i, cl, batchf = M.workerfns(t.o, c, map, init, close)
+  return i, cl, {batchf}
 end
 
 -- The message handler a script's main chunk runs under.
@@ -1371,13 +1397,14 @@ end
 function M.run(o, c, reader, counter, map, init, close)
   local lpar = require "lpar"
   local nul, halt, retries = o.nul, o.halt, o.retries or 0
-  local logging = o.joblog ~= nil
-  local now = c.now
-  local winit, wclose, batchf, single = M.workerfns(o, c, map, init, close)
-  -- One pool of workers for the whole input, started as work comes: the
-  -- main job streams batches of records (a batch is one item, see
-  -- main.c); records run again one by one are side jobs on the same
-  -- workers. Both functions are inherited at fork, so any closure works.
+  local logging = o.joblog ~= nil or o.events ~= nil
+  local events -- the --events file
+  local winit, wclose, batchf = M.workerfns(o, c, map, init, close)
+  -- One pool of workers for the whole input, started as work comes: one
+  -- job streams batches of records (see main.c), and the engine runs
+  -- again the records that failed (--retries), that a batch handed back
+  -- or lost with its worker, as parts of their batch (see "records" in
+  -- engine.c). The function is inherited at fork, so any closure works.
   local opts = {
     n_workers = o.jobs or lpar.default_workers, on_demand = true,
     timeout = o.timeout, max_memory = o.maxmem, init = winit, close = wclose,
@@ -1396,10 +1423,8 @@ function M.run(o, c, reader, counter, map, init, close)
   -- many records each holds (from the time per record the workers
   -- report), the reader cuts them. --chunk N fixes it at N records.
   local jobopts = {on_error = "collect", unordered = o.unordered or nil,
-                   timeout = o.timeout, chunksize = o.chunk, batched = true}
-  -- records run again one by one: lost or handed back by a batch, they
-  -- may be slow, so they go out one at a time
-  local sideopts = {on_error = "collect", timeout = o.timeout, chunksize = 1}
+                   timeout = o.timeout, chunksize = o.chunk, batched = true,
+                   retries = retries, slice = M.slicer(c, nul, o.number)}
   -- --halt ...,success= or done=: each record's outcome is seen on its own
   if halt and halt.what ~= "fail" then jobopts.chunksize = 1 end
 
@@ -1459,12 +1484,19 @@ function M.run(o, c, reader, counter, map, init, close)
     if o.joblog and keeplog == 0 then c.log(fp .. M.logheader) end
   end
 
+  if o.events then
+    local err
+    -- a run that goes on (--resume, --resume-failed) adds to them
+    events, err = io.open(o.events, (o.resume or o.again) and "a" or "w")
+    if not events then return fail(2, "cannot write --events: " .. err) end
+    events:setvbuf("full")
+  end
   opts.sigterm = c.signals()
   c.startoutput()
   local total = o.progress and counter and counter()
   if total then total = mine(total) end
   local prog = o.progress and progress(c, total and total - skipped)
-  local write, writeln, report, mark = c.write, c.writeln, c.report, c.mark
+  local write, report, mark = c.write, c.report, c.mark
   local failed, succeeded = 0, 0
   -- --halt: 'tripped' when its condition is met (at line 'tripline');
   -- 'halted' when the run stops at once (now), with 'haltline' the last
@@ -1480,14 +1512,7 @@ function M.run(o, c, reader, counter, map, init, close)
       return b, n
     end
   end
-  if halt and halt.when == "soon" then -- no new records once tripped
-    local nextbatch = items
-    items = function(want)
-      if tripped then return nil end
-      return nextbatch(want)
-    end
-  end
-  opts.functions = {batchf, single}
+  opts.functions = {batchf}
   local pool
   local lines = {}
   -- the host that ran the results at hand: its spec (-S), ':' for this
@@ -1497,15 +1522,54 @@ function M.run(o, c, reader, counter, map, init, close)
     host = where and where:gsub("[%c]", " ") or ":"
   end
 
-  -- the output line 'out' of record 'line' run on its own (nil: none)
-  local function emit(line, out)
-    if out ~= nil then writeln(label and label(line) .. out or out) end
+  -- Record 'line' ended: the joblog and --events say so (an event when
+  -- it started, one when it ended; for a failure, its status there
+  -- ('how': timeout, lost; nil: failed) and its kind).
+  local function logline(line, status, secs, attempt, e, how, kind)
+    if not logging then return end
+    local t = c.clock()
+    if o.joblog then
+      lines[#lines + 1] = ("%d\t%s\t%.6f\t%d\t%.3f\t%s\t%s\n"):format(real(line), status, secs or 0,
+        attempt, t - (secs or 0), host, e and M.firstline(e) or "")
+    end
+    if events then
+      local h = M.jsonhost[host]
+      events:write(M.eventline(real(line), "start", nil, attempt, h, t - (secs or 0)),
+                   M.eventline(real(line), "end", how or status, attempt, h, t, secs or 0,
+                               e and M.firstline(e), e and (kind or "error")))
+    end
   end
 
-  local function logline(line, status, secs, attempt, e)
-    if logging then
-      lines[#lines + 1] = ("%d\t%s\t%.6f\t%d\t%.3f\t%s\t%s\n"):format(real(line), status, secs or 0,
-        attempt, c.clock() - (secs or 0), host, e and M.firstline(e) or "")
+  -- A try of record 'line' that failed and ran again: only --events
+  -- tells of it (the joblog has a line per record).
+  local function tried(line, secs, attempt, e, status, kind)
+    local t = c.clock()
+    local h = M.jsonhost[host]
+    events:write(M.eventline(real(line), "start", nil, attempt, h, t - (secs or 0)),
+                 M.eventline(real(line), "end", status or "failed", attempt, h, t, secs or 0,
+                             M.firstline(e), kind or "error"))
+  end
+
+  -- Whether --halt's condition holds with 'nfailed' and 'nok' records.
+  local function trips(nfailed, nok)
+    local n = halt.what == "fail" and nfailed or halt.what == "success" and nok
+              or nfailed + nok
+    local done = nfailed + nok
+    return halt.pct and done >= 3 and n * 100 >= halt.pct * done or (halt.n and n >= halt.n)
+  end
+
+  -- --halt soon: the engine's events say as records end (before their
+  -- results come out in order) when it trips; then no record starts
+  -- (the workers stop between records) and the run ends once the
+  -- records running are in. (now: the results up to the one that trips
+  -- it, in input order, are written; then the workers are killed.)
+  local job
+  if halt and halt.when == "soon" then
+    local nfailed, nok = 0, 0
+    jobopts.on_event = function(ev)
+      if ev.event ~= "end" or not ev.ok then return end
+      nfailed, nok = nfailed + ev.failed, nok + ev.ok
+      if job and trips(nfailed, nok) then job:halt() end
     end
   end
 
@@ -1514,10 +1578,7 @@ function M.run(o, c, reader, counter, map, init, close)
     if not halt or tripped or (halt.what == "fail" and ok) or (halt.what == "success" and not ok) then
       return
     end
-    local n = halt.what == "fail" and failed or halt.what == "success" and succeeded
-              or failed + succeeded
-    local done = failed + succeeded
-    if halt.pct and done >= 3 and n * 100 >= halt.pct * done or (halt.n and n >= halt.n) then
+    if trips(failed, succeeded) then
       tripped, tripline = true, line
       if halt.when == "now" then halted, haltline = true, line end
     end
@@ -1551,71 +1612,29 @@ function M.run(o, c, reader, counter, map, init, close)
     report(msg)
   end
 
+  -- An end's status in --events for a failure of kind 'kind'.
+  local function evstatus(kind)
+    if kind == "timeout" then return "timeout" end
+    if kind == "signal" or kind == "exit" or kind == "lost" or kind == "protocol" then
+      return "lost"
+    end
+    return nil -- failed
+  end
+
   -- Record 'rec' (line 'line') failed for good with e, of kind 'kind'
   -- (lpar.errkind's names) and its detail.
   local function failure(line, e, secs, attempt, rec, kind, detail)
     stopping(kind, detail)
     failed = failed + 1
     tell(real(line), e, rec)
-    logline(line, "failed", secs, attempt, e)
+    logline(line, "failed", secs, attempt, e, evstatus(kind), kind)
     check(line, false)
   end
 
-  -- one record on its own: {output, secs} | nil, err, kind, detail
-  local function once(rec)
-    local v, err, kind, detail
-    for _, x, y, where, k, d in pool:imap(single, {rec}, sideopts) do
-      v, err, kind, detail = x, y, k, d
-      ranon(where)
-    end
-    return v, err, kind, detail
-  end
-
-  -- Record 'rec' (line 'line') failed with e (of kind 'kind'): try it
-  -- again, up to --retries times, then report it.
-  local function again(line, rec, e, secs, kind, detail)
-    stopping(kind, detail)
-    for attempt = 2, retries + 1 do
-      local t0 = now()
-      local v, err, k, d = once(rec)
-      if err == nil then
-        emit(line, v[1])
-        logline(line, "ok", v[2], attempt)
-        success(line)
-        return
-      end
-      e, secs, kind, detail = err, now() - t0, k, d
-    end
-    failure(line, e, secs, retries + 1, rec, kind, detail)
-  end
-
-  -- Run records from..n of a batch one by one: when the engine lost the
-  -- batch (its worker died, or it ran past the timeout), which names the
-  -- culprit; or when lpar asked the batch to end early (it ran far past
-  -- its time), so that the rest is spread over the workers.
-  local function rerun(first, block, from, to)
-    local recs = c.split(block, nul)
-    to = to or #recs
-    if to < from then return end
-    if from > 1 or to < #recs then recs = table.move(recs, from, to, 1, {}) end
-    first = first + from - 1
-    for j, v, e, where, kind, detail in pool:imap(single, recs, sideopts) do
-      ranon(where)
-      if v ~= nil then
-        emit(first + j - 1, v[1])
-        logline(first + j - 1, "ok", v[2], 1)
-        success(first + j - 1)
-      else
-        again(first + j - 1, recs[j], e, nil, kind, detail)
-      end
-      if halted then break end
-    end
-  end
-
-  local function logok(first, from, to, times)
+  local function logok(first, from, to, times, attempt)
     if logging then
       for k = from, to do
-        logline(first + k - 1, "ok", times and string.unpack("d", times, 8 * k - 7), 1)
+        logline(first + k - 1, "ok", times and string.unpack("d", times, 8 * k - 7), attempt)
       end
     end
     if to >= from then
@@ -1624,66 +1643,93 @@ function M.run(o, c, reader, counter, map, init, close)
     end
   end
 
-  -- A batch that is not plain output: failures, joblog times, or lost.
-  local function settle(first, n, block, r, e, kind, detail)
-    if r == nil then
-      -- lost with its worker: the record it was running, if the batch
-      -- said, fails (or is tried again); the others run again
-      local at = type(e) == "table" and math.tointeger(e.record)
-      if at then e = e.message end
+  -- The outcome of records first .. first+n-1 run for the 'attempt'th
+  -- time: a batch's result r (or r == nil and its error e, of kind 'kind'
+  -- and its detail), and the parts the engine ran again ('parts', see
+  -- "records" in engine.c): a record that failed with retries left, the
+  -- records a batch handed back, those of a batch lost with its worker.
+  -- recof(line) is the record of a line of the batch.
+  local walk
+  local function part(first, kid, where, recof)
+    ranon(kid.host)
+    walk(first + kid.at - 1, kid.n, kid.value, kid.error, kid.attempt, kid.kids,
+         kid.kind, kid.detail, recof)
+    host = where
+  end
+  walk = function(first, n, r, e, attempt, parts, kind, detail, recof)
+    local kids, where = {}, host
+    for _, kid in ipairs(parts or {}) do kids[kid.at] = kid end
+    if r == nil and e == nil then return end -- not run: the run halted
+    if e ~= nil then
+      -- lost with its worker (or stopped at its timeout): the record it
+      -- was running fails unless it ran again; the others ran again
+      local at = type(e) == "table" and math.tointeger(e.record) or (n == 1 and 1)
+      if type(e) == "table" and e.message then e = e.message end
       stopping(kind, detail)
-      if n == 1 then
-        again(first, c.split(block, nul)[1], e, nil, kind, detail)
-      elseif at and at <= n then
-        rerun(first, block, 1, at - 1)
-        if halted then return end
-        again(first + at - 1, c.split(block, nul)[at], e, nil, kind, detail)
-        if halted then return end
-        rerun(first, block, at + 1)
-      else
-        rerun(first, block, 1)
+      local k = 1
+      while k <= n and not halted do
+        if events and k == at and kids[k] and kids[k].attempt > attempt then
+          tried(first + k - 1, nil, attempt, e, evstatus(kind), kind) -- it runs again
+        end
+        if kids[k] then
+          part(first, kids[k], where, recof)
+          k = k + kids[k].n
+        else
+          failure(first + k - 1, e, nil, attempt, recof(first + k - 1), kind, detail)
+          k = k + 1
+        end
       end
       return
     end
-    local times, recs, from = r.times, nil, 1
+    if type(r) == "string" then
+      if r ~= "" then write(r) end
+      if logging or halt then logok(first, 1, n, nil, attempt) end
+      return
+    end
+    local times, from = r.times, 1
     for j = 1, #r do
       local p = r[j]
       if type(p) == "string" then
         write(p)
       else
         local k = p[1]
-        logok(first, from, k - 1, times)
+        logok(first, from, k - 1, times, attempt)
         from = k + 1
-        recs = recs or (retries > 0 and c.split(block, nul))
+        if halted then return end
         local secs = times and string.unpack("d", times, 8 * k - 7)
         local pkind = select(4, M.unpackfailure(p[2]))
-        if recs then
-          again(first + k - 1, recs[k], p[2], secs, pkind)
+        if kids[k] then
+          -- it ran again: --events tells of the try that failed too
+          if events then tried(first + k - 1, secs, attempt, p[2], nil, pkind) end
+          part(first, kids[k], where, recof)
         else
-          failure(first + k - 1, p[2], secs, 1, nil, pkind)
+          failure(first + k - 1, p[2], secs, attempt, nil, pkind)
         end
         if halted then return end
       end
     end
-    if halted then return end
-    logok(first, from, (r.rest or n + 1) - 1, times)
-    if halted then return end
-    if r.rest then rerun(first, block, r.rest) end
+    logok(first, from, (r.rest or n + 1) - 1, times, attempt)
+    -- the records it handed back, in parts (none if the run halted)
+    local k = r.rest or n + 1
+    while k <= n and not halted do
+      if not kids[k] then break end
+      part(first, kids[k], where, recof)
+      k = k + kids[k].n
+    end
   end
 
   local function batch()
-    for i, r, e, where, kind, detail in pool:imap(batchf, items, jobopts) do
+    local iter, _, _, j = pool:imap(batchf, items, jobopts)
+    job = j
+    for i, r, e, where, kind, detail in iter, nil, nil, job do
       local first, n, block = reader:take(i)
-      ranon(where)
-      if type(r) == "string" then
-        if r ~= "" then write(r) end
-        if halt then
-          succeeded = succeeded + n - 1
-          success(first + n - 1)
-        end
-      else
-        settle(first, n, block, r, e, kind, detail)
+      local recs
+      local function recof(line) -- a record of this batch, split once
+        recs = recs or c.split(block, nul)
+        return recs[line - first + 1]
       end
+      ranon(where)
+      walk(first, n, r, e, 1, type(r) == "table" and r.kids, kind, detail, recof)
       if logging then
         c.log(table.concat(lines))
         lines = {}
@@ -1708,6 +1754,7 @@ function M.run(o, c, reader, counter, map, init, close)
     if ok and not closed then ok, err = false, caught(cerr) end
   end
   if prog then prog.finish() end
+  if events then events:close() end
   if ok and o.again and o.again.marked and o.output and c.caught() == 0 then
     -- the output now holds the lines run again too: a later --resume
     -- keeps them, and goes on from the same line as before
@@ -1911,6 +1958,7 @@ local function notforprograms(o)
   if o.files then t[#t + 1] = "-a" end
   if o.items then t[#t + 1] = "':::'" end
   if o.joblog then t[#t + 1] = "--joblog" end
+  if o.events then t[#t + 1] = "--events" end
   if o.resume then t[#t + 1] = "--resume" end
   if o.resumefailed then t[#t + 1] = "--resume-failed" end
   if o.tag then t[#t + 1] = "--tag" end

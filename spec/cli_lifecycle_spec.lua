@@ -1,0 +1,132 @@
+-- The lpar command's records as the engine's items: retries that run in
+-- parallel, --halt soon that starts no record once it trips, and the
+-- events of each record's life (--events).
+local H = require "spec.helper"
+
+local FIX = "spec/fixtures/cli/"
+
+local tmpname = H.tmpfiles(after_each)
+
+describe("lpar retries", function()
+  it("runs the records it tries again in parallel", function()
+    -- 20 records of 0.5 s that each fail once; a second try waits (up
+    -- to 10 s) for another second try to run beside it
+    local dir = H.tmpdir()
+    assert(os.execute("mkdir " .. dir .. "/again"))
+    local log = tmpname()
+    local code, out, err = H.lpar(("-j4 --retries 1 --joblog %s %stogether.lua - %s")
+                                  :format(log, FIX, dir), H.numbers(20), 120)
+    H.rmdir(dir)
+    assert.equal(0, code, err)
+    local want = {}
+    for i = 1, 20 do want[i] = i .. " together" end
+    assert.same(want, H.lines(out))
+    local n = 0
+    for line, status, tries in H.readfile(log):gmatch("\n(%d+)\t(%a+)\t[%d.]+\t(%d+)\t") do
+      n = n + 1
+      assert.equal(n, tonumber(line))
+      assert.equal("ok", status)
+      assert.equal("2", tries)
+    end
+    assert.equal(20, n)
+  end)
+end)
+
+describe("lpar --halt soon", function()
+  it("starts no record once it trips: at most the running ones fail past it", function()
+    -- 1 000 quick lines, every fifth failing, -j2: the halt is known at
+    -- the second failure; each of the two workers may be running one
+    -- more record then
+    local script = H.writefile(tmpname() .. ".lua", [[
+return function(s)
+  if tonumber(s) % 5 == 0 then error("bad " .. s) end
+  return s
+end
+]])
+    for _ = 1, 3 do
+      local log = tmpname()
+      local code, _, err = H.lpar(("-j2 --halt soon,fail=2 --joblog %s %s -")
+                                  :format(log, script), H.numbers(1000), 60)
+      assert.equal(1, code, err)
+      assert.matches("lpar: stopped at line %d+ %(%-%-halt soon,fail=2: ", err)
+      local failed = 0
+      for _, t in ipairs(H.logged(log)) do
+        if t[2] == "failed" then failed = failed + 1 end
+      end
+      assert.is_true(failed >= 2 and failed <= 4, failed .. " records failed")
+    end
+  end)
+end)
+
+describe("lpar --events", function()
+  it("writes each record's start and end as JSON lines, as the joblog has them", function()
+    local cjson = require "cjson"
+    local dir = H.tmpdir()
+    local log, evfile = tmpname(), tmpname()
+    -- flaky lines fail once and run again; 'bad' fails every try
+    local input = "a\nflaky1\nbad\nb\nflaky2\n"
+    local script = H.writefile(tmpname() .. ".lua", ([[
+local inner = dofile(%q)
+return function(s)
+  if s == "bad" then error("always bad") end
+  return inner(s)
+end
+]]):format(FIX .. "flaky.lua"))
+    local code, out, err = H.lpar(("-j2 --retries 1 --joblog %s --events %s %s - %s")
+                                  :format(log, evfile, script, dir), input, 60)
+    H.rmdir(dir)
+    assert.equal(1, code, err)
+    assert.equal("a\nflaky1\nb\nflaky2\n", out)
+    -- the joblog's lines: line, status, seconds, attempts, start, host
+    local logged = {}
+    for l in H.readfile(log):gmatch("[^\n]+") do
+      if not l:match("^#") then
+        local line, status, secs, tries, _, host = l:match("^(%d+)\t(%a+)\t([%d.]+)\t(%d+)\t([%d.]+)\t([^\t]*)\t")
+        logged[#logged + 1] = {item = tonumber(line), status = status, seconds = tonumber(secs),
+                               attempt = tonumber(tries), host = host}
+      end
+    end
+    assert.equal(5, #logged)
+    -- each record: a start, then an end, per try; its last end is its
+    -- joblog line
+    local open, last, n = {}, {}, 0
+    for l in H.readfile(evfile):gmatch("[^\n]+") do
+      local ev = cjson.decode(l)
+      assert.is_number(ev.item)
+      assert.is_number(ev.attempt)
+      assert.is_string(ev.host)
+      if ev.event == "start" then
+        assert.is_nil(open[ev.item], l)
+        open[ev.item] = ev.attempt
+      else
+        assert.equal("end", ev.event, l)
+        assert.equal(open[ev.item], ev.attempt, l)
+        assert.is_number(ev.seconds)
+        open[ev.item] = nil
+        if last[ev.item] == nil then n = n + 1 end
+        last[ev.item] = ev
+      end
+    end
+    assert.equal(5, n)
+    for _, t in ipairs(logged) do
+      local ev = last[t.item]
+      assert.equal(t.status, ev.status)
+      assert.equal(t.attempt, ev.attempt)
+      assert.equal(t.host, ev.host)
+      assert.equal(("%.6f"):format(t.seconds), ("%.6f"):format(ev.seconds))
+    end
+    assert.same({1, 2, 2, 1, 2}, {last[1].attempt, last[2].attempt, last[3].attempt,
+                                  last[4].attempt, last[5].attempt})
+    assert.equal("failed", last[3].status)
+    assert.equal("always bad", last[3].error:match("always bad"))
+  end)
+
+  it("refuses a file that is also the joblog or the output", function()
+    local f = tmpname()
+    for _, opt in ipairs({"--joblog", "-o"}) do
+      local code, _, err = H.lpar(("--events %s %s %s %supper.lua -"):format(f, opt, f, FIX), "a\n", 30)
+      assert.equal(2, code)
+      assert.matches("lpar: %-%-events and " .. opt:gsub("%-", "%%-") .. " name one file", err)
+    end
+  end)
+end)
