@@ -118,7 +118,26 @@ end
     assert.same({1, 2, 2, 1, 2}, {last[1].attempt, last[2].attempt, last[3].attempt,
                                   last[4].attempt, last[5].attempt})
     assert.equal("failed", last[3].status)
+    assert.equal("error", last[3].kind)
     assert.equal("always bad", last[3].error:match("always bad"))
+  end)
+
+  it("says lost, and the kind, for a record whose worker died", function()
+    local cjson = require "cjson"
+    local evfile = tmpname()
+    local code, out, err = H.lpar(("-j1 --events %s %sdie.lua -"):format(evfile, FIX), "a\nexit\nb\n", 60)
+    assert.equal(1, code, err)
+    assert.equal("a\nb\n", out)
+    local ends = {}
+    for l in H.readfile(evfile):gmatch("[^\n]+") do
+      local ev = cjson.decode(l)
+      if ev.event == "end" then ends[ev.item] = ev end
+    end
+    assert.equal("ok", ends[1].status)
+    assert.equal("lost", ends[2].status)
+    assert.equal("exit", ends[2].kind)
+    assert.matches("exited with status 3", ends[2].error)
+    assert.equal("ok", ends[3].status)
   end)
 
   it("refuses a file that is also the joblog or the output", function()

@@ -1071,6 +1071,7 @@ describe("lpar.pool on_event", function()
     assert.same({"ok", "ok", "failed", "ok"},
                 {ended[1].status, ended[2].status, ended[3].status, ended[4].status})
     assert.matches("three", ended[3].error)
+    assert.equal("error", ended[3].kind)
     local seen = {}
     pool:submit(function(x) return x end, {1, 2},
                 {on_event = function(ev) seen[#seen + 1] = ev.event .. ev.item end}):wait()
