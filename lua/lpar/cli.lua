@@ -1730,7 +1730,7 @@ function M.run(o, c, reader, counter, map, init, close)
       end
       ranon(where)
       walk(first, n, r, e, 1, type(r) == "table" and r.kids, kind, detail, recof)
-      if logging then
+      if o.joblog then
         c.log(table.concat(lines))
         lines = {}
         mark(real(haltline or first + n - 1))
