@@ -468,6 +468,20 @@ describe("lpar usage errors", function()
     usage("--max-memory lots " .. FIX .. "upper.lua", "bad value for '%-%-max%-memory'")
   end)
 
+  it("reads --max-memory as the module reads max_memory, naming a bad value", function()
+    usage("--max-memory '2 ' " .. FIX .. "upper.lua",
+          "bad value for '%-%-max%-memory': '2 ' is not a size %(expected bytes or like '512M', " ..
+          "from 1 MiB to 1 PiB%)")
+    usage("--max-memory 2x " .. FIX .. "upper.lua", "bad value for '%-%-max%-memory': '2x' is not a size")
+    usage("--max-memory 10k " .. FIX .. "upper.lua", "bad value for '%-%-max%-memory': '10k' is below 1 MiB")
+    for _, v in ipairs{"512m", "0.5g", "64MiB", "64mb"} do
+      local code, out, err = lpar("--max-memory " .. v .. " " .. FIX .. "upper.lua", "a\n")
+      assert.equal("", err)
+      assert.equal(0, code)
+      assert.equal("A\n", out)
+    end
+  end)
+
   it("needs a script", function()
     usage("", "lpar: no script given")
     usage("-j 2", "lpar: no script given")

@@ -23,6 +23,7 @@
 #include "lauxlib.h"
 #include "lpar.h"
 #include "lualib.h"
+#include "opts.h"
 #include "worker.h"
 
 /* the files of lua/lpar, built in (embedded.c in the build tree) */
@@ -1454,6 +1455,21 @@ static int l_cpus(lua_State *L) {
   return 1;
 }
 
+/* size(s) -> bytes | nil, why: a --max-memory value, read as the
+   module reads max_memory (lpar_opts_parsesize); 'why' is like "is not a
+   size (expected ...)" */
+static int l_size(lua_State *L) {
+  size_t bytes;
+  const char *why = lpar_opts_parsesize(luaL_checkstring(L, 1), &bytes);
+  if (why != NULL) {
+    luaL_pushfail(L);
+    lua_pushfstring(L, "%s (expected %s)", why, LPAR_SIZEHINT);
+    return 2;
+  }
+  lua_pushinteger(L, (lua_Integer)bytes);
+  return 1;
+}
+
 /* isatty(fd) -> boolean */
 static int l_isatty(lua_State *L) {
   lua_pushboolean(L, isatty((int)luaL_checkinteger(L, 1)));
@@ -1515,6 +1531,7 @@ static const luaL_Reg helpers[] = {{"signals", l_signals},
                                    {"now", l_now},
                                    {"isatty", l_isatty},
                                    {"cpus", l_cpus},
+                                   {"size", l_size},
                                    {"isolate", l_isolate},
                                    {NULL, NULL}};
 

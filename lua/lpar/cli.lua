@@ -108,13 +108,13 @@ local function count(name, v)
   return n
 end
 
-local function memsize(name, v)
-  local n, unit = v:match("^(%d+%.?%d*)([KMG]?)i?B?$")
-  local power = unit and (unit == "" and 0 or ("KMG"):find(unit, 1, true))
-  local bytes = n and tonumber(n) * 1024 ^ power
-  if not n or bytes < 1024 * 1024 or bytes >= 2 ^ 53 then
-    return nil, ("bad value for '%s': '%s' (expected a size of at least 1M, " ..
-                 "like 512M)"):format(name, v)
+-- --max-memory SIZE: checked by the parser of the module's max_memory
+-- (size, a C helper), kept as written (the module reads it again, and
+-- messages name the limit as the user gave it)
+local function memsize(name, v, _, size)
+  local bytes, why = size(v)
+  if not bytes then
+    return nil, ("bad value for '%s': '%s' %s"):format(name, v, why)
   end
   return v
 end
@@ -214,11 +214,12 @@ local function halting(v)
 end
 
 -- Parse argv (argv[1..n], as main gets it) into options, or nil and a
--- message; 'cpus' is for -j N%. o.script is the script's path (nil with
--- -e); o.at is where the script stands in argv: arg[k] of the script is
--- argv[o.at + k], for k up to o.last - o.at. o.items: the items given
--- after ':::'; o.files: those of -a.
-function M.parse(argv, cpus)
+-- message; 'cpus' is for -j N%, 'size' reads --max-memory (c.size).
+-- o.script is the script's path (nil with -e); o.at is where the script
+-- stands in argv: arg[k] of the script is argv[o.at + k], for k up to
+-- o.last - o.at. o.items: the items given after ':::'; o.files: those
+-- of -a.
+function M.parse(argv, cpus, size)
   local o = {}
   local i = 1
   cpus = cpus or 1
@@ -244,7 +245,7 @@ function M.parse(argv, cpus)
       end
     end
     if checks[key] then
-      local v, err = checks[key](name, value, cpus)
+      local v, err = checks[key](name, value, cpus, size)
       if v == nil then return nil, err end
       value = v
     end
@@ -1944,7 +1945,7 @@ end
 -- The command: argv[0..n] as C gives it, c the C helpers. Returns the
 -- exit status.
 function M.main(argv, c)
-  local o, err = M.parse(argv, c.cpus())
+  local o, err = M.parse(argv, c.cpus(), c.size)
   if not o then
     io.stderr:write("lpar: ", err, "\n", M.usage, "\n",
                     "try 'lpar --help' for more\n")
