@@ -171,15 +171,96 @@ local function haltvalue(name, v)
   return h
 end
 
--- --colsep SEP: a Lua pattern, in which \t stands for a tab
+-- Where the set that starts at 'i' of pattern 'p' ("[...]") ends: the
+-- index after its ']', or nil and a message.
+local function setend(p, i)
+  i = i + 1
+  if p:sub(i, i) == "^" then i = i + 1 end
+  repeat -- the first byte is in the set even when it is ']'
+    if i > #p then return nil, "malformed pattern (missing ']')" end
+    local c = p:sub(i, i)
+    i = i + (c == "%" and 2 or 1)
+  until p:sub(i, i) == "]"
+  return i + 1
+end
+
+-- Whether the Lua pattern 'p' can match an empty string somewhere, in
+-- some subject: true when every item of it can be empty (a class with
+-- *, - or ?, %f[set], (), the anchors, a back-reference to a capture
+-- that can be empty); or nil and a message when p is malformed. Lua
+-- patterns have no alternation, so a single item that takes at least
+-- one byte (a class, alone or with +, or %bxy) means it never can.
+function M.nullable(p)
+  local i, empty = 1, true
+  -- captures, numbered as they open: whether each closed one can be
+  -- empty; the open ones: {number, whether all before it could be}
+  local caps, ncaps, open = {}, 0, {}
+  if p:sub(1, 1) == "^" then i = 2 end
+  while i <= #p do
+    local c, item = p:sub(i, i), nil
+    local j
+    if c == "(" then
+      ncaps = ncaps + 1
+      if p:sub(i + 1, i + 1) == ")" then -- a position capture
+        caps[ncaps], item, j = true, true, i + 2
+      else
+        open[#open + 1], j = {ncaps, empty}, i + 1
+        empty = true
+      end
+    elseif c == ")" then
+      if #open == 0 then return nil, "invalid pattern capture" end
+      local cap = table.remove(open)
+      caps[cap[1]] = empty
+      empty = cap[2] and empty
+      j = i + 1
+    elseif c == "$" and i == #p then
+      item, j = true, i + 1
+    elseif c == "%" and p:sub(i + 1, i + 1) == "b" then
+      if #p < i + 3 then return nil, "malformed pattern (missing arguments to '%b')" end
+      item, j = false, i + 4
+    elseif c == "%" and p:sub(i + 1, i + 1) == "f" then
+      if p:sub(i + 2, i + 2) ~= "[" then return nil, "missing '[' after '%f' in pattern" end
+      local e, err = setend(p, i + 2)
+      if not e then return nil, err end
+      item, j = true, e
+    elseif c == "%" and p:find("^%d", i + 1) then
+      local k = tonumber(p:sub(i + 1, i + 1))
+      if caps[k] == nil then return nil, "invalid capture index %" .. k end
+      item, j = caps[k], i + 2
+    else -- one byte of a class, then maybe *, +, - or ?
+      if c == "%" then
+        if i == #p then return nil, "malformed pattern (ends with '%')" end
+        j = i + 2
+      elseif c == "[" then
+        local e, err = setend(p, i)
+        if not e then return nil, err end
+        j = e
+      else
+        j = i + 1
+      end
+      local q = p:sub(j, j)
+      item = q == "*" or q == "-" or q == "?"
+      if item or q == "+" then j = j + 1 end
+    end
+    if item ~= nil then empty = empty and item end
+    i = j
+  end
+  if #open > 0 then return nil, "unfinished capture" end
+  return empty
+end
+
+-- --colsep SEP: a Lua pattern, in which \t stands for a tab; not one
+-- that can match an empty string anywhere (a split there makes no
+-- sense: %f[%w], (), x*, ^, $)
 local function colsep(name, v)
   local sep = v:gsub("\\t", "\t")
+  local empty, err = M.nullable(sep)
   local ok, at = pcall(string.find, "", sep)
-  if not ok then
-    return nil, ("bad value for '%s': '%s' (not a Lua pattern: %s)"):format(name, v, at)
+  if not ok or empty == nil then
+    return nil, ("bad value for '%s': '%s' (not a Lua pattern: %s)"):format(name, v, err or at)
   end
-  if at then
-    return nil, ("bad value for '%s': '%s' (it matches an empty string)"):format(name, v)
+  if empty or at then
+    return nil, ("bad value for '%s': '%s' (it can match an empty string)"):format(name, v)
   end
   return sep
 end
