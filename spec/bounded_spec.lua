@@ -162,11 +162,34 @@ describe("hooks that never return", function()
     end)
   end
 
+  it("say the timeout as it was given when close outlasts a tiny one", function()
+    local rc, out, err = H.lua([[
+      local lpar = require "lpar"
+      local pool = lpar.pool{n_workers = 1, timeout = 1e-10,
+                             close = function() require("posix.unistd").sleep(1000) end}
+      pool:close()
+      print("closed")
+    ]])
+    assert.equal(0, rc, err)
+    assert.equal("closed\n", out)
+    assert.matches("^lpar: pool worker %d+: close timed out after 1e%-10 s\n$", err)
+  end)
+
   it("take a pool's timeout only as a positive number of seconds", function()
     for _, bad in ipairs{-1, 0, "soon", 1e10} do
       assert.has_error(function() lpar.pool{n_workers = 1, timeout = bad} end,
         "bad argument #1 to 'pool' (timeout must be a positive number of seconds)")
     end
+  end)
+
+  it("refuse more retries than lpar runs, rather than capping them unsaid", function()
+    assert.has_error(function() lpar.parallel(tostring, {1}, {retries = 1000001}) end,
+      "bad argument #3 to 'parallel' (retries must be at most 1000000, not 1000001)")
+    assert.same({"1"}, (lpar.parallel(tostring, {1}, {n_workers = 1, retries = 1000000})))
+    local rc, out, err = H.lpar("--retries 1000001 -e " .. H.quote("function(s) return s end") .. " ::: a")
+    assert.equal(2, rc)
+    assert.equal("", out)
+    assert.matches("^lpar: bad value for '%-%-retries': '1000001' %(at most 1000000%)", err)
   end)
 
   for _, front in ipairs{"parallel", "pool"} do

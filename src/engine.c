@@ -2043,7 +2043,7 @@ static long long stalled(Ctx *c, EWorker *w, long long now) {
   double secs =
       w->job && w->job->o.timeout > 0 ? w->job->o.timeout : e->o.timeout;
   long long limit = secs > 0 ? (long long)(secs * 1e9) : LPAR_STALLNS;
-  char what[96];
+  char what[96], num[32];
   if (w->in.n == 0 || e->slots[w - e->w].item != 0)
     return 0;
   if (now < w->lastread + limit)
@@ -2051,8 +2051,9 @@ static long long stalled(Ctx *c, EWorker *w, long long now) {
   readworker(c, w);
   if (w->state == W_EMPTY || w->in.n == 0 || now < w->lastread + limit)
     return -1;
-  snprintf(what, sizeof what, "partial frame, nothing more for %.1f s",
-           (double)limit / 1e9);
+  snprintf(what, sizeof what, "partial frame, nothing more for %s s",
+           lpar_proc_secs(secs > 0 ? secs : (double)LPAR_STALLNS / 1e9, num,
+                          sizeof num));
   protoerror(c, w, what);
   return -1;
 }
@@ -2908,6 +2909,7 @@ void lpar_engine_close(lua_State *L, int idx, const char *why) {
   Ctx c;
   int i, hasclose, isbroken, hard = 0, report;
   long long grace, deadline;
+  double secs;
   const char *who;
   if (e == NULL || e->closed || e->owner != getpid())
     return;
@@ -2944,6 +2946,7 @@ void lpar_engine_close(lua_State *L, int idx, const char *why) {
      engine reports a bad leave only when the call went well. */
   grace =
       e->o.timeout > 0 ? (long long)(e->o.timeout * 1e9) : LPAR_CLOSEGRACENS;
+  secs = e->o.timeout > 0 ? e->o.timeout : (double)grace / 1e9; /* as given */
   deadline = lpar_proc_now() + grace;
   lua_rawgeti(L, c.uv, EU_CLOSE);
   hasclose = !lua_isnil(L, -1);
@@ -2955,8 +2958,8 @@ void lpar_engine_close(lua_State *L, int idx, const char *why) {
     /* os.exit(7) in close, or a crash, is reported; not the busy ones
        killed above, whose places are empty by now */
     if (w->state != W_EMPTY)
-      lpar_worker_finish(&w->proc, deadline, (double)grace / 1e9, hasclose,
-                         report, w->host ? "host command" : who);
+      lpar_worker_finish(&w->proc, deadline, secs, hasclose, report,
+                         w->host ? "host command" : who);
     w->state = W_EMPTY;
     lpar_buf_free(&w->in);
     lpar_buf_free(&w->out);
@@ -2965,8 +2968,7 @@ void lpar_engine_close(lua_State *L, int idx, const char *why) {
   for (i = 0; i < e->nretired; i++) {
     if (e->interrupted) /* Ctrl-C: no close hook is waited for */
       lpar_proc_killproc(&e->retired[i], SIGKILL);
-    lpar_worker_finish(&e->retired[i], deadline, (double)grace / 1e9, hasclose,
-                       report, who);
+    lpar_worker_finish(&e->retired[i], deadline, secs, hasclose, report, who);
   }
   e->nretired = 0;
   e->live = 0;

@@ -149,7 +149,11 @@ void lpar_opts_run(lua_State *L, int arg, lua_Integer *chunk, int *collect,
   lua_pop(L, 1);
   if (lua_getfield(L, arg, "retries") != LUA_TNIL) {
     lua_Integer n = lpar_opts_count(L, arg, "retries");
-    *retries = n > LPAR_MAXRETRIES ? LPAR_MAXRETRIES : (int)n;
+    if (n > LPAR_MAXRETRIES)
+      luaL_argerror(L, arg,
+                    lua_pushfstring(L, "retries must be at most %d, not %I",
+                                    LPAR_MAXRETRIES, (LUAI_UACINT)n));
+    *retries = (int)n;
   }
   else
     lua_pop(L, 1);

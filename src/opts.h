@@ -51,8 +51,8 @@ void lpar_opts_progress(lua_State *L, int arg);
 
 /* The options every kind of run has, from the table at 'arg': chunksize
    (0 when absent), on_error ("collect" sets *collect), timeout (seconds,
-   0 when absent) and retries (at most LPAR_MAXRETRIES). Fields not there
-   leave the outputs as they are. */
+   0 when absent) and retries (raises above LPAR_MAXRETRIES). Fields not
+   there leave the outputs as they are. */
 void lpar_opts_run(lua_State *L, int arg, lua_Integer *chunk, int *collect,
                    double *timeout, int *retries);
 

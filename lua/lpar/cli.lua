@@ -119,6 +119,18 @@ local function memsize(name, v, _, size)
   return v
 end
 
+-- most times a failed item is run again (LPAR_MAXRETRIES)
+local MAXRETRIES = 1000000
+
+-- --retries N: a whole number up to MAXRETRIES
+local function retrycount(name, v)
+  local n, err = count(name, v)
+  if n and n > MAXRETRIES then
+    return nil, ("bad value for '%s': '%s' (at most %d)"):format(name, v, MAXRETRIES)
+  end
+  return n, err
+end
+
 local function seconds(name, v)
   local n = tonumber(v)
   if not n or n ~= n or n <= 0 or n > 1e9 then
@@ -276,7 +288,7 @@ local valued = {
   ["--remote-lpar"] = "remotelpar",
 }
 local checks = {jobs = jobs, chunk = posint, timeout = seconds,
-                retries = count, maxmem = memsize, shard = shard, halt = haltvalue,
+                retries = retrycount, maxmem = memsize, shard = shard, halt = haltvalue,
                 colsep = colsep}
 -- options that may be given several times: a list of their values
 local lists = {files = true, code = true, hosts = true}
