@@ -747,6 +747,35 @@ static void call(WState *ws, const Frame *f) {
   lua_replace(L, ws->fidx);
 }
 
+/* lua_CFunction: (items, i) -> items[i], which may run __index */
+static int getitem(lua_State *L) {
+  lua_geti(L, 1, lua_tointeger(L, 2));
+  return 1;
+}
+
+/*
+** Push item i of the items table at 'idx', read under a protected call:
+** 0; or, when reading it raised (its __index), send that error as item
+** i's and pop the function below it: 1.
+*/
+static int fetchitem(Runner *r, int idx, lua_Integer i) {
+  lua_State *L = r->L;
+  int status;
+  r->slot->item = i; /* a death while reading it is its failure */
+  lua_pushcfunction(L, getitem);
+  lua_pushvalue(L, idx);
+  lua_pushinteger(L, i);
+  status = lua_pcall(L, 2, 1, r->msgh);
+  r->slot->item = 0;
+  if (status == LUA_OK)
+    return 0;
+  lpar_worker_unpackerror(L); /* function, error, traceback */
+  r->memerr = status == LUA_ERRMEM && r->limit != NULL;
+  lua_remove(L, -3);
+  lpar_worker_senderror(r, i);
+  return 1;
+}
+
 /* A WORK or ITEMS frame: run the items, send the results, then READY. */
 static void items(WState *ws, const Frame *f) {
   lua_State *L = ws->r.L;
@@ -758,13 +787,17 @@ static void items(WState *ws, const Frame *f) {
   ws->r.timed = (ws->flags & LPAR_CALLTIMED) != 0;
   lpar_worker_begin(&ws->r, first);
   for (k = 0; k < (lua_Integer)f->count && !lua_isnil(L, ws->fidx); k++) {
+    int failed;
     lua_pushvalue(L, ws->fidx);
     if (f->type == LPAR_FWORK)
-      lua_geti(L, ws->a->itemsidx, first + k);
+      failed = fetchitem(&ws->r, ws->a->itemsidx, first + k);
     else if (lpar_codec_decode(L, ws->in.p, ws->in.n, &pos) != 0)
       _exit(LPAR_EXITBADINPUT);
-    if (lpar_worker_runitem(&ws->r, first + k) &&
-        !(ws->flags & LPAR_CALLCOLLECT))
+    else
+      failed = 0;
+    if (!failed)
+      failed = lpar_worker_runitem(&ws->r, first + k);
+    if (failed && !(ws->flags & LPAR_CALLCOLLECT))
       break;
   }
   chunkdone(&ws->r);
