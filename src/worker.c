@@ -146,7 +146,21 @@ void lpar_worker_check(int rc) {
     _exit(rc == -EPIPE ? 0 : LPAR_EXITBROKEN);
 }
 
+void lpar_worker_own(const Runner *r) {
+  pid_t self = getpid();
+  if (self != r->pid) {
+    fprintf(stderr,
+            "lpar: process %d, forked by worker %d, returned into the "
+            "worker's loop: it leaves (end a forked child with os.exit or "
+            "_exit)\n",
+            (int)self, (int)r->pid);
+    fflush(stderr);
+    _exit(1);
+  }
+}
+
 void lpar_worker_initrunner(Runner *r, lua_State *L, int fd, Slot *slot) {
+  r->pid = getpid();
   lpar_worker_mark(L);
   ownslot = slot;
   if (lpar_buf_reserve(&r->out, 4096) != 0)
@@ -182,6 +196,7 @@ int lpar_worker_seal(Runner *r) {
 static void sendframe(Runner *r) {
   uint64_t pos;
   char *p = NULL;
+  lpar_worker_own(r);
   if (r->out.n >= LPAR_RINGMIN)
     p = lpar_ring_put(&r->ring, r->out.n, r->fd, &pos);
   if (p != NULL) {
@@ -417,6 +432,7 @@ void lpar_worker_senderror(Runner *r, lua_Integer i) {
   Slot *slot = r->slot;
   Buf own = {NULL, 0, 0}, *b = &own;
   Frame f;
+  int status;
   /* the results before it go first, as no item's; then a worker that
      dies before this frame is out is item i's failure */
   slot->item = 0;
@@ -430,7 +446,9 @@ void lpar_worker_senderror(Runner *r, lua_Integer i) {
   lua_pushvalue(L, -3);
   lua_pushvalue(L, -3);
   lua_pushlightuserdata(L, r);
-  if (lua_pcall(L, 3, 1, 0) == LUA_OK)
+  status = lua_pcall(L, 3, 1, 0); /* may run a __tostring */
+  lpar_worker_own(r);
+  if (status == LUA_OK)
     b = lua_touserdata(L, -1);
   else
     lpar_worker_check(plainerror(L, -3, b));
@@ -474,6 +492,7 @@ int lpar_worker_runitem(Runner *r, lua_Integer i) {
   r->slot->part = -1;
   r->slot->item = i;
   status = lua_pcall(L, 1, 1, r->msgh);
+  lpar_worker_own(r);
   if (status == LUA_OK) {
     size_t mark = r->out.n;
     if (r->count == 0)
@@ -504,8 +523,11 @@ int lpar_worker_runitem(Runner *r, lua_Integer i) {
 }
 
 int lpar_worker_hook(Runner *r, int idx) {
+  int status;
   lua_pushvalue(r->L, idx);
-  if (lua_pcall(r->L, 0, 0, r->msgh) == LUA_OK)
+  status = lua_pcall(r->L, 0, 0, r->msgh);
+  lpar_worker_own(r);
+  if (status == LUA_OK)
     return 0;
   lpar_worker_unpackerror(r->L);
   return 1;
@@ -701,6 +723,7 @@ static void chunkdone(Runner *r) {
   f.count = 0;
   f.len = 0;
   lpar_wire_putheader(h, &f);
+  lpar_worker_own(r);
   if (lpar_worker_seal(r) && r->out.n >= LPAR_RINGMIN)
     lpar_worker_flush(r); /* through the ring if it fits there */
   if (r->count > 0) {
@@ -724,6 +747,7 @@ int lpar_worker_loadfn(lua_State *L) {
 /* A CALL frame: put the function it names into the function slot. */
 static void call(WState *ws, const Frame *f) {
   lua_State *L = ws->r.L;
+  int status;
   ws->flags = (int)f->count;
   if (ws->flags & LPAR_CALLINHERIT) {
     if (ws->in.n != 8 || ws->a->fnsidx == 0)
@@ -734,7 +758,9 @@ static void call(WState *ws, const Frame *f) {
   }
   lua_pushcfunction(L, lpar_worker_loadfn);
   lua_pushlstring(L, ws->in.p, ws->in.n);
-  if (lua_pcall(L, 1, 1, ws->r.msgh) == LUA_OK) {
+  status = lua_pcall(L, 1, 1, ws->r.msgh);
+  lpar_worker_own(&ws->r);
+  if (status == LUA_OK) {
     lua_replace(L, ws->fidx);
     return;
   }
@@ -766,6 +792,7 @@ static int fetchitem(Runner *r, int idx, lua_Integer i) {
   lua_pushvalue(L, idx);
   lua_pushinteger(L, i);
   status = lua_pcall(L, 2, 1, r->msgh);
+  lpar_worker_own(r);
   r->slot->item = 0;
   if (status == LUA_OK)
     return 0;
@@ -806,7 +833,9 @@ static void items(WState *ws, const Frame *f) {
 static void serve(WState *ws) {
   Frame f;
   for (;;) {
-    int rc = lpar_wire_recv(ws->a->cmdfd, &f, &ws->in);
+    int rc;
+    lpar_worker_own(&ws->r);
+    rc = lpar_wire_recv(ws->a->cmdfd, &f, &ws->in);
     if (rc == 1)
       return; /* the parent closed the channel: done */
     lpar_worker_check(rc);
