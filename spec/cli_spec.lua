@@ -670,3 +670,68 @@ describe("lpar.imap over an iterator (engine)", function()
     assert.matches("lpar.pending with no fd to wait on", err)
   end)
 end)
+
+describe("lpar's files in a sticky world-writable directory", function()
+  local dir
+  before_each(function()
+    dir = os.tmpname()
+    os.remove(dir)
+    assert(os.execute(("mkdir %s && chmod 1777 %s"):format(dir, dir)))
+  end)
+  after_each(function() os.execute("rm -rf " .. dir) end)
+
+  -- a symlink dir/name -> target, owned by 'uid' (nil: by this user)
+  local function link(name, target, uid)
+    local path = dir .. "/" .. name
+    assert(unistd.link(target, path, true))
+    if uid then
+      local ok = os.execute(("chown -h %d %s 2>/dev/null"):format(uid, path))
+      if not ok then return nil end
+    end
+    return path
+  end
+
+  local ECHO = quote("function(s) return s end")
+
+  it("refuses a symlink there that someone else planted, for -o and --joblog", function()
+    local victim = writefile(tmpname(), "secret\n")
+    local me = unistd.geteuid()
+    local other = me == 65534 and 65533 or 65534
+    local out = link("out", victim, other)
+    if not out then return pending("chown -h needs root") end
+    local log = link("log", victim, other)
+    local said = "lpar: refusing to write %s: a symlink in the sticky world%%-writable directory " ..
+                 "%s, owned by uid " .. other .. ", neither yours nor the directory owner's"
+    local q = dir:gsub("%p", "%%%0")
+    local code, stdout, err = lpar("-o " .. out .. " -e " .. ECHO .. " ::: a")
+    assert.equal(2, code)
+    assert.equal("", stdout)
+    assert.matches("^" .. said:format(q .. "/out", q), err)
+    code, stdout, err = lpar("--joblog " .. log .. " -e " .. ECHO .. " ::: a")
+    assert.equal(2, code)
+    assert.equal("", stdout)
+    assert.matches("^" .. said:format(q .. "/log", q), err)
+    code, stdout, err = lpar("--joblog " .. dir .. "/j -o " .. out .. " -e " .. ECHO .. " ::: a")
+    assert.equal(2, code)
+    assert.equal("", stdout)
+    assert.matches("^" .. said:format(q .. "/out", q), err)
+    assert.equal("secret\n", readfile(victim))
+  end)
+
+  it("follows a symlink there that is the user's own or the directory owner's", function()
+    local target = writefile(tmpname(), "")
+    local mine = link("mine", target)
+    local code, out, err = lpar("-o " .. mine .. " -e " .. ECHO .. " ::: a")
+    assert.equal("", err)
+    assert.equal(0, code)
+    assert.equal("", out)
+    assert.equal("a\n", readfile(target))
+    local owner = assert(require("posix.sys.stat").stat(dir)).st_uid
+    local log = link("log", target, owner)
+    code, out, err = lpar("--joblog " .. log .. " -e " .. ECHO .. " ::: b")
+    assert.equal("", err)
+    assert.equal(0, code)
+    assert.equal("b\n", out)
+    assert.matches("^# lpar joblog", readfile(target))
+  end)
+end)

@@ -480,6 +480,74 @@ static int l_mark(lua_State *L) {
 /* Why openkept failed, besides an errno. */
 #define KEPTSHORT (-2)  /* the file is shorter than 'keep' */
 #define KEPTLOCKED (-3) /* another lpar run holds its lock */
+#define UNSAFELINK (-4) /* a symlink protected_symlinks would not follow */
+
+/*
+** Whether 'path' is a symlink that the kernel's protected_symlinks rule
+** forbids following: in a sticky world-writable directory (/tmp) and
+** owned neither by this user nor by the directory's owner (someone else
+** planted it there). Its owner in *uid, its directory's name in dir.
+*/
+static int unsafelink(const char *path, uid_t *uid, char *dir, size_t size) {
+  struct stat link, d;
+  const char *slash = strrchr(path, '/');
+  size_t n = slash == NULL ? 1 : slash == path ? 1 : (size_t)(slash - path);
+  if (n >= size)
+    return 0; /* a name too long for open() anyway */
+  memcpy(dir, slash == NULL ? "." : path, n);
+  dir[n] = '\0';
+  if (lstat(path, &link) != 0 || !S_ISLNK(link.st_mode) || stat(dir, &d) != 0)
+    return 0;
+  *uid = link.st_uid;
+  return (d.st_mode & S_ISVTX) && (d.st_mode & S_IWOTH) &&
+         link.st_uid != geteuid() && link.st_uid != d.st_uid;
+}
+
+/*
+** open(path, flags | O_WRONLY | O_CREAT | O_CLOEXEC, 0666), but refuse to
+** follow a symlink that protected_symlinks forbids, whether or not the
+** kernel enforces it: the fd, -1 with errno, or UNSAFELINK. The link is
+** looked at only when open with O_NOFOLLOW finds one; it then cannot be
+** swapped before the second open, since in a sticky directory only its
+** owner or the directory's can remove it, and those are the owners
+** allowed.
+*/
+static int openwrite(const char *path, int flags) {
+  char dir[4096];
+  struct stat st;
+  uid_t uid;
+  int fd, e;
+  flags |= O_WRONLY | O_CREAT | O_CLOEXEC;
+  do
+    fd = open(path, flags | O_NOFOLLOW, 0666);
+  while (fd == -1 && errno == EINTR);
+  if (fd != -1)
+    return fd;
+  e = errno; /* ELOOP for a symlink, though some kernels say EACCES */
+  if (lstat(path, &st) != 0 || !S_ISLNK(st.st_mode)) {
+    errno = e;
+    return -1;
+  }
+  if (unsafelink(path, &uid, dir, sizeof dir))
+    return UNSAFELINK;
+  do
+    fd = open(path, flags, 0666);
+  while (fd == -1 && errno == EINTR);
+  return fd;
+}
+
+/* Push the message for 'path', a symlink openwrite refused. */
+static const char *pushunsafe(lua_State *L, const char *path) {
+  char dir[4096];
+  uid_t uid = 0;
+  unsafelink(path, &uid, dir, sizeof dir);
+  return lua_pushfstring(
+      L,
+      "refusing to write %s: a symlink in the sticky world-writable "
+      "directory %s, owned by uid %d, neither yours nor the directory "
+      "owner's (as the kernel's protected_symlinks rule has it)",
+      path, dir, (int)uid);
+}
 
 /* Lock the regular file open at fd, without waiting: 0, or -1 with errno
    (EWOULDBLOCK: another run holds it). A file system without locks lets
@@ -499,11 +567,9 @@ static int lockfile(int fd) {
 static int openkept(const char *path, long long keep, int flags) {
   struct stat st;
   int fd, why = -1;
-  do
-    fd = open(path, O_WRONLY | O_CREAT | O_CLOEXEC | flags, 0666);
-  while (fd == -1 && errno == EINTR);
-  if (fd == -1)
-    return -1;
+  fd = openwrite(path, flags);
+  if (fd < 0)
+    return fd;
   if (fstat(fd, &st) != 0)
     goto fail;
   if (S_ISREG(st.st_mode) && lockfile(fd) != 0) {
@@ -537,6 +603,8 @@ static int l_redirect(lua_State *L) {
     luaL_pushfail(L);
     if (fd == KEPTLOCKED)
       lua_pushfstring(L, "%s is in use by another lpar run", path);
+    else if (fd == UNSAFELINK)
+      pushunsafe(L, path);
     else if (fd == KEPTSHORT)
       lua_pushfstring(L, "cannot write %s: shorter than its joblog says", path);
     else
@@ -565,12 +633,13 @@ static int l_openjoblog(lua_State *L) {
   const char *path = luaL_checkstring(L, 1);
   struct stat st;
   int fd, rc = 0;
-  do
-    fd = open(path, O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0666);
-  while (fd == -1 && errno == EINTR);
-  if (fd == -1) {
+  fd = openwrite(path, O_APPEND);
+  if (fd < 0) {
     luaL_pushfail(L);
-    lua_pushfstring(L, "cannot write %s: %s", path, strerror(errno));
+    if (fd == UNSAFELINK)
+      pushunsafe(L, path);
+    else
+      lua_pushfstring(L, "cannot write %s: %s", path, strerror(errno));
     return 2;
   }
   if (fstat(fd, &st) != 0)
