@@ -334,7 +334,7 @@ describe("lpar's joblog and --resume-failed", function()
     local t0 = os.time()
     local rc, _, err = lpar(("--joblog %s -o %s %s %s"):format(log, out, script, items))
     assert.equal(1, rc, err)
-    assert.matches("^# lpar joblog 2\n.*\n# line\tstatus\tseconds\tattempts\tstart\thost\terror\n1\t",
+    assert.matches("^# lpar joblog 3\n.*\n# line\tstatus\tseconds\tattempts\tstart\thost\terror\n1\t",
                    H.readfile(log))
     local e = entries()
     assert.equal(6, #e)

@@ -1024,24 +1024,29 @@ local function stopped(f)
 end
 
 M.logheader = "# line\tstatus\tseconds\tattempts\tstart\thost\terror\n"
-M.logfirst = "# lpar joblog 2\n"
+M.logfirst = "# lpar joblog 3\n"
+-- the first line of joblogs of format 2 (marks without a hash of the
+-- output), which --resume refuses with a clear message
+M.v2first = "# lpar joblog 2\n"
 -- the first lines of joblogs of format 1 (lpar before the start, host
 -- and error columns), which --resume refuses with a clear message
 M.oldheader = "# line\tstatus\tseconds\tattempts\n"
 M.oldfirst = "# lpar joblog 1\n"
 
 -- Where to resume from a joblog's text: output bytes to keep, joblog
--- bytes to keep, records done (all 0 to start afresh); or nil and a
--- message naming the joblog ('path') and its first bad line. The text
--- must be what lpar writes: the header, then item lines and marks
--- ("# out <bytes> <line>", neither going back). Only a last line without
--- its newline may be cut short (a write that failed): nothing of it is
--- kept. An empty joblog, or its first line cut short, starts afresh.
+-- bytes to keep, records done (all 0 to start afresh), and its marks
+-- ({bytes, line, hash, n = joblog line, text}, for M.checkmarks); or nil
+-- and a message naming the joblog ('path') and its first bad line. The
+-- text must be what lpar writes: the header, then item lines and marks
+-- ("# out <bytes> <line> <hash>", neither number going back). Only a last
+-- line without its newline may be cut short (a write that failed):
+-- nothing of it is kept. An empty joblog, or its first line cut short,
+-- starts afresh.
 function M.resumepoint(text, path)
-  local bytes, keep, done = 0, 0, 0
+  local bytes, keep, done, marks = 0, 0, 0, {}
   text = text or ""
   local first = M.logfirst
-  if #text < #first and first:sub(1, #text) == text then return 0, 0, 0 end
+  if #text < #first and first:sub(1, #text) == text then return 0, 0, 0, marks end
   local function bad(n, why, line)
     return nil, ("bad joblog %s, line %d: %s (%s)"):format(path, n, why, M.shorten(line, 60))
   end
@@ -1057,6 +1062,10 @@ function M.resumepoint(text, path)
       if line .. "\n" == M.oldfirst then
         return nil, ("cannot resume from %s: it was written by an older lpar (joblog format 1, " ..
                      "without the start, host and error columns): run afresh without --resume")
+          :format(path)
+      elseif line .. "\n" == M.v2first then
+        return nil, ("cannot resume from %s: it was written by an older lpar (joblog format 2, " ..
+                     "whose marks carry no hash of the output): run afresh without --resume")
           :format(path)
       elseif line .. "\n" == M.oldheader or line .. "\n" == M.logheader then -- no fingerprint
         return nil, ("cannot resume from %s: it does not say which run it belongs to " ..
@@ -1074,7 +1083,7 @@ function M.resumepoint(text, path)
         return bad(n, "not a header line", line)
       end
     elseif line:byte(1) == 35 then -- '#'
-      local b, l = line:match("^# out (%d+) (%d+)$")
+      local b, l, h = line:match("^# out (%d+) (%d+) (" .. ("[0-9a-f]"):rep(16) .. ")$")
       if not b then return bad(n, "not a mark", line) end
       b, l = math.tointeger(tonumber(b)), math.tointeger(tonumber(l))
       if not b or not l then
@@ -1084,13 +1093,30 @@ function M.resumepoint(text, path)
         return bad(n, ("the mark goes back (from %d bytes, line %d)"):format(bytes, done), line)
       end
       bytes, done, keep = b, l, nl
+      marks[#marks + 1] = {b, l, h, n = n, text = line}
     elseif not line:match("^%d+\t%a+\t%d+%.%d+\t%d+\t%d+%.%d+\t[^\t]*\t[^\t]*$") or
         not (line:match("^%d+\tok\t") or line:match("^%d+\tfailed\t")) then
       return bad(n, "not an item line", line)
     end
     pos = nl + 1
   end
-  return bytes, keep, done
+  return bytes, keep, done, marks
+end
+
+-- Whether the output file 'output' agrees with the marks of the joblog
+-- 'path' (from M.resumepoint): nil, or the message naming the joblog line
+-- of the first that does not (edited by hand, or another file's).
+function M.checkmarks(c, marks, path, output)
+  local k, why = c.checkmarks(output, marks)
+  if not k then return nil end
+  if k == 0 then return ("cannot resume from %s: %s"):format(path, why) end
+  local m = marks[k]
+  if why == "short" then
+    return ("bad joblog %s, line %d: %s holds fewer bytes than the mark counts (%s)")
+      :format(path, m.n, output, M.shorten(m.text, 60))
+  end
+  return ("bad joblog %s, line %d: the mark does not agree with the bytes of %s (%s)")
+    :format(path, m.n, output, M.shorten(m.text, 60))
 end
 
 -- bytes at the start of the items that identify them in a joblog
@@ -1237,7 +1263,7 @@ function M.failedlines(o, c, reader)
   local clash = M.clash(o, c, reader)
   if clash then return nil, clash end
   local text = readall(path) or ""
-  local keepout, keeplog, done = M.resumepoint(text, path)
+  local keepout, keeplog, done, marks = M.resumepoint(text, path)
   if not keepout then return nil, keeplog end
   -- without marks (no -o, or --unordered), all of the joblog counts and
   -- the results are appended to what -o holds
@@ -1262,6 +1288,8 @@ function M.failedlines(o, c, reader)
     local diff = M.differs(text, M.fingerprint(o, c, reader), reader, maxline)
     if diff then return nil, ("cannot resume from %s: %s"):format(path, diff) end
   end
+  local wrong = o.output and marked and M.checkmarks(c, marks, path, o.output)
+  if wrong then return nil, wrong end
   return {lines = lines, keepout = keepout, keeplog = keeplog, done = done, marked = marked}
 end
 
@@ -1530,12 +1558,15 @@ function M.run(o, c, reader, counter, map, init, close)
     local fp = o.joblog and M.fingerprint(o, c, reader)
     if o.resume then
       local text = readall(o.joblog)
-      keepout, keeplog, done = M.resumepoint(text, o.joblog)
+      local marks
+      keepout, keeplog, done, marks = M.resumepoint(text, o.joblog)
       if not keepout then return fail(2, keeplog) end
       local diff = keeplog > 0 and M.differs(text, fp, reader, done)
       if diff then
         return fail(2, ("cannot resume from %s: %s"):format(o.joblog, diff))
       end
+      diff = M.checkmarks(c, marks, o.joblog, o.output)
+      if diff then return fail(2, diff) end
       done = mine(done)
       skipped = done > 0 and reader:skip(done) or 0
       if skipped < done then
@@ -1543,7 +1574,9 @@ function M.run(o, c, reader, counter, map, init, close)
                     :format(o.joblog, done, skipped))
       end
     end
-    if o.output and not o.redirected then ok, err = c.redirect(o.output, keepout) end
+    if o.output and not o.redirected then
+      ok, err = c.redirect(o.output, keepout, o.joblog ~= nil) -- hashed for the marks
+    end
     if ok and o.joblog then
       -- output positions are marks to resume from: with ordered output only
       -- (--resume-failed writes one mark, at the end)
