@@ -1382,6 +1382,8 @@ static void assign(Ctx *c, EWorker *w, Job *j, int juv) {
     count = 1;
   else
     count = w->host ? hostchunk(c->e, j, w) : chunksize(c->e, j);
+  if (count > LPAR_MAXFRAMECOUNT) /* a frame's count is a u32 */
+    count = LPAR_MAXFRAMECOUNT;
   if (j->redo.n > 0) {
     long long from;
     count = lpar_ranges_take(&j->redo, count, &from, &alone);
@@ -2212,7 +2214,10 @@ static int deadlines(Ctx *c) {
       its.it_value.tv_sec = next / 1000000000LL;
       its.it_value.tv_nsec = next % 1000000000LL;
     }
-    timerfd_settime(e->tfd, TFD_TIMER_ABSTIME, &its, NULL);
+    /* cannot fail with the values given: if it does, no deadline would
+       ever fire, so the call fails (as epoll_wait's failure does) */
+    if (timerfd_settime(e->tfd, TFD_TIMER_ABSTIME, &its, NULL) != 0)
+      luaL_error(c->L, "timerfd_settime: %s", strerror(errno));
     e->armed = next;
   }
   return acted;

@@ -1626,12 +1626,15 @@ static int l_count(lua_State *L) {
     close(fd);
     return 0;
   }
-  while ((k = read(fd, buf, 1 << 20)) > 0) {
-    const char *p = buf, *end = buf + k;
-    while ((p = memchr(p, sep, (size_t)(end - p))) != NULL) {
+  for (;;) {
+    const char *p = buf, *end;
+    do
+      k = read(fd, buf, 1 << 20);
+    while (k == -1 && errno == EINTR);
+    if (k <= 0)
+      break;
+    for (end = buf + k; (p = memchr(p, sep, (size_t)(end - p))) != NULL; p++)
       n++;
-      p++;
-    }
     last = buf[k - 1];
   }
   free(buf);
