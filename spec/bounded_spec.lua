@@ -162,6 +162,42 @@ describe("hooks that never return", function()
     end)
   end
 
+  -- a close that outlasts its 60 s timeout; SIGINT or SIGTERM once it
+  -- runs ends the wait at once, and the caller gets the signal as if
+  -- there had been no wait
+  for _, case in ipairs({
+    {"a pool's caller (lua)", "lua5.4 " .. H.program([[
+      local lpar = require "lpar"
+      local job = dofile("spec/fixtures/bounded/close_pid.lua")
+      local pool = lpar.pool{n_workers = 1, timeout = 60, close = job.close}
+      print(pool:map(job.map, {"a"})[1])
+      io.stdout:flush()
+      pool:close()
+      print("not reached")]]), signal.SIGINT, 1, "interrupted!"},
+    {"the lpar command", H.quote(H.cli) .. " --timeout 60 " .. FIX .. "close_pid.lua ::: a",
+     signal.SIGINT, 130, "^lpar: interrupted\n$"},
+    {"the lpar command (SIGTERM)", H.quote(H.cli) .. " --timeout 60 " .. FIX .. "close_pid.lua ::: a",
+     signal.SIGTERM, 143, "^lpar: terminated\n$"},
+  }) do
+    it("end a close wait at a signal, with " .. case[1], function()
+      local closepid = tmpname()
+      local pid, out, err = spawn(("env LPAR_CLOSEPID=%s %s"):format(closepid, case[2]))
+      local worker = pidin(closepid, 30)
+      assert.is_not_nil(worker, "close never ran")
+      signal.kill(pid, case[3])
+      local code, ended = reap(pid, 30) -- the timeout is 60 s
+      assert.is_true(ended, "the signal did not end the wait")
+      assert.equal(case[4], code)
+      assert.equal("a\n", H.slurp(out))
+      assert.matches(case[5], H.slurp(err))
+      assert.is_true(waitfor(function() return signal.kill(worker, 0) == nil end, 10), "close still runs")
+      os.remove(out)
+      os.remove(err)
+      os.remove(closepid)
+      if case[1]:find("lua") then os.remove(case[2]:match("%S+$")) end
+    end)
+  end
+
   it("say the timeout as it was given when close outlasts a tiny one", function()
     local rc, out, err = H.lua([[
       local lpar = require "lpar"

@@ -2909,6 +2909,56 @@ void lpar_engine_cancel(lua_State *L, int jidx, const char *why) {
   lua_pop(L, 3);
 }
 
+/* the signals a wait takes: SIGINT; SIGTERM and SIGHUP with 'sigterm' */
+static const int stopsigs[] = {SIGINT, SIGTERM, SIGHUP};
+
+/*
+** While close hooks are waited for: take the signals a wait takes (those
+** the caller does not ignore), noting them in 'interrupted', so that one
+** ends the wait at once (the workers are killed). taken[k] and old[k]
+** say which, and *prior what 'interrupted' held (a wait this one is
+** inside of has yet to see it), for givesignals.
+*/
+static void takesignals(Engine *e, int taken[3], struct sigaction old[3],
+                        int *prior, sigset_t *mask) {
+  struct sigaction sa;
+  sigset_t set;
+  int k;
+  memset(&sa, 0, sizeof sa);
+  sa.sa_handler = onint;
+  sigemptyset(&sa.sa_mask);
+  *prior = interrupted;
+  interrupted = 0;
+  for (k = 0; k < 3; k++)
+    taken[k] = (k == 0 || e->o.sigterm) &&
+               sigaction(stopsigs[k], NULL, &old[k]) == 0 &&
+               old[k].sa_handler != SIG_IGN &&
+               sigaction(stopsigs[k], &sa, NULL) == 0;
+  /* unblocked while it waits (the CLI blocks them): one pending is
+     taken at once */
+  sigemptyset(&set);
+  for (k = 0; k < 3; k++)
+    if (taken[k])
+      sigaddset(&set, stopsigs[k]);
+  sigprocmask(SIG_UNBLOCK, &set, mask);
+}
+
+/* Put back the caller's signal mask and actions, and give it the signal
+   that came, if any, as it would have had it without the wait (pending,
+   if it blocks it). */
+static void givesignals(const int taken[3], const struct sigaction old[3],
+                        int prior, const sigset_t *mask) {
+  int k, sig;
+  sigprocmask(SIG_SETMASK, mask, NULL);
+  sig = interrupted;
+  for (k = 0; k < 3; k++)
+    if (taken[k])
+      sigaction(stopsigs[k], &old[k], NULL);
+  interrupted = prior;
+  if (sig != 0)
+    raise(sig);
+}
+
 void lpar_engine_close(lua_State *L, int idx, const char *why) {
   Engine *e = lua_touserdata(L, idx);
   Ctx c;
@@ -2916,6 +2966,9 @@ void lpar_engine_close(lua_State *L, int idx, const char *why) {
   long long grace, deadline;
   double secs;
   const char *who;
+  int taken[3], prior;
+  struct sigaction old[3];
+  sigset_t mask;
   if (e == NULL || e->closed || e->owner != getpid())
     return;
   idx = lua_absindex(L, idx);
@@ -2958,13 +3011,14 @@ void lpar_engine_close(lua_State *L, int idx, const char *why) {
   lua_pop(L, 1);
   report = e->o.ondemand ? !hard && !e->ended : 1;
   who = e->o.ondemand ? "worker" : "pool worker";
+  takesignals(e, taken, old, &prior, &mask);
   for (i = 0; e->w && i < e->o.n; i++) {
     EWorker *w = &e->w[i];
     /* os.exit(7) in close, or a crash, is reported; not the busy ones
        killed above, whose places are empty by now */
     if (w->state != W_EMPTY)
       lpar_worker_finish(&w->proc, deadline, secs, hasclose, report,
-                         w->host ? "host command" : who);
+                         w->host ? "host command" : who, &interrupted);
     w->state = W_EMPTY;
     lpar_buf_free(&w->in);
     lpar_buf_free(&w->out);
@@ -2973,10 +3027,12 @@ void lpar_engine_close(lua_State *L, int idx, const char *why) {
   for (i = 0; i < e->nretired; i++) {
     if (e->interrupted) /* Ctrl-C: no close hook is waited for */
       lpar_proc_killproc(&e->retired[i], SIGKILL);
-    lpar_worker_finish(&e->retired[i], deadline, secs, hasclose, report, who);
+    lpar_worker_finish(&e->retired[i], deadline, secs, hasclose, report, who,
+                       &interrupted);
   }
   e->nretired = 0;
   e->live = 0;
+  givesignals(taken, old, prior, &mask);
 
   reapdying(e, 1);
   releasechld(e);

@@ -551,8 +551,9 @@ void lpar_worker_reportclose(lua_State *L, const char *who) {
 }
 
 void lpar_worker_finish(Proc *p, long long deadline, double secs, int hasclose,
-                        int report, const char *who) {
-  int status = 0, rc = lpar_proc_waituntil(p, deadline, &status);
+                        int report, const char *who,
+                        volatile sig_atomic_t *stop) {
+  int status = 0, rc = lpar_proc_waituntil(p, deadline, stop, &status);
   char desc[96];
   if (rc == 1 && report && lpar_proc_leftbadly(status)) {
     lpar_proc_describe(status, desc, sizeof desc);
@@ -564,7 +565,9 @@ void lpar_worker_finish(Proc *p, long long deadline, double secs, int hasclose,
               desc);
     fflush(stderr);
   }
-  if (rc == 0) {
+  if (rc == 0 && stop != NULL && *stop) /* Ctrl-C: no close is waited for */
+    rc = 2;
+  else if (rc == 0) {
     lpar_proc_secs(secs, desc, sizeof desc);
     if (hasclose)
       fprintf(stderr, "lpar: %s %d: close timed out after %s s\n", who,
@@ -573,6 +576,8 @@ void lpar_worker_finish(Proc *p, long long deadline, double secs, int hasclose,
       fprintf(stderr, "lpar: %s %d: did not leave within %s s\n", who,
               (int)p->pid, desc);
     fflush(stderr);
+  }
+  if (rc == 0 || rc == 2) {
     lpar_proc_killproc(p, SIGKILL);
     lpar_proc_waitproc(p, &status, 1);
   }

@@ -177,10 +177,12 @@ int lpar_worker_setlimit(Runner *r, size_t max);
 ** or 'deadline' (ns) passes: then it is killed. Either way it is reaped
 ** and its pidfd closed. Reported on stderr as '<who> <pid>': a close that
 ** timed out after 'secs', and, if 'report', one that left badly (exit
-** status, signal) rather than by lpar's own kill.
+** status, signal) rather than by lpar's own kill. Once *stop is set (a
+** signal, see lpar_proc_waituntil) it is killed at once, unreported.
 */
 void lpar_worker_finish(Proc *p, long long deadline, double secs, int hasclose,
-                        int report, const char *who);
+                        int report, const char *who,
+                        volatile sig_atomic_t *stop);
 
 /* Reseed math.random, so that every worker draws its own numbers. */
 void lpar_worker_reseed(lua_State *L, lua_Integer place);
