@@ -278,6 +278,18 @@ describe("a live worker that stops inside a frame", function()
     end)
   end
 
+  for _, front in ipairs{"parallel", "pool", "cli"} do
+    it("broke the protocol in an init without a timeout that leaves a frame unfinished, with " ..
+       front, function()
+      local rc, out, err, took = run(front, "half_init.lua", {n = 3, workers = 1, hooks = true})
+      local said = front == "cli" and err or out
+      assert.matches("worker init failed: worker %d+ broke the protocol %(partial frame, " ..
+                     "nothing more for 10%.0 s%)", said)
+      if front == "cli" then assert.equal(2, rc) end
+      assert.is_true(took < LIMIT - 10)
+    end)
+  end
+
   for _, front in ipairs{"parallel", "pool"} do
     it("broke the protocol when a frame stalls, without a timeout, with " .. front, function()
       local once = tmpname()

@@ -853,6 +853,7 @@ static void lose(Ctx *c, EWorker *w, int force, const char *why, int code) {
   Slot *slot = &e->slots[w - e->w];
   Job *j = w->job;
   int status = 0, rc, starting = w->state == W_STARTING;
+  int broke = why != NULL; /* a reason given: not its death's */
   lua_Integer culprit, from, end, got;
   int suspects, nq;
   Chunk q0;
@@ -882,7 +883,8 @@ static void lose(Ctx *c, EWorker *w, int force, const char *why, int code) {
       }
       lua_pop(L, 1);
     }
-    else if (!force && slot->item == LPAR_SLOTHOOK) { /* died in init */
+    else if ((!force || broke) && slot->item == LPAR_SLOTHOOK) {
+      /* it died in init, or broke the protocol there */
       if (lua_rawgeti(L, c->uv, EU_INITERR) == LUA_TNIL) {
         lua_pushfstring(L, "worker init failed: worker %d %s", (int)pid, why);
         lua_rawseti(L, c->uv, EU_INITERR);
@@ -2035,9 +2037,10 @@ static void readworker(Ctx *c, EWorker *w) {
 /* ---- time ---- */
 
 /*
-** A worker that is not running an item and left a frame unfinished for
-** the timeout (its job's, else the engine's, else LPAR_STALLNS) broke the
-** protocol; what it sent so far is read first. Returns when to look again
+** A worker that is not running an item (idle, between items, or in its
+** init, which sends nothing) and left a frame unfinished for the timeout
+** (its job's, else the engine's, else LPAR_STALLNS) broke the protocol;
+** what it sent so far is read first. Returns when to look again
 ** (ns; 0: never, -1: something was handled, the pump goes on).
 */
 static long long stalled(Ctx *c, EWorker *w, long long now) {
@@ -2046,7 +2049,7 @@ static long long stalled(Ctx *c, EWorker *w, long long now) {
       w->job && w->job->o.timeout > 0 ? w->job->o.timeout : e->o.timeout;
   long long limit = secs > 0 ? (long long)(secs * 1e9) : LPAR_STALLNS;
   char what[96], num[32];
-  if (w->in.n == 0 || e->slots[w - e->w].item != 0)
+  if (w->in.n == 0 || e->slots[w - e->w].item > 0)
     return 0;
   if (now < w->lastread + limit)
     return w->lastread + limit;
