@@ -162,11 +162,70 @@ describe("hooks that never return", function()
     end)
   end
 
+  -- a close that outlasts its 60 s timeout; SIGINT or SIGTERM once it
+  -- runs ends the wait at once, and the caller gets the signal as if
+  -- there had been no wait
+  for _, case in ipairs({
+    {"a pool's caller (lua)", "lua5.4 " .. H.program([[
+      local lpar = require "lpar"
+      local job = dofile("spec/fixtures/bounded/close_pid.lua")
+      local pool = lpar.pool{n_workers = 1, timeout = 60, close = job.close}
+      print(pool:map(job.map, {"a"})[1])
+      io.stdout:flush()
+      pool:close()
+      print("not reached")]]), signal.SIGINT, 1, "interrupted!"},
+    {"the lpar command", H.quote(H.cli) .. " --timeout 60 " .. FIX .. "close_pid.lua ::: a",
+     signal.SIGINT, 130, "^lpar: interrupted\n$"},
+    {"the lpar command (SIGTERM)", H.quote(H.cli) .. " --timeout 60 " .. FIX .. "close_pid.lua ::: a",
+     signal.SIGTERM, 143, "^lpar: terminated\n$"},
+  }) do
+    it("end a close wait at a signal, with " .. case[1], function()
+      local closepid = tmpname()
+      local pid, out, err = spawn(("env LPAR_CLOSEPID=%s %s"):format(closepid, case[2]))
+      local worker = pidin(closepid, 30)
+      assert.is_not_nil(worker, "close never ran")
+      signal.kill(pid, case[3])
+      local code, ended = reap(pid, 30) -- the timeout is 60 s
+      assert.is_true(ended, "the signal did not end the wait")
+      assert.equal(case[4], code)
+      assert.equal("a\n", H.slurp(out))
+      assert.matches(case[5], H.slurp(err))
+      assert.is_true(waitfor(function() return signal.kill(worker, 0) == nil end, 10), "close still runs")
+      os.remove(out)
+      os.remove(err)
+      os.remove(closepid)
+      if case[1]:find("lua") then os.remove(case[2]:match("%S+$")) end
+    end)
+  end
+
+  it("say the timeout as it was given when close outlasts a tiny one", function()
+    local rc, out, err = H.lua([[
+      local lpar = require "lpar"
+      local pool = lpar.pool{n_workers = 1, timeout = 1e-10,
+                             close = function() require("posix.unistd").sleep(1000) end}
+      pool:close()
+      print("closed")
+    ]])
+    assert.equal(0, rc, err)
+    assert.equal("closed\n", out)
+    assert.matches("^lpar: pool worker %d+: close timed out after 1e%-10 s\n$", err)
+  end)
+
   it("take a pool's timeout only as a positive number of seconds", function()
     for _, bad in ipairs{-1, 0, "soon", 1e10} do
       assert.has_error(function() lpar.pool{n_workers = 1, timeout = bad} end,
         "bad argument #1 to 'pool' (timeout must be a positive number of seconds)")
     end
+  end)
+
+  it("refuse more retries than lpar runs, rather than capping them unsaid", function()
+    assert.has_error(function() lpar.parallel(tostring, {1}, {retries = 1000001}) end,
+      "bad argument #3 to 'parallel' (retries must be at most 1000000, not 1000001)")
+    assert.same({"1"}, (lpar.parallel(tostring, {1}, {n_workers = 1, retries = 1000000})))
+    local rc, out, err = H.lpar("--retries 1000001 -e " .. H.quote("function(s) return s end") .. " ::: a")
+    assert.equal(2, rc)
+    assert.equal("", out)
+    assert.matches("^lpar: bad value for '%-%-retries': '1000001' %(at most 1000000%)", err)
   end)
 
   for _, front in ipairs{"parallel", "pool"} do
@@ -216,6 +275,18 @@ describe("a live worker that stops inside a frame", function()
       assert.matches("worker %d+ broke the protocol %(", said)
       assert.matches("partial frame", said)
       if front == "cli" then assert.is_true(rc == 1 or rc == 2) end
+    end)
+  end
+
+  for _, front in ipairs{"parallel", "pool", "cli"} do
+    it("broke the protocol in an init without a timeout that leaves a frame unfinished, with " ..
+       front, function()
+      local rc, out, err, took = run(front, "half_init.lua", {n = 3, workers = 1, hooks = true})
+      local said = front == "cli" and err or out
+      assert.matches("worker init failed: worker %d+ broke the protocol %(partial frame, " ..
+                     "nothing more for 10%.0 s%)", said)
+      if front == "cli" then assert.equal(2, rc) end
+      assert.is_true(took < LIMIT - 10)
     end)
   end
 

@@ -294,7 +294,7 @@ describe("lpar -o and what the script writes itself", function()
     assert.equal(0, code)
     assert.equal("from the script\n", out)
     assert.equal("a\nb\n", readfile(res))
-    assert.matches("\n# out 4 2\n$", readfile(log))
+    assert.matches("\n# out 4 2 %x+\n$", readfile(log))
   end)
 end)
 
@@ -316,7 +316,7 @@ describe("lpar --resume and the run a joblog belongs to", function()
     local text = readfile(log)
     local keep = text:match("^(.-\n2\tok\t[^\n]*\n)")
     local bytes = #("1:a\n1:b\n")
-    writefile(log, keep .. ("# out %d 2\n"):format(bytes))
+    writefile(log, keep .. H.mark("1:a\n1:b\n", 2) .. "\n")
     writefile(res, readfile(res):sub(1, bytes))
   end
 
@@ -327,7 +327,7 @@ describe("lpar --resume and the run a joblog belongs to", function()
   it("records the script, the items and the options in the joblog header", function()
     stoppedrun(echo .. " " .. items .. " x y")
     local text = readfile(log)
-    assert.matches("^# lpar joblog 2\n# script: %x+ \"" .. echo:gsub("%p", "%%%0") .. "\"\n", text)
+    assert.matches("^# lpar joblog 3\n# script: %x+ \"" .. echo:gsub("%p", "%%%0") .. "\"\n", text)
     assert.matches("\n# items: file 6 6 %x+ \"[^\n]*\"\n", text)
     assert.matches("\n# split: lines\n# args: %x+ \"x\" \"y\"\n# output: plain\n# line\tstatus", text)
   end)
@@ -352,7 +352,7 @@ describe("lpar --resume and the run a joblog belongs to", function()
     assert.equal("1:a\n1:b\n1:c\n", readfile(res))
     -- the items file grows (a log appended to): the new lines go on
     writefile(items, "a\nb\nc\nd\n")
-    writefile(log, readfile(log):gsub("# out 12 3\n$", "# out 8 2\n"))
+    writefile(log, (readfile(log):gsub("# out 12 3 %x+\n$", H.mark("1:a\n1:b\n", 2) .. "\n")))
     code, _, err = resume(echo .. " " .. items)
     assert.equal("", err)
     assert.equal(0, code)
@@ -432,7 +432,7 @@ describe("lpar --resume and the run a joblog belongs to", function()
   end)
 
   it("starts afresh when the joblog has no mark yet", function()
-    writefile(log, "# lpar joblog 2\n# scr")
+    writefile(log, "# lpar joblog 3\n# scr")
     local code, _, err = resume(FIX .. "upper.lua " .. items)
     assert.equal("", err)
     assert.equal(0, code)
@@ -443,7 +443,8 @@ describe("lpar --resume and the run a joblog belongs to", function()
     stoppedrun(echo .. " " .. items)
     local text = readfile(log)
     local n = select(2, text:gsub("\n", ""))
-    for _, mark in ipairs({"# out 99999999999999999999 2", "# out 8 99999999999999999999"}) do
+    for _, mark in ipairs({"# out 99999999999999999999 2 0123456789abcdef",
+                             "# out 8 99999999999999999999 0123456789abcdef"}) do
       writefile(log, text .. mark .. "\n")
       local code, out, err = resume(echo .. " " .. items)
       assert.equal(2, code)
@@ -526,7 +527,7 @@ describe("lpar and files that are one", function()
     -- the first run holds the joblog once its first line is marked
     local deadline = H.now() + 20
     while not (readfile(log) or ""):find("# out") and H.now() < deadline do H.sleep(0.01) end
-    assert.matches("\n# out 2 1\n$", readfile(log))
+    assert.matches("\n# out 2 1 %x+\n$", readfile(log))
     local before = readfile(log)
     local code, out, err = lpar(("--joblog %s -o %s %s -"):format(log, res2, echo), "x\n")
     assert.equal(2, code)
@@ -613,7 +614,7 @@ describe("lpar --resume and a joblog that is not lpar's", function()
     local code, _, err = lpar(("--joblog %s -o %s %s %s"):format(log, res, echo, items))
     assert.equal(0, code, err)
     good = readfile(log)
-    assert.matches("\n# out 12 3\n$", good)
+    assert.matches("\n# out 12 3 %x+\n$", good)
   end)
 
   -- Resuming from a joblog holding 'text' is refused at line 'line'.
@@ -633,7 +634,7 @@ describe("lpar --resume and a joblog that is not lpar's", function()
             "1\t:\t1700000000.000\t0.002\t0\t2\t0\t0\techo a\n", 1)
     refused("\1\2\255 some binary\0", 1)
     refused("hello\n", 1)
-    refused("# lpar joblog 3\n" .. good:gsub("^[^\n]*\n", ""), 1)
+    refused("# lpar joblog 4\n" .. good:gsub("^[^\n]*\n", ""), 1)
     refused("# lpar joblog\n", 1)
     refused((good:gsub("\n", "\r\n")), 1)
   end)
@@ -649,9 +650,63 @@ describe("lpar --resume and a joblog that is not lpar's", function()
     local n = select(2, good:gsub("\n", "")) + 1
     for _, mark in ipairs({"# out abc def", "# out -5 3", "# out 1e3 3", "# out 0x10 3",
                            "# out 4 nan", "# out 4", "# out 4 3", "# out 12 2", "#out 12 3",
-                           "# out 12 3 ", "# out  12 3"}) do
+                           "# out 12 3 ", "# out  12 3", "# out 4 3 0123456789abcdef",
+                           "# out 12 2 0123456789abcdef", "# out 12 3 0123456789ABCDEF",
+                           "# out 12 3 0123456789abcde", "# out 12 3  0123456789abcdef",
+                           "# out 12 3 0123456789abcdef0"}) do
       refused(good .. mark .. "\n", n)
     end
+  end)
+
+  -- Resuming from 'text' with the results 'out' is refused: the message
+  -- 'why' (a pattern) naming joblog line 'line'; both files untouched.
+  local function disagrees(text, out, line, why)
+    writefile(log, text)
+    writefile(res, out)
+    local code, stdout, err = lpar(("--resume --joblog %s -o %s %s %s"):format(log, res, echo, items))
+    assert.equal(2, code, err)
+    assert.equal("", stdout)
+    assert.matches("^lpar: bad joblog " .. log:gsub("%p", "%%%0") .. ", line " .. line .. ": " ..
+                   why:format(res:gsub("%p", "%%%0")) .. " %(\"# out [^\n]*\"%)\n$", err)
+    assert.equal(text, readfile(log))
+    assert.equal(out, readfile(res))
+  end
+
+  it("refuses a mark that does not agree with the output's bytes, naming its line", function()
+    local n = select(2, good:gsub("\n", ""))
+    local mark = good:match("# out 12 3 (%x+)\n$")
+    local res3 = "1:a\n1:b\n1:c\n"
+    local differs = "the mark does not agree with the bytes of %s"
+    -- the line count lowered, the bytes kept: the last line would be written twice
+    disagrees(good:gsub("# out 12 3 ", "# out 12 2 "), res3, n, differs)
+    -- no bytes for all three lines: their results would be lost
+    disagrees(good:gsub("# out 12 3 ", "# out 0 3 "), res3, n, differs)
+    -- the output edited, or cut short
+    disagrees(good, "1:a\n1:X\n1:c\n", n, differs)
+    disagrees(good, "1:a\n", n, "%s holds fewer bytes than the mark counts")
+    -- an earlier mark is checked too
+    local two = H.mark("1:a\n1:b\n", 2)
+    disagrees(good:gsub("\n3\tok\t", "\n" .. two:gsub("2 (%x+)$", "1 %1") .. "\n3\tok\t"), res3, n - 1, differs)
+    -- one that agrees is taken
+    writefile(log, (good:gsub("\n3\tok\t[^\n]*\n# out 12 3 " .. mark .. "\n$", "\n" .. two .. "\n")))
+    writefile(res, "1:a\n1:b\nlost\n")
+    local code, _, err = lpar(("--resume --joblog %s -o %s %s %s"):format(log, res, echo, items))
+    assert.equal("", err)
+    assert.equal(0, code)
+    assert.equal(res3, readfile(res))
+    assert.matches("\n# out 12 3 " .. mark .. "\n$", readfile(log))
+  end)
+
+  it("refuses a joblog of format 2, whose marks carry no hash", function()
+    local old = good:gsub("^# lpar joblog 3\n", "# lpar joblog 2\n"):gsub("(# out %d+ %d+) %x+\n", "%1\n")
+    writefile(log, old)
+    writefile(res, "1:a\n1:b\n1:c\n")
+    local code, out, err = lpar(("--resume --joblog %s -o %s %s %s"):format(log, res, echo, items))
+    assert.equal(2, code)
+    assert.equal("", out)
+    assert.equal(("lpar: cannot resume from %s: it was written by an older lpar (joblog format 2, " ..
+                  "whose marks carry no hash of the output): run afresh without --resume\n"):format(log), err)
+    assert.equal(old, readfile(log))
   end)
 
   it("starts afresh from an empty joblog or a first line cut short", function()
@@ -701,9 +756,9 @@ describe("lpar --resume and an items file that grew from within its last line", 
     local code, _, err = run("")
     assert.equal(0, code, err)
     -- as if stopped after line 2
-    writefile(log, (readfile(log):gsub("3\tok\t[^\n]*\n# out %d+ 3\n$", "# out 8 2\n")))
+    writefile(log, (readfile(log):gsub("3\tok\t[^\n]*\n# out %d+ 3 %x+\n$", H.mark("1:1\n1:2\n", 2) .. "\n")))
     writefile(res, "1:1\n1:2\n")
-    assert.matches("# out 8 2\n$", readfile(log))
+    assert.matches("# out 8 2 %x+\n$", readfile(log))
     writefile(items, "1\n2\n33\n4\n")
     code, _, err = run("--resume")
     assert.equal("", err)
@@ -827,7 +882,7 @@ describe("lpar and the files of another run", function()
     unistd.write(p.stdin, "0\n")
     local deadline = H.now() + 20
     while not (readfile(log) or ""):find("# out") and H.now() < deadline do H.sleep(0.01) end
-    assert.matches("\n# out 2 1\n$", readfile(log))
+    assert.matches("\n# out 2 1 %x+\n$", readfile(log))
     local before, out = readfile(log), readfile(res)
     local items = writefile(tmpname(), "x\n")
     for _, args in ipairs({{"-o " .. log, log}, {"--joblog " .. res, res},
@@ -891,7 +946,7 @@ describe("lpar and files that are one, pipes and the script included", function(
     code, out, err = H.run(("timeout -k 5 30 %s --joblog /dev/stderr %s %s 2>&1 >/dev/null | cat")
                            :format(quote(H.cli), FIX .. "echo.lua", items))
     assert.equal(0, code)
-    assert.matches("^# lpar joblog 2\n", out)
+    assert.matches("^# lpar joblog 3\n", out)
     assert.equal("", err)
   end)
 end)

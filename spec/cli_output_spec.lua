@@ -334,7 +334,7 @@ describe("lpar's joblog and --resume-failed", function()
     local t0 = os.time()
     local rc, _, err = lpar(("--joblog %s -o %s %s %s"):format(log, out, script, items))
     assert.equal(1, rc, err)
-    assert.matches("^# lpar joblog 2\n.*\n# line\tstatus\tseconds\tattempts\tstart\thost\terror\n1\t",
+    assert.matches("^# lpar joblog 3\n.*\n# line\tstatus\tseconds\tattempts\tstart\thost\terror\n1\t",
                    H.readfile(log))
     local e = entries()
     assert.equal(6, #e)
@@ -421,12 +421,12 @@ describe("lpar's joblog and --resume-failed", function()
 end)
 
 describe("lpar and options found wanting by an outside test", function()
-  it("fails an item whose --colsep pattern matches an empty string (%f), not hangs", function()
+  it("calls a --colsep pattern that matches only an empty string (%f) a usage error", function()
     local code, out, err = lpar("--colsep " .. quote("%f[%w]") .. " -e " ..
                                 quote("function(...) return select('#', ...) end"), "a,b\n")
-    assert.equal(1, code)
+    assert.equal(2, code)
     assert.equal("", out)
-    assert.matches("%-%-colsep %%f%[%%w%] matched an empty string at byte 1", err)
+    assert.matches("^lpar: bad value for '%-%-colsep': '%%f%[%%w%]' %(it can match an empty string%)", err)
   end)
 
   it("gives --unordered to a program's lpar.imap calls, not to lpar.parallel", function()

@@ -386,13 +386,13 @@ describe("lpar retries, joblog and resume", function()
     assert.equal("", out)
     assert.equal("a\nc\n", readfile(res))
     local text = readfile(log)
-    assert.matches("^# lpar joblog 2\n.*\n# line\tstatus\tseconds\tattempts\tstart\thost\terror\n", text)
+    assert.matches("^# lpar joblog 3\n.*\n# line\tstatus\tseconds\tattempts\tstart\thost\terror\n", text)
     local seen = {}
     for line, status in text:gmatch("\n(%d+)\t(%a+)\t") do
       seen[#seen + 1] = line .. " " .. status
     end
     assert.same({"1 ok", "2 failed", "3 ok"}, seen)
-    assert.matches("\n# out 4 3\n$", text)
+    assert.matches("\n# out 4 3 %x+\n$", text)
   end)
 
   it("resumes a run killed with SIGKILL at any moment, losing and repeating nothing", function()
@@ -466,6 +466,20 @@ describe("lpar usage errors", function()
     usage("--retries -1 " .. FIX .. "upper.lua", "bad value for '%-%-retries'")
     usage("--max-memory 10K " .. FIX .. "upper.lua", "bad value for '%-%-max%-memory'")
     usage("--max-memory lots " .. FIX .. "upper.lua", "bad value for '%-%-max%-memory'")
+  end)
+
+  it("reads --max-memory as the module reads max_memory, naming a bad value", function()
+    usage("--max-memory '2 ' " .. FIX .. "upper.lua",
+          "bad value for '%-%-max%-memory': '2 ' is not a size %(expected bytes or like '512M', " ..
+          "from 1 MiB to 1 PiB%)")
+    usage("--max-memory 2x " .. FIX .. "upper.lua", "bad value for '%-%-max%-memory': '2x' is not a size")
+    usage("--max-memory 10k " .. FIX .. "upper.lua", "bad value for '%-%-max%-memory': '10k' is below 1 MiB")
+    for _, v in ipairs{"512m", "0.5g", "64MiB", "64mb"} do
+      local code, out, err = lpar("--max-memory " .. v .. " " .. FIX .. "upper.lua", "a\n")
+      assert.equal("", err)
+      assert.equal(0, code)
+      assert.equal("A\n", out)
+    end
   end)
 
   it("needs a script", function()
@@ -654,5 +668,70 @@ describe("lpar.imap over an iterator (engine)", function()
                           function() return engine.pending end, 2)
     assert.is_false(ok)
     assert.matches("lpar.pending with no fd to wait on", err)
+  end)
+end)
+
+describe("lpar's files in a sticky world-writable directory", function()
+  local dir
+  before_each(function()
+    dir = os.tmpname()
+    os.remove(dir)
+    assert(os.execute(("mkdir %s && chmod 1777 %s"):format(dir, dir)))
+  end)
+  after_each(function() os.execute("rm -rf " .. dir) end)
+
+  -- a symlink dir/name -> target, owned by 'uid' (nil: by this user)
+  local function link(name, target, uid)
+    local path = dir .. "/" .. name
+    assert(unistd.link(target, path, true))
+    if uid then
+      local ok = os.execute(("chown -h %d %s 2>/dev/null"):format(uid, path))
+      if not ok then return nil end
+    end
+    return path
+  end
+
+  local ECHO = quote("function(s) return s end")
+
+  it("refuses a symlink there that someone else planted, for -o and --joblog", function()
+    local victim = writefile(tmpname(), "secret\n")
+    local me = unistd.geteuid()
+    local other = me == 65534 and 65533 or 65534
+    local out = link("out", victim, other)
+    if not out then return pending("chown -h needs root") end
+    local log = link("log", victim, other)
+    local said = "lpar: refusing to write %s: a symlink in the sticky world%%-writable directory " ..
+                 "%s, owned by uid " .. other .. ", neither yours nor the directory owner's"
+    local q = dir:gsub("%p", "%%%0")
+    local code, stdout, err = lpar("-o " .. out .. " -e " .. ECHO .. " ::: a")
+    assert.equal(2, code)
+    assert.equal("", stdout)
+    assert.matches("^" .. said:format(q .. "/out", q), err)
+    code, stdout, err = lpar("--joblog " .. log .. " -e " .. ECHO .. " ::: a")
+    assert.equal(2, code)
+    assert.equal("", stdout)
+    assert.matches("^" .. said:format(q .. "/log", q), err)
+    code, stdout, err = lpar("--joblog " .. dir .. "/j -o " .. out .. " -e " .. ECHO .. " ::: a")
+    assert.equal(2, code)
+    assert.equal("", stdout)
+    assert.matches("^" .. said:format(q .. "/out", q), err)
+    assert.equal("secret\n", readfile(victim))
+  end)
+
+  it("follows a symlink there that is the user's own or the directory owner's", function()
+    local target = writefile(tmpname(), "")
+    local mine = link("mine", target)
+    local code, out, err = lpar("-o " .. mine .. " -e " .. ECHO .. " ::: a")
+    assert.equal("", err)
+    assert.equal(0, code)
+    assert.equal("", out)
+    assert.equal("a\n", readfile(target))
+    local owner = assert(require("posix.sys.stat").stat(dir)).st_uid
+    local log = link("log", target, owner)
+    code, out, err = lpar("--joblog " .. log .. " -e " .. ECHO .. " ::: b")
+    assert.equal("", err)
+    assert.equal(0, code)
+    assert.equal("b\n", out)
+    assert.matches("^# lpar joblog", readfile(target))
   end)
 end)

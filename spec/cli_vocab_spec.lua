@@ -330,6 +330,37 @@ describe("lpar items from elsewhere", function()
     end
   end)
 
+  it("--colsep refuses a pattern that can match an empty string anywhere", function()
+    for _, v in ipairs({"%f[%w]", "()", "x*", "^", "$", ",-", "^x?", "(,*)", "(x*)%1", "%f[,],?",
+                        "[^,]*"}) do
+      local rc, out, err = lpar("--colsep " .. quote(v) .. " -e " .. ECHO .. " -", "a,b\n")
+      assert.equal(2, rc, v)
+      assert.equal("", out)
+      assert.equal("lpar: bad value for '--colsep': '" .. v .. "' (it can match an empty string)",
+                   err:match("^[^\n]*"))
+    end
+  end)
+
+  it("--colsep refuses a malformed pattern even where matching would not reach it", function()
+    for _, v in ipairs({"a[", ",(", ",)", ",%2", ",%fx", ",%b("}) do
+      local rc, out, err = lpar("--colsep " .. quote(v) .. " -e " .. ECHO .. " -", "a,b\n")
+      assert.equal(2, rc, v)
+      assert.equal("", out)
+      assert.matches("^lpar: bad value for '%-%-colsep': '.*' %(not a Lua pattern: ", err)
+    end
+  end)
+
+  it("--colsep takes patterns that always take a byte, anchored or not", function()
+    for v, want in pairs({[",$"] = "1:a,b\n", ["^a"] = "2:|,b\n", ["(,)"] = "2:a|b\n",
+                          ["%b()"] = "1:a,b\n", ["(,)%1"] = "1:a,b\n", [",+"] = "2:a|b\n"}) do
+      local script = quote("return function(...) return select('#', ...) .. ':' .. " ..
+                           "table.concat({...}, '|') end")
+      local rc, out, err = lpar("--colsep " .. quote(v) .. " -e " .. script .. " -", "a,b\n")
+      assert.equal(0, rc, err)
+      assert.equal(want, out, v)
+    end
+  end)
+
   it("--tag starts each result line with its item and a tab", function()
     local items = writefile(dir .. "/items", "a\nskip\nb\n")
     local rc, out, err = lpar("--tag -e " ..

@@ -471,3 +471,28 @@ describe("max_memory close to the caller's heap", function()
     end
   end)
 end)
+
+describe("an items table whose __index raises", function()
+  local function items()
+    return setmetatable({n = 5}, {__index = function(_, i)
+      if i == 3 then error("idx3", 0) end
+      return i * 10
+    end})
+  end
+
+  -- the workers of these read the items table they inherited (a pool's
+  -- items are read by the caller, whose __index raises there)
+  for _, front in ipairs({fronts[1], fronts[2]}) do
+    it("fails that item with its message, with " .. front[1], function()
+      local r, n, errs = front[2](function(x) return x + 1 end, items(),
+                                  {n_workers = 2, chunksize = 2, on_error = "collect"})
+      assert.equal(5, n)
+      assert.same({11, 21, nil, 41, 51}, {r[1], r[2], r[3], r[4], r[5]})
+      assert.same({3}, sorted_keys(errs))
+      assert.matches("^idx3", errs[3])
+      local ok, err = pcall(front[2], function(x) return x end, items(), {n_workers = 2})
+      assert.is_false(ok)
+      assert.matches("^item 3: idx3", err)
+    end)
+  end
+end)

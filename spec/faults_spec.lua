@@ -595,3 +595,45 @@ describe("a worker that leaves its process group", function()
     end)
   end
 end)
+
+describe("a process forked by f that returns from it", function()
+  -- f forks; the child returns from f (no _exit) while the worker waits
+  -- for it, then returns its own value
+  local F = [[function(x)
+    local unistd, wait = require "posix.unistd", require "posix.sys.wait"
+    local pid = unistd.fork()
+    if pid == 0 then return "child" .. x end
+    wait.wait(pid)
+    return "parent" .. x
+  end]]
+  local said = "lpar: process %d+, forked by worker %d+, returned into the worker's loop: it leaves"
+
+  for front, call in pairs({
+    ["lpar.parallel"] = "lpar.parallel(%s, {1, 2, 3, 4}, {n_workers = 2, chunksize = 2})",
+    ["pool:map"] = "lpar.pool(2):map(%s, {1, 2, 3, 4}, {chunksize = 2})",
+  }) do
+    it("never answers the parent, nor takes items, with " .. front, function()
+      local rc, out, err = H.lua(([[
+        local lpar = require "lpar"
+        local r, n = %s
+        print(n, table.concat(r, " "))
+      ]]):format(call:format(F)))
+      assert.equal(0, rc, err)
+      assert.equal("4\tparent1 parent2 parent3 parent4\n", out)
+      local k = 0
+      for l in err:gmatch("[^\n]+") do
+        assert.matches("^" .. said, l)
+        k = k + 1
+      end
+      assert.equal(4, k)
+    end)
+  end
+
+  it("never answers the parent, with the lpar command", function()
+    local rc, out, err = H.lpar("-j 1 -e " .. H.quote(F) .. " ::: a b")
+    assert.equal(0, rc, err)
+    assert.equal("parenta\nparentb\n", out)
+    local _, k = err:gsub(said, "")
+    assert.equal(2, k)
+  end)
+end)

@@ -306,6 +306,16 @@ end
 -- Temporary file names, removed after each test of the spec that calls
 -- H.tmpfiles(after_each) at its top (busted's hook, which only specs
 -- see): returns the function that makes one.
+-- The joblog mark "# out <bytes> <line> <hash>" that lpar writes after
+-- 'line' records whose output is 'out': the hash is FNV-1a (64 bits) of
+-- out, continued with the line count in decimal.
+function H.mark(out, line)
+  local h, byte = 0xcbf29ce484222325, string.byte
+  local s = out .. line
+  for i = 1, #s do h = (h ~ byte(s, i)) * 0x100000001b3 end
+  return ("# out %d %d %016x"):format(#out, line, h)
+end
+
 function H.tmpfiles(after_each)
   local made = {}
   after_each(function()

@@ -749,11 +749,33 @@ describe("pool max_memory", function()
       "inherited from the caller\n$", out)
   end)
 
-  it("checks the option", function()
+  it("checks the option, naming the value", function()
+    local hint = " (expected bytes or like '512M', from 1 MiB to 1 PiB))"
     assert.has_error(function() lpar.pool{max_memory = "12"} end,
-      "bad argument #1 to 'pool' (max_memory must be at least 1 MiB, in bytes or like '512M')")
+      "bad argument #1 to 'pool' (max_memory '12' is below 1 MiB" .. hint)
     assert.has_error(function() lpar.pool{max_memory = "lots"} end,
-      "bad argument #1 to 'pool' (max_memory must be at least 1 MiB, in bytes or like '512M')")
+      "bad argument #1 to 'pool' (max_memory 'lots' is not a size" .. hint)
+    assert.has_error(function() lpar.pool{max_memory = "2 "} end,
+      "bad argument #1 to 'pool' (max_memory '2 ' is not a size" .. hint)
+    assert.has_error(function() lpar.pool{max_memory = "2G "} end,
+      "bad argument #1 to 'pool' (max_memory '2G ' is not a size" .. hint)
+    assert.has_error(function() lpar.pool{max_memory = " 2G"} end,
+      "bad argument #1 to 'pool' (max_memory ' 2G' is not a size" .. hint)
+    assert.has_error(function() lpar.pool{max_memory = "0x100000"} end,
+      "bad argument #1 to 'pool' (max_memory '0x100000' is not a size" .. hint)
+    assert.has_error(function() lpar.pool{max_memory = "2048P"} end,
+      "bad argument #1 to 'pool' (max_memory '2048P' is not a size" .. hint)
+    assert.has_error(function() lpar.pool{max_memory = "2048T"} end,
+      "bad argument #1 to 'pool' (max_memory '2048T' is above 1 PiB" .. hint)
+    assert.has_error(function() lpar.pool{max_memory = true} end,
+      "bad argument #1 to 'pool' (max_memory must be a size, got boolean)")
+  end)
+
+  it("takes sizes in any case, with a fraction, i and B", function()
+    for _, v in ipairs{"512m", "512M", "0.5g", "1.5GiB", "64mb", "67108864", 1 << 26} do
+      local pool <close> = lpar.pool{n_workers = 1, max_memory = v}
+      assert.same({2}, pool:map(function(x) return x * 2 end, {1}))
+    end
   end)
 end)
 

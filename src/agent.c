@@ -155,6 +155,15 @@ static void puterror(Agent *a, lua_Integer i, int code) {
   endframe(a, at, LPAR_FERROR, (uint32_t)code);
 }
 
+/* lua_CFunction: (message, Agent) -> puterror of the message as the
+   start's failure, in a protected call. */
+static int sayerror(lua_State *L) {
+  Agent *a = lua_touserdata(L, 2);
+  lua_settop(L, 1);
+  puterror(a, 0, LPAR_KERROR);
+  return 0;
+}
+
 /* Tell the parent why the agent cannot go on (the message on top,
    popped), as the failure of its start, and leave. */
 static _Noreturn void giveup(Agent *a) {
@@ -339,13 +348,15 @@ static void items(Agent *a, const Frame *f, const char *p) {
   e->count = f->count;
   e->flags = a->flags;
   e->j = NULL;
-  if (f->len < 8) {
+  /* each item takes a byte at least: a count beyond that is not believed
+     (nor passed on as a table size) */
+  if (f->len < 8 || f->count > f->len - 8) {
     lua_pushliteral(L, "bad items frame");
     giveup(a);
   }
   if (lua_isnil(L, a->fidx) || f->count == 0)
     return; /* said already: its items are skipped */
-  lua_createtable(L, (int)f->count, 0);
+  lua_createtable(L, f->count < (1u << 20) ? (int)f->count : 1 << 20, 0);
   for (k = 1; k <= f->count; k++) {
     if (lpar_codec_decode(L, p, (size_t)f->len, &pos) != 0) {
       lua_pushfstring(L, "bad items frame: %s", lua_tostring(L, -1));
@@ -491,11 +502,10 @@ static void waitsetup(Agent *a) {
     int rc;
     while ((rc = nextframe(a, &at, &f, &q)) > 0) {
       if (f.type == LPAR_FSETUP) {
-        Buf copy = {0};
-        nomem(L, lpar_buf_add(&copy, q, (size_t)f.len));
+        /* read in place: setup reads no input, and holds no memory of
+           its own when it raises */
+        setup(a, q, (size_t)f.len);
         lpar_buf_drop(&a->inb, at);
-        setup(a, copy.p, copy.n);
-        lpar_buf_free(&copy);
         return;
       }
       if (f.type != LPAR_FBEAT)
@@ -602,20 +612,23 @@ int lpar_agent_run(lua_State *L, int n) {
     return 1;
   }
   fd = open("/dev/null", O_RDONLY | O_CLOEXEC);
-  if (fd >= 0) {
-    dup2(fd, 0);
-    close(fd);
-  }
-  fcntl(a.in, F_SETFL, O_NONBLOCK);
-  fcntl(a.out, F_SETFL, O_NONBLOCK);
   memset(&sa, 0, sizeof sa);
   sa.sa_handler = onstop;
   sigemptyset(&sa.sa_mask);
-  sigaction(SIGTERM, &sa, NULL);
-  sigaction(SIGHUP, &sa, NULL);
+  if (fd < 0 || dup2(fd, 0) < 0 || fcntl(a.in, F_SETFL, O_NONBLOCK) < 0 ||
+      fcntl(a.out, F_SETFL, O_NONBLOCK) < 0 ||
+      sigaction(SIGTERM, &sa, NULL) < 0 || sigaction(SIGHUP, &sa, NULL) < 0) {
+    fprintf(stderr, "lpar --worker: cannot set up its stdio: %s\n",
+            strerror(errno));
+    return 1;
+  }
+  close(fd);
   sa.sa_handler = SIG_IGN;
-  sigaction(SIGPIPE, &sa, NULL);
-  sigaction(SIGINT, &sa, NULL);
+  if (sigaction(SIGPIPE, &sa, NULL) < 0 || sigaction(SIGINT, &sa, NULL) < 0) {
+    fprintf(stderr, "lpar --worker: cannot set up its signals: %s\n",
+            strerror(errno));
+    return 1;
+  }
   a.lastin = a.lastout = lpar_proc_now();
   a.idle = LPAR_AGENTIDLENS;
   lua_pushcfunction(L, agentmain);
@@ -624,7 +637,11 @@ int lpar_agent_run(lua_State *L, int n) {
   if (status != LUA_OK) {
     a.L = L;
     fprintf(stderr, "lpar --worker: %s\n", lua_tostring(L, -1));
-    puterror(&a, 0, LPAR_KERROR);
+    lua_pushcfunction(L, sayerror); /* it may raise: out of memory */
+    lua_insert(L, -2);
+    lua_pushlightuserdata(L, &a);
+    if (lua_pcall(L, 2, 0, 0) != LUA_OK)
+      lua_pop(L, 1); /* the parent sees the stream end; stderr said why */
   }
   flushall(&a);
   lpar_buf_free(&a.inb);

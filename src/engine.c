@@ -1372,6 +1372,7 @@ static void lose(Ctx *c, EWorker *w, int force, const char *why, int code) {
   Slot *slot = &e->slots[w - e->w];
   Job *j = w->job;
   int status = 0, rc, starting = w->state == W_STARTING;
+  int broke = why != NULL; /* a reason given: not its death's */
   lua_Integer culprit, from, end, got;
   int suspects, nq;
   Chunk q0;
@@ -1401,7 +1402,8 @@ static void lose(Ctx *c, EWorker *w, int force, const char *why, int code) {
       }
       lua_pop(L, 1);
     }
-    else if (!force && slot->item == LPAR_SLOTHOOK) { /* died in init */
+    else if ((!force || broke) && slot->item == LPAR_SLOTHOOK) {
+      /* it died in init, or broke the protocol there */
       if (lua_rawgeti(L, c->uv, EU_INITERR) == LUA_TNIL) {
         lua_pushfstring(L, "worker init failed: worker %d %s", (int)pid, why);
         lua_rawseti(L, c->uv, EU_INITERR);
@@ -1915,6 +1917,8 @@ static void assign(Ctx *c, EWorker *w, Job *j, int juv) {
     count = 1;
   else
     count = w->host ? hostchunk(c->e, j, w) : chunksize(c->e, j);
+  if (count > LPAR_MAXFRAMECOUNT) /* a frame's count is a u32 */
+    count = LPAR_MAXFRAMECOUNT;
   if (j->redo.n > 0) {
     long long from;
     count = lpar_ranges_take(&j->redo, count, &from, &alone);
@@ -2584,9 +2588,10 @@ static void readworker(Ctx *c, EWorker *w) {
 /* ---- time ---- */
 
 /*
-** A worker that is not running an item and left a frame unfinished for
-** the timeout (its job's, else the engine's, else LPAR_STALLNS) broke the
-** protocol; what it sent so far is read first. Returns when to look again
+** A worker that is not running an item (idle, between items, or in its
+** init, which sends nothing) and left a frame unfinished for the timeout
+** (its job's, else the engine's, else LPAR_STALLNS) broke the protocol;
+** what it sent so far is read first. Returns when to look again
 ** (ns; 0: never, -1: something was handled, the pump goes on).
 */
 static long long stalled(Ctx *c, EWorker *w, long long now) {
@@ -2594,16 +2599,17 @@ static long long stalled(Ctx *c, EWorker *w, long long now) {
   double secs =
       w->job && w->job->o.timeout > 0 ? w->job->o.timeout : e->o.timeout;
   long long limit = secs > 0 ? (long long)(secs * 1e9) : LPAR_STALLNS;
-  char what[96];
-  if (w->in.n == 0 || e->slots[w - e->w].item != 0)
+  char what[96], num[32];
+  if (w->in.n == 0 || e->slots[w - e->w].item > 0)
     return 0;
   if (now < w->lastread + limit)
     return w->lastread + limit;
   readworker(c, w);
   if (w->state == W_EMPTY || w->in.n == 0 || now < w->lastread + limit)
     return -1;
-  snprintf(what, sizeof what, "partial frame, nothing more for %.1f s",
-           (double)limit / 1e9);
+  snprintf(what, sizeof what, "partial frame, nothing more for %s s",
+           lpar_proc_secs(secs > 0 ? secs : (double)LPAR_STALLNS / 1e9, num,
+                          sizeof num));
   protoerror(c, w, what);
   return -1;
 }
@@ -2762,7 +2768,10 @@ static int deadlines(Ctx *c) {
       its.it_value.tv_sec = next / 1000000000LL;
       its.it_value.tv_nsec = next % 1000000000LL;
     }
-    timerfd_settime(e->tfd, TFD_TIMER_ABSTIME, &its, NULL);
+    /* cannot fail with the values given: if it does, no deadline would
+       ever fire, so the call fails (as epoll_wait's failure does) */
+    if (timerfd_settime(e->tfd, TFD_TIMER_ABSTIME, &its, NULL) != 0)
+      luaL_error(c->L, "timerfd_settime: %s", strerror(errno));
     e->armed = next;
   }
   return acted;
@@ -3491,12 +3500,66 @@ void lpar_engine_cancel(lua_State *L, int jidx, const char *why) {
   lua_pop(L, 3);
 }
 
+/* the signals a wait takes: SIGINT; SIGTERM and SIGHUP with 'sigterm' */
+static const int stopsigs[] = {SIGINT, SIGTERM, SIGHUP};
+
+/*
+** While close hooks are waited for: take the signals a wait takes (those
+** the caller does not ignore), noting them in 'interrupted', so that one
+** ends the wait at once (the workers are killed). taken[k] and old[k]
+** say which, and *prior what 'interrupted' held (a wait this one is
+** inside of has yet to see it), for givesignals.
+*/
+static void takesignals(Engine *e, int taken[3], struct sigaction old[3],
+                        int *prior, sigset_t *mask) {
+  struct sigaction sa;
+  sigset_t set;
+  int k;
+  memset(&sa, 0, sizeof sa);
+  sa.sa_handler = onint;
+  sigemptyset(&sa.sa_mask);
+  *prior = interrupted;
+  interrupted = 0;
+  for (k = 0; k < 3; k++)
+    taken[k] = (k == 0 || e->o.sigterm) &&
+               sigaction(stopsigs[k], NULL, &old[k]) == 0 &&
+               old[k].sa_handler != SIG_IGN &&
+               sigaction(stopsigs[k], &sa, NULL) == 0;
+  /* unblocked while it waits (the CLI blocks them): one pending is
+     taken at once */
+  sigemptyset(&set);
+  for (k = 0; k < 3; k++)
+    if (taken[k])
+      sigaddset(&set, stopsigs[k]);
+  sigprocmask(SIG_UNBLOCK, &set, mask);
+}
+
+/* Put back the caller's signal mask and actions, and give it the signal
+   that came, if any, as it would have had it without the wait (pending,
+   if it blocks it). */
+static void givesignals(const int taken[3], const struct sigaction old[3],
+                        int prior, const sigset_t *mask) {
+  int k, sig;
+  sigprocmask(SIG_SETMASK, mask, NULL);
+  sig = interrupted;
+  for (k = 0; k < 3; k++)
+    if (taken[k])
+      sigaction(stopsigs[k], &old[k], NULL);
+  interrupted = prior;
+  if (sig != 0)
+    raise(sig);
+}
+
 void lpar_engine_close(lua_State *L, int idx, const char *why) {
   Engine *e = lua_touserdata(L, idx);
   Ctx c;
   int i, hasclose, isbroken, hard = 0, report;
   long long grace, deadline;
+  double secs;
   const char *who;
+  int taken[3], prior;
+  struct sigaction old[3];
+  sigset_t mask;
   if (e == NULL || e->closed || e->owner != getpid())
     return;
   idx = lua_absindex(L, idx);
@@ -3532,19 +3595,21 @@ void lpar_engine_close(lua_State *L, int idx, const char *why) {
      engine reports a bad leave only when the call went well. */
   grace =
       e->o.timeout > 0 ? (long long)(e->o.timeout * 1e9) : LPAR_CLOSEGRACENS;
+  secs = e->o.timeout > 0 ? e->o.timeout : (double)grace / 1e9; /* as given */
   deadline = lpar_proc_now() + grace;
   lua_rawgeti(L, c.uv, EU_CLOSE);
   hasclose = !lua_isnil(L, -1);
   lua_pop(L, 1);
   report = e->o.ondemand ? !hard && !e->ended : 1;
   who = e->o.ondemand ? "worker" : "pool worker";
+  takesignals(e, taken, old, &prior, &mask);
   for (i = 0; e->w && i < e->o.n; i++) {
     EWorker *w = &e->w[i];
     /* os.exit(7) in close, or a crash, is reported; not the busy ones
        killed above, whose places are empty by now */
     if (w->state != W_EMPTY)
-      lpar_worker_finish(&w->proc, deadline, (double)grace / 1e9, hasclose,
-                         report, w->host ? "host command" : who);
+      lpar_worker_finish(&w->proc, deadline, secs, hasclose, report,
+                         w->host ? "host command" : who, &interrupted);
     w->state = W_EMPTY;
     lpar_buf_free(&w->in);
     lpar_buf_free(&w->out);
@@ -3553,11 +3618,12 @@ void lpar_engine_close(lua_State *L, int idx, const char *why) {
   for (i = 0; i < e->nretired; i++) {
     if (e->interrupted) /* Ctrl-C: no close hook is waited for */
       lpar_proc_killproc(&e->retired[i], SIGKILL);
-    lpar_worker_finish(&e->retired[i], deadline, (double)grace / 1e9, hasclose,
-                       report, who);
+    lpar_worker_finish(&e->retired[i], deadline, secs, hasclose, report, who,
+                       &interrupted);
   }
   e->nretired = 0;
   e->live = 0;
+  givesignals(taken, old, prior, &mask);
 
   reapdying(e, 1);
   releasechld(e);

@@ -112,64 +112,62 @@ static int add32(Buf *b, uint32_t v) {
   return lpar_buf_add(b, p, 4);
 }
 
-/* Encode the function at 'idx' for the hosts into b, or raise naming
-   'what'. */
+/* Encode the function at 'idx' for the hosts into b (owned by a
+   userdata), or raise naming 'what'. */
 static void sendfn(lua_State *L, int idx, Buf *b, const char *what) {
-  if (lpar_xfer_encode(L, idx, b) != 0) {
-    lpar_buf_free(b);
+  if (lpar_xfer_encode(L, idx, b) != 0)
     luaL_error(L, "cannot send %s to the hosts: %s", what, lua_tostring(L, -1));
-  }
 }
 
 /*
 ** Push the payload of SETUP after the versions (hosts.h) for a pool with
 ** options o: the functions init, close (at 'init', 'close'; nil: none)
 ** and those of the table at 'fns' (or nil), encoded; or, with
-** opts.agent_setup (the CLI's), that table through the codec.
+** opts.agent_setup (the CLI's), that table through the codec. The
+** indexes are absolute. It is built in a buffer a userdata owns, since
+** the codec may raise (out of memory).
 */
 static void pushsetup(lua_State *L, int opts, const EngineOpts *o, int init,
                       int close, int fns) {
-  Buf b = {0};
+  Buf *bp = lpar_codec_newbuf(L);
+  int owner = lua_gettop(L);
   char h[8];
   int bad;
   lpar_wire_put64(h, (uint64_t)o->maxmem);
-  bad = lpar_buf_add(&b, h, 8) != 0;
+  bad = lpar_buf_add(bp, h, 8) != 0;
   lpar_wire_put64(h, (uint64_t)(o->timeout * 1e9));
-  bad = bad || lpar_buf_add(&b, h, 8) != 0;
+  bad = bad || lpar_buf_add(bp, h, 8) != 0;
   lpar_wire_put64(h, 0); /* the agent's own silence limit */
-  bad = bad || lpar_buf_add(&b, h, 8) != 0;
+  bad = bad || lpar_buf_add(bp, h, 8) != 0;
   if (lua_getfield(L, opts, "agent_setup") != LUA_TNIL) {
-    bad = bad || add32(&b, LPAR_SETUPCLI) != 0;
-    if (!bad && lpar_codec_encode(L, -1, &b) != 0) {
-      lpar_buf_free(&b);
+    bad = bad || add32(bp, LPAR_SETUPCLI) != 0;
+    if (!bad && lpar_codec_encode(L, -1, bp) != 0)
       luaL_error(L, "cannot send the setup to the hosts: %s",
                  lua_tostring(L, -1));
-    }
   }
   else {
     lua_Integer k,
         nf = lua_istable(L, fns) ? (lua_Integer)lua_rawlen(L, fns) : 0;
-    bad = bad || add32(&b, LPAR_SETUPPOOL) != 0 ||
-          add32(&b, (lua_isnil(L, init) ? 0 : LPAR_SETUPINIT) |
+    bad = bad || add32(bp, LPAR_SETUPPOOL) != 0 ||
+          add32(bp, (lua_isnil(L, init) ? 0 : LPAR_SETUPINIT) |
                         (lua_isnil(L, close) ? 0 : LPAR_SETUPCLOSE)) != 0 ||
-          add32(&b, (uint32_t)nf) != 0;
+          add32(bp, (uint32_t)nf) != 0;
     if (!bad && !lua_isnil(L, init))
-      sendfn(L, init, &b, "init");
+      sendfn(L, init, bp, "init");
     if (!bad && !lua_isnil(L, close))
-      sendfn(L, close, &b, "close");
+      sendfn(L, close, bp, "close");
     for (k = 1; k <= nf && !bad; k++) {
       lua_rawgeti(L, fns, k);
-      sendfn(L, lua_gettop(L), &b, "a function of 'functions'");
+      sendfn(L, lua_gettop(L), bp, "a function of 'functions'");
       lua_pop(L, 1);
     }
   }
   lua_pop(L, 1);
-  if (bad) {
-    lpar_buf_free(&b);
+  if (bad)
     luaL_error(L, "not enough memory");
-  }
-  lua_pushlstring(L, b.p, b.n);
-  lpar_buf_free(&b);
+  lua_pushlstring(L, bp->p, bp->n);
+  lpar_buf_free(bp);
+  lua_remove(L, owner);
 }
 
 /*

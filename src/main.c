@@ -23,6 +23,7 @@
 #include "lauxlib.h"
 #include "lpar.h"
 #include "lualib.h"
+#include "opts.h"
 #include "worker.h"
 
 /* the files of lua/lpar, built in (embedded.c in the build tree) */
@@ -219,11 +220,36 @@ typedef struct Out {
   size_t logmark;       /* bytes of 'log' up to the last mark */
   long long outbytes;   /* output bytes so far, from the file's start */
   long long markbytes;  /* output bytes at the last mark */
+  int hashing;          /* hash the output (a file, with a joblog) */
+  uint64_t outhash;     /* FNV-1a state of the output from its start */
+  uint64_t markstate;   /* outhash at the last mark */
   lua_Integer markline; /* records done at the last mark */
   int marked;           /* a mark is waiting to be written */
 } Out;
 
 static Out out = {.mu = PTHREAD_MUTEX_INITIALIZER, .logfd = -1};
+
+/* FNV-1a, 64 bits, continued from h */
+static uint64_t fnv(uint64_t h, const char *p, size_t n) {
+  while (n-- > 0) {
+    h ^= (unsigned char)*p++;
+    h *= 0x100000001b3ULL;
+  }
+  return h;
+}
+
+#define FNVSTART 0xcbf29ce484222325ULL
+
+/*
+** The hash a mark carries: FNV-1a of the output's first bytes (state h),
+** continued with the mark's line count in decimal, so that a mark agrees
+** with its output file only with both its numbers as written.
+*/
+static uint64_t markhash(uint64_t h, long long line) {
+  char num[24];
+  int k = snprintf(num, sizeof num, "%lld", line);
+  return fnv(h, num, (size_t)k);
+}
 
 /* Whether something waits to be written (mu held). */
 static int pending(void) {
@@ -270,9 +296,11 @@ static void drain(void) {
       !atomic_load(&out.stopped) && atomic_load(&out.logerr) == 0) {
     int e = writeall(out.logfd, out.log, out.logmark);
     if (e == 0 && out.markers) {
-      char m[64];
-      int k = snprintf(m, sizeof m, "# out %lld %lld\n", out.markbytes,
-                       (long long)out.markline);
+      char m[96];
+      int k = snprintf(
+          m, sizeof m, "# out %lld %lld %016llx\n", out.markbytes,
+          (long long)out.markline,
+          (unsigned long long)markhash(out.markstate, (long long)out.markline));
       e = writeall(out.logfd, m, (size_t)k);
     }
     if (e != 0)
@@ -408,6 +436,9 @@ static int put(lua_State *L, int nl) {
     if (nl)
       out.p[out.n++] = eolchar;
     out.outbytes += (long long)(len + (nl != 0));
+    if (out.hashing) /* 'nl' is the byte after s */
+      out.outhash =
+          fnv(out.outhash, out.p + out.n - len - (nl != 0), len + (nl != 0));
     if (out.n >= LPAR_OUTHIGH || !out.started)
       drain();
     e = failed();
@@ -468,6 +499,7 @@ static int l_mark(lua_State *L) {
   wake();
   out.markline = line;
   out.markbytes = out.outbytes;
+  out.markstate = out.outhash;
   out.logmark = out.logn;
   out.marked = 1;
   if (!out.started)
@@ -479,6 +511,74 @@ static int l_mark(lua_State *L) {
 /* Why openkept failed, besides an errno. */
 #define KEPTSHORT (-2)  /* the file is shorter than 'keep' */
 #define KEPTLOCKED (-3) /* another lpar run holds its lock */
+#define UNSAFELINK (-4) /* a symlink protected_symlinks would not follow */
+
+/*
+** Whether 'path' is a symlink that the kernel's protected_symlinks rule
+** forbids following: in a sticky world-writable directory (/tmp) and
+** owned neither by this user nor by the directory's owner (someone else
+** planted it there). Its owner in *uid, its directory's name in dir.
+*/
+static int unsafelink(const char *path, uid_t *uid, char *dir, size_t size) {
+  struct stat link, d;
+  const char *slash = strrchr(path, '/');
+  size_t n = slash == NULL ? 1 : slash == path ? 1 : (size_t)(slash - path);
+  if (n >= size)
+    return 0; /* a name too long for open() anyway */
+  memcpy(dir, slash == NULL ? "." : path, n);
+  dir[n] = '\0';
+  if (lstat(path, &link) != 0 || !S_ISLNK(link.st_mode) || stat(dir, &d) != 0)
+    return 0;
+  *uid = link.st_uid;
+  return (d.st_mode & S_ISVTX) && (d.st_mode & S_IWOTH) &&
+         link.st_uid != geteuid() && link.st_uid != d.st_uid;
+}
+
+/*
+** open(path, flags | O_WRONLY | O_CREAT | O_CLOEXEC, 0666), but refuse to
+** follow a symlink that protected_symlinks forbids, whether or not the
+** kernel enforces it: the fd, -1 with errno, or UNSAFELINK. The link is
+** looked at only when open with O_NOFOLLOW finds one; it then cannot be
+** swapped before the second open, since in a sticky directory only its
+** owner or the directory's can remove it, and those are the owners
+** allowed.
+*/
+static int openwrite(const char *path, int flags) {
+  char dir[4096];
+  struct stat st;
+  uid_t uid;
+  int fd, e;
+  flags |= O_WRONLY | O_CREAT | O_CLOEXEC;
+  do
+    fd = open(path, flags | O_NOFOLLOW, 0666);
+  while (fd == -1 && errno == EINTR);
+  if (fd != -1)
+    return fd;
+  e = errno; /* ELOOP for a symlink, though some kernels say EACCES */
+  if (lstat(path, &st) != 0 || !S_ISLNK(st.st_mode)) {
+    errno = e;
+    return -1;
+  }
+  if (unsafelink(path, &uid, dir, sizeof dir))
+    return UNSAFELINK;
+  do
+    fd = open(path, flags, 0666);
+  while (fd == -1 && errno == EINTR);
+  return fd;
+}
+
+/* Push the message for 'path', a symlink openwrite refused. */
+static const char *pushunsafe(lua_State *L, const char *path) {
+  char dir[4096];
+  uid_t uid = 0;
+  unsafelink(path, &uid, dir, sizeof dir);
+  return lua_pushfstring(
+      L,
+      "refusing to write %s: a symlink in the sticky world-writable "
+      "directory %s, owned by uid %d, neither yours nor the directory "
+      "owner's (as the kernel's protected_symlinks rule has it)",
+      path, dir, (int)uid);
+}
 
 /* Lock the regular file open at fd, without waiting: 0, or -1 with errno
    (EWOULDBLOCK: another run holds it). A file system without locks lets
@@ -498,11 +598,9 @@ static int lockfile(int fd) {
 static int openkept(const char *path, long long keep, int flags) {
   struct stat st;
   int fd, why = -1;
-  do
-    fd = open(path, O_WRONLY | O_CREAT | O_CLOEXEC | flags, 0666);
-  while (fd == -1 && errno == EINTR);
-  if (fd == -1)
-    return -1;
+  fd = openwrite(path, flags);
+  if (fd < 0)
+    return fd;
   if (fstat(fd, &st) != 0)
     goto fail;
   if (S_ISREG(st.st_mode) && lockfile(fd) != 0) {
@@ -525,17 +623,77 @@ fail:;
   return why;
 }
 
-/* redirect(path, keep) -> true | nil, message: results go to path (cut
-   to 'keep' bytes) instead of stdout. */
+/*
+** FNV-1a of the first 'len' bytes of the file open at 'fd' (for reading),
+** continued from *h, read from where fd stands: 0, or -1 with errno
+** (EIO when the file ends before).
+*/
+static int hashfile(int fd, long long len, uint64_t *h) {
+  char buf[65536];
+  while (len > 0) {
+    ssize_t n;
+    do
+      n = read(fd, buf, len < (long long)sizeof buf ? (size_t)len : sizeof buf);
+    while (n == -1 && errno == EINTR);
+    if (n <= 0) {
+      if (n == 0)
+        errno = EIO;
+      return -1;
+    }
+    *h = fnv(*h, buf, (size_t)n);
+    len -= n;
+  }
+  return 0;
+}
+
+/* The FNV-1a state of the first 'keep' bytes of path, the file open for
+   writing at 'wfd' (checked to be the same file): 0, or -1 with errno. */
+static int hashkept(const char *path, int wfd, long long keep, uint64_t *h) {
+  struct stat a, b;
+  int rc = -1, e, fd;
+  *h = FNVSTART;
+  if (keep == 0)
+    return 0;
+  do
+    fd = open(path, O_RDONLY | O_CLOEXEC);
+  while (fd == -1 && errno == EINTR);
+  if (fd == -1)
+    return -1;
+  if (fstat(fd, &a) == 0 && fstat(wfd, &b) == 0) {
+    if (a.st_dev != b.st_dev || a.st_ino != b.st_ino)
+      errno = ESTALE; /* replaced since it was opened */
+    else
+      rc = hashfile(fd, keep, h);
+  }
+  e = errno;
+  close(fd);
+  errno = e;
+  return rc;
+}
+
+/* redirect(path, keep [, hash]) -> true | nil, message: results go to
+   path (cut to 'keep' bytes) instead of stdout; with 'hash', they are
+   hashed from the file's start, for the joblog's marks. */
 static int l_redirect(lua_State *L) {
   const char *path = luaL_checkstring(L, 1);
   long long keep = (long long)luaL_optinteger(L, 2, 0);
+  int hashing = lua_toboolean(L, 3);
   int fd = openkept(path, keep, 0);
+  uint64_t h = FNVSTART;
   fflush(stdout); /* what the script wrote goes to stdout, not to path */
+  if (fd >= 0 && hashing && hashkept(path, fd, keep, &h) != 0) {
+    int e = errno;
+    close(fd);
+    luaL_pushfail(L);
+    lua_pushfstring(L, "cannot read %s: %s", path, strerror(e));
+    return 2;
+  }
   if (fd < 0 || dup2(fd, 1) == -1) {
     luaL_pushfail(L);
     if (fd == KEPTLOCKED)
       lua_pushfstring(L, "%s is in use by another lpar run", path);
+    else if (fd == UNSAFELINK)
+      pushunsafe(L, path);
     else if (fd == KEPTSHORT)
       lua_pushfstring(L, "cannot write %s: shorter than its joblog says", path);
     else
@@ -546,6 +704,8 @@ static int l_redirect(lua_State *L) {
   }
   close(fd);
   out.outbytes = keep;
+  out.hashing = hashing;
+  out.outhash = h;
   free(out.outname);
   out.outname = strdup(path);
   if (out.outname == NULL)
@@ -564,12 +724,13 @@ static int l_openjoblog(lua_State *L) {
   const char *path = luaL_checkstring(L, 1);
   struct stat st;
   int fd, rc = 0;
-  do
-    fd = open(path, O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0666);
-  while (fd == -1 && errno == EINTR);
-  if (fd == -1) {
+  fd = openwrite(path, O_APPEND);
+  if (fd < 0) {
     luaL_pushfail(L);
-    lua_pushfstring(L, "cannot write %s: %s", path, strerror(errno));
+    if (fd == UNSAFELINK)
+      pushunsafe(L, path);
+    else
+      lua_pushfstring(L, "cannot write %s: %s", path, strerror(errno));
     return 2;
   }
   if (fstat(fd, &st) != 0)
@@ -614,7 +775,69 @@ static int l_joblog(lua_State *L) {
   return 1;
 }
 
-/* markers(on): whether marks write "# out <bytes> <line>" to the joblog */
+/*
+** checkmarks(path, marks) -> nil | k, why: whether the output file 'path'
+** agrees with each of 'marks' ({bytes, line, hash} in order, bytes not
+** going back): its first 'bytes' bytes hash, with 'line', to 'hash'. The
+** first that does not is marks[k]; 'why' says how ("short": the file
+** ends before, or is missing; "differs"). 0, message if the file cannot
+** be read.
+*/
+static int l_checkmarks(lua_State *L) {
+  const char *path = luaL_checkstring(L, 1);
+  lua_Integer k, n;
+  long long at = 0;
+  uint64_t h = FNVSTART;
+  int fd;
+  luaL_checktype(L, 2, LUA_TTABLE);
+  n = luaL_len(L, 2);
+  do
+    fd = open(path, O_RDONLY | O_CLOEXEC);
+  while (fd == -1 && errno == EINTR);
+  if (fd == -1 && errno != ENOENT) { /* a missing file holds 0 bytes */
+    lua_pushinteger(L, 0);
+    lua_pushfstring(L, "cannot read %s: %s", path, strerror(errno));
+    return 2;
+  }
+  for (k = 1; k <= n; k++) {
+    long long bytes, line;
+    char hex[17];
+    lua_geti(L, 2, k);
+    lua_geti(L, -1, 1);
+    lua_geti(L, -2, 2);
+    lua_geti(L, -3, 3);
+    bytes = (long long)lua_tointeger(L, -3);
+    line = (long long)lua_tointeger(L, -2);
+    if (bytes < at || (bytes > at && fd == -1) ||
+        hashfile(fd, bytes - at, &h) != 0) {
+      int e = bytes < at || fd == -1 ? EIO : errno;
+      if (fd >= 0)
+        close(fd);
+      lua_pushinteger(L, e == EIO ? k : 0);
+      if (e == EIO)
+        lua_pushliteral(L, "short");
+      else
+        lua_pushfstring(L, "cannot read %s: %s", path, strerror(e));
+      return 2;
+    }
+    at = bytes;
+    snprintf(hex, sizeof hex, "%016llx", (unsigned long long)markhash(h, line));
+    if (!lua_isstring(L, -1) || strcmp(hex, lua_tostring(L, -1)) != 0) {
+      if (fd >= 0)
+        close(fd);
+      lua_pushinteger(L, k);
+      lua_pushstring(L, "differs");
+      return 2;
+    }
+    lua_pop(L, 4);
+  }
+  if (fd >= 0)
+    close(fd);
+  return 0;
+}
+
+/* markers(on): whether marks write "# out <bytes> <line> <hash>" to the
+   joblog */
 static int l_markers(lua_State *L) {
   pthread_mutex_lock(&out.mu);
   out.markers = lua_toboolean(L, 1);
@@ -655,17 +878,6 @@ static int l_filetype(lua_State *L) {
                                            : "other");
   return 1;
 }
-
-/* FNV-1a, 64 bits, continued from h */
-static uint64_t fnv(uint64_t h, const char *p, size_t n) {
-  while (n-- > 0) {
-    h ^= (unsigned char)*p++;
-    h *= 0x100000001b3ULL;
-  }
-  return h;
-}
-
-#define FNVSTART 0xcbf29ce484222325ULL
 
 static void pushhash(lua_State *L, uint64_t h) {
   char hex[17];
@@ -1414,12 +1626,15 @@ static int l_count(lua_State *L) {
     close(fd);
     return 0;
   }
-  while ((k = read(fd, buf, 1 << 20)) > 0) {
-    const char *p = buf, *end = buf + k;
-    while ((p = memchr(p, sep, (size_t)(end - p))) != NULL) {
+  for (;;) {
+    const char *p = buf, *end;
+    do
+      k = read(fd, buf, 1 << 20);
+    while (k == -1 && errno == EINTR);
+    if (k <= 0)
+      break;
+    for (end = buf + k; (p = memchr(p, sep, (size_t)(end - p))) != NULL; p++)
       n++;
-      p++;
-    }
     last = buf[k - 1];
   }
   free(buf);
@@ -1451,6 +1666,21 @@ static int l_clock(lua_State *L) {
 static int l_cpus(lua_State *L) {
   long n = sysconf(_SC_NPROCESSORS_ONLN);
   lua_pushinteger(L, n > 0 ? n : 1);
+  return 1;
+}
+
+/* size(s) -> bytes | nil, why: a --max-memory value, read as the
+   module reads max_memory (lpar_opts_parsesize); 'why' is like "is not a
+   size (expected ...)" */
+static int l_size(lua_State *L) {
+  size_t bytes;
+  const char *why = lpar_opts_parsesize(luaL_checkstring(L, 1), &bytes);
+  if (why != NULL) {
+    luaL_pushfail(L);
+    lua_pushfstring(L, "%s (expected %s)", why, LPAR_SIZEHINT);
+    return 2;
+  }
+  lua_pushinteger(L, (lua_Integer)bytes);
   return 1;
 }
 
@@ -1501,6 +1731,7 @@ static const luaL_Reg helpers[] = {{"signals", l_signals},
                                    {"openjoblog", l_openjoblog},
                                    {"joblog", l_joblog},
                                    {"markers", l_markers},
+                                   {"checkmarks", l_checkmarks},
                                    {"clock", l_clock},
                                    {"fileid", l_fileid},
                                    {"filetype", l_filetype},
@@ -1515,6 +1746,7 @@ static const luaL_Reg helpers[] = {{"signals", l_signals},
                                    {"now", l_now},
                                    {"isatty", l_isatty},
                                    {"cpus", l_cpus},
+                                   {"size", l_size},
                                    {"isolate", l_isolate},
                                    {NULL, NULL}};
 

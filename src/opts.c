@@ -43,38 +43,62 @@ lua_Integer lpar_opts_count(lua_State *L, int arg, const char *what) {
   return v;
 }
 
+/* largest max_memory taken: 1 PiB (LPAR_SIZEHINT says so) */
+#define MAXSIZE ((double)(1ULL << 50))
+
+const char *lpar_opts_parsesize(const char *s, size_t *bytes) {
+  static const char units[] = "KMGT";
+  double v = 0, scale = 1;
+  const char *p = s, *u;
+  if (*p < '0' || *p > '9')
+    return "is not a size";
+  for (; *p >= '0' && *p <= '9'; p++)
+    v = v * 10 + (*p - '0');
+  if (*p == '.' && p[1] >= '0' && p[1] <= '9')
+    for (p++; *p >= '0' && *p <= '9'; p++)
+      v += (*p - '0') * (scale /= 10);
+  if (*p != '\0' && (u = strchr(units, *p & ~0x20)) != NULL && *u != '\0') {
+    v *= (double)(1ULL << (10 * (u - units + 1)));
+    p++;
+    if (*p == 'i')
+      p++;
+  }
+  if ((*p & ~0x20) == 'B')
+    p++;
+  if (*p != '\0')
+    return "is not a size";
+  if (v < 1024 * 1024)
+    return "is below 1 MiB";
+  if (v > MAXSIZE)
+    return "is above 1 PiB";
+  *bytes = (size_t)v;
+  return NULL;
+}
+
 size_t lpar_opts_size(lua_State *L, int arg) {
-  double v = 0;
-  int ok = 0;
+  size_t bytes = 0;
+  const char *why = NULL;
   if (lua_type(L, -1) == LUA_TNUMBER) {
-    v = (double)lua_tonumber(L, -1);
-    ok = 1;
+    double v = (double)lua_tonumber(L, -1);
+    if (!(v >= 1024 * 1024))
+      why = "is below 1 MiB";
+    else if (v > MAXSIZE)
+      why = "is above 1 PiB";
+    else
+      bytes = (size_t)v;
   }
-  else if (lua_type(L, -1) == LUA_TSTRING) {
-    const char *s = lua_tostring(L, -1);
-    char *end;
-    v = strtod(s, &end);
-    ok = end != s;
-    if (ok && *end != '\0') {
-      const char *units = "KMG";
-      const char *u = strchr(units, *end & ~0x20);
-      if (u == NULL)
-        ok = 0;
-      else {
-        v *= (double)(1ULL << (10 * (u - units + 1)));
-        end++;
-        if (*end == 'i')
-          end++;
-        if (*end == 'B')
-          end++;
-        ok = *end == '\0';
-      }
-    }
-  }
-  if (!ok || !(v >= 1024 * 1024) || v > 1e18)
+  else if (lua_type(L, -1) == LUA_TSTRING)
+    why = lpar_opts_parsesize(lua_tostring(L, -1), &bytes);
+  else
     luaL_argerror(L, arg,
-                  "max_memory must be at least 1 MiB, in bytes or like '512M'");
-  return (size_t)v;
+                  lua_pushfstring(L, "max_memory must be a size, got %s",
+                                  luaL_typename(L, -1)));
+  if (why != NULL)
+    luaL_argerror(L, arg,
+                  lua_pushfstring(L, "max_memory '%s' %s (expected %s)",
+                                  luaL_tolstring(L, -1, NULL), why,
+                                  LPAR_SIZEHINT));
+  return bytes;
 }
 
 void lpar_opts_hook(lua_State *L, int arg, const char *name) {
@@ -125,7 +149,11 @@ void lpar_opts_run(lua_State *L, int arg, lua_Integer *chunk, int *collect,
   lua_pop(L, 1);
   if (lua_getfield(L, arg, "retries") != LUA_TNIL) {
     lua_Integer n = lpar_opts_count(L, arg, "retries");
-    *retries = n > LPAR_MAXRETRIES ? LPAR_MAXRETRIES : (int)n;
+    if (n > LPAR_MAXRETRIES)
+      luaL_argerror(L, arg,
+                    lua_pushfstring(L, "retries must be at most %d, not %I",
+                                    LPAR_MAXRETRIES, (LUAI_UACINT)n));
+    *retries = (int)n;
   }
   else
     lua_pop(L, 1);

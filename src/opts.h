@@ -16,8 +16,18 @@ void lpar_opts_checkkeys(lua_State *L, int arg, const char *const names[]);
    naming 'what' as argument 'arg'. */
 lua_Integer lpar_opts_count(lua_State *L, int arg, const char *what);
 
+/* The bytes of a memory size written as digits with an optional
+   fraction, then an optional unit K, M, G or T (any case, powers of
+   1024), "i" and "B" ("512M", "1.5g", "2GiB", "1048576"), in *bytes; NULL,
+   or what is wrong with it ("is below 1 MiB"), to be followed by
+   LPAR_SIZEHINT. The parser of max_memory for the module, pools and the
+   CLI's --max-memory. */
+#define LPAR_SIZEHINT "bytes or like '512M', from 1 MiB to 1 PiB"
+const char *lpar_opts_parsesize(const char *s, size_t *bytes);
+
 /* A memory size from the value at the top (left there): bytes as a
-   number, or a string with a K, M or G suffix ("512M", "2GiB"). */
+   number, or a string lpar_opts_parsesize takes; raise naming the value
+   as argument 'arg' otherwise. */
 size_t lpar_opts_size(lua_State *L, int arg);
 
 /* Push field 'name' of the table at 'arg' if it is a function, nil if
@@ -45,8 +55,8 @@ void lpar_opts_onevent(lua_State *L, int arg);
 
 /* The options every kind of run has, from the table at 'arg': chunksize
    (0 when absent), on_error ("collect" sets *collect), timeout (seconds,
-   0 when absent) and retries (at most LPAR_MAXRETRIES). Fields not there
-   leave the outputs as they are. */
+   0 when absent) and retries (raises above LPAR_MAXRETRIES). Fields not
+   there leave the outputs as they are. */
 void lpar_opts_run(lua_State *L, int arg, lua_Integer *chunk, int *collect,
                    double *timeout, int *retries);
 

@@ -289,12 +289,13 @@ int lpar_proc_wait(pid_t pid, int *status, int block) {
   return 1;
 }
 
-int lpar_proc_waituntil(const Proc *p, long long deadline, int *status) {
+int lpar_proc_waituntil(const Proc *p, long long deadline,
+                        volatile sig_atomic_t *stop, int *status) {
   int rc;
   while ((rc = lpar_proc_waitproc(p, status, 0)) == 0) {
     long long left = deadline - lpar_proc_now();
     int ms;
-    if (left <= 0)
+    if (left <= 0 || (stop != NULL && *stop))
       return 0;
     ms = left > 100000000LL ? 100 : (int)(left / 1000000) + 1;
     if (p->pidfd >= 0) {

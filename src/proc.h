@@ -96,10 +96,13 @@ int lpar_proc_waitproc(const Proc *p, int *status, int block);
 
 /*
 ** Wait until worker 'p' ends or the monotonic clock reaches 'deadline'
-** (ns), then reap it as lpar_proc_wait does: 1 and *status set, 0 if it
-** still runs at the deadline, -errno. Uses its pidfd when it has one.
+** (ns), or *stop (if not NULL) is set (by a signal handler; looked at
+** every 100 ms at most, and at once when the signal interrupts the
+** wait), then reap it as lpar_proc_wait does: 1 and *status set, 0 if it
+** still runs, -errno. Uses its pidfd when it has one.
 */
-int lpar_proc_waituntil(const Proc *p, long long deadline, int *status);
+int lpar_proc_waituntil(const Proc *p, long long deadline,
+                        volatile sig_atomic_t *stop, int *status);
 
 /*
 ** Make SIGCHLD deliverable for the time lpar waits for its workers: when

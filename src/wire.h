@@ -17,6 +17,12 @@
 #define LPAR_MAXFRAME ((uint64_t)1 << 40)
 #endif
 
+/* most items one WORK or ITEMS frame hands out (its count is a u32; a
+   larger chunksize is cut to this) */
+#if !defined(LPAR_MAXFRAMECOUNT)
+#define LPAR_MAXFRAMECOUNT (1 << 30)
+#endif
+
 enum {
   LPAR_FWORK = 1, /* parent -> worker: u64 first index; count items */
   LPAR_FITEMS,    /* parent -> worker: u64 first index, count encoded items */

@@ -146,7 +146,21 @@ void lpar_worker_check(int rc) {
     _exit(rc == -EPIPE ? 0 : LPAR_EXITBROKEN);
 }
 
+void lpar_worker_own(const Runner *r) {
+  pid_t self = getpid();
+  if (self != r->pid) {
+    fprintf(stderr,
+            "lpar: process %d, forked by worker %d, returned into the "
+            "worker's loop: it leaves (end a forked child with os.exit or "
+            "_exit)\n",
+            (int)self, (int)r->pid);
+    fflush(stderr);
+    _exit(1);
+  }
+}
+
 void lpar_worker_initrunner(Runner *r, lua_State *L, int fd, Slot *slot) {
+  r->pid = getpid();
   lpar_worker_mark(L);
   ownslot = slot;
   if (lpar_buf_reserve(&r->out, 4096) != 0)
@@ -182,6 +196,7 @@ int lpar_worker_seal(Runner *r) {
 static void sendframe(Runner *r) {
   uint64_t pos;
   char *p = NULL;
+  lpar_worker_own(r);
   if (r->out.n >= LPAR_RINGMIN)
     p = lpar_ring_put(&r->ring, r->out.n, r->fd, &pos);
   if (p != NULL) {
@@ -417,6 +432,7 @@ void lpar_worker_senderror(Runner *r, lua_Integer i) {
   Slot *slot = r->slot;
   Buf own = {NULL, 0, 0}, *b = &own;
   Frame f;
+  int status;
   /* the results before it go first, as no item's; then a worker that
      dies before this frame is out is item i's failure */
   slot->item = 0;
@@ -430,7 +446,9 @@ void lpar_worker_senderror(Runner *r, lua_Integer i) {
   lua_pushvalue(L, -3);
   lua_pushvalue(L, -3);
   lua_pushlightuserdata(L, r);
-  if (lua_pcall(L, 3, 1, 0) == LUA_OK)
+  status = lua_pcall(L, 3, 1, 0); /* may run a __tostring */
+  lpar_worker_own(r);
+  if (status == LUA_OK)
     b = lua_touserdata(L, -1);
   else
     lpar_worker_check(plainerror(L, -3, b));
@@ -474,6 +492,7 @@ int lpar_worker_runitem(Runner *r, lua_Integer i) {
   r->slot->part = -1;
   r->slot->item = i;
   status = lua_pcall(L, 1, 1, r->msgh);
+  lpar_worker_own(r);
   if (status == LUA_OK) {
     size_t mark = r->out.n;
     if (r->count == 0)
@@ -504,8 +523,11 @@ int lpar_worker_runitem(Runner *r, lua_Integer i) {
 }
 
 int lpar_worker_hook(Runner *r, int idx) {
+  int status;
   lua_pushvalue(r->L, idx);
-  if (lua_pcall(r->L, 0, 0, r->msgh) == LUA_OK)
+  status = lua_pcall(r->L, 0, 0, r->msgh);
+  lpar_worker_own(r);
+  if (status == LUA_OK)
     return 0;
   lpar_worker_unpackerror(r->L);
   return 1;
@@ -529,8 +551,9 @@ void lpar_worker_reportclose(lua_State *L, const char *who) {
 }
 
 void lpar_worker_finish(Proc *p, long long deadline, double secs, int hasclose,
-                        int report, const char *who) {
-  int status = 0, rc = lpar_proc_waituntil(p, deadline, &status);
+                        int report, const char *who,
+                        volatile sig_atomic_t *stop) {
+  int status = 0, rc = lpar_proc_waituntil(p, deadline, stop, &status);
   char desc[96];
   if (rc == 1 && report && lpar_proc_leftbadly(status)) {
     lpar_proc_describe(status, desc, sizeof desc);
@@ -542,7 +565,9 @@ void lpar_worker_finish(Proc *p, long long deadline, double secs, int hasclose,
               desc);
     fflush(stderr);
   }
-  if (rc == 0) {
+  if (rc == 0 && stop != NULL && *stop) /* Ctrl-C: no close is waited for */
+    rc = 2;
+  else if (rc == 0) {
     lpar_proc_secs(secs, desc, sizeof desc);
     if (hasclose)
       fprintf(stderr, "lpar: %s %d: close timed out after %s s\n", who,
@@ -551,6 +576,8 @@ void lpar_worker_finish(Proc *p, long long deadline, double secs, int hasclose,
       fprintf(stderr, "lpar: %s %d: did not leave within %s s\n", who,
               (int)p->pid, desc);
     fflush(stderr);
+  }
+  if (rc == 0 || rc == 2) {
     lpar_proc_killproc(p, SIGKILL);
     lpar_proc_waitproc(p, &status, 1);
   }
@@ -701,6 +728,7 @@ static void chunkdone(Runner *r) {
   f.count = 0;
   f.len = 0;
   lpar_wire_putheader(h, &f);
+  lpar_worker_own(r);
   if (lpar_worker_seal(r) && r->out.n >= LPAR_RINGMIN)
     lpar_worker_flush(r); /* through the ring if it fits there */
   if (r->count > 0) {
@@ -724,6 +752,7 @@ int lpar_worker_loadfn(lua_State *L) {
 /* A CALL frame: put the function it names into the function slot. */
 static void call(WState *ws, const Frame *f) {
   lua_State *L = ws->r.L;
+  int status;
   ws->flags = (int)f->count;
   if (ws->flags & LPAR_CALLINHERIT) {
     if (ws->in.n != 8 || ws->a->fnsidx == 0)
@@ -734,7 +763,9 @@ static void call(WState *ws, const Frame *f) {
   }
   lua_pushcfunction(L, lpar_worker_loadfn);
   lua_pushlstring(L, ws->in.p, ws->in.n);
-  if (lua_pcall(L, 1, 1, ws->r.msgh) == LUA_OK) {
+  status = lua_pcall(L, 1, 1, ws->r.msgh);
+  lpar_worker_own(&ws->r);
+  if (status == LUA_OK) {
     lua_replace(L, ws->fidx);
     return;
   }
@@ -745,6 +776,36 @@ static void call(WState *ws, const Frame *f) {
   lpar_worker_senderror(&ws->r, 0);
   lua_pushnil(L);
   lua_replace(L, ws->fidx);
+}
+
+/* lua_CFunction: (items, i) -> items[i], which may run __index */
+static int getitem(lua_State *L) {
+  lua_geti(L, 1, lua_tointeger(L, 2));
+  return 1;
+}
+
+/*
+** Push item i of the items table at 'idx', read under a protected call:
+** 0; or, when reading it raised (its __index), send that error as item
+** i's and pop the function below it: 1.
+*/
+static int fetchitem(Runner *r, int idx, lua_Integer i) {
+  lua_State *L = r->L;
+  int status;
+  r->slot->item = i; /* a death while reading it is its failure */
+  lua_pushcfunction(L, getitem);
+  lua_pushvalue(L, idx);
+  lua_pushinteger(L, i);
+  status = lua_pcall(L, 2, 1, r->msgh);
+  lpar_worker_own(r);
+  r->slot->item = 0;
+  if (status == LUA_OK)
+    return 0;
+  lpar_worker_unpackerror(L); /* function, error, traceback */
+  r->memerr = status == LUA_ERRMEM && r->limit != NULL;
+  lua_remove(L, -3);
+  lpar_worker_senderror(r, i);
+  return 1;
 }
 
 /* A WORK or ITEMS frame: run the items, send the results, then READY. */
@@ -758,13 +819,17 @@ static void items(WState *ws, const Frame *f) {
   ws->r.timed = (ws->flags & LPAR_CALLTIMED) != 0;
   lpar_worker_begin(&ws->r, first);
   for (k = 0; k < (lua_Integer)f->count && !lua_isnil(L, ws->fidx); k++) {
+    int failed;
     lua_pushvalue(L, ws->fidx);
     if (f->type == LPAR_FWORK)
-      lua_geti(L, ws->a->itemsidx, first + k);
+      failed = fetchitem(&ws->r, ws->a->itemsidx, first + k);
     else if (lpar_codec_decode(L, ws->in.p, ws->in.n, &pos) != 0)
       _exit(LPAR_EXITBADINPUT);
-    if (lpar_worker_runitem(&ws->r, first + k) &&
-        !(ws->flags & LPAR_CALLCOLLECT))
+    else
+      failed = 0;
+    if (!failed)
+      failed = lpar_worker_runitem(&ws->r, first + k);
+    if (failed && !(ws->flags & LPAR_CALLCOLLECT))
       break;
   }
   chunkdone(&ws->r);
@@ -773,7 +838,9 @@ static void items(WState *ws, const Frame *f) {
 static void serve(WState *ws) {
   Frame f;
   for (;;) {
-    int rc = lpar_wire_recv(ws->a->cmdfd, &f, &ws->in);
+    int rc;
+    lpar_worker_own(&ws->r);
+    rc = lpar_wire_recv(ws->a->cmdfd, &f, &ws->in);
     if (rc == 1)
       return; /* the parent closed the channel: done */
     lpar_worker_check(rc);

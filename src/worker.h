@@ -6,6 +6,7 @@
 #define lpar_worker_h
 
 #include <stdint.h>
+#include <sys/types.h>
 
 #include "buf.h"
 #include "lua.h"
@@ -92,6 +93,7 @@ typedef struct Runner {
   int bigresults;    /* malloc was told to keep freed memory */
   int memerr;        /* the error being sent is the memory limit's */
   Ring ring;         /* big frames go here (ring.base NULL: none) */
+  pid_t pid;         /* the worker's own pid: only it talks to the parent */
 } Runner;
 
 /* Set up r to run items of the freshly forked worker state L and send
@@ -101,6 +103,13 @@ void lpar_worker_initrunner(Runner *r, lua_State *L, int fd, Slot *slot);
 
 /* Leave the worker at once if rc != 0 (parent gone, out of memory). */
 void lpar_worker_check(int rc);
+
+/* Make sure this is the worker itself, not a process the user's code
+   forked that returned into lpar (it would answer the parent and take
+   its items): a copy says so on stderr and leaves with _exit(1), touching
+   neither the pipes nor the shared slot. Called after each protected call
+   of user code and before each frame is read or written. */
+void lpar_worker_own(const Runner *r);
 
 /* Begin a results frame at item 'first', timing from now. */
 void lpar_worker_begin(Runner *r, lua_Integer first);
@@ -168,10 +177,12 @@ int lpar_worker_setlimit(Runner *r, size_t max);
 ** or 'deadline' (ns) passes: then it is killed. Either way it is reaped
 ** and its pidfd closed. Reported on stderr as '<who> <pid>': a close that
 ** timed out after 'secs', and, if 'report', one that left badly (exit
-** status, signal) rather than by lpar's own kill.
+** status, signal) rather than by lpar's own kill. Once *stop is set (a
+** signal, see lpar_proc_waituntil) it is killed at once, unreported.
 */
 void lpar_worker_finish(Proc *p, long long deadline, double secs, int hasclose,
-                        int report, const char *who);
+                        int report, const char *who,
+                        volatile sig_atomic_t *stop);
 
 /* Reseed math.random, so that every worker draws its own numbers. */
 void lpar_worker_reseed(lua_State *L, lua_Integer place);

@@ -110,15 +110,27 @@ local function count(name, v)
   return n
 end
 
-local function memsize(name, v)
-  local n, unit = v:match("^(%d+%.?%d*)([KMG]?)i?B?$")
-  local power = unit and (unit == "" and 0 or ("KMG"):find(unit, 1, true))
-  local bytes = n and tonumber(n) * 1024 ^ power
-  if not n or bytes < 1024 * 1024 or bytes >= 2 ^ 53 then
-    return nil, ("bad value for '%s': '%s' (expected a size of at least 1M, " ..
-                 "like 512M)"):format(name, v)
+-- --max-memory SIZE: checked by the parser of the module's max_memory
+-- (size, a C helper), kept as written (the module reads it again, and
+-- messages name the limit as the user gave it)
+local function memsize(name, v, _, size)
+  local bytes, why = size(v)
+  if not bytes then
+    return nil, ("bad value for '%s': '%s' %s"):format(name, v, why)
   end
   return v
+end
+
+-- most times a failed item is run again (LPAR_MAXRETRIES)
+local MAXRETRIES = 1000000
+
+-- --retries N: a whole number up to MAXRETRIES
+local function retrycount(name, v)
+  local n, err = count(name, v)
+  if n and n > MAXRETRIES then
+    return nil, ("bad value for '%s': '%s' (at most %d)"):format(name, v, MAXRETRIES)
+  end
+  return n, err
 end
 
 local function seconds(name, v)
@@ -173,15 +185,96 @@ local function haltvalue(name, v)
   return h
 end
 
--- --colsep SEP: a Lua pattern, in which \t stands for a tab
+-- Where the set that starts at 'i' of pattern 'p' ("[...]") ends: the
+-- index after its ']', or nil and a message.
+local function setend(p, i)
+  i = i + 1
+  if p:sub(i, i) == "^" then i = i + 1 end
+  repeat -- the first byte is in the set even when it is ']'
+    if i > #p then return nil, "malformed pattern (missing ']')" end
+    local c = p:sub(i, i)
+    i = i + (c == "%" and 2 or 1)
+  until p:sub(i, i) == "]"
+  return i + 1
+end
+
+-- Whether the Lua pattern 'p' can match an empty string somewhere, in
+-- some subject: true when every item of it can be empty (a class with
+-- *, - or ?, %f[set], (), the anchors, a back-reference to a capture
+-- that can be empty); or nil and a message when p is malformed. Lua
+-- patterns have no alternation, so a single item that takes at least
+-- one byte (a class, alone or with +, or %bxy) means it never can.
+function M.nullable(p)
+  local i, empty = 1, true
+  -- captures, numbered as they open: whether each closed one can be
+  -- empty; the open ones: {number, whether all before it could be}
+  local caps, ncaps, open = {}, 0, {}
+  if p:sub(1, 1) == "^" then i = 2 end
+  while i <= #p do
+    local c, item = p:sub(i, i), nil
+    local j
+    if c == "(" then
+      ncaps = ncaps + 1
+      if p:sub(i + 1, i + 1) == ")" then -- a position capture
+        caps[ncaps], item, j = true, true, i + 2
+      else
+        open[#open + 1], j = {ncaps, empty}, i + 1
+        empty = true
+      end
+    elseif c == ")" then
+      if #open == 0 then return nil, "invalid pattern capture" end
+      local cap = table.remove(open)
+      caps[cap[1]] = empty
+      empty = cap[2] and empty
+      j = i + 1
+    elseif c == "$" and i == #p then
+      item, j = true, i + 1
+    elseif c == "%" and p:sub(i + 1, i + 1) == "b" then
+      if #p < i + 3 then return nil, "malformed pattern (missing arguments to '%b')" end
+      item, j = false, i + 4
+    elseif c == "%" and p:sub(i + 1, i + 1) == "f" then
+      if p:sub(i + 2, i + 2) ~= "[" then return nil, "missing '[' after '%f' in pattern" end
+      local e, err = setend(p, i + 2)
+      if not e then return nil, err end
+      item, j = true, e
+    elseif c == "%" and p:find("^%d", i + 1) then
+      local k = tonumber(p:sub(i + 1, i + 1))
+      if caps[k] == nil then return nil, "invalid capture index %" .. k end
+      item, j = caps[k], i + 2
+    else -- one byte of a class, then maybe *, +, - or ?
+      if c == "%" then
+        if i == #p then return nil, "malformed pattern (ends with '%')" end
+        j = i + 2
+      elseif c == "[" then
+        local e, err = setend(p, i)
+        if not e then return nil, err end
+        j = e
+      else
+        j = i + 1
+      end
+      local q = p:sub(j, j)
+      item = q == "*" or q == "-" or q == "?"
+      if item or q == "+" then j = j + 1 end
+    end
+    if item ~= nil then empty = empty and item end
+    i = j
+  end
+  if #open > 0 then return nil, "unfinished capture" end
+  return empty
+end
+
+-- --colsep SEP: a Lua pattern, in which \t stands for a tab; not one
+-- that can match an empty string anywhere (a split there makes no
+-- sense: %f[%w], (), x*, ^, $)
 local function colsep(name, v)
   local sep = v:gsub("\\t", "\t")
+  local empty, err = M.nullable(sep)
   local ok, at = pcall(string.find, "", sep)
-  if not ok then
-    return nil, ("bad value for '%s': '%s' (not a Lua pattern: %s)"):format(name, v, at)
+  if not ok or empty == nil then
+    return nil, ("bad value for '%s': '%s' (not a Lua pattern: %s)"):format(name, v, err or at)
   end
-  if at then
-    return nil, ("bad value for '%s': '%s' (it matches an empty string)"):format(name, v)
+  if empty or at then
+    return nil, ("bad value for '%s': '%s' (it can match an empty string)"):format(name, v)
   end
   return sep
 end
@@ -198,7 +291,7 @@ local valued = {
   ["--remote-lpar"] = "remotelpar",
 }
 local checks = {jobs = jobs, chunk = posint, timeout = seconds,
-                retries = count, maxmem = memsize, shard = shard, halt = haltvalue,
+                retries = retrycount, maxmem = memsize, shard = shard, halt = haltvalue,
                 colsep = colsep}
 -- options that may be given several times: a list of their values
 local lists = {files = true, code = true, hosts = true}
@@ -217,11 +310,12 @@ local function halting(v)
 end
 
 -- Parse argv (argv[1..n], as main gets it) into options, or nil and a
--- message; 'cpus' is for -j N%. o.script is the script's path (nil with
--- -e); o.at is where the script stands in argv: arg[k] of the script is
--- argv[o.at + k], for k up to o.last - o.at. o.items: the items given
--- after ':::'; o.files: those of -a.
-function M.parse(argv, cpus)
+-- message; 'cpus' is for -j N%, 'size' reads --max-memory (c.size).
+-- o.script is the script's path (nil with -e); o.at is where the script
+-- stands in argv: arg[k] of the script is argv[o.at + k], for k up to
+-- o.last - o.at. o.items: the items given after ':::'; o.files: those
+-- of -a.
+function M.parse(argv, cpus, size)
   local o = {}
   local i = 1
   cpus = cpus or 1
@@ -247,7 +341,7 @@ function M.parse(argv, cpus)
       end
     end
     if checks[key] then
-      local v, err = checks[key](name, value, cpus)
+      local v, err = checks[key](name, value, cpus, size)
       if v == nil then return nil, err end
       value = v
     end
@@ -955,24 +1049,29 @@ local function stopped(f)
 end
 
 M.logheader = "# line\tstatus\tseconds\tattempts\tstart\thost\terror\n"
-M.logfirst = "# lpar joblog 2\n"
+M.logfirst = "# lpar joblog 3\n"
+-- the first line of joblogs of format 2 (marks without a hash of the
+-- output), which --resume refuses with a clear message
+M.v2first = "# lpar joblog 2\n"
 -- the first lines of joblogs of format 1 (lpar before the start, host
 -- and error columns), which --resume refuses with a clear message
 M.oldheader = "# line\tstatus\tseconds\tattempts\n"
 M.oldfirst = "# lpar joblog 1\n"
 
 -- Where to resume from a joblog's text: output bytes to keep, joblog
--- bytes to keep, records done (all 0 to start afresh); or nil and a
--- message naming the joblog ('path') and its first bad line. The text
--- must be what lpar writes: the header, then item lines and marks
--- ("# out <bytes> <line>", neither going back). Only a last line without
--- its newline may be cut short (a write that failed): nothing of it is
--- kept. An empty joblog, or its first line cut short, starts afresh.
+-- bytes to keep, records done (all 0 to start afresh), and its marks
+-- ({bytes, line, hash, n = joblog line, text}, for M.checkmarks); or nil
+-- and a message naming the joblog ('path') and its first bad line. The
+-- text must be what lpar writes: the header, then item lines and marks
+-- ("# out <bytes> <line> <hash>", neither number going back). Only a last
+-- line without its newline may be cut short (a write that failed):
+-- nothing of it is kept. An empty joblog, or its first line cut short,
+-- starts afresh.
 function M.resumepoint(text, path)
-  local bytes, keep, done = 0, 0, 0
+  local bytes, keep, done, marks = 0, 0, 0, {}
   text = text or ""
   local first = M.logfirst
-  if #text < #first and first:sub(1, #text) == text then return 0, 0, 0 end
+  if #text < #first and first:sub(1, #text) == text then return 0, 0, 0, marks end
   local function bad(n, why, line)
     return nil, ("bad joblog %s, line %d: %s (%s)"):format(path, n, why, M.shorten(line, 60))
   end
@@ -988,6 +1087,10 @@ function M.resumepoint(text, path)
       if line .. "\n" == M.oldfirst then
         return nil, ("cannot resume from %s: it was written by an older lpar (joblog format 1, " ..
                      "without the start, host and error columns): run afresh without --resume")
+          :format(path)
+      elseif line .. "\n" == M.v2first then
+        return nil, ("cannot resume from %s: it was written by an older lpar (joblog format 2, " ..
+                     "whose marks carry no hash of the output): run afresh without --resume")
           :format(path)
       elseif line .. "\n" == M.oldheader or line .. "\n" == M.logheader then -- no fingerprint
         return nil, ("cannot resume from %s: it does not say which run it belongs to " ..
@@ -1005,7 +1108,7 @@ function M.resumepoint(text, path)
         return bad(n, "not a header line", line)
       end
     elseif line:byte(1) == 35 then -- '#'
-      local b, l = line:match("^# out (%d+) (%d+)$")
+      local b, l, h = line:match("^# out (%d+) (%d+) (" .. ("[0-9a-f]"):rep(16) .. ")$")
       if not b then return bad(n, "not a mark", line) end
       b, l = math.tointeger(tonumber(b)), math.tointeger(tonumber(l))
       if not b or not l then
@@ -1015,13 +1118,30 @@ function M.resumepoint(text, path)
         return bad(n, ("the mark goes back (from %d bytes, line %d)"):format(bytes, done), line)
       end
       bytes, done, keep = b, l, nl
+      marks[#marks + 1] = {b, l, h, n = n, text = line}
     elseif not line:match("^%d+\t%a+\t%d+%.%d+\t%d+\t%d+%.%d+\t[^\t]*\t[^\t]*$") or
         not (line:match("^%d+\tok\t") or line:match("^%d+\tfailed\t")) then
       return bad(n, "not an item line", line)
     end
     pos = nl + 1
   end
-  return bytes, keep, done
+  return bytes, keep, done, marks
+end
+
+-- Whether the output file 'output' agrees with the marks of the joblog
+-- 'path' (from M.resumepoint): nil, or the message naming the joblog line
+-- of the first that does not (edited by hand, or another file's).
+function M.checkmarks(c, marks, path, output)
+  local k, why = c.checkmarks(output, marks)
+  if not k then return nil end
+  if k == 0 then return ("cannot resume from %s: %s"):format(path, why) end
+  local m = marks[k]
+  if why == "short" then
+    return ("bad joblog %s, line %d: %s holds fewer bytes than the mark counts (%s)")
+      :format(path, m.n, output, M.shorten(m.text, 60))
+  end
+  return ("bad joblog %s, line %d: the mark does not agree with the bytes of %s (%s)")
+    :format(path, m.n, output, M.shorten(m.text, 60))
 end
 
 -- bytes at the start of the items that identify them in a joblog
@@ -1168,7 +1288,7 @@ function M.failedlines(o, c, reader)
   local clash = M.clash(o, c, reader)
   if clash then return nil, clash end
   local text = readall(path) or ""
-  local keepout, keeplog, done = M.resumepoint(text, path)
+  local keepout, keeplog, done, marks = M.resumepoint(text, path)
   if not keepout then return nil, keeplog end
   -- without marks (no -o, or --unordered), all of the joblog counts and
   -- the results are appended to what -o holds
@@ -1193,6 +1313,8 @@ function M.failedlines(o, c, reader)
     local diff = M.differs(text, M.fingerprint(o, c, reader), reader, maxline)
     if diff then return nil, ("cannot resume from %s: %s"):format(path, diff) end
   end
+  local wrong = o.output and marked and M.checkmarks(c, marks, path, o.output)
+  if wrong then return nil, wrong end
   return {lines = lines, keepout = keepout, keeplog = keeplog, done = done, marked = marked}
 end
 
@@ -1461,12 +1583,15 @@ function M.run(o, c, reader, counter, map, init, close)
     local fp = o.joblog and M.fingerprint(o, c, reader)
     if o.resume then
       local text = readall(o.joblog)
-      keepout, keeplog, done = M.resumepoint(text, o.joblog)
+      local marks
+      keepout, keeplog, done, marks = M.resumepoint(text, o.joblog)
       if not keepout then return fail(2, keeplog) end
       local diff = keeplog > 0 and M.differs(text, fp, reader, done)
       if diff then
         return fail(2, ("cannot resume from %s: %s"):format(o.joblog, diff))
       end
+      diff = M.checkmarks(c, marks, o.joblog, o.output)
+      if diff then return fail(2, diff) end
       done = mine(done)
       skipped = done > 0 and reader:skip(done) or 0
       if skipped < done then
@@ -1474,7 +1599,9 @@ function M.run(o, c, reader, counter, map, init, close)
                     :format(o.joblog, done, skipped))
       end
     end
-    if o.output and not o.redirected then ok, err = c.redirect(o.output, keepout) end
+    if o.output and not o.redirected then
+      ok, err = c.redirect(o.output, keepout, o.joblog ~= nil) -- hashed for the marks
+    end
     if ok and o.joblog then
       -- output positions are marks to resume from: with ordered output only
       -- (--resume-failed writes one mark, at the end)
@@ -1992,7 +2119,7 @@ end
 -- The command: argv[0..n] as C gives it, c the C helpers. Returns the
 -- exit status.
 function M.main(argv, c)
-  local o, err = M.parse(argv, c.cpus())
+  local o, err = M.parse(argv, c.cpus(), c.size)
   if not o then
     io.stderr:write("lpar: ", err, "\n", M.usage, "\n",
                     "try 'lpar --help' for more\n")
