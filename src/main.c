@@ -14,6 +14,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/file.h>
+#include <sys/resource.h>
 #include <sys/stat.h>
 #include <time.h>
 #include <unistd.h>
@@ -1020,7 +1021,21 @@ typedef struct Reader {
   lua_Integer raw;            /* records of the input seen (all shards) */
   int skipping; /* inside a record of another shard: drop up to its end */
   size_t scan;  /* buf[pos, scan) is kept records; [scan, len) unsorted */
+  size_t clear; /* buf[pos, pos + clear) holds no separator */
+  /* A regular file that the workers read themselves: a batch is a byte
+     range of it, and the reader keeps no more than a buffer of it: the
+     start of a record longer than that is dropped, counted in 'held'. */
+  int ranges;
+  int rangefd;      /* what the workers read (a dup of fd, kept open) */
+  off_t base;       /* ranges: the file offset of buf[0] */
+  size_t held;      /* ranges: bytes of the record at buf[pos] before it */
+  size_t limit;     /* most bytes of one record (--max-memory), 0: none */
+  size_t nextcheck; /* ranges: the size of a record that is checked next */
 } Reader;
+
+/* The fd that batches given as byte ranges are read from (a worker
+   inherits it at fork), or -1. */
+static int rangefd = -1;
 
 /* Raise if a signal asks to stop or the output is gone. */
 static void checkstop(lua_State *L) {
@@ -1112,14 +1127,115 @@ static void sift(Reader *r) {
   r->len = r->scan + (size_t)(end - p);
 }
 
-/* Make room in r->buf for one more byte; raises when out of memory. */
+/* MemAvailable of /proc/meminfo in bytes, or 0 if unknown. */
+static size_t memavailable(void) {
+  char line[256];
+  unsigned long long kb = 0;
+  FILE *f = fopen("/proc/meminfo", "re");
+  if (f == NULL)
+    return 0;
+  while (fgets(line, sizeof line, f) != NULL)
+    if (sscanf(line, "MemAvailable: %llu kB", &kb) == 1)
+      break;
+  fclose(f);
+  return kb > SIZE_MAX / 1024 ? SIZE_MAX : (size_t)kb * 1024;
+}
+
+/*
+** The most bytes one record may take now, and why, given that this
+** process holds 'here' bytes of it already. A worker holds a record
+** twice while it makes it a Lua string, and this process may hold it
+** once more: a record gets a third of the memory available (counting
+** what it holds already), half of RLIMIT_AS and RLIMIT_DATA (which the
+** workers inherit), and no more than --max-memory.
+*/
+static size_t recordlimit(Reader *r, size_t here, const char **why) {
+  size_t lim = SIZE_MAX, avail = memavailable();
+  struct rlimit rl;
+  *why = NULL;
+  if (avail > 0 && (avail + here) / 3 < lim) {
+    lim = (avail + here) / 3;
+    *why = "a third of the memory available";
+  }
+  if (getrlimit(RLIMIT_AS, &rl) == 0 && rl.rlim_cur != RLIM_INFINITY &&
+      rl.rlim_cur / 2 < lim) {
+    lim = (size_t)(rl.rlim_cur / 2);
+    *why = "half of the address space limit (ulimit -v)";
+  }
+  if (getrlimit(RLIMIT_DATA, &rl) == 0 && rl.rlim_cur != RLIM_INFINITY &&
+      rl.rlim_cur / 2 < lim) {
+    lim = (size_t)(rl.rlim_cur / 2);
+    *why = "half of the data size limit (ulimit -d)";
+  }
+  if (r->limit > 0 && r->limit < lim) {
+    lim = r->limit;
+    *why = "--max-memory";
+  }
+  return lim;
+}
+
+/* The input line (or -0 record) number of the record being read. */
+static lua_Integer recordno(Reader *r) {
+  return (r->shardn > 1 ? r->raw : r->count) + 1;
+}
+
+/* Raise: the record being read, 'size' bytes so far, may take 'lim'. */
+static void toolong(lua_State *L, Reader *r, size_t size, size_t lim,
+                    const char *why) {
+  raisef(L,
+         "%s %I is too long: %I bytes read and no end yet, over the %I "
+         "bytes one record may take (%s)",
+         r->sep == '\n' ? "line" : "item", (LUAI_UACINT)recordno(r),
+         (LUAI_UACINT)size, (LUAI_UACINT)lim, why);
+}
+
+/*
+** Make room in r->buf for one more byte; raises when out of memory or
+** when the record in it outgrows recordlimit (the buffer then grows to
+** that limit at most, so the record fails as it reaches it).
+*/
 static void grow(lua_State *L, Reader *r) {
-  size_t cap = r->cap ? 2 * r->cap : LPAR_READSIZE;
-  char *p = realloc(r->buf, cap);
+  size_t cap = r->cap ? 2 * r->cap : LPAR_READSIZE, size = r->len - r->pos;
+  const char *why = NULL;
+  char *p;
+  if (r->cap >= LPAR_READSIZE) {
+    size_t lim = recordlimit(r, size, &why);
+    if (size >= lim)
+      toolong(L, r, size, lim, why);
+    if (cap > lim + 1)
+      cap = lim + 1;
+  }
+  p = realloc(r->buf, cap);
   if (p == NULL)
-    raisef(L, "not enough memory for an item of %I bytes", (LUAI_UACINT)r->len);
+    raisef(L, "%s %I is too long: not enough memory for its %I bytes so far",
+           r->sep == '\n' ? "line" : "item", (LUAI_UACINT)recordno(r),
+           (LUAI_UACINT)size);
   r->buf = p;
   r->cap = cap;
+}
+
+/*
+** With ranges: the buffer is full of one record's start (no separator
+** in it): drop those bytes, counted in r->held, and check the record's
+** size against recordlimit every few megabytes.
+*/
+static int drop(lua_State *L, Reader *r) {
+  if (!r->ranges || r->pos > 0 || r->len < r->cap ||
+      memchr(r->buf, r->sep, r->len) != NULL)
+    return 0;
+  r->held += r->len;
+  r->base += (off_t)r->len;
+  r->len = r->scan = r->clear = 0;
+  if (r->held >= r->nextcheck) {
+    const char *why;
+    size_t lim = recordlimit(r, 0, &why);
+    if (r->held >= lim)
+      toolong(L, r, r->held, lim, why);
+    r->nextcheck =
+        r->held +
+        (r->held / 8 > ((size_t)4 << 20) ? r->held / 8 : ((size_t)4 << 20));
+  }
+  return 1;
 }
 
 /*
@@ -1144,13 +1260,15 @@ static void nextsource(lua_State *L, Reader *r) {
    (and growing it if they fill it). */
 static void fill(lua_State *L, Reader *r) {
   ssize_t k;
+  checkstop(L); /* an endless record must not keep a signal waiting */
   if (r->pos > 0) {
     memmove(r->buf, r->buf + r->pos, r->len - r->pos);
     r->len -= r->pos;
     r->scan -= r->pos;
+    r->base += (off_t)r->pos;
     r->pos = 0;
   }
-  if (r->len == r->cap)
+  if (r->len == r->cap && !drop(L, r))
     grow(L, r);
   do
     k = read(r->fd, r->buf + r->len, r->cap - r->len);
@@ -1168,8 +1286,10 @@ static void fill(lua_State *L, Reader *r) {
     else
       r->eof = 1;
   }
-  if (r->shardn > 1)
+  if (r->shardn > 1) {
     sift(r);
+    r->clear = 0; /* sift may have moved the bytes after buf[pos] */
+  }
   else
     r->scan = r->len;
 }
@@ -1183,12 +1303,22 @@ static int ready(Reader *r) {
   return r->regular || poll(&p, 1, 0) > 0;
 }
 
+/* Push the byte range {offset, length} of a batch (see l_split). */
+static void pushrange(lua_State *L, off_t at, size_t len) {
+  lua_createtable(L, 2, 0);
+  lua_pushinteger(L, (lua_Integer)at);
+  lua_rawseti(L, -2, 1);
+  lua_pushinteger(L, (lua_Integer)len);
+  lua_rawseti(L, -2, 2);
+}
+
 /*
 ** Cut the next batch from the buffer (reading more first while less than
 ** a batch is buffered and more is at hand): up to 'want' complete records
-** within LPAR_BATCHBYTES, at least one. Pushes the block and its record
-** count, notes it in the ring and in the table at 'blocks', and returns
-** 1; returns 0 if no complete record is buffered.
+** within LPAR_BATCHBYTES, at least one. Pushes the block (its bytes, or
+** with ranges its byte range) and its record count, notes it in the ring
+** and in the table at 'blocks', and returns 1; returns 0 if no complete
+** record is buffered.
 */
 static int cut(lua_State *L, Reader *r, int blocks, lua_Integer want) {
   char *s, *p, *end;
@@ -1199,9 +1329,14 @@ static int cut(lua_State *L, Reader *r, int blocks, lua_Integer want) {
     fill(L, r);
   s = p = r->buf + r->pos;
   end = r->buf + r->len;
+  if (r->held > 0 && p == end && r->eof)
+    k = 1; /* a last record without separator, all of it dropped */
   while (k < want && p < end) {
-    char *e = memchr(p, r->sep, (size_t)(end - p));
+    char *e = memchr(k == 0 ? p + r->clear : p, r->sep,
+                     (size_t)(end - p) - (k == 0 ? r->clear : 0));
     if (e == NULL) {
+      if (k == 0)
+        r->clear = (size_t)(end - p);
       if (!r->eof || (k > 0 && end - s > LPAR_BATCHBYTES))
         break;
       e = end - 1; /* a last record without separator */
@@ -1213,7 +1348,12 @@ static int cut(lua_State *L, Reader *r, int blocks, lua_Integer want) {
   }
   if (k == 0)
     return 0;
-  lua_pushlstring(L, s, (size_t)(p - s));
+  if (r->ranges)
+    pushrange(L, r->base + (off_t)r->pos - (off_t)r->held,
+              r->held + (size_t)(p - s));
+  else
+    lua_pushlstring(L, s, (size_t)(p - s));
+  r->held = r->nextcheck = r->clear = 0;
   r->pos += (size_t)(p - s);
   r->batches++;
   slot = r->batches % LPAR_AHEAD;
@@ -1276,10 +1416,12 @@ static int reader_wait(lua_State *L) {
   while (r->fd >= 0) {
     char *s = r->buf + r->pos;
     size_t avail = r->len - r->pos;
-    if ((avail > 0 && r->eof) || memchr(s, r->sep, avail) != NULL) {
+    if (((avail > 0 || r->held > 0) && r->eof) ||
+        memchr(s + r->clear, r->sep, avail - r->clear) != NULL) {
       lua_pushboolean(L, 1);
       return 1;
     }
+    r->clear = avail;
     if (r->eof)
       break;
     if (!ready(r))
@@ -1322,18 +1464,21 @@ static int reader_skip(lua_State *L) {
   lua_Integer n = luaL_checkinteger(L, 2), k = 0;
   while (k < n && r->fd >= 0) {
     char *s = r->buf + r->pos;
-    char *e = memchr(s, r->sep, r->len - r->pos);
+    char *e = memchr(s + r->clear, r->sep, r->len - r->pos - r->clear);
     if (e != NULL) {
       r->pos += (size_t)(e - s) + 1;
+      r->held = r->nextcheck = r->clear = 0;
       k++;
     }
     else if (r->eof) {
-      if (r->pos < r->len)
+      if (r->pos < r->len || r->held > 0)
         k++;
       r->pos = r->len;
+      r->held = 0;
       break;
     }
     else {
+      r->clear = r->len - r->pos;
       if (!ready(r))
         waitinput(L, r, -1);
       fill(L, r);
@@ -1427,6 +1572,23 @@ static int reader_partial(lua_State *L) {
   return 1;
 }
 
+/* reader:limit(bytes): a record may take at most that many bytes (with
+   --max-memory: a worker could not hold a longer one) */
+static int reader_limit(lua_State *L) {
+  Reader *r = checkreader(L);
+  lua_Integer n = luaL_checkinteger(L, 2);
+  luaL_argcheck(L, n >= 0, 2, "must not be negative");
+  r->limit = (size_t)n;
+  return 0;
+}
+
+/* reader:ranges() -> whether its batches are byte ranges that the
+   workers read themselves (a regular file, alone, without --shard) */
+static int reader_ranges(lua_State *L) {
+  lua_pushboolean(L, checkreader(L)->ranges);
+  return 1;
+}
+
 /* reader:count() -> records read so far */
 static int reader_count(lua_State *L) {
   lua_pushinteger(L, checkreader(L)->count);
@@ -1449,6 +1611,13 @@ static void freereader(Reader *r) {
   if (r->own && r->fd >= 0)
     close(r->fd);
   r->fd = -1;
+  if (r->ranges && r->rangefd >= 0) {
+    if (rangefd == r->rangefd)
+      rangefd = -1;
+    close(r->rangefd);
+    r->rangefd = -1;
+    r->ranges = 0;
+  }
   for (i = r->nextfd; i < r->nfds; i++)
     if (r->owns[i] && r->fds[i] >= 0)
       close(r->fds[i]);
@@ -1495,13 +1664,15 @@ static int opensource(lua_State *L, const char *path, struct stat *st) {
 }
 
 /*
-** open(paths, nul [, k, n [, text]]) -> reader | nil, message: the
-** records of a file (paths a string), of several in turn (a table; "-"
-** is stdin), or of stdin (paths nil); with text, the records of text.
-** With k and n (1 <= k <= n), only records k, k+n, k+2n... of them.
+** open(paths, nul [, k, n [, text [, ranges]]]) -> reader | nil,
+** message: the records of a file (paths a string), of several in turn
+** (a table; "-" is stdin), or of stdin (paths nil); with text, the
+** records of text. With k and n (1 <= k <= n), only records k, k+n,
+** k+2n... of them. With ranges, the batches of one regular file (no
+** shards) are byte ranges of it, read by the workers (see l_split).
 */
 static int l_open(lua_State *L) {
-  int nul = lua_toboolean(L, 2), fd, i, n;
+  int nul = lua_toboolean(L, 2), fd, i, n, ranges = lua_toboolean(L, 6);
   lua_Integer k = luaL_optinteger(L, 3, 1), shards = luaL_optinteger(L, 4, 1);
   size_t tlen = 0;
   const char *text = luaL_optlstring(L, 5, NULL, &tlen);
@@ -1512,7 +1683,7 @@ static int l_open(lua_State *L) {
   luaL_argcheck(L, n >= 1, 1, "no source");
   r = lua_newuserdatauv(L, sizeof(Reader), 1);
   memset(r, 0, sizeof *r);
-  r->fd = -1;
+  r->fd = r->rangefd = -1;
   luaL_setmetatable(L, READERMT); /* __gc frees what follows */
   r->first = malloc(LPAR_AHEAD * sizeof *r->first);
   r->size = malloc(LPAR_AHEAD * sizeof *r->size);
@@ -1567,6 +1738,13 @@ static int l_open(lua_State *L) {
     r->fd = r->fds[0];
     r->fds[0] = -1;
     r->nextfd = 1;
+    r->base = r->start;
+    /* a dup that stays open for the workers (stdin is /dev/null there) */
+    if (ranges && n == 1 && r->regular && r->shardn == 1 &&
+        (r->rangefd = fcntl(r->fd, F_DUPFD_CLOEXEC, 3)) >= 0) {
+      r->ranges = 1;
+      rangefd = r->rangefd;
+    }
   }
   r->scan = r->len;
   lua_newtable(L);
@@ -1579,12 +1757,62 @@ fail:
   return 2;
 }
 
-/* split(block, nul [, t]) -> t, n: in a worker, the n records of a
-   batch, each without its separator (and a CR before a newline), in t[1]
-   to t[n] (a new table if t is not given). */
+/* __gc of a box holding a malloc'd buffer (or NULL) */
+static int freebox(lua_State *L) {
+  char **box = lua_touserdata(L, 1);
+  free(*box);
+  *box = NULL;
+  return 0;
+}
+
+/*
+** Read the byte range {offset, length} at 'idx' of the items file into
+** a new buffer (free it); raises if it cannot be read whole.
+*/
+static char *readrange(lua_State *L, int idx, size_t *len) {
+  lua_Integer at, n;
+  size_t done = 0;
+  char *buf;
+  lua_rawgeti(L, idx, 1);
+  lua_rawgeti(L, idx, 2);
+  at = lua_tointeger(L, -2);
+  n = lua_tointeger(L, -1);
+  lua_pop(L, 2);
+  if (rangefd < 0 || at < 0 || n < 0 || (lua_Unsigned)n > SIZE_MAX)
+    raisef(L, "bad batch: no items file to read %I bytes at %I from",
+           (LUAI_UACINT)n, (LUAI_UACINT)at);
+  buf = malloc(n > 0 ? (size_t)n : 1);
+  if (buf == NULL)
+    raisef(L, "not enough memory for a batch of %I bytes", (LUAI_UACINT)n);
+  while (done < (size_t)n) {
+    ssize_t k =
+        pread(rangefd, buf + done, (size_t)n - done, (off_t)at + (off_t)done);
+    if (k > 0)
+      done += (size_t)k;
+    else if (k == 0 || errno != EINTR) {
+      int err = k == 0 ? 0 : errno;
+      free(buf);
+      raisef(L, "cannot read the items at byte %I: %s",
+             (LUAI_UACINT)(at + (lua_Integer)done),
+             err ? strerror(err) : "the file is shorter than it was");
+    }
+  }
+  *len = (size_t)n;
+  return buf;
+}
+
+/*
+** split(block, nul [, t]) -> t, n: in a worker, the n records of a
+** batch, each without its separator (and a CR before a newline), in t[1]
+** to t[n] (a new table if t is not given). A block is the batch's bytes
+** or a byte range of the items file, {offset, length}, read here with
+** pread: the records are made from one buffer that is freed at once, so
+** a record costs at most twice its size.
+*/
 static int l_split(lua_State *L) {
   size_t len;
-  const char *s = luaL_checklstring(L, 1, &len), *end = s + len;
+  char *range = NULL;
+  const char *s, *end;
   int sep = lua_toboolean(L, 2) ? '\0' : '\n';
   lua_Integer k = 0;
   if (lua_istable(L, 3))
@@ -1593,6 +1821,21 @@ static int l_split(lua_State *L) {
     lua_settop(L, 2);
     lua_createtable(L, 64, 0);
   }
+  if (lua_istable(L, 1)) {
+    /* the pushes below may raise (memory): the buffer goes in a box */
+    char **box = lua_newuserdatauv(L, sizeof(char *), 0);
+    *box = NULL;
+    lua_newtable(L);
+    lua_pushcfunction(L, freebox);
+    lua_setfield(L, -2, "__gc");
+    lua_setmetatable(L, -2);
+    range = *box = readrange(L, 1, &len);
+    lua_insert(L, 3); /* the box stays below t */
+    s = range;
+  }
+  else
+    s = luaL_checklstring(L, 1, &len);
+  end = s + len;
   while (s < end) {
     const char *e = memchr(s, sep, (size_t)(end - s));
     size_t n;
@@ -1602,8 +1845,13 @@ static int l_split(lua_State *L) {
     if (sep == '\n' && e < end && n > 0 && s[n - 1] == '\r')
       n--;
     lua_pushlstring(L, s, n);
-    lua_rawseti(L, 3, ++k);
+    lua_rawseti(L, -2, ++k);
     s = e + 1;
+  }
+  if (range != NULL) {
+    char **box = lua_touserdata(L, 3);
+    free(*box);
+    *box = NULL;
   }
   lua_pushinteger(L, k);
   return 2;
@@ -1717,6 +1965,7 @@ static const luaL_Reg readermethods[] = {
     {"skip", reader_skip},         {"count", reader_count},
     {"items", reader_items},       {"fileid", reader_fileid},
     {"identity", reader_identity}, {"partial", reader_partial},
+    {"limit", reader_limit},       {"ranges", reader_ranges},
     {"close", reader_close},       {NULL, NULL}};
 
 static const luaL_Reg helpers[] = {{"signals", l_signals},

@@ -749,7 +749,10 @@ local function errortext(e)
 end
 
 -- The function the workers run on a batch (a block of records, see
--- main.c; the engine's policy sizes it): returns the output (lines, each
+-- main.c; the engine's policy sizes it): a block is the records' bytes
+-- (a pipe, several files, --shard, hosts) or, for one regular file, the
+-- byte range {offset, length} of them in it, which c.split reads from
+-- the file's fd that the worker inherited. Returns the output (lines, each
 -- ended by a newline) or a table of parts: output text, or {k, failure}
 -- for the batch's k-th record; its field 'rest', if set, is the first
 -- record it did not run (lpar asked the batch to end early: it ran far
@@ -1635,7 +1638,7 @@ function M.run(o, c, reader, counter, map, init, close)
     items = function(want)
       local first = taken(reader) + 1
       local b, n = nextbatch(want) -- n: its records, or the fd to wait on
-      if type(b) == "string" then return {first, b}, n end
+      if b ~= nil and b ~= lpar.pending then return {first, b}, n end
       return b, n
     end
   end
@@ -2229,7 +2232,10 @@ function M.main(argv, c)
     counter = function() return #o.items end
   else
     local paths = o.files or {args[1] or "-"}
-    reader, rerr = c.open(#paths == 1 and paths[1] or paths, o.nul, k, n)
+    -- a regular file is read by the workers themselves (byte ranges); a
+    -- host's workers get the bytes
+    reader, rerr = c.open(#paths == 1 and paths[1] or paths, o.nul, k, n, nil,
+                          not (o.hosts or o.hostsfile))
     counter = function()
       local total = 0
       for _, path in ipairs(paths) do
@@ -2241,6 +2247,8 @@ function M.main(argv, c)
     end
   end
   if not reader then return fail(2, rerr) end
+  -- a worker could not hold a record longer than its --max-memory
+  if o.maxmem then reader:limit(c.size(o.maxmem)) end
   local fromstdin = false
   for _, path in ipairs(o.items and {} or o.files or {args[1] or "-"}) do
     if path == "-" then fromstdin = true end

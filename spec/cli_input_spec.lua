@@ -1,0 +1,223 @@
+-- The CLI's input: an endless line, a record too large for the memory,
+-- the memory a long line costs, and regular files that the workers read
+-- themselves (byte ranges) giving what a pipe of the same bytes gives.
+local H = require "spec.helper"
+local unistd = require "posix.unistd"
+local signal = require "posix.signal"
+
+local quote = H.quote
+local writefile = H.writefile
+local readfile = H.readfile
+local waitexit = H.waitexit
+local readuntil = H.readuntil
+local closeall = H.closeall
+
+local tmpname = H.tmpfiles(after_each)
+
+-- Start lpar through sh with a shell prefix ('pre', like "ulimit -v N;")
+-- and pipes on stdout and stderr; returns {pid, stdout, stderr}.
+local function spawnsh(pre, args)
+  local outr, outw = unistd.pipe()
+  local errr, errw = unistd.pipe()
+  local pid = assert(unistd.fork())
+  if pid == 0 then
+    unistd.dup2(outw, 1)
+    unistd.dup2(errw, 2)
+    for _, fd in ipairs({outr, outw, errr, errw}) do unistd.close(fd) end
+    for _, sig in ipairs({signal.SIGINT, signal.SIGTERM, signal.SIGHUP}) do
+      signal.signal(sig, signal.SIG_DFL)
+    end
+    unistd.execp("/bin/sh", {[0] = "sh", "-c", pre .. " exec " .. quote(H.cli) .. " " .. args})
+    unistd._exit(127)
+  end
+  unistd.close(outw)
+  unistd.close(errw)
+  return {pid = pid, stdout = outr, stderr = errr}
+end
+
+-- The kB of a /proc/PID/status field of pid, or 0.
+local function status(pid, field)
+  local text = readfile("/proc/" .. pid .. "/status") or ""
+  return tonumber(text:match(field .. ":%s*(%d+)")) or 0
+end
+
+describe("lpar reading an endless line", function()
+  -- Stop lpar while it reads /dev/zero, past 64 MB of it: stopped there
+  -- (SIGSTOP) so that the signal comes while the line is being read,
+  -- then let go. The address space is capped (6 GB) so that a reader
+  -- that ignores the signal cannot take the machine.
+  local function stopwhilereading(sig)
+    local p = spawnsh("ulimit -v 6000000;", "-e 'function(s) return #s end' /dev/zero")
+    local deadline = H.now() + 20
+    while status(p.pid, "VmRSS") < 65536 and H.now() < deadline do H.sleep(0.01) end
+    assert.is_true(status(p.pid, "VmRSS") >= 65536, "lpar did not read /dev/zero")
+    signal.kill(p.pid, signal.SIGSTOP)
+    signal.kill(p.pid, sig)
+    signal.kill(p.pid, signal.SIGCONT)
+    local how, code = waitexit(p.pid, 10)
+    local err = readuntil(p.stderr, function() return false end, 0.2)
+    closeall(p)
+    return how, code, err
+  end
+
+  it("stops on SIGINT with status 130", function()
+    local how, code, err = stopwhilereading(signal.SIGINT)
+    assert.equal("exited", how)
+    assert.equal(130, code)
+    assert.equal("lpar: interrupted\n", err)
+  end)
+
+  it("stops on SIGTERM with status 143", function()
+    local how, code, err = stopwhilereading(signal.SIGTERM)
+    assert.equal("exited", how)
+    assert.equal(143, code)
+    assert.equal("lpar: terminated\n", err)
+  end)
+
+  it("fails, naming the line, at half the address space limit", function()
+    local p = spawnsh("ulimit -v 1000000;", "-e 'function(s) return #s end' /dev/zero")
+    local how, code = waitexit(p.pid, 30)
+    local err = readuntil(p.stderr, function() return false end, 0.2)
+    closeall(p)
+    assert.equal("exited", how)
+    assert.equal(1, code)
+    assert.matches("^lpar: line 1 is too long: %d+ bytes read and no end yet, over the 512000000 " ..
+                   "bytes one record may take %(half of the address space limit %(ulimit %-v%)%)\n$", err)
+  end)
+end)
+
+describe("lpar and a record too large for a worker's --max-memory", function()
+  local big = ("x"):rep(12 * 1024 * 1024)
+
+  it("fails naming the line, from a file and from a pipe", function()
+    local items = tmpname()
+    writefile(items, "a\nb\n" .. big .. "\nc\n")
+    for _, how in ipairs({"file", "pipe"}) do
+      local cmd = ("%s --max-memory 8M -e 'function(s) return s:upper() end' %s")
+                  :format(quote(H.cli), how == "file" and quote(items) or "-")
+      if how == "pipe" then cmd = "cat " .. quote(items) .. " | " .. cmd end
+      local code, out, err = H.run("timeout -k 5 60 sh -c " .. quote(cmd))
+      assert.equal(1, code, how)
+      -- the run stops there: results in flight may be lost
+      assert.is_truthy(("A\nB\n"):sub(1, #out) == out, how .. ": " .. out)
+      assert.matches("^lpar: line 3 is too long: %d+ bytes read and no end yet, over the 8388608 " ..
+                     "bytes one record may take %(%-%-max%-memory%)\n$", err)
+    end
+  end)
+
+  it("names the NUL-separated item with -0", function()
+    local items = tmpname()
+    writefile(items, "a\0" .. big)
+    local code, _, err = H.lpar(("-0 --max-memory 8M -e 'function(s) return #s end' %s")
+                                :format(quote(items)), nil)
+    assert.equal(1, code)
+    assert.matches("^lpar: item 2 is too long", err)
+  end)
+end)
+
+describe("lpar and the memory of a long line", function()
+  it("holds a 200 MB line of a file in the worker at most 2.5 times, and not in the parent", function()
+    local items, script = tmpname(), tmpname()
+    local size = 200 * 1000 * 1000
+    local f = assert(io.open(items, "wb"))
+    f:write("a\n")
+    local chunk = ("y"):rep(1000 * 1000)
+    for _ = 1, size / #chunk do f:write(chunk) end
+    f:write("\nb\n")
+    f:close()
+    -- each record: its length, the worker's VmHWM and the parent's (kB)
+    writefile(script, [[
+      local function hwm(pid)
+        local f = io.open("/proc/" .. pid .. "/status")
+        local t = f:read("a")
+        f:close()
+        return t:match("VmHWM:%s*(%d+)"), t:match("PPid:%s*(%d+)")
+      end
+      return function(s)
+        local w, parent = hwm("self")
+        return ("%d %s %s"):format(#s, w, (hwm(parent)))
+      end]])
+    local code, out, err = H.lpar(("-j1 %s %s"):format(script, items), nil)
+    os.remove(items)
+    assert.equal(0, code, err)
+    local n, worker, parent = out:match("^1 %d+ %d+\n(%d+) (%d+) (%d+)\n1 %d+ %d+\n$")
+    assert.equal(tostring(size), n, out)
+    assert.is_true(tonumber(worker) * 1024 <= 2.5 * size, "worker VmHWM " .. worker .. " kB")
+    -- the parent finds where records end; it never holds one
+    assert.is_true(tonumber(parent) * 1024 <= 0.5 * size, "parent VmHWM " .. parent .. " kB")
+  end)
+end)
+
+describe("lpar over a regular file (workers read it themselves)", function()
+  local long = ("L"):rep(300 * 1024) -- longer than the parent's buffer
+  local shapes = {
+    {"plain", "a\nbb\nccc\n"},
+    {"empty lines", "\n\na\n\n\nb\n\n"},
+    {"no final newline", "a\nb\nlast"},
+    {"CRLF", "a\r\nb\r\n\r\nc\r\nd"},
+    {"empty", ""},
+    {"one newline", "\n"},
+    {"long lines", "a\n" .. long .. "\nb\n" .. long .. long .. "\n" .. long},
+    {"long last line", "x\n" .. long .. long},
+    {"NUL records", "a\0b\0\0c\nd\0" .. long .. "\0e"},
+    {"fields", "a b c\nd  e\n\nf\n"},
+  }
+  local script = [['function(...) return table.concat({...}, "|") .. "<" .. select("#", ...) .. ">" end']]
+  local optsets = {"", "-j1", "--chunk 1", "--number", "--colsep ' '", "--shard 2/3",
+                   "--number --shard 1/2", "-0", "-0 --number", "-j3 --chunk 2"}
+
+  it("gives what a pipe of the same bytes gives, on every shape", function()
+    local items = tmpname()
+    for _, shape in ipairs(shapes) do
+      writefile(items, shape[2])
+      for _, opts in ipairs(optsets) do
+        local cmd = ("%s %s -e %s"):format(quote(H.cli), opts, script)
+        local fc, fout, ferr = H.run("timeout -k 5 30 " .. cmd .. " " .. quote(items))
+        local pc, pout, perr = H.run("cat " .. quote(items) .. " | timeout -k 5 30 " .. cmd)
+        local what = shape[1] .. " with '" .. opts .. "'"
+        assert.equal(pc, fc, what)
+        assert.equal(pout, fout, what)
+        assert.equal(perr, ferr, what)
+      end
+    end
+  end)
+
+  it("names the line of a failure as a pipe does, long lines and all", function()
+    local items = tmpname()
+    writefile(items, "a\n" .. long .. "\nboom\n" .. long .. "\nboom")
+    local f = [['function(s) if s == "boom" then error("no") end return #s end']]
+    local code, out, err = H.lpar(("--joblog /dev/null -e %s %s"):format(f, quote(items)), nil)
+    assert.equal(1, code)
+    assert.equal("1\n" .. #long .. "\n" .. #long .. "\n", out)
+    assert.matches("line 3 %(\"boom\"%)", err)
+    assert.matches("line 5 %(\"boom\"%)", err)
+  end)
+
+  it("resumes exactly once after kill -9, with --number", function()
+    local items, log, res, mark = tmpname(), tmpname(), tmpname(), tmpname()
+    os.remove(log)
+    os.remove(res)
+    os.remove(mark)
+    local lines = {}
+    for i = 1, 3000 do lines[i] = i % 7 == 0 and "" or ("r" .. i .. (i % 500 == 0 and long or "")) end
+    writefile(items, table.concat(lines, "\n") .. "\n")
+    -- line 1999 says it started (a file) and waits: lpar is killed there
+    local stall = ("function(s) if s == 'r1999' and not os.getenv('GO') then " ..
+                   "io.open(%q, 'w'):close() require('posix.time').nanosleep({tv_sec = 60, tv_nsec = 0}) " ..
+                   "end return #s end"):format(mark)
+    local args = ("-j2 --number --joblog %s -o %s -e %s %s")
+                 :format(log, res, quote(stall), quote(items))
+    local p = spawnsh("", args)
+    local deadline = H.now() + 30
+    while not readfile(mark) and H.now() < deadline do H.sleep(0.01) end
+    assert.is_not_nil(readfile(mark), "line 1999 did not start")
+    signal.kill(p.pid, signal.SIGKILL)
+    waitexit(p.pid, 10)
+    closeall(p)
+    local code, _, err = H.run("GO=1 timeout -k 5 60 " .. quote(H.cli) .. " --resume " .. args)
+    assert.equal(0, code, err)
+    local want = {}
+    for i = 1, 3000 do want[i] = i .. "\t" .. #lines[i] .. "\n" end
+    assert.equal(table.concat(want), readfile(res))
+  end)
+end)
