@@ -1303,6 +1303,29 @@ static int ready(Reader *r) {
   return r->regular || poll(&p, 1, 0) > 0;
 }
 
+/*
+** A buffer that grew for a long record goes back to LPAR_READSIZE once
+** the record is taken out of it (pushed as a string), so that the
+** record is not held twice here while it is sent.
+*/
+static void shrink(Reader *r) {
+  size_t rest = r->len - r->pos;
+  char *p;
+  if (r->cap <= 4 * LPAR_READSIZE || rest > LPAR_READSIZE / 2)
+    return;
+  p = malloc(LPAR_READSIZE);
+  if (p == NULL)
+    return; /* kept as it is */
+  memcpy(p, r->buf + r->pos, rest);
+  free(r->buf);
+  r->buf = p;
+  r->cap = LPAR_READSIZE;
+  r->scan -= r->pos;
+  r->base += (off_t)r->pos;
+  r->len = rest;
+  r->pos = 0;
+}
+
 /* Push the byte range {offset, length} of a batch (see l_split). */
 static void pushrange(lua_State *L, off_t at, size_t len) {
   lua_createtable(L, 2, 0);
@@ -1355,6 +1378,7 @@ static int cut(lua_State *L, Reader *r, int blocks, lua_Integer want) {
     lua_pushlstring(L, s, (size_t)(p - s));
   r->held = r->nextcheck = r->clear = 0;
   r->pos += (size_t)(p - s);
+  shrink(r);
   r->batches++;
   slot = r->batches % LPAR_AHEAD;
   r->first[slot] = r->count + 1;

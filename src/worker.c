@@ -133,6 +133,11 @@ void lpar_worker_failure(lua_State *L, const char *prefix) {
   lua_pop(L, 1); /* traceback */
 }
 
+/* a frame buffer larger than this is freed once its items are decoded */
+#if !defined(LPAR_KEEPFRAME)
+#define LPAR_KEEPFRAME (4 * 1024 * 1024)
+#endif
+
 typedef struct WState {
   const WorkerArgs *a;
   Runner r;
@@ -827,6 +832,11 @@ static void items(WState *ws, const Frame *f) {
       _exit(LPAR_EXITBADINPUT);
     else
       failed = 0;
+    /* a large frame, all decoded, is not kept while its items run (so
+       that one long item costs twice its size here, not three times) */
+    if (f->type == LPAR_FITEMS && k + 1 == (lua_Integer)f->count &&
+        ws->in.cap > LPAR_KEEPFRAME)
+      lpar_buf_free(&ws->in);
     if (!failed)
       failed = lpar_worker_runitem(&ws->r, first + k);
     if (failed && !(ws->flags & LPAR_CALLCOLLECT))

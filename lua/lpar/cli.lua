@@ -806,9 +806,10 @@ function M.batcher(map, fmt, nul, halt, timed, c, maxmem, label)
   return function(block)
     local parts
     if label then first, block = block[1], block[2] end
-    -- a batch queued behind an overdue one goes back whole
-    over = overdue(0)
     recs, nrec = split(block, nul, recs)
+    -- a batch queued behind an overdue one goes back whole (one record
+    -- runs here: it would only be sent again)
+    over = nrec > 1 and overdue(0)
     k, n = 0, 0
     while k < nrec and not over do
       local ok, r = xpcall(timed and timedloop or loop, handler)
