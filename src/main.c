@@ -14,6 +14,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/file.h>
+#include <sys/mman.h>
 #include <sys/resource.h>
 #include <sys/stat.h>
 #include <time.h>
@@ -1212,6 +1213,15 @@ static void grow(lua_State *L, Reader *r) {
            (LUAI_UACINT)size);
   r->buf = p;
   r->cap = cap;
+  if (cap >= ((size_t)1 << 20)) { /* whole pages of it */
+    uintptr_t page = (uintptr_t)sysconf(_SC_PAGESIZE);
+    uintptr_t from = ((uintptr_t)p + page - 1) & ~(page - 1);
+    uintptr_t to = ((uintptr_t)p + cap) & ~(page - 1);
+    /* a worker forked now has no use for a long record's bytes: they
+       would count in its memory (it gets the record from the pipe) */
+    if (to > from)
+      madvise((void *)from, to - from, MADV_DONTFORK);
+  }
 }
 
 /*
