@@ -92,6 +92,10 @@ local function target(c)
     words[#words + 1] = string.format("≤ %.2f× the loop's time", t.ratio)
     met = met and v / c.serial <= t.ratio
   end
+  if t.ahead and c.tools[t.ahead] then -- faster than a peer in the same run
+    words[#words + 1] = "ahead of " .. (t.ahead == "parallel" and "GNU parallel" or t.ahead)
+    met = met and v < figure(c, c.tools[t.ahead])
+  end
   if t.rss then
     words[#words + 1] = string.format("RSS ≤ %d MB", t.rss // 1024)
     met = met and (m.rss or math.huge) <= t.rss

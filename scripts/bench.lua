@@ -325,21 +325,28 @@ case("cli10k", function()
 end)
 
 case("cli1m", function()
+  -- the loop, lpar and GNU parallel's --pipepart (each of its two jobs
+  -- runs the same loop on half the file), interleaved; medians
+  clifiles()
   local t = string.format("%s/upper.lua %s/1m.txt", tmp, tmp)
-  local r = pair(N.reps, "lua5.4 " .. tmp .. "/loop.lua " .. t, lparcli .. " -j2 " .. t)
+  local cmds = {{"loop", "lua5.4 " .. tmp .. "/loop.lua " .. t}, {"lpar", lparcli .. " -j2 " .. t}}
+  if have.parallel then
+    cmds[3] = {"gnu", string.format("parallel --will-cite --pipepart -a %s/1m.txt -k -j2 --block -1 " ..
+      "lua5.4 %s/loop.lua %s/upper.lua", tmp, tmp, tmp)}
+  end
+  local r = alternate(tiny and 1 or 5, cmds)
   same("lpar", "loop")
   local tools = {lpar = r.lpar}
   if have.parallel then
-    tools.parallel = alternate(1, {{"gnu", string.format(
-      "parallel --will-cite --pipe -k -j2 --block 4M lua5.4 %s/loop.lua %s/upper.lua <%s/1m.txt", tmp, tmp, tmp)}}).gnu
+    tools.parallel = r.gnu
     same("gnu", "loop")
   end
   return {
-    title = string.format("CLI: %d lines, `s:upper()` and a hash, -j2", N.cli1m), label = "CLI 1M",
-    serial = r.loop.best, serial_is = "one lua5.4 loop over the file",
-    floor = r.loop.best / math.min(cores, 2), floor_is = string.format("the single loop over %d cores",
+    title = string.format("CLI: %d lines of a file, `s:upper()` and a hash, -j2", N.cli1m), label = "CLI 1M",
+    serial = r.loop.median, serial_is = "one lua5.4 loop over the file (median)",
+    floor = r.loop.median / math.min(cores, 2), floor_is = string.format("the single loop over %d cores",
       math.min(cores, 2)),
-    tools = tools, target = {stat = "best", ratio = 0.9, rss = 16 * 1024},
+    tools = tools, target = {stat = "median", ratio = 0.55, ahead = "parallel", rss = 16 * 1024},
   }
 end)
 
