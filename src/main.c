@@ -1503,12 +1503,15 @@ static int reader_skip(lua_State *L) {
       r->pos += (size_t)(e - s) + 1;
       r->held = r->nextcheck = r->clear = 0;
       k++;
+      r->count++; /* counted at once: a message may name the next one */
     }
     else if (r->eof) {
-      if (r->pos < r->len || r->held > 0)
+      if (r->pos < r->len || r->held > 0) {
         k++;
+        r->count++;
+      }
       r->pos = r->len;
-      r->held = 0;
+      r->held = r->clear = 0;
       break;
     }
     else {
@@ -1518,7 +1521,6 @@ static int reader_skip(lua_State *L) {
       fill(L, r);
     }
   }
-  r->count += k;
   lua_pushinteger(L, k);
   return 1;
 }
