@@ -1020,9 +1020,10 @@ typedef struct Reader {
   off_t start;                /* a regular file: where the items begin in it */
   lua_Integer shardk, shardn; /* keep the records numbered k mod n */
   lua_Integer raw;            /* records of the input seen (all shards) */
-  int skipping; /* inside a record of another shard: drop up to its end */
-  size_t scan;  /* buf[pos, scan) is kept records; [scan, len) unsorted */
-  size_t clear; /* buf[pos, pos + clear) holds no separator */
+  int skipping;  /* inside a record of another shard: drop up to its end */
+  size_t scan;   /* buf[pos, scan) is kept records; [scan, len) unsorted */
+  size_t clear;  /* buf[pos, pos + clear) holds no separator */
+  size_t sifted; /* buf[scan, scan + sifted) holds no separator (sift) */
   /* A regular file that the workers read themselves: a batch is a byte
      range of it, and the reader keeps no more than a buffer of it: the
      start of a record longer than that is dropped, counted in 'held'. */
@@ -1090,9 +1091,12 @@ static int waitinput(lua_State *L, Reader *r, int idlems) {
 */
 static void sift(Reader *r) {
   char *p = r->buf + r->scan, *end = r->buf + r->len, *w = p;
+  size_t known = r->sifted; /* the start of a kept record, looked at */
+  r->sifted = 0;
   for (;;) {
-    char *e = memchr(p, r->sep, (size_t)(end - p));
+    char *e = memchr(p + known, r->sep, (size_t)(end - p) - known);
     size_t n;
+    known = 0;
     if (r->skipping) { /* the rest of a record counted already */
       p = e != NULL ? e + 1 : end;
       r->skipping = e == NULL && !r->eof;
@@ -1109,6 +1113,8 @@ static void sift(Reader *r) {
           r->skipping = 1;
           p = end;
         }
+        else /* kept: not looked at again (a long one, in linear time) */
+          r->sifted = (size_t)(end - p);
         break;
       }
       e = end - 1;
@@ -1298,7 +1304,10 @@ static void fill(lua_State *L, Reader *r) {
   }
   if (r->shardn > 1) {
     sift(r);
-    r->clear = 0; /* sift may have moved the bytes after buf[pos] */
+    /* a record at buf[pos] with no end yet is this shard's, kept where it
+       is, unless sift dropped it */
+    if (r->clear > r->len - r->pos)
+      r->clear = r->len - r->pos;
   }
   else
     r->scan = r->len;
