@@ -147,11 +147,12 @@ describe("lpar and the memory of a long line", function()
     assert.is_true(tonumber(worker) * 1024 <= 2.5 * size, "worker VmHWM " .. worker .. " kB")
     -- the parent finds where records end; it never holds one
     assert.is_true(tonumber(parent) * 1024 <= 0.5 * size, "parent VmHWM " .. parent .. " kB")
-    -- from a pipe the parent reads the line and sends it
-    code, out, err = H.run(("cat %s | timeout -k 5 60 %s -j1 %s"):format(items, quote(H.cli), script))
+    -- from a pipe the parent reads the line and sends it; here it is the
+    -- first line (the worker is forked while the parent holds it)
+    code, out, err = H.run(("tail -c +3 %s | timeout -k 5 60 %s -j1 %s"):format(items, quote(H.cli), script))
     os.remove(items)
     assert.equal(0, code, err)
-    n, worker, parent = out:match("^1 %d+ %d+\n(%d+) (%d+) (%d+)\n1 %d+ %d+\n$")
+    n, worker, parent = out:match("^(%d+) (%d+) (%d+)\n1 %d+ %d+\n$")
     assert.equal(tostring(size), n, out)
     assert.is_true(tonumber(worker) * 1024 <= 2.5 * size, "worker VmHWM " .. worker .. " kB (pipe)")
     assert.is_true(tonumber(parent) * 1024 <= 2.5 * size, "parent VmHWM " .. parent .. " kB (pipe)")

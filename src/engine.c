@@ -407,6 +407,11 @@ static int spawn(Ctx *c, int i, const char **call) {
 static int broken(Ctx *c);
 static int sendsome(Engine *e, EWorker *w);
 
+/* a send buffer larger than this is freed once all of it is sent */
+#if !defined(LPAR_KEEPOUT)
+#define LPAR_KEEPOUT (4 * 1024 * 1024)
+#endif
+
 /* The places of local workers come first, hosts after them. */
 static int nlocal(const Engine *e) {
   return e->o.n - e->o.nhosts;
@@ -1503,6 +1508,10 @@ static int sendsome(Engine *e, EWorker *w) {
   else if (w->outpos == w->out.n && w->watchout) {
     evctl(e, EPOLL_CTL_DEL, w->proc.cmdfd, 0, 0);
     w->watchout = 0;
+  }
+  if (w->outpos == w->out.n && w->out.cap > LPAR_KEEPOUT) {
+    lpar_buf_free(&w->out); /* a long item, sent: not held until the next */
+    w->outpos = 0;
   }
   return 0;
 }

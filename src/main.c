@@ -1134,6 +1134,24 @@ static void sift(Reader *r) {
   r->len = r->scan + (size_t)(end - p);
 }
 
+/*
+** A worker forked while this process holds a long record (in the
+** reader's buffer, or as the batch string sent to a worker) has no use
+** for its bytes, and would count them in its memory: the whole pages of
+** [p, p + n) are left out of a fork (n of 1 MiB or more). A worker never
+** reads them: it gets its records from its pipe.
+*/
+static void nofork(const void *p, size_t n) {
+  uintptr_t page, from, to;
+  if (n < ((size_t)1 << 20))
+    return;
+  page = (uintptr_t)sysconf(_SC_PAGESIZE);
+  from = ((uintptr_t)p + page - 1) & ~(page - 1);
+  to = ((uintptr_t)p + n) & ~(page - 1);
+  if (to > from)
+    madvise((void *)from, to - from, MADV_DONTFORK);
+}
+
 /* MemAvailable of /proc/meminfo in bytes, or 0 if unknown. */
 static size_t memavailable(void) {
   char line[256];
@@ -1219,15 +1237,7 @@ static void grow(lua_State *L, Reader *r) {
            (LUAI_UACINT)size);
   r->buf = p;
   r->cap = cap;
-  if (cap >= ((size_t)1 << 20)) { /* whole pages of it */
-    uintptr_t page = (uintptr_t)sysconf(_SC_PAGESIZE);
-    uintptr_t from = ((uintptr_t)p + page - 1) & ~(page - 1);
-    uintptr_t to = ((uintptr_t)p + cap) & ~(page - 1);
-    /* a worker forked now has no use for a long record's bytes: they
-       would count in its memory (it gets the record from the pipe) */
-    if (to > from)
-      madvise((void *)from, to - from, MADV_DONTFORK);
-  }
+  nofork(p, cap);
 }
 
 /*
@@ -1393,8 +1403,10 @@ static int cut(lua_State *L, Reader *r, int blocks, lua_Integer want) {
   if (r->ranges)
     pushrange(L, r->base + (off_t)r->pos - (off_t)r->held,
               r->held + (size_t)(p - s));
-  else
+  else {
     lua_pushlstring(L, s, (size_t)(p - s));
+    nofork(lua_tostring(L, -1), (size_t)(p - s));
+  }
   r->held = r->nextcheck = r->clear = 0;
   r->pos += (size_t)(p - s);
   shrink(r);

@@ -748,6 +748,12 @@ local function errortext(e)
   return ("(error object is a %s value)"):format(type(e))
 end
 
+-- A batch of this many bytes or more is let go (and the garbage
+-- collected) as soon as it is done, so that a long line costs each
+-- process at most twice its size: its bytes and its records are not
+-- still held when the next batch comes.
+local BIGBATCH = 1 << 20
+
 -- The function the workers run on a batch (a block of records, see
 -- main.c; the engine's policy sizes it): a block is the records' bytes
 -- (a pipe, several files, --shard, hosts) or, for one regular file, the
@@ -806,6 +812,7 @@ function M.batcher(map, fmt, nul, halt, timed, c, maxmem, label)
   return function(block)
     local parts
     if label then first, block = block[1], block[2] end
+    local big = (type(block) == "table" and block[2] or #block) >= BIGBATCH
     recs, nrec = split(block, nul, recs)
     -- a batch queued behind an overdue one goes back whole (one record
     -- runs here: it would only be sent again)
@@ -837,6 +844,11 @@ function M.batcher(map, fmt, nul, halt, timed, c, maxmem, label)
     if n > 0 then
       out[n + 1] = ""
       text = concat(out, eol, 1, n + 1)
+    end
+    if big then -- let a long batch go now, not when the next one is in
+      block = nil -- luacheck: ignore 311 (the reference goes)
+      for i = 1, nrec do recs[i] = nil end
+      collectgarbage()
     end
     if timed or over then
       parts = parts or {}
@@ -1861,6 +1873,10 @@ function M.run(o, c, reader, counter, map, init, close)
       end
       ranon(where)
       walk(first, n, r, e, 1, type(r) == "table" and r.kids, kind, detail, recof)
+      if type(block) == "string" and #block >= BIGBATCH then
+        block, recs = nil, nil -- luacheck: ignore 311 (a long line from a pipe: let it go now)
+        collectgarbage()
+      end
       if o.joblog then
         c.log(table.concat(lines))
         lines = {}
