@@ -140,13 +140,19 @@ describe("lpar and the memory of a long line", function()
         local w, parent = hwm("self")
         return ("%d %s %s"):format(#s, w, (hwm(parent)))
       end]])
+    -- a sanitizer build keeps freed memory in quarantine: there the bytes
+    -- are checked, not the peaks
+    local peaks = not os.getenv("ASAN_OPTIONS")
+    local function atmost(kb, factor, what)
+      if peaks then assert.is_true(tonumber(kb) * 1024 <= factor * size, what .. " VmHWM " .. kb .. " kB") end
+    end
     local code, out, err = H.lpar(("-j1 %s %s"):format(script, items), nil)
     assert.equal(0, code, err)
     local n, worker, parent = out:match("^1 %d+ %d+\n(%d+) (%d+) (%d+)\n1 %d+ %d+\n$")
     assert.equal(tostring(size), n, out)
-    assert.is_true(tonumber(worker) * 1024 <= 2.5 * size, "worker VmHWM " .. worker .. " kB")
+    atmost(worker, 2.5, "worker")
     -- the parent finds where records end; it never holds one
-    assert.is_true(tonumber(parent) * 1024 <= 0.5 * size, "parent VmHWM " .. parent .. " kB")
+    atmost(parent, 0.5, "parent")
     -- from a pipe the parent reads the line and sends it; here it is the
     -- first line (the worker is forked while the parent holds it)
     code, out, err = H.run(("tail -c +3 %s | timeout -k 5 60 %s -j1 %s"):format(items, quote(H.cli), script))
@@ -154,8 +160,8 @@ describe("lpar and the memory of a long line", function()
     assert.equal(0, code, err)
     n, worker, parent = out:match("^(%d+) (%d+) (%d+)\n1 %d+ %d+\n$")
     assert.equal(tostring(size), n, out)
-    assert.is_true(tonumber(worker) * 1024 <= 2.5 * size, "worker VmHWM " .. worker .. " kB (pipe)")
-    assert.is_true(tonumber(parent) * 1024 <= 2.5 * size, "parent VmHWM " .. parent .. " kB (pipe)")
+    atmost(worker, 2.5, "worker (pipe)")
+    atmost(parent, 2.5, "parent (pipe)")
   end)
 end)
 
