@@ -1,6 +1,7 @@
 -- LuaRocks: builds and installs the lpar module (lpar.so) and the lpar
 -- command with the project's CMake build. From a checkout:
 --   luarocks --lua-version=5.4 make lpar-0.1.0-1.rockspec
+-- (or 5.1, 5.2, 5.3: the build is for the Lua luarocks runs)
 rockspec_format = "3.0"
 package = "lpar"
 version = "0.1.0-1"
@@ -9,7 +10,7 @@ source = {
   dir = "lpar-0.1.0",
 }
 description = {
-  summary = "Parallel map for Lua 5.4 over forked worker processes",
+  summary = "Parallel map for Lua 5.1-5.4 and LuaJIT over forked worker processes",
   detailed = [[
 lpar runs a Lua function over many items on many processes: forked
 workers that inherit the caller's whole state (lpar.parallel, lpar.imap),
@@ -19,10 +20,10 @@ Linux only: it relies on fork, epoll and prctl.]],
 }
 supported_platforms = {"linux"}
 dependencies = {
-  "lua >= 5.4, < 5.5",
+  "lua >= 5.1, < 5.5",
 }
 external_dependencies = {
-  -- the build finds Lua's headers through pkg-config (lua5.4.pc)
+  -- the build finds Lua's headers through pkg-config (lua5.4.pc, ...)
 }
 build = {
   type = "cmake",
@@ -32,5 +33,6 @@ build = {
     CMAKE_INSTALL_BINDIR = "$(BINDIR)",
     LPAR_INSTALL_LMOD = "$(LIBDIR)",
     LPAR_INSTALL_DEV = "OFF",
+    LPAR_LUA_FROM = "$(LUA)",
   },
 }

@@ -523,7 +523,8 @@ describe("lpar usage errors", function()
     assert.matches("^usage:", out)
     code, out = lpar("--version")
     assert.equal(0, code)
-    assert.matches("^lpar %d+%.%d+%.%d+\n$", out)
+    -- the version and the Lua the command runs
+    assert.matches("^lpar %d+%.%d+%.%d+ %(Lua[JIT]* %d%.%d%)\n$", out)
   end)
 end)
 

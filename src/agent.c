@@ -24,6 +24,7 @@
 #include "hosts.h"
 #include "kind.h"
 #include "lauxlib.h"
+#include "lcompat.h"
 #include "lpar.h"
 #include "proc.h"
 #include "wire.h"

@@ -11,6 +11,7 @@
 #include <string.h>
 
 #include "lauxlib.h"
+#include "lcompat.h"
 #include "lpar.h"
 
 #define LPAR_STR_(x) #x
@@ -209,7 +210,14 @@ static int enctable(EncState *es, int idx);
 static int encvalue(EncState *es, int idx) {
   lua_State *L = es->L;
   Buf *b;
+#if LPAR_DOUBLES
+  /* doubles only: an integral one travels as an integer (a Lua with
+     integers gets one), all others and -0.0 as a float */
+  if (lua_isinteger(L, idx) &&
+      !(lua_tonumber(L, idx) == 0 && signbit(lua_tonumber(L, idx)))) {
+#else
   if (lua_isinteger(L, idx)) { /* the common case first */
+#endif
     if (room(es, 1 + MAXVARINT))
       return -1;
     b = es->b;
@@ -419,6 +427,25 @@ static int decerror(DecState *ds, const char *what) {
   return -1;
 }
 
+/* Whether the integer 'i' has a double of the same value (always, within
+   2^53): a Lua with doubles only takes no other. */
+static inline int exactdouble(lua_Integer i) {
+  double d = (double)i;
+  return (i >= -(1LL << 53) && i <= (1LL << 53)) ||
+         (d < 0x1p63 && (lua_Integer)d == i);
+}
+
+/* Push the message for an integer that the doubles of this Lua cannot
+   hold exactly (sent by a Lua with integers, 5.3 or 5.4). */
+static int inexact(DecState *ds, lua_Integer i) {
+  lua_pushfstring(ds->L,
+                  "integer %I (from a Lua with integers, 5.3 or 5.4) has no "
+                  "exact value in " LPAR_LUANAME "'s numbers (doubles) at "
+                  "byte %I",
+                  (LUAI_UACINT)i, (LUAI_UACINT)ds->pos);
+  return -1;
+}
+
 /* Push the message for a varint that could not be read at ds->pos:
    cut short by the end of the input, or longer than 64 bits. */
 static int varerror(DecState *ds, const char *what) {
@@ -565,6 +592,8 @@ static int decvalue(DecState *ds) {
   case LPAR_TINT:
     if (getuv(ds, &u))
       return varerror(ds, "integer");
+    if (LPAR_DOUBLES && !exactdouble(unzigzag(u)))
+      return inexact(ds, unzigzag(u));
     lua_pushinteger(L, unzigzag(u));
     return 0;
   case LPAR_TSTR:
@@ -645,6 +674,8 @@ static int dectable(DecState *ds) {
       ds->pos++;
       if (getuv(ds, &u))
         return varerror(ds, "integer");
+      if (LPAR_DOUBLES && !exactdouble(unzigzag(u)))
+        return inexact(ds, unzigzag(u));
       lua_pushinteger(L, unzigzag(u));
     }
     else if (decvalue(ds))

@@ -23,6 +23,7 @@
 #include "hosts.h"
 #include "kind.h"
 #include "lauxlib.h"
+#include "lcompat.h"
 #include "lpar.h"
 #include "policy.h"
 #include "proc.h"

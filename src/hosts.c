@@ -9,6 +9,7 @@
 #include <string.h>
 
 #include "lauxlib.h"
+#include "lcompat.h"
 #include "lpar.h"
 #include "wire.h"
 
@@ -23,7 +24,7 @@ int lpar_hosts_putversions(Buf *b) {
   memset(p, 0, LPAR_VERSIONSIZE);
   memcpy(p, MAGIC, 4);
   lpar_wire_put32(p + 4, LPAR_PROTOCOL);
-  lpar_wire_put32(p + 8, LUA_VERSION_NUM);
+  lpar_wire_put32(p + 8, LPAR_LUANUM);
   lpar_wire_put32(p + 12, (uint32_t)sizeof(lua_Integer));
   lpar_wire_put32(p + 16, (uint32_t)sizeof(lua_Number));
   snprintf(p + 20, NAMESIZE, "%s", LPAR_VERSION);
@@ -41,8 +42,9 @@ static void describe(const char *p, char *buf, size_t size) {
     if (!isprint((unsigned char)*s))
       *s = '?';
   snprintf(buf, size,
-           "%s (protocol %u, Lua %u.%u, %u-byte integers, %u-byte floats)",
-           name, (unsigned)lpar_wire_get32(p + 4), (unsigned)(lua / 100),
+           "%s (protocol %u, %s %u.%u, %u-byte integers, %u-byte floats)", name,
+           (unsigned)lpar_wire_get32(p + 4),
+           lua >= 9000 ? "LuaJIT on Lua" : "Lua", (unsigned)(lua % 9000 / 100),
            (unsigned)(lua % 100), (unsigned)lpar_wire_get32(p + 12),
            (unsigned)lpar_wire_get32(p + 16));
 }

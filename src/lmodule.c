@@ -11,6 +11,7 @@
 #include "engine.h"
 #include "kind.h"
 #include "lauxlib.h"
+#include "lcompat.h"
 #include "lpar.h"
 #include "lpool.h"
 #include "opts.h"
@@ -371,6 +372,8 @@ int luaopen_lpar(lua_State *L) {
   luaL_newlib(L, funcs);
   lua_pushliteral(L, LPAR_VERSION);
   lua_setfield(L, -2, "_VERSION");
+  lua_pushliteral(L, LPAR_LUANAME); /* the Lua it was built for */
+  lua_setfield(L, -2, "_LUA");
   lua_pushinteger(L, LPAR_DEFWORKERS);
   lua_setfield(L, -2, "default_workers");
   lpar_lpool_open(L);

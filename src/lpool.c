@@ -16,6 +16,7 @@
 #include "engine.h"
 #include "hosts.h"
 #include "lauxlib.h"
+#include "lcompat.h"
 #include "lpar.h"
 #include "opts.h"
 #include "wire.h"

@@ -23,6 +23,7 @@
 #include "agent.h"
 #include "kind.h"
 #include "lauxlib.h"
+#include "lcompat.h"
 #include "lpar.h"
 #include "lualib.h"
 #include "opts.h"
@@ -2066,7 +2067,7 @@ static void pushhelpers(lua_State *L) {
   }
   lua_pop(L, 1);
   luaL_newlib(L, helpers);
-  lua_pushliteral(L, LPAR_VERSION);
+  lua_pushliteral(L, LPAR_VERSION " (" LPAR_LUANAME ")");
   lua_setfield(L, -2, "version");
 }
 

@@ -10,6 +10,7 @@
 #include <unistd.h>
 
 #include "lauxlib.h"
+#include "lcompat.h"
 #include "proc.h"
 
 void lpar_opts_checkkeys(lua_State *L, int arg, const char *const names[]) {

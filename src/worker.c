@@ -17,6 +17,7 @@
 #include "codec.h"
 #include "kind.h"
 #include "lauxlib.h"
+#include "lcompat.h"
 #include "lpar.h"
 #include "wire.h"
 #include "xfer.h"
@@ -272,7 +273,7 @@ static void addlevel(lua_State *L, luaL_Buffer *B, lua_Debug *ar) {
   else
     lua_pushliteral(L, "?");
   luaL_addvalue(B);
-  if (ar->istailcall)
+  if (LPAR_ISTAILCALL(ar))
     luaL_addstring(B, "\n\t(...tail calls...)");
 }
 
@@ -616,8 +617,8 @@ const char *lpar_worker_memname(size_t bytes, char *buf, size_t size) {
 }
 
 size_t lpar_worker_heap(lua_State *L) {
-  return (size_t)lua_gc(L, LUA_GCCOUNT) * 1024 +
-         (size_t)lua_gc(L, LUA_GCCOUNTB);
+  return (size_t)lua_gc(L, LUA_GCCOUNT, 0) * 1024 +
+         (size_t)lua_gc(L, LUA_GCCOUNTB, 0);
 }
 
 /* The allocator of a worker with a memory limit: counts the bytes of the
@@ -671,7 +672,7 @@ static int heapfits(lua_State *L, size_t max, size_t *used) {
   *used = lpar_worker_heap(L);
   if (*used + LPAR_MEMROOM <= max)
     return 1;
-  lua_gc(L, LUA_GCCOLLECT);
+  lua_gc(L, LUA_GCCOLLECT, 0);
   *used = lpar_worker_heap(L);
   return *used + LPAR_MEMROOM <= max;
 }

@@ -8,6 +8,7 @@
 
 #include "codec.h"
 #include "lauxlib.h"
+#include "lcompat.h"
 
 /*
 ** The encoding, in order:
@@ -248,7 +249,7 @@ static int upvalues(XState *xs, int id) {
       putbyte(xs, xs->ups, UV_NIL);
       break;
     case LUA_TTABLE:
-      lua_rawgeti(L, LUA_REGISTRYINDEX, LUA_RIDX_GLOBALS);
+      lua_pushglobaltable(L);
       if (lua_rawequal(L, v, -1)) {
         putbyte(xs, xs->ups, UV_ENV);
         break;
@@ -496,7 +497,7 @@ void lpar_xfer_decode(lua_State *L, const char *p, size_t len, size_t *pos) {
         lua_pushnil(L);
         break;
       case UV_ENV:
-        lua_rawgeti(L, LUA_REGISTRYINDEX, LUA_RIDX_GLOBALS);
+        lua_pushglobaltable(L);
         break;
       case UV_VALUE:
         if (!lua_istable(L, vals))

@@ -4,6 +4,106 @@
 
 local M = {}
 
+-- Lua 5.1, 5.2 and LuaJIT lack some of the library this file uses
+-- (math.type, string.pack, utf8...): this file has its own, in locals
+-- that shadow the libraries here only, not in the user's globals.
+local math, table, string, utf8, load, xpcall =
+  math, table, string, utf8, load, xpcall
+if not math.type then
+  local floor, G, unpack = math.floor, _G, table.unpack or _G.unpack
+  local function isint(x)
+    return type(x) == "number" and x == floor(x) and x >= -2^63 and x < 2^63
+  end
+  math = setmetatable({
+    type = function(x)
+      if type(x) == "number" then return isint(x) and "integer" or "float" end
+    end,
+    tointeger = function(x) if isint(x) then return x end end,
+  }, {__index = G.math})
+  table = setmetatable({
+    unpack = unpack,
+    pack = function(...) return {n = select("#", ...), ...} end,
+    move = function(a, f, e, t, b)
+      for i = 0, e - f do b[t + i] = a[f + i] end
+      return b
+    end,
+  }, {__index = G.table})
+  -- string.pack and string.unpack of little-endian doubles ("d"), the
+  -- only format this file uses (the seconds each record took)
+  local frexp, ldexp = math.frexp, math.ldexp or function(m, e) return m * 2^e end
+  local char, byte = G.string.char, G.string.byte
+  local function packd(x)
+    local sign, e, m = 0, 0, 0
+    if x < 0 or (x == 0 and 1 / x < 0) then sign, x = 128, -x end
+    if x ~= x then e, m = 2047, 2^51
+    elseif x == 1 / 0 then e = 2047
+    elseif x ~= 0 then
+      local f, ex = frexp(x) -- x = f * 2^ex, 0.5 <= f < 1
+      if ex - 1 > -1023 then e, m = ex + 1022, (f * 2 - 1) * 2^52
+      else m = ldexp(f, ex + 1074) end -- subnormal
+    end
+    local t = {}
+    for i = 1, 6 do t[i] = m % 256; m = (m - t[i]) / 256 end
+    t[7] = (e % 16) * 16 + m
+    t[8] = sign + floor(e / 16)
+    return char(unpack(t))
+  end
+  local function unpackd(s, at)
+    local b = {byte(s, at, at + 7)}
+    local sign = b[8] >= 128 and -1 or 1
+    local e = (b[8] % 128) * 16 + floor(b[7] / 16)
+    local m = b[7] % 16
+    for i = 6, 1, -1 do m = m * 256 + b[i] end
+    if e == 2047 then return m == 0 and sign / 0 or 0 / 0 end
+    if e == 0 then return sign * ldexp(m, -1074) end
+    return sign * ldexp(m + 2^52, e - 1075)
+  end
+  string = setmetatable({
+    pack = function(fmt, ...)
+      local t = {}
+      for i = 1, #fmt do t[i] = packd((select(i, ...))) end
+      return G.table.concat(t)
+    end,
+    unpack = function(_, s, at) -- one "d"
+      at = at or 1
+      return unpackd(s, at), at + 8
+    end,
+  }, {__index = G.string})
+  utf8 = utf8 or {len = function(s) -- the length of valid UTF-8, else nil
+    local n, i, len = 0, 1, #s
+    while i <= len do
+      local c, k = byte(s, i), 0
+      if c >= 0xf0 and c <= 0xf4 then k = 3
+      elseif c >= 0xe0 then k = c <= 0xef and 2 or -1
+      elseif c >= 0xc2 then k = c <= 0xdf and 1 or -1
+      elseif c >= 0x80 then k = -1 end
+      if k < 0 or i + k > len then return nil end
+      for j = i + 1, i + k do
+        local d = byte(s, j)
+        if d < 0x80 or d > 0xbf then return nil end
+      end
+      n, i = n + 1, i + k + 1
+    end
+    return n
+  end}
+  if not pcall(load, "return") then -- 5.1: load of strings, with a mode
+    local loadstring = G.loadstring
+    load = function(src, name, mode)
+      if mode == "t" and src:byte(1) == 27 then
+        return nil, "attempt to load a binary chunk (mode is 't')"
+      end
+      return loadstring(src, name)
+    end
+  end
+  if select("#", xpcall(function(...) return ... end, print, 1)) == 1 then
+    local pxpcall = xpcall -- 5.1: xpcall passes no arguments
+    xpcall = function(f, h, ...)
+      local args = table.pack(...)
+      return pxpcall(function() return f(unpack(args, 1, args.n)) end, h)
+    end
+  end
+end
+
 -- How this file names itself in tracebacks: frames from here are cut.
 local SELF = debug.getinfo(1, "S").short_src
 
@@ -160,7 +260,7 @@ local function jobs(name, v, cpus)
     return nil, ("bad value for '%s': '%s' (expected N, N%% of the CPUs, " ..
                  "+N or -N: the CPUs plus or minus N)"):format(name, v)
   end
-  if v:sub(-1) == "%" then return math.max(1, cpus * n // 100) end
+  if v:sub(-1) == "%" then return math.max(1, math.floor(cpus * n / 100)) end
   if v:match("^[+-]") then return math.max(1, cpus + n) end
   return n
 end
@@ -673,7 +773,7 @@ function M.trace(msg, level)
   local lo, hi = level, level * 2
   while debug.getinfo(hi, "S") do lo, hi = hi, hi * 2 end
   while hi - lo > 1 do
-    local mid = (lo + hi) // 2
+    local mid = math.floor((lo + hi) / 2)
     if debug.getinfo(mid, "S") then lo = mid else hi = mid end
   end
   -- from there up, past lpar's frames (this file's and C functions), to
@@ -957,9 +1057,9 @@ end
 local function clock(s)
   s = math.floor(s + 0.5)
   if s >= 3600 then
-    return ("%d:%02d:%02d"):format(s // 3600, s % 3600 // 60, s % 60)
+    return ("%d:%02d:%02d"):format(math.floor(s / 3600), math.floor(s % 3600 / 60), s % 60)
   end
-  return ("%d:%02d"):format(s // 60, s % 60)
+  return ("%d:%02d"):format(math.floor(s / 60), s % 60)
 end
 
 -- The progress line for 'done' of 'total' (nil if unknown) items after
@@ -1026,7 +1126,7 @@ end
 local function readall(path)
   local f = io.open(path, "rb")
   if not f then return nil end
-  local s = f:read("a")
+  local s = f:read("*a")
   f:close()
   return s
 end
@@ -1349,7 +1449,7 @@ function M.pick(o, paths, lines)
     for _, v in ipairs(o.items) do add(v) end
   else
     for _, path in ipairs(paths) do
-      local data = path == "-" and io.stdin:read("a") or readall(path)
+      local data = path == "-" and io.stdin:read("*a") or readall(path)
       if not data then return nil, ("cannot read %s"):format(path) end
       local pos = 1
       while pos <= #data do
@@ -1573,7 +1673,7 @@ function M.run(o, c, reader, counter, map, init, close)
   local real = M.inputline(o)
   local K, N = 1, 1
   if o.shard then K, N = o.shard[1], o.shard[2] end
-  local function mine(line) return line >= K and (line - K) // N + 1 or 0 end
+  local function mine(line) return line >= K and math.floor((line - K) / N) + 1 or 0 end
   -- --number: what starts the output line of record i (workers inherit it)
   local label = M.labeller(o)
   local clash = M.clash(o, c, reader)
