@@ -34,8 +34,8 @@ local dir = arg[2]
 return function(s)
   local ms = tonumber(s:match("^s(%d+)$"))
   if ms then
-    io.open(("%s/%d.%d"):format(dir, unistd.getpid(), math.random(1 << 40)), "w"):close()
-    time.nanosleep({tv_sec = ms // 1000, tv_nsec = (ms % 1000) * 1000000})
+    io.open(("%s/%d.%d"):format(dir, unistd.getpid(), math.random(1e9)), "w"):close()
+    time.nanosleep({tv_sec = math.floor(ms / 1000), tv_nsec = (ms % 1000) * 1000000})
   end
   return s
 end

@@ -588,7 +588,7 @@ describe("lpar retrying an item", function()
           os.exit(3)
         end
         local f = assert(io.open("/proc/self/status"))
-        local blocked = f:read("a"):match("SigBlk:%s*(%x+)")
+        local blocked = f:read("*a"):match("SigBlk:%s*(%x+)")
         f:close()
         return s .. " " .. blocked
       end]]) .. " - " .. flag, "a\n")

@@ -24,7 +24,7 @@ describe("lpar with a script that returns nothing (a program)", function()
   it("gives -j to its lpar.parallel and lpar.imap calls, and to the global 'parallel'", function()
     -- one worker runs every item: one pid
     local code = [[
-      local function pid() local f = io.open("/proc/self/stat") local n = f:read("n") f:close() return n end
+      local function pid() local f = io.open("/proc/self/stat") local n = f:read("*n") f:close() return n end
       local seen, n = {}, 0
       local function f() local t = os.clock() + 0.01 repeat until os.clock() > t return pid() end
       for _, p in ipairs(parallel(f, {1, 2, 3, 4, 5, 6, 7, 8})) do
@@ -449,6 +449,7 @@ describe("lpar and options found wanting by an outside test", function()
   end)
 
   it("keeps the user's own function last in a deep traceback", function()
+    if H.clilua() == "Lua 5.1" then return pending("5.1's tracebacks do not count the levels skipped") end
     local script = os.tmpname()
     writefile(script, "local function r(n) if n == 0 then error('bottom') end return 1 + r(n - 1) end\n" ..
                       "return function(s) local v = r(tonumber(s)) return v end\n")

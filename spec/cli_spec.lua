@@ -24,6 +24,7 @@ local tmpname = H.tmpfiles(after_each)
 
 describe("lpar output", function()
   it("prints each kind of result as documented", function()
+    if not H.cliintegers() then return pending("5.3+: integers apart from floats") end
     local items = table.concat({
       "str:hello", "int:42", "float:0.5", "float:3", "true", "false", "multi",
       "table", "array", "nil", "none", "nils", "hole", "str:", "int:-7",
@@ -506,7 +507,7 @@ describe("lpar usage errors", function()
 
   it("reports an error raised while the script loads", function()
     usage(FIX .. "loaderr.lua", "^lpar: " .. FIX:gsub("%p", "%%%0") ..
-          "loaderr.lua:2: attempt to index a nil value")
+          "loaderr.lua:2: attempt to index .*nil value")
   end)
 
   it("rejects a script that returns something else than a function", function()

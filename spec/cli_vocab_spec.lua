@@ -139,7 +139,7 @@ end)
 -- The number of CPUs, as lpar counts them.
 local function cpus()
   local p = io.popen("getconf _NPROCESSORS_ONLN")
-  local n = tonumber(p:read("a"))
+  local n = tonumber(p:read("*a"))
   p:close()
   return n
 end
@@ -401,7 +401,7 @@ describe("lpar -e", function()
     local rc, out, err = lpar("-e 'print(1)' -e 'function(s) return s +' -", "a\n")
     assert.equal(2, rc)
     assert.equal("", out)
-    assert.matches("lpar: %(command line%):1: .*near <eof>", err)
+    assert.matches("lpar: %(command line%):1: .*near '?<eof>", err)
     rc, out, err = lpar("-e 'function x' -", "a\n")
     assert.equal(2, rc)
     assert.equal("", out)

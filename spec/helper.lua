@@ -8,7 +8,9 @@ local time = require "posix.time"
 local dirent = require "posix.dirent"
 local wait = require "posix.sys.wait"
 
-local H = {build = build, cli = build .. "/lpar"}
+-- LPAR_CLI: the command under test, when it is built for another Lua than
+-- the one running the specs (scripts/test runs the CLI specs so)
+local H = {build = build, cli = os.getenv("LPAR_CLI") or build .. "/lpar"}
 
 -- Seconds on the monotonic clock.
 function H.now()
@@ -37,7 +39,7 @@ function H.children()
     local pid = tonumber(name)
     if pid then
       local f = io.open("/proc/" .. name .. "/stat")
-      local stat = f and f:read("a")
+      local stat = f and f:read("*a")
       if f then f:close() end
       -- pid (comm) state ppid ...: comm may hold spaces and parentheses
       local state, ppid
@@ -65,8 +67,12 @@ function H.run(cmd, input)
   end
   local full = string.format("(%s) <%s >%s 2>%s", cmd, inp or "/dev/null", out, err)
   local ok, how, code = os.execute(full)
-  local function slurp(p) local f = io.open(p, "rb"); local s = f:read("a"); f:close(); os.remove(p); return s end
+  local function slurp(p) local f = io.open(p, "rb"); local s = f:read("*a"); f:close(); os.remove(p); return s end
   if inp then os.remove(inp) end
+  if type(ok) == "number" then -- 5.1 and LuaJIT: the wait status
+    if ok % 256 ~= 0 then return 128 + ok % 128, slurp(out), slurp(err) end
+    return math.floor(ok / 256), slurp(out), slurp(err)
+  end
   if how == "signal" then code = 128 + code end
   return ok and 0 or code, slurp(out), slurp(err)
 end
@@ -85,7 +91,7 @@ end
 function H.slurp(path)
   local f = io.open(path)
   if not f then return nil end
-  local s = f:read("a")
+  local s = f:read("*a")
   f:close()
   return s
 end
@@ -100,10 +106,14 @@ function H.program(code)
   return f
 end
 
--- Run such a program in a fresh lua5.4: exit code, stdout, stderr.
+-- The interpreter running the specs ("lua5.4", "luajit"...).
+H.interp = rawget(_G, "jit") and "luajit" or "lua" .. _VERSION:sub(5)
+
+-- Run such a program in a fresh interpreter like this one: exit code,
+-- stdout, stderr.
 function H.lua(code)
   local f = H.program(code)
-  local rc, out, err = H.run("lua5.4 " .. f)
+  local rc, out, err = H.run(H.interp .. " " .. f)
   os.remove(f)
   return rc, out, err
 end
@@ -116,7 +126,7 @@ end
 -- 'size' bytes that differ from item to item (they travel well as results
 -- of any size; no upvalues, so pools can send it).
 function H.payload(i, size)
-  return string.rep(string.char(i % 251, (7 * i) % 256), size // 2)
+  return string.rep(string.char(i % 251, (7 * i) % 256), math.floor(size / 2))
 end
 
 -- A fresh empty directory; returns its path.
@@ -172,6 +182,19 @@ function H.quote(s)
   return "'" .. s:gsub("'", "'\\''") .. "'"
 end
 
+-- The Lua the command under test runs ("Lua 5.4", "LuaJIT 2.1"), from
+-- its --version, and whether it keeps integers apart from floats (5.3+).
+local clilua
+function H.clilua()
+  if not clilua then
+    local p = assert(io.popen(H.quote(H.cli) .. " --version"))
+    clilua = p:read("*a"):match("%((.-)%)") or "?"
+    p:close()
+  end
+  return clilua
+end
+function H.cliintegers() return H.clilua() == "Lua 5.3" or H.clilua() == "Lua 5.4" end
+
 -- Run the built lpar with a shell-quoted argument string, stopped if it
 -- runs past 'limit' seconds when one is given (then the code is 124);
 -- returns code, out, err.
@@ -193,7 +216,7 @@ end
 function H.readfile(path)
   local f = io.open(path, "rb")
   if not f then return nil end
-  local s = f:read("a")
+  local s = f:read("*a")
   f:close()
   return s
 end

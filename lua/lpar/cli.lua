@@ -9,6 +9,9 @@ local M = {}
 -- that shadow the libraries here only, not in the user's globals.
 local math, table, string, utf8, load, xpcall =
   math, table, string, utf8, load, xpcall
+-- what debug.getinfo tells of a frame for a traceback ('t', tail calls,
+-- is 5.2's)
+local FRAMEINFO = _VERSION == "Lua 5.1" and "Slnf" or "Slnft"
 if not math.type then
   local floor, G, unpack = math.floor, _G, table.unpack or _G.unpack
   local function isint(x)
@@ -743,7 +746,7 @@ local function modname(f)
   end
 end
 
--- One line of a traceback for the frame 'info' (getinfo "Slnft"), as
+-- One line of a traceback for the frame 'info' (getinfo FRAMEINFO), as
 -- luaL_traceback writes it.
 local function frameline(info)
   local where = info.what == "C" and "[C]" or ("%s:%d"):format(info.short_src, info.currentline)
@@ -791,7 +794,7 @@ function M.trace(msg, level)
   if not top then return M.clean(debug.traceback(msg, level)) end
   local out, n = {msg, "\nstack traceback:"}, top - level + 1
   local function add(lv)
-    local info = debug.getinfo(lv + 1, "Slnft") -- (this function is a level)
+    local info = debug.getinfo(lv + 1, FRAMEINFO) -- (this function is a level)
     if lv == top and info.what ~= "C" then -- the user's function, as written
       info.namewhat, info.name = "", nil
     end
@@ -2107,6 +2110,7 @@ function M.watchio()
   end
   iolib.lines = function(path, ...)
     if path == nil and io.input() == stdin then w.stdin = true end
+    if path == nil and select("#", ...) == 0 then return lines() end -- 5.1 takes no nil
     local a, b, c, d = lines(path, ...)
     return a, b, c, d
   end
