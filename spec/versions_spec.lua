@@ -161,3 +161,24 @@ describe("the command under every Lua", function()
     assert.matches("line 1 %(\"x\"%).*bad x", err)
   end)
 end)
+
+describe("a remote host on another Lua", function()
+  -- LPAR_OTHER: an lpar command built for another Lua (scripts/test gives
+  -- 5.4's to the other Luas' runs); the host's command is plain env
+  local other = os.getenv("LPAR_OTHER")
+
+  it("is refused when it connects, naming both Luas", function()
+    if not other then return pending("LPAR_OTHER names no lpar of another Lua") end
+    local p = assert(io.popen(H.quote(other) .. " --version"))
+    local theirs = p:read("*a"):match("%((.-)%)")
+    p:close()
+    assert.is_truthy(theirs)
+    assert.are_not.equal(NAME, theirs)
+    local short = function(n) return (n:match("^LuaJIT") and "LuaJIT" or n):gsub("%p", "%%%0") end
+    local ok, err = pcall(lpar.pool, {n_workers = 1, hosts = {"1/env"}, remote_lpar = other})
+    assert.is_false(ok)
+    assert.matches("its agent is lpar [%d.]+ %(protocol %d+, " .. short(theirs) ..
+      ", .*%); this is lpar [%d.]+ %(protocol %d+, " .. short(NAME) .. ", ", err)
+  end)
+end)
+

@@ -35,17 +35,20 @@ int lpar_hosts_putversions(Buf *b) {
 /* "lpar 0.1.0 (protocol 1, Lua 5.4, 8-byte integers, 8-byte floats)" */
 static void describe(const char *p, char *buf, size_t size) {
   uint32_t lua = lpar_wire_get32(p + 8);
-  char name[NAMESIZE + 1];
+  char name[NAMESIZE + 1], luaname[24];
   memcpy(name, p + 20, NAMESIZE);
   name[NAMESIZE] = '\0';
   for (char *s = name; *s; s++)
     if (!isprint((unsigned char)*s))
       *s = '?';
-  snprintf(buf, size,
-           "%s (protocol %u, %s %u.%u, %u-byte integers, %u-byte floats)", name,
-           (unsigned)lpar_wire_get32(p + 4),
-           lua >= 9000 ? "LuaJIT on Lua" : "Lua", (unsigned)(lua % 9000 / 100),
-           (unsigned)(lua % 100), (unsigned)lpar_wire_get32(p + 12),
+  if (lua >= 9000) /* LPAR_LUANUM of LuaJIT */
+    snprintf(luaname, sizeof luaname, "LuaJIT");
+  else
+    snprintf(luaname, sizeof luaname, "Lua %u.%u", (unsigned)(lua / 100 % 100),
+             (unsigned)(lua % 100));
+  snprintf(buf, size, "%s (protocol %u, %s, %u-byte integers, %u-byte floats)",
+           name, (unsigned)lpar_wire_get32(p + 4), luaname,
+           (unsigned)lpar_wire_get32(p + 12),
            (unsigned)lpar_wire_get32(p + 16));
 }
 
