@@ -5,6 +5,9 @@ local H = require "spec.helper"
 
 local function rt(v) return lpar.decode(lpar.encode(v)) end
 
+-- A random 64-bit integer (5.3's math.random takes no range that wide).
+local function rand64() return (math.random(0, 0xffffffff) << 32) | math.random(0, 0xffffffff) end
+
 -- The bits of a float, to compare -0.0 and NaNs exactly.
 local function bits(x) return string.pack("<d", x) end
 local function float(s) return (string.unpack("<d", s)) end
@@ -76,7 +79,7 @@ describe("lpar.encode and lpar.decode", function()
       assert.equal("integer", math.type(d))
     end
     for _ = 1, 1000 do
-      local i = math.random(math.mininteger, math.maxinteger)
+      local i = rand64()
       assert.equal(i, rt(i))
     end
   end)
@@ -115,7 +118,7 @@ describe("lpar.encode and lpar.decode", function()
 
   it("round-trip a 1 MB string of random bytes", function()
     local t = {}
-    for i = 1, 1 << 17 do t[i] = string.pack("<j", math.random(math.mininteger, math.maxinteger)) end
+    for i = 1, 1 << 17 do t[i] = string.pack("<j", rand64()) end
     local s = table.concat(t)
     assert.equal(1 << 20, #s)
     assert.equal(s, rt(s))
@@ -535,9 +538,9 @@ describe("the decoder's memory", function()
 
   setup(function()
     local rc, out, err = H.run("cc -std=c11 -D_GNU_SOURCE -O1 -Isrc " ..
-      "$(pkg-config --cflags lua5.4) -o " .. probe ..
+      "$(pkg-config --cflags " .. H.interp .. ") -o " .. probe ..
       " spec/fixtures/codec/memprobe.c " .. H.build .. "/liblpar.a " ..
-      "$(pkg-config --libs lua5.4) -lm")
+      "$(pkg-config --libs " .. H.interp .. ") -lm")
     assert.equal(0, rc, out .. err)
   end)
 
@@ -611,6 +614,9 @@ describe("the decoder's memory", function()
         assert.is_false(ok)
         assert.matches("^truncated", rest)
       end
+      -- the bound is 5.4's (README, "Wire format"): 5.3's tables and
+      -- strings cost more; there the decoding is checked alone
+      if _VERSION ~= "Lua 5.4" then return end
       assert.is_true(peak <= BOUND * #s + SLACK, string.format(
         "%s: %d bytes took %d bytes of Lua heap, %.1f per byte", name, #s, peak, peak / #s))
     end)
