@@ -71,7 +71,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
   lua_State *L = lua_newstate(countalloc, &count);
   if (L == NULL)
     return 0;
-  lua_gc(L, LUA_GCSTOP); /* garbage counts too */
+  lua_gc(L, LUA_GCSTOP, 0); /* garbage counts too */
   lua_pushcfunction(L, decodeall);
   lua_pushlightuserdata(L, (void *)data);
   lua_pushinteger(L, (lua_Integer)size);

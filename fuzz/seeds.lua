@@ -13,10 +13,15 @@ for i = 1, 300 do arr[i] = i * 3 end
 local bytes = {}
 for i = 0, 255 do bytes[#bytes + 1] = string.char(i) end
 
-return table.pack(
+-- in every Lua (FUZZ_LUA): before 5.3, the largest doubles stand for the
+-- integers at the edges
+local pack = table.pack or function(...) return {n = select("#", ...), ...} end
+local maxint, minint = math.maxinteger or 2 ^ 63 - 1024, math.mininteger or -2 ^ 63
+
+return pack(
   nil, true, false,
-  0, 1, -1, 63, 64, -64, -65, 127, 128, 300, -300, 1 << 20, 1 << 40,
-  math.maxinteger, math.mininteger,
+  0, 1, -1, 63, 64, -64, -65, 127, 128, 300, -300, 1048576, 1099511627776,
+  maxint, minint,
   0.0, -0.0, 1.0, 0.1, -2.5, 1 / 0, -1 / 0, 0 / 0, 5e-324, 1.7976931348623157e308,
   "", "a", "hello", "a\0b", table.concat(bytes), string.rep("x", 1000),
   {}, {1, 2, 3}, {"a", "b"}, {x = 1, y = 2}, {1, {2, {3}}},

@@ -142,6 +142,63 @@ describe("the module under every Lua", function()
   end)
 end)
 
+describe("faults under every Lua", function()
+  local signal, unistd = require "posix.signal", require "posix.unistd"
+  local fds
+  before_each(function() fds = H.fdcount() end)
+  after_each(function()
+    assert.same({}, H.children())
+    assert.equal(fds, H.fdcount())
+  end)
+
+  local deaths = {
+    {"SIGKILL", function() signal.kill(unistd.getpid(), signal.SIGKILL) end, "killed by signal 9 %(SIGKILL%)"},
+    {"os.exit(3)", function() os.exit(3) end, "exited with status 3"},
+  }
+  for _, case in ipairs(deaths) do
+    for _, front in ipairs({"parallel", "pool"}) do
+      it("names the item whose worker died of " .. case[1] .. " and finishes the others, with " .. front,
+         function()
+        local die = case[2]
+        local function f(x)
+          if x == 5 then die() end
+          return x * 10
+        end
+        local r, n, errs
+        if front == "parallel" then
+          r, n, errs = lpar.parallel(f, H.range(20), {n_workers = 2, chunksize = 4, on_error = "collect"})
+        else
+          local pool = lpar.pool({n_workers = 2})
+          r, n, errs = pool:map(f, H.range(20), {chunksize = 4, on_error = "collect"})
+          pool:close()
+        end
+        assert.equal(20, n)
+        assert.matches("^worker %d+ " .. case[3] .. "$", errs[5])
+        for i = 1, 20 do
+          if i ~= 5 then assert.equal(i * 10, r[i]) end
+        end
+      end)
+    end
+  end
+
+  it("stops an item past its timeout and goes on", function()
+    local r, n, errs = lpar.parallel(function(x)
+      if x == 2 then while true do end end
+      return x
+    end, {1, 2, 3}, {n_workers = 2, timeout = 1, on_error = "collect"})
+    assert.equal(3, n)
+    assert.equal(1, r[1])
+    assert.equal(3, r[3])
+    assert.matches("timed out after 1%.?0? s", errs[2])
+  end)
+
+  it("fails a pool whose init fails, naming it", function()
+    local ok, err = pcall(lpar.pool, {n_workers = 1, init = function() error("no db", 0) end})
+    assert.is_false(ok)
+    assert.matches("worker init failed: no db", err)
+  end)
+end)
+
 describe("the command under every Lua", function()
   it("runs a script on each line, in order", function()
     local code, out = H.lpar([[-e 'return function(l) return l .. #l end']], "a\nbb\nccc\n")
