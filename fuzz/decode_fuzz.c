@@ -9,6 +9,7 @@
 
 #include "codec.h"
 #include "lauxlib.h"
+#include "lcompat.h"
 
 /* the bound: DECMEM bytes of Lua heap per input byte, plus DECSLACK */
 #define DECMEM 46

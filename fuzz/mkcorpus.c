@@ -8,6 +8,7 @@
 
 #include "codec.h"
 #include "lauxlib.h"
+#include "lcompat.h"
 #include "lualib.h"
 
 /* Write the encoding of list[i] to dir/seed-<i>. */
