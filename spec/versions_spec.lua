@@ -116,6 +116,15 @@ describe("the module under every Lua", function()
     assert.equal(30, co())
   end)
 
+  it("stops an imap's workers once its loop is left and the iterator collected", function()
+    for i in lpar.imap(function(x) H.sleep(0.05) return x end, H.range(100), 4) do
+      if i == 3 then break end
+    end
+    collectgarbage()
+    collectgarbage()
+    assert.same({}, H.children())
+  end)
+
   it("keeps item order over many items and workers", function()
     local r, n = lpar.parallel(function(x) return x * x end, H.range(1000), 4)
     assert.equal(1000, n)
