@@ -1733,7 +1733,7 @@ static luaL_Stream *fileiter(lua_State *L, int idx, int *fd) {
   if (lua_iscfunction(L, idx) && lua_getupvalue(L, idx, 1) != NULL) {
     s = luaL_testudata(L, -1, LUA_FILEHANDLE);
     lua_pop(L, 1);
-    if (s != NULL && (s->closef == NULL || s->f == NULL || fileno(s->f) < 0))
+    if (s != NULL && (LPAR_STREAMCLOSED(s) || s->f == NULL || fileno(s->f) < 0))
       s = NULL;
     if (s != NULL)
       *fd = fileno(s->f);
@@ -1752,7 +1752,7 @@ static int fileready(luaL_Stream *s, int fd) {
 #if defined(__GLIBC__)
   struct pollfd p;
   int n;
-  if (s->closef == NULL || s->f->_IO_read_ptr < s->f->_IO_read_end)
+  if (LPAR_STREAMCLOSED(s) || s->f->_IO_read_ptr < s->f->_IO_read_end)
     return 1;
   p.fd = fd;
   p.events = POLLIN;

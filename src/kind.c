@@ -7,6 +7,7 @@
 
 #include "kind.h"
 #include "lauxlib.h"
+#include "lcompat.h"
 
 static const char *const names[] = {
     NULL,       "error", "timeout", "signal",    "exit",        "memory",

@@ -43,6 +43,14 @@
 #define LPAR_ISTAILCALL(ar) ((ar)->istailcall)
 #endif
 
+/* whether the file of a luaL_Stream is closed (5.1 and LuaJIT: its FILE
+   pointer is cleared; they have no closef) */
+#if LUA_VERSION_NUM == 501
+#define LPAR_STREAMCLOSED(s) ((s)->f == NULL)
+#else
+#define LPAR_STREAMCLOSED(s) ((s)->closef == NULL)
+#endif
+
 #if LUA_VERSION_NUM < 503
 #if !defined(LUA_VERSION_MAJOR) /* 5.1 and LuaJIT */
 #define LUA_VERSION_MAJOR "5"
