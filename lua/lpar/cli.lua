@@ -12,6 +12,10 @@ local math, table, string, utf8, load, xpcall =
 -- what debug.getinfo tells of a frame for a traceback ('t', tail calls,
 -- is 5.2's)
 local FRAMEINFO = _VERSION == "Lua 5.1" and "Slnf" or "Slnft"
+
+-- A generic for's iterator and its closing value (Lua 5.4), as a call's
+-- results: before 5.4 the closing value is dropped.
+local function closing(iter, value) return iter, nil, nil, value end
 if not math.type then
   local floor, G, unpack = math.floor, _G, table.unpack or _G.unpack
   local function isint(x)
@@ -1967,7 +1971,9 @@ function M.run(o, c, reader, counter, map, init, close)
   local function batch()
     local iter, _, _, j = pool:imap(batchf, items, jobopts)
     job = j
-    for i, r, e, where, kind, detail in iter, nil, nil, job do
+    -- the job closes the loop (5.4); a call gives it, for 5.1 and 5.2
+    -- miscompile a loop of four expressions (a local of the body is lost)
+    for i, r, e, where, kind, detail in closing(iter, job) do
       local first, n, block = reader:take(i)
       local recs
       local function recof(line) -- a record of this batch, split once
