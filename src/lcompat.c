@@ -3,6 +3,7 @@
 */
 #include "lcompat.h"
 
+#include <limits.h>
 #include <math.h>
 #include <stdarg.h>
 #include <stdio.h>
@@ -14,6 +15,33 @@
 #include "compat-5.3.c" /* once, under the prefix of lcompat.h */
 #undef lua_isinteger
 #define lua_isinteger lpar_compat_isinteger
+#undef lua_rawgeti
+#undef lua_rawseti
+
+int lpar_compat_rawgeti(lua_State *L, int idx, lua_Integer n) {
+  if (n >= INT_MIN && n <= INT_MAX)
+    lua_rawgeti(L, idx, (int)n);
+  else {
+    idx = lua_absindex(L, idx);
+    lua_pushnumber(L, (lua_Number)n);
+    lua_rawget(L, idx);
+  }
+  return lua_type(L, -1);
+}
+
+void lpar_compat_rawseti(lua_State *L, int idx, lua_Integer n) {
+  if (n >= INT_MIN && n <= INT_MAX)
+    lua_rawseti(L, idx, (int)n);
+  else {
+    idx = lua_absindex(L, idx);
+    lua_pushnumber(L, (lua_Number)n);
+    lua_insert(L, -2);
+    lua_rawset(L, idx);
+  }
+}
+
+#define lua_rawgeti lpar_compat_rawgeti
+#define lua_rawseti lpar_compat_rawseti
 #endif
 
 #if LUA_VERSION_NUM < 503

@@ -65,6 +65,15 @@ int lpar_compat_isinteger(lua_State *L, int idx);
 #undef lua_isinteger
 #define lua_isinteger lpar_compat_isinteger
 
+/* lua_rawgeti and lua_rawseti with keys of lua_Integer (5.1 and 5.2 take
+   an int: keys past 2^31, such as the engine's parts, were cut) */
+int lpar_compat_rawgeti(lua_State *L, int idx, lua_Integer n);
+void lpar_compat_rawseti(lua_State *L, int idx, lua_Integer n);
+#undef lua_rawgeti
+#undef lua_rawseti
+#define lua_rawgeti lpar_compat_rawgeti
+#define lua_rawseti lpar_compat_rawseti
+
 #if !defined(LUA_LOADED_TABLE)
 #define LUA_LOADED_TABLE "_LOADED"
 #endif
