@@ -1836,7 +1836,7 @@ static char *readrange(lua_State *L, int idx, size_t *len) {
   at = lua_tointeger(L, -2);
   n = lua_tointeger(L, -1);
   lua_pop(L, 2);
-  if (rangefd < 0 || at < 0 || n < 0 || (lua_Unsigned)n > SIZE_MAX)
+  if (rangefd < 0 || at < 0 || n < 0 || (unsigned long long)n > SIZE_MAX)
     raisef(L, "bad batch: no items file to read %I bytes at %I from",
            (LUAI_UACINT)n, (LUAI_UACINT)at);
   buf = malloc(n > 0 ? (size_t)n : 1);

@@ -859,7 +859,7 @@ end
 -- collected) as soon as it is done, so that a long line costs each
 -- process at most twice its size: its bytes and its records are not
 -- still held when the next batch comes.
-local BIGBATCH = 1 << 20
+local BIGBATCH = 1048576 -- 2^20, written so that every Lua parses it
 
 -- The function the workers run on a batch (a block of records, see
 -- main.c; the engine's policy sizes it): a block is the records' bytes
