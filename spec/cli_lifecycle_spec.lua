@@ -58,6 +58,42 @@ end
   end)
 end)
 
+describe("lpar --halt soon, then --resume", function()
+  -- Every third line fails; the run halts at the first failures, with
+  -- records handed back or never started: the joblog's marks cover none
+  -- of those, so that --resume writes what a whole run writes.
+  local function resumed(opts, n)
+    local script = H.writefile(tmpname() .. ".lua", [[
+return function(s)
+  if tonumber(s) % 3 == 0 then error("bad " .. s, 0) end
+  return s
+end
+]])
+    local input = H.writefile(tmpname(), H.numbers(n))
+    local log, out = tmpname(), tmpname()
+    local code, _, err = H.lpar(("-j2 %s --joblog %s -o %s %s %s")
+                                :format(opts, log, out, script, input), nil, 60)
+    assert.equal(1, code, err)
+    assert.matches("%-%-halt soon", err)
+    code, _, err = H.lpar(("-j2 --resume --joblog %s -o %s %s %s")
+                          :format(log, out, script, input), nil, 60)
+    assert.equal(1, code, err)
+    local want = {}
+    for i = 1, n do
+      if i % 3 ~= 0 then want[#want + 1] = tostring(i) end
+    end
+    assert.same(want, H.lines(H.readfile(out)))
+  end
+
+  it("runs again the records after the failure in a run of one-record batches", function()
+    resumed("--chunk 1 --halt soon,fail=1", 10)
+  end)
+
+  it("runs again the records a batch handed back", function()
+    resumed("--halt soon,fail=2", 60)
+  end)
+end)
+
 describe("lpar --events", function()
   it("writes each record's start and end as JSON lines, as the joblog has them", function()
     local cjson = require "cjson"

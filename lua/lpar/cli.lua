@@ -1899,6 +1899,21 @@ function M.run(o, c, reader, counter, map, init, close)
   -- "records" in engine.c): a record that failed with retries left, the
   -- records a batch handed back, those of a batch lost with its worker.
   -- recof(line) is the record of a line of the batch.
+  -- The marks of the joblog (ordered output) say up to which record all
+  -- are settled (ran ok, or failed for good). A record that a halt left
+  -- unsettled (handed back, never started) ends them: the last mark is
+  -- put just before it, and none after, so that --resume runs it again.
+  local marking = true
+  local function unsettled(line)
+    if not marking then return end
+    marking = false
+    if o.joblog then
+      c.log(table.concat(lines))
+      lines = {}
+      mark(real(line - 1))
+    end
+  end
+
   local walk
   local function part(first, kid, where, recof)
     ranon(kid.host)
@@ -1909,7 +1924,7 @@ function M.run(o, c, reader, counter, map, init, close)
   walk = function(first, n, r, e, attempt, parts, kind, detail, recof)
     local kids, where = {}, host
     for _, kid in ipairs(parts or {}) do kids[kid.at] = kid end
-    if r == nil and e == nil then return end -- not run: the run halted
+    if r == nil and e == nil then return unsettled(first) end -- not run: the run halted
     if e ~= nil then
       -- lost with its worker (or stopped at its timeout): the record it
       -- was running fails unless it ran again; the others ran again
@@ -1962,7 +1977,7 @@ function M.run(o, c, reader, counter, map, init, close)
     -- the records it handed back, in parts (none if the run halted)
     local k = r.rest or n + 1
     while k <= n and not halted do
-      if not kids[k] then break end
+      if not kids[k] then return unsettled(first + k - 1) end
       part(first, kids[k], where, recof)
       k = k + kids[k].n
     end
@@ -1989,7 +2004,7 @@ function M.run(o, c, reader, counter, map, init, close)
       if o.joblog then
         c.log(table.concat(lines))
         lines = {}
-        mark(real(haltline or first + n - 1))
+        if marking then mark(real(haltline or first + n - 1)) end
       end
       if halted then break end
       if prog then prog.step(n, failed) end
