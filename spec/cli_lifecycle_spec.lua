@@ -176,6 +176,52 @@ end
     assert.equal("ok", ends[3].status)
   end)
 
+  it("goes on after a torn line when a run killed with SIGKILL is resumed", function()
+    local cjson = require "cjson"
+    local signal = require "posix.signal"
+    local input = H.writefile(tmpname(), H.numbers(20000))
+    local evfile, log, out = tmpname(), tmpname(), tmpname()
+    os.remove(evfile)
+    local args = {"-j2", "--chunk", "1", "--events", evfile, "--joblog", log, "-o", out,
+                  "-e", "function(s) return s end", input}
+    local p = H.spawncli(args)
+    -- killed once the events file holds a few hundred lines
+    local size = function()
+      local f = io.open(evfile)
+      if not f then return 0 end
+      local n = f:seek("end")
+      f:close()
+      return n
+    end
+    local reached = H.waitfor(function() return size() >= 30000 end, 60)
+    signal.kill(p.pid, signal.SIGKILL)
+    H.waitexit(p.pid, 30)
+    H.closeall(p)
+    assert.is_true(reached, "the events file stayed at " .. size() .. " bytes")
+    -- the kill tears the last line, unless it fell between two writes:
+    -- then a fragment as such a write leaves it stands in
+    local text = H.readfile(evfile)
+    if text:sub(-1) == "\n" then
+      local f = assert(io.open(evfile, "a"))
+      f:write('{"item":')
+      f:close()
+    end
+    local quoted = {"--resume"}
+    for i, a in ipairs(args) do quoted[i + 1] = H.quote(a) end
+    local code, _, err = H.lpar(table.concat(quoted, " "), nil, 120)
+    assert.equal(0, code, err)
+    assert.equal(H.readfile(input), H.readfile(out))
+    local n = 0
+    for l in H.readfile(evfile):gmatch("[^\n]*\n") do
+      n = n + 1
+      local ok, ev = pcall(cjson.decode, l)
+      assert.is_true(ok, ("line %d is not JSON: %q"):format(n, l))
+      assert.is_number(ev.item)
+    end
+    assert.equal("\n", H.readfile(evfile):sub(-1))
+    assert.is_true(n > 20000)
+  end)
+
   it("refuses a file that is also the joblog or the output", function()
     local f = tmpname()
     for _, opt in ipairs({"--joblog", "-o"}) do

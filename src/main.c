@@ -1996,6 +1996,53 @@ static int l_isatty(lua_State *L) {
   return 1;
 }
 
+/* cuttail(path) -> true, or nil and a message: a regular file 'path'
+   that does not end with a newline (a write of a run killed midway) is
+   cut after its last newline, so that what is added after starts on a
+   line of its own. A file that is missing or not regular is left. */
+static int l_cuttail(lua_State *L) {
+  const char *path = luaL_checkstring(L, 1);
+  char buf[4096];
+  struct stat st;
+  off_t end;
+  int fd = open(path, O_RDWR | O_CLOEXEC | O_NOFOLLOW | O_NONBLOCK);
+  if (fd < 0) {
+    if (errno == ENOENT)
+      return lua_pushboolean(L, 1), 1;
+    return luaL_fileresult(L, 0, path);
+  }
+  if (fstat(fd, &st) != 0 || !S_ISREG(st.st_mode)) {
+    close(fd);
+    return lua_pushboolean(L, 1), 1;
+  }
+  end = st.st_size;
+  while (end > 0) { /* back a block at a time to the last newline */
+    size_t n = end < (off_t)sizeof buf ? (size_t)end : sizeof buf;
+    off_t start = end - (off_t)n;
+    ssize_t got = pread(fd, buf, n, start);
+    if (got != (ssize_t)n) {
+      int e = got < 0 ? errno : EIO;
+      close(fd);
+      errno = e;
+      return luaL_fileresult(L, 0, path);
+    }
+    while (n > 0 && buf[n - 1] != '\n')
+      n--;
+    end = start + (off_t)n;
+    if (n > 0)
+      break;
+  }
+  if (end != st.st_size && ftruncate(fd, end) != 0) {
+    int e = errno;
+    close(fd);
+    errno = e;
+    return luaL_fileresult(L, 0, path);
+  }
+  close(fd);
+  lua_pushboolean(L, 1);
+  return 1;
+}
+
 /* isolate(): in a worker, send what the script prints to stderr, so it
    cannot mix with the results, and read stdin from /dev/null, so it cannot
    take the parent's items; SIGXFSZ is as the caller of lpar had it. */
@@ -2055,6 +2102,7 @@ static const luaL_Reg helpers[] = {{"signals", l_signals},
                                    {"cpus", l_cpus},
                                    {"size", l_size},
                                    {"isolate", l_isolate},
+                                   {"cuttail", l_cuttail},
                                    {NULL, NULL}};
 
 /* Push the table of C helpers that lpar.cli gets. */

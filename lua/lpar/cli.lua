@@ -1736,7 +1736,12 @@ function M.run(o, c, reader, counter, map, init, close)
 
   if o.events then
     local err
-    -- a run that goes on (--resume, --resume-failed) adds to them
+    -- a run that goes on (--resume, --resume-failed) adds to them, on a
+    -- line of its own: a torn last line (a run killed midway) is cut
+    if o.resume or o.again then
+      local cut, cerr = c.cuttail(o.events)
+      if not cut then return fail(2, "cannot write --events: " .. cerr) end
+    end
     events, err = io.open(o.events, (o.resume or o.again) and "a" or "w")
     if not events then return fail(2, "cannot write --events: " .. err) end
     events:setvbuf("full")
