@@ -92,6 +92,57 @@ end
   it("runs again the records a batch handed back", function()
     resumed("--halt soon,fail=2", 60)
   end)
+
+  it("with --retries, counts a record whose retry did not run as neither failed nor done", function()
+    -- fail=1 counts failures after their retries: a record that failed
+    -- a try with a retry pending when the halt tripped has no joblog
+    -- line (--resume runs it), and its last end event is that try's
+    local cjson = require "cjson"
+    local script = H.writefile(tmpname() .. ".lua", [[
+return function(s)
+  if tonumber(s) % 3 == 0 then error("bad " .. s, 0) end
+  return s
+end
+]])
+    local input = H.writefile(tmpname(), H.numbers(60))
+    for _ = 1, 3 do
+      local log, out, evfile = tmpname(), tmpname(), tmpname()
+      local code, _, err = H.lpar(("-j2 --retries 2 --halt soon,fail=1 --joblog %s --events %s -o %s %s %s")
+                                  :format(log, evfile, out, script, input), nil, 60)
+      assert.equal(1, code, err)
+      local logged = {}
+      for l in H.readfile(log):gmatch("[^\n]+") do
+        local line, status, tries = l:match("^(%d+)\t(%a+)\t[%d.]+\t(%d+)\t")
+        if line then
+          logged[tonumber(line)] = {status, tonumber(tries)}
+          if status == "failed" then assert.equal("3", tries, l) end
+        end
+      end
+      local last = {}
+      for l in H.readfile(evfile):gmatch("[^\n]+") do
+        local ev = cjson.decode(l)
+        if ev.event == "end" then last[ev.item] = ev end
+      end
+      for item, ev in pairs(last) do
+        local t = logged[item]
+        if t then
+          assert.same(t, {ev.status, ev.attempt}, "line " .. item)
+        else
+          assert.equal("failed", ev.status, "line " .. item)
+          assert.is_true(ev.attempt < 3, "line " .. item)
+        end
+      end
+      for item in pairs(logged) do assert.is_table(last[item], "line " .. item) end
+      code, _, err = H.lpar(("--resume --retries 2 --joblog %s -o %s %s %s")
+                            :format(log, out, script, input), nil, 60)
+      assert.equal(1, code, err)
+      local want = {}
+      for i = 1, 60 do
+        if i % 3 ~= 0 then want[#want + 1] = tostring(i) end
+      end
+      assert.same(want, H.lines(H.readfile(out)))
+    end
+  end)
 end)
 
 describe("lpar --events", function()

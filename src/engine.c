@@ -939,6 +939,9 @@ static lua_Integer addparts(Ctx *c, Job *j, int juv, const int idx[4],
   int vidx = idx[0], eidx = idx[1], bidx = idx[2], nidx = idx[3];
   int stop = j->halting; /* nothing more runs */
   int again = !stop && lpar_policy_retry(attempt - 1, j->o.retries);
+  /* a failure with retries left when the job halts is not one for good:
+     the record is not run again, and neither ok nor failed */
+  int pending = stop && lpar_policy_retry(attempt - 1, j->o.retries);
   lua_Integer made = 0, k, x, len, p = 0;
   /* cnt: records failed for good, records in parts */
 #define PART(from, to, a)                                                      \
@@ -961,7 +964,7 @@ static lua_Integer addparts(Ctx *c, Job *j, int juv, const int idx[4],
           PART(k, k, attempt + 1);
           continue;
         }
-        cnt[0]++;
+        cnt[pending]++;
       }
       lua_pop(L, 1);
     }
@@ -990,9 +993,9 @@ static lua_Integer addparts(Ctx *c, Job *j, int juv, const int idx[4],
     p = lua_tointeger(L, -1);
     lua_pop(L, 1);
   }
-  if (stop) {
-    cnt[0] = 1;
-    cnt[1] = n - 1;
+  if (stop) { /* the record it ran failed (if known), the others did not run */
+    cnt[0] = (p >= 1 && p <= n) || n == 1 ? !pending : 0;
+    cnt[1] = n - cnt[0];
     return 0;
   }
   if (p < 1 || p > n) {

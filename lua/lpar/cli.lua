@@ -1919,6 +1919,14 @@ function M.run(o, c, reader, counter, map, init, close)
     end
   end
 
+  -- Whether a record that failed on its 'attempt'th try and was not
+  -- run again had a retry left: then only a halt stopped it (the engine
+  -- runs a failure with retries left again unless the job halts), and it
+  -- is not a failure but unsettled, as a record the halt never started.
+  local function dropped(attempt)
+    return attempt <= retries
+  end
+
   local walk
   local function part(first, kid, where, recof)
     ranon(kid.host)
@@ -1938,12 +1946,16 @@ function M.run(o, c, reader, counter, map, init, close)
       stopping(kind, detail)
       local k = 1
       while k <= n and not halted do
-        if events and k == at and kids[k] and kids[k].attempt > attempt then
+        if events and k == at and (kids[k] and kids[k].attempt > attempt or dropped(attempt)) then
           tried(first + k - 1, nil, attempt, e, evstatus(kind), kind) -- it runs again
         end
         if kids[k] then
           part(first, kids[k], where, recof)
           k = k + kids[k].n
+        elseif k ~= at or dropped(attempt) then
+          -- the halt left it: it did not run, or its retry did not
+          unsettled(first + k - 1)
+          k = k + 1
         else
           failure(first + k - 1, e, nil, attempt, recof(first + k - 1), kind, detail)
           k = k + 1
@@ -1972,6 +1984,10 @@ function M.run(o, c, reader, counter, map, init, close)
           -- it ran again: --events tells of the try that failed too
           if events then tried(first + k - 1, secs, attempt, p[2], nil, pkind) end
           part(first, kids[k], where, recof)
+        elseif dropped(attempt) then
+          -- its retry did not run (the run halted): neither ok nor failed
+          if events then tried(first + k - 1, secs, attempt, p[2], nil, pkind) end
+          unsettled(first + k - 1)
         else
           failure(first + k - 1, p[2], secs, attempt, nil, pkind)
         end
