@@ -656,4 +656,34 @@ describe("lpar on_event", function()
     assert.has_error(function() lpar.parallel(print, {1}, {on_event = 3}) end,
                      "bad argument #3 to 'parallel' (on_event must be a function)")
   end)
+
+  it("ends every start once: tries that failed or were lost, and items whose worker was lost", function()
+    -- one worker, one chunk of 4: item 1 raises, item 3 kills its worker
+    -- (items 2 and 4 of its chunk go back unblamed)
+    local function f(x)
+      if x == 1 then error("boom", 0) end
+      if x == 3 then os.exit(5) end
+      return x
+    end
+    for retries = 0, 2 do
+      local open, tries, last = {}, {}, {}
+      local function on_event(ev)
+        local name = ("item %d, retries %d: "):format(ev.item, retries)
+        if ev.event == "start" then
+          assert.is_nil(open[ev.item], name .. "a second start before an end")
+          assert.equal((tries[ev.item] or 0) + 1, ev.attempt, name .. "attempt")
+          open[ev.item] = ev.attempt
+        else
+          assert.equal(open[ev.item], ev.attempt, name .. "an end without its start")
+          open[ev.item], tries[ev.item], last[ev.item] = nil, ev.attempt, ev.status
+        end
+      end
+      for _ in lpar.imap(f, {1, 2, 3, 4}, {n_workers = 1, chunksize = 4, on_error = "collect",
+                                          retries = retries, on_event = on_event}) do
+      end
+      assert.same({}, open)
+      assert.same({retries + 1, 1, retries + 1, 1}, tries)
+      assert.same({"failed", "ok", "lost", "ok"}, last)
+    end
+  end)
 end)

@@ -780,10 +780,18 @@ static void callevent(Ctx *c, Job *j) {
     failjob(c, j, NULL, LPAR_KERROR);
 }
 
-/* Item i was handed to worker w. */
+/* Item i was handed to worker w. An item handed out again unblamed (it
+   went back with the chunk of a worker that was lost) is not started
+   again: its start has had no end, and its end comes once it ran. */
 static void tellstart(Ctx *c, Job *j, int juv, lua_Integer i, EWorker *w) {
   lua_State *L = c->L;
-  int ev = newevent(c, j, juv, i, 1);
+  int ev, open, top = lua_gettop(L);
+  lua_rawgeti(L, juv, JU_STARTS);
+  open = lua_istable(L, -1) && lua_rawgeti(L, -1, i) == LUA_TNUMBER;
+  lua_settop(L, top);
+  if (open)
+    return;
+  ev = newevent(c, j, juv, i, 1);
   lua_pushinteger(L, (lua_Integer)(w - c->e->w) + 1);
   lua_setfield(L, ev, "place");
   if (w->host) {
@@ -1245,6 +1253,11 @@ static void itemfailed(Ctx *c, Job *j, lua_Integer i, EWorker *self, int code) {
     lua_rawgeti(L, -1, i);
     tries = lua_tointeger(L, -1);
     if (lpar_policy_retry(tries, j->o.retries)) {
+      if (j->o.onevent) { /* this try ends; the next starts when handed out */
+        int top = lua_gettop(L);
+        tellend(c, j, uv, i, uv - 3, code, -1, 0, 0);
+        lua_settop(L, top);
+      }
       lua_pushinteger(L, tries + 1);
       lua_rawseti(L, -3, i);
       lua_pop(L, 6); /* count, attempts, uservalue, job, error, traceback */
