@@ -273,6 +273,37 @@ end
     assert.is_true(n > 20000)
   end)
 
+  it("gives each record its own start in ordered output, not when its result came out", function()
+    -- line 1 takes 5 s on one worker; the other worker runs lines 2-10
+    -- meanwhile, though their results come out after line 1's
+    local cjson = require "cjson"
+    local log, evfile = tmpname(), tmpname()
+    local input = H.writefile(tmpname(), H.numbers(10))
+    local code, out, err = H.lpar(("-j2 --chunk 1 --joblog %s --events %s -e %s %s")
+                                  :format(log, evfile, H.quote(
+                                    'function(s) if s == "1" then os.execute("sleep 5") end return s end'),
+                                    input), nil, 60)
+    assert.equal(0, code, err)
+    assert.equal(H.readfile(input), out)
+    local start, secs = {}, {}
+    for l in H.readfile(log):gmatch("[^\n]+") do
+      local line, sec, st = l:match("^(%d+)\tok\t([%d.]+)\t1\t([%d.]+)\t")
+      if line then start[tonumber(line)], secs[tonumber(line)] = tonumber(st), tonumber(sec) end
+    end
+    assert.is_true(secs[1] >= 4.5, "line 1 took " .. tostring(secs[1]))
+    local ended1 = start[1] + secs[1]
+    for k = 2, 10 do
+      assert.is_true(start[k] < ended1 - 2, ("line %d started at %.3f, line 1 ended at %.3f")
+                     :format(k, start[k], ended1))
+    end
+    for l in H.readfile(evfile):gmatch("[^\n]+") do
+      local ev = cjson.decode(l)
+      if ev.event == "start" then
+        assert.equal(("%.3f"):format(start[ev.item]), ("%.3f"):format(ev.time))
+      end
+    end
+  end)
+
   it("refuses a file that is also the joblog or the output", function()
     local f = tmpname()
     for _, opt in ipairs({"--joblog", "-o"}) do

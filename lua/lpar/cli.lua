@@ -1767,6 +1767,25 @@ function M.run(o, c, reader, counter, map, init, close)
       return b, n
     end
   end
+  -- With the joblog or --events, when each batch and part started (the
+  -- engine's start events, as they are handed out): starts[line] is
+  -- the clock for the part whose first record is 'line' ("line:attempt"
+  -- as key; firstof[batch] is its first record), so that
+  -- a record's start is its own, not when its result came out in order.
+  local firstof, starts, nbatches = {}, nil, 0
+  if logging then
+    starts = {}
+    local nextbatch, taken = items, reader.count
+    items = function(want)
+      local first = taken(reader) + 1
+      local b, n = nextbatch(want)
+      if b ~= nil and b ~= lpar.pending then
+        nbatches = nbatches + 1
+        firstof[nbatches] = first
+      end
+      return b, n
+    end
+  end
   opts.functions = {batchf}
   local pool
   local lines = {}
@@ -1780,17 +1799,27 @@ function M.run(o, c, reader, counter, map, init, close)
   -- Record 'line' ended: the joblog and --events say so (an event when
   -- it started, one when it ended; for a failure, its status there
   -- ('how': timeout, lost; nil: failed) and its kind).
+  -- tstart: when the next record of the part at hand started (nil: not
+  -- known, then its end less its seconds)
+  local tstart
+  local function began(secs)
+    local t = c.clock()
+    local s = tstart or t - (secs or 0)
+    if tstart then tstart = tstart + (secs or 0) end
+    return s, t
+  end
+
   local function logline(line, status, secs, attempt, e, how, kind)
     if not logging then return end
-    local t = c.clock()
+    local st = began(secs)
     if o.joblog then
       lines[#lines + 1] = ("%d\t%s\t%.6f\t%d\t%.3f\t%s\t%s\n"):format(real(line), status, secs or 0,
-        attempt, t - (secs or 0), host, e and M.firstline(e) or "")
+        attempt, st, host, e and M.firstline(e) or "")
     end
     if events then
       local h = M.jsonhost[host]
-      events:write(M.eventline(real(line), "start", nil, attempt, h, t - (secs or 0)),
-                   M.eventline(real(line), "end", how or status, attempt, h, t, secs or 0,
+      events:write(M.eventline(real(line), "start", nil, attempt, h, st),
+                   M.eventline(real(line), "end", how or status, attempt, h, st + (secs or 0), secs or 0,
                                e and M.firstline(e), e and (kind or "error")))
     end
   end
@@ -1798,10 +1827,10 @@ function M.run(o, c, reader, counter, map, init, close)
   -- A try of record 'line' that failed and ran again: only --events
   -- tells of it (the joblog has a line per record).
   local function tried(line, secs, attempt, e, status, kind)
-    local t = c.clock()
+    local st = began(secs)
     local h = M.jsonhost[host]
-    events:write(M.eventline(real(line), "start", nil, attempt, h, t - (secs or 0)),
-                 M.eventline(real(line), "end", status or "failed", attempt, h, t, secs or 0,
+    events:write(M.eventline(real(line), "start", nil, attempt, h, st),
+                 M.eventline(real(line), "end", status or "failed", attempt, h, st + (secs or 0), secs or 0,
                              M.firstline(e), kind or "error"))
   end
 
@@ -1819,9 +1848,19 @@ function M.run(o, c, reader, counter, map, init, close)
   -- records running are in. (now: the results up to the one that trips
   -- it, in input order, are written; then the workers are killed.)
   local job
+  local function onstart(ev)
+    local first = firstof[ev.item]
+    if first then starts[(first + (ev.at or 1) - 1) .. ":" .. ev.attempt] = c.clock() end
+  end
+  if starts then
+    jobopts.on_event = function(ev)
+      if ev.event == "start" then onstart(ev) end
+    end
+  end
   if halt and halt.when == "soon" then
     local nfailed, nok = 0, 0
     jobopts.on_event = function(ev)
+      if ev.event == "start" and starts then return onstart(ev) end
       if ev.event ~= "end" or not ev.ok then return end
       nfailed, nok = nfailed + ev.failed, nok + ev.ok
       if job and trips(nfailed, nok) then job:halt() end
@@ -1930,12 +1969,18 @@ function M.run(o, c, reader, counter, map, init, close)
   local walk
   local function part(first, kid, where, recof)
     ranon(kid.host)
+    local saved = tstart
     walk(first + kid.at - 1, kid.n, kid.value, kid.error, kid.attempt, kid.kids,
          kid.kind, kid.detail, recof)
-    host = where
+    host, tstart = where, saved
   end
   walk = function(first, n, r, e, attempt, parts, kind, detail, recof)
     local kids, where = {}, host
+    tstart = nil
+    if starts then
+      local key = first .. ":" .. attempt
+      tstart, starts[key] = starts[key], nil
+    end
     for _, kid in ipairs(parts or {}) do kids[kid.at] = kid end
     if r == nil and e == nil then return unsettled(first) end -- not run: the run halted
     if e ~= nil then
@@ -2018,6 +2063,7 @@ function M.run(o, c, reader, counter, map, init, close)
       end
       ranon(where)
       walk(first, n, r, e, 1, type(r) == "table" and r.kids, kind, detail, recof)
+      firstof[i] = nil
       if type(block) == "string" and #block >= BIGBATCH then
         block, recs = nil, nil -- luacheck: ignore 311 (a long line from a pipe: let it go now)
         collectgarbage()
