@@ -163,6 +163,43 @@ describe("lpar and the memory of a long line", function()
     atmost(worker, 2.5, "worker (pipe)")
     atmost(parent, 2.5, "parent (pipe)")
   end)
+
+  it("holds it at most 2.5 times in each worker with -j2 and several long lines in flight", function()
+    -- a worker forked while lpar sends a long line to another does not
+    -- map lpar's copy of it
+    local script = tmpname()
+    local size = 200 * 1000 * 1000
+    writefile(script, [[
+      local function hwm(pid)
+        local f = io.open("/proc/" .. pid .. "/status")
+        local t = f:read("a")
+        f:close()
+        return t:match("VmHWM:%s*(%d+)")
+      end
+      local unistd = require "posix.unistd"
+      return function(s)
+        return ("%d %d %s"):format(unistd.getpid(), #s, hwm("self"))
+      end]])
+    local long = ("head -c %d /dev/zero | tr '\\0' y"):format(size)
+    local feed = ("{ printf 'a\\nb\\n'; %s; printf '\\nc\\nd\\n'; %s; printf '\\ne\\n'; %s;" ..
+                  " printf '\\n'; seq 20; }"):format(long, long, long)
+    local code, out, err = H.run(("%s | timeout -k 5 120 %s -j2 %s"):format(feed, quote(H.cli), script))
+    assert.equal(0, code, err)
+    local peak, longs = {}, 0
+    for pid, n, kb in out:gmatch("(%d+) (%d+) (%d+)\n") do
+      if tonumber(n) == size then longs = longs + 1 end
+      peak[pid] = math.max(peak[pid] or 0, tonumber(kb))
+    end
+    assert.equal(3, longs, out)
+    local workers = 0
+    for pid, kb in pairs(peak) do
+      workers = workers + 1
+      if not os.getenv("ASAN_OPTIONS") then
+        assert.is_true(kb * 1024 <= 2.5 * size, "worker " .. pid .. " VmHWM " .. kb .. " kB")
+      end
+    end
+    assert.equal(2, workers, out)
+  end)
 end)
 
 describe("lpar over a regular file (workers read it themselves)", function()
