@@ -163,6 +163,49 @@ describe("lpar and the memory of a long line", function()
     atmost(worker, 2.5, "worker (pipe)")
     atmost(parent, 2.5, "parent (pipe)")
   end)
+
+  it("holds it at most 2.5 times in each worker with -j2 and several long lines in flight", function()
+    -- a worker forked while lpar sends a long line to another does not
+    -- map lpar's copy of it (each worker says its pid, the length of its
+    -- record and its VmHWM in kB)
+    local script = tmpname()
+    local size = 200 * 1000 * 1000
+    writefile(script, [[
+      local function hwm(pid)
+        local f = io.open("/proc/" .. pid .. "/status")
+        local t = f:read("a")
+        f:close()
+        return t:match("VmHWM:%s*(%d+)")
+      end
+      local unistd = require "posix.unistd"
+      local nanosleep = require("posix.time").nanosleep
+      return function(s)
+        if #s < 10 then nanosleep({tv_sec = 0, tv_nsec = 50000000}) end
+        return ("%d %d %s"):format(unistd.getpid(), #s, hwm("self"))
+      end]])
+    local long = ("head -c %d /dev/zero | tr '\\0' y"):format(size)
+    -- a short line takes the worker 50 ms: worth a second worker, which
+    -- lpar starts as soon as it has sent the first a long line
+    local feed = ("{ printf 'a\\n'; %s; printf '\\nb\\nc\\n'; %s; printf '\\nd\\n'; %s; printf '\\n'; seq 5; }")
+                 :format(long, long, long)
+    local code, out, err = H.run(("%s | timeout -k 5 120 %s -j2 %s"):format(feed, quote(H.cli), script))
+    assert.equal(0, code, err)
+    -- a worker holds at most 2.5 times a line, and none before it gets one
+    local peaks = not os.getenv("ASAN_OPTIONS")
+    local hadlong, seen, longs, workers = {}, {}, 0, 0
+    for pid, n, kb in out:gmatch("(%d+) (%d+) (%d+)\n") do
+      local what = "worker " .. pid .. (hadlong[pid] and "" or " before a long line") .. ": VmHWM " .. kb .. " kB"
+      if tonumber(n) == size then
+        longs = longs + 1
+        hadlong[pid] = true
+      end
+      if not seen[pid] then workers = workers + 1 end
+      seen[pid] = true
+      if peaks then assert.is_true(tonumber(kb) * 1024 <= (hadlong[pid] and 2.5 or 0.5) * size, what) end
+    end
+    assert.equal(3, longs, out)
+    assert.equal(2, workers, out)
+  end)
 end)
 
 describe("lpar over a regular file (workers read it themselves)", function()

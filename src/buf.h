@@ -1,6 +1,9 @@
 /*
 ** buf.h: a growable byte buffer shared by the codec, the wire layer and
-** the worker. Plain C; the owner frees it (often from a userdata's __gc).
+** the worker. Plain C; the owner frees it (often from a userdata's __gc)
+** with lpar_buf_free. A buffer of LPAR_BUFMAP bytes or more is a mapping
+** of its own (told by its cap), so that lpar_buf_nofork can leave it out
+** of a fork: once it is unmapped, nothing else lives at its pages.
 */
 #ifndef lpar_buf_h
 #define lpar_buf_h
@@ -8,6 +11,12 @@
 #include <errno.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/mman.h>
+
+/* a buffer at least this large is its own mapping */
+#if !defined(LPAR_BUFMAP)
+#define LPAR_BUFMAP ((size_t)16 * 1024 * 1024)
+#endif
 
 typedef struct Buf {
   char *p;
@@ -24,7 +33,22 @@ static inline int lpar_buf_reserve(Buf *b, size_t extra) {
       return -ENOMEM;
     while (want - b->n < extra)
       want *= 2;
-    p = realloc(b->p, want);
+    if (want < LPAR_BUFMAP)
+      p = realloc(b->p, want);
+    else if (b->cap >= LPAR_BUFMAP) {
+      p = mremap(b->p, b->cap, want, MREMAP_MAYMOVE);
+      p = p == MAP_FAILED ? NULL : p;
+    }
+    else {
+      p = mmap(NULL, want, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS,
+               -1, 0);
+      p = p == MAP_FAILED ? NULL : p;
+      if (p != NULL) {
+        if (b->n > 0)
+          memcpy(p, b->p, b->n);
+        free(b->p);
+      }
+    }
     if (p == NULL)
       return -ENOMEM;
     b->p = p;
@@ -51,8 +75,25 @@ static inline void lpar_buf_drop(Buf *b, size_t n) {
   }
 }
 
+/*
+** A process forked from now on does not get b's bytes (a buffer of
+** LPAR_BUFMAP bytes or more; a smaller one shares the heap and is left
+** alone). The child must not use b: it sees b's fields, not its pages.
+*/
+static inline void lpar_buf_nofork(Buf *b) {
+#if defined(MADV_DONTFORK)
+  if (b->cap >= LPAR_BUFMAP)
+    madvise(b->p, b->cap, MADV_DONTFORK);
+#else
+  (void)b;
+#endif
+}
+
 static inline void lpar_buf_free(Buf *b) {
-  free(b->p);
+  if (b->cap >= LPAR_BUFMAP)
+    munmap(b->p, b->cap);
+  else
+    free(b->p);
   b->p = NULL;
   b->n = b->cap = 0;
 }

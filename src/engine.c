@@ -359,6 +359,32 @@ static ChildSetup childsetup(Engine *e, sigset_t *cur, int ignint) {
   return cs;
 }
 
+/*
+** The buffers of the other places (bytes on their way to a worker or
+** from it: a long item, a long result) are left out of a fork: a worker
+** forked while lpar sends a long line to another has no use for its
+** bytes, and would count them in its memory. Before the fork (child 0)
+** they are marked; in the child (1) the large ones are forgotten, never
+** freed nor read: their pages are not there.
+*/
+static void sparebufs(Engine *e, int child) {
+  int i;
+  for (i = 0; i < e->o.n; i++) {
+    Buf *b[2];
+    int k;
+    b[0] = &e->w[i].out;
+    b[1] = &e->w[i].in;
+    for (k = 0; k < 2; k++) {
+      if (b[k]->cap < LPAR_BUFMAP)
+        continue;
+      if (child)
+        *b[k] = (Buf){NULL, 0, 0};
+      else
+        lpar_buf_nofork(b[k]);
+    }
+  }
+}
+
 /* Fork a worker into empty place i; 0, or -errno with *call naming the
    call that failed. */
 static int spawn(Ctx *c, int i, const char **call) {
@@ -376,10 +402,12 @@ static int spawn(Ctx *c, int i, const char **call) {
   lua_rawgeti(L, c->uv, EU_ITEMS);
   lua_rawgeti(L, c->uv, EU_INIT);
   lua_rawgeti(L, c->uv, EU_CLOSE);
+  sparebufs(e, 0);
   pid = lpar_proc_fork(&w->proc, &cs, call);
   if (pid == 0) {
     WorkerArgs a;
     int top = lua_gettop(L);
+    sparebufs(e, 1);
     dropresults(c);
     a.cmdfd = w->proc.cmdfd;
     a.resfd = w->proc.resfd;
