@@ -281,3 +281,38 @@ describe("lpar over a regular file (workers read it themselves)", function()
     assert.equal(table.concat(want), readfile(res))
   end)
 end)
+
+describe("lpar and the memory of long records left out of a fork", function()
+  -- Long records from a pipe, each followed by quick lines and a line
+  -- whose worker exits (so that workers are forked again and again, after
+  -- the long records' memory was freed and used for other things): a
+  -- worker forked later must find all of the parent's memory it uses.
+  it("gives workers forked later all they need", function()
+    local items, script = tmpname(), tmpname()
+    local f = assert(io.open(items, "wb"))
+    local long = ("x"):rep(3 * 1024 * 1024)
+    for i = 1, 20 do
+      f:write(long, "\n")
+      for j = 1, 50 do f:write("s", i, "_", j, "\n") end
+      f:write("exit\n")
+    end
+    f:close()
+    writefile(script, [[
+      local kept = {}
+      return function(s)
+        if s == "exit" then os.exit(3) end
+        kept[#kept + 1] = s:sub(1, 64)
+        if #kept > 200 then kept = {} end
+        return #s
+      end]])
+    for _ = 1, 2 do
+      local code, out, err = H.run(("cat %s | timeout -k 5 120 %s -j2 %s"):format(items, quote(H.cli),
+                                                                                 script))
+      assert.equal(1, code, err)
+      assert.not_matches("SIGSEGV", err)
+      assert.matches("lpar: 20 of 1040 items failed", err, 1, true)
+      local _, n = out:gsub("\n", "")
+      assert.equal(1020, n, err)
+    end
+  end)
+end)

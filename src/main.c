@@ -1136,15 +1136,66 @@ static void sift(Reader *r) {
 }
 
 /*
+** Blocks of LPAR_BUFMAP bytes or more are mappings of their own: the
+** reader's buffer, and, with the command's allocator (cmdalloc), the Lua
+** strings of long records. Only such a block may be left out of a fork:
+** once it is unmapped nothing else lives at its pages, whereas memory
+** from malloc is handed out again, and a worker forked later would miss
+** whatever the parent put there. Smaller blocks come from malloc.
+*/
+static void *bigrealloc(void *p, size_t osize, size_t nsize) {
+  int wasbig = p != NULL && osize >= LPAR_BUFMAP, big = nsize >= LPAR_BUFMAP;
+  void *q;
+  if (nsize == 0) {
+    if (wasbig)
+      munmap(p, osize);
+    else
+      free(p);
+    return NULL;
+  }
+  if (!wasbig && !big)
+    return realloc(p, nsize);
+  if (wasbig && big) {
+    q = mremap(p, osize, nsize, MREMAP_MAYMOVE);
+    return q == MAP_FAILED ? NULL : q;
+  }
+  if (big) {
+    q = mmap(NULL, nsize, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS,
+             -1, 0);
+    if (q == MAP_FAILED)
+      return NULL;
+  }
+  else if ((q = malloc(nsize)) == NULL)
+    return NULL;
+  if (p != NULL) {
+    memcpy(q, p, osize < nsize ? osize : nsize);
+    bigrealloc(p, osize, 0);
+  }
+  return q;
+}
+
+/* Lua strings of long records are in mappings of their own (cmdalloc). */
+static int bigstrings;
+
+/* The allocator of the command's Lua state: Lua's own (realloc and
+   free) for small blocks, a mapping for large ones (bigrealloc). */
+static void *cmdalloc(void *ud, void *p, size_t osize, size_t nsize) {
+  (void)ud;
+  return bigrealloc(p, p != NULL ? osize : 0, nsize);
+}
+
+/*
 ** A worker forked while this process holds a long record (in the
 ** reader's buffer, or as the batch string sent to a worker) has no use
 ** for its bytes, and would count them in its memory: the whole pages of
-** [p, p + n) are left out of a fork (n of 1 MiB or more). A worker never
-** reads them: it gets its records from its pipe.
+** [p, p + n) are left out of a fork, for a block that is a mapping of
+** its own (n of LPAR_BUFMAP bytes or more, see bigrealloc). A worker
+** never reads them: it gets its records from its pipe. The partial pages
+** at both ends stay: they hold the block's header and its neighbours.
 */
 static void nofork(const void *p, size_t n) {
   uintptr_t page, from, to;
-  if (n < ((size_t)1 << 20))
+  if (n < LPAR_BUFMAP)
     return;
   page = (uintptr_t)sysconf(_SC_PAGESIZE);
   from = ((uintptr_t)p + page - 1) & ~(page - 1);
@@ -1231,7 +1282,7 @@ static void grow(lua_State *L, Reader *r) {
     if (cap > lim + 1)
       cap = lim + 1;
   }
-  p = realloc(r->buf, cap);
+  p = bigrealloc(r->buf, r->cap, cap);
   if (p == NULL)
     raisef(L, "%s %I is too long: not enough memory for its %I bytes so far",
            r->sep == '\n' ? "line" : "item", (LUAI_UACINT)recordno(r),
@@ -1347,7 +1398,7 @@ static void shrink(Reader *r) {
   if (p == NULL)
     return; /* kept as it is */
   memcpy(p, r->buf + r->pos, rest);
-  free(r->buf);
+  bigrealloc(r->buf, r->cap, 0);
   r->buf = p;
   r->cap = LPAR_READSIZE;
   r->scan -= r->pos;
@@ -1406,7 +1457,8 @@ static int cut(lua_State *L, Reader *r, int blocks, lua_Integer want) {
               r->held + (size_t)(p - s));
   else {
     lua_pushlstring(L, s, (size_t)(p - s));
-    nofork(lua_tostring(L, -1), (size_t)(p - s));
+    if (bigstrings)
+      nofork(lua_tostring(L, -1), (size_t)(p - s));
   }
   r->held = r->nextcheck = r->clear = 0;
   r->pos += (size_t)(p - s);
@@ -1684,7 +1736,7 @@ static void freereader(Reader *r) {
   free(r->owns);
   r->fds = NULL;
   r->owns = NULL;
-  free(r->buf);
+  bigrealloc(r->buf, r->cap, 0);
   free(r->first);
   free(r->size);
   r->buf = NULL;
@@ -1745,7 +1797,7 @@ static int l_open(lua_State *L) {
   luaL_setmetatable(L, READERMT); /* __gc frees what follows */
   r->first = malloc(LPAR_AHEAD * sizeof *r->first);
   r->size = malloc(LPAR_AHEAD * sizeof *r->size);
-  r->buf = malloc(tlen > LPAR_READSIZE ? tlen : LPAR_READSIZE);
+  r->buf = bigrealloc(NULL, 0, tlen > LPAR_READSIZE ? tlen : LPAR_READSIZE);
   r->fds = malloc((size_t)n * sizeof *r->fds);
   r->owns = malloc((size_t)n);
   if (r->first == NULL || r->size == NULL || r->buf == NULL || r->fds == NULL ||
@@ -2234,6 +2286,12 @@ int main(int argc, char **argv) {
     fprintf(stderr, "lpar: cannot create Lua state: not enough memory\n");
     return 2;
   }
+#if !defined(LUAJIT_VERSION)
+  /* Lua's own allocator is realloc and free, which cmdalloc keeps for
+     the blocks made so far (all small) */
+  lua_setallocf(L, cmdalloc, NULL);
+  bigstrings = 1;
+#endif
   lua_pushcfunction(L, msghandler);
   lua_pushcfunction(L, pmain);
   lua_pushinteger(L, argc);
