@@ -25,6 +25,7 @@
 #include "kind.h"
 #include "lauxlib.h"
 #include "lcompat.h"
+#include "loop.h"
 #include "lpar.h"
 #include "proc.h"
 #include "wire.h"
@@ -57,13 +58,11 @@ typedef struct Agent {
   int head, tail, cap;
   int n;          /* workers */
   long long idle; /* the parent's silence it takes as its end (ns) */
+  Watcher inw;    /* 'in', on the pool's loop */
+  Watcher outw;   /* 'out', while bytes wait for the parent */
+  int inready;    /* 'in' may be read (its watcher saw it) */
+  int inalways;   /* 'in' is always readable (a regular file) */
 } Agent;
-
-static volatile sig_atomic_t stopsig;
-
-static void onstop(int sig) {
-  stopsig = sig;
-}
 
 static void nomem(lua_State *L, int rc) {
   if (rc != 0)
@@ -525,11 +524,88 @@ static void waitsetup(Agent *a) {
     }
     if (poll(&p, 1, 1000) < 0 && errno != EINTR)
       luaL_error(L, "poll: %s", strerror(errno));
-    if (stopsig)
+    if (lpar_loop_caught())
       _exit(1);
     if ((p.revents & (POLLIN | POLLHUP)) && readin(a) != 0)
       _exit(0); /* the parent left first */
   }
+}
+
+/* The parent's stream has bytes (or its end). */
+static void oninput(Loop *l, Watcher *w, uint32_t events, void *arg) {
+  (void)l, (void)events, (void)arg;
+  LPAR_OWNER(w, Agent, inw)->inready = 1;
+}
+
+/* The parent takes bytes again: the wait ends, and the agent flushes. */
+static void onoutput(Loop *l, Watcher *w, uint32_t events, void *arg) {
+  (void)l, (void)w, (void)events, (void)arg;
+}
+
+/* Put the parent's stream on the loop of the pool. */
+static void watchstream(Agent *a) {
+  Loop *l = lpar_engine_loop(a->L, a->eidx);
+  int rc = lpar_loop_start(l, &a->inw, a->in, EPOLLIN);
+  if (rc == -EPERM) /* a regular file: always readable */
+    a->inalways = 1;
+  else if (rc != 0)
+    luaL_error(a->L, "epoll_ctl: %s", strerror(-rc));
+}
+
+/* Watch 'out' while bytes wait for it (a regular file always takes
+   them); how long the loop may wait (ms). */
+static int watchoutput(Agent *a, int wait) {
+  Loop *l = lpar_engine_loop(a->L, a->eidx);
+  int pending = a->outpos < a->outb.n;
+  if (pending && !lpar_loop_active(&a->outw) &&
+      lpar_loop_start(l, &a->outw, a->out, EPOLLOUT) != 0)
+    return 0; /* cannot be watched: try again at once */
+  if (!pending)
+    lpar_loop_stop(l, &a->outw);
+  return a->inalways ? 0 : wait;
+}
+
+/* How long the agent may wait for the stream or its workers (ms): until
+   its next beat is due, a second at most. */
+static int beatwait(Agent *a, long long now) {
+  long long wait = (a->lastout + LPAR_BEATNS - now) / 1000000;
+  if (wait < 0)
+    wait = 0;
+  if (wait > 1000)
+    wait = 1000;
+  return (int)wait;
+}
+
+/* One turn of the agent: the stream and the pool; 0, or -1 to leave. */
+static int turn(Agent *a) {
+  lua_State *L = a->L;
+  long long now = lpar_proc_now();
+  if (flush(a) != 0)
+    return -1; /* the parent is gone */
+  a->inready = 0;
+  lpar_engine_pump(L, a->eidx, watchoutput(a, beatwait(a, now)));
+  if (lpar_loop_caught())
+    return -1;
+  now = lpar_proc_now();
+  if (a->inready || a->inalways) {
+    int r = readin(a);
+    if (r != 0 || frames(a) != 0)
+      return -1; /* end of file, or bytes that are not frames */
+    lpar_engine_pump(L, a->eidx, 0);
+  }
+  while (a->head < a->tail &&
+         (a->q[a->head].j == NULL || !lpar_engine_running(a->q[a->head].j)))
+    relay(a);
+  if (a->outpos == a->outb.n && now >= a->lastout + LPAR_BEATNS)
+    put(a, LPAR_FBEAT, 0, NULL, 0);
+  if (now > a->lastin + a->idle) {
+    fprintf(stderr,
+            "lpar --worker: nothing came from the parent for %.0f "
+            "s: leaving\n",
+            (double)a->idle / 1e9);
+    return -1;
+  }
+  return 0;
 }
 
 /* lua_CFunction: the agent, with a light userdata Agent at 1. */
@@ -550,49 +626,9 @@ static int agentmain(lua_State *L) {
     return 0;
   waitsetup(a);
   put(a, LPAR_FREADY, 1, NULL, 0);
-  for (;;) {
-    Engine *e = lua_touserdata(L, a->eidx);
-    struct pollfd p[3];
-    long long now = lpar_proc_now(), wait;
-    int rc;
-    p[0].fd = a->in;
-    p[0].events = POLLIN;
-    p[1].fd = e->epfd;
-    p[1].events = POLLIN;
-    p[2].fd = a->out;
-    p[2].events = a->outpos < a->outb.n ? POLLOUT : 0;
-    if (flush(a) != 0)
-      break; /* the parent is gone */
-    wait = (a->lastout + LPAR_BEATNS - now) / 1000000;
-    if (wait < 0)
-      wait = 0;
-    if (wait > 1000)
-      wait = 1000;
-    rc = poll(p, 3, (int)wait);
-    if (rc < 0 && errno != EINTR)
-      luaL_error(L, "poll: %s", strerror(errno));
-    if (stopsig)
-      break;
-    now = lpar_proc_now();
-    if (rc > 0 && (p[0].revents & (POLLIN | POLLHUP | POLLERR))) {
-      int r = readin(a);
-      if (r != 0 || frames(a) != 0)
-        break; /* end of file, or bytes that are not frames */
-    }
-    lpar_engine_pump(L, a->eidx, 0);
-    while (a->head < a->tail &&
-           (a->q[a->head].j == NULL || a->q[a->head].j->state != J_RUNNING))
-      relay(a);
-    if (a->outpos == a->outb.n && now >= a->lastout + LPAR_BEATNS)
-      put(a, LPAR_FBEAT, 0, NULL, 0);
-    if (now > a->lastin + a->idle) {
-      fprintf(stderr,
-              "lpar --worker: nothing came from the parent for %.0f "
-              "s: leaving\n",
-              (double)a->idle / 1e9);
-      break;
-    }
-  }
+  watchstream(a);
+  while (turn(a) == 0)
+    ;
   lpar_engine_close(L, a->eidx, "the parent is gone");
   return 0;
 }
@@ -614,11 +650,12 @@ int lpar_agent_run(lua_State *L, int n) {
   }
   fd = open("/dev/null", O_RDONLY | O_CLOEXEC);
   memset(&sa, 0, sizeof sa);
-  sa.sa_handler = onstop;
   sigemptyset(&sa.sa_mask);
+  lpar_watcher_init(&a.inw, oninput);
+  lpar_watcher_init(&a.outw, onoutput);
   if (fd < 0 || dup2(fd, 0) < 0 || fcntl(a.in, F_SETFL, O_NONBLOCK) < 0 ||
-      fcntl(a.out, F_SETFL, O_NONBLOCK) < 0 ||
-      sigaction(SIGTERM, &sa, NULL) < 0 || sigaction(SIGHUP, &sa, NULL) < 0) {
+      fcntl(a.out, F_SETFL, O_NONBLOCK) < 0 || lpar_loop_catch(SIGTERM) < 0 ||
+      lpar_loop_catch(SIGHUP) < 0) {
     fprintf(stderr, "lpar --worker: cannot set up its stdio: %s\n",
             strerror(errno));
     return 1;

@@ -8,6 +8,7 @@
 #include <fcntl.h>
 #include <poll.h>
 #include <signal.h>
+#include <stddef.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -16,7 +17,6 @@
 #if defined(__linux__)
 #include <sys/prctl.h>
 #endif
-#include <sys/timerfd.h>
 #include <unistd.h>
 
 #include "codec.h"
@@ -86,9 +86,11 @@
 ** and the engine. Active jobs form a list, oldest first: idle workers
 ** take chunks from the oldest job that has some left.
 **
-** Every fd the parent watches is in one epoll set, together with a timer
-** for deadlines; pool:fd() hands that set to a host's own loop. All work
-** is done by pump(), which never blocks unless asked to.
+** Every fd the parent watches is a watcher of the engine's loop (loop.h),
+** whose callbacks below read, write and notice ends; the loop's timer
+** wakes it for deadlines, and pool:fd() hands its epoll fd to a host's
+** own loop. All work is done by pump(), which never blocks unless asked
+** to.
 */
 
 /* fields of the engine's uservalue */
@@ -130,10 +132,6 @@ enum {
    that the iterator's items keep their own numbers */
 #define KIDBASE ((lua_Integer)1 << 48)
 
-/* epoll data: what an event is about, and which worker (or job) */
-enum { EV_RES = 0, EV_CMD, EV_TIMER, EV_PID, EV_WAKE };
-#define EVDATA(kind, i) (((uint64_t)(kind) << 32) | (uint32_t)(i))
-
 /* what the functions below share: the engine and its uservalue's index */
 typedef struct Ctx {
   lua_State *L;
@@ -141,15 +139,12 @@ typedef struct Ctx {
   int uv;
 } Ctx;
 
-/* the signal that interrupted a blocking wait */
-static volatile sig_atomic_t interrupted;
+/* the signals a wait takes: SIGINT; SIGTERM and SIGHUP with 'sigterm' */
+static const int stopsigs[] = {SIGINT, SIGTERM, SIGHUP};
+#define NSTOPSIGS(e) ((e)->o.sigterm ? 3 : 1)
 
 /* what an iterator returns for "no item yet" (its address) */
 static const char pendingkey = 0;
-
-static void onint(int sig) {
-  interrupted = sig;
-}
 
 static void nomem(lua_State *L, int rc) {
   if (rc != 0)
@@ -210,14 +205,6 @@ static void releasechld(Engine *e) {
   }
 }
 
-static int evctl(Engine *e, int op, int fd, uint32_t events, uint64_t data) {
-  struct epoll_event ev;
-  memset(&ev, 0, sizeof ev);
-  ev.events = events;
-  ev.data.u64 = data;
-  return epoll_ctl(e->epfd, op, fd, &ev) == -1 ? -errno : 0;
-}
-
 /* Reap the killed workers that have ended ('block': wait for all). */
 static void reapdying(Engine *e, int block) {
   int i = 0, status;
@@ -232,13 +219,9 @@ static void reapdying(Engine *e, int block) {
 /* Close a worker's channel, leaving its pid (and pidfd, no longer
    watched) in place. */
 static void closeworker(Engine *e, EWorker *w) {
-  if (w->proc.resfd >= 0)
-    evctl(e, EPOLL_CTL_DEL, w->proc.resfd, 0, 0);
-  if (w->proc.pidfd >= 0)
-    evctl(e, EPOLL_CTL_DEL, w->proc.pidfd, 0, 0);
-  if (w->watchout && w->proc.cmdfd >= 0)
-    evctl(e, EPOLL_CTL_DEL, w->proc.cmdfd, 0, 0);
-  w->watchout = 0;
+  lpar_loop_stop(&e->loop, &w->resw);
+  lpar_loop_stop(&e->loop, &w->pidw);
+  lpar_loop_stop(&e->loop, &w->cmdw);
   lpar_proc_close(&w->proc);
   w->in.n = 0;
   w->out.n = w->outpos = 0;
@@ -318,7 +301,7 @@ static void dropresults(Ctx *c) {
 /* Place i has a fresh process, w: start its conversation, watching its
    channel and its end. 0, or -errno with *call naming the call that
    failed (then it is dropped). */
-static int startplace(Engine *e, EWorker *w, int i, const char **call) {
+static int startplace(Engine *e, EWorker *w, const char **call) {
   int rc;
   w->state = W_STARTING;
   w->job = NULL;
@@ -327,7 +310,6 @@ static int startplace(Engine *e, EWorker *w, int i, const char **call) {
   w->got = w->busy = 0;
   w->in.n = 0;
   w->out.n = w->outpos = 0;
-  w->watchout = 0;
   w->timedout = 0;
   w->blame = 0;
   w->killat = 0;
@@ -338,9 +320,9 @@ static int startplace(Engine *e, EWorker *w, int i, const char **call) {
   /* timed beats begin once its agent runs: the first would measure the
      connection's start */
   w->probeat = w->lastread + LPAR_HOSTSTARTNS;
-  rc = evctl(e, EPOLL_CTL_ADD, w->proc.resfd, EPOLLIN, EVDATA(EV_RES, i));
+  rc = lpar_loop_start(&e->loop, &w->resw, w->proc.resfd, EPOLLIN);
   if (rc == 0 && w->proc.pidfd >= 0) /* its end, whoever holds its pipe */
-    rc = evctl(e, EPOLL_CTL_ADD, w->proc.pidfd, EPOLLIN, EVDATA(EV_PID, i));
+    rc = lpar_loop_start(&e->loop, &w->pidw, w->proc.pidfd, EPOLLIN);
   if (rc != 0) {
     *call = "epoll_ctl";
     dropworker(e, w);
@@ -353,8 +335,7 @@ static int startplace(Engine *e, EWorker *w, int i, const char **call) {
    says. */
 static ChildSetup childsetup(Engine *e, sigset_t *cur, int ignint) {
   ChildSetup cs;
-  sigprocmask(SIG_BLOCK, NULL, cur);
-  cs.mask = e->waiting ? &e->oldmask : cur;
+  cs.mask = lpar_loop_callermask(&e->loop, cur);
   cs.ignint = ignint;
   return cs;
 }
@@ -430,7 +411,7 @@ static int spawn(Ctx *c, int i, const char **call) {
   e->live++;
   e->forks++;
   lpar_policy_started(&e->wave, e->live, lpar_proc_now());
-  return startplace(e, w, i, call);
+  return startplace(e, w, call);
 }
 
 static int broken(Ctx *c);
@@ -526,7 +507,7 @@ static int spawnhost(Ctx *c, int i, const char **call) {
   if (pid < 0)
     return (int)pid;
   w->ring.base = NULL;
-  if ((rc = startplace(e, w, i, call)) != 0)
+  if ((rc = startplace(e, w, call)) != 0)
     return rc;
   lua_rawgeti(L, c->uv, EU_SETUP); /* the whole frame */
   setup = lua_tolstring(L, -1, &len);
@@ -593,10 +574,9 @@ static void freejob(Job *j) {
 
 /* Stop watching j's wakefd. */
 static void unwatchwake(Engine *e, Job *j) {
-  if (j->watchwake) {
-    evctl(e, EPOLL_CTL_DEL, j->wakefd, 0, 0);
+  if (lpar_loop_active(&j->wakew)) {
+    lpar_loop_stop(&e->loop, &j->wakew);
     lpar_proc_closefd(&j->wakefd); /* a copy of the iterator's fd */
-    j->watchwake = 0;
   }
 }
 
@@ -1210,7 +1190,7 @@ static void unhold(Ctx *c, Job *j) {
 static void store(Ctx *c, Job *j, int juv, lua_Integer i) {
   lua_State *L = c->L;
   int held = 0;
-  if (j->pending && !j->watchwake) /* it waited for a result */
+  if (j->pending && !lpar_loop_active(&j->wakew)) /* it waited for a result */
     j->pending = 0;
   if (j->o.onevent && !j->o.slice) {
     lua_rawgeti(L, juv, JU_ERRORS);
@@ -1543,20 +1523,14 @@ static int sendsome(Engine *e, EWorker *w) {
   int rc = lpar_wire_sendsome(w->proc.cmdfd, &w->out, &w->outpos);
   if (rc != 0)
     return rc;
-  if (w->outpos < w->out.n && !w->watchout) {
-    rc = evctl(e, EPOLL_CTL_ADD, w->proc.cmdfd, EPOLLOUT,
-               EVDATA(EV_CMD, w - e->w));
-    if (rc != 0)
-      return rc;
-    w->watchout = 1;
-  }
-  else if (w->outpos == w->out.n && w->watchout) {
-    evctl(e, EPOLL_CTL_DEL, w->proc.cmdfd, 0, 0);
-    w->watchout = 0;
-  }
-  if (w->outpos == w->out.n && w->out.cap > LPAR_KEEPOUT) {
-    lpar_buf_free(&w->out); /* a long item, sent: not held until the next */
-    w->outpos = 0;
+  if (w->outpos < w->out.n && !lpar_loop_active(&w->cmdw))
+    return lpar_loop_start(&e->loop, &w->cmdw, w->proc.cmdfd, EPOLLOUT);
+  if (w->outpos == w->out.n) {
+    lpar_loop_stop(&e->loop, &w->cmdw);
+    if (w->out.cap > LPAR_KEEPOUT) {
+      lpar_buf_free(&w->out); /* a long item, sent: not held until the next */
+      w->outpos = 0;
+    }
   }
   return 0;
 }
@@ -1729,7 +1703,7 @@ static int pending(Ctx *c, Job *j, int fdidx) {
     j->pending = 1; /* asked again as a result comes */
     return 0;
   }
-  if (j->watchwake && j->wakesrc == fd) {
+  if (lpar_loop_active(&j->wakew) && j->wakesrc == fd) {
     j->pending = 1;
     return 0;
   }
@@ -1742,7 +1716,7 @@ static int pending(Ctx *c, Job *j, int fdidx) {
     failjob(c, j, NULL, LPAR_KERROR);
     return -1;
   }
-  rc = evctl(c->e, EPOLL_CTL_ADD, d, EPOLLIN, EVDATA(EV_WAKE, j->id));
+  rc = lpar_loop_start(&c->e->loop, &j->wakew, d, EPOLLIN);
   if (rc == -EPERM) { /* a regular file: always readable, ask again */
     close(d);
     c->e->vacated = 1; /* the pump looks again without waiting */
@@ -1756,7 +1730,6 @@ static int pending(Ctx *c, Job *j, int fdidx) {
     return -1;
   }
   lpar_proc_track(d);
-  j->watchwake = 1;
   j->wakefd = d;
   j->wakesrc = (int)fd;
   j->pending = 1;
@@ -2739,7 +2712,7 @@ static long long hostdeadline(Ctx *c, EWorker *w, long long now) {
 static int deadlines(Ctx *c) {
   Engine *e = c->e;
   long long now = lpar_proc_now(), next = 0;
-  int i, acted = 0;
+  int i, rc, acted = 0;
   for (i = 0; i < e->o.n; i++) {
     EWorker *w = &e->w[i];
     long long due = 0, stall;
@@ -2815,72 +2788,61 @@ static int deadlines(Ctx *c) {
     if (due > 0 && (next == 0 || due < next))
       next = due;
   }
-  if (next != e->armed) {
-    struct itimerspec its;
-    memset(&its, 0, sizeof its);
-    if (next > 0) {
-      its.it_value.tv_sec = next / 1000000000LL;
-      its.it_value.tv_nsec = next % 1000000000LL;
-    }
-    /* cannot fail with the values given: if it does, no deadline would
-       ever fire, so the call fails (as epoll_wait's failure does) */
-    if (timerfd_settime(e->tfd, TFD_TIMER_ABSTIME, &its, NULL) != 0)
-      luaL_error(c->L, "timerfd_settime: %s", strerror(errno));
-    e->armed = next;
-  }
+  /* cannot fail with the values given: if it does, no deadline would
+     ever fire, so the call fails (as epoll_wait's failure does) */
+  rc = lpar_loop_arm(&e->loop, next);
+  if (rc != 0)
+    luaL_error(c->L, "timerfd_settime: %s", strerror(-rc));
   return acted;
 }
 
 /* ---- the pump ---- */
 
+/* A worker's results fd is readable. */
+static void onresults(Loop *l, Watcher *rw, uint32_t events, void *arg) {
+  EWorker *w = LPAR_OWNER(rw, EWorker, resw);
+  (void)l, (void)events;
+  if (w->state != W_EMPTY)
+    readworker(arg, w);
+}
+
+/* A worker's pidfd: it ended, maybe with its pipe held. */
+static void onend(Loop *l, Watcher *pw, uint32_t events, void *arg) {
+  EWorker *w = LPAR_OWNER(pw, EWorker, pidw);
+  pid_t pid = w->proc.pid;
+  (void)l, (void)events;
+  if (w->state == W_EMPTY)
+    return;
+  readworker(arg, w); /* what it sent before it ended counts */
+  if (w->state != W_EMPTY && w->proc.pid == pid)
+    lose(arg, w, 0, NULL, 0);
+}
+
+/* A worker's command fd takes more bytes. */
+static void oncommand(Loop *l, Watcher *cw, uint32_t events, void *arg) {
+  Ctx *c = arg;
+  EWorker *w = LPAR_OWNER(cw, EWorker, cmdw);
+  (void)l, (void)events;
+  if (w->state != W_EMPTY && sendsome(c->e, w) != 0)
+    lose(c, w, 0, NULL, 0);
+}
+
+/* A stream's input may have an item now. */
+static void onwake(Loop *l, Watcher *ww, uint32_t events, void *arg) {
+  Job *j = LPAR_OWNER(ww, Job, wakew);
+  (void)l, (void)events, (void)arg;
+  if (j->pending) {
+    j->pending = 0;
+    unwatchwake(j->e, j);
+  }
+}
+
 /* Wait up to 'ms' for events and handle them; returns how many came. */
 static int events(Ctx *c, int ms) {
-  Engine *e = c->e;
-  lua_State *L = c->L;
-  int i, n;
-  do
-    n = epoll_pwait(e->epfd, e->evs, e->nevs, ms,
-                    e->waiting && e->watching ? &e->waitmask : NULL);
-  while (n == -1 && errno == EINTR && !interrupted);
-  if (n == -1 && errno != EINTR)
-    luaL_error(L, "epoll_wait: %s", strerror(errno));
-  for (i = 0; i < n; i++) {
-    uint32_t kind = (uint32_t)(e->evs[i].data.u64 >> 32);
-    uint32_t k = (uint32_t)e->evs[i].data.u64;
-    EWorker *w;
-    if (kind == EV_TIMER) {
-      uint64_t ticks;
-      if (read(e->tfd, &ticks, sizeof ticks) < 0) { /* just clearing it */
-      }
-      e->armed = 0;
-      continue;
-    }
-    if (kind == EV_WAKE) { /* a stream's input may have an item now */
-      Job *j;
-      for (j = e->jobs; j; j = j->nextjob)
-        if ((uint32_t)j->id == k && j->pending) {
-          j->pending = 0;
-          unwatchwake(e, j);
-        }
-      continue;
-    }
-    if (k >= (uint32_t)e->o.n)
-      continue;
-    w = &e->w[k];
-    if (w->state == W_EMPTY)
-      continue;
-    if (kind == EV_RES)
-      readworker(c, w);
-    else if (kind == EV_PID) { /* it ended, maybe with its pipe held */
-      pid_t pid = w->proc.pid;
-      readworker(c, w); /* what it sent before it ended counts */
-      if (w->state != W_EMPTY && w->proc.pid == pid)
-        lose(c, w, 0, NULL, 0);
-    }
-    else if (sendsome(e, w) != 0)
-      lose(c, w, 0, NULL, 0);
-  }
-  return n < 0 ? 0 : n;
+  int n = lpar_loop_run(&c->e->loop, ms, c);
+  if (n < 0)
+    luaL_error(c->L, "epoll_wait: %s", strerror(-n));
+  return n;
 }
 
 /* Before anything asks an iterator that may block (see mayblock): read
@@ -2997,10 +2959,11 @@ static void jobctx(lua_State *L, int jidx, Ctx *c) {
 
 Engine *lpar_engine_new(lua_State *L, const EngineOpts *o, const char *mt) {
   Engine *e;
-  int i, top = lua_gettop(L);
+  int i, rc, top = lua_gettop(L);
+  const char *call;
   e = lua_newuserdatauv(L, sizeof(Engine), 1);
   memset(e, 0, sizeof *e);
-  e->epfd = e->tfd = -1;
+  e->loop.epfd = e->loop.tfd = -1;
   e->owner = getpid();
   e->o = *o;
   e->cap = o->n - o->nhosts;
@@ -3022,31 +2985,28 @@ Engine *lpar_engine_new(lua_State *L, const EngineOpts *o, const char *mt) {
   lua_setiuservalue(L, -2, 1);
   lua_replace(L, top - 3);
   lua_settop(L, top - 3);
-  e->nevs = 3 * o->n + 8;
   e->w = calloc((size_t)o->n, sizeof(EWorker));
-  e->evs = calloc((size_t)e->nevs, sizeof(struct epoll_event));
-  if (e->w == NULL || e->evs == NULL)
+  if (e->w == NULL)
     luaL_error(L, "not enough memory"); /* __gc frees what was made */
-  for (i = 0; i < o->n; i++)
-    e->w[i].proc.cmdfd = e->w[i].proc.resfd = e->w[i].proc.pidfd = -1;
+  for (i = 0; i < o->n; i++) {
+    EWorker *w = &e->w[i];
+    w->proc.cmdfd = w->proc.resfd = w->proc.pidfd = -1;
+    lpar_watcher_init(&w->resw, onresults);
+    lpar_watcher_init(&w->pidw, onend);
+    lpar_watcher_init(&w->cmdw, oncommand);
+  }
   e->slots = lpar_proc_slots((size_t)o->n);
   if (e->slots == NULL)
     luaL_error(L, "cannot map shared memory: %s", strerror(errno));
   e->closed = 0;
-  e->epfd = epoll_create1(EPOLL_CLOEXEC);
-  if (e->epfd >= 0)
-    lpar_proc_track(e->epfd);
-  e->tfd = timerfd_create(CLOCK_MONOTONIC, TFD_NONBLOCK | TFD_CLOEXEC);
-  if (e->tfd >= 0)
-    lpar_proc_track(e->tfd);
-  if (e->epfd < 0 || e->tfd < 0 ||
-      evctl(e, EPOLL_CTL_ADD, e->tfd, EPOLLIN, EVDATA(EV_TIMER, 0)) != 0)
+  /* room for each worker's three fds, a few jobs' and the agent's */
+  rc = lpar_loop_init(&e->loop, 3 * o->n + 8, &call);
+  if (rc == -ENOMEM)
+    luaL_error(L, "not enough memory");
+  if (rc != 0)
     luaL_error(L, "cannot %s: %s: %s",
-               o->ondemand ? "start a worker" : "make a pool",
-               e->epfd < 0  ? "epoll_create1"
-               : e->tfd < 0 ? "timerfd_create"
-                            : "epoll_ctl",
-               strerror(errno));
+               o->ondemand ? "start a worker" : "make a pool", call,
+               strerror(-rc));
   return e;
 }
 
@@ -3102,6 +3062,7 @@ Job *lpar_engine_submit(lua_State *L, int eidx, int fidx, int iidx,
   lua_pop(L, 1);
   j = lua_newuserdatauv(L, sizeof(Job), 1);
   memset(j, 0, sizeof *j);
+  lpar_watcher_init(&j->wakew, onwake);
   luaL_setmetatable(L, LPAR_JOBMT);
   ju = lua_gettop(L);
   j->e = c.e;
@@ -3330,13 +3291,13 @@ static int waitloop(lua_State *L) {
     if (j->state != J_RUNNING || (j->fin && emittable(j)))
       break;
     pump(&own, ms);
-    if (interrupted && j->state == J_RUNNING) {
-      own.e->interrupted = interrupted;
-      lua_pushstring(L, interrupted == SIGTERM  ? "terminated"
-                        : interrupted == SIGHUP ? "hangup"
-                                                : "interrupted");
-      endjob(&own, j, J_CANCELLED, NULL,
-             LPAR_KINDCODE(LPAR_KINTERRUPTED, interrupted));
+    int sig = lpar_loop_caught();
+    if (sig && j->state == J_RUNNING) {
+      own.e->interrupted = sig;
+      lua_pushstring(L, sig == SIGTERM  ? "terminated"
+                        : sig == SIGHUP ? "hangup"
+                                        : "interrupted");
+      endjob(&own, j, J_CANCELLED, NULL, LPAR_KINDCODE(LPAR_KINTERRUPTED, sig));
     }
   }
   return 0;
@@ -3346,12 +3307,9 @@ static int waitloop(lua_State *L) {
    SIGINT ending the wait, and SIGTERM and SIGHUP too when the engine
    takes them. A signal the caller ignores stays ignored. */
 static void waitjob(lua_State *L, int jidx, Job *j) {
-  static const int sigs[] = {SIGINT, SIGTERM, SIGHUP};
   Ctx c;
   Engine *e;
-  struct sigaction sa, old[3];
-  sigset_t block;
-  int status, k, taken[3] = {0, 0, 0};
+  int status;
   if ((j->state != J_RUNNING || (j->fin && emittable(j))) &&
       (j->o.progress == 0 || j->e->closed ||
        (j->done == j->toldone && j->failed == j->toldfail)))
@@ -3360,28 +3318,7 @@ static void waitjob(lua_State *L, int jidx, Job *j) {
   e = c.e;
   if (e->waiting)
     luaL_error(L, "pool is busy (called from inside its own pump)");
-  /* the signals taken: not one the caller ignores (blocked, it would be
-     left pending for the caller to find) */
-  sigemptyset(&block);
-  for (k = 0; k < 3; k++)
-    if ((k == 0 || e->o.sigterm) && sigaction(sigs[k], NULL, &old[k]) == 0 &&
-        old[k].sa_handler != SIG_IGN) {
-      taken[k] = 1;
-      sigaddset(&block, sigs[k]);
-    }
-  sigprocmask(SIG_BLOCK, &block, &e->oldmask);
-  e->waitmask = e->oldmask;
-  memset(&sa, 0, sizeof sa);
-  sa.sa_handler = onint;
-  sigemptyset(&sa.sa_mask);
-  for (k = 0; k < 3; k++) {
-    if (taken[k]) {
-      sigaction(sigs[k], &sa, NULL);
-      sigdelset(&e->waitmask, sigs[k]);
-    }
-  }
-  e->watching = taken[0] || taken[1] || taken[2];
-  interrupted = 0;
+  lpar_loop_takesignals(&e->loop, stopsigs, NSTOPSIGS(e));
   e->waiting = 1;
   e->waited = j;
   e->inpump = 1;
@@ -3396,10 +3333,7 @@ static void waitjob(lua_State *L, int jidx, Job *j) {
   e->inpump = 0;
   e->waiting = 0;
   e->waited = NULL;
-  for (k = 0; k < 3; k++)
-    if (taken[k])
-      sigaction(sigs[k], &old[k], NULL);
-  sigprocmask(SIG_SETMASK, &e->oldmask, NULL);
+  lpar_loop_givesignals(&e->loop);
   if (status != LUA_OK)
     lua_error(L);
   lua_pop(L, 3);
@@ -3554,56 +3488,6 @@ void lpar_engine_cancel(lua_State *L, int jidx, const char *why) {
   lua_pop(L, 3);
 }
 
-/* the signals a wait takes: SIGINT; SIGTERM and SIGHUP with 'sigterm' */
-static const int stopsigs[] = {SIGINT, SIGTERM, SIGHUP};
-
-/*
-** While close hooks are waited for: take the signals a wait takes (those
-** the caller does not ignore), noting them in 'interrupted', so that one
-** ends the wait at once (the workers are killed). taken[k] and old[k]
-** say which, and *prior what 'interrupted' held (a wait this one is
-** inside of has yet to see it), for givesignals.
-*/
-static void takesignals(Engine *e, int taken[3], struct sigaction old[3],
-                        int *prior, sigset_t *mask) {
-  struct sigaction sa;
-  sigset_t set;
-  int k;
-  memset(&sa, 0, sizeof sa);
-  sa.sa_handler = onint;
-  sigemptyset(&sa.sa_mask);
-  *prior = interrupted;
-  interrupted = 0;
-  for (k = 0; k < 3; k++)
-    taken[k] = (k == 0 || e->o.sigterm) &&
-               sigaction(stopsigs[k], NULL, &old[k]) == 0 &&
-               old[k].sa_handler != SIG_IGN &&
-               sigaction(stopsigs[k], &sa, NULL) == 0;
-  /* unblocked while it waits (the CLI blocks them): one pending is
-     taken at once */
-  sigemptyset(&set);
-  for (k = 0; k < 3; k++)
-    if (taken[k])
-      sigaddset(&set, stopsigs[k]);
-  sigprocmask(SIG_UNBLOCK, &set, mask);
-}
-
-/* Put back the caller's signal mask and actions, and give it the signal
-   that came, if any, as it would have had it without the wait (pending,
-   if it blocks it). */
-static void givesignals(const int taken[3], const struct sigaction old[3],
-                        int prior, const sigset_t *mask) {
-  int k, sig;
-  sigprocmask(SIG_SETMASK, mask, NULL);
-  sig = interrupted;
-  for (k = 0; k < 3; k++)
-    if (taken[k])
-      sigaction(stopsigs[k], &old[k], NULL);
-  interrupted = prior;
-  if (sig != 0)
-    raise(sig);
-}
-
 void lpar_engine_close(lua_State *L, int idx, const char *why) {
   Engine *e = lua_touserdata(L, idx);
   Ctx c;
@@ -3611,9 +3495,7 @@ void lpar_engine_close(lua_State *L, int idx, const char *why) {
   long long grace, deadline;
   double secs;
   const char *who;
-  int taken[3], prior;
-  struct sigaction old[3];
-  sigset_t mask;
+  SignalHold hold;
   if (e == NULL || e->closed || e->owner != getpid())
     return;
   idx = lua_absindex(L, idx);
@@ -3656,14 +3538,16 @@ void lpar_engine_close(lua_State *L, int idx, const char *why) {
   lua_pop(L, 1);
   report = e->o.ondemand ? !hard && !e->ended : 1;
   who = e->o.ondemand ? "worker" : "pool worker";
-  takesignals(e, taken, old, &prior, &mask);
+  /* one of them ends the wait at once (the workers are killed) */
+  lpar_loop_holdsignals(&hold, stopsigs, NSTOPSIGS(e));
   for (i = 0; e->w && i < e->o.n; i++) {
     EWorker *w = &e->w[i];
     /* os.exit(7) in close, or a crash, is reported; not the busy ones
        killed above, whose places are empty by now */
     if (w->state != W_EMPTY)
       lpar_worker_finish(&w->proc, deadline, secs, hasclose, report,
-                         w->host ? "host command" : who, &interrupted);
+                         w->host ? "host command" : who,
+                         lpar_loop_caughtflag());
     w->state = W_EMPTY;
     lpar_buf_free(&w->in);
     lpar_buf_free(&w->out);
@@ -3673,28 +3557,33 @@ void lpar_engine_close(lua_State *L, int idx, const char *why) {
     if (e->interrupted) /* Ctrl-C: no close hook is waited for */
       lpar_proc_killproc(&e->retired[i], SIGKILL);
     lpar_worker_finish(&e->retired[i], deadline, secs, hasclose, report, who,
-                       &interrupted);
+                       lpar_loop_caughtflag());
   }
   e->nretired = 0;
   e->live = 0;
-  givesignals(taken, old, prior, &mask);
+  lpar_loop_releasesignals(&hold);
 
   reapdying(e, 1);
   releasechld(e);
   lua_pop(L, 1);
-  lpar_proc_closefd(&e->epfd);
-  lpar_proc_closefd(&e->tfd);
+  lpar_loop_free(&e->loop);
   lpar_proc_freeslots(e->slots, (size_t)e->o.n);
   e->slots = NULL;
   free(e->w);
-  free(e->evs);
   free(e->dying);
   free(e->retired);
   e->w = NULL;
-  e->evs = NULL;
   e->dying = NULL;
   e->retired = NULL;
   e->ndying = e->capdying = e->capretired = 0;
+}
+
+Loop *lpar_engine_loop(lua_State *L, int idx) {
+  return &((Engine *)lua_touserdata(L, idx))->loop;
+}
+
+int lpar_engine_running(const Job *j) {
+  return j->state == J_RUNNING;
 }
 
 /* __gc and __close of a call's engine. */

@@ -10,6 +10,7 @@
 #include <sys/epoll.h>
 
 #include "buf.h"
+#include "loop.h"
 #include "lua.h"
 #include "policy.h"
 #include "proc.h"
@@ -98,7 +99,9 @@ typedef struct EWorker {
   long long lastread;   /* when bytes last came */
   Buf out;              /* bytes to send */
   size_t outpos;        /* bytes of 'out' already sent */
-  int watchout;         /* its command fd is in the epoll set */
+  Watcher resw;         /* its results fd */
+  Watcher pidw;         /* its pidfd: its end, whoever holds its pipe */
+  Watcher cmdw;         /* its command fd, while bytes wait to be sent */
   Ring ring;            /* big results frames arrive here */
   lua_Integer timedout; /* item it was stopped for, 0 if none */
   lua_Integer blame;    /* item whose report broke the protocol, 0 if none */
@@ -119,13 +122,9 @@ typedef struct Engine {
   int closed;
   int creating; /* lpar.pool is waiting for the first workers */
   int inpump;   /* a pump is running (guards against re-entry) */
-  int epfd;     /* every fd watched, and the timer */
-  int tfd;      /* timerfd of the next deadline */
-  long long armed;
+  Loop loop;    /* every fd watched, and the timer */
   EWorker *w;
   Slot *slots;
-  struct epoll_event *evs;
-  int nevs;
   pid_t *dying; /* workers killed and not yet reaped */
   int ndying, capdying;
   Proc *retired; /* workers let go, reaped when the engine closes */
@@ -141,17 +140,15 @@ typedef struct Engine {
   long long pitems;   /* results those ns were spent on */
   long long stored;   /* results stored, all jobs (failures too) */
   int waiting;        /* a blocking wait owns SIGINT (and SIGTERM) */
-  int watching;       /* signals the wait takes: it waits with waitmask */
   int interrupted;    /* the signal that ended a wait, 0 if none */
   int ended;          /* a job failed or was cancelled */
   int vacated;        /* a place was emptied since the pump looked */
   struct Job *waited; /* the job a blocking wait is for, or NULL */
   int from;           /* the host whose frame is handled (0: none) */
-  sigset_t oldmask, waitmask;
-  int brokencode; /* the kind (kind.h) of what broke it (EU_BROKEN) */
-  int initcode;   /* ... of the first worker init's failure */
-  int chld;       /* depth of the calls that made SIGCHLD deliverable */
-  int heldchld;   /* the caller ignored SIGCHLD: oldchld is its action */
+  int brokencode;     /* the kind (kind.h) of what broke it (EU_BROKEN) */
+  int initcode;       /* ... of the first worker init's failure */
+  int chld;           /* depth of the calls that made SIGCHLD deliverable */
+  int heldchld;       /* the caller ignored SIGCHLD: oldchld is its action */
   struct sigaction oldchld;
 } Engine;
 
@@ -167,7 +164,7 @@ typedef struct Job {
   int stream;            /* items come from an iterator */
   int exhausted;         /* ... which has ended */
   int pending;           /* ... which said "not yet": wait for wakefd */
-  int watchwake;         /* wakefd is in the epoll set */
+  Watcher wakew;         /* watches wakefd */
   int wakefd;            /* a copy of the fd a pending stream waits for */
   int wakesrc;           /* ... the iterator's own fd */
   int sized;             /* the results table was made at its full size */
@@ -281,6 +278,13 @@ void lpar_engine_nextitem(lua_State *L, int iter);
 ** SETUP frame after the versions block. Before any job.
 */
 void lpar_engine_sethosts(lua_State *L, int eidx, int hostsidx, int setupidx);
+
+/* The loop of the engine at 'idx', where a front end may watch fds of its
+   own (their callbacks run inside a pump: they must not use the engine). */
+Loop *lpar_engine_loop(lua_State *L, int idx);
+
+/* Whether job j is still running. */
+int lpar_engine_running(const Job *j);
 
 /* Register the engine and job metatables' shared parts. */
 void lpar_engine_open(lua_State *L);

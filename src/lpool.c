@@ -536,7 +536,7 @@ static int pool_pump(lua_State *L) {
 ** before pool:close().
 */
 static int pool_fd(lua_State *L) {
-  lua_pushinteger(L, usable(L, 1)->epfd);
+  lua_pushinteger(L, usable(L, 1)->loop.epfd);
   return 1;
 }
 
