@@ -423,7 +423,8 @@ static void relay(Agent *a) {
     else {
       int res = top + 2, errs = top + 4;
       lua_Integer k, from = 1;
-      long long ns = (long long)(e->j->tns * (double)e->count);
+      long long ns =
+          (long long)(lpar_engine_nsperitem(e->j) * (double)e->count);
       for (k = 1; k <= e->count; k++) {
         if (lua_rawgeti(L, errs, k) == LUA_TNIL) {
           lua_pop(L, 1);
@@ -460,7 +461,7 @@ static void cancelall(Agent *a) {
     if (e->j == NULL)
       continue;
     lua_rawgetp(L, a->jobs, e->j);
-    if (e->j->state == J_RUNNING)
+    if (lpar_engine_running(e->j))
       lpar_engine_cancel(L, lua_gettop(L), "cancelled by the parent");
     lua_pop(L, 1);
     lua_pushnil(L);

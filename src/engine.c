@@ -3,6 +3,7 @@
 ** signals of a wait; lpar.parallel, lpar.imap, pools and the CLI use it.
 */
 #include "engine.h"
+#include "engstate.h"
 
 #include <errno.h>
 #include <fcntl.h>
@@ -3584,6 +3585,65 @@ Loop *lpar_engine_loop(lua_State *L, int idx) {
 
 int lpar_engine_running(const Job *j) {
   return j->state == J_RUNNING;
+}
+
+const char *lpar_engine_statename(const Job *j) {
+  static const char *const names[] = {"running", "done", "failed", "cancelled"};
+  return names[j->state];
+}
+
+lua_Integer lpar_engine_jobdone(const Job *j) {
+  return j->done;
+}
+
+lua_Integer lpar_engine_jobitems(const Job *j) {
+  return j->n;
+}
+
+int lpar_engine_emitting(const Job *j) {
+  return j->o.emitting;
+}
+
+double lpar_engine_nsperitem(const Job *j) {
+  return j->tns;
+}
+
+int lpar_engine_maycancel(const Job *j) {
+  const Engine *e = j->e;
+  return j->state == J_RUNNING && e && !e->closed && !e->inpump &&
+         e->owner == getpid();
+}
+
+int lpar_engine_mine(const Engine *e) {
+  return e->owner == getpid();
+}
+
+int lpar_engine_closed(const Engine *e) {
+  return e->closed;
+}
+
+int lpar_engine_pumping(const Engine *e) {
+  return e->inpump;
+}
+
+int lpar_engine_njobs(const Engine *e) {
+  const Job *j;
+  int n = 0;
+  for (j = e->jobs; j; j = j->nextjob)
+    n++;
+  return n;
+}
+
+int lpar_engine_nplaces(const Engine *e) {
+  return e->o.n;
+}
+
+pid_t lpar_engine_placepid(const Engine *e, int i) {
+  return e->w[i].state == W_EMPTY ? 0 : e->w[i].proc.pid;
+}
+
+int lpar_engine_fd(const Engine *e) {
+  return e->loop.epfd;
 }
 
 /* __gc and __close of a call's engine. */

@@ -30,19 +30,19 @@ static Engine *checkpool(lua_State *L, int idx) {
 /* Raise unless the pool at 'idx' can be used now. */
 static Engine *usable(lua_State *L, int idx) {
   Engine *e = checkpool(L, idx);
-  if (e->owner != getpid())
+  if (!lpar_engine_mine(e))
     luaL_error(L, "pool belongs to another process");
-  if (e->closed)
+  if (lpar_engine_closed(e))
     luaL_error(L, "pool is closed");
-  if (e->inpump)
+  if (lpar_engine_pumping(e))
     luaL_error(L, "pool is busy (called from inside its own pump)");
   return e;
 }
 
 static int pool_close(lua_State *L) {
-  if (checkpool(L, 1)->owner != getpid())
+  if (!lpar_engine_mine(checkpool(L, 1)))
     return luaL_error(L, "pool belongs to another process");
-  if (checkpool(L, 1)->inpump)
+  if (lpar_engine_pumping(checkpool(L, 1)))
     return luaL_error(L, "pool is busy (called from inside its own pump)");
   lua_settop(L, 1);
   lpar_engine_close(L, 1, "pool closed");
@@ -400,7 +400,7 @@ static Job *checkjob(lua_State *L, int idx) {
 
 /* Pump the engine of the job at 1 without waiting (if it still runs). */
 static void jobpump(lua_State *L, Job *j) {
-  if (j->state != J_RUNNING)
+  if (!lpar_engine_running(j))
     return;
   lpar_engine_pushengine(L, 1);
   usable(L, -1);
@@ -414,7 +414,7 @@ static int job_done(lua_State *L) {
   Job *j = checkjob(L, 1);
   lua_settop(L, 1);
   jobpump(L, j);
-  lua_pushboolean(L, j->state != J_RUNNING);
+  lua_pushboolean(L, !lpar_engine_running(j));
   return 1;
 }
 
@@ -423,17 +423,14 @@ static int job_progress(lua_State *L) {
   Job *j = checkjob(L, 1);
   lua_settop(L, 1);
   jobpump(L, j);
-  lua_pushinteger(L, j->done);
-  lua_pushinteger(L, j->n);
+  lua_pushinteger(L, lpar_engine_jobdone(j));
+  lua_pushinteger(L, lpar_engine_jobitems(j));
   return 2;
 }
 
-static const char *const statenames[] = {"running", "done", "failed",
-                                         "cancelled"};
-
 /* job:status() -> "running", "done", "failed" or "cancelled" (no pump). */
 static int job_status(lua_State *L) {
-  lua_pushstring(L, statenames[checkjob(L, 1)->state]);
+  lua_pushstring(L, lpar_engine_statename(checkjob(L, 1)));
   return 1;
 }
 
@@ -457,8 +454,8 @@ static int job_wait(lua_State *L) {
 static int job_halt(lua_State *L) {
   Job *j = checkjob(L, 1);
   lua_settop(L, 1);
-  luaL_argcheck(L, j->o.emitting, 1, "only an imap job halts");
-  lua_pushboolean(L, j->state == J_RUNNING);
+  luaL_argcheck(L, lpar_engine_emitting(j), 1, "only an imap job halts");
+  lua_pushboolean(L, lpar_engine_running(j));
   lpar_engine_halt(L, 1);
   return 1;
 }
@@ -466,7 +463,7 @@ static int job_halt(lua_State *L) {
 static int job_cancel(lua_State *L) {
   Job *j = checkjob(L, 1);
   lua_settop(L, 1);
-  if (j->state != J_RUNNING) {
+  if (!lpar_engine_running(j)) {
     lua_pushboolean(L, 0);
     return 1;
   }
@@ -477,18 +474,16 @@ static int job_cancel(lua_State *L) {
 
 /* __close: cancel a job left running when its variable goes out of scope. */
 static int job_close(lua_State *L) {
-  Job *j = checkjob(L, 1);
-  Engine *e = j->e;
-  if (j->state == J_RUNNING && e && !e->closed && !e->inpump &&
-      e->owner == getpid())
+  if (lpar_engine_maycancel(checkjob(L, 1)))
     job_cancel(L);
   return 0;
 }
 
 static int job_tostring(lua_State *L) {
   Job *j = checkjob(L, 1);
-  lua_pushfstring(L, "lpar.Job (%s, %I/%I)", statenames[j->state],
-                  (LUAI_UACINT)j->done, (LUAI_UACINT)j->n);
+  lua_pushfstring(L, "lpar.Job (%s, %I/%I)", lpar_engine_statename(j),
+                  (LUAI_UACINT)lpar_engine_jobdone(j),
+                  (LUAI_UACINT)lpar_engine_jobitems(j));
   return 1;
 }
 
@@ -519,12 +514,8 @@ static int pool_map(lua_State *L) {
    that watch pool:fd(): call it when the fd is readable. */
 static int pool_pump(lua_State *L) {
   Engine *e = usable(L, 1);
-  int n = 0;
-  Job *j;
   lpar_engine_pump(L, 1, 0);
-  for (j = e->jobs; j; j = j->nextjob)
-    n++;
-  lua_pushinteger(L, n);
+  lua_pushinteger(L, lpar_engine_njobs(e));
   return 1;
 }
 
@@ -536,35 +527,37 @@ static int pool_pump(lua_State *L) {
 ** before pool:close().
 */
 static int pool_fd(lua_State *L) {
-  lua_pushinteger(L, usable(L, 1)->loop.epfd);
+  lua_pushinteger(L, lpar_engine_fd(usable(L, 1)));
   return 1;
 }
 
 /* pool:pids() -> the pids of the workers now running, in place order. */
 static int pool_pids(lua_State *L) {
   Engine *e = usable(L, 1);
-  int i, k = 0;
-  lua_createtable(L, e->o.n, 0);
-  for (i = 0; i < e->o.n; i++)
-    if (e->w[i].state != W_EMPTY) {
-      lua_pushinteger(L, e->w[i].proc.pid);
+  int i, k = 0, n = lpar_engine_nplaces(e);
+  lua_createtable(L, n, 0);
+  for (i = 0; i < n; i++) {
+    pid_t pid = lpar_engine_placepid(e, i);
+    if (pid != 0) {
+      lua_pushinteger(L, pid);
       lua_rawseti(L, -2, ++k);
     }
+  }
   return 1;
 }
 
 /* pool:size() -> number of workers the pool keeps. */
 static int pool_size(lua_State *L) {
-  lua_pushinteger(L, checkpool(L, 1)->o.n);
+  lua_pushinteger(L, lpar_engine_nplaces(checkpool(L, 1)));
   return 1;
 }
 
 static int pool_tostring(lua_State *L) {
   Engine *e = checkpool(L, 1);
-  if (e->closed)
+  if (lpar_engine_closed(e))
     lua_pushliteral(L, "lpar.Pool (closed)");
   else
-    lua_pushfstring(L, "lpar.Pool (%d workers)", e->o.n);
+    lua_pushfstring(L, "lpar.Pool (%d workers)", lpar_engine_nplaces(e));
   return 1;
 }
 
