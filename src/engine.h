@@ -57,10 +57,10 @@ typedef struct JobOpts {
                         submit) of slice(batch, from, to), which returns
                         the batch of records from..to of a batch; then
                         each record lives on its own (see "records" in
-                        engine.c), 0: a batch lives as one item */
+                        job.c), 0: a batch lives as one item */
   int onevent;       /* stack index (at submit) of a function called as
                         on_event(ev) as each item starts and ends (see
-                        "events" in engine.c); 0: none */
+                        "events" in job.c); 0: none */
   int progress;      /* stack index (at submit) of a function called as
                         progress(done, total, failed) while the job is
                         waited for (see LPAR_PROGRESSNS); 0: none */

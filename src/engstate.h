@@ -1,6 +1,6 @@
 /*
-** engstate.h: the engine's structs: places, jobs, the engine itself;
-** private to the engine's files (front ends go through engine.h).
+** engstate.h: the engine's structs and what its files share (engine.c,
+** place.c, host.c, job.c, deal.c, frame.c); front ends use engine.h.
 */
 #ifndef lpar_engstate_h
 #define lpar_engstate_h
@@ -10,12 +10,15 @@
 
 #include "buf.h"
 #include "engine.h"
+#include "lauxlib.h"
+#include "lcompat.h"
 #include "loop.h"
 #include "lua.h"
 #include "policy.h"
 #include "proc.h"
 #include "ranges.h"
 #include "ring.h"
+#include "wire.h"
 
 enum { W_EMPTY = 0, W_STARTING, W_IDLE, W_BUSY };
 enum { J_RUNNING = 0, J_DONE, J_FAILED, J_CANCELLED };
@@ -134,8 +137,179 @@ typedef struct Job {
   lua_Integer toldfail; /* toldone is -1 before the first */
   long long toldat;     /* when it was made */
   int failcode;         /* the kind (kind.h) of its failure, once failed */
-  void *file; /* the luaL_Stream a stream's iterator reads (see fileiter in
-                 engine.c), whose fd is o.wakefd; NULL: none */
+  void *file;           /* the luaL_Stream a stream's iterator reads (see
+                           lpar_job_fileiter), whose fd is o.wakefd; NULL: none */
 } Job;
+
+/* an engine that lives on: its chunks take at least this long once the
+   time per item is known (ns): no fork to amortize, only a round trip */
+#if !defined(LPAR_POOLCHUNKNS)
+#define LPAR_POOLCHUNKNS 100000
+#endif
+
+/* ... and hold this many items at most before it is known */
+#if !defined(LPAR_POOLPROBE)
+#define LPAR_POOLPROBE 256
+#endif
+
+/* a host's chunk keeps each of its workers busy this long at least (ns):
+   a round trip through ssh or srun is far longer than through a pipe */
+#if !defined(LPAR_HOSTCHUNKNS)
+#define LPAR_HOSTCHUNKNS 50000000
+#endif
+
+/* most items in one chunk */
+#if !defined(LPAR_POOLMAXCHUNK)
+#define LPAR_POOLMAXCHUNK (1 << 20)
+#endif
+
+/* a job's progress function is called at most this often (ns), and once
+   more when the job is over */
+#if !defined(LPAR_PROGRESSNS)
+#define LPAR_PROGRESSNS 50000000LL
+#endif
+
+/* a batch of records (a batched job) runs at least this long before it
+   may be asked to end early (see lpar_policy_overdue), ns */
+#if !defined(LPAR_OVERDUENS)
+#define LPAR_OVERDUENS 50000000LL
+#endif
+
+/* after SIGTERM for a timeout, SIGKILL follows this much later (ns) */
+#define KILLGRACE 500000000LL
+
+/* a send buffer larger than this is freed once all of it is sent */
+#if !defined(LPAR_KEEPOUT)
+#define LPAR_KEEPOUT (4 * 1024 * 1024)
+#endif
+
+/* a worker that may be past a deadline soon (one not yet in its init,
+   one between items) is looked at again at least this often (ns) */
+#if !defined(LPAR_LOOKNS)
+#define LPAR_LOOKNS 10000000LL
+#endif
+
+/* fields of the engine's uservalue */
+enum {
+  EU_INIT = 1,
+  EU_CLOSE,
+  EU_FNS,
+  EU_ITEMS,
+  EU_ANCHORS,
+  EU_TNS,
+  EU_BROKEN,
+  EU_INITERR,
+  EU_HOSTS,  /* what lpar_engine_sethosts was given */
+  EU_SETUP,  /* ... and the SETUP frame its agents get */
+  EU_HOSTERR /* why the last host was left out */
+};
+#define EU_N EU_HOSTERR
+
+/* fields of a job's uservalue */
+enum {
+  JU_RESULTS = 1,
+  JU_ERRORS,
+  JU_ITEMS,
+  JU_FAILURE,
+  JU_ENGINE,
+  JU_F,
+  JU_ATTEMPTS, /* item -> times run again so far, with retries */
+  JU_INFLIGHT, /* a stream's items handed out and not yet reported */
+  JU_PROGRESS, /* the progress function, if any */
+  JU_KINDS,    /* item -> kind code (kind.h) of its collected failure */
+  JU_SLICE,    /* o.slice: cuts a batch into parts */
+  JU_KIDS,     /* item -> its node (see "records" in job.c) */
+  JU_ONEVENT,  /* o.onevent */
+  JU_STARTS    /* item -> when it was handed out (ns), with o.onevent */
+};
+#define JU_N JU_STARTS
+
+/* the first index of the items made of parts of batches (o.slice), so
+   that the iterator's items keep their own numbers */
+#define KIDBASE ((lua_Integer)1 << 48)
+
+/* what the engine's functions share: the engine and its uservalue's
+   index */
+typedef struct Ctx {
+  lua_State *L;
+  Engine *e;
+  int uv;
+} Ctx;
+
+/* Raise "not enough memory" if rc (of a Buf or Ranges call) says so. */
+static inline void lpar_engine_nomem(lua_State *L, int rc) {
+  if (rc != 0)
+    luaL_error(L, "not enough memory");
+}
+
+/* places (place.c) */
+void lpar_place_holdchld(Engine *e);
+void lpar_place_releasechld(Engine *e);
+void lpar_place_reapdying(Engine *e, int block);
+void lpar_place_close(Engine *e, EWorker *w);
+void lpar_place_vacate(Engine *e, EWorker *w);
+void lpar_place_drop(Engine *e, EWorker *w);
+void lpar_place_retire(Ctx *c, EWorker *w);
+int lpar_place_start(Engine *e, EWorker *w, const char **call);
+ChildSetup lpar_place_childsetup(Engine *e, sigset_t *cur, int ignint);
+int lpar_place_spawn(Ctx *c, int i, const char **call);
+void lpar_place_breakengine(Ctx *c, int code);
+void lpar_place_giveback(Ctx *c, EWorker *w, int from);
+void lpar_place_lose(Ctx *c, EWorker *w, int force, const char *why, int code);
+void lpar_place_protoerror(Ctx *c, EWorker *w, const char *what);
+int lpar_place_sendsome(Engine *e, EWorker *w);
+long long lpar_place_lastitem(const EWorker *w);
+int lpar_place_deadlines(Ctx *c);
+
+/* hosts (host.c) */
+int lpar_host_nlocal(const Engine *e);
+void lpar_host_pushspec(Ctx *c, const EWorker *w);
+void lpar_host_send(Ctx *c, EWorker *w, int type, uint32_t count, const char *p,
+                    size_t len);
+void lpar_host_leaveout(Ctx *c, EWorker *w, const char *why);
+void lpar_host_lose(Ctx *c, EWorker *w, int force, const char *why);
+lua_Integer lpar_host_chunk(Engine *e, Job *j, EWorker *w);
+void lpar_host_makecall(lua_State *L, Job *j);
+void lpar_host_refill(Ctx *c);
+int lpar_host_hello(Ctx *c, EWorker *w, const Frame *f, const char *p);
+long long lpar_host_deadline(Ctx *c, EWorker *w, long long now);
+
+/* jobs (job.c) */
+int lpar_job_pushuv(Ctx *c, Job *j);
+void lpar_job_free(Job *j);
+void lpar_job_unwatchwake(Engine *e, Job *j);
+void lpar_job_end(Ctx *c, Job *j, int state, EWorker *self, int code);
+void lpar_job_fail(Ctx *c, Job *j, EWorker *self, int code);
+void lpar_job_settle(Ctx *c, Job *j);
+void lpar_job_tellstart(Ctx *c, Job *j, int juv, lua_Integer i, EWorker *w);
+void lpar_job_store(Ctx *c, Job *j, int juv, lua_Integer i);
+void lpar_job_itemfailed(Ctx *c, Job *j, lua_Integer i, EWorker *self,
+                         int code);
+lua_Integer lpar_job_room(Job *j);
+int lpar_job_workleft(Job *j);
+int lpar_job_drained(Job *j);
+lua_Integer lpar_job_itemsleft(Job *j);
+int lpar_job_mayblock(const Job *j);
+luaL_Stream *lpar_job_fileiter(lua_State *L, int idx, int *fd);
+int lpar_job_askiter(Ctx *c, Job *j, int juv);
+lua_Integer lpar_job_pull(Ctx *c, Job *j, int juv, EWorker *w, lua_Integer max);
+lua_Integer lpar_job_partsize(Ctx *c, int juv, lua_Integer k);
+int lpar_job_putitems(Ctx *c, Job *j, int tidx, EWorker *w, lua_Integer first,
+                      lua_Integer count);
+int lpar_job_emittable(Job *j);
+
+/* handing out (deal.c) */
+lua_Integer lpar_deal_chunksize(Engine *e, Job *j);
+int lpar_deal_workers(Engine *e);
+void lpar_deal_assign(Ctx *c, EWorker *w, Job *j, int juv);
+void lpar_deal_dispatch(Ctx *c);
+int lpar_deal_broken(Ctx *c);
+int lpar_deal_spawnone(Ctx *c, const char **call);
+void lpar_deal_refill(Ctx *c);
+Job *lpar_deal_canspawn(Ctx *c);
+int lpar_deal_spawnwait(Ctx *c);
+
+/* frames (frame.c) */
+void lpar_frame_read(Ctx *c, EWorker *w);
 
 #endif

@@ -970,7 +970,7 @@ function M.batcher(map, fmt, nul, halt, timed, c, maxmem, label)
 end
 
 -- What cuts a batch (see M.batcher) for the engine, which runs parts of
--- it again (see "records" in engine.c): slice(batch, from, to) -> the
+-- it again (see "records" in job.c): slice(batch, from, to) -> the
 -- batch of its records from..to. With 'numbered' (--number) a batch is
 -- {first, block}.
 function M.slicer(c, nul, numbered)
@@ -1649,7 +1649,7 @@ function M.run(o, c, reader, counter, map, init, close)
   -- job streams batches of records (see main.c), and the engine runs
   -- again the records that failed (--retries), that a batch handed back
   -- or lost with its worker, as parts of their batch (see "records" in
-  -- engine.c). The function is inherited at fork, so any closure works.
+  -- job.c). The function is inherited at fork, so any closure works.
   local opts = {
     n_workers = o.jobs or lpar.default_workers, on_demand = true,
     timeout = o.timeout, max_memory = o.maxmem, init = winit, close = wclose,
@@ -1940,7 +1940,7 @@ function M.run(o, c, reader, counter, map, init, close)
   -- The outcome of records first .. first+n-1 run for the 'attempt'th
   -- time: a batch's result r (or r == nil and its error e, of kind 'kind'
   -- and its detail), and the parts the engine ran again ('parts', see
-  -- "records" in engine.c): a record that failed with retries left, the
+  -- "records" in job.c): a record that failed with retries left, the
   -- records a batch handed back, those of a batch lost with its worker.
   -- recof(line) is the record of a line of the batch.
   -- The marks of the joblog (ordered output) say up to which record all
