@@ -636,4 +636,20 @@ describe("a process forked by f that returns from it", function()
     local _, k = err:gsub(said, "")
     assert.equal(2, k)
   end)
+
+  it("runs no further record of its batch, with the lpar command", function()
+    -- a batch of 8 records in one worker: each call of f says so on
+    -- stderr; a copy that went on with the batch would call f again
+    local G = F:gsub("^function%(x%)", 'function(x)\n    io.stderr:write("called ", x, "\\n")')
+    for _, chunk in ipairs({1, 8}) do
+      local rc, out, err = H.lpar("-j 1 --chunk " .. chunk .. " -e " .. H.quote(G) .. " -",
+                                  "1\n2\n3\n4\n5\n6\n7\n8\n")
+      assert.equal(0, rc, err)
+      assert.equal("parent1\nparent2\nparent3\nparent4\nparent5\nparent6\nparent7\nparent8\n", out)
+      local _, calls = err:gsub("called %d", "")
+      local _, left = err:gsub(said, "")
+      assert.equal(8, calls, err)
+      assert.equal(8, left, err)
+    end
+  end)
 end)
