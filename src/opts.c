@@ -143,8 +143,14 @@ void lpar_opts_run(lua_State *L, int arg, lua_Integer *chunk, int *collect,
   if (lua_getfield(L, arg, "timeout") != LUA_TNIL) {
     int isnum;
     double t = (double)lua_tonumberx(L, -1, &isnum);
-    if (!isnum || !(t > 0) || t > 1e9)
+    if (!isnum || !(t > 0))
       luaL_argerror(L, arg, "timeout must be a positive number of seconds");
+    if (t > 1e9) { /* about 31 years: its nanoseconds fit the wire */
+      char why[80];
+      snprintf(why, sizeof why,
+               "timeout must be at most 1e9 seconds, not %.17g", t);
+      luaL_argerror(L, arg, why);
+    }
     *timeout = t;
   }
   lua_pop(L, 1);

@@ -242,9 +242,11 @@ end
 
 local function seconds(name, v)
   local n = tonumber(v)
-  if not n or n ~= n or n <= 0 or n > 1e9 then
+  if not n or n ~= n or n <= 0 then
     return nil, ("bad value for '%s': '%s' (expected a number of seconds)")
       :format(name, v)
+  elseif n > 1e9 then
+    return nil, ("bad value for '%s': '%s' (at most 1e9 seconds)"):format(name, v)
   end
   return n
 end
