@@ -379,3 +379,25 @@ describe("limits said as they are", function()
     assert.equal("", err)
   end)
 end)
+
+describe("sizes", function()
+  it("take units in any case and refuse a fraction of a byte, in the module and the CLI", function()
+    local F = H.quote("function(s) return s end")
+    for _, v in ipairs({"64MIB", "64MI", "64mib", "64Mb"}) do
+      local rc, out, err = H.lpar("--max-memory " .. v .. " -e " .. F .. " ::: a")
+      assert.equal(0, rc, err)
+      assert.equal("a\n", out)
+      local r = lpar.parallel(function(x) return x end, {1}, {max_memory = v, n_workers = 1})
+      assert.same({1}, r)
+    end
+    local rc, out, err = H.lpar("--max-memory 1048576.5 -e " .. F .. " ::: a")
+    assert.equal(2, rc)
+    assert.equal("", out)
+    assert.matches("^lpar: bad value for '%-%-max%-memory': '1048576.5' is a fraction of a byte", err)
+    for _, v in ipairs({"1048576.5", 1048576.5}) do
+      local ok, why = pcall(lpar.parallel, function(x) return x end, {1}, {max_memory = v})
+      assert.is_false(ok)
+      assert.matches("max_memory '1048576.5' is a fraction of a byte", why, 1, true)
+    end
+  end)
+end)
