@@ -1054,3 +1054,26 @@ describe("the message of a record's failure", function()
                  said("-j2 --timeout 0.5", rec))
   end)
 end)
+
+describe("a host whose agent announces too many workers", function()
+  -- an agent (run by -S as its command) whose HELLO announces arg[1]
+  -- workers, then waits for its end of file
+  local AGENT = [[
+local name = "lpar 0.1.0" .. ("\0"):rep(22)
+local hello = "LPAR" .. string.pack("<I4I4I4I4", 1, 504, 8, 8) .. name
+io.stdout:write(string.pack("<I4I4I8", 8, tonumber(arg[1]), #hello), hello, "\n")
+io.stdout:flush()
+io.stdin:read("a")
+]]
+
+  for _, n in ipairs({"1000000", "4294967295"}) do
+    it("is refused naming the count and the limit (" .. n .. ")", function()
+      local agent = writefile(tmpname(), AGENT)
+      local code, out, err = lpar("-S " .. quote("lua5.4 " .. agent .. " " .. n) ..
+                                  " -e " .. quote("function(s) return s end") .. " ::: a")
+      assert.equal(1, code, err)
+      assert.equal("", out)
+      assert.matches("its agent announces " .. n .. " workers, more than 1024", err, 1, true)
+    end)
+  end
+end)

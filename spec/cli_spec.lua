@@ -720,6 +720,29 @@ describe("lpar's files in a sticky world-writable directory", function()
     assert.equal("secret\n", readfile(victim))
   end)
 
+  it("refuses a symlink there that someone else planted, for --events", function()
+    local victim = writefile(tmpname(), "secret\n")
+    local me = unistd.geteuid()
+    local other = me == 65534 and 65533 or 65534
+    local ev = link("ev", victim, other)
+    if not ev then return pending("chown -h needs root") end
+    local q = dir:gsub("%p", "%%%0")
+    local said = "lpar: refusing to write " .. q .. "/ev: a symlink in the sticky world%-writable " ..
+                 "directory " .. q .. ", owned by uid " .. other
+    for _, more in ipairs({"", "--joblog " .. dir .. "/j -o " .. dir .. "/o --resume "}) do
+      local code, stdout, err = lpar(more .. "--events " .. ev .. " -e " .. ECHO .. " ::: a")
+      assert.equal(2, code, err)
+      assert.equal("", stdout)
+      assert.matches("^" .. said, err)
+      assert.equal("secret\n", readfile(victim))
+    end
+    -- the user's own symlink is followed
+    local mine = link("mine", victim)
+    local code, _, err = lpar("--events " .. mine .. " -e " .. ECHO .. " ::: a")
+    assert.equal(0, code, err)
+    assert.matches('^{"item":1,"event":"start"', readfile(victim))
+  end)
+
   it("follows a symlink there that is the user's own or the directory owner's", function()
     local target = writefile(tmpname(), "")
     local mine = link("mine", target)

@@ -636,4 +636,57 @@ describe("a process forked by f that returns from it", function()
     local _, k = err:gsub(said, "")
     assert.equal(2, k)
   end)
+
+  it("runs no further record of its batch, with the lpar command", function()
+    -- a batch of 8 records in one worker: each call of f says so on
+    -- stderr; a copy that went on with the batch would call f again
+    local G = F:gsub("^function%(x%)", 'function(x)\n    io.stderr:write("called ", x, "\\n")')
+    for _, chunk in ipairs({1, 8}) do
+      local rc, out, err = H.lpar("-j 1 --chunk " .. chunk .. " -e " .. H.quote(G) .. " -",
+                                  "1\n2\n3\n4\n5\n6\n7\n8\n")
+      assert.equal(0, rc, err)
+      assert.equal("parent1\nparent2\nparent3\nparent4\nparent5\nparent6\nparent7\nparent8\n", out)
+      local _, calls = err:gsub("called %d", "")
+      local _, left = err:gsub(said, "")
+      assert.equal(8, calls, err)
+      assert.equal(8, left, err)
+    end
+  end)
+end)
+
+describe("an ERROR frame of index 0 once a worker runs items", function()
+  -- f writes, on item 3, an ERROR frame for index 0 (the job as a whole)
+  -- with a nil value on its worker's results pipe, of the kind 'kind'
+  local F = [[
+local unistd = require "posix.unistd"
+local function resultsfd()
+  for fd = 3, 60 do
+    local l = unistd.readlink("/proc/self/fd/" .. fd)
+    if l and l:match("^pipe:") then
+      local f = io.open("/proc/self/fdinfo/" .. fd)
+      local flags = tonumber(f:read("a"):match("flags:%%s*(%%d+)"), 8)
+      f:close()
+      if flags %% 4 == 1 then return fd end
+    end
+  end
+end
+return function(s)
+  if s == "3" then
+    unistd.write(resultsfd(), string.pack("<I4I4I8I8", 4, %d, 10, 0) .. "\0\0")
+  end
+  return s
+end
+]]
+
+  for _, kind in ipairs({1, 7}) do
+    it("is a protocol error of that worker, and the run goes on (kind " .. kind .. ")", function()
+      local path = os.tmpname()
+      H.writefile(path, F:format(kind))
+      local rc, out, err = H.lpar("-j 1 " .. H.quote(path) .. " -", "1\n2\n3\n4\n5\n", 60)
+      os.remove(path)
+      assert.equal(1, rc, err)
+      assert.equal("1\n2\n4\n5\n", out)
+      assert.matches('^lpar: line 3 %("3"%): worker %d+ broke the protocol %(error frame for no item%)\n', err)
+    end)
+  end
 end)

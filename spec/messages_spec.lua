@@ -351,3 +351,53 @@ describe("tracebacks", function()
     end
   end)
 end)
+
+describe("limits said as they are", function()
+  it("names the largest timeout, in the module and the CLI", function()
+    local ok, err = pcall(lpar.parallel, function(x) return x end, {1}, {timeout = 2e9})
+    assert.is_false(ok)
+    assert.matches("timeout must be at most 1e9 seconds, not 2000000000", err, 1, true)
+    local rc, out, said = H.lpar("--timeout 1000000001 -e " .. H.quote("function(s) return s end") ..
+                                 " ::: a")
+    assert.equal(2, rc)
+    assert.equal("", out)
+    assert.matches("^lpar: bad value for '%-%-timeout': '1000000001' %(at most 1e9 seconds%)", said)
+  end)
+
+  it("does not call a worker without close slow to leave for a tiny timeout", function()
+    -- each worker is given at least a second to leave: none is reported
+    local rc, out, err = H.lua([[
+      local lpar = require "lpar"
+      for _ = 1, 5 do
+        local r, n = lpar.parallel(function(x) return x * 2 end, {1, 2, 3, 4},
+                                   {timeout = 1e-12, n_workers = 4})
+        io.write(n, " ", table.concat(r, ","), "\n")
+      end
+    ]])
+    assert.equal(0, rc, err)
+    assert.equal(("4 2,4,6,8\n"):rep(5), out)
+    assert.equal("", err)
+  end)
+end)
+
+describe("sizes", function()
+  it("take units in any case and refuse a fraction of a byte, in the module and the CLI", function()
+    local F = H.quote("function(s) return s end")
+    for _, v in ipairs({"64MIB", "64MI", "64mib", "64Mb"}) do
+      local rc, out, err = H.lpar("--max-memory " .. v .. " -e " .. F .. " ::: a")
+      assert.equal(0, rc, err)
+      assert.equal("a\n", out)
+      local r = lpar.parallel(function(x) return x end, {1}, {max_memory = v, n_workers = 1})
+      assert.same({1}, r)
+    end
+    local rc, out, err = H.lpar("--max-memory 1048576.5 -e " .. F .. " ::: a")
+    assert.equal(2, rc)
+    assert.equal("", out)
+    assert.matches("^lpar: bad value for '%-%-max%-memory': '1048576.5' is a fraction of a byte", err)
+    for _, v in ipairs({"1048576.5", 1048576.5}) do
+      local ok, why = pcall(lpar.parallel, function(x) return x end, {1}, {max_memory = v})
+      assert.is_false(ok)
+      assert.matches("max_memory '1048576.5' is a fraction of a byte", why, 1, true)
+    end
+  end)
+end)

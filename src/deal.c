@@ -92,6 +92,8 @@ void lpar_deal_assign(Ctx *c, EWorker *w, Job *j, int juv) {
   }
   else if (w->fnjob != j->id)
     lpar_engine_nomem(L, lpar_buf_add(&w->out, j->call.p, j->call.n));
+  if (w->fnjob != j->id)
+    w->fresh = 1;
   at = w->out.n;
   lpar_engine_nomem(L, lpar_buf_reserve(&w->out, LPAR_HDRSIZE + 8));
   w->out.n += LPAR_HDRSIZE + 8;

@@ -774,13 +774,19 @@ void lpar_engine_close(lua_State *L, int idx, const char *why) {
   /* idle ones run close: the timeout, or a grace period, bounds it; one
      still there is killed and reported, as a failing close is. A call's
      engine reports a bad leave only when the call went well. */
-  grace =
-      e->o.timeout > 0 ? (long long)(e->o.timeout * 1e9) : LPAR_CLOSEGRACENS;
-  secs = e->o.timeout > 0 ? e->o.timeout : (double)grace / 1e9; /* as given */
-  deadline = lpar_proc_now() + grace;
   lua_rawgeti(L, c.uv, EU_CLOSE);
   hasclose = !lua_isnil(L, -1);
   lua_pop(L, 1);
+  grace =
+      e->o.timeout > 0 ? (long long)(e->o.timeout * 1e9) : LPAR_CLOSEGRACENS;
+  secs = e->o.timeout > 0 ? e->o.timeout : (double)grace / 1e9; /* as given */
+  if (!hasclose && grace < LPAR_LEAVENS) {
+    /* nothing of the user's runs as it leaves: a tiny timeout is not
+       the time an exit takes */
+    grace = LPAR_LEAVENS;
+    secs = (double)grace / 1e9;
+  }
+  deadline = lpar_proc_now() + grace;
   report = e->o.ondemand ? !hard && !e->ended : 1;
   who = e->o.ondemand ? "worker" : "pool worker";
   /* one of them ends the wait at once (the workers are killed) */

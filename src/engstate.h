@@ -53,6 +53,8 @@ typedef struct EWorker {
   Ring ring;            /* big results frames arrive here */
   lua_Integer timedout; /* item it was stopped for, 0 if none */
   lua_Integer blame;    /* item whose report broke the protocol, 0 if none */
+  int fresh;            /* a CALL went out and nothing came back since: an
+                           ERROR of index 0 may answer it (see errorframe) */
   long long killat;     /* if > 0: SIGKILL due at this time */
   int host;             /* its host's number (1-based), 0: a local worker */
   int hostn;            /* a host's workers, as its HELLO says */

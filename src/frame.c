@@ -150,6 +150,16 @@ static int errorframe(Ctx *c, EWorker *w, const char *p, size_t len,
     return 0; /* dropped */
   }
   if (i == 0) {
+    /* the job failed as a whole: its function did not load (a worker),
+       or the host's own job failed; only as the answer to a CALL, with a
+       message, and of a kind a worker sends */
+    int kind = LPAR_KINDOF(code);
+    if (!w->fresh || lua_type(L, -2) != LUA_TSTRING ||
+        (!w->host && kind != LPAR_KERROR && kind != LPAR_KMEMORY)) {
+      lua_pop(L, 2);
+      lua_pushliteral(L, "error frame for no item");
+      return -1;
+    }
     lua_pop(L, 1); /* the message says it all */
     lpar_job_fail(c, j, w, code);
     return 0;
@@ -231,6 +241,9 @@ static int frame(Ctx *c, EWorker *w, const Frame *f, const char *p) {
     rc = -1;
   }
   c->e->from = 0;
+  if (f->type == LPAR_FRESULT || f->type == LPAR_FERROR ||
+      f->type == LPAR_FREADY)
+    w->fresh = 0; /* it answered the CALL */
   if (rc != 0) {
     char what[160];
     snprintf(what, sizeof what, "%s", lua_tostring(L, -1));

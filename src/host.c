@@ -273,8 +273,14 @@ int lpar_host_hello(Ctx *c, EWorker *w, const Frame *f, const char *p) {
     lua_pushstring(c->L, why);
     return -1;
   }
-  if (f->count < 1 || f->count > LPAR_MAXWORKERS) {
+  if (f->count < 1) {
     lua_pushliteral(c->L, "its agent has no workers");
+    return -1;
+  }
+  if (f->count > LPAR_MAXWORKERS) {
+    snprintf(why, sizeof why, "its agent announces %lu workers, more than %d",
+             (unsigned long)f->count, LPAR_MAXWORKERS);
+    lua_pushstring(c->L, why);
     return -1;
   }
   w->hello = 1;

@@ -538,7 +538,8 @@ static int unsafelink(const char *path, uid_t *uid, char *dir, size_t size) {
 }
 
 /*
-** open(path, flags | O_WRONLY | O_CREAT | O_CLOEXEC, 0666), but refuse to
+** open(path, flags | O_WRONLY (unless O_RDWR) | O_CREAT | O_CLOEXEC, 0666),
+** but refuse to
 ** follow a symlink that protected_symlinks forbids, whether or not the
 ** kernel enforces it: the fd, -1 with errno, or UNSAFELINK. The link is
 ** looked at only when open with O_NOFOLLOW finds one; it then cannot be
@@ -551,7 +552,7 @@ static int openwrite(const char *path, int flags) {
   struct stat st;
   uid_t uid;
   int fd, e;
-  flags |= O_WRONLY | O_CREAT | O_CLOEXEC;
+  flags |= (flags & O_RDWR ? 0 : O_WRONLY) | O_CREAT | O_CLOEXEC;
   do
     fd = open(path, flags | O_NOFOLLOW, 0666);
   while (fd == -1 && errno == EINTR);
@@ -714,6 +715,124 @@ static int l_redirect(lua_State *L) {
   if (out.outname == NULL)
     return raisef(L, "not enough memory");
   lua_pushboolean(L, 1);
+  return 1;
+}
+
+/* Cut the regular file open at fd after its last newline, if it does not
+   end with one (a write of a run killed midway): 0, or -1 with errno. A
+   file that is not regular is left. */
+static int cuttail(int fd) {
+  char buf[4096];
+  struct stat st;
+  off_t end;
+  if (fstat(fd, &st) != 0)
+    return -1;
+  if (!S_ISREG(st.st_mode))
+    return 0;
+  end = st.st_size;
+  while (end > 0) { /* back a block at a time to the last newline */
+    size_t n = end < (off_t)sizeof buf ? (size_t)end : sizeof buf;
+    off_t start = end - (off_t)n;
+    ssize_t got = pread(fd, buf, n, start);
+    if (got != (ssize_t)n) {
+      if (got >= 0)
+        errno = EIO;
+      return -1;
+    }
+    while (n > 0 && buf[n - 1] != '\n')
+      n--;
+    end = start + (off_t)n;
+    if (n > 0)
+      break;
+  }
+  if (end != st.st_size && ftruncate(fd, end) != 0)
+    return -1;
+  return 0;
+}
+
+/* A file lpar writes lines to (--events), opened by openwrite. */
+#define WRITERMT "lpar.writer"
+
+static FILE **checkwriter(lua_State *L) {
+  FILE **f = (FILE **)luaL_checkudata(L, 1, WRITERMT);
+  if (*f == NULL)
+    luaL_error(L, "attempt to use a closed file");
+  return f;
+}
+
+/* writer:write(s, ...) -> writer | nil, message */
+static int writer_write(lua_State *L) {
+  FILE *f = *checkwriter(L);
+  int i, n = lua_gettop(L);
+  for (i = 2; i <= n; i++) {
+    size_t len;
+    const char *s = luaL_checklstring(L, i, &len);
+    if (fwrite(s, 1, len, f) != len) {
+      luaL_pushfail(L);
+      lua_pushstring(L, strerror(errno));
+      return 2;
+    }
+  }
+  lua_settop(L, 1);
+  return 1;
+}
+
+/* writer:close() -> true | nil, message (its buffer written out) */
+static int writer_close(lua_State *L) {
+  FILE **f = (FILE **)luaL_checkudata(L, 1, WRITERMT);
+  int rc = *f != NULL ? fclose(*f) : 0;
+  *f = NULL;
+  if (rc != 0) {
+    luaL_pushfail(L);
+    lua_pushstring(L, strerror(errno));
+    return 2;
+  }
+  lua_pushboolean(L, 1);
+  return 1;
+}
+
+/*
+** openwriter(path, append) -> writer | nil, message, unsafe: open path to
+** write lines to, fully buffered (made if missing; cut unless 'append',
+** else cut after its last newline: a line torn by a run killed midway),
+** refusing a symlink that protected_symlinks forbids (then 'unsafe' is
+** true and the message names it). The writer has write and close.
+*/
+static int l_openwriter(lua_State *L) {
+  const char *path = luaL_checkstring(L, 1);
+  int append = lua_toboolean(L, 2), fd;
+  FILE **f = (FILE **)lua_newuserdata(L, sizeof(FILE *));
+  *f = NULL;
+  if (luaL_newmetatable(L, WRITERMT)) {
+    static const luaL_Reg methods[] = {
+        {"write", writer_write}, {"close", writer_close}, {NULL, NULL}};
+    luaL_newlib(L, methods);
+    lua_setfield(L, -2, "__index");
+    lua_pushcfunction(L, writer_close);
+    lua_setfield(L, -2, "__gc");
+  }
+  lua_setmetatable(L, -2);
+  fd = openwrite(path, append ? O_APPEND | O_RDWR : O_TRUNC);
+  if (fd >= 0 && append && cuttail(fd) != 0) {
+    int e = errno;
+    close(fd);
+    errno = e;
+    fd = -1;
+  }
+  if (fd == UNSAFELINK) {
+    luaL_pushfail(L);
+    pushunsafe(L, path);
+    lua_pushboolean(L, 1);
+    return 3;
+  }
+  if (fd >= 0 && (*f = fdopen(fd, append ? "a" : "w")) == NULL)
+    close(fd);
+  if (*f == NULL) {
+    luaL_pushfail(L);
+    lua_pushfstring(L, "%s: %s", path, strerror(errno));
+    return 2;
+  }
+  setvbuf(*f, NULL, _IOFBF, BUFSIZ);
   return 1;
 }
 
@@ -2048,53 +2167,6 @@ static int l_isatty(lua_State *L) {
   return 1;
 }
 
-/* cuttail(path) -> true, or nil and a message: a regular file 'path'
-   that does not end with a newline (a write of a run killed midway) is
-   cut after its last newline, so that what is added after starts on a
-   line of its own. A file that is missing or not regular is left. */
-static int l_cuttail(lua_State *L) {
-  const char *path = luaL_checkstring(L, 1);
-  char buf[4096];
-  struct stat st;
-  off_t end;
-  int fd = open(path, O_RDWR | O_CLOEXEC | O_NOFOLLOW | O_NONBLOCK);
-  if (fd < 0) {
-    if (errno == ENOENT)
-      return lua_pushboolean(L, 1), 1;
-    return luaL_fileresult(L, 0, path);
-  }
-  if (fstat(fd, &st) != 0 || !S_ISREG(st.st_mode)) {
-    close(fd);
-    return lua_pushboolean(L, 1), 1;
-  }
-  end = st.st_size;
-  while (end > 0) { /* back a block at a time to the last newline */
-    size_t n = end < (off_t)sizeof buf ? (size_t)end : sizeof buf;
-    off_t start = end - (off_t)n;
-    ssize_t got = pread(fd, buf, n, start);
-    if (got != (ssize_t)n) {
-      int e = got < 0 ? errno : EIO;
-      close(fd);
-      errno = e;
-      return luaL_fileresult(L, 0, path);
-    }
-    while (n > 0 && buf[n - 1] != '\n')
-      n--;
-    end = start + (off_t)n;
-    if (n > 0)
-      break;
-  }
-  if (end != st.st_size && ftruncate(fd, end) != 0) {
-    int e = errno;
-    close(fd);
-    errno = e;
-    return luaL_fileresult(L, 0, path);
-  }
-  close(fd);
-  lua_pushboolean(L, 1);
-  return 1;
-}
-
 /* isolate(): in a worker, send what the script prints to stderr, so it
    cannot mix with the results, and read stdin from /dev/null, so it cannot
    take the parent's items; SIGXFSZ is as the caller of lpar had it. */
@@ -2135,6 +2207,7 @@ static const luaL_Reg helpers[] = {{"signals", l_signals},
                                    {"mark", l_mark},
                                    {"redirect", l_redirect},
                                    {"openjoblog", l_openjoblog},
+                                   {"openwriter", l_openwriter},
                                    {"joblog", l_joblog},
                                    {"markers", l_markers},
                                    {"checkmarks", l_checkmarks},
@@ -2154,7 +2227,6 @@ static const luaL_Reg helpers[] = {{"signals", l_signals},
                                    {"cpus", l_cpus},
                                    {"size", l_size},
                                    {"isolate", l_isolate},
-                                   {"cuttail", l_cuttail},
                                    {NULL, NULL}};
 
 /* Push the table of C helpers that lpar.cli gets. */

@@ -59,11 +59,13 @@ const char *lpar_opts_parsesize(const char *s, size_t *bytes) {
     for (p++; *p >= '0' && *p <= '9'; p++)
       v += (*p - '0') * (scale /= 10);
   if (*p != '\0' && (u = strchr(units, *p & ~0x20)) != NULL && *u != '\0') {
-    v *= (double)(1ULL << (10 * (u - units + 1)));
+    v *= (double)(1ULL << (10 * (u - units + 1))); /* then rounded down */
     p++;
-    if (*p == 'i')
+    if ((*p & ~0x20) == 'I')
       p++;
   }
+  else if (scale < 1) /* a count of bytes is whole */
+    return "is a fraction of a byte";
   if ((*p & ~0x20) == 'B')
     p++;
   if (*p != '\0')
@@ -85,6 +87,8 @@ size_t lpar_opts_size(lua_State *L, int arg) {
       why = "is below 1 MiB";
     else if (v > MAXSIZE)
       why = "is above 1 PiB";
+    else if (v != (double)(size_t)v) /* within 1 PiB: exact */
+      why = "is a fraction of a byte";
     else
       bytes = (size_t)v;
   }
@@ -143,8 +147,14 @@ void lpar_opts_run(lua_State *L, int arg, lua_Integer *chunk, int *collect,
   if (lua_getfield(L, arg, "timeout") != LUA_TNIL) {
     int isnum;
     double t = (double)lua_tonumberx(L, -1, &isnum);
-    if (!isnum || !(t > 0) || t > 1e9)
+    if (!isnum || !(t > 0))
       luaL_argerror(L, arg, "timeout must be a positive number of seconds");
+    if (t > 1e9) { /* about 31 years: its nanoseconds fit the wire */
+      char why[80];
+      snprintf(why, sizeof why,
+               "timeout must be at most 1e9 seconds, not %.17g", t);
+      luaL_argerror(L, arg, why);
+    }
     *timeout = t;
   }
   lua_pop(L, 1);

@@ -141,6 +141,7 @@ int lpar_place_start(Engine *e, EWorker *w, const char **call) {
   w->state = W_STARTING;
   w->job = NULL;
   w->fnjob = 0;
+  w->fresh = 0;
   w->nq = 0;
   w->got = w->busy = 0;
   w->in.n = 0;

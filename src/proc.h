@@ -27,6 +27,10 @@ typedef struct Proc {
 #define LPAR_CLOSEGRACENS 10000000000LL
 #endif
 
+/* A worker without a close hook is given at least this long (ns) to
+   leave, whatever the timeout. */
+#define LPAR_LEAVENS 1000000000LL
+
 /* A frame begun and left unfinished by a worker that is not running an
    item is a protocol error after this long (ns) without a byte, unless a
    timeout was given (then that applies). */

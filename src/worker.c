@@ -27,6 +27,19 @@
    of its own, with one state, and the batch loop asks after every record
    whether it is overdue (a lookup in the registry there costs more) */
 static Slot *ownslot;
+static pid_t ownpid; /* the worker's pid, with ownslot */
+
+/* A process the user's code forked in worker 'worker' came back into lpar:
+   it says so on stderr and leaves, touching nothing of the worker's. */
+static void leavecopy(pid_t self, pid_t worker) {
+  fprintf(stderr,
+          "lpar: process %d, forked by worker %d, returned into the "
+          "worker's loop: it leaves (end a forked child with os.exit or "
+          "_exit)\n",
+          (int)self, (int)worker);
+  fflush(stderr);
+  _exit(1);
+}
 
 /*
 ** os.exit in a worker: flush stdio and leave with _exit, as a worker always
@@ -58,8 +71,12 @@ void lpar_worker_mark(lua_State *L) {
 }
 
 void lpar_worker_progress(long long done) {
-  if (ownslot != NULL)
+  if (ownslot != NULL) {
+    pid_t self = getpid();
+    if (self != ownpid) /* a copy forked by the record just run */
+      leavecopy(self, ownpid);
     ownslot->part = done;
+  }
 }
 
 int lpar_worker_overdue(lua_State *L) {
@@ -154,19 +171,12 @@ void lpar_worker_check(int rc) {
 
 void lpar_worker_own(const Runner *r) {
   pid_t self = getpid();
-  if (self != r->pid) {
-    fprintf(stderr,
-            "lpar: process %d, forked by worker %d, returned into the "
-            "worker's loop: it leaves (end a forked child with os.exit or "
-            "_exit)\n",
-            (int)self, (int)r->pid);
-    fflush(stderr);
-    _exit(1);
-  }
+  if (self != r->pid)
+    leavecopy(self, r->pid);
 }
 
 void lpar_worker_initrunner(Runner *r, lua_State *L, int fd, Slot *slot) {
-  r->pid = getpid();
+  r->pid = ownpid = getpid();
   lpar_worker_mark(L);
   ownslot = slot;
   if (lpar_buf_reserve(&r->out, 4096) != 0)

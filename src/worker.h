@@ -45,7 +45,9 @@ int lpar_worker_inside(lua_State *L);
 int lpar_worker_overdue(lua_State *L);
 
 /* In a worker running a batch of records: 'done' of them are done, so a
-   death now is the next one's (the parent names it, see lose()). */
+   death now is the next one's (the parent names it, see lose()). Called
+   after each record: a copy of the worker that the record's code forked
+   and that returned here leaves at once, as in lpar_worker_own. */
 void lpar_worker_progress(long long done);
 
 /*

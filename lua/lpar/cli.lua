@@ -242,9 +242,11 @@ end
 
 local function seconds(name, v)
   local n = tonumber(v)
-  if not n or n ~= n or n <= 0 or n > 1e9 then
+  if not n or n ~= n or n <= 0 then
     return nil, ("bad value for '%s': '%s' (expected a number of seconds)")
       :format(name, v)
+  elseif n > 1e9 then
+    return nil, ("bad value for '%s': '%s' (at most 1e9 seconds)"):format(name, v)
   end
   return n
 end
@@ -1735,16 +1737,11 @@ function M.run(o, c, reader, counter, map, init, close)
   end
 
   if o.events then
-    local err
+    local err, unsafe
     -- a run that goes on (--resume, --resume-failed) adds to them, on a
     -- line of its own: a torn last line (a run killed midway) is cut
-    if o.resume or o.again then
-      local cut, cerr = c.cuttail(o.events)
-      if not cut then return fail(2, "cannot write --events: " .. cerr) end
-    end
-    events, err = io.open(o.events, (o.resume or o.again) and "a" or "w")
-    if not events then return fail(2, "cannot write --events: " .. err) end
-    events:setvbuf("full")
+    events, err, unsafe = c.openwriter(o.events, o.resume or o.again)
+    if not events then return fail(2, unsafe and err or "cannot write --events: " .. err) end
   end
   opts.sigterm = c.signals()
   c.startoutput()
