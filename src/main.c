@@ -37,6 +37,12 @@ const char *lpar_embedded(const char *name, size_t *len);
 #define LPAR_READSIZE (256 * 1024)
 #endif
 
+/* the most bytes one read() into a grown buffer asks for, so that a
+   signal is looked at between reads of a long record */
+#if !defined(LPAR_READMAX)
+#define LPAR_READMAX (4 * 1024 * 1024)
+#endif
+
 /* output is written at most this long after it is produced (ns) */
 #if !defined(LPAR_OUTDELAYNS)
 #define LPAR_OUTDELAYNS 10000000LL
@@ -1013,6 +1019,7 @@ typedef struct Reader {
   int eof;          /* read returned 0 */
   char *buf;        /* unread bytes are buf[pos, len) */
   size_t cap, pos, len;
+  int mapped;                 /* buf is a mapping of its own (see bigrealloc) */
   lua_Integer count;          /* records read so far */
   lua_Integer batches;        /* batches handed out in this run */
   lua_Integer ahead;          /* records handed out, not yet taken back */
@@ -1266,6 +1273,29 @@ static void toolong(lua_State *L, Reader *r, size_t size, size_t lim,
          (LUAI_UACINT)size, (LUAI_UACINT)lim, why);
 }
 
+/* Free r->buf. */
+static void freebuf(Reader *r) {
+  bigrealloc(r->buf, r->cap, 0);
+  r->buf = NULL;
+  r->mapped = 0;
+}
+
+/*
+** Resize r->buf to cap bytes, keeping its bytes: 0, or -1 with r->buf
+** as it was. A long record's buffer is a mapping of its own (see
+** bigrealloc) grown by mremap, which moves its pages without copying
+** them: growing it to gigabytes takes no time and never holds it twice.
+*/
+static int resizebuf(Reader *r, size_t cap) {
+  void *p = bigrealloc(r->buf, r->cap, cap);
+  if (p == NULL)
+    return -1;
+  r->buf = p;
+  r->cap = cap;
+  r->mapped = cap >= LPAR_BUFMAP;
+  return 0;
+}
+
 /*
 ** Make room in r->buf for one more byte; raises when out of memory or
 ** when the record in it outgrows recordlimit (the buffer then grows to
@@ -1274,7 +1304,6 @@ static void toolong(lua_State *L, Reader *r, size_t size, size_t lim,
 static void grow(lua_State *L, Reader *r) {
   size_t cap = r->cap ? 2 * r->cap : LPAR_READSIZE, size = r->len - r->pos;
   const char *why = NULL;
-  char *p;
   if (r->cap >= LPAR_READSIZE) {
     size_t lim = recordlimit(r, size, &why);
     if (size >= lim)
@@ -1282,14 +1311,11 @@ static void grow(lua_State *L, Reader *r) {
     if (cap > lim + 1)
       cap = lim + 1;
   }
-  p = bigrealloc(r->buf, r->cap, cap);
-  if (p == NULL)
+  if (resizebuf(r, cap) != 0)
     raisef(L, "%s %I is too long: not enough memory for its %I bytes so far",
            r->sep == '\n' ? "line" : "item", (LUAI_UACINT)recordno(r),
            (LUAI_UACINT)size);
-  r->buf = p;
-  r->cap = cap;
-  nofork(p, cap);
+  nofork(r->buf, r->cap);
 }
 
 /*
@@ -1349,7 +1375,8 @@ static void fill(lua_State *L, Reader *r) {
   if (r->len == r->cap && !drop(L, r))
     grow(L, r);
   do
-    k = read(r->fd, r->buf + r->len, r->cap - r->len);
+    k = read(r->fd, r->buf + r->len,
+             r->cap - r->len < LPAR_READMAX ? r->cap - r->len : LPAR_READMAX);
   while (k == -1 && errno == EINTR && !stopsignal());
   if (k < 0) {
     checkstop(L);
@@ -1398,7 +1425,7 @@ static void shrink(Reader *r) {
   if (p == NULL)
     return; /* kept as it is */
   memcpy(p, r->buf + r->pos, rest);
-  bigrealloc(r->buf, r->cap, 0);
+  freebuf(r);
   r->buf = p;
   r->cap = LPAR_READSIZE;
   r->scan -= r->pos;
@@ -1736,7 +1763,7 @@ static void freereader(Reader *r) {
   free(r->owns);
   r->fds = NULL;
   r->owns = NULL;
-  bigrealloc(r->buf, r->cap, 0);
+  freebuf(r);
   free(r->first);
   free(r->size);
   r->buf = NULL;
@@ -1804,6 +1831,7 @@ static int l_open(lua_State *L) {
       r->owns == NULL)
     return raisef(L, "not enough memory");
   r->cap = tlen > LPAR_READSIZE ? tlen : LPAR_READSIZE;
+  r->mapped = r->cap >= LPAR_BUFMAP;
   r->sep = nul ? '\0' : '\n';
   r->shardk = k;
   r->shardn = shards;
