@@ -1225,31 +1225,77 @@ static size_t memavailable(void) {
   return kb > SIZE_MAX / 1024 ? SIZE_MAX : (size_t)kb * 1024;
 }
 
+/* A "kB" field of /proc/self/status (VmSize, VmData) in bytes, or 0. */
+static size_t selfstatus(const char *field) {
+  char line[256];
+  unsigned long long kb = 0;
+  size_t n = strlen(field);
+  FILE *f = fopen("/proc/self/status", "re");
+  if (f == NULL)
+    return 0;
+  while (fgets(line, sizeof line, f) != NULL)
+    if (strncmp(line, field, n) == 0 && line[n] == ':') {
+      kb = strtoull(line + n + 1, NULL, 10);
+      break;
+    }
+  fclose(f);
+  return kb > SIZE_MAX / 1024 ? SIZE_MAX : (size_t)kb * 1024;
+}
+
+/* room that the workers and this process keep under an rlimit besides
+   the records: their code, Lua heaps, stacks */
+#define LPAR_RLIMITSLACK ((size_t)32 << 20)
+
+/*
+** The share of rlimit 'which' that is left for one record: 'used'
+** bytes of it are taken (counted without the record's own buffer),
+** and a record is held 'times' over.
+*/
+static size_t rlimitshare(int which, size_t used, size_t times) {
+  struct rlimit rl;
+  size_t cur;
+  if (getrlimit(which, &rl) != 0 || rl.rlim_cur == RLIM_INFINITY)
+    return SIZE_MAX;
+  cur = rl.rlim_cur > SIZE_MAX ? SIZE_MAX : (size_t)rl.rlim_cur;
+  if (used > cur || cur - used < LPAR_RLIMITSLACK)
+    return 0;
+  return (cur - used - LPAR_RLIMITSLACK) / times;
+}
+
 /*
 ** The most bytes one record may take now, and why, given that this
 ** process holds 'here' bytes of it already. A worker holds a record
 ** twice while it makes it a Lua string, and this process may hold it
 ** once more: a record gets a third of the memory available (counting
-** what it holds already), half of RLIMIT_AS and RLIMIT_DATA (which the
-** workers inherit), and no more than --max-memory.
+** what it holds already). Under RLIMIT_AS and RLIMIT_DATA (which the
+** workers inherit), what counts is the address space: a record read
+** from a pipe or a device is held here in the buffer and as a string,
+** then as a string and in the frame sent (whose buffer grows by
+** doubling), and in its worker as the frame received and a string, so
+** it gets a quarter of what is left under the limit; a record of a
+** regular file (read by its worker) half of it. No more than
+** --max-memory either.
 */
 static size_t recordlimit(Reader *r, size_t here, const char **why) {
-  size_t lim = SIZE_MAX, avail = memavailable();
-  struct rlimit rl;
+  size_t lim = SIZE_MAX, avail = memavailable(), share;
+  size_t times = r->ranges ? 2 : 4, mine = r->mapped ? r->cap : 0;
+  size_t size = selfstatus("VmSize"), data = selfstatus("VmData");
   *why = NULL;
   if (avail > 0 && (avail + here) / 3 < lim) {
     lim = (avail + here) / 3;
     *why = "a third of the memory available";
   }
-  if (getrlimit(RLIMIT_AS, &rl) == 0 && rl.rlim_cur != RLIM_INFINITY &&
-      rl.rlim_cur / 2 < lim) {
-    lim = (size_t)(rl.rlim_cur / 2);
-    *why = "half of the address space limit (ulimit -v)";
+  share = rlimitshare(RLIMIT_AS, size > mine ? size - mine : 0, times);
+  if (share < lim) {
+    lim = share;
+    *why = r->ranges ? "half of the address space left under ulimit -v"
+                     : "a quarter of the address space left under ulimit -v";
   }
-  if (getrlimit(RLIMIT_DATA, &rl) == 0 && rl.rlim_cur != RLIM_INFINITY &&
-      rl.rlim_cur / 2 < lim) {
-    lim = (size_t)(rl.rlim_cur / 2);
-    *why = "half of the data size limit (ulimit -d)";
+  share = rlimitshare(RLIMIT_DATA, data > mine ? data - mine : 0, times);
+  if (share < lim) {
+    lim = share;
+    *why = r->ranges ? "half of the data size left under ulimit -d"
+                     : "a quarter of the data size left under ulimit -d";
   }
   if (r->limit > 0 && r->limit < lim) {
     lim = r->limit;
@@ -1312,7 +1358,7 @@ static void grow(lua_State *L, Reader *r) {
       cap = lim + 1;
   }
   if (resizebuf(r, cap) != 0)
-    raisef(L, "%s %I is too long: not enough memory for its %I bytes so far",
+    raisef(L, "%s %I is too long: not enough memory for its %I bytes",
            r->sep == '\n' ? "line" : "item", (LUAI_UACINT)recordno(r),
            (LUAI_UACINT)size);
   nofork(r->buf, r->cap);
@@ -1321,7 +1367,7 @@ static void grow(lua_State *L, Reader *r) {
 /*
 ** With ranges: the buffer is full of one record's start (no separator
 ** in it): drop those bytes, counted in r->held, and check the record's
-** size against recordlimit every few megabytes.
+** size against recordlimit every few megabytes and as it reaches it.
 */
 static int drop(lua_State *L, Reader *r) {
   if (!r->ranges || r->pos > 0 || r->len < r->cap ||
@@ -1335,9 +1381,12 @@ static int drop(lua_State *L, Reader *r) {
     size_t lim = recordlimit(r, 0, &why);
     if (r->held >= lim)
       toolong(L, r, r->held, lim, why);
+    /* looked at again a little further on, and at the limit at most */
     r->nextcheck =
         r->held +
         (r->held / 8 > ((size_t)4 << 20) ? r->held / 8 : ((size_t)4 << 20));
+    if (r->nextcheck > lim)
+      r->nextcheck = lim;
   }
   return 1;
 }
@@ -1434,6 +1483,36 @@ static void shrink(Reader *r) {
   r->pos = 0;
 }
 
+/* pushbytes(s, n): the Lua string of the n bytes at s (a light
+   userdata), in a protected call (see pushbatch). */
+static int pushbytes(lua_State *L) {
+  lua_pushlstring(L, lua_touserdata(L, 1), (size_t)lua_tointeger(L, 2));
+  return 1;
+}
+
+/*
+** Push the n bytes at s, the batch of records from r->count + 1 on, as
+** a string. A long record that the memory cannot hold as a string
+** fails naming it and its size, as a record over recordlimit does.
+*/
+static void pushbatch(lua_State *L, Reader *r, const char *s, size_t n) {
+  int rc;
+  if (n < ((size_t)1 << 20)) {
+    lua_pushlstring(L, s, n);
+    return;
+  }
+  lua_pushcfunction(L, pushbytes);
+  lua_pushlightuserdata(L, (void *)s);
+  lua_pushinteger(L, (lua_Integer)n);
+  rc = lua_pcall(L, 2, 1, 0);
+  if (rc == LUA_ERRMEM)
+    raisef(L, "%s %I is too long: not enough memory for its %I bytes",
+           r->sep == '\n' ? "line" : "item", (LUAI_UACINT)(r->count + 1),
+           (LUAI_UACINT)n);
+  if (rc != LUA_OK)
+    lua_error(L);
+}
+
 /* Push the byte range {offset, length} of a batch (see l_split). */
 static void pushrange(lua_State *L, off_t at, size_t len) {
   lua_createtable(L, 2, 0);
@@ -1483,7 +1562,7 @@ static int cut(lua_State *L, Reader *r, int blocks, lua_Integer want) {
     pushrange(L, r->base + (off_t)r->pos - (off_t)r->held,
               r->held + (size_t)(p - s));
   else {
-    lua_pushlstring(L, s, (size_t)(p - s));
+    pushbatch(L, r, s, (size_t)(p - s));
     if (bigstrings)
       nofork(lua_tostring(L, -1), (size_t)(p - s));
   }
