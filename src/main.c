@@ -1019,7 +1019,13 @@ typedef struct Reader {
   int eof;          /* read returned 0 */
   char *buf;        /* unread bytes are buf[pos, len) */
   size_t cap, pos, len;
-  int mapped;                 /* buf is a mapping of its own (see bigrealloc) */
+  int mapped; /* buf is a mapping of its own (see bigrealloc) */
+  /* a record that cannot be read (too long) is raised only after the
+     records before it: 'defer' is set as it is raised (1: they end at
+     the last separator buffered, 2: at pos), 'failmsg' keeps the
+     message until they are all done */
+  int defer;
+  char *failmsg;
   lua_Integer count;          /* records read so far */
   lua_Integer batches;        /* batches handed out in this run */
   lua_Integer ahead;          /* records handed out, not yet taken back */
@@ -1304,14 +1310,25 @@ static size_t recordlimit(Reader *r, size_t here, const char **why) {
   return lim;
 }
 
-/* The input line (or -0 record) number of the record being read. */
+/* The input line (or -0 record) number of the record being read: the
+   one after those cut and those complete in the buffer. */
 static lua_Integer recordno(Reader *r) {
-  return (r->shardn > 1 ? r->raw : r->count) + 1;
+  lua_Integer n = r->shardn > 1 ? r->raw : r->count;
+  const char *p = r->buf + r->pos, *end = r->buf + r->scan;
+  if (r->shardn == 1)
+    while (p < end && (p = memchr(p, r->sep, (size_t)(end - p))) != NULL) {
+      n++;
+      p++;
+    }
+  return n + 1;
 }
 
 /* Raise: the record being read, 'size' bytes so far, may take 'lim'. */
 static void toolong(lua_State *L, Reader *r, size_t size, size_t lim,
                     const char *why) {
+  r->defer = 1;
+  if (size > lim + 1) /* a file's is looked at in steps: said as a pipe's */
+    size = lim + 1;
   raisef(L,
          "%s %I is too long: %I bytes read and no end yet, over the %I "
          "bytes one record may take (%s)",
@@ -1352,15 +1369,17 @@ static void grow(lua_State *L, Reader *r) {
   const char *why = NULL;
   if (r->cap >= LPAR_READSIZE) {
     size_t lim = recordlimit(r, size, &why);
-    if (size >= lim)
+    if (size > lim)
       toolong(L, r, size, lim, why);
     if (cap > lim + 1)
       cap = lim + 1;
   }
-  if (resizebuf(r, cap) != 0)
+  if (resizebuf(r, cap) != 0) {
+    r->defer = 1;
     raisef(L, "%s %I is too long: not enough memory for its %I bytes",
            r->sep == '\n' ? "line" : "item", (LUAI_UACINT)recordno(r),
            (LUAI_UACINT)size);
+  }
   nofork(r->buf, r->cap);
 }
 
@@ -1379,14 +1398,14 @@ static int drop(lua_State *L, Reader *r) {
   if (r->held >= r->nextcheck) {
     const char *why;
     size_t lim = recordlimit(r, 0, &why);
-    if (r->held >= lim)
+    if (r->held > lim)
       toolong(L, r, r->held, lim, why);
     /* looked at again a little further on, and at the limit at most */
     r->nextcheck =
         r->held +
         (r->held / 8 > ((size_t)4 << 20) ? r->held / 8 : ((size_t)4 << 20));
-    if (r->nextcheck > lim)
-      r->nextcheck = lim;
+    if (r->nextcheck > lim + 1)
+      r->nextcheck = lim + 1;
   }
   return 1;
 }
@@ -1505,10 +1524,12 @@ static void pushbatch(lua_State *L, Reader *r, const char *s, size_t n) {
   lua_pushlightuserdata(L, (void *)s);
   lua_pushinteger(L, (lua_Integer)n);
   rc = lua_pcall(L, 2, 1, 0);
-  if (rc == LUA_ERRMEM)
+  if (rc == LUA_ERRMEM) {
+    r->defer = 2;
     raisef(L, "%s %I is too long: not enough memory for its %I bytes",
            r->sep == '\n' ? "line" : "item", (LUAI_UACINT)(r->count + 1),
            (LUAI_UACINT)n);
+  }
   if (rc != LUA_OK)
     lua_error(L);
 }
@@ -1582,6 +1603,44 @@ static int cut(lua_State *L, Reader *r, int blocks, lua_Integer want) {
 }
 
 /*
+** A record could not be read (its message given): the records buffered
+** before it are still cut, and the message is raised once they are done
+** (see reader_next); nothing more is read.
+*/
+static void deferfail(Reader *r, const char *msg) {
+  size_t keep = r->pos;
+  if (r->defer == 1) {
+    const char *e = memrchr(r->buf + r->pos, r->sep, r->scan - r->pos);
+    if (e != NULL)
+      keep = (size_t)(e - r->buf) + 1;
+  }
+  r->defer = 0;
+  r->len = r->scan = keep;
+  r->held = r->clear = 0;
+  r->eof = 1;
+  r->failmsg = strdup(msg);
+}
+
+/* nextbatch(r, want, blocks, pending): reader_next's work, in a
+   protected call: what reader_next returns. */
+static int nextbatch(lua_State *L) {
+  Reader *r = lua_touserdata(L, 1);
+  lua_Integer want = lua_tointeger(L, 2);
+  for (;;) {
+    if (cut(L, r, 3, want))
+      return 2;
+    if (r->eof)
+      return 0;
+    if (!ready(r)) {
+      lua_pushvalue(L, 4);
+      lua_pushinteger(L, r->fd);
+      return 2;
+    }
+    fill(L, r);
+  }
+}
+
+/*
 ** The items iterator of the CLI's job (a batched one): (want) -> the next
 ** batch of up to 'want' records and how many it holds, or nothing at the
 ** end of the input. It never waits: with no complete record at hand
@@ -1597,22 +1656,32 @@ static int reader_next(lua_State *L) {
   if (r->fd < 0)
     return 0;
   checkstop(L);
-  if (r->ahead >= LPAR_AHEAD) {
+  if (r->ahead >= LPAR_AHEAD || (r->failmsg != NULL && r->ahead > 0)) {
     lua_pushvalue(L, lua_upvalueindex(2));
     return 1;
   }
-  for (;;) {
-    if (cut(L, r, 1, want))
-      return 2;
-    if (r->eof)
-      return 0;
-    if (!ready(r)) {
-      lua_pushvalue(L, lua_upvalueindex(2));
-      lua_pushinteger(L, r->fd);
-      return 2;
-    }
-    fill(L, r);
+  if (r->failmsg != NULL) { /* the records before it are all done */
+    lua_pushstring(L, r->failmsg);
+    free(r->failmsg);
+    r->failmsg = NULL;
+    return lua_error(L);
   }
+  r->defer = 0;
+  lua_pushcfunction(L, nextbatch);
+  lua_pushlightuserdata(L, r);
+  lua_pushinteger(L, want);
+  lua_pushvalue(L, 1);
+  lua_pushvalue(L, lua_upvalueindex(2));
+  if (lua_pcall(L, 4, LUA_MULTRET, 0) == LUA_OK)
+    return lua_gettop(L) - 1;
+  if (!r->defer || !lua_isstring(L, -1))
+    return lua_error(L);
+  deferfail(r, lua_tostring(L, -1));
+  if (r->failmsg == NULL) /* no memory to keep it: raised now */
+    return lua_error(L);
+  lua_settop(L, 0);
+  lua_pushinteger(L, want);
+  return reader_next(L);
 }
 
 static Reader *checkreader(lua_State *L) {
@@ -1843,6 +1912,8 @@ static void freereader(Reader *r) {
   r->fds = NULL;
   r->owns = NULL;
   freebuf(r);
+  free(r->failmsg);
+  r->failmsg = NULL;
   free(r->first);
   free(r->size);
   r->buf = NULL;
