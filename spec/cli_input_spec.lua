@@ -153,6 +153,22 @@ describe("lpar and a record too large for a worker's --max-memory", function()
 end)
 
 describe("lpar and the memory of a long line", function()
+  -- A piped line used to count twice in its worker's heap (the batch it
+  -- came in and the record cut from it), a file's once: a 30 MB line
+  -- failed from a pipe under --max-memory 64M.
+  it("counts a piped line once in its worker's heap, as a file's", function()
+    local items = tmpname()
+    writefile(items, ("w"):rep(30 * 1000 * 1000) .. "\nb\n")
+    for _, how in ipairs({"file", "pipe"}) do
+      local cmd = ("%s -j1 --max-memory 64M -e 'function(s) return #s end' %s")
+                  :format(quote(H.cli), how == "file" and quote(items) or "-")
+      if how == "pipe" then cmd = "cat " .. quote(items) .. " | " .. cmd end
+      local code, out, err = H.run("timeout -k 5 60 sh -c " .. quote(cmd))
+      assert.equal(0, code, how .. ": " .. err)
+      assert.equal("30000000\n1\n", out, how)
+    end
+  end)
+
   it("holds a 200 MB line at most 2.5 times in each process, and a file's not in the parent", function()
     local items, script = tmpname(), tmpname()
     local size = 200 * 1000 * 1000

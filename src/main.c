@@ -1583,9 +1583,15 @@ static int cut(lua_State *L, Reader *r, int blocks, lua_Integer want) {
     pushrange(L, r->base + (off_t)r->pos - (off_t)r->held,
               r->held + (size_t)(p - s));
   else {
-    pushbatch(L, r, s, (size_t)(p - s));
+    size_t n = (size_t)(p - s);
+    /* a long record alone goes without its separator, so that split
+       takes it as it is, not a copy: the worker holds it once */
+    if (k == 1 && n >= ((size_t)1 << 20) && p[-1] == (char)r->sep &&
+        !(r->sep == '\n' && p[-2] == '\r'))
+      n--;
+    pushbatch(L, r, s, n);
     if (bigstrings)
-      nofork(lua_tostring(L, -1), (size_t)(p - s));
+      nofork(lua_tostring(L, -1), n);
   }
   r->held = r->nextcheck = r->clear = 0;
   r->pos += (size_t)(p - s);
@@ -2124,6 +2130,12 @@ static int l_split(lua_State *L) {
   else
     s = luaL_checklstring(L, 1, &len);
   end = s + len;
+  if (range == NULL && len > 0 && memchr(s, sep, len) == NULL) {
+    /* one record, without separator (a long one, see cut): itself */
+    lua_pushvalue(L, 1);
+    lua_rawseti(L, -2, ++k);
+    s = end;
+  }
   while (s < end) {
     const char *e = memchr(s, sep, (size_t)(end - s));
     size_t n;
