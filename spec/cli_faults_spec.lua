@@ -975,8 +975,8 @@ describe("lpar's messages for a worker that exits in init and an endless item", 
                                  :format(quote(H.cli), FIX .. "echo.lua"))
     assert.equal(1, code, err)
     assert.equal("", out)
-    assert.matches("^lpar: line 1 is too long: %d+ bytes read and no end yet, over the 204800000 " ..
-                   "bytes one record may take %(half of the address space limit %(ulimit %-v%)%)\n$", err)
+    assert.matches("^lpar: line 1 is too long: %d+ bytes read and no end yet, over the %d+ bytes " ..
+                   "one record may take %(a quarter of the address space left under ulimit %-v%)\n$", err)
   end)
 end)
 

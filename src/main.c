@@ -37,6 +37,12 @@ const char *lpar_embedded(const char *name, size_t *len);
 #define LPAR_READSIZE (256 * 1024)
 #endif
 
+/* the most bytes one read() into a grown buffer asks for, so that a
+   signal is looked at between reads of a long record */
+#if !defined(LPAR_READMAX)
+#define LPAR_READMAX (4 * 1024 * 1024)
+#endif
+
 /* output is written at most this long after it is produced (ns) */
 #if !defined(LPAR_OUTDELAYNS)
 #define LPAR_OUTDELAYNS 10000000LL
@@ -1132,6 +1138,13 @@ typedef struct Reader {
   int eof;          /* read returned 0 */
   char *buf;        /* unread bytes are buf[pos, len) */
   size_t cap, pos, len;
+  int mapped; /* buf is a mapping of its own (see bigrealloc) */
+  /* a record that cannot be read (too long) is raised only after the
+     records before it: 'defer' is set as it is raised (1: they end at
+     the last separator buffered, 2: at pos), 'failmsg' keeps the
+     message until they are all done */
+  int defer;
+  char *failmsg;
   lua_Integer count;          /* records read so far */
   lua_Integer batches;        /* batches handed out in this run */
   lua_Integer ahead;          /* records handed out, not yet taken back */
@@ -1337,31 +1350,77 @@ static size_t memavailable(void) {
   return kb > SIZE_MAX / 1024 ? SIZE_MAX : (size_t)kb * 1024;
 }
 
+/* A "kB" field of /proc/self/status (VmSize, VmData) in bytes, or 0. */
+static size_t selfstatus(const char *field) {
+  char line[256];
+  unsigned long long kb = 0;
+  size_t n = strlen(field);
+  FILE *f = fopen("/proc/self/status", "re");
+  if (f == NULL)
+    return 0;
+  while (fgets(line, sizeof line, f) != NULL)
+    if (strncmp(line, field, n) == 0 && line[n] == ':') {
+      kb = strtoull(line + n + 1, NULL, 10);
+      break;
+    }
+  fclose(f);
+  return kb > SIZE_MAX / 1024 ? SIZE_MAX : (size_t)kb * 1024;
+}
+
+/* room that the workers and this process keep under an rlimit besides
+   the records: their code, Lua heaps, stacks */
+#define LPAR_RLIMITSLACK ((size_t)32 << 20)
+
+/*
+** The share of rlimit 'which' that is left for one record: 'used'
+** bytes of it are taken (counted without the record's own buffer),
+** and a record is held 'times' over.
+*/
+static size_t rlimitshare(int which, size_t used, size_t times) {
+  struct rlimit rl;
+  size_t cur;
+  if (getrlimit(which, &rl) != 0 || rl.rlim_cur == RLIM_INFINITY)
+    return SIZE_MAX;
+  cur = rl.rlim_cur > SIZE_MAX ? SIZE_MAX : (size_t)rl.rlim_cur;
+  if (used > cur || cur - used < LPAR_RLIMITSLACK)
+    return 0;
+  return (cur - used - LPAR_RLIMITSLACK) / times;
+}
+
 /*
 ** The most bytes one record may take now, and why, given that this
 ** process holds 'here' bytes of it already. A worker holds a record
 ** twice while it makes it a Lua string, and this process may hold it
 ** once more: a record gets a third of the memory available (counting
-** what it holds already), half of RLIMIT_AS and RLIMIT_DATA (which the
-** workers inherit), and no more than --max-memory.
+** what it holds already). Under RLIMIT_AS and RLIMIT_DATA (which the
+** workers inherit), what counts is the address space: a record read
+** from a pipe or a device is held here in the buffer and as a string,
+** then as a string and in the frame sent (whose buffer grows by
+** doubling), and in its worker as the frame received and a string, so
+** it gets a quarter of what is left under the limit; a record of a
+** regular file (read by its worker) half of it. No more than
+** --max-memory either.
 */
 static size_t recordlimit(Reader *r, size_t here, const char **why) {
-  size_t lim = SIZE_MAX, avail = memavailable();
-  struct rlimit rl;
+  size_t lim = SIZE_MAX, avail = memavailable(), share;
+  size_t times = r->ranges ? 2 : 4, mine = r->mapped ? r->cap : 0;
+  size_t size = selfstatus("VmSize"), data = selfstatus("VmData");
   *why = NULL;
   if (avail > 0 && (avail + here) / 3 < lim) {
     lim = (avail + here) / 3;
     *why = "a third of the memory available";
   }
-  if (getrlimit(RLIMIT_AS, &rl) == 0 && rl.rlim_cur != RLIM_INFINITY &&
-      rl.rlim_cur / 2 < lim) {
-    lim = (size_t)(rl.rlim_cur / 2);
-    *why = "half of the address space limit (ulimit -v)";
+  share = rlimitshare(RLIMIT_AS, size > mine ? size - mine : 0, times);
+  if (share < lim) {
+    lim = share;
+    *why = r->ranges ? "half of the address space left under ulimit -v"
+                     : "a quarter of the address space left under ulimit -v";
   }
-  if (getrlimit(RLIMIT_DATA, &rl) == 0 && rl.rlim_cur != RLIM_INFINITY &&
-      rl.rlim_cur / 2 < lim) {
-    lim = (size_t)(rl.rlim_cur / 2);
-    *why = "half of the data size limit (ulimit -d)";
+  share = rlimitshare(RLIMIT_DATA, data > mine ? data - mine : 0, times);
+  if (share < lim) {
+    lim = share;
+    *why = r->ranges ? "half of the data size left under ulimit -d"
+                     : "a quarter of the data size left under ulimit -d";
   }
   if (r->limit > 0 && r->limit < lim) {
     lim = r->limit;
@@ -1370,19 +1429,53 @@ static size_t recordlimit(Reader *r, size_t here, const char **why) {
   return lim;
 }
 
-/* The input line (or -0 record) number of the record being read. */
+/* The input line (or -0 record) number of the record being read: the
+   one after those cut and those complete in the buffer. */
 static lua_Integer recordno(Reader *r) {
-  return (r->shardn > 1 ? r->raw : r->count) + 1;
+  lua_Integer n = r->shardn > 1 ? r->raw : r->count;
+  const char *p = r->buf + r->pos, *end = r->buf + r->scan;
+  if (r->shardn == 1)
+    while (p < end && (p = memchr(p, r->sep, (size_t)(end - p))) != NULL) {
+      n++;
+      p++;
+    }
+  return n + 1;
 }
 
 /* Raise: the record being read, 'size' bytes so far, may take 'lim'. */
 static void toolong(lua_State *L, Reader *r, size_t size, size_t lim,
                     const char *why) {
+  r->defer = 1;
+  if (size > lim + 1) /* a file's is looked at in steps: said as a pipe's */
+    size = lim + 1;
   raisef(L,
          "%s %I is too long: %I bytes read and no end yet, over the %I "
          "bytes one record may take (%s)",
          r->sep == '\n' ? "line" : "item", (LUAI_UACINT)recordno(r),
          (LUAI_UACINT)size, (LUAI_UACINT)lim, why);
+}
+
+/* Free r->buf. */
+static void freebuf(Reader *r) {
+  bigrealloc(r->buf, r->cap, 0);
+  r->buf = NULL;
+  r->mapped = 0;
+}
+
+/*
+** Resize r->buf to cap bytes, keeping its bytes: 0, or -1 with r->buf
+** as it was. A long record's buffer is a mapping of its own (see
+** bigrealloc) grown by mremap, which moves its pages without copying
+** them: growing it to gigabytes takes no time and never holds it twice.
+*/
+static int resizebuf(Reader *r, size_t cap) {
+  void *p = bigrealloc(r->buf, r->cap, cap);
+  if (p == NULL)
+    return -1;
+  r->buf = p;
+  r->cap = cap;
+  r->mapped = cap >= LPAR_BUFMAP;
+  return 0;
 }
 
 /*
@@ -1393,28 +1486,26 @@ static void toolong(lua_State *L, Reader *r, size_t size, size_t lim,
 static void grow(lua_State *L, Reader *r) {
   size_t cap = r->cap ? 2 * r->cap : LPAR_READSIZE, size = r->len - r->pos;
   const char *why = NULL;
-  char *p;
   if (r->cap >= LPAR_READSIZE) {
     size_t lim = recordlimit(r, size, &why);
-    if (size >= lim)
+    if (size > lim)
       toolong(L, r, size, lim, why);
     if (cap > lim + 1)
       cap = lim + 1;
   }
-  p = bigrealloc(r->buf, r->cap, cap);
-  if (p == NULL)
-    raisef(L, "%s %I is too long: not enough memory for its %I bytes so far",
+  if (resizebuf(r, cap) != 0) {
+    r->defer = 1;
+    raisef(L, "%s %I is too long: not enough memory for its %I bytes",
            r->sep == '\n' ? "line" : "item", (LUAI_UACINT)recordno(r),
            (LUAI_UACINT)size);
-  r->buf = p;
-  r->cap = cap;
-  nofork(p, cap);
+  }
+  nofork(r->buf, r->cap);
 }
 
 /*
 ** With ranges: the buffer is full of one record's start (no separator
 ** in it): drop those bytes, counted in r->held, and check the record's
-** size against recordlimit every few megabytes.
+** size against recordlimit every few megabytes and as it reaches it.
 */
 static int drop(lua_State *L, Reader *r) {
   if (!r->ranges || r->pos > 0 || r->len < r->cap ||
@@ -1426,11 +1517,14 @@ static int drop(lua_State *L, Reader *r) {
   if (r->held >= r->nextcheck) {
     const char *why;
     size_t lim = recordlimit(r, 0, &why);
-    if (r->held >= lim)
+    if (r->held > lim)
       toolong(L, r, r->held, lim, why);
+    /* looked at again a little further on, and at the limit at most */
     r->nextcheck =
         r->held +
         (r->held / 8 > ((size_t)4 << 20) ? r->held / 8 : ((size_t)4 << 20));
+    if (r->nextcheck > lim + 1)
+      r->nextcheck = lim + 1;
   }
   return 1;
 }
@@ -1468,7 +1562,8 @@ static void fill(lua_State *L, Reader *r) {
   if (r->len == r->cap && !drop(L, r))
     grow(L, r);
   do
-    k = read(r->fd, r->buf + r->len, r->cap - r->len);
+    k = read(r->fd, r->buf + r->len,
+             r->cap - r->len < LPAR_READMAX ? r->cap - r->len : LPAR_READMAX);
   while (k == -1 && errno == EINTR && !stopsignal());
   if (k < 0) {
     checkstop(L);
@@ -1517,13 +1612,45 @@ static void shrink(Reader *r) {
   if (p == NULL)
     return; /* kept as it is */
   memcpy(p, r->buf + r->pos, rest);
-  bigrealloc(r->buf, r->cap, 0);
+  freebuf(r);
   r->buf = p;
   r->cap = LPAR_READSIZE;
   r->scan -= r->pos;
   r->base += (off_t)r->pos;
   r->len = rest;
   r->pos = 0;
+}
+
+/* pushbytes(s, n): the Lua string of the n bytes at s (a light
+   userdata), in a protected call (see pushbatch). */
+static int pushbytes(lua_State *L) {
+  lua_pushlstring(L, lua_touserdata(L, 1), (size_t)lua_tointeger(L, 2));
+  return 1;
+}
+
+/*
+** Push the n bytes at s, the batch of records from r->count + 1 on, as
+** a string. A long record that the memory cannot hold as a string
+** fails naming it and its size, as a record over recordlimit does.
+*/
+static void pushbatch(lua_State *L, Reader *r, const char *s, size_t n) {
+  int rc;
+  if (n < ((size_t)1 << 20)) {
+    lua_pushlstring(L, s, n);
+    return;
+  }
+  lua_pushcfunction(L, pushbytes);
+  lua_pushlightuserdata(L, (void *)s);
+  lua_pushinteger(L, (lua_Integer)n);
+  rc = lua_pcall(L, 2, 1, 0);
+  if (rc == LUA_ERRMEM) {
+    r->defer = 2;
+    raisef(L, "%s %I is too long: not enough memory for its %I bytes",
+           r->sep == '\n' ? "line" : "item", (LUAI_UACINT)(r->count + 1),
+           (LUAI_UACINT)n);
+  }
+  if (rc != LUA_OK)
+    lua_error(L);
 }
 
 /* Push the byte range {offset, length} of a batch (see l_split). */
@@ -1575,9 +1702,15 @@ static int cut(lua_State *L, Reader *r, int blocks, lua_Integer want) {
     pushrange(L, r->base + (off_t)r->pos - (off_t)r->held,
               r->held + (size_t)(p - s));
   else {
-    lua_pushlstring(L, s, (size_t)(p - s));
+    size_t n = (size_t)(p - s);
+    /* a long record alone goes without its separator, so that split
+       takes it as it is, not a copy: the worker holds it once */
+    if (k == 1 && n >= ((size_t)1 << 20) && p[-1] == (char)r->sep &&
+        !(r->sep == '\n' && p[-2] == '\r'))
+      n--;
+    pushbatch(L, r, s, n);
     if (bigstrings)
-      nofork(lua_tostring(L, -1), (size_t)(p - s));
+      nofork(lua_tostring(L, -1), n);
   }
   r->held = r->nextcheck = r->clear = 0;
   r->pos += (size_t)(p - s);
@@ -1592,6 +1725,44 @@ static int cut(lua_State *L, Reader *r, int blocks, lua_Integer want) {
   lua_rawseti(L, blocks, r->batches);
   lua_pushinteger(L, k);
   return 1;
+}
+
+/*
+** A record could not be read (its message given): the records buffered
+** before it are still cut, and the message is raised once they are done
+** (see reader_next); nothing more is read.
+*/
+static void deferfail(Reader *r, const char *msg) {
+  size_t keep = r->pos;
+  if (r->defer == 1) {
+    const char *e = memrchr(r->buf + r->pos, r->sep, r->scan - r->pos);
+    if (e != NULL)
+      keep = (size_t)(e - r->buf) + 1;
+  }
+  r->defer = 0;
+  r->len = r->scan = keep;
+  r->held = r->clear = 0;
+  r->eof = 1;
+  r->failmsg = strdup(msg);
+}
+
+/* nextbatch(r, want, blocks, pending): reader_next's work, in a
+   protected call: what reader_next returns. */
+static int nextbatch(lua_State *L) {
+  Reader *r = lua_touserdata(L, 1);
+  lua_Integer want = lua_tointeger(L, 2);
+  for (;;) {
+    if (cut(L, r, 3, want))
+      return 2;
+    if (r->eof)
+      return 0;
+    if (!ready(r)) {
+      lua_pushvalue(L, 4);
+      lua_pushinteger(L, r->fd);
+      return 2;
+    }
+    fill(L, r);
+  }
 }
 
 /*
@@ -1610,22 +1781,32 @@ static int reader_next(lua_State *L) {
   if (r->fd < 0)
     return 0;
   checkstop(L);
-  if (r->ahead >= LPAR_AHEAD) {
+  if (r->ahead >= LPAR_AHEAD || (r->failmsg != NULL && r->ahead > 0)) {
     lua_pushvalue(L, lua_upvalueindex(2));
     return 1;
   }
-  for (;;) {
-    if (cut(L, r, 1, want))
-      return 2;
-    if (r->eof)
-      return 0;
-    if (!ready(r)) {
-      lua_pushvalue(L, lua_upvalueindex(2));
-      lua_pushinteger(L, r->fd);
-      return 2;
-    }
-    fill(L, r);
+  if (r->failmsg != NULL) { /* the records before it are all done */
+    lua_pushstring(L, r->failmsg);
+    free(r->failmsg);
+    r->failmsg = NULL;
+    return lua_error(L);
   }
+  r->defer = 0;
+  lua_pushcfunction(L, nextbatch);
+  lua_pushlightuserdata(L, r);
+  lua_pushinteger(L, want);
+  lua_pushvalue(L, 1);
+  lua_pushvalue(L, lua_upvalueindex(2));
+  if (lua_pcall(L, 4, LUA_MULTRET, 0) == LUA_OK)
+    return lua_gettop(L) - 1;
+  if (!r->defer || !lua_isstring(L, -1))
+    return lua_error(L);
+  deferfail(r, lua_tostring(L, -1));
+  if (r->failmsg == NULL) /* no memory to keep it: raised now */
+    return lua_error(L);
+  lua_settop(L, 0);
+  lua_pushinteger(L, want);
+  return reader_next(L);
 }
 
 static Reader *checkreader(lua_State *L) {
@@ -1855,7 +2036,9 @@ static void freereader(Reader *r) {
   free(r->owns);
   r->fds = NULL;
   r->owns = NULL;
-  bigrealloc(r->buf, r->cap, 0);
+  freebuf(r);
+  free(r->failmsg);
+  r->failmsg = NULL;
   free(r->first);
   free(r->size);
   r->buf = NULL;
@@ -1923,6 +2106,7 @@ static int l_open(lua_State *L) {
       r->owns == NULL)
     return raisef(L, "not enough memory");
   r->cap = tlen > LPAR_READSIZE ? tlen : LPAR_READSIZE;
+  r->mapped = r->cap >= LPAR_BUFMAP;
   r->sep = nul ? '\0' : '\n';
   r->shardk = k;
   r->shardn = shards;
@@ -2065,6 +2249,12 @@ static int l_split(lua_State *L) {
   else
     s = luaL_checklstring(L, 1, &len);
   end = s + len;
+  if (range == NULL && len > 0 && memchr(s, sep, len) == NULL) {
+    /* one record, without separator (a long one, see cut): itself */
+    lua_pushvalue(L, 1);
+    lua_rawseti(L, -2, ++k);
+    s = end;
+  }
   while (s < end) {
     const char *e = memchr(s, sep, (size_t)(end - s));
     size_t n;
