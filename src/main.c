@@ -1309,12 +1309,15 @@ static void *bigrealloc(void *p, size_t osize, size_t nsize) {
 /* Lua strings of long records are in mappings of their own (cmdalloc). */
 static int bigstrings;
 
+#if !LPAR_LUAJIT
 /* The allocator of the command's Lua state: Lua's own (realloc and
-   free) for small blocks, a mapping for large ones (bigrealloc). */
+   free) for small blocks, a mapping for large ones (bigrealloc). LuaJIT
+   keeps its own allocator. */
 static void *cmdalloc(void *ud, void *p, size_t osize, size_t nsize) {
   (void)ud;
   return bigrealloc(p, p != NULL ? osize : 0, nsize);
 }
+#endif
 
 /*
 ** A worker forked while this process holds a long record (in the
@@ -2548,7 +2551,7 @@ int main(int argc, char **argv) {
     fprintf(stderr, "lpar: cannot create Lua state: not enough memory\n");
     return 2;
   }
-#if !defined(LUAJIT_VERSION)
+#if !LPAR_LUAJIT
   /* Lua's own allocator is realloc and free, which cmdalloc keeps for
      the blocks made so far (all small) */
   lua_setallocf(L, cmdalloc, NULL);
