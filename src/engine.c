@@ -613,17 +613,8 @@ static int emit(lua_State *L, Job *j, int uv, lua_Integer i) {
   lua_rawgeti(L, uv, JU_ERRORS);
   lua_pushinteger(L, i);
   lua_rawgeti(L, -3, i);
-  if (lua_rawgeti(L, -3, i) != LUA_TNIL) { /* its kind */
-    code = LPAR_KERROR;
-    if (lua_rawgeti(L, uv, JU_KINDS) == LUA_TTABLE) {
-      if (lua_rawgeti(L, -1, i) == LUA_TNUMBER)
-        code = (int)lua_tointeger(L, -1);
-      lua_pop(L, 1);
-      lua_pushnil(L);
-      lua_rawseti(L, -2, i);
-    }
-    lua_pop(L, 1);
-  }
+  if (lua_rawgeti(L, -3, i) != LUA_TNIL) /* its kind */
+    code = lpar_job_takekind(L, uv, i);
   lua_pushnil(L);
   lua_rawseti(L, -6, i);
   lua_pushnil(L);

@@ -295,6 +295,7 @@ int lpar_job_mayblock(const Job *j);
 luaL_Stream *lpar_job_fileiter(lua_State *L, int idx, int *fd);
 int lpar_job_askiter(Ctx *c, Job *j, int juv);
 lua_Integer lpar_job_pull(Ctx *c, Job *j, int juv, EWorker *w, lua_Integer max);
+int lpar_job_takekind(lua_State *L, int juv, lua_Integer i);
 lua_Integer lpar_job_partsize(Ctx *c, int juv, lua_Integer k);
 int lpar_job_putitems(Ctx *c, Job *j, int tidx, EWorker *w, lua_Integer first,
                       lua_Integer count);

@@ -623,16 +623,7 @@ static int adopt(Ctx *c, Job *j, int juv, lua_Integer i) {
   lua_pushvalue(L, idx[1]);
   lua_setfield(L, idx[3], "error");
   if (!lua_isnil(L, idx[1])) {
-    int code = LPAR_KERROR;
-    if (lua_rawgeti(L, juv, JU_KINDS) == LUA_TTABLE) {
-      if (lua_rawgeti(L, -1, i) == LUA_TNUMBER)
-        code = (int)lua_tointeger(L, -1);
-      lua_pop(L, 1);
-      lua_pushnil(L);
-      lua_rawseti(L, -2, i);
-    }
-    lua_pop(L, 1);
-    lpar_kind_push(L, code);
+    lpar_kind_push(L, lpar_job_takekind(L, juv, i));
     lua_setfield(L, idx[3], "detail");
     lua_setfield(L, idx[3], "kind");
   }
@@ -1061,6 +1052,21 @@ lua_Integer lpar_job_pull(Ctx *c, Job *j, int juv, EWorker *w,
     k++;
   }
   return k;
+}
+
+/* The kind code of failed item i of the job whose uservalue is at 'juv'
+   (LPAR_KERROR if none was kept), taken out of the job's kinds. */
+int lpar_job_takekind(lua_State *L, int juv, lua_Integer i) {
+  int code = LPAR_KERROR;
+  if (lua_rawgeti(L, juv, JU_KINDS) == LUA_TTABLE) {
+    if (lua_rawgeti(L, -1, i) == LUA_TNUMBER)
+      code = (int)lua_tointeger(L, -1);
+    lua_pop(L, 1);
+    lua_pushnil(L);
+    lua_rawseti(L, -2, i);
+  }
+  lua_pop(L, 1);
+  return code;
 }
 
 /* Records in part k (see "records"). */
