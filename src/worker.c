@@ -824,6 +824,47 @@ static int fetchitem(Runner *r, int idx, lua_Integer i) {
   return 1;
 }
 
+/* lua_CFunction: (frame, pos) -> the item encoded at pos in the frame
+   (a Buf), and the position after it; or nil, nil for bad bytes. */
+static int decodeat(lua_State *L) {
+  Buf *b = lua_touserdata(L, 1);
+  size_t pos = (size_t)lua_tointeger(L, 2);
+  if (lpar_codec_decode(L, b->p, b->n, &pos) != 0) {
+    lua_pushnil(L);
+    lua_pushnil(L);
+    return 2;
+  }
+  lua_pushinteger(L, (lua_Integer)pos);
+  return 2;
+}
+
+/*
+** Push item i of the ITEMS frame at *pos (under the function), decoded
+** under a protected call: 0; or, when the heap cannot hold it (past
+** max_memory), send that error as item i's and pop the function: 1.
+*/
+static int decodeitem(WState *ws, lua_Integer i, size_t *pos) {
+  lua_State *L = ws->r.L;
+  int status;
+  lua_pushcfunction(L, decodeat);
+  lua_pushlightuserdata(L, &ws->in);
+  lua_pushinteger(L, (lua_Integer)*pos);
+  status = lua_pcall(L, 2, 2, ws->r.msgh);
+  lpar_worker_own(&ws->r);
+  if (status == LUA_OK) {
+    if (lua_isnil(L, -1))
+      _exit(LPAR_EXITBADINPUT); /* the parent sent bad bytes */
+    *pos = (size_t)lua_tointeger(L, -1);
+    lua_pop(L, 1);
+    return 0;
+  }
+  lpar_worker_unpackerror(L); /* function, error, traceback */
+  ws->r.memerr = status == LUA_ERRMEM && ws->r.limit != NULL;
+  lua_remove(L, -3);
+  lpar_worker_senderror(&ws->r, i);
+  return 1;
+}
+
 /* A WORK or ITEMS frame: run the items, send the results, then READY. */
 static void items(WState *ws, const Frame *f) {
   lua_State *L = ws->r.L;
@@ -839,8 +880,11 @@ static void items(WState *ws, const Frame *f) {
     lua_pushvalue(L, ws->fidx);
     if (f->type == LPAR_FWORK)
       failed = fetchitem(&ws->r, ws->a->itemsidx, first + k);
-    else if (lpar_codec_decode(L, ws->in.p, ws->in.n, &pos) != 0)
-      _exit(LPAR_EXITBADINPUT);
+    else if (decodeitem(ws, first + k, &pos)) {
+      if (ws->in.cap > LPAR_KEEPFRAME)
+        lpar_buf_free(&ws->in);
+      break; /* where the next item starts is not known */
+    }
     else
       failed = 0;
     /* a large frame, all decoded, is not kept while its items run (so
