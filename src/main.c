@@ -1724,6 +1724,8 @@ static int cut(lua_State *L, Reader *r, int blocks, lua_Integer want) {
   r->size[slot] = (int)k;
   r->count += k;
   r->ahead += k;
+  if (!r->ranges) /* held in 'blocks' until taken */
+    lpar_worker_inflight += lua_rawlen(L, -1);
   lua_pushvalue(L, -1);
   lua_rawseti(L, blocks, r->batches);
   lua_pushinteger(L, k);
@@ -1854,6 +1856,10 @@ static int reader_take(lua_State *L) {
   lua_pushinteger(L, r->size[slot]);
   lua_getiuservalue(L, 1, 1);
   lua_rawgeti(L, -1, i);
+  if (lua_type(L, -1) == LUA_TSTRING) { /* no longer in flight */
+    size_t n = lua_rawlen(L, -1);
+    lpar_worker_inflight -= n < lpar_worker_inflight ? n : lpar_worker_inflight;
+  }
   lua_pushnil(L);
   lua_rawseti(L, -3, i);
   lua_remove(L, -2); /* pop blocks */

@@ -676,14 +676,22 @@ static void belowheap(lua_State *L, size_t max, size_t used) {
                     lim, LPAR_MEMROOM / 1024, heap);
 }
 
+size_t lpar_worker_inflight;
+
+/* L's heap in bytes but for the caller's records in flight. */
+static size_t ownheap(lua_State *L) {
+  size_t heap = lpar_worker_heap(L);
+  return heap > lpar_worker_inflight ? heap - lpar_worker_inflight : 0;
+}
+
 /* Whether L's heap, with garbage collected if that matters, leaves
    LPAR_MEMROOM below 'max'; the bytes in use in *used. */
 static int heapfits(lua_State *L, size_t max, size_t *used) {
-  *used = lpar_worker_heap(L);
+  *used = ownheap(L);
   if (*used + LPAR_MEMROOM <= max)
     return 1;
   lua_gc(L, LUA_GCCOLLECT, 0);
-  *used = lpar_worker_heap(L);
+  *used = ownheap(L);
   return *used + LPAR_MEMROOM <= max;
 }
 

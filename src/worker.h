@@ -156,6 +156,12 @@ const char *lpar_worker_memname(size_t bytes, char *buf, size_t size);
    against its max_memory. */
 size_t lpar_worker_heap(lua_State *L);
 
+/* Bytes of the caller's Lua heap held for records in flight (the CLI's
+   batch strings, sent to a worker as ITEMS): a worker forked while they
+   are held never uses them, so its heap's count at start leaves them out
+   (see lpar_worker_setlimit). */
+extern size_t lpar_worker_inflight;
+
 /* room a worker needs above the heap it inherits, under max_memory */
 #if !defined(LPAR_MEMROOM)
 #define LPAR_MEMROOM (1024 * 1024)
