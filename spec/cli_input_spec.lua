@@ -258,6 +258,41 @@ describe("lpar and the memory of a long line", function()
   end)
 end)
 
+describe("lpar and a long line from a pipe near --max-memory", function()
+  -- Run 'args' over the bytes of 'items', through cat and from the file
+  -- itself, and check both give the same: code, stdout and stderr.
+  local function both(items, args, code, out, err)
+    for _, how in ipairs({"pipe", "file"}) do
+      local cmd = ("%s -j1 %s %s"):format(quote(H.cli), args, how == "file" and quote(items) or "-")
+      if how == "pipe" then cmd = "cat " .. quote(items) .. " | " .. cmd end
+      local c, o, e = H.run("timeout -k 5 60 sh -c " .. quote(cmd))
+      assert.equal(code, c, how .. ": " .. e)
+      assert.equal(out, o, how)
+      assert.equal(err, e, how)
+    end
+  end
+
+  -- The worker was forked while the parent held the line as a string in
+  -- its Lua state, and counted that copy in its heap: it could not take
+  -- the line under the limit and exited (status 3).
+  it("runs a 40 MB line under --max-memory 64M (the parent's copy is not the worker's)", function()
+    local items = tmpname()
+    writefile(items, ("x"):rep(40 * 1000 * 1000) .. "\nb\n")
+    both(items, "--max-memory 64M -e 'function(s) return #s end'", 0, "40000000\n1\n", "")
+  end)
+
+  -- A worker forked with a 10 MiB line in flight refused to start (the
+  -- whole run stopped: "max_memory ... is below the ... the worker
+  -- inherited"); now the line fails on its own and the run goes on.
+  it("fails a 10 MiB line under --max-memory 10M alone, naming it and the limit", function()
+    local items = tmpname()
+    writefile(items, ("x"):rep(10 * 1024 * 1024) .. "\nb\n")
+    both(items, "--max-memory 10M -e 'function(s) return #s end'", 1, "1\n",
+         'lpar: line 1 ("' .. ("x"):rep(40) .. '"...): not enough memory (limit 10 MiB)\n' ..
+         "lpar: 1 of 2 items failed\n")
+  end)
+end)
+
 describe("lpar over a regular file (workers read it themselves)", function()
   local long = ("L"):rep(300 * 1024) -- longer than the parent's buffer
   local shapes = {
