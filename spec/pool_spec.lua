@@ -738,6 +738,27 @@ describe("pool max_memory", function()
       "false\titem 1: not enough memory (limit 8 MiB)\n", out)
   end)
 
+  -- A worker that could not make a sent item a string under its limit
+  -- used to exit (status 3), failing the items after it with it.
+  it("fails alone an item its worker cannot take under the limit; the rest of its chunk runs", function()
+    local rc, out, err = lua([[
+      local lpar = require "lpar"
+      local pool <close> = lpar.pool{n_workers = 1, max_memory = "10M"}
+      pool:map(function(x) return x end, {1}) -- its worker starts now
+      local its, i = {"a", "BIG", "cc", "ddd"}, 0
+      local function nxt()
+        i = i + 1
+        if its[i] == "BIG" then return string.rep("x", (10 << 20) + 100000) end
+        return its[i]
+      end
+      for k, v, e in pool:imap(function(s) return #s end, nxt, {chunksize = 4, on_error = "collect"}) do
+        print(k, v, e)
+      end
+    ]])
+    assert.equal(0, rc, err)
+    assert.equal("1\t1\tnil\n2\tnil\tnot enough memory (limit 10 MiB)\n3\t2\tnil\n4\t3\tnil\n", out)
+  end)
+
   it("refuses a limit below the heap the workers would inherit", function()
     local rc, out, err = lua([[
       local lpar = require "lpar"

@@ -846,10 +846,26 @@ static int decodeat(lua_State *L) {
   return 2;
 }
 
+/* Move *pos past the item there if it is a string (the CLI's batches
+   are): 0; -1 if it is not, or its bytes are bad. */
+static int skipstring(const Buf *b, size_t *pos) {
+  size_t at = *pos;
+  unsigned long long len;
+  if (at >= b->n || (unsigned char)b->p[at] != LPAR_TSTR)
+    return -1;
+  at++;
+  if (lpar_codec_getvarint(b->p, b->n, &at, &len) != 0 || len > b->n - at)
+    return -1;
+  *pos = at + (size_t)len;
+  return 0;
+}
+
 /*
 ** Push item i of the ITEMS frame at *pos (under the function), decoded
 ** under a protected call: 0; or, when the heap cannot hold it (past
-** max_memory), send that error as item i's and pop the function: 1.
+** max_memory), send that error as item i's, pop the function and move
+** *pos past it: 1. A worker that cannot find where the next item starts
+** (the item is not a string) leaves, as one that fails outside an item.
 */
 static int decodeitem(WState *ws, lua_Integer i, size_t *pos) {
   lua_State *L = ws->r.L;
@@ -866,6 +882,8 @@ static int decodeitem(WState *ws, lua_Integer i, size_t *pos) {
     lua_pop(L, 1);
     return 0;
   }
+  if (skipstring(&ws->in, pos) != 0)
+    _exit(LPAR_EXITBROKEN);
   lpar_worker_unpackerror(L); /* function, error, traceback */
   ws->r.memerr = status == LUA_ERRMEM && ws->r.limit != NULL;
   lua_remove(L, -3);
@@ -888,13 +906,8 @@ static void items(WState *ws, const Frame *f) {
     lua_pushvalue(L, ws->fidx);
     if (f->type == LPAR_FWORK)
       failed = fetchitem(&ws->r, ws->a->itemsidx, first + k);
-    else if (decodeitem(ws, first + k, &pos)) {
-      if (ws->in.cap > LPAR_KEEPFRAME)
-        lpar_buf_free(&ws->in);
-      break; /* where the next item starts is not known */
-    }
     else
-      failed = 0;
+      failed = decodeitem(ws, first + k, &pos);
     /* a large frame, all decoded, is not kept while its items run (so
        that one long item costs twice its size here, not three times) */
     if (f->type == LPAR_FITEMS && k + 1 == (lua_Integer)f->count &&
