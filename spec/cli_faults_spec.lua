@@ -1057,10 +1057,11 @@ end)
 
 describe("a host whose agent announces too many workers", function()
   -- an agent (run by -S as its command) whose HELLO announces arg[1]
-  -- workers, then waits for its end of file
+  -- workers, on the Lua arg[2] names as lpar does (504, 9501 for LuaJIT),
+  -- then waits for its end of file
   local AGENT = [[
 local name = "lpar 0.1.0" .. ("\0"):rep(22)
-local hello = "LPAR" .. string.pack("<I4I4I4I4", 1, 504, 8, 8) .. name
+local hello = "LPAR" .. string.pack("<I4I4I4I4", 1, tonumber(arg[2]), 8, 8) .. name
 io.stdout:write(string.pack("<I4I4I8", 8, tonumber(arg[1]), #hello), hello, "\n")
 io.stdout:flush()
 io.stdin:read("a")
@@ -1069,7 +1070,11 @@ io.stdin:read("a")
   for _, n in ipairs({"1000000", "4294967295"}) do
     it("is refused naming the count and the limit (" .. n .. ")", function()
       local agent = writefile(tmpname(), AGENT)
-      local code, out, err = lpar("-S " .. quote("lua5.4 " .. agent .. " " .. n) ..
+      -- the Lua of the lpar under test (its version line names it)
+      local _, version = lpar("--version")
+      local major, minor = version:match("%(Lua (%d)%.(%d)%)")
+      local luanum = major and major * 100 + minor or 9501
+      local code, out, err = lpar("-S " .. quote(("lua5.4 %s %s %d"):format(agent, n, luanum)) ..
                                   " -e " .. quote("function(s) return s end") .. " ::: a")
       assert.equal(1, code, err)
       assert.equal("", out)

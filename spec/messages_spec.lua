@@ -366,17 +366,19 @@ describe("limits said as they are", function()
 
   it("does not call a worker without close slow to leave for a tiny timeout", function()
     -- each worker is given at least a second to leave: none is reported
+    -- (an item may itself outlast so tiny a timeout on a loaded machine:
+    -- such failures are collected, and only the leaving is checked)
     local rc, out, err = H.lua([[
       local lpar = require "lpar"
       for _ = 1, 5 do
-        local r, n = lpar.parallel(function(x) return x * 2 end, {1, 2, 3, 4},
-                                   {timeout = 1e-12, n_workers = 4})
-        io.write(n, " ", table.concat(r, ","), "\n")
+        local _, n = lpar.parallel(function(x) return x * 2 end, {1, 2, 3, 4},
+                                   {timeout = 1e-12, n_workers = 4, on_error = "collect"})
+        io.write(n, "\n")
       end
     ]])
     assert.equal(0, rc, err)
-    assert.equal(("4 2,4,6,8\n"):rep(5), out)
-    assert.equal("", err)
+    assert.equal(("4\n"):rep(5), out)
+    assert.not_matches("leave", err)
   end)
 end)
 
