@@ -949,22 +949,31 @@ function M.batcher(map, fmt, nul, halt, timed, c, maxmem, label)
         if halt then break end
       end
     end
-    local text = ""
-    if n > 0 then
+    local text, alone = "", nil
+    if n == 1 and big then
+      -- one output line of a long batch goes as it is and its end of
+      -- line apart: a concatenation would be one more copy of it
+      alone, out[1] = out[1], nil
+    elseif n > 0 then
       out[n + 1] = ""
       text = concat(out, eol, 1, n + 1)
     end
     if big then -- let a long batch go now, not when the next one is in
       block = nil -- luacheck: ignore 311 (the reference goes)
       for i = 1, nrec do recs[i] = nil end
+      for i = 1, n + 1 do out[i] = nil end
       collectgarbage()
     end
-    if timed or over then
+    if timed or over or alone then
       parts = parts or {}
       if timed then parts.times = string.pack(("d"):rep(k), table.unpack(times, 1, k)) end
       if over then parts.rest = k + 1 end
     elseif not parts then
       return text
+    end
+    if alone then
+      parts[#parts + 1] = alone
+      parts[#parts + 1] = eol
     end
     if text ~= "" then parts[#parts + 1] = text end
     return parts
