@@ -214,6 +214,63 @@ describe("lpar and the memory of a long line", function()
     atmost(parent, 2.5, "parent (pipe)")
   end)
 
+  it("with --tag holds a 200 MB line at most 2 times in the worker, and its result 2 times in the parent", function()
+    -- the result holds the line: the worker sends it with no concatenated
+    -- copy, and the parent frees the frame it came in before writing it
+    local items, script = tmpname(), tmpname()
+    local size = 200 * 1000 * 1000
+    local f = assert(io.open(items, "wb"))
+    f:write("a\n")
+    local chunk = ("y"):rep(1000 * 1000)
+    for _ = 1, size / #chunk do f:write(chunk) end
+    f:write("\nb\n")
+    f:close()
+    -- each record: its length and the worker's VmHWM (kB); lpar's own
+    -- VmHWM is read once it has ended, by a process it does not wait for
+    writefile(script, [[
+      return function(s)
+        local f = io.open("/proc/self/status")
+        local t = f:read("a")
+        f:close()
+        return ("%d %s"):format(#s, t:match("VmHWM:%s*(%d+)"))
+      end]])
+    local peaks = not os.getenv("ASAN_OPTIONS")
+    local function atmost(kb, factor, what)
+      if peaks then assert.is_true(tonumber(kb) * 1024 <= factor * size, what .. " VmHWM " .. kb .. " kB") end
+    end
+    for _, how in ipairs({"file", "pipe"}) do
+      local out, hwm = tmpname(), tmpname()
+      -- the shell waits for lpar and reads its VmHWM as a zombie cannot
+      -- tell it: lpar's last record is read while it still runs
+      local cmd = ("%s -j1 --tag %s %s > %s & p=$!; w=0; " ..
+                   "while v=$(awk '/VmHWM/{print $2}' /proc/$p/status 2>/dev/null) && [ -n \"$v\" ]; do w=$v; sleep 0.1; done; " ..
+                   "wait $p; c=$?; echo $w > %s; exit $c")
+                  :format(quote(H.cli), script, how == "file" and quote(items) or "-", quote(out), quote(hwm))
+      -- (a command put in the background reads /dev/null unless told)
+      if how == "pipe" then cmd = "tail -c +3 " .. quote(items) .. " | { exec 3<&0; " .. cmd:gsub(" %- > ", " - <&3 > ") .. "; }" end
+      local code, _, err = H.run("timeout -k 5 120 sh -c " .. quote(cmd))
+      assert.equal(0, code, how .. ": " .. err)
+      local o = assert(io.open(out, "rb"))
+      local text = o:read("a")
+      o:close()
+      os.remove(out)
+      local line, n = text:match("\n?(y+)\t(%d+) %d+\n")
+      assert.equal(size, line and #line, how .. ": " .. #text .. " " .. text:sub(1, 40))
+      assert.equal(tostring(size), n, how)
+      -- the worker's peak as its next record finds it
+      local worker = text:match("\nb\t1 (%d+)\n$")
+      assert.is_truthy(worker, how)
+      atmost(worker, 2.5, how .. ": worker")
+      local parent = readfile(hwm):match("%d+")
+      os.remove(hwm)
+      assert.is_true(tonumber(parent) > 0, how)
+      -- from a pipe the parent holds the line it sent until its result
+      -- is in: the line, the result and the result's frame or output
+      atmost(parent, how == "file" and 2.5 or 3.5, how .. ": parent")
+    end
+    os.remove(items)
+  end)
+
   it("holds it at most 2.5 times in each worker with -j2 and several long lines in flight", function()
     -- a worker forked while lpar sends a long line to another does not
     -- map lpar's copy of it (each worker says its pid, the length of its
