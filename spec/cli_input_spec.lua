@@ -243,11 +243,14 @@ describe("lpar and the memory of a long line", function()
       -- the shell waits for lpar and reads its VmHWM as a zombie cannot
       -- tell it: lpar's last record is read while it still runs
       local cmd = ("%s -j1 --tag %s %s > %s & p=$!; w=0; " ..
-                   "while v=$(awk '/VmHWM/{print $2}' /proc/$p/status 2>/dev/null) && [ -n \"$v\" ]; do w=$v; sleep 0.1; done; " ..
+                   "while v=$(awk '/VmHWM/{print $2}' /proc/$p/status 2>/dev/null) && [ -n \"$v\" ]; " ..
+                   "do w=$v; sleep 0.1; done; " ..
                    "wait $p; c=$?; echo $w > %s; exit $c")
                   :format(quote(H.cli), script, how == "file" and quote(items) or "-", quote(out), quote(hwm))
       -- (a command put in the background reads /dev/null unless told)
-      if how == "pipe" then cmd = "tail -c +3 " .. quote(items) .. " | { exec 3<&0; " .. cmd:gsub(" %- > ", " - <&3 > ") .. "; }" end
+      if how == "pipe" then
+        cmd = "tail -c +3 " .. quote(items) .. " | { exec 3<&0; " .. cmd:gsub(" %- > ", " - <&3 > ") .. "; }"
+      end
       local code, _, err = H.run("timeout -k 5 120 sh -c " .. quote(cmd))
       assert.equal(0, code, how .. ": " .. err)
       local o = assert(io.open(out, "rb"))
