@@ -5,6 +5,8 @@
 #include "worker.h"
 
 #include <errno.h>
+#include <pthread.h>
+#include <signal.h>
 #include <stdio.h>
 #if defined(__GLIBC__)
 #include <malloc.h>
@@ -28,6 +30,15 @@
    whether it is overdue (a lookup in the registry there costs more) */
 static Slot *ownslot;
 static pid_t ownpid; /* the worker's pid, with ownslot */
+
+/* Set in a process forked from a worker (pthread_atfork): the user's code
+   forked, and the copy must not come back into lpar. A flag, so that the
+   checks after every item and record cost no system call. */
+static volatile sig_atomic_t copied;
+
+static void oncopy(void) {
+  copied = 1;
+}
 
 /* A process the user's code forked in worker 'worker' came back into lpar:
    it says so on stderr and leaves, touching nothing of the worker's. */
@@ -72,9 +83,8 @@ void lpar_worker_mark(lua_State *L) {
 
 void lpar_worker_progress(long long done) {
   if (ownslot != NULL) {
-    pid_t self = getpid();
-    if (self != ownpid) /* a copy forked by the record just run */
-      leavecopy(self, ownpid);
+    if (copied) /* a copy forked by the record just run */
+      leavecopy(getpid(), ownpid);
     ownslot->part = done;
   }
 }
@@ -169,14 +179,17 @@ void lpar_worker_check(int rc) {
     _exit(rc == -EPIPE ? 0 : LPAR_EXITBROKEN);
 }
 
-void lpar_worker_own(const Runner *r) {
-  pid_t self = getpid();
-  if (self != r->pid)
-    leavecopy(self, r->pid);
+void lpar_worker_own(void) {
+  if (copied)
+    leavecopy(getpid(), ownpid);
 }
 
 void lpar_worker_initrunner(Runner *r, lua_State *L, int fd, Slot *slot) {
-  r->pid = ownpid = getpid();
+  static int watching; /* oncopy is registered (once per process) */
+  if (!watching && pthread_atfork(NULL, NULL, oncopy) == 0)
+    watching = 1;
+  copied = 0;
+  ownpid = getpid();
   lpar_worker_mark(L);
   ownslot = slot;
   if (lpar_buf_reserve(&r->out, 4096) != 0)
@@ -212,7 +225,7 @@ int lpar_worker_seal(Runner *r) {
 static void sendframe(Runner *r) {
   uint64_t pos;
   char *p = NULL;
-  lpar_worker_own(r);
+  lpar_worker_own();
   if (r->out.n >= LPAR_RINGMIN)
     p = lpar_ring_put(&r->ring, r->out.n, r->fd, &pos);
   if (p != NULL) {
@@ -463,7 +476,7 @@ void lpar_worker_senderror(Runner *r, lua_Integer i) {
   lua_pushvalue(L, -3);
   lua_pushlightuserdata(L, r);
   status = lua_pcall(L, 3, 1, 0); /* may run a __tostring */
-  lpar_worker_own(r);
+  lpar_worker_own();
   if (status == LUA_OK)
     b = lua_touserdata(L, -1);
   else
@@ -508,7 +521,7 @@ int lpar_worker_runitem(Runner *r, lua_Integer i) {
   r->slot->part = -1;
   r->slot->item = i;
   status = lua_pcall(L, 1, 1, r->msgh);
-  lpar_worker_own(r);
+  lpar_worker_own();
   if (status == LUA_OK) {
     size_t mark = r->out.n;
     if (r->count == 0)
@@ -542,7 +555,7 @@ int lpar_worker_hook(Runner *r, int idx) {
   int status;
   lua_pushvalue(r->L, idx);
   status = lua_pcall(r->L, 0, 0, r->msgh);
-  lpar_worker_own(r);
+  lpar_worker_own();
   if (status == LUA_OK)
     return 0;
   lpar_worker_unpackerror(r->L);
@@ -752,7 +765,7 @@ static void chunkdone(Runner *r) {
   f.count = 0;
   f.len = 0;
   lpar_wire_putheader(h, &f);
-  lpar_worker_own(r);
+  lpar_worker_own();
   if (lpar_worker_seal(r) && r->out.n >= LPAR_RINGMIN)
     lpar_worker_flush(r); /* through the ring if it fits there */
   if (r->count > 0) {
@@ -788,7 +801,7 @@ static void call(WState *ws, const Frame *f) {
   lua_pushcfunction(L, lpar_worker_loadfn);
   lua_pushlstring(L, ws->in.p, ws->in.n);
   status = lua_pcall(L, 1, 1, ws->r.msgh);
-  lpar_worker_own(&ws->r);
+  lpar_worker_own();
   if (status == LUA_OK) {
     lua_replace(L, ws->fidx);
     return;
@@ -821,7 +834,7 @@ static int fetchitem(Runner *r, int idx, lua_Integer i) {
   lua_pushvalue(L, idx);
   lua_pushinteger(L, i);
   status = lua_pcall(L, 2, 1, r->msgh);
-  lpar_worker_own(r);
+  lpar_worker_own();
   r->slot->item = 0;
   if (status == LUA_OK)
     return 0;
@@ -874,7 +887,7 @@ static int decodeitem(WState *ws, lua_Integer i, size_t *pos) {
   lua_pushlightuserdata(L, &ws->in);
   lua_pushinteger(L, (lua_Integer)*pos);
   status = lua_pcall(L, 2, 2, ws->r.msgh);
-  lpar_worker_own(&ws->r);
+  lpar_worker_own();
   if (status == LUA_OK) {
     if (lua_isnil(L, -1))
       _exit(LPAR_EXITBADINPUT); /* the parent sent bad bytes */
@@ -925,7 +938,7 @@ static void serve(WState *ws) {
   Frame f;
   for (;;) {
     int rc;
-    lpar_worker_own(&ws->r);
+    lpar_worker_own();
     rc = lpar_wire_recv(ws->a->cmdfd, &f, &ws->in);
     if (rc == 1)
       return; /* the parent closed the channel: done */

@@ -95,7 +95,6 @@ typedef struct Runner {
   int bigresults;    /* malloc was told to keep freed memory */
   int memerr;        /* the error being sent is the memory limit's */
   Ring ring;         /* big frames go here (ring.base NULL: none) */
-  pid_t pid;         /* the worker's own pid: only it talks to the parent */
 } Runner;
 
 /* Set up r to run items of the freshly forked worker state L and send
@@ -111,7 +110,7 @@ void lpar_worker_check(int rc);
    its items): a copy says so on stderr and leaves with _exit(1), touching
    neither the pipes nor the shared slot. Called after each protected call
    of user code and before each frame is read or written. */
-void lpar_worker_own(const Runner *r);
+void lpar_worker_own(void);
 
 /* Begin a results frame at item 'first', timing from now. */
 void lpar_worker_begin(Runner *r, lua_Integer first);
