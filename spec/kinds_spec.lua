@@ -139,6 +139,19 @@ describe("lpar.errkind", function()
     end
   end)
 
+  it("keeps the kind of a failure of lpar's own that a caller's function raises again", function()
+    -- on_event (as the CLI's, which writes the output and the joblog)
+    -- raising a failure lpar gave it: the job fails of that kind
+    local pool <close> = lpar.pool(2)
+    local ok, e = pcall(pool.map, pool, failing.exit, H.range(4), {chunksize = 1})
+    assert.is_false(ok)
+    local again
+    ok, again = pcall(pool.map, pool, function(x) return x end, H.range(4), {
+      on_event = function(ev) if ev.event == "end" then error(e, 0) end end})
+    assert.is_false(ok)
+    assert.same({"exit", 3}, {lpar.errkind(again)})
+  end)
+
   it("names a worker init that fails 'init'", function()
     local ok, e = pcall(lpar.pool, {n_workers = 2, init = function() error("cannot init") end})
     assert.is_false(ok)

@@ -508,15 +508,16 @@ static int tellprogress(Ctx *c, int jidx, Job *j) {
     lua_pushinteger(L, j->n);
   lua_pushinteger(L, j->failed);
   if (lua_pcall(L, 3, 0, 0) != LUA_OK) {
+    int code = lpar_kind_code(L, -1);
     if (j->state == J_RUNNING)
-      lpar_job_end(c, j, J_FAILED, NULL, LPAR_KERROR);
+      lpar_job_end(c, j, J_FAILED, NULL, code);
     else { /* over: it fails all the same */
       lua_getiuservalue(L, jidx, 1);
       lua_insert(L, -2);
       lua_rawseti(L, -2, JU_FAILURE);
       lua_pop(L, 1);
       j->state = J_FAILED;
-      j->failcode = LPAR_KERROR;
+      j->failcode = code;
     }
   }
   return -1;

@@ -288,7 +288,7 @@ static int newevent(Ctx *c, Job *j, int juv, lua_Integer i, int start) {
    fails the job. */
 static void callevent(Ctx *c, Job *j) {
   if (lua_pcall(c->L, 1, 0, 0) != LUA_OK)
-    lpar_job_fail(c, j, NULL, LPAR_KERROR);
+    lpar_job_fail(c, j, NULL, lpar_kind_code(c->L, -1));
 }
 
 /* Item i was handed to worker w. An item handed out again unblamed (it
@@ -408,7 +408,7 @@ static int addpart(Ctx *c, Job *j, int juv, int bidx, int nidx,
   lua_pushinteger(L, from);
   lua_pushinteger(L, to);
   if (lua_pcall(L, 3, 1, 0) != LUA_OK) {
-    lpar_job_fail(c, j, NULL, LPAR_KERROR);
+    lpar_job_fail(c, j, NULL, lpar_kind_code(L, -1));
     return -1;
   }
   j->nkids++;
@@ -984,7 +984,7 @@ int lpar_job_askiter(Ctx *c, Job *j, int juv) {
   if (j->o.batched)
     lua_pushinteger(L, lpar_deal_chunksize(c->e, j));
   if (lua_pcall(L, j->o.batched ? 2 : 1, 2, 0) != LUA_OK) {
-    lpar_job_fail(c, j, NULL, LPAR_KERROR);
+    lpar_job_fail(c, j, NULL, lpar_kind_code(L, -1));
     return -1;
   }
   lua_insert(L, -2); /* the item on top, what follows it below */

@@ -56,20 +56,41 @@ void lpar_kind_mark(lua_State *L, int code) {
   lua_rawsetp(L, LUA_REGISTRYINDEX, &lastkey);
 }
 
+/* The code marked for the value at 'idx' if it is the failure given
+   last, else 0. */
+static int marked(lua_State *L, int idx) {
+  int code = 0;
+  idx = lua_absindex(L, idx);
+  if (lua_rawgetp(L, LUA_REGISTRYINDEX, &lastkey) == LUA_TTABLE) {
+    lua_rawgeti(L, -1, 1);
+    if (lua_rawequal(L, -1, idx)) {
+      lua_rawgeti(L, -2, 2);
+      code = (int)lua_tointeger(L, -1);
+      lua_pop(L, 1);
+    }
+    lua_pop(L, 1);
+  }
+  lua_pop(L, 1);
+  return code;
+}
+
+int lpar_kind_code(lua_State *L, int idx) {
+  int code = marked(L, idx);
+  return code != 0 ? code : LPAR_KERROR;
+}
+
 int lpar_kind_raise(lua_State *L, int code) {
   lpar_kind_mark(L, code);
   return lua_error(L);
 }
 
 int lpar_kind_errkind(lua_State *L) {
+  int code;
   luaL_checkany(L, 1);
-  if (lua_rawgetp(L, LUA_REGISTRYINDEX, &lastkey) != LUA_TTABLE)
+  code = marked(L, 1);
+  if (code == 0)
     return 0;
-  lua_rawgeti(L, -1, 1);
-  if (!lua_rawequal(L, -1, 1))
-    return 0;
-  lua_rawgeti(L, -2, 2);
-  lpar_kind_push(L, (int)lua_tointeger(L, -1));
+  lpar_kind_push(L, code);
   if (lua_isnil(L, -1)) { /* no detail: the kind alone */
     lua_pop(L, 1);
     return 1;

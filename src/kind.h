@@ -45,6 +45,11 @@ void lpar_kind_push(lua_State *L, int code);
    that lpar gave the caller last, for lpar.errkind. */
 void lpar_kind_mark(lua_State *L, int code);
 
+/* The kind code of the error value at 'idx': the one lpar marked for it
+   (a failure of lpar's own raised through a caller's function, say a
+   write of the output from on_event), else LPAR_KERROR. */
+int lpar_kind_code(lua_State *L, int idx);
+
 /* lpar_kind_mark, then raise the value on top. */
 int lpar_kind_raise(lua_State *L, int code);
 

@@ -2108,12 +2108,6 @@ function M.run(o, c, reader, counter, map, init, close)
   end
   local outerr = c.finish()
   if outerr then outerr = caught(outerr) end
-  -- once the output is closed, what failed after it (a write, the job it
-  -- ended) failed for that: the run ends as for SIGPIPE
-  if not ok and outerr and outerr[2] == "output" and getmetatable(err[1]) ~= Stop and
-      err[2] ~= "interrupted" then
-    ok = true
-  end
   local code, msg = 0, nil
   if not ok then
     code, msg = stopped(err)
