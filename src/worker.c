@@ -822,13 +822,20 @@ static int getitem(lua_State *L) {
 }
 
 /*
-** Push item i of the items table at 'idx', read under a protected call:
-** 0; or, when reading it raised (its __index), send that error as item
-** i's and pop the function below it: 1.
+** Push item i of the items table at 'idx' (read under a protected call
+** when it has a metatable): 0; or, when reading it raised (its __index),
+** send that error as item i's and pop the function below it: 1.
 */
 static int fetchitem(Runner *r, int idx, lua_Integer i) {
   lua_State *L = r->L;
   int status;
+  if (lua_type(L, idx) == LUA_TTABLE) {
+    if (!lua_getmetatable(L, idx)) {
+      lua_rawgeti(L, idx, i); /* a plain table: reading it cannot raise */
+      return 0;
+    }
+    lua_pop(L, 1); /* its metatable: an __index may raise */
+  }
   r->slot->item = i; /* a death while reading it is its failure */
   lua_pushcfunction(L, getitem);
   lua_pushvalue(L, idx);
@@ -875,14 +882,20 @@ static int skipstring(const Buf *b, size_t *pos) {
 
 /*
 ** Push item i of the ITEMS frame at *pos (under the function), decoded
-** under a protected call: 0; or, when the heap cannot hold it (past
-** max_memory), send that error as item i's, pop the function and move
-** *pos past it: 1. A worker that cannot find where the next item starts
-** (the item is not a string) leaves, as one that fails outside an item.
+** under a protected call when the heap has a limit: 0; or, when the heap
+** cannot hold it (past max_memory), send that error as item i's, pop the
+** function and move *pos past it: 1. A worker that cannot find where the
+** next item starts (the item is not a string) leaves, as one that fails
+** outside an item.
 */
 static int decodeitem(WState *ws, lua_Integer i, size_t *pos) {
   lua_State *L = ws->r.L;
   int status;
+  if (ws->r.limit == NULL) { /* no limit: only a worker out of memory fails */
+    if (lpar_codec_decode(L, ws->in.p, ws->in.n, pos) != 0)
+      _exit(LPAR_EXITBADINPUT); /* the parent sent bad bytes */
+    return 0;
+  }
   lua_pushcfunction(L, decodeat);
   lua_pushlightuserdata(L, &ws->in);
   lua_pushinteger(L, (lua_Integer)*pos);
