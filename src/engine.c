@@ -561,10 +561,7 @@ static void waitjob(lua_State *L, int jidx, Job *j) {
     return;
   jobctx(L, jidx, &c);
   e = c.e;
-  if (e->waiting)
-    luaL_error(L, "pool is busy (called from inside its own pump)");
   lpar_loop_takesignals(&e->loop, stopsigs, NSTOPSIGS(e));
-  e->waiting = 1;
   e->waited = j;
   e->inpump = 1;
   lpar_place_holdchld(e);
@@ -577,7 +574,6 @@ static void waitjob(lua_State *L, int jidx, Job *j) {
                        1); /* workers killed for a failure: no zombie is left */
   lpar_place_releasechld(e);
   e->inpump = 0;
-  e->waiting = 0;
   e->waited = NULL;
   lpar_loop_givesignals(&e->loop);
   if (status != LUA_OK)

@@ -89,14 +89,12 @@ typedef struct Engine {
   long long pns;      /* ns the caller spent taking results */
   long long pitems;   /* results those ns were spent on */
   long long stored;   /* results stored, all jobs (failures too) */
-  int waiting;        /* a blocking wait owns SIGINT (and SIGTERM) */
   int interrupted;    /* the signal that ended a wait, 0 if none */
   int ended;          /* a job failed or was cancelled */
   int vacated;        /* a place was emptied since the pump looked */
   struct Job *waited; /* the job a blocking wait is for, or NULL */
   int from;           /* the host whose frame is handled (0: none) */
   int brokencode;     /* the kind (kind.h) of what broke it (EU_BROKEN) */
-  int initcode;       /* ... of the first worker init's failure */
   int chld;           /* depth of the calls that made SIGCHLD deliverable */
   int heldchld;       /* the caller ignored SIGCHLD: oldchld is its action */
   struct sigaction oldchld;

@@ -137,7 +137,6 @@ static int errorframe(Ctx *c, EWorker *w, const char *p, size_t len,
   if (i == 0 && w->state == W_STARTING) {
     lpar_worker_failure(L, "worker init failed: ");
     lua_rawseti(L, c->uv, EU_INITERR);
-    c->e->initcode = LPAR_KINIT;
     return 0; /* it leaves: lpar_place_lose() follows at end of file */
   }
   if (w->state != W_BUSY) {

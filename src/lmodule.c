@@ -147,7 +147,7 @@ static lua_Integer checkargs(lua_State *L, RunOpts *o) {
   lpar_opts_hook(L, 3, "init");
   lpar_opts_hook(L, 3, "close");
   lpar_opts_progress(L, 3);
-  lpar_opts_onevent(L, 3);
+  lpar_opts_hook(L, 3, "on_event");
   lua_remove(L, 3);
   if (n >= 0 && o->nworkers > n)
     o->nworkers = (int)n;

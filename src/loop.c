@@ -192,10 +192,6 @@ int lpar_loop_caught(void) {
   return caught;
 }
 
-void lpar_loop_uncatch(void) {
-  caught = 0;
-}
-
 void lpar_loop_holdsignals(SignalHold *h, const int *sigs, int n) {
   struct sigaction sa;
   sigset_t set;

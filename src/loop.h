@@ -112,8 +112,7 @@ volatile sig_atomic_t *lpar_loop_caughtflag(void);
    0, or -errno. */
 int lpar_loop_catch(int sig);
 
-/* The last signal caught, 0 if none; lpar_loop_uncatch forgets it. */
+/* The last signal caught, 0 if none. */
 int lpar_loop_caught(void);
-void lpar_loop_uncatch(void);
 
 #endif

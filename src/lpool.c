@@ -332,7 +332,7 @@ static int pool_submit(lua_State *L) {
   getjobopts(L, 4, &o, 0);
   lpar_opts_progress(L, 4); /* 5 */
   o.progress = lua_isnil(L, 5) ? 0 : 5;
-  lpar_opts_onevent(L, 4); /* 6 */
+  lpar_opts_hook(L, 4, "on_event"); /* 6 */
   o.onevent = lua_isnil(L, 6) ? 0 : 6;
   lpar_engine_submit(L, 1, 2, 3, n, &o);
   return 1;
@@ -381,7 +381,7 @@ static int pool_imap(lua_State *L) {
   luaL_argcheck(L, lua_isnil(L, 6) || (o.batched && lua_isfunction(L, 6)), 4,
                 "slice must be a function, with batched");
   o.slice = lua_isnil(L, 6) ? 0 : 6;
-  lpar_opts_onevent(L, 4); /* 7 */
+  lpar_opts_hook(L, 4, "on_event"); /* 7 */
   o.onevent = lua_isnil(L, 7) ? 0 : 7;
   lpar_engine_submit(L, 1, 2, 3, n, &o); /* 8 */
   lua_pushvalue(L, 8);

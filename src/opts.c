@@ -208,16 +208,6 @@ static int drawbar(lua_State *L) {
   return 0;
 }
 
-void lpar_opts_onevent(lua_State *L, int arg) {
-  int t = LUA_TNIL;
-  if (lua_type(L, arg) == LUA_TTABLE)
-    t = lua_getfield(L, arg, "on_event");
-  else
-    lua_pushnil(L);
-  if (t != LUA_TNIL && t != LUA_TFUNCTION)
-    luaL_argerror(L, arg, "on_event must be a function");
-}
-
 void lpar_opts_progress(lua_State *L, int arg) {
   int t;
   if (lua_type(L, arg) != LUA_TTABLE) {

@@ -44,10 +44,6 @@ lua_Integer lpar_opts_itemcount(lua_State *L, int idx);
    progress line on stderr. Raises on any other value. */
 void lpar_opts_progress(lua_State *L, int arg);
 
-/* Push opts.on_event of the options at 'arg' (nil if none, or if they are
-   not a table); raises if it is not a function. */
-void lpar_opts_onevent(lua_State *L, int arg);
-
 /* most times a failed item is run again */
 #if !defined(LPAR_MAXRETRIES)
 #define LPAR_MAXRETRIES 1000000

@@ -319,7 +319,6 @@ void lpar_place_lose(Ctx *c, EWorker *w, int force, const char *why, int code) {
         lua_pushfstring(L, "worker init timed out after %s s",
                         lpar_proc_secs(e->o.timeout, secs, sizeof secs));
         lua_rawseti(L, c->uv, EU_INITERR);
-        e->initcode = LPAR_KINIT;
       }
       lua_pop(L, 1);
     }
@@ -328,7 +327,6 @@ void lpar_place_lose(Ctx *c, EWorker *w, int force, const char *why, int code) {
       if (lua_rawgeti(L, c->uv, EU_INITERR) == LUA_TNIL) {
         lua_pushfstring(L, "worker init failed: worker %d %s", (int)pid, why);
         lua_rawseti(L, c->uv, EU_INITERR);
-        e->initcode = LPAR_KINIT;
       }
       lua_pop(L, 1);
     }
@@ -342,7 +340,7 @@ void lpar_place_lose(Ctx *c, EWorker *w, int force, const char *why, int code) {
         lua_pushfstring(L, "workers keep dying (worker %d %s)", (int)pid, why);
       }
       else
-        code = e->initcode;
+        code = LPAR_KINIT;
       lpar_place_breakengine(c, code);
     }
     else
