@@ -312,4 +312,27 @@ end
       assert.matches("lpar: %-%-events and " .. opt:gsub("%-", "%%-") .. " name one file", err)
     end
   end)
+
+  it("gives the seconds of records run on a host", function()
+    -- a host whose agent runs on this machine ('env' as its command)
+    local ev = tmpname()
+    local spin = "function(s) local t = os.clock() while os.clock() - t < 0.2 do end return s end"
+    local code, out, err = H.lpar(("-S 1/env --remote-lpar %s --events %s -e %s -")
+                                  :format(H.quote(H.cli), ev, H.quote(spin)), "a\nb\n", 60)
+    assert.equal(0, code, err)
+    assert.equal("a\nb\n", out)
+    local ends = 0
+    for secs in H.readfile(ev):gmatch('"event":"end".-"seconds":([%d.]+)') do
+      ends = ends + 1
+      assert.is_true(tonumber(secs) >= 0.1, secs)
+    end
+    assert.equal(2, ends)
+  end)
+
+  it("fails the run, naming the file, when its events cannot be written", function()
+    local code, out, err = H.lpar(("--events /dev/full %supper.lua -"):format(FIX), "a\nb\n", 30)
+    assert.equal(1, code)
+    assert.equal("A\nB\n", out)
+    assert.matches("lpar: cannot write /dev/full: ", err, 1, true)
+  end)
 end)

@@ -523,6 +523,8 @@ function M.parse(argv, cpus, size)
     if o.script == ":::" then return nil, "no script given before ':::'" end
     o.at = i
   end
+  -- records are timed for the joblog and --events (here and on hosts)
+  o.timed = o.joblog ~= nil or o.events ~= nil
   o.last = #argv
   for k = o.at + 1, #argv do
     if argv[k] == ":::" then
@@ -1533,7 +1535,7 @@ function M.workerfns(o, c, map, init, close)
   -- with --halt ...,fail=: a batch ends at its first failure (the rest
   -- goes back), so that lpar sees each failure as it comes
   local batchf = M.batcher(map, fmt, o.nul, (halt and halt.what == "fail") == true,
-                           o.joblog ~= nil or o.events ~= nil, c, o.maxmem, M.labeller(o))
+                           o.timed, c, o.maxmem, M.labeller(o))
   return function()
     isolate()
     if init then init() end
@@ -1563,7 +1565,7 @@ function M.inputline(o)
 end
 
 -- The options a host's agent needs to make the same worker functions.
-local agentkeys = {"json", "colsep", "tag", "nul", "halt", "joblog", "maxmem", "nulout",
+local agentkeys = {"json", "colsep", "tag", "nul", "halt", "timed", "maxmem", "nulout",
                    "number", "shard", "lines"}
 
 -- The setup a host's agent gets (see M.agent): the script, its
@@ -1653,7 +1655,7 @@ end
 function M.run(o, c, reader, counter, map, init, close)
   local lpar = require "lpar"
   local nul, halt, retries = o.nul, o.halt, o.retries or 0
-  local logging = o.joblog ~= nil or o.events ~= nil
+  local logging = o.timed
   local events -- the --events file
   local winit, wclose, batchf = M.workerfns(o, c, map, init, close)
   -- One pool of workers for the whole input, started as work comes: one
@@ -1815,29 +1817,30 @@ function M.run(o, c, reader, counter, map, init, close)
     return s, t
   end
 
+  -- The start and end of one try of record 'line' in --events ('first':
+  -- the first line of its failure, if it failed).
+  local function evpair(line, attempt, st, secs, status, first, kind)
+    local h = M.jsonhost[host]
+    local done, werr = events:write(M.eventline(real(line), "start", nil, attempt, h, st),
+      M.eventline(real(line), "end", status, attempt, h, st + (secs or 0), secs or 0, first,
+                  first and (kind or "error")))
+    if not done then error(("cannot write %s: %s"):format(o.events, werr), 0) end
+  end
+
   local function logline(line, status, secs, attempt, e, how, kind)
     if not logging then return end
-    local st = began(secs)
+    local st, first = began(secs), e and M.firstline(e)
     if o.joblog then
       lines[#lines + 1] = ("%d\t%s\t%.6f\t%d\t%.3f\t%s\t%s\n"):format(real(line), status, secs or 0,
-        attempt, st, host, e and M.firstline(e) or "")
+        attempt, st, host, first or "")
     end
-    if events then
-      local h = M.jsonhost[host]
-      events:write(M.eventline(real(line), "start", nil, attempt, h, st),
-                   M.eventline(real(line), "end", how or status, attempt, h, st + (secs or 0), secs or 0,
-                               e and M.firstline(e), e and (kind or "error")))
-    end
+    if events then evpair(line, attempt, st, secs, how or status, first, kind) end
   end
 
   -- A try of record 'line' that failed and ran again: only --events
   -- tells of it (the joblog has a line per record).
   local function tried(line, secs, attempt, e, status, kind)
-    local st = began(secs)
-    local h = M.jsonhost[host]
-    events:write(M.eventline(real(line), "start", nil, attempt, h, st),
-                 M.eventline(real(line), "end", status or "failed", attempt, h, st + (secs or 0), secs or 0,
-                             M.firstline(e), kind or "error"))
+    evpair(line, attempt, began(secs), secs, status or "failed", M.firstline(e), kind)
   end
 
   -- Whether --halt's condition holds with 'nfailed' and 'nok' records.
@@ -2098,7 +2101,10 @@ function M.run(o, c, reader, counter, map, init, close)
     if ok and not closed then ok, err = false, caught(cerr) end
   end
   if prog then prog.finish() end
-  if events then events:close() end
+  if events then
+    local closed, cerr = events:close()
+    if ok and not closed then ok, err = false, caught(("cannot write %s: %s"):format(o.events, cerr)) end
+  end
   if ok and o.again and o.again.marked and o.output and c.caught() == 0 then
     -- the output now holds the lines run again too: a later --resume
     -- keeps them, and goes on from the same line as before
