@@ -461,3 +461,32 @@ describe("lpar and the memory of long records left out of a fork", function()
     end
   end)
 end)
+
+describe("lpar and a long line of a file run again", function()
+  it("keeps it out of the parent when it is retried whole", function()
+    local items, script, marker = tmpname(), tmpname(), tmpname()
+    os.remove(marker)
+    local size = 50 * 1000 * 1000
+    writefile(items, ("y"):rep(size) .. "\nb\n")
+    -- the long line fails its first try; each record reports lpar's VmHWM (kB)
+    writefile(script, ([[
+      return function(s)
+        if #s > 1000 and not io.open(%q) then
+          io.open(%q, "w"):close()
+          error("first try")
+        end
+        local ppid = io.open("/proc/self/stat"):read("a"):match("^%%d+ %%b() %%a (%%d+)")
+        local f = io.open("/proc/" .. ppid .. "/status")
+        local hwm = f:read("a"):match("VmHWM:%%s*(%%d+)")
+        f:close()
+        return #s .. " " .. hwm
+      end]]):format(marker, marker))
+    local code, out, err = H.lpar(("-j1 --retries 1 %s %s"):format(script, items), nil)
+    assert.equal(0, code, err)
+    local n, parent = out:match("^(%d+) (%d+)\n1 %d+\n$")
+    assert.equal(tostring(size), n, out)
+    if not os.getenv("ASAN_OPTIONS") then -- quarantine: peaks mean nothing there
+      assert.is_true(tonumber(parent) * 1024 <= 0.5 * size, "parent VmHWM " .. parent .. " kB")
+    end
+  end)
+end)

@@ -396,20 +396,25 @@ static void tellend(Ctx *c, Job *j, int juv, lua_Integer i, int eidx, int code,
 */
 
 /* Cut records from..to (run for the 'attempt'th time) of the batch at
-   'bidx' as a new part, child of the node at 'nidx' whose root is item
-   'root'. 0, or -1 with the job failed (slice raised). */
+   'bidx', of n records, as a new part, child of the node at 'nidx' whose
+   root is item 'root' (all of it: the batch itself, not cut). 0, or -1
+   with the job failed (slice raised). */
 static int addpart(Ctx *c, Job *j, int juv, int bidx, int nidx,
                    lua_Integer root, lua_Integer from, lua_Integer to,
-                   lua_Integer attempt) {
+                   lua_Integer n, lua_Integer attempt) {
   lua_State *L = c->L;
   lua_Integer kid = KIDBASE + j->nkids + 1;
-  lua_rawgeti(L, juv, JU_SLICE);
-  lua_pushvalue(L, bidx);
-  lua_pushinteger(L, from);
-  lua_pushinteger(L, to);
-  if (lua_pcall(L, 3, 1, 0) != LUA_OK) {
-    lpar_job_fail(c, j, NULL, lpar_kind_code(L, -1));
-    return -1;
+  if (from == 1 && to == n)
+    lua_pushvalue(L, bidx);
+  else {
+    lua_rawgeti(L, juv, JU_SLICE);
+    lua_pushvalue(L, bidx);
+    lua_pushinteger(L, from);
+    lua_pushinteger(L, to);
+    if (lua_pcall(L, 3, 1, 0) != LUA_OK) {
+      lpar_job_fail(c, j, NULL, lpar_kind_code(L, -1));
+      return -1;
+    }
   }
   j->nkids++;
   lua_rawgeti(L, juv, JU_INFLIGHT);
@@ -465,7 +470,7 @@ static lua_Integer addparts(Ctx *c, Job *j, int juv, const int idx[4],
   /* cnt: records failed for good, records in parts */
 #define PART(from, to, a)                                                      \
   do {                                                                         \
-    if (addpart(c, j, juv, bidx, nidx, root, from, to, a) != 0)                \
+    if (addpart(c, j, juv, bidx, nidx, root, from, to, n, a) != 0)             \
       return -1;                                                               \
     made++;                                                                    \
     cnt[1] += (to) - (from) + 1;                                               \
