@@ -98,4 +98,20 @@ static inline void lpar_buf_free(Buf *b) {
   b->n = b->cap = 0;
 }
 
+/* a buffer that grew past this is freed once its bytes are done with,
+   not kept for the next frame (so that a long item or result is not
+   held twice) */
+#if !defined(LPAR_KEEPBUF)
+#define LPAR_KEEPBUF ((size_t)4 * 1024 * 1024)
+#endif
+
+/* Free b, whose bytes are done with, if it grew past LPAR_KEEPBUF: 1 if
+   it did, else 0 (kept as it is). */
+static inline int lpar_buf_shed(Buf *b) {
+  if (b->cap <= LPAR_KEEPBUF)
+    return 0;
+  lpar_buf_free(b);
+  return 1;
+}
+
 #endif

@@ -279,7 +279,7 @@ void lpar_engine_start(lua_State *L, int idx) {
     if (status != LUA_OK)
       break;
     if (lua_rawgeti(L, c.uv, EU_BROKEN) != LUA_TNIL)
-      break;
+      break; /* the reason stays on the stack */
     lua_pop(L, 1);
     for (i = 0; i < e->o.n; i++)
       starting += e->w[i].state == W_STARTING;
@@ -611,7 +611,7 @@ static int emit(lua_State *L, Job *j, int uv, lua_Integer i) {
   lua_pushinteger(L, i);
   lua_rawgeti(L, -3, i);
   if (lua_rawgeti(L, -3, i) != LUA_TNIL) /* its kind */
-    code = lpar_job_takekind(L, uv, i);
+    code = lpar_job_kind(L, uv, i, 1);
   lua_pushnil(L);
   lua_rawseti(L, -6, i);
   lua_pushnil(L);
@@ -667,12 +667,8 @@ int lpar_engine_itemkind(lua_State *L, int jidx, lua_Integer i) {
   int code = 0, top = lua_gettop(L);
   lua_getiuservalue(L, jidx, 1);
   if (lua_rawgeti(L, top + 1, JU_ERRORS) == LUA_TTABLE &&
-      lua_rawgeti(L, top + 2, i) != LUA_TNIL) {
-    code = LPAR_KERROR;
-    if (lua_rawgeti(L, top + 1, JU_KINDS) == LUA_TTABLE &&
-        lua_rawgeti(L, -1, i) == LUA_TNUMBER)
-      code = (int)lua_tointeger(L, -1);
-  }
+      lua_rawgeti(L, top + 2, i) != LUA_TNIL)
+    code = lpar_job_kind(L, top + 1, i, 0);
   lua_settop(L, top);
   return code;
 }

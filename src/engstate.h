@@ -178,11 +178,6 @@ typedef struct Job {
 /* after SIGTERM for a timeout, SIGKILL follows this much later (ns) */
 #define KILLGRACE 500000000LL
 
-/* a send buffer larger than this is freed once all of it is sent */
-#if !defined(LPAR_KEEPOUT)
-#define LPAR_KEEPOUT (4 * 1024 * 1024)
-#endif
-
 /* a worker that may be past a deadline soon (one not yet in its init,
    one between items) is looked at again at least this often (ns) */
 #if !defined(LPAR_LOOKNS)
@@ -293,7 +288,7 @@ int lpar_job_mayblock(const Job *j);
 luaL_Stream *lpar_job_fileiter(lua_State *L, int idx, int *fd);
 int lpar_job_askiter(Ctx *c, Job *j, int juv);
 lua_Integer lpar_job_pull(Ctx *c, Job *j, int juv, EWorker *w, lua_Integer max);
-int lpar_job_takekind(lua_State *L, int juv, lua_Integer i);
+int lpar_job_kind(lua_State *L, int juv, lua_Integer i, int take);
 lua_Integer lpar_job_partsize(Ctx *c, int juv, lua_Integer k);
 int lpar_job_putitems(Ctx *c, Job *j, int tidx, EWorker *w, lua_Integer first,
                       lua_Integer count);

@@ -270,11 +270,6 @@ static int ringframe(Ctx *c, EWorker *w, const char *p) {
   return 0;
 }
 
-/* a read buffer larger than this is freed once its frames are handled */
-#if !defined(LPAR_KEEPRESULTS)
-#define LPAR_KEEPRESULTS (4 * 1024 * 1024)
-#endif
-
 /* Handle the whole frames w has sent; -1 if w is gone meanwhile. */
 static int frames(Ctx *c, EWorker *w) {
   size_t at = 0;
@@ -303,8 +298,8 @@ static int frames(Ctx *c, EWorker *w) {
   }
   lpar_buf_drop(&w->in, at);
   /* a long result, decoded, is not kept twice while it is written */
-  if (w->in.n == 0 && w->in.cap > LPAR_KEEPRESULTS)
-    lpar_buf_free(&w->in);
+  if (w->in.n == 0)
+    lpar_buf_shed(&w->in);
   return 0;
 }
 

@@ -339,13 +339,8 @@ static void tellend(Ctx *c, Job *j, int juv, lua_Integer i, int eidx, int code,
                     lua_Integer ok, lua_Integer failed, lua_Integer again) {
   lua_State *L = c->L;
   int ev = newevent(c, j, juv, i, 0);
-  if (!lua_isnil(L, eidx) && code == 0) {
-    code = LPAR_KERROR;
-    if (lua_rawgeti(L, juv, JU_KINDS) == LUA_TTABLE &&
-        lua_rawgeti(L, -1, i) == LUA_TNUMBER)
-      code = (int)lua_tointeger(L, -1);
-    lua_settop(L, ev);
-  }
+  if (!lua_isnil(L, eidx) && code == 0)
+    code = lpar_job_kind(L, juv, i, 0);
   lua_pushstring(L, lua_isnil(L, eidx) ? "ok" : endstatus(code));
   lua_setfield(L, ev, "status");
   if (!lua_isnil(L, eidx)) {
@@ -628,7 +623,7 @@ static int adopt(Ctx *c, Job *j, int juv, lua_Integer i) {
   lua_pushvalue(L, idx[1]);
   lua_setfield(L, idx[3], "error");
   if (!lua_isnil(L, idx[1])) {
-    lpar_kind_push(L, lpar_job_takekind(L, juv, i));
+    lpar_kind_push(L, lpar_job_kind(L, juv, i, 1));
     lua_setfield(L, idx[3], "detail");
     lua_setfield(L, idx[3], "kind");
   }
@@ -1031,6 +1026,22 @@ int lpar_job_askiter(Ctx *c, Job *j, int juv) {
   return 1;
 }
 
+/* Encode item i, on top, into w->out and pop it: 0; or -1 with the job
+   failed, naming the item. */
+static int encodeitem(Ctx *c, Job *j, EWorker *w, lua_Integer i) {
+  lua_State *L = c->L;
+  if (lpar_codec_encode(L, -1, &w->out) != 0) {
+    lua_pushfstring(L, "item %I: cannot send item: %s", (LUAI_UACINT)i,
+                    lua_tostring(L, -1));
+    lua_replace(L, -3);
+    lua_pop(L, 1);
+    lpar_job_fail(c, j, NULL, LPAR_KERROR);
+    return -1;
+  }
+  lua_pop(L, 1);
+  return 0;
+}
+
 /*
 ** Pull up to 'max' fresh items of stream j (uservalue at juv) into w->out;
 ** returns how many, or -1 if the job failed (the iterator raised, or an
@@ -1038,37 +1049,32 @@ int lpar_job_askiter(Ctx *c, Job *j, int juv) {
 */
 lua_Integer lpar_job_pull(Ctx *c, Job *j, int juv, EWorker *w,
                           lua_Integer max) {
-  lua_State *L = c->L;
   lua_Integer k = 0;
   while (k < max && !j->exhausted && !j->pending && lpar_job_room(j) > 0 &&
          !(lpar_job_mayblock(j) && lpar_job_emittable(j))) {
     int rc = lpar_job_askiter(c, j, juv);
     if (rc <= 0)
       return rc < 0 ? -1 : k;
-    if (lpar_codec_encode(L, -1, &w->out) != 0) {
-      lua_pushfstring(L, "item %I: cannot send item: %s", (LUAI_UACINT)j->n,
-                      lua_tostring(L, -1));
-      lua_replace(L, -3);
-      lua_pop(L, 1);
-      lpar_job_fail(c, j, NULL, LPAR_KERROR);
+    if (encodeitem(c, j, w, j->n) != 0)
       return -1;
-    }
-    lua_pop(L, 1);
     k++;
   }
   return k;
 }
 
 /* The kind code of failed item i of the job whose uservalue is at 'juv'
-   (LPAR_KERROR if none was kept), taken out of the job's kinds. */
-int lpar_job_takekind(lua_State *L, int juv, lua_Integer i) {
+   (LPAR_KERROR if none was kept); with 'take', taken out of the job's
+   kinds. */
+int lpar_job_kind(lua_State *L, int juv, lua_Integer i, int take) {
   int code = LPAR_KERROR;
   if (lua_rawgeti(L, juv, JU_KINDS) == LUA_TTABLE) {
     if (lua_rawgeti(L, -1, i) == LUA_TNUMBER)
       code = (int)lua_tointeger(L, -1);
     lua_pop(L, 1);
-    lua_pushnil(L);
-    lua_rawseti(L, -2, i);
+    if (take) {
+      lua_pushnil(L);
+      lua_rawseti(L, -2, i);
+    }
   }
   lua_pop(L, 1);
   return code;
@@ -1093,15 +1099,8 @@ int lpar_job_putitems(Ctx *c, Job *j, int tidx, EWorker *w, lua_Integer first,
   lua_Integer i;
   for (i = first; i < first + count; i++) {
     lua_geti(L, tidx, i);
-    if (lpar_codec_encode(L, -1, &w->out) != 0) {
-      lua_pushfstring(L, "item %I: cannot send item: %s", (LUAI_UACINT)i,
-                      lua_tostring(L, -1));
-      lua_replace(L, -3);
-      lua_pop(L, 1);
-      lpar_job_fail(c, j, NULL, LPAR_KERROR);
+    if (encodeitem(c, j, w, i) != 0)
       return -1;
-    }
-    lua_pop(L, 1);
   }
   return 0;
 }

@@ -418,10 +418,8 @@ int lpar_place_sendsome(Engine *e, EWorker *w) {
     return lpar_loop_start(&e->loop, &w->cmdw, w->proc.cmdfd, EPOLLOUT);
   if (w->outpos == w->out.n) {
     lpar_loop_stop(&e->loop, &w->cmdw);
-    if (w->out.cap > LPAR_KEEPOUT) {
-      lpar_buf_free(&w->out); /* a long item, sent: not held until the next */
+    if (lpar_buf_shed(&w->out)) /* a long item, sent */
       w->outpos = 0;
-    }
   }
   return 0;
 }

@@ -161,11 +161,6 @@ void lpar_worker_failure(lua_State *L, const char *prefix) {
   lua_pop(L, 1); /* traceback */
 }
 
-/* a frame buffer larger than this is freed once its items are decoded */
-#if !defined(LPAR_KEEPFRAME)
-#define LPAR_KEEPFRAME (4 * 1024 * 1024)
-#endif
-
 typedef struct WState {
   const WorkerArgs *a;
   Runner r;
@@ -936,9 +931,8 @@ static void items(WState *ws, const Frame *f) {
       failed = decodeitem(ws, first + k, &pos);
     /* a large frame, all decoded, is not kept while its items run (so
        that one long item costs twice its size here, not three times) */
-    if (f->type == LPAR_FITEMS && k + 1 == (lua_Integer)f->count &&
-        ws->in.cap > LPAR_KEEPFRAME)
-      lpar_buf_free(&ws->in);
+    if (f->type == LPAR_FITEMS && k + 1 == (lua_Integer)f->count)
+      lpar_buf_shed(&ws->in);
     if (!failed)
       failed = lpar_worker_runitem(&ws->r, first + k);
     if (failed && !(ws->flags & LPAR_CALLCOLLECT))
