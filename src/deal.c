@@ -386,9 +386,9 @@ static double slotestimate(Engine *e, long long now) {
   return est;
 }
 
-/* For an engine that starts workers on demand, whether to start another
-   now: 0 yes, -1 no, else ask again in this many ms (see
-   lpar_policy_spawn). */
+/* For an engine that starts workers on demand: the job another worker
+   would serve now (none busy takes more, and a job has items to hand
+   out), or NULL. lpar_deal_spawnwait says whether to start it yet. */
 Job *lpar_deal_canspawn(Ctx *c) {
   Engine *e = c->e;
   Job *j;

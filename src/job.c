@@ -737,7 +737,7 @@ void lpar_job_store(Ctx *c, Job *j, int juv, lua_Integer i) {
 ** Item i of job j failed with the error value and traceback at the top of
 ** the stack (both popped), of kind 'code' (kind.h): run again if it has
 ** retries left, recorded when collecting, else the job fails with "item
-** i: <message>\n<traceback>". 'self' as for endjob.
+** i: <message>\n<traceback>". 'self' as for lpar_job_end.
 */
 void lpar_job_itemfailed(Ctx *c, Job *j, lua_Integer i, EWorker *self,
                          int code) {

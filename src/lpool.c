@@ -443,9 +443,6 @@ static int job_wait(lua_State *L) {
   return lpar_engine_results(L, 1);
 }
 
-/* job:cancel() -> true if it was running: its items are no longer handed
-   out and workers running them are killed and replaced. wait() then
-   raises "cancelled". */
 /*
 ** job:halt() -> whether it was running: an imap job hands out nothing
 ** more, its workers stop between the records of their batches, and it
@@ -460,6 +457,9 @@ static int job_halt(lua_State *L) {
   return 1;
 }
 
+/* job:cancel() -> true if it was running: its items are no longer handed
+   out and workers running them are killed and replaced. wait() then
+   raises "cancelled". */
 static int job_cancel(lua_State *L) {
   Job *j = checkjob(L, 1);
   lua_settop(L, 1);

@@ -1138,7 +1138,6 @@ typedef struct Reader {
   int eof;          /* read returned 0 */
   char *buf;        /* unread bytes are buf[pos, len) */
   size_t cap, pos, len;
-  int mapped; /* buf is a mapping of its own (see bigrealloc) */
   /* a record that cannot be read (too long) is raised only after the
      records before it: 'defer' is set as it is raised (1: they end at
      the last separator buffered, 2: at pos), 'failmsg' keeps the
@@ -1406,7 +1405,7 @@ static size_t rlimitshare(int which, size_t used, size_t times) {
 */
 static size_t recordlimit(Reader *r, size_t here, const char **why) {
   size_t lim = SIZE_MAX, avail = memavailable(), share;
-  size_t times = r->ranges ? 2 : 4, mine = r->mapped ? r->cap : 0;
+  size_t times = r->ranges ? 2 : 4, mine = r->cap >= LPAR_BUFMAP ? r->cap : 0;
   size_t size = selfstatus("VmSize"), data = selfstatus("VmData");
   *why = NULL;
   if (avail > 0 && (avail + here) / 3 < lim) {
@@ -1462,7 +1461,6 @@ static void toolong(lua_State *L, Reader *r, size_t size, size_t lim,
 static void freebuf(Reader *r) {
   bigrealloc(r->buf, r->cap, 0);
   r->buf = NULL;
-  r->mapped = 0;
 }
 
 /*
@@ -1477,7 +1475,6 @@ static int resizebuf(Reader *r, size_t cap) {
     return -1;
   r->buf = p;
   r->cap = cap;
-  r->mapped = cap >= LPAR_BUFMAP;
   return 0;
 }
 
@@ -2115,7 +2112,6 @@ static int l_open(lua_State *L) {
       r->owns == NULL)
     return raisef(L, "not enough memory");
   r->cap = tlen > LPAR_READSIZE ? tlen : LPAR_READSIZE;
-  r->mapped = r->cap >= LPAR_BUFMAP;
   r->sep = nul ? '\0' : '\n';
   r->shardk = k;
   r->shardn = shards;
@@ -2178,6 +2174,8 @@ fail:
   lua_insert(L, -2);
   return 2;
 }
+
+#define BOXMT "lpar.box"
 
 /* __gc of a box holding a malloc'd buffer (or NULL) */
 static int freebox(lua_State *L) {
@@ -2247,9 +2245,10 @@ static int l_split(lua_State *L) {
     /* the pushes below may raise (memory): the buffer goes in a box */
     char **box = lua_newuserdatauv(L, sizeof(char *), 0);
     *box = NULL;
-    lua_newtable(L);
-    lua_pushcfunction(L, freebox);
-    lua_setfield(L, -2, "__gc");
+    if (luaL_newmetatable(L, BOXMT)) {
+      lua_pushcfunction(L, freebox);
+      lua_setfield(L, -2, "__gc");
+    }
     lua_setmetatable(L, -2);
     range = *box = readrange(L, 1, &len);
     lua_insert(L, 3); /* the box stays below t */
