@@ -9,9 +9,11 @@
 #define lpar_buf_h
 
 #include <errno.h>
+#include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
+#include <unistd.h>
 
 /* a buffer at least this large is its own mapping */
 #if !defined(LPAR_BUFMAP)
@@ -24,6 +26,70 @@ typedef struct Buf {
   size_t cap; /* bytes allocated */
 } Buf;
 
+/*
+** Resize block p of osize bytes to nsize (0: free it; p NULL: a new one),
+** keeping its bytes: the block, or NULL (p as it was). A block of
+** LPAR_BUFMAP bytes or more is a mapping of its own, grown by mremap
+** (which moves pages, never copies them); smaller ones come from malloc.
+** Only such a mapping may be left out of a fork (lpar_buf_dontfork): once
+** it is unmapped nothing else lives at its pages, whereas memory from
+** malloc is handed out again, and a worker forked later would miss what
+** was put there.
+*/
+static inline void *lpar_buf_realloc(void *p, size_t osize, size_t nsize) {
+  int wasbig = p != NULL && osize >= LPAR_BUFMAP, big = nsize >= LPAR_BUFMAP;
+  void *q;
+  if (nsize == 0) {
+    if (wasbig)
+      munmap(p, osize);
+    else
+      free(p);
+    return NULL;
+  }
+  if (!wasbig && !big)
+    return realloc(p, nsize);
+  if (wasbig && big) {
+    q = mremap(p, osize, nsize, MREMAP_MAYMOVE);
+    return q == MAP_FAILED ? NULL : q;
+  }
+  if (big) {
+    q = mmap(NULL, nsize, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS,
+             -1, 0);
+    if (q == MAP_FAILED)
+      return NULL;
+  }
+  else if ((q = malloc(nsize)) == NULL)
+    return NULL;
+  if (p != NULL) {
+    memcpy(q, p, osize < nsize ? osize : nsize);
+    lpar_buf_realloc(p, osize, 0);
+  }
+  return q;
+}
+
+/*
+** A process forked from now on does not get the whole pages of
+** [p, p + n), a block of LPAR_BUFMAP bytes or more made by
+** lpar_buf_realloc (a smaller one shares the heap and is left alone). The
+** partial pages at both ends stay: a Lua string's header lies before its
+** bytes. The child must not use the block.
+*/
+static inline void lpar_buf_dontfork(const void *p, size_t n) {
+#if defined(MADV_DONTFORK)
+  uintptr_t page, from, to;
+  if (n < LPAR_BUFMAP)
+    return;
+  page = (uintptr_t)sysconf(_SC_PAGESIZE);
+  from = ((uintptr_t)p + page - 1) & ~(page - 1);
+  to = ((uintptr_t)p + n) & ~(page - 1);
+  if (to > from)
+    madvise((void *)from, to - from, MADV_DONTFORK);
+#else
+  (void)p;
+  (void)n;
+#endif
+}
+
 /* Make room for 'extra' more bytes; 0 or -ENOMEM. */
 static inline int lpar_buf_reserve(Buf *b, size_t extra) {
   if (extra > b->cap - b->n) {
@@ -33,23 +99,7 @@ static inline int lpar_buf_reserve(Buf *b, size_t extra) {
       return -ENOMEM;
     while (want - b->n < extra)
       want *= 2;
-    if (want < LPAR_BUFMAP)
-      p = realloc(b->p, want);
-    else if (b->cap >= LPAR_BUFMAP) {
-      p = mremap(b->p, b->cap, want, MREMAP_MAYMOVE);
-      p = p == MAP_FAILED ? NULL : p;
-    }
-    else {
-      p = mmap(NULL, want, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS,
-               -1, 0);
-      p = p == MAP_FAILED ? NULL : p;
-      if (p != NULL) {
-        if (b->n > 0)
-          memcpy(p, b->p, b->n);
-        free(b->p);
-      }
-    }
-    if (p == NULL)
+    if ((p = lpar_buf_realloc(b->p, b->cap, want)) == NULL)
       return -ENOMEM;
     b->p = p;
     b->cap = want;
@@ -75,25 +125,15 @@ static inline void lpar_buf_drop(Buf *b, size_t n) {
   }
 }
 
-/*
-** A process forked from now on does not get b's bytes (a buffer of
-** LPAR_BUFMAP bytes or more; a smaller one shares the heap and is left
-** alone). The child must not use b: it sees b's fields, not its pages.
-*/
+/* A process forked from now on does not get b's bytes (see
+   lpar_buf_dontfork). The child must not use b: it sees b's fields, not
+   its pages. */
 static inline void lpar_buf_nofork(Buf *b) {
-#if defined(MADV_DONTFORK)
-  if (b->cap >= LPAR_BUFMAP)
-    madvise(b->p, b->cap, MADV_DONTFORK);
-#else
-  (void)b;
-#endif
+  lpar_buf_dontfork(b->p, b->cap);
 }
 
 static inline void lpar_buf_free(Buf *b) {
-  if (b->cap >= LPAR_BUFMAP)
-    munmap(b->p, b->cap);
-  else
-    free(b->p);
+  lpar_buf_realloc(b->p, b->cap, 0);
   b->p = NULL;
   b->n = b->cap = 0;
 }

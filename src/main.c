@@ -296,6 +296,10 @@ static void drain(void) {
         atomic_store(&out.err, e);
     }
     out.n = 0;
+    if (out.cap > LPAR_KEEPBUF) { /* a long result, written: not kept */
+      out.p = lpar_buf_realloc(out.p, out.cap, 0);
+      out.cap = 0;
+    }
     if (out.shared)
       out.bardirty = 1;
   }
@@ -416,9 +420,10 @@ static int reserve(char **p, size_t n, size_t *cap, size_t need) {
     char *q;
     while (c - n < need)
       c *= 2;
-    q = realloc(*p, c);
+    q = lpar_buf_realloc(*p, *cap, c);
     if (q == NULL)
       return -1;
+    lpar_buf_dontfork(q, c); /* a long result is no worker's business */
     *p = q;
     *cap = c;
   }
@@ -1266,77 +1271,18 @@ static void sift(Reader *r) {
   r->len = r->scan + (size_t)(end - p);
 }
 
-/*
-** Blocks of LPAR_BUFMAP bytes or more are mappings of their own: the
-** reader's buffer, and, with the command's allocator (cmdalloc), the Lua
-** strings of long records. Only such a block may be left out of a fork:
-** once it is unmapped nothing else lives at its pages, whereas memory
-** from malloc is handed out again, and a worker forked later would miss
-** whatever the parent put there. Smaller blocks come from malloc.
-*/
-static void *bigrealloc(void *p, size_t osize, size_t nsize) {
-  int wasbig = p != NULL && osize >= LPAR_BUFMAP, big = nsize >= LPAR_BUFMAP;
-  void *q;
-  if (nsize == 0) {
-    if (wasbig)
-      munmap(p, osize);
-    else
-      free(p);
-    return NULL;
-  }
-  if (!wasbig && !big)
-    return realloc(p, nsize);
-  if (wasbig && big) {
-    q = mremap(p, osize, nsize, MREMAP_MAYMOVE);
-    return q == MAP_FAILED ? NULL : q;
-  }
-  if (big) {
-    q = mmap(NULL, nsize, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS,
-             -1, 0);
-    if (q == MAP_FAILED)
-      return NULL;
-  }
-  else if ((q = malloc(nsize)) == NULL)
-    return NULL;
-  if (p != NULL) {
-    memcpy(q, p, osize < nsize ? osize : nsize);
-    bigrealloc(p, osize, 0);
-  }
-  return q;
-}
-
 /* Lua strings of long records are in mappings of their own (cmdalloc). */
 static int bigstrings;
 
 #if !LPAR_LUAJIT
 /* The allocator of the command's Lua state: Lua's own (realloc and
-   free) for small blocks, a mapping for large ones (bigrealloc). LuaJIT
+   free) for small blocks, a mapping for large ones (lpar_buf_realloc). LuaJIT
    keeps its own allocator. */
 static void *cmdalloc(void *ud, void *p, size_t osize, size_t nsize) {
   (void)ud;
-  return bigrealloc(p, p != NULL ? osize : 0, nsize);
+  return lpar_buf_realloc(p, p != NULL ? osize : 0, nsize);
 }
 #endif
-
-/*
-** A worker forked while this process holds a long record (in the
-** reader's buffer, or as the batch string sent to a worker) has no use
-** for its bytes, and would count them in its memory: the whole pages of
-** [p, p + n) are left out of a fork, for a block that is a mapping of
-** its own (n of LPAR_BUFMAP bytes or more, see bigrealloc). A worker
-** never reads them: it gets its records from its pipe. The partial pages
-** at both ends stay: they hold the block's header and its neighbours.
-*/
-static void nofork(const void *p, size_t n) {
-  uintptr_t page, from, to;
-  if (n < LPAR_BUFMAP)
-    return;
-  page = (uintptr_t)sysconf(_SC_PAGESIZE);
-  from = ((uintptr_t)p + page - 1) & ~(page - 1);
-  to = ((uintptr_t)p + n) & ~(page - 1);
-  if (to > from)
-    madvise((void *)from, to - from, MADV_DONTFORK);
-}
 
 /* MemAvailable of /proc/meminfo in bytes, or 0 if unknown. */
 static size_t memavailable(void) {
@@ -1459,18 +1405,18 @@ static void toolong(lua_State *L, Reader *r, size_t size, size_t lim,
 
 /* Free r->buf. */
 static void freebuf(Reader *r) {
-  bigrealloc(r->buf, r->cap, 0);
+  lpar_buf_realloc(r->buf, r->cap, 0);
   r->buf = NULL;
 }
 
 /*
 ** Resize r->buf to cap bytes, keeping its bytes: 0, or -1 with r->buf
 ** as it was. A long record's buffer is a mapping of its own (see
-** bigrealloc) grown by mremap, which moves its pages without copying
+** lpar_buf_realloc) grown by mremap, which moves its pages without copying
 ** them: growing it to gigabytes takes no time and never holds it twice.
 */
 static int resizebuf(Reader *r, size_t cap) {
-  void *p = bigrealloc(r->buf, r->cap, cap);
+  void *p = lpar_buf_realloc(r->buf, r->cap, cap);
   if (p == NULL)
     return -1;
   r->buf = p;
@@ -1499,7 +1445,7 @@ static void grow(lua_State *L, Reader *r) {
            r->sep == '\n' ? "line" : "item", (LUAI_UACINT)recordno(r),
            (LUAI_UACINT)size);
   }
-  nofork(r->buf, r->cap);
+  lpar_buf_dontfork(r->buf, r->cap); /* no worker reads it */
 }
 
 /*
@@ -1710,7 +1656,7 @@ static int cut(lua_State *L, Reader *r, int blocks, lua_Integer want) {
       n--;
     pushbatch(L, r, s, n);
     if (bigstrings)
-      nofork(lua_tostring(L, -1), n);
+      lpar_buf_dontfork(lua_tostring(L, -1), n); /* sent, never read */
   }
   r->held = r->nextcheck = r->clear = 0;
   r->pos += (size_t)(p - s);
@@ -2105,7 +2051,8 @@ static int l_open(lua_State *L) {
   luaL_setmetatable(L, READERMT); /* __gc frees what follows */
   r->first = malloc(LPAR_AHEAD * sizeof *r->first);
   r->size = malloc(LPAR_AHEAD * sizeof *r->size);
-  r->buf = bigrealloc(NULL, 0, tlen > LPAR_READSIZE ? tlen : LPAR_READSIZE);
+  r->buf =
+      lpar_buf_realloc(NULL, 0, tlen > LPAR_READSIZE ? tlen : LPAR_READSIZE);
   r->fds = malloc((size_t)n * sizeof *r->fds);
   r->owns = malloc((size_t)n);
   if (r->first == NULL || r->size == NULL || r->buf == NULL || r->fds == NULL ||
@@ -2585,7 +2532,7 @@ int main(int argc, char **argv) {
   }
   free(out.outname);
   free(out.logname);
-  free(out.p);
-  free(out.log);
+  lpar_buf_realloc(out.p, out.cap, 0);
+  lpar_buf_realloc(out.log, out.logcap, 0);
   return code;
 }
