@@ -2,6 +2,7 @@
 ** main.c: the lpar command. Creates the state and runs lua/lpar/cli.lua,
 ** giving it the C parts of the hot path: item reader, output, signals.
 */
+#include <assert.h>
 #include <errno.h>
 #include <fcntl.h>
 #include <poll.h>
@@ -1168,6 +1169,8 @@ typedef struct Reader {
   int rangefd;      /* what the workers read (a dup of fd, kept open) */
   off_t base;       /* ranges: the file offset of buf[0] */
   size_t held;      /* ranges: bytes of the record at buf[pos] before it */
+  size_t inflight;  /* bytes of the batch strings in 'blocks' (see
+                       LPAR_INFLIGHT) */
   size_t limit;     /* most bytes of one record (--max-memory), 0: none */
   size_t nextcheck; /* ranges: the size of a record that is checked next */
 } Reader;
@@ -1284,6 +1287,14 @@ static void *cmdalloc(void *ud, void *p, size_t osize, size_t nsize) {
 }
 #endif
 
+/* Say how many bytes of batch strings r holds, for the workers forked
+   from now on (the registry's LPAR_INFLIGHT). */
+static void setinflight(lua_State *L, Reader *r, size_t n) {
+  r->inflight = n;
+  lua_pushinteger(L, (lua_Integer)n);
+  lua_setfield(L, LUA_REGISTRYINDEX, LPAR_INFLIGHT);
+}
+
 /* MemAvailable of /proc/meminfo in bytes, or 0 if unknown. */
 static size_t memavailable(void) {
   char line[256];
@@ -1298,21 +1309,25 @@ static size_t memavailable(void) {
   return kb > SIZE_MAX / 1024 ? SIZE_MAX : (size_t)kb * 1024;
 }
 
-/* A "kB" field of /proc/self/status (VmSize, VmData) in bytes, or 0. */
-static size_t selfstatus(const char *field) {
+/* VmSize and VmData of /proc/self/status in bytes (0 if unknown), in
+   one reading. */
+static void selfsizes(size_t *size, size_t *data) {
   char line[256];
-  unsigned long long kb = 0;
-  size_t n = strlen(field);
+  unsigned long long kb;
   FILE *f = fopen("/proc/self/status", "re");
+  *size = *data = 0;
   if (f == NULL)
-    return 0;
-  while (fgets(line, sizeof line, f) != NULL)
-    if (strncmp(line, field, n) == 0 && line[n] == ':') {
-      kb = strtoull(line + n + 1, NULL, 10);
-      break;
+    return;
+  while (fgets(line, sizeof line, f) != NULL) {
+    size_t *to = strncmp(line, "VmSize:", 7) == 0   ? size
+                 : strncmp(line, "VmData:", 7) == 0 ? data
+                                                    : NULL;
+    if (to != NULL) {
+      kb = strtoull(line + 7, NULL, 10);
+      *to = kb > SIZE_MAX / 1024 ? SIZE_MAX : (size_t)kb * 1024;
     }
+  }
   fclose(f);
-  return kb > SIZE_MAX / 1024 ? SIZE_MAX : (size_t)kb * 1024;
 }
 
 /* room that the workers and this process keep under an rlimit besides
@@ -1352,7 +1367,8 @@ static size_t rlimitshare(int which, size_t used, size_t times) {
 static size_t recordlimit(Reader *r, size_t here, const char **why) {
   size_t lim = SIZE_MAX, avail = memavailable(), share;
   size_t times = r->ranges ? 2 : 4, mine = r->cap >= LPAR_BUFMAP ? r->cap : 0;
-  size_t size = selfstatus("VmSize"), data = selfstatus("VmData");
+  size_t size, data;
+  selfsizes(&size, &data);
   *why = NULL;
   if (avail > 0 && (avail + here) / 3 < lim) {
     lim = (avail + here) / 3;
@@ -1668,7 +1684,7 @@ static int cut(lua_State *L, Reader *r, int blocks, lua_Integer want) {
   r->count += k;
   r->ahead += k;
   if (!r->ranges) /* held in 'blocks' until taken */
-    lpar_worker_inflight += lua_rawlen(L, -1);
+    setinflight(L, r, r->inflight + lua_rawlen(L, -1));
   lua_pushvalue(L, -1);
   lua_rawseti(L, blocks, r->batches);
   lua_pushinteger(L, k);
@@ -1800,8 +1816,8 @@ static int reader_take(lua_State *L) {
   lua_getiuservalue(L, 1, 1);
   lua_rawgeti(L, -1, i);
   if (lua_type(L, -1) == LUA_TSTRING) { /* no longer in flight */
-    size_t n = lua_rawlen(L, -1);
-    lpar_worker_inflight -= n < lpar_worker_inflight ? n : lpar_worker_inflight;
+    assert(lua_rawlen(L, -1) <= r->inflight);
+    setinflight(L, r, r->inflight - lua_rawlen(L, -1));
   }
   lua_pushnil(L);
   lua_rawseti(L, -3, i);
@@ -2000,7 +2016,9 @@ static void freereader(Reader *r) {
 }
 
 static int reader_close(lua_State *L) {
-  freereader(checkreader(L));
+  Reader *r = checkreader(L);
+  setinflight(L, r, 0);
+  freereader(r);
   return 0;
 }
 

@@ -684,12 +684,13 @@ static void belowheap(lua_State *L, size_t max, size_t used) {
                     lim, LPAR_MEMROOM / 1024, heap);
 }
 
-size_t lpar_worker_inflight;
-
 /* L's heap in bytes but for the caller's records in flight. */
 static size_t ownheap(lua_State *L) {
-  size_t heap = lpar_worker_heap(L);
-  return heap > lpar_worker_inflight ? heap - lpar_worker_inflight : 0;
+  size_t heap = lpar_worker_heap(L), inflight;
+  lua_getfield(L, LUA_REGISTRYINDEX, LPAR_INFLIGHT);
+  inflight = (size_t)lua_tointeger(L, -1);
+  lua_pop(L, 1);
+  return heap > inflight ? heap - inflight : 0;
 }
 
 /* Whether L's heap, with garbage collected if that matters, leaves

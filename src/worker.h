@@ -155,11 +155,11 @@ const char *lpar_worker_memname(size_t bytes, char *buf, size_t size);
    against its max_memory. */
 size_t lpar_worker_heap(lua_State *L);
 
-/* Bytes of the caller's Lua heap held for records in flight (the CLI's
-   batch strings, sent to a worker as ITEMS): a worker forked while they
-   are held never uses them, so its heap's count at start leaves them out
-   (see lpar_worker_setlimit). */
-extern size_t lpar_worker_inflight;
+/* Registry field: bytes of the caller's Lua heap held for records in
+   flight (the CLI's batch strings, sent to a worker as ITEMS; nil: none).
+   A worker forked while they are held never uses them, so its heap's
+   count at start leaves them out (see lpar_worker_setlimit). */
+#define LPAR_INFLIGHT "lpar.inflight"
 
 /* room a worker needs above the heap it inherits, under max_memory */
 #if !defined(LPAR_MEMROOM)
