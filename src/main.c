@@ -2392,6 +2392,33 @@ static const luaL_Reg helpers[] = {{"signals", l_signals},
                                    {"isolate", l_isolate},
                                    {NULL, NULL}};
 
+#if LUA_VERSION_NUM < 503
+int luaopen_compat53_string(lua_State *L);
+int luaopen_compat53_table(lua_State *L);
+int luaopen_compat53_utf8(lua_State *L);
+
+/* Before 5.3: lua-compat53's string, table and utf8 libraries, for
+   lpar.cli alone (require "lpar.compat53.string" ...): the user's
+   globals stay those of the Lua lpar runs on. */
+static void opencompat(lua_State *L) {
+  static const luaL_Reg libs[] = {
+      {"lpar.compat53.string", luaopen_compat53_string},
+      {"lpar.compat53.table", luaopen_compat53_table},
+      {"lpar.compat53.utf8", luaopen_compat53_utf8},
+      {NULL, NULL}};
+  const luaL_Reg *l;
+  lua_getglobal(L, "package");
+  lua_getfield(L, -1, "preload");
+  for (l = libs; l->name != NULL; l++) {
+    lua_pushcfunction(L, l->func);
+    lua_setfield(L, -2, l->name);
+  }
+  lua_pop(L, 2); /* pop preload, package */
+}
+#else
+#define opencompat(L) ((void)(L))
+#endif
+
 /* Push the table of C helpers that lpar.cli gets. */
 static void pushhelpers(lua_State *L) {
   if (luaL_newmetatable(L, READERMT)) {
@@ -2459,6 +2486,7 @@ static int pmain(lua_State *L) {
   int i;
   luaL_openlibs(L);
   lpar_openlib(L);
+  opencompat(L);
   lua_getglobal(L, "lpar");
   lua_getfield(L, -1, "parallel");
   lua_setglobal(L, "parallel");

@@ -5,8 +5,8 @@
 local M = {}
 
 -- Lua 5.1, 5.2 and LuaJIT lack some of the library this file uses
--- (math.type, string.pack, utf8...): this file has its own, in locals
--- that shadow the libraries here only, not in the user's globals.
+-- (math.type, string.pack, utf8...): this file gets them in locals that
+-- shadow the libraries here only, not in the user's globals.
 local math, table, string, utf8, load, xpcall =
   math, table, string, utf8, load, xpcall
 -- what debug.getinfo tells of a frame for a traceback ('t', tail calls,
@@ -27,72 +27,11 @@ if not math.type then
     end,
     tointeger = function(x) if isint(x) then return x end end,
   }, {__index = G.math})
-  table = setmetatable({
-    unpack = unpack,
-    pack = function(...) return {n = select("#", ...), ...} end,
-    move = function(a, f, e, t, b)
-      for i = 0, e - f do b[t + i] = a[f + i] end
-      return b
-    end,
-  }, {__index = G.table})
-  -- string.pack and string.unpack of little-endian doubles ("d"), the
-  -- only format this file uses (the seconds each record took)
-  local frexp, ldexp = math.frexp, math.ldexp or function(m, e) return m * 2^e end
-  local char, byte = G.string.char, G.string.byte
-  local function packd(x)
-    local sign, e, m = 0, 0, 0
-    if x < 0 or (x == 0 and 1 / x < 0) then sign, x = 128, -x end
-    if x ~= x then e, m = 2047, 2^51
-    elseif x == 1 / 0 then e = 2047
-    elseif x ~= 0 then
-      local f, ex = frexp(x) -- x = f * 2^ex, 0.5 <= f < 1
-      if ex - 1 > -1023 then e, m = ex + 1022, (f * 2 - 1) * 2^52
-      else m = ldexp(f, ex + 1074) end -- subnormal
-    end
-    local t = {}
-    for i = 1, 6 do t[i] = m % 256; m = (m - t[i]) / 256 end
-    t[7] = (e % 16) * 16 + m
-    t[8] = sign + floor(e / 16)
-    return char(unpack(t))
-  end
-  local function unpackd(s, at)
-    local b = {byte(s, at, at + 7)}
-    local sign = b[8] >= 128 and -1 or 1
-    local e = (b[8] % 128) * 16 + floor(b[7] / 16)
-    local m = b[7] % 16
-    for i = 6, 1, -1 do m = m * 256 + b[i] end
-    if e == 2047 then return m == 0 and sign / 0 or 0 / 0 end
-    if e == 0 then return sign * ldexp(m, -1074) end
-    return sign * ldexp(m + 2^52, e - 1075)
-  end
-  string = setmetatable({
-    pack = function(fmt, ...)
-      local t = {}
-      for i = 1, #fmt do t[i] = packd((select(i, ...))) end
-      return G.table.concat(t)
-    end,
-    unpack = function(_, s, at) -- one "d"
-      at = at or 1
-      return unpackd(s, at), at + 8
-    end,
-  }, {__index = G.string})
-  utf8 = utf8 or {len = function(s) -- the length of valid UTF-8, else nil
-    local n, i, len = 0, 1, #s
-    while i <= len do
-      local c, k = byte(s, i), 0
-      if c >= 0xf0 and c <= 0xf4 then k = 3
-      elseif c >= 0xe0 then k = c <= 0xef and 2 or -1
-      elseif c >= 0xc2 then k = c <= 0xdf and 1 or -1
-      elseif c >= 0x80 then k = -1 end
-      if k < 0 or i + k > len then return nil end
-      for j = i + 1, i + k do
-        local d = byte(s, j)
-        if d < 0x80 or d > 0xbf then return nil end
-      end
-      n, i = n + 1, i + k + 1
-    end
-    return n
-  end}
+  -- what 5.3's string (pack, unpack), table and utf8 libraries add:
+  -- lua-compat53's, linked into lpar (see main.c)
+  string = setmetatable(require "lpar.compat53.string", {__index = G.string})
+  table = setmetatable(require "lpar.compat53.table", {__index = G.table})
+  utf8 = utf8 or require "lpar.compat53.utf8"
   if not pcall(load, "return") then -- 5.1: load of strings, with a mode
     local loadstring = G.loadstring
     load = function(src, name, mode)
