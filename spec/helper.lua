@@ -245,8 +245,10 @@ end
 
 -- Start lpar with 'args' (a list) and pipes on stdin, stdout and stderr,
 -- with SIGINT, SIGTERM and SIGHUP at their defaults; returns {pid, stdin,
--- stdout, stderr} (the parent's ends).
-function H.spawncli(args)
+-- stdout, stderr} (the parent's ends). With 'sh' (shell commands such as
+-- "ulimit -v N;"), lpar is started by sh after them, the arguments
+-- quoted for it.
+function H.spawncli(args, sh)
   local signal = require "posix.signal"
   local inr, inw = unistd.pipe()
   local outr, outw = unistd.pipe()
@@ -260,9 +262,15 @@ function H.spawncli(args)
     for _, sig in ipairs({signal.SIGINT, signal.SIGTERM, signal.SIGHUP}) do
       signal.signal(sig, signal.SIG_DFL)
     end
-    local argt = {[0] = H.cli}
-    for i, a in ipairs(args) do argt[i] = a end
-    unistd.execp(H.cli, argt)
+    if sh then
+      local words = {sh, "exec", H.quote(H.cli)}
+      for _, a in ipairs(args) do words[#words + 1] = H.quote(a) end
+      unistd.execp("/bin/sh", {[0] = "sh", "-c", table.concat(words, " ")})
+    else
+      local argt = {[0] = H.cli}
+      for i, a in ipairs(args) do argt[i] = a end
+      unistd.execp(H.cli, argt)
+    end
     unistd._exit(127)
   end
   unistd.close(inr)
@@ -326,9 +334,6 @@ function H.logged(path)
   return t
 end
 
--- Temporary file names, removed after each test of the spec that calls
--- H.tmpfiles(after_each) at its top (busted's hook, which only specs
--- see): returns the function that makes one.
 -- The joblog mark "# out <bytes> <line> <hash>" that lpar writes after
 -- 'line' records whose output is 'out': the hash is FNV-1a (64 bits) of
 -- out, continued with the line count in decimal.
@@ -342,6 +347,9 @@ H.mark = _VERSION >= "Lua 5.3" and load([[
   return ("# out %d %d %016x"):format(#out, line, h)
 ]]) or nil
 
+-- Temporary file names, removed after each test of the spec that calls
+-- H.tmpfiles(after_each) at its top (busted's hook, which only specs
+-- see): returns the function that makes one.
 function H.tmpfiles(after_each)
   local made = {}
   after_each(function()
