@@ -325,11 +325,42 @@ function H.numbers(n)
   return table.concat(t)
 end
 
+-- A joblog's item lines in order, each a record of its columns: line,
+-- status, seconds, attempt, start, host and error (as written: escaped).
+-- A line that is neither a comment nor such a record is an error naming
+-- it. No file: no records.
+function H.joblog(path)
+  local t, n = {}, 0
+  for l in (H.readfile(path) or ""):gmatch("[^\n]+") do
+    n = n + 1
+    if l:sub(1, 1) ~= "#" then
+      local line, status, secs, attempt, start, host, err =
+        l:match("^(%d+)\t(%a+)\t([%d.]+)\t(%d+)\t([%d.]+)\t([^\t]*)\t(.*)$")
+      if not line then error(("joblog %s, line %d: not an item line: %q"):format(path, n, l), 2) end
+      t[#t + 1] = {line = tonumber(line), status = status, seconds = tonumber(secs),
+                   attempt = tonumber(attempt), start = tonumber(start), host = host, error = err}
+    end
+  end
+  return t
+end
+
 -- A joblog's item lines as {line, status}, in order.
 function H.logged(path)
   local t = {}
-  for l, st in (H.slurp(path) or ""):gmatch("\n(%d+)\t(%a+)\t") do
-    t[#t + 1] = {tonumber(l), st}
+  for i, r in ipairs(H.joblog(path)) do t[i] = {r.line, r.status} end
+  return t
+end
+
+-- The records of an --events file, decoded, in order. A line that is not
+-- JSON is an error naming it (a last line without its newline too).
+function H.events(path)
+  local cjson = require "cjson"
+  local t, n = {}, 0
+  for l in (H.readfile(path) or ""):gmatch("[^\n]+") do
+    n = n + 1
+    local ok, ev = pcall(cjson.decode, l)
+    if not ok then error(("events %s, line %d is not JSON: %q"):format(path, n, l), 2) end
+    t[n] = ev
   end
   return t
 end
