@@ -335,7 +335,7 @@ describe("lpar failures", function()
   end)
 
   it("fails an item that needs more than --max-memory and goes on", function()
-    local code, out, err = lpar("--max-memory 64M " .. FIX .. "hog.lua", "a\nhog\nb\n")
+    local code, out, err = lpar("--max-memory 64M " .. FIX .. "quoted.lua", "a\nhog\nb\n")
     assert.equal(1, code)
     assert.equal("a\nb\n", out)
     assert.matches('lpar: line 2 %("hog"%): not enough memory %(limit 64M%)', err)
