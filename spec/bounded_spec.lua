@@ -284,7 +284,8 @@ describe("a live worker that stops inside a frame", function()
   for _, front in ipairs{"parallel", "pool", "cli"} do
     it("broke the protocol in an init without a timeout that leaves a frame unfinished, with " ..
        front, function()
-      local rc, out, err, took = run(front, "half_init.lua", {n = 3, workers = 1, hooks = true})
+      local rc, out, err, took = run(front, "half_frame.lua",
+        {n = 3, workers = 1, hooks = true, env = {BOUNDED_INIT = "1"}})
       local said = front == "cli" and err or out
       assert.matches("worker init failed: worker %d+ broke the protocol %(partial frame, " ..
                      "nothing more for 10%.0 s%)", said)

@@ -2,7 +2,6 @@
 -- the memory a long line costs, and regular files that the workers read
 -- themselves (byte ranges) giving what a pipe of the same bytes gives.
 local H = require "spec.helper"
-local unistd = require "posix.unistd"
 local signal = require "posix.signal"
 
 local quote = H.quote
@@ -14,31 +13,44 @@ local closeall = H.closeall
 
 local tmpname = H.tmpfiles(after_each)
 
--- Start lpar through sh with a shell prefix ('pre', like "ulimit -v N;")
--- and pipes on stdout and stderr; returns {pid, stdout, stderr}.
-local function spawnsh(pre, args)
-  local outr, outw = unistd.pipe()
-  local errr, errw = unistd.pipe()
-  local pid = assert(unistd.fork())
-  if pid == 0 then
-    unistd.dup2(outw, 1)
-    unistd.dup2(errw, 2)
-    for _, fd in ipairs({outr, outw, errr, errw}) do unistd.close(fd) end
-    for _, sig in ipairs({signal.SIGINT, signal.SIGTERM, signal.SIGHUP}) do
-      signal.signal(sig, signal.SIG_DFL)
-    end
-    unistd.execp("/bin/sh", {[0] = "sh", "-c", pre .. " exec " .. quote(H.cli) .. " " .. args})
-    unistd._exit(127)
-  end
-  unistd.close(outw)
-  unistd.close(errw)
-  return {pid = pid, stdout = outr, stderr = errr}
+-- status(pid, field): a number of /proc/<pid>/status (VmHWM, VmRSS in
+-- kB), or nil; the scripts given to lpar load it too
+local HWM = "spec/fixtures/cli/hwm.lua"
+local status = dofile(HWM)
+
+-- A new file of 'size' bytes of "y" as a line between the lines "a" and
+-- "b" (written a megabyte at a time); returns its path.
+local function longfile(size)
+  local path = tmpname()
+  local f = assert(io.open(path, "wb"))
+  f:write("a\n")
+  local chunk = ("y"):rep(1000 * 1000)
+  for _ = 1, size / #chunk do f:write(chunk) end
+  f:write("\nb\n")
+  f:close()
+  return path
 end
 
--- The kB of a /proc/PID/status field of pid, or 0.
-local function status(pid, field)
-  local text = readfile("/proc/" .. pid .. "/status") or ""
-  return tonumber(text:match(field .. ":%s*(%d+)")) or 0
+-- Run lpar with 'args' over the bytes of 'items', from the file itself
+-- (how "file") or through cat (how "pipe"), after the shell commands
+-- 'pre' ("ulimit -v N; ") in lpar's shell and cat's; returns code,
+-- stdout, stderr.
+local function over(how, items, args, pre)
+  pre = pre or ""
+  local cmd = ("%s%s %s %s"):format(pre, quote(H.cli), args, how == "file" and quote(items) or "-")
+  if how == "pipe" then cmd = ("%scat %s | (%s)"):format(pre, quote(items), cmd) end
+  return H.run("timeout -k 5 60 sh -c " .. quote(cmd))
+end
+
+-- Run 'args' over 'items' through cat and from the file itself, and check
+-- both give the same: code, stdout and stderr.
+local function both(items, args, code, out, err)
+  for _, how in ipairs({"pipe", "file"}) do
+    local c, o, e = over(how, items, args)
+    assert.equal(code, c, how .. ": " .. e)
+    assert.equal(out, o, how)
+    assert.equal(err, e, how)
+  end
 end
 
 describe("lpar reading an endless line", function()
@@ -52,13 +64,14 @@ describe("lpar reading an endless line", function()
   -- the machine (not in a sanitizer build, which cannot run under ulimit
   -- -v).
   local function stopwhilereading(sig)
-    local cap = os.getenv("ASAN_OPTIONS") and "" or "ulimit -v 12000000;"
+    local cap = not os.getenv("ASAN_OPTIONS") and "ulimit -v 12000000;" or nil
     local avail = tonumber((readfile("/proc/meminfo") or ""):match("MemAvailable:%s*(%d+)")) or 0
     local want = math.max(65536, math.min(2200000, math.floor(avail / 4)))
-    local p = spawnsh(cap, "-e 'function(s) return #s end' /dev/zero")
+    local p = H.spawncli({"-e", "function(s) return #s end", "/dev/zero"}, cap)
+    local function rss() return status(p.pid, "VmRSS") or 0 end
     local deadline = H.now() + 60
-    while status(p.pid, "VmRSS") < want and H.now() < deadline do H.sleep(0.01) end
-    assert.is_true(status(p.pid, "VmRSS") >= want, "lpar did not read " .. want .. " kB of /dev/zero")
+    while rss() < want and H.now() < deadline do H.sleep(0.01) end
+    assert.is_true(rss() >= want, "lpar did not read " .. want .. " kB of /dev/zero")
     signal.kill(p.pid, sig)
     local how, code = waitexit(p.pid, 5) -- nil: still running (killed)
     local err = readuntil(p.stderr, function() return false end, 0.2)
@@ -82,7 +95,7 @@ describe("lpar reading an endless line", function()
 
   it("fails, naming the line, at a quarter of the address space left", function()
     if os.getenv("ASAN_OPTIONS") then return end -- a sanitizer build cannot run under ulimit -v
-    local p = spawnsh("ulimit -v 1000000;", "-e 'function(s) return #s end' /dev/zero")
+    local p = H.spawncli({"-e", "function(s) return #s end", "/dev/zero"}, "ulimit -v 1000000;")
     local how, code = waitexit(p.pid, 30)
     local err = readuntil(p.stderr, function() return false end, 0.2)
     closeall(p)
@@ -109,10 +122,7 @@ describe("lpar reading an endless line", function()
     f:write("\nshort\n")
     f:close()
     for _, how in ipairs({"file", "pipe"}) do
-      local cmd = ("ulimit -v 400000; %s -e 'function(s) return #s end' %s")
-                  :format(quote(H.cli), how == "file" and quote(items) or "-")
-      if how == "pipe" then cmd = ("ulimit -v 400000; cat %s | (%s)"):format(quote(items), cmd) end
-      local code, out, err = H.run("timeout -k 5 60 sh -c " .. quote(cmd))
+      local code, out, err = over(how, items, "-e 'function(s) return #s end'", "ulimit -v 400000; ")
       assert.equal(1, code, how .. ": " .. err)
       assert.equal("", out, how)
       assert.matches("^lpar: line 1 is too long: %d+ bytes read and no end yet, over the %d+ bytes one " ..
@@ -130,16 +140,9 @@ describe("lpar and a record too large for a worker's --max-memory", function()
   it("fails naming the line, from a file and from a pipe, after the lines before it", function()
     local items = tmpname()
     writefile(items, ("a\n"):rep(1000) .. big .. "\nc\n")
-    for _, how in ipairs({"file", "pipe"}) do
-      local cmd = ("%s --max-memory 8M -e 'function(s) return s:upper() end' %s")
-                  :format(quote(H.cli), how == "file" and quote(items) or "-")
-      if how == "pipe" then cmd = "cat " .. quote(items) .. " | " .. cmd end
-      local code, out, err = H.run("timeout -k 5 60 sh -c " .. quote(cmd))
-      assert.equal(1, code, how)
-      assert.equal(("A\n"):rep(1000), out, how)
-      assert.equal("lpar: line 1001 is too long: 8388609 bytes read and no end yet, over the 8388608 " ..
-                   "bytes one record may take (--max-memory)\n", err, how)
-    end
+    both(items, "--max-memory 8M -e 'function(s) return s:upper() end'", 1, ("A\n"):rep(1000),
+         "lpar: line 1001 is too long: 8388609 bytes read and no end yet, over the 8388608 " ..
+         "bytes one record may take (--max-memory)\n")
   end)
 
   it("names the NUL-separated item with -0", function()
@@ -159,37 +162,18 @@ describe("lpar and the memory of a long line", function()
   it("counts a piped line once in its worker's heap, as a file's", function()
     local items = tmpname()
     writefile(items, ("w"):rep(30 * 1000 * 1000) .. "\nb\n")
-    for _, how in ipairs({"file", "pipe"}) do
-      local cmd = ("%s -j1 --max-memory 64M -e 'function(s) return #s end' %s")
-                  :format(quote(H.cli), how == "file" and quote(items) or "-")
-      if how == "pipe" then cmd = "cat " .. quote(items) .. " | " .. cmd end
-      local code, out, err = H.run("timeout -k 5 60 sh -c " .. quote(cmd))
-      assert.equal(0, code, how .. ": " .. err)
-      assert.equal("30000000\n1\n", out, how)
-    end
+    both(items, "-j1 --max-memory 64M -e 'function(s) return #s end'", 0, "30000000\n1\n", "")
   end)
 
   it("holds a 200 MB line at most 2.5 times in each process, and a file's not in the parent", function()
-    local items, script = tmpname(), tmpname()
-    local size = 200 * 1000 * 1000
-    local f = assert(io.open(items, "wb"))
-    f:write("a\n")
-    local chunk = ("y"):rep(1000 * 1000)
-    for _ = 1, size / #chunk do f:write(chunk) end
-    f:write("\nb\n")
-    f:close()
+    local script, size = tmpname(), 200 * 1000 * 1000
+    local items = longfile(size)
     -- each record: its length, the worker's VmHWM and the parent's (kB)
-    writefile(script, [[
-      local function hwm(pid)
-        local f = io.open("/proc/" .. pid .. "/status")
-        local t = f:read("a")
-        f:close()
-        return t:match("VmHWM:%s*(%d+)"), t:match("PPid:%s*(%d+)")
-      end
+    writefile(script, ([[
+      local status = dofile(%q)
       return function(s)
-        local w, parent = hwm("self")
-        return ("%d %s %s"):format(#s, w, (hwm(parent)))
-      end]])
+        return ("%%d %%s %%s"):format(#s, status("self", "VmHWM"), status(status("self", "PPid"), "VmHWM"))
+      end]]):format(HWM))
     -- a sanitizer build keeps freed memory in quarantine: there the bytes
     -- are checked, not the peaks
     local peaks = not os.getenv("ASAN_OPTIONS")
@@ -217,23 +201,13 @@ describe("lpar and the memory of a long line", function()
   it("with --tag holds a 200 MB line at most 2 times in the worker, and its result 2 times in the parent", function()
     -- the result holds the line: the worker sends it with no concatenated
     -- copy, and the parent frees the frame it came in before writing it
-    local items, script = tmpname(), tmpname()
-    local size = 200 * 1000 * 1000
-    local f = assert(io.open(items, "wb"))
-    f:write("a\n")
-    local chunk = ("y"):rep(1000 * 1000)
-    for _ = 1, size / #chunk do f:write(chunk) end
-    f:write("\nb\n")
-    f:close()
+    local script, size = tmpname(), 200 * 1000 * 1000
+    local items = longfile(size)
     -- each record: its length and the worker's VmHWM (kB); lpar's own
     -- VmHWM is read once it has ended, by a process it does not wait for
-    writefile(script, [[
-      return function(s)
-        local f = io.open("/proc/self/status")
-        local t = f:read("a")
-        f:close()
-        return ("%d %s"):format(#s, t:match("VmHWM:%s*(%d+)"))
-      end]])
+    writefile(script, ([[
+      local status = dofile(%q)
+      return function(s) return ("%%d %%s"):format(#s, status("self", "VmHWM")) end]]):format(HWM))
     local peaks = not os.getenv("ASAN_OPTIONS")
     local function atmost(kb, factor, what)
       if peaks then assert.is_true(tonumber(kb) * 1024 <= factor * size, what .. " VmHWM " .. kb .. " kB") end
@@ -253,9 +227,7 @@ describe("lpar and the memory of a long line", function()
       end
       local code, _, err = H.run("timeout -k 5 120 sh -c " .. quote(cmd))
       assert.equal(0, code, how .. ": " .. err)
-      local o = assert(io.open(out, "rb"))
-      local text = o:read("a")
-      o:close()
+      local text = readfile(out)
       os.remove(out)
       local line, n = text:match("\n?(y+)\t(%d+) %d+\n")
       assert.equal(size, line and #line, how .. ": " .. #text .. " " .. text:sub(1, 40))
@@ -280,19 +252,14 @@ describe("lpar and the memory of a long line", function()
     -- record and its VmHWM in kB)
     local script = tmpname()
     local size = 200 * 1000 * 1000
-    writefile(script, [[
-      local function hwm(pid)
-        local f = io.open("/proc/" .. pid .. "/status")
-        local t = f:read("a")
-        f:close()
-        return t:match("VmHWM:%s*(%d+)")
-      end
+    writefile(script, ([[
+      local status = dofile(%q)
       local unistd = require "posix.unistd"
       local nanosleep = require("posix.time").nanosleep
       return function(s)
         if #s < 10 then nanosleep({tv_sec = 0, tv_nsec = 50000000}) end
-        return ("%d %d %s"):format(unistd.getpid(), #s, hwm("self"))
-      end]])
+        return ("%%d %%d %%s"):format(unistd.getpid(), #s, status("self", "VmHWM"))
+      end]]):format(HWM))
     local long = ("head -c %d /dev/zero | tr '\\0' y"):format(size)
     -- a short line takes the worker 50 ms: worth a second worker, which
     -- lpar starts as soon as it has sent the first a long line
@@ -319,26 +286,13 @@ describe("lpar and the memory of a long line", function()
 end)
 
 describe("lpar and a long line from a pipe near --max-memory", function()
-  -- Run 'args' over the bytes of 'items', through cat and from the file
-  -- itself, and check both give the same: code, stdout and stderr.
-  local function both(items, args, code, out, err)
-    for _, how in ipairs({"pipe", "file"}) do
-      local cmd = ("%s -j1 %s %s"):format(quote(H.cli), args, how == "file" and quote(items) or "-")
-      if how == "pipe" then cmd = "cat " .. quote(items) .. " | " .. cmd end
-      local c, o, e = H.run("timeout -k 5 60 sh -c " .. quote(cmd))
-      assert.equal(code, c, how .. ": " .. e)
-      assert.equal(out, o, how)
-      assert.equal(err, e, how)
-    end
-  end
-
   -- The worker was forked while the parent held the line as a string in
   -- its Lua state, and counted that copy in its heap: it could not take
   -- the line under the limit and exited (status 3).
   it("runs a 40 MB line under --max-memory 64M (the parent's copy is not the worker's)", function()
     local items = tmpname()
     writefile(items, ("x"):rep(40 * 1000 * 1000) .. "\nb\n")
-    both(items, "--max-memory 64M -e 'function(s) return #s end'", 0, "40000000\n1\n", "")
+    both(items, "-j1 --max-memory 64M -e 'function(s) return #s end'", 0, "40000000\n1\n", "")
   end)
 
   -- A worker forked with a 10 MiB line in flight refused to start (the
@@ -347,7 +301,7 @@ describe("lpar and a long line from a pipe near --max-memory", function()
   it("fails a 10 MiB line under --max-memory 10M alone, naming it and the limit", function()
     local items = tmpname()
     writefile(items, ("x"):rep(10 * 1024 * 1024) .. "\nb\n")
-    both(items, "--max-memory 10M -e 'function(s) return #s end'", 1, "1\n",
+    both(items, "-j1 --max-memory 10M -e 'function(s) return #s end'", 1, "1\n",
          'lpar: line 1 ("' .. ("x"):rep(40) .. '"...): not enough memory (limit 10 MiB)\n' ..
          "lpar: 1 of 2 items failed\n")
   end)
@@ -376,9 +330,9 @@ describe("lpar over a regular file (workers read it themselves)", function()
     for _, shape in ipairs(shapes) do
       writefile(items, shape[2])
       for _, opts in ipairs(optsets) do
-        local cmd = ("%s %s -e %s"):format(quote(H.cli), opts, script)
-        local fc, fout, ferr = H.run("timeout -k 5 30 " .. cmd .. " " .. quote(items))
-        local pc, pout, perr = H.run("cat " .. quote(items) .. " | timeout -k 5 30 " .. cmd)
+        local args = opts .. " -e " .. script
+        local fc, fout, ferr = over("file", items, args)
+        local pc, pout, perr = over("pipe", items, args)
         local what = shape[1] .. " with '" .. opts .. "'"
         assert.equal(pc, fc, what)
         assert.equal(pout, fout, what)
@@ -410,16 +364,17 @@ describe("lpar over a regular file (workers read it themselves)", function()
     local stall = ("function(s) if s == 'r1999' and not os.getenv('GO') then " ..
                    "io.open(%q, 'w'):close() require('posix.time').nanosleep({tv_sec = 60, tv_nsec = 0}) " ..
                    "end return #s end"):format(mark)
-    local args = ("-j2 --number --joblog %s -o %s -e %s %s")
-                 :format(log, res, quote(stall), quote(items))
-    local p = spawnsh("", args)
+    local args = {"-j2", "--number", "--joblog", log, "-o", res, "-e", stall, items}
+    local p = H.spawncli(args)
     local deadline = H.now() + 30
     while not readfile(mark) and H.now() < deadline do H.sleep(0.01) end
     assert.is_not_nil(readfile(mark), "line 1999 did not start")
     signal.kill(p.pid, signal.SIGKILL)
     waitexit(p.pid, 10)
     closeall(p)
-    local code, _, err = H.run("GO=1 timeout -k 5 60 " .. quote(H.cli) .. " --resume " .. args)
+    local quoted = {}
+    for i, a in ipairs(args) do quoted[i] = quote(a) end
+    local code, _, err = H.run("GO=1 timeout -k 5 60 " .. quote(H.cli) .. " --resume " .. table.concat(quoted, " "))
     assert.equal(0, code, err)
     local want = {}
     for i = 1, 3000 do want[i] = i .. "\t" .. #lines[i] .. "\n" end
@@ -470,17 +425,14 @@ describe("lpar and a long line of a file run again", function()
     writefile(items, ("y"):rep(size) .. "\nb\n")
     -- the long line fails its first try; each record reports lpar's VmHWM (kB)
     writefile(script, ([[
+      local status = dofile(%q)
       return function(s)
         if #s > 1000 and not io.open(%q) then
           io.open(%q, "w"):close()
           error("first try")
         end
-        local ppid = io.open("/proc/self/stat"):read("a"):match("^%%d+ %%b() %%a (%%d+)")
-        local f = io.open("/proc/" .. ppid .. "/status")
-        local hwm = f:read("a"):match("VmHWM:%%s*(%%d+)")
-        f:close()
-        return #s .. " " .. hwm
-      end]]):format(marker, marker))
+        return #s .. " " .. status(status("self", "PPid"), "VmHWM")
+      end]]):format(HWM, marker, marker))
     local code, out, err = H.lpar(("-j1 --retries 1 %s %s"):format(script, items), nil)
     assert.equal(0, code, err)
     local n, parent = out:match("^(%d+) (%d+)\n1 %d+\n$")

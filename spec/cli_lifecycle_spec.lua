@@ -21,14 +21,13 @@ describe("lpar retries", function()
     local want = {}
     for i = 1, 20 do want[i] = i .. " together" end
     assert.same(want, H.lines(out))
-    local n = 0
-    for line, status, tries in H.readfile(log):gmatch("\n(%d+)\t(%a+)\t[%d.]+\t(%d+)\t") do
-      n = n + 1
-      assert.equal(n, tonumber(line))
-      assert.equal("ok", status)
-      assert.equal("2", tries)
+    local logged = H.joblog(log)
+    for n, r in ipairs(logged) do
+      assert.equal(n, r.line)
+      assert.equal("ok", r.status)
+      assert.equal(2, r.attempt)
     end
-    assert.equal(20, n)
+    assert.equal(20, #logged)
   end)
 end)
 
@@ -37,16 +36,10 @@ describe("lpar --halt soon", function()
     -- 1 000 quick lines, every fifth failing, -j2: the halt is known at
     -- the second failure; each of the two workers may be running one
     -- more record then
-    local script = H.writefile(tmpname() .. ".lua", [[
-return function(s)
-  if tonumber(s) % 5 == 0 then error("bad " .. s) end
-  return s
-end
-]])
     for _ = 1, 3 do
       local log = tmpname()
-      local code, _, err = H.lpar(("-j2 --halt soon,fail=2 --joblog %s %s -")
-                                  :format(log, script), H.numbers(1000), 60)
+      local code, _, err = H.lpar(("-j2 --halt soon,fail=2 --joblog %s %severyk.lua - 5")
+                                  :format(log, FIX), H.numbers(1000), 60)
       assert.equal(1, code, err)
       assert.matches("lpar: stopped at line %d+ %(%-%-halt soon,fail=2: ", err)
       local failed = 0
@@ -63,20 +56,14 @@ describe("lpar --halt soon, then --resume", function()
   -- records handed back or never started: the joblog's marks cover none
   -- of those, so that --resume writes what a whole run writes.
   local function resumed(opts, n)
-    local script = H.writefile(tmpname() .. ".lua", [[
-return function(s)
-  if tonumber(s) % 3 == 0 then error("bad " .. s, 0) end
-  return s
-end
-]])
     local input = H.writefile(tmpname(), H.numbers(n))
     local log, out = tmpname(), tmpname()
-    local code, _, err = H.lpar(("-j2 %s --joblog %s -o %s %s %s")
-                                :format(opts, log, out, script, input), nil, 60)
+    local code, _, err = H.lpar(("-j2 %s --joblog %s -o %s %severyk.lua %s 3")
+                                :format(opts, log, out, FIX, input), nil, 60)
     assert.equal(1, code, err)
     assert.matches("%-%-halt soon", err)
-    code, _, err = H.lpar(("-j2 --resume --joblog %s -o %s %s %s")
-                          :format(log, out, script, input), nil, 60)
+    code, _, err = H.lpar(("-j2 --resume --joblog %s -o %s %severyk.lua %s 3")
+                          :format(log, out, FIX, input), nil, 60)
     assert.equal(1, code, err)
     local want = {}
     for i = 1, n do
@@ -97,30 +84,19 @@ end
     -- fail=1 counts failures after their retries: a record that failed
     -- a try with a retry pending when the halt tripped has no joblog
     -- line (--resume runs it), and its last end event is that try's
-    local cjson = require "cjson"
-    local script = H.writefile(tmpname() .. ".lua", [[
-return function(s)
-  if tonumber(s) % 3 == 0 then error("bad " .. s, 0) end
-  return s
-end
-]])
     local input = H.writefile(tmpname(), H.numbers(60))
     for _ = 1, 3 do
       local log, out, evfile = tmpname(), tmpname(), tmpname()
-      local code, _, err = H.lpar(("-j2 --retries 2 --halt soon,fail=1 --joblog %s --events %s -o %s %s %s")
-                                  :format(log, evfile, out, script, input), nil, 60)
+      local code, _, err = H.lpar(("-j2 --retries 2 --halt soon,fail=1 --joblog %s --events %s -o %s " ..
+                                   "%severyk.lua %s 3"):format(log, evfile, out, FIX, input), nil, 60)
       assert.equal(1, code, err)
       local logged = {}
-      for l in H.readfile(log):gmatch("[^\n]+") do
-        local line, status, tries = l:match("^(%d+)\t(%a+)\t[%d.]+\t(%d+)\t")
-        if line then
-          logged[tonumber(line)] = {status, tonumber(tries)}
-          if status == "failed" then assert.equal("3", tries, l) end
-        end
+      for _, r in ipairs(H.joblog(log)) do
+        logged[r.line] = {r.status, r.attempt}
+        if r.status == "failed" then assert.equal(3, r.attempt, "line " .. r.line) end
       end
       local last = {}
-      for l in H.readfile(evfile):gmatch("[^\n]+") do
-        local ev = cjson.decode(l)
+      for _, ev in ipairs(H.events(evfile)) do
         if ev.event == "end" then last[ev.item] = ev end
       end
       for item, ev in pairs(last) do
@@ -133,8 +109,8 @@ end
         end
       end
       for item in pairs(logged) do assert.is_table(last[item], "line " .. item) end
-      code, _, err = H.lpar(("--resume --retries 2 --joblog %s -o %s %s %s")
-                            :format(log, out, script, input), nil, 60)
+      code, _, err = H.lpar(("--resume --retries 2 --joblog %s -o %s %severyk.lua %s 3")
+                            :format(log, out, FIX, input), nil, 60)
       assert.equal(1, code, err)
       local want = {}
       for i = 1, 60 do
@@ -147,7 +123,6 @@ end)
 
 describe("lpar --events", function()
   it("writes each record's start and end as JSON lines, as the joblog has them", function()
-    local cjson = require "cjson"
     local dir = H.tmpdir()
     local log, evfile = tmpname(), tmpname()
     -- flaky lines fail once and run again; 'bad' fails every try
@@ -164,21 +139,13 @@ end
     H.rmdir(dir)
     assert.equal(1, code, err)
     assert.equal("a\nflaky1\nb\nflaky2\n", out)
-    -- the joblog's lines: line, status, seconds, attempts, start, host
-    local logged = {}
-    for l in H.readfile(log):gmatch("[^\n]+") do
-      if not l:match("^#") then
-        local line, status, secs, tries, _, host = l:match("^(%d+)\t(%a+)\t([%d.]+)\t(%d+)\t([%d.]+)\t([^\t]*)\t")
-        logged[#logged + 1] = {item = tonumber(line), status = status, seconds = tonumber(secs),
-                               attempt = tonumber(tries), host = host}
-      end
-    end
+    local logged = H.joblog(log)
     assert.equal(5, #logged)
     -- each record: a start, then an end, per try; its last end is its
     -- joblog line
     local open, last, n = {}, {}, 0
-    for l in H.readfile(evfile):gmatch("[^\n]+") do
-      local ev = cjson.decode(l)
+    for _, ev in ipairs(H.events(evfile)) do
+      local l = ("%s %s"):format(ev.event, ev.item)
       assert.is_number(ev.item)
       assert.is_number(ev.attempt)
       assert.is_string(ev.host)
@@ -196,7 +163,7 @@ end
     end
     assert.equal(5, n)
     for _, t in ipairs(logged) do
-      local ev = last[t.item]
+      local ev = last[t.line]
       assert.equal(t.status, ev.status)
       assert.equal(t.attempt, ev.attempt)
       assert.equal(t.host, ev.host)
@@ -210,14 +177,12 @@ end
   end)
 
   it("says lost, and the kind, for a record whose worker died", function()
-    local cjson = require "cjson"
     local evfile = tmpname()
     local code, out, err = H.lpar(("-j1 --events %s %sdie.lua -"):format(evfile, FIX), "a\nexit\nb\n", 60)
     assert.equal(1, code, err)
     assert.equal("a\nb\n", out)
     local ends = {}
-    for l in H.readfile(evfile):gmatch("[^\n]+") do
-      local ev = cjson.decode(l)
+    for _, ev in ipairs(H.events(evfile)) do
       if ev.event == "end" then ends[ev.item] = ev end
     end
     assert.equal("ok", ends[1].status)
@@ -228,7 +193,6 @@ end
   end)
 
   it("goes on after a torn line when a run killed with SIGKILL is resumed", function()
-    local cjson = require "cjson"
     local signal = require "posix.signal"
     local input = H.writefile(tmpname(), H.numbers(20000))
     local evfile, log, out = tmpname(), tmpname(), tmpname()
@@ -262,21 +226,17 @@ end
     local code, _, err = H.lpar(table.concat(quoted, " "), nil, 120)
     assert.equal(0, code, err)
     assert.equal(H.readfile(input), H.readfile(out))
-    local n = 0
-    for l in H.readfile(evfile):gmatch("[^\n]*\n") do
-      n = n + 1
-      local ok, ev = pcall(cjson.decode, l)
-      assert.is_true(ok, ("line %d is not JSON: %q"):format(n, l))
-      assert.is_number(ev.item)
-    end
+    -- every line JSON (else the error names it)
+    local ok, evs = pcall(H.events, evfile)
+    assert.is_true(ok, evs)
+    for _, ev in ipairs(evs) do assert.is_number(ev.item) end
     assert.equal("\n", H.readfile(evfile):sub(-1))
-    assert.is_true(n > 20000)
+    assert.is_true(#evs > 20000)
   end)
 
   it("gives each record its own start in ordered output, not when its result came out", function()
     -- line 1 takes 5 s on one worker; the other worker runs lines 2-10
     -- meanwhile, though their results come out after line 1's
-    local cjson = require "cjson"
     local log, evfile = tmpname(), tmpname()
     local input = H.writefile(tmpname(), H.numbers(10))
     local code, out, err = H.lpar(("-j2 --chunk 1 --joblog %s --events %s -e %s %s")
@@ -286,9 +246,8 @@ end
     assert.equal(0, code, err)
     assert.equal(H.readfile(input), out)
     local start, secs = {}, {}
-    for l in H.readfile(log):gmatch("[^\n]+") do
-      local line, sec, st = l:match("^(%d+)\tok\t([%d.]+)\t1\t([%d.]+)\t")
-      if line then start[tonumber(line)], secs[tonumber(line)] = tonumber(st), tonumber(sec) end
+    for _, r in ipairs(H.joblog(log)) do
+      if r.status == "ok" and r.attempt == 1 then start[r.line], secs[r.line] = r.start, r.seconds end
     end
     assert.is_true(secs[1] >= 4.5, "line 1 took " .. tostring(secs[1]))
     local ended1 = start[1] + secs[1]
@@ -296,8 +255,7 @@ end
       assert.is_true(start[k] < ended1 - 2, ("line %d started at %.3f, line 1 ended at %.3f")
                      :format(k, start[k], ended1))
     end
-    for l in H.readfile(evfile):gmatch("[^\n]+") do
-      local ev = cjson.decode(l)
+    for _, ev in ipairs(H.events(evfile)) do
       if ev.event == "start" then
         assert.equal(("%.3f"):format(start[ev.item]), ("%.3f"):format(ev.time))
       end

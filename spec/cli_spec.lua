@@ -335,7 +335,7 @@ describe("lpar failures", function()
   end)
 
   it("fails an item that needs more than --max-memory and goes on", function()
-    local code, out, err = lpar("--max-memory 64M " .. FIX .. "hog.lua", "a\nhog\nb\n")
+    local code, out, err = lpar("--max-memory 64M " .. FIX .. "quoted.lua", "a\nhog\nb\n")
     assert.equal(1, code)
     assert.equal("a\nb\n", out)
     assert.matches('lpar: line 2 %("hog"%): not enough memory %(limit 64M%)', err)
@@ -676,11 +676,13 @@ end)
 describe("lpar's files in a sticky world-writable directory", function()
   local dir
   before_each(function()
-    dir = os.tmpname()
-    os.remove(dir)
-    assert(os.execute(("mkdir %s && chmod 1777 %s"):format(dir, dir)))
+    dir = H.tmpdir()
+    assert(os.execute("chmod 1777 " .. dir))
   end)
-  after_each(function() os.execute("rm -rf " .. dir) end)
+  after_each(function() H.rmdir(dir) end)
+
+  -- a uid not this user's
+  local other = unistd.geteuid() == 65534 and 65533 or 65534
 
   -- a symlink dir/name -> target, owned by 'uid' (nil: by this user)
   local function link(name, target, uid)
@@ -697,8 +699,6 @@ describe("lpar's files in a sticky world-writable directory", function()
 
   it("refuses a symlink there that someone else planted, for -o and --joblog", function()
     local victim = writefile(tmpname(), "secret\n")
-    local me = unistd.geteuid()
-    local other = me == 65534 and 65533 or 65534
     local out = link("out", victim, other)
     if not out then return pending("chown -h needs root") end
     local log = link("log", victim, other)
@@ -722,8 +722,6 @@ describe("lpar's files in a sticky world-writable directory", function()
 
   it("refuses a symlink there that someone else planted, for --events", function()
     local victim = writefile(tmpname(), "secret\n")
-    local me = unistd.geteuid()
-    local other = me == 65534 and 65533 or 65534
     local ev = link("ev", victim, other)
     if not ev then return pending("chown -h needs root") end
     local q = dir:gsub("%p", "%%%0")

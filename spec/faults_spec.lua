@@ -659,17 +659,7 @@ describe("an ERROR frame of index 0 once a worker runs items", function()
   -- with a nil value on its worker's results pipe, of the kind 'kind'
   local F = [[
 local unistd = require "posix.unistd"
-local function resultsfd()
-  for fd = 3, 60 do
-    local l = unistd.readlink("/proc/self/fd/" .. fd)
-    if l and l:match("^pipe:") then
-      local f = io.open("/proc/self/fdinfo/" .. fd)
-      local flags = tonumber(f:read("a"):match("flags:%%s*(%%d+)"), 8)
-      f:close()
-      if flags %% 4 == 1 then return fd end
-    end
-  end
-end
+local resultsfd = dofile("spec/fixtures/resultsfd.lua")
 return function(s)
   if s == "3" then
     unistd.write(resultsfd(), string.pack("<I4I4I8I8", 4, %d, 10, 0) .. "\0\0")

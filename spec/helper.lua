@@ -245,8 +245,10 @@ end
 
 -- Start lpar with 'args' (a list) and pipes on stdin, stdout and stderr,
 -- with SIGINT, SIGTERM and SIGHUP at their defaults; returns {pid, stdin,
--- stdout, stderr} (the parent's ends).
-function H.spawncli(args)
+-- stdout, stderr} (the parent's ends). With 'sh' (shell commands such as
+-- "ulimit -v N;"), lpar is started by sh after them, the arguments
+-- quoted for it.
+function H.spawncli(args, sh)
   local signal = require "posix.signal"
   local inr, inw = unistd.pipe()
   local outr, outw = unistd.pipe()
@@ -260,9 +262,15 @@ function H.spawncli(args)
     for _, sig in ipairs({signal.SIGINT, signal.SIGTERM, signal.SIGHUP}) do
       signal.signal(sig, signal.SIG_DFL)
     end
-    local argt = {[0] = H.cli}
-    for i, a in ipairs(args) do argt[i] = a end
-    unistd.execp(H.cli, argt)
+    if sh then
+      local words = {sh, "exec", H.quote(H.cli)}
+      for _, a in ipairs(args) do words[#words + 1] = H.quote(a) end
+      unistd.execp("/bin/sh", {[0] = "sh", "-c", table.concat(words, " ")})
+    else
+      local argt = {[0] = H.cli}
+      for i, a in ipairs(args) do argt[i] = a end
+      unistd.execp(H.cli, argt)
+    end
     unistd._exit(127)
   end
   unistd.close(inr)
@@ -317,18 +325,46 @@ function H.numbers(n)
   return table.concat(t)
 end
 
--- A joblog's item lines as {line, status}, in order.
-function H.logged(path)
-  local t = {}
-  for l, st in (H.slurp(path) or ""):gmatch("\n(%d+)\t(%a+)\t") do
-    t[#t + 1] = {tonumber(l), st}
+-- A joblog's item lines in order, each a record of its columns: line,
+-- status, seconds, attempt, start, host and error (as written: escaped).
+-- A line that is neither a comment nor such a record is an error naming
+-- it. No file: no records.
+function H.joblog(path)
+  local t, n = {}, 0
+  for l in (H.readfile(path) or ""):gmatch("[^\n]+") do
+    n = n + 1
+    if l:sub(1, 1) ~= "#" then
+      local line, status, secs, attempt, start, host, err =
+        l:match("^(%d+)\t(%a+)\t([%d.]+)\t(%d+)\t([%d.]+)\t([^\t]*)\t(.*)$")
+      if not line then error(("joblog %s, line %d: not an item line: %q"):format(path, n, l), 2) end
+      t[#t + 1] = {line = tonumber(line), status = status, seconds = tonumber(secs),
+                   attempt = tonumber(attempt), start = tonumber(start), host = host, error = err}
+    end
   end
   return t
 end
 
--- Temporary file names, removed after each test of the spec that calls
--- H.tmpfiles(after_each) at its top (busted's hook, which only specs
--- see): returns the function that makes one.
+-- A joblog's item lines as {line, status}, in order.
+function H.logged(path)
+  local t = {}
+  for i, r in ipairs(H.joblog(path)) do t[i] = {r.line, r.status} end
+  return t
+end
+
+-- The records of an --events file, decoded, in order. A line that is not
+-- JSON is an error naming it (a last line without its newline too).
+function H.events(path)
+  local cjson = require "cjson"
+  local t, n = {}, 0
+  for l in (H.readfile(path) or ""):gmatch("[^\n]+") do
+    n = n + 1
+    local ok, ev = pcall(cjson.decode, l)
+    if not ok then error(("events %s, line %d is not JSON: %q"):format(path, n, l), 2) end
+    t[n] = ev
+  end
+  return t
+end
+
 -- The joblog mark "# out <bytes> <line> <hash>" that lpar writes after
 -- 'line' records whose output is 'out': the hash is FNV-1a (64 bits) of
 -- out, continued with the line count in decimal.
@@ -342,6 +378,9 @@ H.mark = _VERSION >= "Lua 5.3" and load([[
   return ("# out %d %d %016x"):format(#out, line, h)
 ]]) or nil
 
+-- Temporary file names, removed after each test of the spec that calls
+-- H.tmpfiles(after_each) at its top (busted's hook, which only specs
+-- see): returns the function that makes one.
 function H.tmpfiles(after_each)
   local made = {}
   after_each(function()
