@@ -621,11 +621,9 @@ static int emit(lua_State *L, Job *j, int uv, lua_Integer i) {
   else {
     lua_rawgeti(L, uv, JU_ENGINE); /* the host's spec */
     lua_getiuservalue(L, -1, 1);
-    lua_rawgeti(L, -1, EU_HOSTS);
-    lua_rawgeti(L, -1, j->where[(i - 1) % LPAR_WINDOW]);
-    lua_getfield(L, -1, "spec");
-    lua_replace(L, -5);
-    lua_pop(L, 3);
+    lpar_host_pushspec(L, lua_gettop(L), j->where[(i - 1) % LPAR_WINDOW]);
+    lua_replace(L, -3);
+    lua_pop(L, 1);
   }
   lpar_kind_push(L, code);
   return 6;
