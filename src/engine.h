@@ -177,16 +177,17 @@ int lpar_engine_emitting(const Job *j);
 /* The ns per item measured for job j, 0 until known. */
 double lpar_engine_nsperitem(const Job *j);
 
-/* Whether job j runs in an engine that may cancel it now: open, made by
-   this process, not pumping. */
+/* Whether job j is running in an engine that may cancel it now (one
+   lpar_engine_check lets through). */
 int lpar_engine_maycancel(const Job *j);
 
-/* Whether this process made e (a child holds a copy it must not use),
-   whether e is closed, and whether it is pumping (a finalizer run by the
-   pump's allocations cannot use it). */
-int lpar_engine_mine(const Engine *e);
+/* Raise unless e can be used now: made by this process (a child holds a
+   copy it must not use), open if 'needopen', and not pumping (a finalizer
+   run by the pump's allocations cannot use it). */
+void lpar_engine_check(lua_State *L, const Engine *e, int needopen);
+
+/* Whether e is closed. */
 int lpar_engine_closed(const Engine *e);
-int lpar_engine_pumping(const Engine *e);
 
 /* Jobs of e not finished. */
 int lpar_engine_njobs(const Engine *e);

@@ -30,20 +30,12 @@ static Engine *checkpool(lua_State *L, int idx) {
 /* Raise unless the pool at 'idx' can be used now. */
 static Engine *usable(lua_State *L, int idx) {
   Engine *e = checkpool(L, idx);
-  if (!lpar_engine_mine(e))
-    luaL_error(L, "pool belongs to another process");
-  if (lpar_engine_closed(e))
-    luaL_error(L, "pool is closed");
-  if (lpar_engine_pumping(e))
-    luaL_error(L, "pool is busy (called from inside its own pump)");
+  lpar_engine_check(L, e, 1);
   return e;
 }
 
 static int pool_close(lua_State *L) {
-  if (!lpar_engine_mine(checkpool(L, 1)))
-    return luaL_error(L, "pool belongs to another process");
-  if (lpar_engine_pumping(checkpool(L, 1)))
-    return luaL_error(L, "pool is busy (called from inside its own pump)");
+  lpar_engine_check(L, checkpool(L, 1), 0);
   lua_settop(L, 1);
   lpar_engine_close(L, 1, "pool closed");
   return 0;
