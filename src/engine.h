@@ -48,6 +48,9 @@ typedef struct JobOpts {
   int wakefd;        /* a stream's iterator may say "not yet" (see
                         lpar_engine_pushpending): then pulling waits until
                         this fd is readable; -1: none */
+  int nonblocking;   /* a stream's iterator never waits (it says "not yet"
+                        instead, or reads what cannot block): it is asked
+                        with results ready to go back (see mayblock) */
   int batched;       /* a stream whose items are batches of records: its
                         iterator is called with the number of records the
                         policy wants in the next item and returns the item

@@ -846,11 +846,12 @@ static lua_Integer inflight(Job *j) {
 }
 
 /* Whether j's items come from an iterator that may block (one with no
-   wakefd) and its results are taken one by one (imap): then it is not
-   asked while a result is ready to go back (see pollfirst), nor for a
-   busy worker's second chunk. */
+   wakefd, not said to be nonblocking) and its results are taken one by
+   one (imap): then it is not asked while a result is ready to go back
+   (see pollfirst), nor for a busy worker's second chunk. */
 int lpar_job_mayblock(const Job *j) {
-  return j->stream && j->fin != NULL && j->o.wakefd < 0 && !j->exhausted;
+  return j->stream && j->fin != NULL && j->o.wakefd < 0 && !j->o.nonblocking &&
+         !j->exhausted;
 }
 
 /* Stream j's iterator returned lpar.pending, with what follows it at

@@ -259,8 +259,8 @@ static const char *const jobopts[] = {"chunksize", "on_error", "timeout",
                                       "retries",   "progress", "on_event",
                                       NULL};
 static const char *const imapopts[] = {
-    "chunksize", "on_error", "timeout",  "retries",  "unordered", "wakefd",
-    "batched",   "slice",    "progress", "on_event", NULL};
+    "chunksize", "on_error", "timeout",  "retries",     "unordered", "wakefd",
+    "batched",   "slice",    "progress", "nonblocking", "on_event",  NULL};
 
 /* Read the job options at 'arg' (nil or a table) into o: those of
    pool:imap if 'imap'. */
@@ -279,6 +279,9 @@ static void getjobopts(lua_State *L, int arg, JobOpts *o, int imap) {
   lua_pop(L, 1);
   lua_getfield(L, arg, "batched");
   o->batched = lua_toboolean(L, -1);
+  lua_pop(L, 1);
+  lua_getfield(L, arg, "nonblocking");
+  o->nonblocking = lua_toboolean(L, -1);
   lua_pop(L, 1);
   if (lua_getfield(L, arg, "wakefd") != LUA_TNIL) {
     int isnum;
