@@ -1018,6 +1018,48 @@ describe("closing a pool", function()
   end)
 end)
 
+describe("pool:imap nonblocking", function()
+  it("takes items from an iterator said never to wait, results in order", function()
+    local pool <close> = lpar.pool{n_workers = 2, on_demand = true}
+    local k, got = 0, {}
+    local function items()
+      if k >= 5000 then return nil end
+      k = k + 1
+      return k
+    end
+    for i, v, err in pool:imap(function(x) return x * 2 end, items, {nonblocking = true}) do
+      assert.is_nil(err)
+      got[#got + 1] = i
+      assert.equal(2 * i, v)
+    end
+    assert.equal(5000, #got)
+    for i, v in ipairs(got) do assert.equal(i, v) end
+  end)
+
+  it("takes batches from one too, with lpar.pending alone between them", function()
+    local pool <close> = lpar.pool{n_workers = 2, on_demand = true}
+    local given, waited = 0, false
+    local function batches(want)
+      if given >= 3000 then return nil end
+      -- once, no batch yet: asked again as a result is taken
+      if given >= 1000 and not waited then
+        waited = true
+        return lpar.pending
+      end
+      local n = math.min(want, 100, 3000 - given)
+      given = given + n
+      return ("x"):rep(n), n
+    end
+    local total = 0
+    for _, v in pool:imap(function(b) return #b end, batches,
+                          {batched = true, nonblocking = true}) do
+      total = total + v
+    end
+    assert.equal(3000, total)
+    assert.is_true(waited)
+  end)
+end)
+
 describe("pool:imap batched", function()
   local pool
 

@@ -183,18 +183,29 @@ static void safepump(Ctx *c, int ms) {
 
 /* ---- the API ---- */
 
-/* Set up a Ctx for the engine at 'idx' (pushes its uservalue). Raises if
-   it is closed, belongs to another process, or is pumping (a finalizer
-   run by the pump's allocations cannot use it). */
+/* Why e cannot be used now (see lpar_engine_check), NULL if it can. */
+static const char *unusable(const Engine *e, int needopen) {
+  if (e->owner != getpid())
+    return "pool belongs to another process";
+  if (needopen && e->closed)
+    return "pool is closed";
+  if (e->inpump)
+    return "pool is busy (called from inside its own pump)";
+  return NULL;
+}
+
+void lpar_engine_check(lua_State *L, const Engine *e, int needopen) {
+  const char *why = unusable(e, needopen);
+  if (why != NULL)
+    luaL_error(L, "%s", why);
+}
+
+/* Set up a Ctx for the engine at 'idx' (pushes its uservalue). Raises as
+   lpar_engine_check does. */
 static void ctxof(lua_State *L, int idx, Ctx *c) {
   c->L = L;
   c->e = lua_touserdata(L, idx);
-  if (c->e->owner != getpid())
-    luaL_error(L, "pool belongs to another process");
-  if (c->e->closed)
-    luaL_error(L, "pool is closed");
-  if (c->e->inpump)
-    luaL_error(L, "pool is busy (called from inside its own pump)");
+  lpar_engine_check(L, c->e, 1);
   lua_getiuservalue(L, idx, 1);
   c->uv = lua_gettop(L);
 }
@@ -621,11 +632,9 @@ static int emit(lua_State *L, Job *j, int uv, lua_Integer i) {
   else {
     lua_rawgeti(L, uv, JU_ENGINE); /* the host's spec */
     lua_getiuservalue(L, -1, 1);
-    lua_rawgeti(L, -1, EU_HOSTS);
-    lua_rawgeti(L, -1, j->where[(i - 1) % LPAR_WINDOW]);
-    lua_getfield(L, -1, "spec");
-    lua_replace(L, -5);
-    lua_pop(L, 3);
+    lpar_host_pushspec(L, lua_gettop(L), j->where[(i - 1) % LPAR_WINDOW]);
+    lua_replace(L, -3);
+    lua_pop(L, 1);
   }
   lpar_kind_push(L, code);
   return 6;
@@ -843,21 +852,11 @@ double lpar_engine_nsperitem(const Job *j) {
 }
 
 int lpar_engine_maycancel(const Job *j) {
-  const Engine *e = j->e;
-  return j->state == J_RUNNING && e && !e->closed && !e->inpump &&
-         e->owner == getpid();
-}
-
-int lpar_engine_mine(const Engine *e) {
-  return e->owner == getpid();
+  return j->state == J_RUNNING && j->e && unusable(j->e, 1) == NULL;
 }
 
 int lpar_engine_closed(const Engine *e) {
   return e->closed;
-}
-
-int lpar_engine_pumping(const Engine *e) {
-  return e->inpump;
 }
 
 int lpar_engine_njobs(const Engine *e) {

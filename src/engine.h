@@ -48,6 +48,9 @@ typedef struct JobOpts {
   int wakefd;        /* a stream's iterator may say "not yet" (see
                         lpar_engine_pushpending): then pulling waits until
                         this fd is readable; -1: none */
+  int nonblocking;   /* a stream's iterator never waits (it says "not yet"
+                        instead, or reads what cannot block): it is asked
+                        with results ready to go back (see mayblock) */
   int batched;       /* a stream whose items are batches of records: its
                         iterator is called with the number of records the
                         policy wants in the next item and returns the item
@@ -177,16 +180,17 @@ int lpar_engine_emitting(const Job *j);
 /* The ns per item measured for job j, 0 until known. */
 double lpar_engine_nsperitem(const Job *j);
 
-/* Whether job j runs in an engine that may cancel it now: open, made by
-   this process, not pumping. */
+/* Whether job j is running in an engine that may cancel it now (one
+   lpar_engine_check lets through). */
 int lpar_engine_maycancel(const Job *j);
 
-/* Whether this process made e (a child holds a copy it must not use),
-   whether e is closed, and whether it is pumping (a finalizer run by the
-   pump's allocations cannot use it). */
-int lpar_engine_mine(const Engine *e);
+/* Raise unless e can be used now: made by this process (a child holds a
+   copy it must not use), open if 'needopen', and not pumping (a finalizer
+   run by the pump's allocations cannot use it). */
+void lpar_engine_check(lua_State *L, const Engine *e, int needopen);
+
+/* Whether e is closed. */
 int lpar_engine_closed(const Engine *e);
-int lpar_engine_pumping(const Engine *e);
 
 /* Jobs of e not finished. */
 int lpar_engine_njobs(const Engine *e);

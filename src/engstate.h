@@ -258,7 +258,9 @@ int lpar_place_deadlines(Ctx *c);
 
 /* hosts (host.c) */
 int lpar_host_nlocal(const Engine *e);
-void lpar_host_pushspec(Ctx *c, const EWorker *w);
+/* Push the spec of host 'host' (1, 2...) as given, of the engine whose
+   uservalue is at 'euv'. */
+void lpar_host_pushspec(lua_State *L, int euv, int host);
 void lpar_host_send(Ctx *c, EWorker *w, int type, uint32_t count, const char *p,
                     size_t len);
 void lpar_host_leaveout(Ctx *c, EWorker *w, const char *why);

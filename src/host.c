@@ -27,21 +27,27 @@ int lpar_host_nlocal(const Engine *e) {
   return e->o.n - e->o.nhosts;
 }
 
-/* Push the description of w's host (see lpar_hosts_parse). */
-void lpar_host_pushspec(Ctx *c, const EWorker *w) {
-  lua_rawgeti(c->L, c->uv, EU_HOSTS);
-  lua_rawgeti(c->L, -1, w->host);
-  lua_remove(c->L, -2);
+/* Push the description of host 'host' (1, 2...) of the engine whose
+   uservalue is at 'euv' (see lpar_hosts_parse). */
+static void pushhost(lua_State *L, int euv, int host) {
+  lua_rawgeti(L, euv, EU_HOSTS);
+  lua_rawgeti(L, -1, host);
+  lua_remove(L, -2);
+}
+
+void lpar_host_pushspec(lua_State *L, int euv, int host) {
+  pushhost(L, euv, host);
+  lua_getfield(L, -1, "spec");
+  lua_remove(L, -2);
 }
 
 /* The spec of w's host, for messages (valid while the engine lives: the
    string is held by EU_HOSTS). */
 static const char *hostname(Ctx *c, const EWorker *w) {
   const char *spec;
-  lpar_host_pushspec(c, w);
-  lua_getfield(c->L, -1, "spec");
+  lpar_host_pushspec(c->L, c->uv, w->host);
   spec = lua_tostring(c->L, -1);
-  lua_pop(c->L, 2);
+  lua_pop(c->L, 1);
   return spec ? spec : "?";
 }
 
@@ -73,7 +79,7 @@ static int spawnhost(Ctx *c, int i, const char **call) {
   const char **argv;
   size_t len;
   const char *setup;
-  lpar_host_pushspec(c, w);
+  pushhost(L, c->uv, w->host);
   lua_getfield(L, -1, "argv");
   n = (lua_Integer)lua_rawlen(L, -1);
   argv = lua_newuserdatauv(L, (size_t)(n + 1) * sizeof(char *), 0);

@@ -306,10 +306,8 @@ void lpar_job_tellstart(Ctx *c, Job *j, int juv, lua_Integer i, EWorker *w) {
   lua_pushinteger(L, (lua_Integer)(w - c->e->w) + 1);
   lua_setfield(L, ev, "place");
   if (w->host) {
-    lpar_host_pushspec(c, w);
-    lua_getfield(L, -1, "spec");
+    lpar_host_pushspec(L, c->uv, w->host);
     lua_setfield(L, ev, "host");
-    lua_pop(L, 1);
   }
   callevent(c, j);
 }
@@ -354,11 +352,8 @@ static void tellend(Ctx *c, Job *j, int juv, lua_Integer i, int eidx, int code,
     lua_setfield(L, ev, "error");
   }
   if (c->e->from > 0) {
-    lua_rawgeti(L, c->uv, EU_HOSTS);
-    lua_rawgeti(L, -1, c->e->from);
-    lua_getfield(L, -1, "spec");
+    lpar_host_pushspec(L, c->uv, c->e->from);
     lua_setfield(L, ev, "host");
-    lua_pop(L, 2);
   }
   if (ok >= 0) {
     lua_pushinteger(L, ok);
@@ -628,11 +623,8 @@ static int adopt(Ctx *c, Job *j, int juv, lua_Integer i) {
     lua_setfield(L, idx[3], "kind");
   }
   if (c->e->from > 0) {
-    lua_rawgeti(L, c->uv, EU_HOSTS);
-    lua_rawgeti(L, -1, c->e->from);
-    lua_getfield(L, -1, "spec");
+    lpar_host_pushspec(L, c->uv, c->e->from);
     lua_setfield(L, idx[3], "host");
-    lua_pop(L, 2);
   }
   lua_pushnil(L);
   lua_rawseti(L, top + 1, i);
@@ -854,11 +846,12 @@ static lua_Integer inflight(Job *j) {
 }
 
 /* Whether j's items come from an iterator that may block (one with no
-   wakefd) and its results are taken one by one (imap): then it is not
-   asked while a result is ready to go back (see pollfirst), nor for a
-   busy worker's second chunk. */
+   wakefd, not said to be nonblocking) and its results are taken one by
+   one (imap): then it is not asked while a result is ready to go back
+   (see pollfirst), nor for a busy worker's second chunk. */
 int lpar_job_mayblock(const Job *j) {
-  return j->stream && j->fin != NULL && j->o.wakefd < 0 && !j->exhausted;
+  return j->stream && j->fin != NULL && j->o.wakefd < 0 && !j->o.nonblocking &&
+         !j->exhausted;
 }
 
 /* Stream j's iterator returned lpar.pending, with what follows it at

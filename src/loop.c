@@ -131,61 +131,98 @@ int lpar_loop_run(Loop *l, int ms, void *arg) {
   return n;
 }
 
-int lpar_loop_takesignals(Loop *l, const int *sigs, int n) {
+/* Catch 'sig'; its action before goes to *old unless NULL. 0, or -errno. */
+static int catchsig(int sig, struct sigaction *old) {
   struct sigaction sa;
-  sigset_t block;
-  int k;
-  /* not one the caller ignores (blocked, it would be left pending for the
-     caller to find) */
-  sigemptyset(&block);
-  for (k = 0; k < n; k++) {
-    l->sigs[k] = sigs[k];
-    l->taken[k] = sigaction(sigs[k], NULL, &l->oldact[k]) == 0 &&
-                  l->oldact[k].sa_handler != SIG_IGN;
-    if (l->taken[k])
-      sigaddset(&block, sigs[k]);
-  }
-  for (; k < LPAR_LOOPNSIG; k++)
-    l->taken[k] = 0;
-  sigprocmask(SIG_BLOCK, &block, &l->oldmask);
-  l->waitmask = l->oldmask;
   memset(&sa, 0, sizeof sa);
   sa.sa_handler = oncatch;
   sigemptyset(&sa.sa_mask);
-  l->watching = 0;
+  return sigaction(sig, &sa, old) == 0 ? 0 : -errno;
+}
+
+/* Give back the action of signal k of h, one the caller ignores. Ignoring
+   drops a pending signal: one the caller blocks stays pending, as it was
+   (Linux keeps a blocked signal pending even when it is ignored). */
+static void giveignored(const SignalHold *h, int k) {
+  sigset_t pend;
+  int keep = sigismember(&h->mask, h->sigs[k]) && sigpending(&pend) == 0 &&
+             sigismember(&pend, h->sigs[k]);
+  sigaction(h->sigs[k], &h->old[k], NULL);
+  if (keep)
+    raise(h->sigs[k]);
+}
+
+/*
+** Take the n signals for h: each the caller does not ignore is caught and
+** 'how' (SIG_BLOCK or SIG_UNBLOCK) is done to it in the caller's mask,
+** which h->mask receives. One sigaction swaps each action (it returns the
+** one before), with the signals blocked meanwhile: one the caller ignores,
+** its action given back, is dropped as it would have been. Returns how
+** many are taken.
+*/
+static int takeactions(SignalHold *h, const int *sigs, int n, int how) {
+  sigset_t all, mask;
+  int k, ntaken = 0;
+  sigemptyset(&all);
   for (k = 0; k < n; k++)
-    if (l->taken[k]) {
-      sigaction(sigs[k], &sa, NULL);
-      sigdelset(&l->waitmask, sigs[k]);
-      l->watching = 1;
+    sigaddset(&all, sigs[k]);
+  sigprocmask(SIG_BLOCK, &all, &h->mask);
+  mask = h->mask;
+  h->n = n;
+  for (k = 0; k < n; k++) {
+    h->sigs[k] = sigs[k];
+    h->taken[k] = catchsig(sigs[k], &h->old[k]) == 0;
+    if (h->taken[k] && h->old[k].sa_handler == SIG_IGN) {
+      giveignored(h, k);
+      h->taken[k] = 0;
     }
+    if (!h->taken[k])
+      continue;
+    ntaken++;
+    if (how == SIG_BLOCK)
+      sigaddset(&mask, sigs[k]);
+    else
+      sigdelset(&mask, sigs[k]);
+  }
+  if (how != SIG_BLOCK || ntaken < n) /* else it is the mask set above */
+    sigprocmask(SIG_SETMASK, &mask, NULL);
+  return ntaken;
+}
+
+/* Give back the actions h took. */
+static void giveactions(const SignalHold *h) {
+  int k;
+  for (k = 0; k < h->n; k++)
+    if (h->taken[k])
+      sigaction(h->sigs[k], &h->old[k], NULL);
+}
+
+int lpar_loop_takesignals(Loop *l, const int *sigs, int n) {
+  int k;
+  l->watching = takeactions(&l->hold, sigs, n, SIG_BLOCK) > 0;
+  l->waitmask = l->hold.mask;
+  for (k = 0; k < n; k++)
+    if (l->hold.taken[k])
+      sigdelset(&l->waitmask, sigs[k]);
   caught = 0;
   l->waiting = 1;
   return l->watching;
 }
 
 void lpar_loop_givesignals(Loop *l) {
-  int k;
   l->waiting = 0;
-  for (k = 0; k < LPAR_LOOPNSIG; k++)
-    if (l->taken[k]) {
-      sigaction(l->sigs[k], &l->oldact[k], NULL);
-      l->taken[k] = 0;
-    }
-  sigprocmask(SIG_SETMASK, &l->oldmask, NULL);
+  giveactions(&l->hold);
+  l->hold.n = 0;
+  sigprocmask(SIG_SETMASK, &l->hold.mask, NULL);
 }
 
 const sigset_t *lpar_loop_callermask(Loop *l, sigset_t *cur) {
   sigprocmask(SIG_BLOCK, NULL, cur);
-  return l->waiting ? &l->oldmask : cur;
+  return l->waiting ? &l->hold.mask : cur;
 }
 
 int lpar_loop_catch(int sig) {
-  struct sigaction sa;
-  memset(&sa, 0, sizeof sa);
-  sa.sa_handler = oncatch;
-  sigemptyset(&sa.sa_mask);
-  return sigaction(sig, &sa, NULL) == 0 ? 0 : -errno;
+  return catchsig(sig, NULL);
 }
 
 int lpar_loop_caught(void) {
@@ -193,34 +230,16 @@ int lpar_loop_caught(void) {
 }
 
 void lpar_loop_holdsignals(SignalHold *h, const int *sigs, int n) {
-  struct sigaction sa;
-  sigset_t set;
-  int k;
-  memset(&sa, 0, sizeof sa);
-  sa.sa_handler = oncatch;
-  sigemptyset(&sa.sa_mask);
-  h->n = n;
   h->prior = caught;
   caught = 0;
-  sigemptyset(&set);
-  for (k = 0; k < n; k++) {
-    h->sigs[k] = sigs[k];
-    h->taken[k] = sigaction(sigs[k], NULL, &h->old[k]) == 0 &&
-                  h->old[k].sa_handler != SIG_IGN &&
-                  sigaction(sigs[k], &sa, NULL) == 0;
-    if (h->taken[k])
-      sigaddset(&set, sigs[k]);
-  }
-  sigprocmask(SIG_UNBLOCK, &set, &h->mask);
+  takeactions(h, sigs, n, SIG_UNBLOCK);
 }
 
 void lpar_loop_releasesignals(const SignalHold *h) {
-  int k, sig;
+  int sig;
   sigprocmask(SIG_SETMASK, &h->mask, NULL);
   sig = caught;
-  for (k = 0; k < h->n; k++)
-    if (h->taken[k])
-      sigaction(h->sigs[k], &h->old[k], NULL);
+  giveactions(h);
   caught = h->prior;
   if (sig != 0)
     raise(sig);

@@ -30,6 +30,17 @@ struct Watcher {
 /* the most signals a wait takes */
 #define LPAR_LOOPNSIG 3
 
+/* The signals a wait took: their actions before, and the caller's mask. */
+typedef struct SignalHold {
+  int n;
+  int sigs[LPAR_LOOPNSIG];
+  int taken[LPAR_LOOPNSIG]; /* caught (the caller did not ignore it) */
+  struct sigaction old[LPAR_LOOPNSIG];
+  int prior;     /* the signal caught before: a wait this one is inside of
+                    has yet to see it (lpar_loop_holdsignals) */
+  sigset_t mask; /* the caller's */
+} SignalHold;
+
 struct Loop {
   int epfd;                /* every watched fd, and the timer */
   int tfd;                 /* timerfd of the next deadline */
@@ -39,11 +50,8 @@ struct Loop {
   int at, got;       /* the event handled, of those that came */
   int waiting;       /* a wait took signals (lpar_loop_takesignals) */
   int watching;      /* ... some: it waits with waitmask */
-  sigset_t oldmask;  /* the caller's mask, while waiting */
-  sigset_t waitmask; /* ... and the one a wait takes signals with */
-  int taken[LPAR_LOOPNSIG];
-  int sigs[LPAR_LOOPNSIG];
-  struct sigaction oldact[LPAR_LOOPNSIG];
+  sigset_t waitmask; /* the mask a wait takes signals with */
+  SignalHold hold;   /* what the wait took; hold.mask: the caller's mask */
 };
 
 /* Make l, with room for 'nevs' events per wait. 0, or -errno with *call
@@ -82,17 +90,6 @@ void lpar_loop_givesignals(Loop *l);
 /* The signal mask children of the loop's process start with: the caller's,
    not the one a wait set; 'cur' receives the current one. */
 const sigset_t *lpar_loop_callermask(Loop *l, sigset_t *cur);
-
-/* What lpar_loop_holdsignals took, for lpar_loop_releasesignals. */
-typedef struct SignalHold {
-  int n;
-  int sigs[LPAR_LOOPNSIG];
-  int taken[LPAR_LOOPNSIG];
-  struct sigaction old[LPAR_LOOPNSIG];
-  int prior;     /* the signal caught before: a wait this one is inside of
-                    has yet to see it */
-  sigset_t mask; /* the caller's */
-} SignalHold;
 
 /* For a wait outside the loop (close hooks: lpar_worker_finish watches
    lpar_loop_caughtflag): each of the n signals the caller does not ignore

@@ -30,20 +30,12 @@ static Engine *checkpool(lua_State *L, int idx) {
 /* Raise unless the pool at 'idx' can be used now. */
 static Engine *usable(lua_State *L, int idx) {
   Engine *e = checkpool(L, idx);
-  if (!lpar_engine_mine(e))
-    luaL_error(L, "pool belongs to another process");
-  if (lpar_engine_closed(e))
-    luaL_error(L, "pool is closed");
-  if (lpar_engine_pumping(e))
-    luaL_error(L, "pool is busy (called from inside its own pump)");
+  lpar_engine_check(L, e, 1);
   return e;
 }
 
 static int pool_close(lua_State *L) {
-  if (!lpar_engine_mine(checkpool(L, 1)))
-    return luaL_error(L, "pool belongs to another process");
-  if (lpar_engine_pumping(checkpool(L, 1)))
-    return luaL_error(L, "pool is busy (called from inside its own pump)");
+  lpar_engine_check(L, checkpool(L, 1), 0);
   lua_settop(L, 1);
   lpar_engine_close(L, 1, "pool closed");
   return 0;
@@ -267,8 +259,8 @@ static const char *const jobopts[] = {"chunksize", "on_error", "timeout",
                                       "retries",   "progress", "on_event",
                                       NULL};
 static const char *const imapopts[] = {
-    "chunksize", "on_error", "timeout",  "retries",  "unordered", "wakefd",
-    "batched",   "slice",    "progress", "on_event", NULL};
+    "chunksize", "on_error", "timeout",  "retries",     "unordered", "wakefd",
+    "batched",   "slice",    "progress", "nonblocking", "on_event",  NULL};
 
 /* Read the job options at 'arg' (nil or a table) into o: those of
    pool:imap if 'imap'. */
@@ -287,6 +279,9 @@ static void getjobopts(lua_State *L, int arg, JobOpts *o, int imap) {
   lua_pop(L, 1);
   lua_getfield(L, arg, "batched");
   o->batched = lua_toboolean(L, -1);
+  lua_pop(L, 1);
+  lua_getfield(L, arg, "nonblocking");
+  o->nonblocking = lua_toboolean(L, -1);
   lua_pop(L, 1);
   if (lua_getfield(L, arg, "wakefd") != LUA_TNIL) {
     int isnum;

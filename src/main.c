@@ -1967,6 +1967,14 @@ static int reader_ranges(lua_State *L) {
   return 1;
 }
 
+/* reader:regular() -> whether no read of its input can wait: regular
+   files only, or the records given as text */
+static int reader_regular(lua_State *L) {
+  Reader *r = checkreader(L);
+  lua_pushboolean(L, r->regular || (r->eof && r->nfds == 0));
+  return 1;
+}
+
 /* reader:count() -> records read so far */
 static int reader_count(lua_State *L) {
   lua_pushinteger(L, checkreader(L)->count);
@@ -2352,13 +2360,19 @@ static int l_isolate(lua_State *L) {
   return 0;
 }
 
-static const luaL_Reg readermethods[] = {
-    {"wait", reader_wait},         {"take", reader_take},
-    {"skip", reader_skip},         {"count", reader_count},
-    {"items", reader_items},       {"fileid", reader_fileid},
-    {"identity", reader_identity}, {"partial", reader_partial},
-    {"limit", reader_limit},       {"ranges", reader_ranges},
-    {"close", reader_close},       {NULL, NULL}};
+static const luaL_Reg readermethods[] = {{"wait", reader_wait},
+                                         {"take", reader_take},
+                                         {"skip", reader_skip},
+                                         {"count", reader_count},
+                                         {"items", reader_items},
+                                         {"fileid", reader_fileid},
+                                         {"identity", reader_identity},
+                                         {"partial", reader_partial},
+                                         {"limit", reader_limit},
+                                         {"ranges", reader_ranges},
+                                         {"regular", reader_regular},
+                                         {"close", reader_close},
+                                         {NULL, NULL}};
 
 static const luaL_Reg helpers[] = {{"signals", l_signals},
                                    {"caught", l_caught},

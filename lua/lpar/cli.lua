@@ -1619,9 +1619,13 @@ function M.run(o, c, reader, counter, map, init, close)
   -- The job's items are batches of records: the engine's policy says how
   -- many records each holds (from the time per record the workers
   -- report), the reader cuts them. --chunk N fixes it at N records.
+  -- Reading a regular file never waits: the engine asks for the next
+  -- batch without putting the results ready first, and a busy worker
+  -- gets its next batch ahead.
   local jobopts = {on_error = "collect", unordered = o.unordered or nil,
                    timeout = o.timeout, chunksize = o.chunk, batched = true,
-                   retries = retries, slice = M.slicer(c, nul, o.number)}
+                   retries = retries, slice = M.slicer(c, nul, o.number),
+                   nonblocking = reader:regular() or nil}
   -- --halt ...,success= or done=: each record's outcome is seen on its own
   if halt and halt.what ~= "fail" then jobopts.chunksize = 1 end
 
