@@ -294,3 +294,39 @@ end
     assert.matches("lpar: cannot write /dev/full: ", err, 1, true)
   end)
 end)
+
+describe("lpar started with SIGINT ignored", function()
+  it("runs on through a SIGINT that comes while it waits for a record", function()
+    local signal = require "posix.signal"
+    local unistd = require "posix.unistd"
+    local started, go = tmpname(), tmpname()
+    os.remove(started)
+    os.remove(go)
+    local input = H.writefile(tmpname(), "1\n2\n3\n")
+    -- record 2 says it started, then waits (30 s at most) to be told to go
+    local code = ([[function(s)
+      if s == "2" then
+        io.open(%q, "w"):close()
+        local t = os.time() + 30
+        while not io.open(%q) and os.time() < t do os.execute("sleep 0.05") end
+      end
+      return s
+    end]]):format(started, go)
+    local out = tmpname()
+    local pid = assert(unistd.fork())
+    if pid == 0 then
+      signal.signal(signal.SIGINT, signal.SIG_IGN) -- as '&' in a script leaves it
+      unistd.execp(H.cli, {[0] = H.cli, "-j2", "-o", out, "-e", code, input})
+      unistd._exit(127)
+    end
+    local began = H.waitfor(function() return io.open(started) ~= nil end, 60)
+    -- lpar waits for record 2's result: the signal it ignores stays ignored
+    signal.kill(pid, signal.SIGINT)
+    H.writefile(go, "")
+    local how, status = H.waitexit(pid, 60)
+    assert.is_true(began)
+    assert.equal("exited", how)
+    assert.equal(0, status)
+    assert.equal("1\n2\n3\n", H.readfile(out))
+  end)
+end)
