@@ -117,6 +117,8 @@ static void pump(Ctx *c, int ms) {
   int d;
   lpar_place_reapdying(e, 0);
   pollfirst(c);
+  if (e->haltnow) /* a job halted now while results were read */
+    lpar_job_stopnow(c);
   lpar_deal_refill(c);
   if (lpar_deal_broken(c))
     return; /* no worker is left to wait for */
@@ -126,6 +128,8 @@ static void pump(Ctx *c, int ms) {
   if (lpar_deal_canspawn(
           c)) { /* all busy: another worker, unless results are in */
     if (events(c, 0) > 0) {
+      if (e->haltnow)
+        lpar_job_stopnow(c);
       lpar_place_deadlines(c);
       lpar_deal_refill(c);
       lpar_deal_dispatch(c);
@@ -148,6 +152,8 @@ static void pump(Ctx *c, int ms) {
     ms = 0;
   e->vacated = 0;
   events(c, ms);
+  if (e->haltnow)
+    lpar_job_stopnow(c);
   lpar_place_deadlines(c);
   lpar_deal_refill(c);
   lpar_deal_dispatch(c);
@@ -687,24 +693,35 @@ int lpar_engine_failkind(lua_State *L, int jidx) {
   return j->state == J_FAILED || j->state == J_CANCELLED ? j->failcode : 0;
 }
 
-void lpar_engine_halt(lua_State *L, int jidx) {
+void lpar_engine_halt(lua_State *L, int jidx, int now) {
   Job *j;
   Engine *e;
   int i;
   jidx = lua_absindex(L, jidx);
   j = lua_touserdata(L, jidx);
   e = j->e;
-  if (j->state != J_RUNNING || j->halting)
+  if (j->state != J_RUNNING || (j->halting && (j->haltnow || !now)))
     return;
   j->halting = 1;
-  for (i = 0; i < e->o.n; i++) {
-    EWorker *w = &e->w[i];
-    if (w->job == j && w->nq > 0 && !w->host)
-      e->slots[i].cut = lpar_place_lastitem(w); /* between records, it stops */
+  if (now) { /* from the pump (on_event), in its next step */
+    j->haltnow = e->haltnow = 1;
+    e->vacated = 1;
   }
+  else
+    for (i = 0; i < e->o.n; i++) {
+      EWorker *w = &e->w[i];
+      if (w->job == j && w->nq > 0 && !w->host)
+        e->slots[i].cut =
+            lpar_place_lastitem(w); /* between records, it stops */
+    }
   if (!e->inpump) { /* nothing in flight: it is over now */
     Ctx c;
     jobctx(L, jidx, &c);
+    lpar_place_holdchld(e);
+    if (e->haltnow)
+      lpar_job_stopnow(&c);
+    lpar_place_reapdying(e, 1);
+    lpar_place_releasechld(e);
     lpar_job_settle(&c, j);
     lua_pop(L, 3); /* job's uservalue, engine, engine's uservalue */
   }

@@ -124,11 +124,12 @@ int lpar_engine_itemkind(lua_State *L, int jidx, lua_Integer i);
 /* The kind code of the failure of the job at 'jidx'; 0 if none. */
 int lpar_engine_failkind(lua_State *L, int jidx);
 
-/* Halt the emitting job at 'jidx' soon: nothing more is handed out, and
-   workers running its batches stop between records; the job ends once
-   the items handed out are reported (the others are emitted as not run:
-   nil, nil). */
-void lpar_engine_halt(lua_State *L, int jidx);
+/* Halt the emitting job at 'jidx': nothing more is handed out; the job
+   ends once the items handed out are reported (the others are emitted as
+   not run: nil, nil). Soon: workers running its batches stop between
+   records. Now: they are killed at once (from on_event: once the pump
+   has read what is ready), and what they ran is emitted as not run. */
+void lpar_engine_halt(lua_State *L, int jidx, int now);
 
 /* Cancel the running job at 'jidx': it fails with 'why'. */
 void lpar_engine_cancel(lua_State *L, int jidx, const char *why);

@@ -92,6 +92,7 @@ typedef struct Engine {
   int interrupted;    /* the signal that ended a wait, 0 if none */
   int ended;          /* a job failed or was cancelled */
   int vacated;        /* a place was emptied since the pump looked */
+  int haltnow;        /* a job halts now (see lpar_job_stopnow) */
   struct Job *waited; /* the job a blocking wait is for, or NULL */
   int from;           /* the host whose frame is handled (0: none) */
   int brokencode;     /* the kind (kind.h) of what broke it (EU_BROKEN) */
@@ -132,6 +133,7 @@ typedef struct Job {
   lua_Integer qhead, qtail;
   lua_Integer nkids;    /* items made of parts of batches (o.slice) */
   int halting;          /* lpar_engine_halt: nothing more is handed out */
+  int haltnow;          /* and its running chunks are to be stopped */
   lua_Integer failed;   /* items that failed (collected) */
   lua_Integer toldone;  /* done and failed at the last progress call; */
   lua_Integer toldfail; /* toldone is -1 before the first */
@@ -278,6 +280,7 @@ void lpar_job_unwatchwake(Engine *e, Job *j);
 void lpar_job_end(Ctx *c, Job *j, int state, EWorker *self, int code);
 void lpar_job_fail(Ctx *c, Job *j, EWorker *self, int code);
 void lpar_job_settle(Ctx *c, Job *j);
+void lpar_job_stopnow(Ctx *c);
 void lpar_job_tellstart(Ctx *c, Job *j, int juv, lua_Integer i, EWorker *w);
 void lpar_job_store(Ctx *c, Job *j, int juv, lua_Integer i);
 void lpar_job_itemfailed(Ctx *c, Job *j, lua_Integer i, EWorker *self,

@@ -123,13 +123,12 @@ static void detach(Ctx *c, Job *j) {
 static void tellend(Ctx *c, Job *j, int juv, lua_Integer i, int eidx, int code,
                     lua_Integer ok, lua_Integer failed, lua_Integer again);
 
-/* Job j (with on_event) is cancelled: the items its workers run end so. */
-static void tellcancelled(Ctx *c, Job *j) {
-  lua_State *L = c->L;
+/* The items the workers of job j (with on_event; its uservalue at 'uv')
+   run end as cancelled, with the message on top. */
+static void tellrunning(Ctx *c, Job *j, int uv) {
   Engine *e = c->e;
-  int i, k, uv = lpar_job_pushuv(c, j);
+  int i, k, eidx = lua_gettop(c->L);
   lua_Integer item;
-  lua_pushliteral(L, "cancelled");
   for (i = 0; i < e->o.n; i++) {
     EWorker *w = &e->w[i];
     if (w->job != j)
@@ -137,9 +136,16 @@ static void tellcancelled(Ctx *c, Job *j) {
     for (k = 0; k < w->nq; k++)
       for (item = w->q[k].first + (k == 0 ? w->got : 0);
            item < w->q[k].first + w->q[k].count; item++)
-        tellend(c, j, uv, item, uv + 1, LPAR_KCANCELLED, -1, 0, 0);
+        tellend(c, j, uv, item, eidx, LPAR_KCANCELLED, -1, 0, 0);
   }
-  lua_settop(L, uv - 2);
+}
+
+/* Job j (with on_event) is cancelled: the items its workers run end so. */
+static void tellcancelled(Ctx *c, Job *j) {
+  int uv = lpar_job_pushuv(c, j);
+  lua_pushliteral(c->L, "cancelled");
+  tellrunning(c, j, uv);
+  lua_settop(c->L, uv - 2);
 }
 
 /*
@@ -192,10 +198,53 @@ void lpar_job_fail(Ctx *c, Job *j, EWorker *self, int code) {
   lpar_job_end(c, j, J_FAILED, self, code);
 }
 
+/*
+** Jobs halted now (lpar_engine_halt): the chunks their workers run go back
+** to them unrun (a halting job hands nothing out again), their workers
+** killed and replaced, a host's agent told to stop them. Run where no
+** frame of a worker is being read: from the pump, between its steps.
+*/
+void lpar_job_stopnow(Ctx *c) {
+  Engine *e = c->e;
+  Job *j, *next;
+  int i;
+  e->haltnow = 0;
+  for (j = e->jobs; j; j = next) {
+    next = j->nextjob;
+    if (j->state != J_RUNNING || !j->haltnow)
+      continue;
+    j->haltnow = 0;
+    if (j->o.onevent) { /* the items running end, as cancelled */
+      int uv = lpar_job_pushuv(c, j);
+      lua_pushliteral(c->L, "halted");
+      tellrunning(c, j, uv);
+      lua_settop(c->L, uv - 2);
+    }
+    for (i = 0; i < e->o.n; i++) {
+      EWorker *w = &e->w[i];
+      if (w->job != j || w->nq == 0)
+        continue;
+      lpar_place_giveback(c, w, 0);
+      if (w->host) {
+        w->job = NULL;
+        if (w->proc.cmdfd >= 0) {
+          lpar_host_send(c, w, LPAR_FCANCEL, 0, NULL, 0);
+          lpar_place_sendsome(e, w);
+        }
+      }
+      else
+        lpar_place_drop(e, w);
+    }
+    e->vacated = 1;
+    lpar_job_settle(c, j);
+  }
+}
+
 /* Whether every item of j is reported. */
 static int complete(Job *j) {
-  if (j->halting) /* what was handed out is in */
-    return j->done + j->redo.items == j->n + j->nkids;
+  if (j->halting) /* what was handed out is in (a table's others too) */
+    return j->done + j->redo.items + (j->stream ? 0 : j->n - j->next + 1) ==
+           j->n + j->nkids;
   return j->done == j->n + j->nkids &&
          (!j->stream || (j->exhausted && j->redo.n == 0));
 }

@@ -439,16 +439,20 @@ static int job_wait(lua_State *L) {
 }
 
 /*
-** job:halt() -> whether it was running: an imap job hands out nothing
-** more, its workers stop between the records of their batches, and it
-** ends once what was handed out is reported. Callable from its on_event.
+** job:halt([when]) -> whether it was running: an imap job hands out
+** nothing more and ends once what was handed out is reported. 'when' is
+** "soon" (its workers stop between the records of their batches) or
+** "now" (they are killed, and what they ran comes back as not run).
+** Callable from its on_event.
 */
 static int job_halt(lua_State *L) {
+  static const char *const whens[] = {"soon", "now", NULL};
   Job *j = checkjob(L, 1);
+  int now = luaL_checkoption(L, 2, "soon", whens);
   lua_settop(L, 1);
   luaL_argcheck(L, lpar_engine_emitting(j), 1, "only an imap job halts");
   lua_pushboolean(L, lpar_engine_running(j));
-  lpar_engine_halt(L, 1);
+  lpar_engine_halt(L, 1, now);
   return 1;
 }
 

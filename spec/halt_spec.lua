@@ -1,0 +1,100 @@
+-- job:halt("now") and job:halt() on an imap job over a table: written in
+-- the Lua every version parses.
+local lpar = require "lpar"
+local H = require "spec.helper"
+
+-- f: item 1 waits (up to 60 s) until the file 'go' exists, saying so
+-- in 'started' first; item 3 fails; the others come back at once.
+local function blocker(dir)
+  local started, go = dir .. "/started", dir .. "/go"
+  return function(x)
+    if x == 1 then
+      io.open(started, "w"):close()
+      local deadline = os.time() + 60
+      while not io.open(go) and os.time() < deadline do os.execute("sleep 0.05") end
+    end
+    if x == 3 then error("three") end
+    return x
+  end, started, go
+end
+
+describe("job:halt('now')", function()
+  it("kills the workers running the job's items at once: they come back as not run", function()
+    local dir = H.tmpdir()
+    local f, started = blocker(dir)
+    local pool = lpar.pool({n_workers = 2})
+    local job
+    local ends = {}
+    local items = {}
+    for i = 1, 20 do items[i] = i end
+    local iter, _, _, j = pool:imap(f, items, {on_error = "collect", chunksize = 1,
+      on_event = function(ev)
+        if ev.event ~= "end" then return end
+        ends[ev.item] = ev.status
+        -- item 1 runs (said in 'started'); item 3's failure halts the job
+        if ev.item == 3 and H.waitfor(function() return io.open(started) ~= nil end, 60) then
+          job:halt("now")
+        end
+      end})
+    job = j
+    local got, errs = {}, {}
+    local t0 = os.time()
+    for i, v, e in iter, nil, nil, job do got[i], errs[i] = v, e end
+    local took = os.time() - t0
+    H.rmdir(dir)
+    -- item 1 never said go: it was killed (well before its 60 s)
+    assert.is_true(took < 50, took .. " s")
+    assert.is_nil(got[1])
+    assert.is_nil(errs[1])
+    assert.equal("cancelled", ends[1])
+    assert.equal(2, got[2])
+    assert.matches("three", errs[3])
+    for i = 4, 20 do -- never handed out after the halt, or not run
+      if got[i] == nil then assert.is_nil(errs[i]) else assert.equal(i, got[i]) end
+    end
+    assert.equal("done", job:status())
+    -- the pool goes on: its workers are replaced
+    local r = pool:map(function(x) return x * 2 end, {1, 2, 3})
+    assert.same({2, 4, 6}, r)
+    pool:close()
+  end)
+
+  it("called outside the loop, kills them before the next result is taken", function()
+    local dir = H.tmpdir()
+    local f, started = blocker(dir)
+    local pool = lpar.pool({n_workers = 2})
+    local iter, _, _, job = pool:imap(f, {2, 1, 4}, {chunksize = 1})
+    local i, v = iter(nil, nil) -- item 1 (2) comes back; item 2 (1) waits
+    assert.equal(1, i)
+    assert.equal(2, v)
+    assert.is_true(H.waitfor(function() return io.open(started) ~= nil end, 60))
+    assert.is_true(job:halt("now"))
+    local rest = {}
+    for k, x, e in iter, nil, nil, job do rest[k] = {x, e} end
+    H.rmdir(dir)
+    assert.same({}, rest[2] or {}) -- not run
+    assert.equal("done", job:status())
+    assert.has_error(function() job:halt("later") end)
+    pool:close()
+  end)
+end)
+
+describe("job:halt() of an imap job over a table", function()
+  it("ends with the items never handed out coming back as not run", function()
+    -- before: the job waited for items it would never hand out
+    local pool = lpar.pool({n_workers = 2})
+    local items = {}
+    for i = 1, 200 do items[i] = i end
+    local iter, _, _, job = pool:imap(function(x) return x end, items, {chunksize = 1})
+    local n, last = 0, 0
+    for i, v in iter, nil, nil, job do
+      if i == 2 then job:halt() end
+      if v ~= nil then n = n + 1 end
+      last = i
+    end
+    assert.equal(200, last)
+    assert.is_true(n >= 2 and n < 200, n .. " results")
+    assert.equal("done", job:status())
+    pool:close()
+  end)
+end)
