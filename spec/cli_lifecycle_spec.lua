@@ -51,6 +51,49 @@ describe("lpar --halt soon", function()
   end)
 end)
 
+describe("lpar --halt now", function()
+  it("kills the records running when it trips, and --resume runs them", function()
+    -- line 1 says it started, then waits (60 s at most) for a file; line 3
+    -- fails once line 1 has started: lpar does not wait for line 1
+    local started, go, log, out = tmpname(), tmpname(), tmpname(), tmpname()
+    os.remove(started)
+    os.remove(go)
+    os.remove(out)
+    local code = ([[function(s)
+      local function await(p)
+        local t = os.time() + 60
+        while os.time() < t and not io.open(p) do os.execute("sleep 0.05") end
+      end
+      if s == "1" then
+        io.open(%q, "w"):close()
+        await(%q)
+        return "one"
+      end
+      if s == "3" then await(%q) error("three") end
+      return s
+    end]]):format(started, go, started)
+    local input = H.writefile(tmpname(), "1\n2\n3\n4\n")
+    local args = ("-j3 --chunk 1 --joblog %s -o %s -e %s %s")
+                 :format(log, out, H.quote(code), input)
+    local t0 = os.time()
+    local rc, _, err = H.lpar("--halt now,fail=1 " .. args, nil, 120)
+    local took = os.time() - t0
+    assert.equal(1, rc, err)
+    assert.is_true(took < 45, took .. " s")
+    assert.matches('lpar: line 3 %("3"%): .*three', err)
+    assert.matches("stopped at line 3 %(%-%-halt now,fail=1: 1 failed of ", err)
+    assert.not_matches("one", H.readfile(out) or "")
+    for _, t in ipairs(H.logged(log)) do assert.is_true(t[1] ~= 1, "line 1 in the joblog") end
+    -- line 1 was left unsettled: --resume runs it (and what follows it;
+    -- line 3 fails again)
+    H.writefile(go, "")
+    rc, _, err = H.lpar("--resume " .. args, nil, 120)
+    assert.equal(1, rc, err)
+    assert.matches("lpar: 1 of 4 items failed", err)
+    assert.equal("one\n2\n4\n", H.readfile(out))
+  end)
+end)
+
 describe("lpar --halt soon, then --resume", function()
   -- Every third line fails; the run halts at the first failures, with
   -- records handed back or never started: the joblog's marks cover none

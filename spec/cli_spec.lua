@@ -306,7 +306,7 @@ describe("lpar failures", function()
 
   it("stops at the first failure with --halt", function()
     local items = "a\nb\nbad1\nc\nbad2\nd\n"
-    local code, out, err = lpar("--halt " .. FIX .. "fail.lua", items)
+    local code, out, err = lpar("-j1 --halt " .. FIX .. "fail.lua", items)
     assert.equal(1, code)
     assert.equal("a\nb\n", out)
     assert.matches("line 3", err)

@@ -35,7 +35,7 @@ describe("lpar --halt", function()
 
   it("keeps its meaning alone: stop at the first failure", function()
     local items = writefile(dir .. "/items", numbers(20))
-    local rc, out, err = lpar("--halt -e " .. FAIL3 .. " " .. items)
+    local rc, out, err = lpar("-j1 --halt -e " .. FAIL3 .. " " .. items)
     assert.equal(1, rc)
     assert.equal("1\n2\n", out)
     assert.matches("stopped at the first failure %(%-%-halt%)\nlpar: 1 of 3 items failed\n$", err)
@@ -43,31 +43,64 @@ describe("lpar --halt", function()
 
   it("now,fail=N stops at the Nth failure, with the results before it", function()
     local items = writefile(dir .. "/items", numbers(200))
-    for _, j in ipairs({"1", "2"}) do
-      local rc, out, err = lpar("-j " .. j .. " --halt now,fail=2 -e " .. FAIL3 .. " " .. items)
-      assert.equal(1, rc)
-      assert.equal("1\n2\n4\n5\n", out)
-      assert.matches("line 3 %(\"3\"%)", err)
-      assert.matches("line 6 %(\"6\"%)", err)
-      assert.not_matches("line 9", err)
-      assert.matches("lpar: stopped at line 6 %(%-%-halt now,fail=2: 2 failed of 6%)", err)
-    end
+    -- one worker runs the records in order
+    local rc, out, err = lpar("-j 1 --halt now,fail=2 -e " .. FAIL3 .. " " .. items)
+    assert.equal(1, rc)
+    assert.equal("1\n2\n4\n5\n", out)
+    assert.matches("line 3 %(\"3\"%)", err)
+    assert.matches("line 6 %(\"6\"%)", err)
+    assert.not_matches("line 9", err)
+    assert.matches("lpar: stopped at line 6 %(%-%-halt now,fail=2: 2 failed of 6%)", err)
     -- as --halt=VALUE too, and the joblog ends at the stop
-    local rc, out = lpar("--halt=now,fail=3 --joblog " .. dir .. "/log -e " .. FAIL3 .. " " .. items)
+    rc, out = lpar("-j 1 --halt=now,fail=3 --joblog " .. dir .. "/log -e " .. FAIL3 .. " " .. items)
     assert.equal(1, rc)
     assert.equal("1\n2\n4\n5\n7\n8\n", out)
     assert.same({9, "failed"}, logged(dir .. "/log")[9])
     assert.is_nil(logged(dir .. "/log")[10])
   end)
 
+  it("now,fail=N stops at the Nth failure to end, with two workers", function()
+    -- failures count as records end, in any order: the two counted are
+    -- reported (and any that ended meanwhile, before the workers were
+    -- killed), the results written are in order and none past the last
+    -- of them, and the records killed or never started are not written
+    local items = writefile(dir .. "/items", numbers(200))
+    for _ = 1, 5 do
+      local rc, out, err = lpar("-j 2 --halt now,fail=2 -e " .. FAIL3 .. " " .. items)
+      assert.equal(1, rc)
+      local stop, n, of = err:match("lpar: stopped at line (%d+) %(%-%-halt now,fail=2: (%d+) failed of (%d+)%)")
+      assert.is_truthy(stop, err)
+      assert.equal("2", n)
+      assert.equal(0, tonumber(stop) % 3)
+      local told, seen = {}, false
+      for line in err:gmatch("lpar: line (%d+) %(") do
+        told[#told + 1] = tonumber(line)
+        seen = seen or line == stop
+      end
+      assert.is_true(#told >= 2, err)
+      assert.is_true(seen, err)
+      local got = lines(out)
+      assert.equal(tonumber(of), #got + #told)
+      local last = 0
+      for _, l in ipairs(got) do
+        local x = tonumber(l)
+        assert.is_true(x > last and x % 3 ~= 0, out)
+        last = x
+      end
+      local top = 0
+      for _, l in ipairs(told) do top = math.max(top, l) end
+      assert.is_true(last < top, out .. err)
+    end
+  end)
+
   it("now,fail=N% stops when that share of the items done so far failed", function()
     local items = writefile(dir .. "/items", numbers(200))
-    local rc, out, err = lpar("--halt now,fail=30% -e " .. FAIL3 .. " " .. items)
+    local rc, out, err = lpar("-j 1 --halt now,fail=30% -e " .. FAIL3 .. " " .. items)
     assert.equal(1, rc)
     assert.equal("1\n2\n", out)
     assert.matches("stopped at line 3 %(%-%-halt now,fail=30%%: 1 failed of 3%)", err)
     -- one in three fail: 34% is never reached
-    rc, out, err = lpar("--halt now,fail=34% -e " .. FAIL3 .. " " .. items)
+    rc, out, err = lpar("-j1 --halt now,fail=34% -e " .. FAIL3 .. " " .. items)
     assert.equal(1, rc)
     assert.equal(134, #lines(out))
     assert.matches("lpar: 66 of 200 items failed", err)
@@ -75,15 +108,15 @@ describe("lpar --halt", function()
 
   it("now,success=N and now,done=N stop at that many", function()
     local items = writefile(dir .. "/items", numbers(200))
-    local rc, out, err = lpar("-j2 --halt now,success=1 -e " .. FAIL3 .. " " .. items)
+    local rc, out, err = lpar("-j1 --halt now,success=1 -e " .. FAIL3 .. " " .. items)
     assert.equal(0, rc, err)
     assert.equal("1\n", out)
     assert.matches("stopped at line 1 %(%-%-halt now,success=1: 1 succeeded of 1%)", err)
-    rc, out, err = lpar("-j2 --halt now,success=4 -e " .. FAIL3 .. " " .. items)
+    rc, out, err = lpar("-j1 --halt now,success=4 -e " .. FAIL3 .. " " .. items)
     assert.equal(1, rc) -- line 3 failed on the way
     assert.equal("1\n2\n4\n5\n", out)
     assert.matches("stopped at line 5", err)
-    rc, out = lpar("--halt now,done=7 -e " .. FAIL3 .. " " .. items)
+    rc, out = lpar("-j1 --halt now,done=7 -e " .. FAIL3 .. " " .. items)
     assert.equal(1, rc)
     assert.equal("1\n2\n4\n5\n7\n", out)
   end)

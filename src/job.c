@@ -290,7 +290,7 @@ static int newevent(Ctx *c, Job *j, int juv, lua_Integer i, int start) {
     if (lua_rawgeti(L, -1, i) == LUA_TTABLE) {
       lua_getfield(L, -1, "root");
       lua_setfield(L, ev, "item");
-      lua_getfield(L, -1, "at");
+      lua_getfield(L, -1, "from"); /* in the batch, not its parent part */
       lua_setfield(L, ev, "at");
       lua_getfield(L, -1, "n");
       lua_setfield(L, ev, "n");
@@ -424,8 +424,9 @@ static void tellend(Ctx *c, Job *j, int juv, lua_Integer i, int eidx, int code,
 ** retries left, after it). Parts are items from KIDBASE on, handed out
 ** before fresh ones, so they run in parallel with the rest, on any
 ** worker. Each has a node in JU_KIDS while it runs: {root = the batch it
-** comes from, at = its first record there (1-based, in the item it was
-** cut from), n = records, attempt = k}; when it is reported the node gets
+** comes from, at = its first record (1-based) in the item it was cut
+** from, from = the same in the root batch, n = records, attempt = k};
+** when it is reported the node gets
 ** value, error and host (the spec, nil: this machine), and the nodes of
 ** its own parts in 'kids'. A batch with parts has a node too ({kids,
 ** hold = parts not reported}) and is emitted once hold is 0, its parts in
@@ -465,6 +466,15 @@ static int addpart(Ctx *c, Job *j, int juv, int bidx, int nidx,
   lua_setfield(L, -2, "root");
   lua_pushinteger(L, from);
   lua_setfield(L, -2, "at");
+  /* its first record in the root batch: the parent's (1 for the batch
+     itself) plus 'from' */
+  if (lua_istable(L, nidx))
+    lua_getfield(L, nidx, "from");
+  else
+    lua_pushnil(L);
+  lua_pushinteger(L, luaL_optinteger(L, -1, 1) + from - 1);
+  lua_setfield(L, -3, "from");
+  lua_pop(L, 1);
   lua_pushinteger(L, to - from + 1);
   lua_setfield(L, -2, "n");
   lua_pushinteger(L, attempt);

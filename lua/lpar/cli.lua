@@ -1621,11 +1621,12 @@ function M.run(o, c, reader, counter, map, init, close)
   -- report), the reader cuts them. --chunk N fixes it at N records.
   -- Reading a regular file never waits: the engine asks for the next
   -- batch without putting the results ready first, and a busy worker
-  -- gets its next batch ahead.
+  -- gets its next batch ahead (not with --halt: the records a batch
+  -- hands back at its first failure run before the next batch).
   local jobopts = {on_error = "collect", unordered = o.unordered or nil,
                    timeout = o.timeout, chunksize = o.chunk, batched = true,
                    retries = retries, slice = M.slicer(c, nul, o.number),
-                   nonblocking = reader:regular() or nil}
+                   nonblocking = (reader:regular() and not halt) or nil}
   -- --halt ...,success= or done=: each record's outcome is seen on its own
   if halt and halt.what ~= "fail" then jobopts.chunksize = 1 end
 
@@ -1704,10 +1705,14 @@ function M.run(o, c, reader, counter, map, init, close)
   local prog = o.progress and progress(c, total and total - skipped)
   local write, report, mark = c.write, c.report, c.mark
   local failed, succeeded = 0, 0
-  -- --halt: 'tripped' when its condition is met (at line 'tripline');
-  -- 'halted' when the run stops at once (now), with 'haltline' the last
-  -- line whose result counts
-  local tripped, tripline, halted, haltline = false, nil, false, nil
+  -- --halt: 'tripped' when its condition is met (at line 'tripline', with
+  -- 'tripn' records counted); 'halted' when the walk in input order
+  -- passes it with --halt now, at 'haltline', the last line whose result
+  -- counts
+  local tripped, tripline, tripn, halted, haltline = false, nil, 0, false, nil
+  -- the last line of the records --halt has counted (in any order): the
+  -- walk in input order goes that far with --halt now
+  local haltat = 0
   local items = reader:items(lpar.pending)
   if label then -- each batch goes with the number of its first record
     local nextbatch, taken = items, reader.count
@@ -1724,8 +1729,8 @@ function M.run(o, c, reader, counter, map, init, close)
   -- as key; firstof[batch] is its first record), so that
   -- a record's start is its own, not when its result came out in order.
   local firstof, starts, nbatches = {}, nil, 0
-  if logging then
-    starts = {}
+  if logging or halt then
+    starts = logging and {} or nil
     local nextbatch, taken = items, reader.count
     items = function(want)
       local first = taken(reader) + 1
@@ -1794,45 +1799,50 @@ function M.run(o, c, reader, counter, map, init, close)
     return halt.pct and done >= 3 and n * 100 >= halt.pct * done or (halt.n and n >= halt.n)
   end
 
-  -- --halt soon: the engine's events say as records end (before their
-  -- results come out in order) when it trips; then no record starts
-  -- (the workers stop between records) and the run ends once the
-  -- records running are in. (now: the results up to the one that trips
-  -- it, in input order, are written; then the workers are killed.)
+  -- The engine's events, as parts of batches start and end (in any
+  -- order, before their results come out in input order): the start
+  -- clocks of the joblog and --events; the counts of --halt (the
+  -- progress bar counts results as they are written). When --halt
+  -- trips, the job halts: soon, no record starts (the workers stop
+  -- between records) and the run ends once the records running are in;
+  -- now, the workers running records are killed and those records are
+  -- left unsettled (--resume runs them).
   local job
-  local function onstart(ev)
-    local first = firstof[ev.item]
-    if first then starts[(first + (ev.at or 1) - 1) .. ":" .. ev.attempt] = c.clock() end
-  end
-  if starts then
-    jobopts.on_event = function(ev)
-      if ev.event == "start" then onstart(ev) end
+  local nfailed, nok = 0, 0
+  local function onend(ev)
+    if not ev.ok then return end -- a batch's end counts its records
+    nfailed, nok = nfailed + ev.failed, nok + ev.ok
+    if not halt or tripped then return end
+    -- the last record this part ran: with --halt ...,fail= a batch ends
+    -- at its first failure; with success= and done= it holds one record
+    local line = firstof[ev.item] + (ev.at or 1) + ev.ok + ev.failed - 2
+    local counted = halt.what == "fail" and ev.failed or halt.what == "success" and ev.ok
+                    or ev.ok + ev.failed
+    if counted > 0 and line > haltat then haltat = line end
+    if trips(nfailed, nok) then
+      tripped, tripline = true, line
+      tripn = halt.what == "fail" and nfailed or halt.what == "success" and nok or nfailed + nok
+      job:halt(halt.when)
     end
   end
-  if halt and halt.when == "soon" then
-    local nfailed, nok = 0, 0
+  if starts or halt then
     jobopts.on_event = function(ev)
-      if ev.event == "start" and starts then return onstart(ev) end
-      if ev.event ~= "end" or not ev.ok then return end
-      nfailed, nok = nfailed + ev.failed, nok + ev.ok
-      if job and trips(nfailed, nok) then job:halt() end
+      if ev.event == "end" then return onend(ev) end
+      local first = starts and firstof[ev.item]
+      if first then starts[(first + (ev.at or 1) - 1) .. ":" .. ev.attempt] = c.clock() end
     end
   end
 
-  -- Whether --halt trips now that line 'line' settled ('ok' or not).
-  local function check(line, ok)
-    if not halt or tripped or (halt.what == "fail" and ok) or (halt.what == "success" and not ok) then
-      return
-    end
-    if trips(failed, succeeded) then
-      tripped, tripline = true, line
-      if halt.when == "now" then halted, haltline = true, line end
-    end
+  -- With --halt now, the walk in input order stops once the records
+  -- --halt counted are written (line 'line' has settled); the others
+  -- are left for --resume.
+  local function check(line)
+    if tripped and halt.when == "now" and line >= haltat then halted, haltline = true, line end
   end
 
   local function success(line)
     succeeded = succeeded + 1
-    check(line, true)
+    check(line)
   end
 
   -- An item that failed because the run is being stopped is not a
@@ -1874,7 +1884,7 @@ function M.run(o, c, reader, counter, map, init, close)
     failed = failed + 1
     tell(real(line), e, rec)
     logline(line, "failed", secs, attempt, e, evstatus(kind), kind)
-    check(line, false)
+    check(line)
   end
 
   local function logok(first, from, to, times, attempt)
@@ -2074,10 +2084,8 @@ function M.run(o, c, reader, counter, map, init, close)
     return 1
   end
   if tripped then
-    local n = halt.what == "fail" and failed or halt.what == "success" and succeeded
-              or failed + succeeded
     say(c, ("lpar: stopped at %s %d (--halt %s: %d %s of %d)")
-        :format(nul and "item" or "line", real(tripline), halt.text, n,
+        :format(nul and "item" or "line", real(tripline), halt.text, tripn,
                 halt.what == "fail" and "failed" or halt.what == "success" and "succeeded" or "done",
                 failed + succeeded))
     if failed > 0 then
