@@ -47,6 +47,12 @@ local failing = {
     end
     return x * 10
   end,
+  -- past the limit in a string buffer (on 5.3, a plain error raised by
+  -- lauxlib when refused, not a memory error)
+  buffer = function(x)
+    if x == 2 then return #string.rep("x", 100 * 1048576) end
+    return x * 10
+  end,
   -- a header of no frame type on the results pipe, then a pause
   protocol = function(x)
     if x == 2 then
@@ -113,6 +119,10 @@ describe("the kind of an item's failure", function()
 
     it("is 'memory' for an item past max_memory, in " .. front, function()
       assert.same({[2] = {"memory"}}, kinds(front, "memory", {max_memory = "64M"}))
+    end)
+
+    it("is 'memory' for an item past max_memory in a string buffer, in " .. front, function()
+      assert.same({[2] = {"memory"}}, kinds(front, "buffer", {max_memory = "64M"}))
     end)
 
     it("is 'protocol' for a worker that breaks the protocol, in " .. front, function()
