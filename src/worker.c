@@ -499,8 +499,8 @@ typedef struct Limit {
   lua_Alloc f;
   void *ud;
   size_t used, max;
-  int refused;        /* a refusal not made good since it was cleared */
-  void *rptr;         /* the request refused: block, old and new size */
+  int refused; /* a refusal not made good since it was cleared */
+  void *rptr;  /* the request refused: block, old and new size */
   size_t rosize, rnsize;
 } Limit;
 
