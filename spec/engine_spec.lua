@@ -80,7 +80,7 @@ describe("lpar.pending", function()
                                script({1, "pending", 3}, nil, calls), 0)
     assert.equal(2, n)
     assert.same({10, 30}, r)
-    local pool <close> = lpar.pool{n_workers = 1}
+    local pool = H.closing(finally, lpar.pool{n_workers = 1})
     calls = {0}
     r, n = pool:map(function(x) return x * 10 end, script({1, "pending", 3}, nil, calls))
     assert.equal(2, n)
@@ -88,14 +88,14 @@ describe("lpar.pending", function()
   end)
 
   it("followed by the end of the items ends pool:imap", function()
-    local pool <close> = lpar.pool{n_workers = 2}
+    local pool = H.closing(finally, lpar.pool{n_workers = 2})
     local calls = {0}
     local got = collect(pool:imap(function(x) return x end, script({1, "pending"}, nil, calls)))
     assert.same({1}, got)
   end)
 
   it("on one fd from two jobs of one pool wakes both", function()
-    local pool <close> = lpar.pool{n_workers = 2}
+    local pool = H.closing(finally, lpar.pool{n_workers = 2})
     local r, w = unistd.pipe()
     local seen = {}
     -- each iterator takes one byte when the pipe has one, else waits on it
@@ -162,7 +162,7 @@ end)
 
 describe("a job waited for in the body of another job's loop", function()
   it("goes first on the pool's workers", function()
-    local pool <close> = lpar.pool{n_workers = 2}
+    local pool = H.closing(finally, lpar.pool{n_workers = 2})
     local pulled = 0
     local function endless()
       pulled = pulled + 1
@@ -203,7 +203,7 @@ end)
 
 describe("a pool job that fails", function()
   it("leaves no zombie of the workers it killed", function()
-    local pool <close> = lpar.pool{n_workers = 2}
+    local pool = H.closing(finally, lpar.pool{n_workers = 2})
     local items = {}
     for i = 1, 30 do items[i] = i end
     local ok, err = pcall(pool.map, pool, function(x)
@@ -250,7 +250,7 @@ describe("an items iterator that raises", function()
           end)
           io.write(tostring(ok), " ", tostring(e))
         ]]):format(front, n, n))
-        local rc, out, err = H.run("timeout -k 5 30 lua5.4 " .. f)
+        local rc, out, err = H.run("timeout -k 5 30 " .. H.interp .. " " .. f)
         os.remove(f)
         assert.equal("", err)
         assert.equal(0, rc)

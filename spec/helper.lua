@@ -394,5 +394,25 @@ function H.tmpfiles(after_each)
   end
 end
 
+-- Close p (a pool) when the running test ends, passed or failed, as
+-- `local p <close> = ...` does on Lua 5.4, under every Lua: 'finally' is
+-- busted's, which only a test's body sees. Returns p. The pools close in
+-- the reverse order of their calls, before the after_each hooks run.
+local toclose = {}
+local function closeall()
+  local first
+  for i = #toclose, 1, -1 do
+    local ok, err = pcall(toclose[i].close, toclose[i])
+    toclose[i] = nil
+    if not ok and first == nil then first = err end
+  end
+  if first ~= nil then error(first, 0) end
+end
+function H.closing(finally, p)
+  toclose[#toclose + 1] = p
+  finally(closeall)
+  return p
+end
+
 _G.lpar_helper = H
 return H

@@ -46,14 +46,14 @@ describe("imap over a pipe that pauses", function()
     end)
 
     it("pool:imap hands back the results so far during the pause (" .. n .. " workers)", function()
-      local pool <close> = lpar.pool(n)
+      local pool = H.closing(finally, lpar.pool(n))
       local got = run(function(f, it) return pool:imap(f, it) end)
       assert.same({"1A", "2B", "3TOLD", "4D"}, got)
     end)
   end
 
   it("pool:imap with unordered results does too", function()
-    local pool <close> = lpar.pool(2)
+    local pool = H.closing(finally, lpar.pool(2))
     local got = run(function(f, it) return pool:imap(f, it, {unordered = true}) end)
     table.sort(got, function(x, y) return x < y end)
     assert.same({"1A", "2B", "3TOLD", "4D"}, got)

@@ -4,6 +4,17 @@
 local lpar = require "lpar"
 local H = require "spec.helper"
 
+-- The bytes of n (0 <= n < 2^53) as a little-endian unsigned integer of
+-- 'size' bytes, as string.pack("<I" .. size) writes it (Lua 5.3+ only).
+local function le(n, size)
+  local t = {}
+  for i = 1, size do
+    t[i] = string.char(n % 256)
+    n = math.floor(n / 256)
+  end
+  return table.concat(t)
+end
+
 -- item 2 fails as 'how' says; the others return x * 10
 local failing = {
   error = function(x)
@@ -17,7 +28,7 @@ local failing = {
   signal = function(x)
     if x == 2 then
       local f = assert(io.open("/proc/self/stat"))
-      local pid = f:read("n")
+      local pid = f:read("*n")
       f:close()
       os.execute("kill -9 " .. pid)
       while true do end
@@ -31,9 +42,15 @@ local failing = {
   memory = function(x)
     if x == 2 then
       local t = {}
-      for i = 1, 1 << 24 do t[i] = ("%d"):format(i) end
+      for i = 1, 16777216 do t[i] = ("%d"):format(i) end
       return #t
     end
+    return x * 10
+  end,
+  -- past the limit in a string buffer (on 5.3, a plain error raised by
+  -- lauxlib when refused, not a memory error)
+  buffer = function(x)
+    if x == 2 then return #string.rep("x", 100 * 1048576) end
     return x * 10
   end,
   -- a header of no frame type on the results pipe, then a pause
@@ -43,7 +60,7 @@ local failing = {
       for fd = 3, 64 do -- the results pipe is the only FIFO a worker holds
         local st = stat.fstat(fd)
         if st and stat.S_ISFIFO(st.st_mode) ~= 0 then
-          unistd.write(fd, string.pack("<I4I4I8", 200, 1, 0))
+          unistd.write(fd, le(200, 4) .. le(1, 4) .. le(0, 8))
         end
       end
       unistd.sleep(5)
@@ -62,10 +79,14 @@ local function kinds(front, how, opts)
     if e ~= nil then got[i] = {kind, detail} else values[i] = v end
   end
   if front == "pool:imap" then
-    local pool <close> = lpar.pool{n_workers = 2, max_memory = opts.max_memory}
-    for i, v, e, where, kind, detail in pool:imap(failing[how], H.range(4), jobopts) do
-      take(i, v, e, where, kind, detail)
-    end
+    local pool = lpar.pool{n_workers = 2, max_memory = opts.max_memory}
+    local ok, err = pcall(function()
+      for i, v, e, where, kind, detail in pool:imap(failing[how], H.range(4), jobopts) do
+        take(i, v, e, where, kind, detail)
+      end
+    end)
+    pool:close()
+    if not ok then error(err, 0) end
   else
     jobopts.n_workers, jobopts.max_memory = 2, opts.max_memory
     for i, v, e, where, kind, detail in lpar.imap(failing[how], H.range(4), jobopts) do
@@ -100,6 +121,10 @@ describe("the kind of an item's failure", function()
       assert.same({[2] = {"memory"}}, kinds(front, "memory", {max_memory = "64M"}))
     end)
 
+    it("is 'memory' for an item past max_memory in a string buffer, in " .. front, function()
+      assert.same({[2] = {"memory"}}, kinds(front, "buffer", {max_memory = "64M"}))
+    end)
+
     it("is 'protocol' for a worker that breaks the protocol, in " .. front, function()
       assert.same({[2] = {"protocol"}}, kinds(front, "protocol"))
     end)
@@ -116,7 +141,7 @@ describe("the kind of an item's failure", function()
   end)
 
   it("is nil for an item that succeeds", function()
-    local pool <close> = lpar.pool(1)
+    local pool = H.closing(finally, lpar.pool(1))
     for i, v, e, where, kind, detail in pool:imap(function(x) return x end, {7}) do
       assert.same({1, 7}, {i, v})
       assert.is_nil(e)
@@ -131,7 +156,7 @@ describe("lpar.errkind", function()
   after_each(function() assert.same({}, H.children()) end)
 
   it("names a job's failure that lpar raises: 'error', 'exit', 'timeout'", function()
-    local pool <close> = lpar.pool(2)
+    local pool = H.closing(finally, lpar.pool(2))
     for how, want in pairs{error = {"error"}, exit = {"exit", 3}, timeout = {"timeout"}} do
       local ok, e = pcall(pool.map, pool, failing[how], H.range(4), {chunksize = 1, timeout = 0.5})
       assert.is_false(ok)
@@ -142,7 +167,7 @@ describe("lpar.errkind", function()
   it("keeps the kind of a failure of lpar's own that a caller's function raises again", function()
     -- on_event (as the CLI's, which writes the output and the joblog)
     -- raising a failure lpar gave it: the job fails of that kind
-    local pool <close> = lpar.pool(2)
+    local pool = H.closing(finally, lpar.pool(2))
     local ok, e = pcall(pool.map, pool, failing.exit, H.range(4), {chunksize = 1})
     assert.is_false(ok)
     local again
@@ -161,16 +186,16 @@ describe("lpar.errkind", function()
 
   it("names max_memory below the caller's heap 'memory'", function()
     local keep = {}
-    for i = 1, 1 << 19 do keep[i] = i end -- about 8 MiB
+    for i = 1, 524288 do keep[i] = i end -- about 8 MiB
     local ok, e = pcall(lpar.pool, {n_workers = 2, max_memory = "2M"})
     assert.is_false(ok)
     assert.matches("^max_memory 2 MiB is below ", e)
     assert.equal("memory", lpar.errkind(e))
-    assert.equal(1 << 19, #keep)
+    assert.equal(524288, #keep)
   end)
 
   it("names a job cancelled 'cancelled'", function()
-    local pool <close> = lpar.pool(1)
+    local pool = H.closing(finally, lpar.pool(1))
     local job = pool:submit(function() require("posix.unistd").sleep(30) end, {1})
     job:cancel()
     local ok, e = pcall(job.wait, job)
@@ -182,15 +207,15 @@ describe("lpar.errkind", function()
     local rc, out, err = H.lua([[
       local lpar = require "lpar"
       local f = assert(io.open("/proc/self/stat"))
-      local parent = f:read("n")
+      local parent = f:read("*n")
       f:close()
-      local pool <close> = lpar.pool(1)
+      local pool = lpar.pool(1)
       local ok, e = pcall(pool.map, pool, function()
         -- once the caller waits in epoll (its handler is in place)
         local unistd, time = require "posix.unistd", require "posix.time"
         for _ = 1, 2000 do
           local w = io.open("/proc/" .. parent .. "/wchan")
-          local at = w and w:read("a") or ""
+          local at = w and w:read("*a") or ""
           if w then w:close() end
           if at:find("epoll") or at:find("ep_poll") then break end
           time.nanosleep({tv_sec = 0, tv_nsec = 10000000})
@@ -199,6 +224,7 @@ describe("lpar.errkind", function()
         unistd.sleep(30)
       end, {1})
       io.write(tostring(ok), " ", tostring(e), " ", table.concat({lpar.errkind(e)}, " "))
+      pool:close()
     ]])
     assert.equal(0, rc, err)
     assert.equal("false interrupted interrupted 2", out)

@@ -393,9 +393,11 @@ void lpar_worker_unpackerror(lua_State *L) {
 static int errorframe(lua_State *L) {
   Runner *r = lua_touserdata(L, 3);
   Buf *b = lpar_codec_newbuf(L); /* 4 */
-  if (r->memerr) {               /* name the limit */
+  if (r->memerr) {               /* name the limit, as every Lua's */
     lua_pushfstring(L, "not enough memory (limit %s)", r->limit);
     lua_replace(L, 1);
+    lua_pushnil(L); /* 5.3's buffers raise with a traceback: not said */
+    lua_replace(L, 2);
   }
   else if (lua_type(L, 1) != LUA_TSTRING && lua_type(L, 1) != LUA_TTABLE) {
     lpar_worker_describe(L, 1);
@@ -488,6 +490,52 @@ void lpar_worker_senderror(Runner *r, lua_Integer i) {
   lua_pop(L, 3); /* frame or error, error value, traceback */
 }
 
+/* The allocator of a worker with a memory limit: counts the bytes of the
+   Lua heap and refuses to grow it past the limit. A refusal is noted
+   until the same request succeeds (Lua collected garbage and tried once
+   more): an error raised meanwhile is the limit's, whatever its status
+   (Lua 5.3's auxiliary buffers raise a plain error when refused). */
+typedef struct Limit {
+  lua_Alloc f;
+  void *ud;
+  size_t used, max;
+  int refused; /* a refusal not made good since it was cleared */
+  void *rptr;  /* the request refused: block, old and new size */
+  size_t rosize, rnsize;
+} Limit;
+
+/* the worker's limit (a worker never returns: it lives as the process) */
+static Limit worklimit;
+
+static void *limitalloc(void *ud, void *ptr, size_t osize, size_t nsize) {
+  Limit *lim = ud;
+  size_t old = ptr ? osize : 0;
+  void *p;
+  if (nsize > old &&
+      (lim->used > lim->max || nsize - old > lim->max - lim->used)) {
+    lim->refused = 1;
+    lim->rptr = ptr;
+    lim->rosize = osize;
+    lim->rnsize = nsize;
+    return NULL; /* Lua collects garbage and tries once more */
+  }
+  p = lim->f(lim->ud, ptr, osize, nsize);
+  if (p != NULL || nsize == 0)
+    lim->used = (lim->used > old ? lim->used - old : 0) + nsize;
+  if (p != NULL && lim->refused && ptr == lim->rptr && osize == lim->rosize &&
+      nsize == lim->rnsize)
+    lim->refused = 0; /* the try after collecting garbage */
+  return p;
+}
+
+/* Whether an item's call that ended with 'status' (not LUA_OK) failed of
+   r's memory limit; forgets the refusal noted. */
+static int limitfailed(Runner *r, int status) {
+  int refused = worklimit.refused;
+  worklimit.refused = 0;
+  return r->limit != NULL && (status == LUA_ERRMEM || refused);
+}
+
 /*
 ** Results this big are built and dropped item after item: from now on
 ** keep freed memory for reuse, since fresh pages cost a fault each. (Not
@@ -515,6 +563,7 @@ int lpar_worker_runitem(Runner *r, lua_Integer i) {
      a death before that is its failure */
   r->slot->part = -1;
   r->slot->item = i;
+  worklimit.refused = 0;
   status = lua_pcall(L, 1, 1, r->msgh);
   lpar_worker_own();
   if (status == LUA_OK) {
@@ -540,7 +589,7 @@ int lpar_worker_runitem(Runner *r, lua_Integer i) {
   }
   else {
     lpar_worker_unpackerror(L);
-    r->memerr = status == LUA_ERRMEM && r->limit != NULL;
+    r->memerr = limitfailed(r, status);
   }
   lpar_worker_senderror(r, i);
   return 1;
@@ -639,27 +688,6 @@ size_t lpar_worker_heap(lua_State *L) {
          (size_t)lua_gc(L, LUA_GCCOUNTB, 0);
 }
 
-/* The allocator of a worker with a memory limit: counts the bytes of the
-   Lua heap and refuses to grow it past the limit. */
-typedef struct Limit {
-  lua_Alloc f;
-  void *ud;
-  size_t used, max;
-} Limit;
-
-static void *limitalloc(void *ud, void *ptr, size_t osize, size_t nsize) {
-  Limit *lim = ud;
-  size_t old = ptr ? osize : 0;
-  void *p;
-  if (nsize > old &&
-      (lim->used > lim->max || nsize - old > lim->max - lim->used))
-    return NULL; /* Lua collects garbage and tries once more */
-  p = lim->f(lim->ud, ptr, osize, nsize);
-  if (p != NULL || nsize == 0)
-    lim->used = (lim->used > old ? lim->used - old : 0) + nsize;
-  return p;
-}
-
 /* Push the message for a max_memory of 'max' with 'used' bytes of heap
    inherited: below it, or without LPAR_MEMROOM to run in above it. */
 static void belowheap(lua_State *L, size_t max, size_t used) {
@@ -705,8 +733,7 @@ static int heapfits(lua_State *L, size_t max, size_t *used) {
 }
 
 int lpar_worker_setlimit(Runner *r, size_t max) {
-  /* both live as long as the process: a worker never returns */
-  static Limit lim;
+  /* lives as long as the process: a worker never returns */
   static char name[32];
   lua_State *L = r->L;
   size_t used;
@@ -716,10 +743,11 @@ int lpar_worker_setlimit(Runner *r, size_t max) {
     belowheap(L, max, used);
     return 1;
   }
-  lim.f = lua_getallocf(L, &lim.ud);
-  lim.used = used;
-  lim.max = max;
-  lua_setallocf(L, limitalloc, &lim);
+  worklimit.f = lua_getallocf(L, &worklimit.ud);
+  worklimit.used = used;
+  worklimit.max = max;
+  worklimit.refused = 0;
+  lua_setallocf(L, limitalloc, &worklimit);
   r->limit = lpar_worker_memname(max, name, sizeof name);
   return 0;
 }
@@ -836,13 +864,14 @@ static int fetchitem(Runner *r, int idx, lua_Integer i) {
   lua_pushcfunction(L, getitem);
   lua_pushvalue(L, idx);
   lua_pushinteger(L, i);
+  worklimit.refused = 0;
   status = lua_pcall(L, 2, 1, r->msgh);
   lpar_worker_own();
   r->slot->item = 0;
   if (status == LUA_OK)
     return 0;
   lpar_worker_unpackerror(L); /* function, error, traceback */
-  r->memerr = status == LUA_ERRMEM && r->limit != NULL;
+  r->memerr = limitfailed(r, status);
   lua_remove(L, -3);
   lpar_worker_senderror(r, i);
   return 1;
@@ -895,6 +924,7 @@ static int decodeitem(WState *ws, lua_Integer i, size_t *pos) {
   lua_pushcfunction(L, decodeat);
   lua_pushlightuserdata(L, &ws->in);
   lua_pushinteger(L, (lua_Integer)*pos);
+  worklimit.refused = 0;
   status = lua_pcall(L, 2, 2, ws->r.msgh);
   lpar_worker_own();
   if (status == LUA_OK) {
@@ -907,7 +937,7 @@ static int decodeitem(WState *ws, lua_Integer i, size_t *pos) {
   if (skipstring(&ws->in, pos) != 0)
     _exit(LPAR_EXITBROKEN);
   lpar_worker_unpackerror(L); /* function, error, traceback */
-  ws->r.memerr = status == LUA_ERRMEM && ws->r.limit != NULL;
+  ws->r.memerr = limitfailed(&ws->r, status);
   lua_remove(L, -3);
   lpar_worker_senderror(&ws->r, i);
   return 1;
