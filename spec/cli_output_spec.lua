@@ -241,6 +241,20 @@ describe("lpar's results", function()
     assert.matches('the string at %["k\\xff"%] %(its key%) is not valid UTF%-8', err)
   end)
 
+  it("fail the item for a surrogate code point (U+D800), on every Lua", function()
+    -- 5.3's utf8.len (and lua-compat53's, before 5.3) takes it
+    local rc, out, err = lpar("--json -e " ..
+      quote("function(s) if s == 'b' then return 'x\\237\\160\\128' end return s end") .. " " .. items)
+    assert.equal(1, rc)
+    assert.equal('"a"\n', out)
+    assert.matches('lpar: line 2 %("b"%): cannot print the result as JSON: it is not valid UTF%-8', err)
+    -- the last code point before the surrogates and the first after them
+    rc, out, err = lpar("--json -e " ..
+      quote("function(s) return s == 'a' and '\\237\\159\\191' or '\\238\\128\\128' end") .. " ::: a b")
+    assert.equal(0, rc, err)
+    assert.equal('"\237\159\191"\n"\238\128\128"\n', out)
+  end)
+
   it("of several values follow one rule: tab-joined, nil empty, all nil no line", function()
     local rc, out, err = lpar("-e " .. quote([[function(s)
       if s == '1' then return 'a', nil end

@@ -505,6 +505,13 @@ describe("lpar usage errors", function()
     usage("-e 'return function('", "^lpar: %(command line%):1: ")
   end)
 
+  it("refuses a precompiled script (scripts load as text, on every Lua)", function()
+    local script = tmpname()
+    writefile(script, string.dump(load("return function(s) return s end")))
+    usage(script .. " ::: a", "^lpar: " .. script:gsub("%p", "%%%0") ..
+          " is precompiled Lua %(bytecode%): lpar loads scripts as text\n$")
+  end)
+
   it("reports an error raised while the script loads", function()
     usage(FIX .. "loaderr.lua", "^lpar: " .. FIX:gsub("%p", "%%%0") ..
           "loaderr.lua:2: attempt to index .*nil value")

@@ -116,12 +116,20 @@ void lpar_opts_hook(lua_State *L, int arg, const char *name) {
 
 lua_Integer lpar_opts_itemcount(lua_State *L, int idx) {
   lua_Integer n;
-  if (lua_getfield(L, idx, "n") == LUA_TNUMBER && lua_isinteger(L, -1))
-    n = lua_tointeger(L, -1);
-  else {
+  int isint;
+  int t = lua_getfield(L, idx, "n");
+  if (t == LUA_TNIL) {
     lua_pop(L, 1);
     return luaL_len(L, idx);
   }
+  /* a count: a whole number (2.0 too, as the options take it) */
+  n = lua_tointegerx(L, -1, &isint);
+  if (t != LUA_TNUMBER || !isint)
+    luaL_argerror(L, idx,
+                  lua_pushfstring(L,
+                                  "'n' must be a whole number of items, not %s",
+                                  t == LUA_TNUMBER ? lua_tostring(L, -1)
+                                                   : luaL_typename(L, -1)));
   lua_pop(L, 1);
   if (n < 0)
     luaL_argerror(L, idx, "'n' must not be negative");

@@ -495,12 +495,18 @@ local function jsonencoder()
   return j.encode, cjson.null
 end
 
+-- Whether string s is valid UTF-8: 5.4's utf8.len refuses surrogates
+-- (U+D800..U+DFFF, bytes ED A0..BF), 5.3's and lua-compat53's take them.
+local function isutf8(s)
+  return utf8.len(s) ~= nil and not s:find("\237[\160-\191]")
+end
+
 -- Where in v the first string (value or key) that is not valid UTF-8
 -- lies, as "[2].name" ("" for v itself), or nil if there is none: JSON
 -- holds UTF-8 only. 'seen' stops at shared tables and cycles.
 local function badutf8(v, path, seen)
   if type(v) == "string" then
-    if utf8.len(v) then return nil end
+    if isutf8(v) then return nil end
     return path
   end
   if type(v) ~= "table" or seen[v] then return nil end
@@ -512,7 +518,7 @@ local function badutf8(v, path, seen)
     else
       step = "[" .. (type(k) == "string" and M.shorten(k, 20) or tostring(k)) .. "]"
     end
-    if type(k) == "string" and not utf8.len(k) then
+    if type(k) == "string" and not isutf8(k) then
       return path .. step .. " (its key)"
     end
     local at = badutf8(x, path .. step, seen)
@@ -2310,6 +2316,14 @@ function M.main(argv, c)
   if o.code then
     chunk, msg = M.commandline(o.code)
   else
+    -- scripts load as text (5.1's loadfile takes no mode, and the Luas
+    -- word the refusal each their own way)
+    local f = io.open(o.script, "rb")
+    local first = f and f:read(1)
+    if f then f:close() end
+    if first == "\27" then
+      return fail(2, o.script .. " is precompiled Lua (bytecode): lpar loads scripts as text")
+    end
     chunk, msg = loadfile(o.script, "t")
   end
   if not chunk then return fail(2, msg) end
