@@ -47,6 +47,16 @@ local failing = {
     end
     return x * 10
   end,
+  -- past the limit with tables (5.1 and LuaJIT collect no garbage before
+  -- they refuse: reporting the failure needs what the item left freed)
+  tables = function(x)
+    if x == 2 then
+      local t = {}
+      for i = 1, 1e8 do t[i] = {} end
+      return #t
+    end
+    return x * 10
+  end,
   -- past the limit in a string buffer (on 5.3, a plain error raised by
   -- lauxlib when refused, not a memory error)
   buffer = function(x)
@@ -119,6 +129,10 @@ describe("the kind of an item's failure", function()
 
     it("is 'memory' for an item past max_memory, in " .. front, function()
       assert.same({[2] = {"memory"}}, kinds(front, "memory", {max_memory = "64M"}))
+    end)
+
+    it("is 'memory' for an item past max_memory with tables, in " .. front, function()
+      assert.same({[2] = {"memory"}}, kinds(front, "tables", {max_memory = "16M"}))
     end)
 
     it("is 'memory' for an item past max_memory in a string buffer, in " .. front, function()

@@ -528,6 +528,26 @@ static void *limitalloc(void *ud, void *ptr, size_t osize, size_t nsize) {
   return p;
 }
 
+/* lua_CFunction: a full collection, under lua_pcall (a finalizer may
+   raise). */
+static int collectall(lua_State *L) {
+  lua_gc(L, LUA_GCCOLLECT, 0);
+  return 0;
+}
+
+/* A call stopped by the memory limit left its garbage: 5.1 and LuaJIT
+   collect none before they refuse, so what reports the failure would be
+   refused too. Collect it, with the limit lifted for the call. */
+static void collectleft(lua_State *L) {
+  size_t max = worklimit.max;
+  worklimit.max = (size_t)-1;
+  lua_pushcfunction(L, collectall);
+  if (lua_pcall(L, 0, 0, 0) != LUA_OK)
+    lua_pop(L, 1);
+  worklimit.max = max;
+  worklimit.refused = 0;
+}
+
 /* Whether an item's call that ended with 'status' (not LUA_OK) failed of
    r's memory limit; forgets the refusal noted. */
 static int limitfailed(Runner *r, int status) {
@@ -588,8 +608,10 @@ int lpar_worker_runitem(Runner *r, lua_Integer i) {
     lua_pushnil(L); /* no traceback */
   }
   else {
-    lpar_worker_unpackerror(L);
     r->memerr = limitfailed(r, status);
+    if (r->memerr)
+      collectleft(L);
+    lpar_worker_unpackerror(L);
   }
   lpar_worker_senderror(r, i);
   return 1;
@@ -598,10 +620,13 @@ int lpar_worker_runitem(Runner *r, lua_Integer i) {
 int lpar_worker_hook(Runner *r, int idx) {
   int status;
   lua_pushvalue(r->L, idx);
+  worklimit.refused = 0;
   status = lua_pcall(r->L, 0, 0, r->msgh);
   lpar_worker_own();
   if (status == LUA_OK)
     return 0;
+  if (limitfailed(r, status))
+    collectleft(r->L);
   lpar_worker_unpackerror(r->L);
   return 1;
 }
@@ -617,8 +642,9 @@ int lpar_worker_inithook(Runner *r, int idx) {
 
 void lpar_worker_reportclose(lua_State *L, const char *who) {
   lpar_worker_describe(L, -2); /* as every failure reads */
-  fprintf(stderr, "lpar: %s %d: close failed: %s\n%s\n", who, (int)getpid(),
-          lua_tostring(L, -1), lua_isstring(L, -2) ? lua_tostring(L, -2) : "");
+  fprintf(stderr, "lpar: %s %d: close failed: %s\n%s%s", who, (int)getpid(),
+          lua_tostring(L, -1), lua_isstring(L, -2) ? lua_tostring(L, -2) : "",
+          lua_isstring(L, -2) ? "\n" : "");
   fflush(stderr);
   lua_pop(L, 1);
 }
