@@ -439,7 +439,21 @@ static char eolchar = '\n';
 static int put(lua_State *L, int nl) {
   size_t len;
   const char *s = luaL_checklstring(L, 1, &len);
+  lua_Integer from = luaL_optinteger(L, 2, 1), to = luaL_optinteger(L, 3, -1);
   int e, nomem = 0;
+  /* bytes from..to of s, as string.sub counts them */
+  if (to < 0)
+    to += (lua_Integer)len + 1;
+  if (to > (lua_Integer)len)
+    to = (lua_Integer)len;
+  if (from < 1)
+    from = 1;
+  if (from > to)
+    len = 0;
+  else {
+    s += from - 1;
+    len = (size_t)(to - from + 1);
+  }
   pthread_mutex_lock(&out.mu);
   e = failed();
   if (e == 0 && reserve(&out.p, out.n, &out.cap, len + 1) != 0)
@@ -468,7 +482,7 @@ static int put(lua_State *L, int nl) {
   return 0;
 }
 
-/* write(s): output the bytes of s */
+/* write(s [, i [, j]]): output the bytes of s (from i to j) */
 static int l_write(lua_State *L) {
   return put(L, 0);
 }

@@ -823,19 +823,23 @@ local BIGBATCH = 1048576 -- 2^20, written so that every Lua parses it
 -- 'times' the seconds each record took (string.pack'ed doubles). With
 -- 'label' (--number) a batch comes as {first, block} (first: its first
 -- record's number in the reader) and each output line starts with
--- label(number of its record).
-function M.batcher(map, fmt, nul, halt, timed, c, maxmem, label)
+-- label(number of its record). With 'plain' (--tag: map is M.tagged of
+-- plain) a long batch of bytes that holds one record is run by plain,
+-- and its output line goes back untagged, in the field 'bare', with the
+-- record's length in 'reclen': lpar holds the batch and writes the
+-- record before it (one copy of a long line fewer on both sides).
+function M.batcher(map, fmt, nul, halt, timed, c, maxmem, label, plain)
   local concat, shorten, clean = table.concat, M.shorten, M.clean
   local split, now, overdue = c.split, c.now, c.overdue
   local eol = c.eol or "\n" -- "\0" with --null-output
   local out, times, recs = {}, {}, {}
-  local nrec, k, n, t1, over, first
+  local nrec, k, n, t1, over, first, call
   -- the records from k + 1 on, until one fails (one xpcall for all) or
   -- lpar asks for the rest back
   local function loop()
     while k < nrec do
       k = k + 1
-      local r = fmt(map(recs[k]))
+      local r = fmt(call(recs[k]))
       if r ~= nil then
         n = n + 1
         out[n] = label and label(first + k - 1) .. r or r
@@ -850,7 +854,7 @@ function M.batcher(map, fmt, nul, halt, timed, c, maxmem, label)
     while k < nrec do
       k = k + 1
       t1 = now()
-      local r = fmt(map(recs[k]))
+      local r = fmt(call(recs[k]))
       times[k] = now() - t1
       if r ~= nil then
         n = n + 1
@@ -870,6 +874,9 @@ function M.batcher(map, fmt, nul, halt, timed, c, maxmem, label)
     if label then first, block = block[1], block[2] end
     local big = (type(block) == "table" and block[2] or #block) >= BIGBATCH
     recs, nrec = split(block, nul, recs)
+    local bare = plain and big and nrec == 1 and type(block) == "string" and not label
+    local reclen = bare and #recs[1]
+    call = bare and plain or map
     -- a batch queued behind an overdue one goes back whole (one record
     -- runs here: it would only be sent again)
     over = nrec > 1 and overdue(0)
@@ -918,7 +925,9 @@ function M.batcher(map, fmt, nul, halt, timed, c, maxmem, label)
     elseif not parts then
       return text
     end
-    if alone then
+    if alone and bare then
+      parts.bare, parts.reclen = alone, reclen
+    elseif alone then
       parts[#parts + 1] = alone
       parts[#parts + 1] = eol
     end
@@ -1475,12 +1484,13 @@ function M.workerfns(o, c, map, init, close)
   local fmt = M.formatter(nil, o.json)
   local halt = o.halt
   if o.colsep then map = M.fields(map, o.colsep) end
+  local plain = o.tag and map
   if o.tag then map = M.tagged(map, fmt) end
   local isolate = c.isolate
   -- with --halt ...,fail=: a batch ends at its first failure (the rest
   -- goes back), so that lpar sees each failure as it comes
   local batchf = M.batcher(map, fmt, o.nul, (halt and halt.what == "fail") == true,
-                           o.timed, c, o.maxmem, M.labeller(o))
+                           o.timed, c, o.maxmem, M.labeller(o), plain)
   return function()
     isolate()
     if init then init() end
@@ -1709,7 +1719,10 @@ function M.run(o, c, reader, counter, map, init, close)
   local total = o.progress and counter and counter()
   if total then total = mine(total) end
   local prog = o.progress and progress(c, total and total - skipped)
-  local write, report, mark = c.write, c.report, c.mark
+  local write, writeln, report, mark = c.write, c.writeln, c.report, c.mark
+  -- the batch at hand when it is one record of bytes (see M.batcher's
+  -- 'bare')
+  local whole
   local failed, succeeded = 0, 0
   -- --halt: 'tripped' when its condition is met (at line 'tripline', with
   -- 'tripn' records counted); 'halted' when the walk in input order
@@ -1982,6 +1995,11 @@ function M.run(o, c, reader, counter, map, init, close)
       return
     end
     local times, from = r.times, 1
+    if r.bare then -- a long record's untagged line (--tag): the record first
+      if whole and n == 1 then write(whole, 1, r.reclen) else write(recof(first)) end
+      write("\t")
+      writeln(r.bare)
+    end
     for j = 1, #r do
       local p = r[j]
       if type(p) == "string" then
@@ -2030,7 +2048,9 @@ function M.run(o, c, reader, counter, map, init, close)
         return recs[line - first + 1]
       end
       ranon(where)
+      whole = n == 1 and type(block) == "string" and block or nil
       walk(first, n, r, e, 1, type(r) == "table" and r.kids, kind, detail, recof)
+      whole = nil
       firstof[i] = nil
       if type(block) == "string" and #block >= BIGBATCH then
         block, recs = nil, nil -- luacheck: ignore 311 (a long line from a pipe: let it go now)
