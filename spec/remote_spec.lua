@@ -796,6 +796,16 @@ end
       assert.matches("no setup came from the parent", err, 1, true)
     end)
 
+    it("says why it leaves when its parent's stream ends inside a frame", function()
+      -- a stream that ends between frames is a parent that left: quietly
+      local rc, _, err = H.lpar("--worker -j 1", "", 30)
+      assert.equal(0, rc, err)
+      assert.equal("", err)
+      rc, _, err = H.lpar("--worker -j 1", "garbage\n", 30)
+      assert.equal(1, rc)
+      assert.equal("lpar --worker: the parent's stream ended inside a frame\n", err)
+    end)
+
     it("refuses a parent of another protocol version, naming both", function()
       local a = agent()
       local out = H.readuntil(a.stdout, function(s) return #frames(s) >= 1 end, 30)

@@ -56,12 +56,13 @@ typedef struct Agent {
   double timeout;
   Entry *q; /* chunks in the order they came */
   int head, tail, cap;
-  int n;          /* workers */
-  long long idle; /* the parent's silence it takes as its end (ns) */
-  Watcher inw;    /* 'in', on the pool's loop */
-  Watcher outw;   /* 'out', while bytes wait for the parent */
-  int inready;    /* 'in' may be read (its watcher saw it) */
-  int inalways;   /* 'in' is always readable (a regular file) */
+  int n;              /* workers */
+  long long idle;     /* the parent's silence it takes as its end (ns) */
+  Watcher inw;        /* 'in', on the pool's loop */
+  Watcher outw;       /* 'out', while bytes wait for the parent */
+  int inready;        /* 'in' may be read (its watcher saw it) */
+  int inalways;       /* 'in' is always readable (a regular file) */
+  const char *broken; /* why the parent's stream is of no use, or NULL */
 } Agent;
 
 static void nomem(lua_State *L, int rc) {
@@ -527,8 +528,12 @@ static void waitsetup(Agent *a) {
       luaL_error(L, "poll: %s", strerror(errno));
     if (lpar_loop_caught())
       _exit(1);
-    if ((p.revents & (POLLIN | POLLHUP)) && readin(a) != 0)
-      _exit(0); /* the parent left first */
+    if ((p.revents & (POLLIN | POLLHUP)) && readin(a) != 0) {
+      if (a->inb.n == 0)
+        _exit(0); /* the parent left first */
+      lua_pushliteral(L, "the parent's stream ended inside a frame");
+      giveup(a);
+    }
   }
 }
 
@@ -590,7 +595,11 @@ static int turn(Agent *a) {
   now = lpar_proc_now();
   if (a->inready || a->inalways) {
     int r = readin(a);
-    if (r != 0 || frames(a) != 0)
+    if (r == 0 && frames(a) != 0)
+      a->broken = "the parent did not speak lpar's protocol";
+    else if (r > 0 && a->inb.n > 0)
+      a->broken = "the parent's stream ended inside a frame";
+    if (r != 0 || a->broken)
       return -1; /* end of file, or bytes that are not frames */
     lpar_engine_pump(L, a->eidx, 0);
   }
@@ -631,6 +640,8 @@ static int agentmain(lua_State *L) {
   while (turn(a) == 0)
     ;
   lpar_engine_close(L, a->eidx, "the parent is gone");
+  if (a->broken)
+    luaL_error(L, "%s", a->broken);
   return 0;
 }
 
