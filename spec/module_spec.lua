@@ -360,6 +360,29 @@ describe("lpar.parallel", function()
       assert.matches("^item 2: .-two", err)
     end)
 
+    it("raises every byte of the message in serial mode, with its traceback", function()
+      local ok, err = pcall(lpar.parallel, function() error("a\0b", 0) end, {1}, 0)
+      assert.is_false(ok)
+      assert.equal("item 1: a\0b\nstack traceback:", err:match("^[^\n]*\n[^\n]*"))
+      assert.not_matches("in %?", err) -- no level of lpar's own
+    end)
+
+    it("makes an error of the items table's __index item i's in serial mode", function()
+      local items = setmetatable({n = 3}, {__index = function(_, i)
+        if i == 2 then error("idx", 0) end
+        return i
+      end})
+      local ok, err = pcall(lpar.parallel, function(x) return x end, items, 0)
+      assert.is_false(ok)
+      assert.matches("^item 2: idx\n", err)
+      local r, n, errs = lpar.parallel(function(x) return x end, items,
+                                       {n_workers = 0, on_error = "collect"})
+      assert.equal(3, n)
+      assert.equal(1, r[1])
+      assert.equal(3, r[3])
+      assert.matches("^idx\n", errs[2])
+    end)
+
     it("names a worker that exits, with its status, and does not hang", function()
       local ok, err = pcall(lpar.parallel, function(x)
         if x == 2 then os.exit(3) end

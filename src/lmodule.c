@@ -81,6 +81,18 @@ static void getopts(lua_State *L, int arg, RunOpts *o) {
   o->nworkers = nw > LPAR_MAXWORKERS ? LPAR_MAXWORKERS : (int)nw;
 }
 
+/* lua_CFunction: f(items[i]) for (f, items, i), f(v) for (f, v): an
+   error of the items table's __index is item i's, as in a worker. */
+static int callitem(lua_State *L) {
+  if (lua_gettop(L) == 3) {
+    lua_geti(L, 2, lua_tointeger(L, 3));
+    lua_replace(L, 2);
+    lua_settop(L, 2);
+  }
+  lua_call(L, 1, 1);
+  return 1;
+}
+
 /*
 ** Run f over the items in this process (n_workers = 0, or inside a
 ** worker). Values are not copied. Stack: f at 1, items at 2.
@@ -94,7 +106,7 @@ static int serial(lua_State *L, lua_Integer n, const RunOpts *o) {
   }
   lua_newtable(L); /* results */
   lua_newtable(L); /* errors */
-  lpar_worker_pushtraceback(L);
+  lpar_worker_pushtraceback(L, 1); /* callitem's level is not shown */
   for (i = 1; stream || i <= n; i++) {
     if (stream) {
       lpar_engine_nextitem(L, 2);
@@ -104,11 +116,16 @@ static int serial(lua_State *L, lua_Integer n, const RunOpts *o) {
         break;
       }
     }
-    else
-      lua_geti(L, 2, i);
+    else {
+      lua_pushvalue(L, 2);
+      lua_pushinteger(L, i);
+    }
+    /* callitem(f, item) or callitem(f, items, i) */
+    lua_pushcfunction(L, callitem);
+    lua_insert(L, stream ? -2 : -3);
     lua_pushvalue(L, 1);
-    lua_insert(L, -2);
-    if (lua_pcall(L, 1, 1, -3) == LUA_OK) {
+    lua_insert(L, stream ? -2 : -3);
+    if (lua_pcall(L, stream ? 2 : 3, 1, stream ? -4 : -5) == LUA_OK) {
       lua_seti(L, -4, i);
       continue;
     }
@@ -116,8 +133,11 @@ static int serial(lua_State *L, lua_Integer n, const RunOpts *o) {
       lua_seti(L, -3, i);
       continue;
     }
-    if (lua_type(L, -1) == LUA_TSTRING)
-      lua_pushfstring(L, "item %I: %s", (LUAI_UACINT)i, lua_tostring(L, -1));
+    if (lua_type(L, -1) == LUA_TSTRING) { /* every byte of it, NULs too */
+      lua_pushfstring(L, "item %I: ", (LUAI_UACINT)i);
+      lua_insert(L, -2);
+      lua_concat(L, 2);
+    }
     lua_error(L);
   }
   lua_pop(L, 1); /* message handler */
@@ -288,7 +308,7 @@ static int imapserial(lua_State *L) {
     if (lua_isnil(L, -1))
       return imapdone(L);
   }
-  lpar_worker_pushtraceback(L);
+  lpar_worker_pushtraceback(L, 0);
   lua_pushvalue(L, lua_upvalueindex(1));
   lua_pushvalue(L, 1);
   if (lua_pcall(L, 1, 1, 2) == LUA_OK) {

@@ -361,8 +361,8 @@ static int serialhandler(lua_State *L) {
   return 1;
 }
 
-void lpar_worker_pushtraceback(lua_State *L) {
-  lua_pushinteger(L, stackdepth(L));
+void lpar_worker_pushtraceback(lua_State *L, int extra) {
+  lua_pushinteger(L, stackdepth(L) + extra);
   lua_pushcclosure(L, serialhandler, 1);
 }
 

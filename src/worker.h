@@ -198,10 +198,10 @@ void lpar_worker_reseed(lua_State *L, lua_Integer place);
 ** Push the message handler for serial runs, to be used from the calling C
 ** function's level: error -> "msg\ntraceback", the message as
 ** lpar_worker_describe gives it and the traceback of the user's function
-** only (not of the caller that asked for the run); a table error value
-** stays itself.
+** only (not of the caller that asked for the run, nor the 'extra' levels
+** of C functions that call it); a table error value stays itself.
 */
-void lpar_worker_pushtraceback(lua_State *L);
+void lpar_worker_pushtraceback(lua_State *L, int extra);
 
 /*
 ** Push a description of the error value at 'idx': a string or number as
