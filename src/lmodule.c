@@ -104,8 +104,8 @@ static int serial(lua_State *L, lua_Integer n, const RunOpts *o) {
     lua_pushvalue(L, 3);
     lua_call(L, 0, 0);
   }
-  lua_newtable(L); /* results */
-  lua_newtable(L); /* errors */
+  lua_newtable(L);                 /* results */
+  lua_newtable(L);                 /* errors */
   lpar_worker_pushtraceback(L, 1); /* callitem's level is not shown */
   for (i = 1; stream || i <= n; i++) {
     if (stream) {
