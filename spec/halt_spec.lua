@@ -98,3 +98,39 @@ describe("job:halt() of an imap job over a table", function()
     pool:close()
   end)
 end)
+
+describe("on_event of a job that halts", function()
+  it("ends every item that started, those sent back unrun too", function()
+    -- one worker takes items 1..4 as a chunk and dies on item 1: items 2
+    -- to 4 go back unrun, and the job halts at item 1's end
+    local pool = lpar.pool({n_workers = 1})
+    local starts, ends, status = {}, {}, {}
+    local job
+    local iter, _, _, j = pool:imap(function(x)
+      if x == 1 then os.exit(3) end
+      return x
+    end, {1, 2, 3, 4}, {chunksize = 4, on_error = "collect", on_event = function(ev)
+      if ev.event == "start" then
+        starts[ev.item] = (starts[ev.item] or 0) + 1
+      else
+        ends[ev.item] = (ends[ev.item] or 0) + 1
+        status[ev.item] = ev.status
+        if ev.item == 1 then job:halt() end
+      end
+    end})
+    job = j
+    local got = {}
+    for i, v, e in iter, nil, nil, job do got[i] = {v, e} end
+    pool:close()
+    assert.equal("lost", status[1])
+    assert.matches("exited with status 3", got[1][2])
+    for i = 1, 4 do
+      assert.equal(starts[i] or 0, ends[i] or 0, "item " .. i)
+    end
+    for i = 2, 4 do
+      if starts[i] then assert.equal("cancelled", status[i]) end
+      assert.same({}, got[i] or {}) -- not run
+    end
+    assert.is_truthy(starts[2], "item 2 started with item 1")
+  end)
+end)

@@ -123,29 +123,47 @@ static void detach(Ctx *c, Job *j) {
 static void tellend(Ctx *c, Job *j, int juv, lua_Integer i, int eidx, int code,
                     lua_Integer ok, lua_Integer failed, lua_Integer again);
 
-/* The items the workers of job j (with on_event; its uservalue at 'uv')
-   run end as cancelled, with the message on top. */
-static void tellrunning(Ctx *c, Job *j, int uv) {
-  Engine *e = c->e;
-  int i, k, eidx = lua_gettop(c->L);
-  lua_Integer item;
-  for (i = 0; i < e->o.n; i++) {
-    EWorker *w = &e->w[i];
-    if (w->job != j)
-      continue;
-    for (k = 0; k < w->nq; k++)
-      for (item = w->q[k].first + (k == 0 ? w->got : 0);
-           item < w->q[k].first + w->q[k].count; item++)
-        tellend(c, j, uv, item, eidx, LPAR_KCANCELLED, -1, 0, 0);
-  }
+static int byitem(const void *a, const void *b) {
+  lua_Integer x = *(const lua_Integer *)a, y = *(const lua_Integer *)b;
+  return (x > y) - (x < y);
 }
 
-/* Job j (with on_event) is cancelled: the items its workers run end so. */
-static void tellcancelled(Ctx *c, Job *j) {
+/* The items of job j (with on_event) that started and did not end (on
+   its workers, or sent back unrun) end as cancelled, with message 'why',
+   in item order. */
+static void tellstarted(Ctx *c, Job *j, const char *why) {
+  lua_State *L = c->L;
   int uv = lpar_job_pushuv(c, j);
-  lua_pushliteral(c->L, "cancelled");
-  tellrunning(c, j, uv);
-  lua_settop(c->L, uv - 2);
+  lua_Integer *items = NULL;
+  size_t n = 0, cap = 0, k;
+  lua_pushstring(L, why);
+  lua_rawgeti(L, uv, JU_STARTS);
+  lua_pushnil(L);
+  while (lua_next(L, -2) != 0) { /* the keys first: on_event may start more */
+    lua_pop(L, 1);
+    if (n == cap) {
+      lua_Integer *p;
+      cap = cap ? 2 * cap : 16;
+      p = realloc(items, cap * sizeof *items);
+      if (p == NULL) {
+        free(items);
+        lpar_engine_nomem(L, 1);
+      }
+      items = p;
+    }
+    items[n++] = lua_tointeger(L, -1);
+  }
+  lua_pop(L, 1);
+  qsort(items, n, sizeof *items, byitem);
+  for (k = 0; k < n && j->o.onevent; k++)
+    tellend(c, j, uv, items[k], uv + 1, LPAR_KCANCELLED, -1, 0, 0);
+  free(items);
+  lua_settop(L, uv - 2);
+}
+
+/* Job j (with on_event) is cancelled: the items started end so. */
+static void tellcancelled(Ctx *c, Job *j) {
+  tellstarted(c, j, "cancelled");
 }
 
 /*
@@ -215,10 +233,9 @@ void lpar_job_stopnow(Ctx *c) {
       continue;
     j->haltnow = 0;
     if (j->o.onevent) { /* the items running end, as cancelled */
-      int uv = lpar_job_pushuv(c, j);
-      lua_pushliteral(c->L, "halted");
-      tellrunning(c, j, uv);
-      lua_settop(c->L, uv - 2);
+      tellstarted(c, j, "halted");
+      if (j->state != J_RUNNING) /* its on_event failed it */
+        continue;
     }
     for (i = 0; i < e->o.n; i++) {
       EWorker *w = &e->w[i];
@@ -254,6 +271,11 @@ static void unhold(Ctx *c, Job *j);
 
 void lpar_job_settle(Ctx *c, Job *j) {
   if (j->state == J_RUNNING && complete(j)) {
+    if (j->halting && j->o.onevent) { /* those sent back will not run */
+      tellstarted(c, j, "halted");
+      if (j->state != J_RUNNING) /* its on_event failed it */
+        return;
+    }
     if (j->halting)
       unhold(c, j);
     j->state = J_DONE;
