@@ -1489,15 +1489,23 @@ function M.workerfns(o, c, map, init, close)
   local isolate = c.isolate
   -- with --halt ...,fail=: a batch ends at its first failure (the rest
   -- goes back), so that lpar sees each failure as it comes
-  local batchf = M.batcher(map, fmt, o.nul, (halt and halt.what == "fail") == true,
-                           o.timed, c, o.maxmem, M.labeller(o), plain)
+  local batch = M.batcher(map, fmt, o.nul, (halt and halt.what == "fail") == true,
+                          o.timed, c, o.maxmem, M.labeller(o), plain)
+  local flush = io.stdout.flush
+  -- what f prints (to stderr) is flushed after each batch: a worker
+  -- leaves with _exit; a script without close has none (a worker with no
+  -- close hook gets at least a second to leave, whatever --timeout)
   return function()
     isolate()
     if init then init() end
-  end, function()
-    if close then close() end
-    io.stdout:flush()
-  end, batchf
+  end, close and function()
+    close()
+    flush(io.stdout)
+  end, function(block)
+    local r = batch(block)
+    flush(io.stdout)
+    return r
+  end
 end
 
 -- With --number: what starts the output line of the reader's record i
