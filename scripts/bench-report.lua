@@ -114,10 +114,59 @@ local function cell(c, key)
   return s
 end
 
+-- A time and, in brackets, that time as a multiple of the serial one.
+local function timed(v, serial) return string.format("%s (%s)", fmt(v), ratio(v / serial)) end
+
+-- The cases of another Lua of the same run beside the first Lua's: each
+-- Lua's serial time, floor and lpar, lpar's against its own Lua's serial
+-- loop, and lpar's time on the other Lua as a multiple of the first's.
+local function others_md(o, other)
+  local first = run.lua or "Lua 5.4"
+  local byid = {}
+  for _, c in ipairs(run.cases) do byid[c.id] = c end
+  o[#o + 1] = ""
+  o[#o + 1] = string.format("The same cases on %s (`%s`, lpar built for it in `%s`), beside %s, in the same run: "
+    .. "each case ran on %s right after %s, against that Lua's own serial loop and floor. The peers ran on %s "
+    .. "only.", other.lua, other.interp, other.build, first, other.lua, first, first)
+  o[#o + 1] = ""
+  o[#o + 1] = string.format("| case | %s: serial | %s: floor | %s: lpar | %s: serial | %s: floor | %s: lpar "
+    .. "| lpar, %s / %s |", first, first, first, other.lua, other.lua, other.lua, other.lua, first)
+  o[#o + 1] = string.rep("| --- ", 8) .. "|"
+  local differ = {}
+  for _, c in ipairs(other.cases) do
+    local a = byid[c.id]
+    local row = {c.title .. (c.target.stat == "median" and ", medians" or "")}
+    if a then
+      local av = figure(a, a.tools.lpar)
+      row[#row + 1] = fmt(a.serial)
+      row[#row + 1] = timed(a.floor, a.serial)
+      row[#row + 1] = timed(av, a.serial)
+    else
+      row[#row + 1], row[#row + 1], row[#row + 1] = "–", "–", "–"
+    end
+    local v = figure(c, c.tools.lpar)
+    row[#row + 1] = fmt(c.serial)
+    row[#row + 1] = timed(c.floor, c.serial)
+    row[#row + 1] = timed(v, c.serial)
+    row[#row + 1] = a and ratio(v / figure(a, a.tools.lpar)) or "–"
+    o[#o + 1] = "| " .. table.concat(row, " | ") .. " |"
+    if not a or a.serial_is ~= c.serial_is or a.floor_is ~= c.floor_is then
+      differ[#differ + 1] = string.format("- %s: serial is %s; the floor is %s.", c.id, c.serial_is, c.floor_is)
+    end
+  end
+  if #differ > 0 then
+    o[#o + 1] = ""
+    o[#o + 1] = string.format("Where serial and floor differ on %s:", other.lua)
+    o[#o + 1] = ""
+    for _, line in ipairs(differ) do o[#o + 1] = line end
+  end
+end
+
 local function table_md()
   local o = {}
-  o[#o + 1] = string.format("%s on %s, %d cores, load %s, %s%s.", run.version, run.system, run.cores, run.load,
-    run.date, run.tiny and " (a tiny run)" or "")
+  o[#o + 1] = string.format("%s%s on %s, %d cores, load %s%s, %s%s.", run.version, run.lua and " (" .. run.lua .. ")"
+    or "", run.system, run.cores, run.load, run.load_after and " at the start and " .. run.load_after .. " at the end"
+    or "", run.date, run.tiny and " (a tiny run)" or "")
   o[#o + 1] = ""
   local head = {"case", "serial", "floor"}
   for _, t in ipairs(tools) do head[#head + 1] = t.name end
@@ -137,6 +186,7 @@ local function table_md()
   for _, c in ipairs(run.cases) do
     o[#o + 1] = string.format("- %s: serial is %s; the floor is %s.", c.id, c.serial_is, c.floor_is)
   end
+  for _, other in ipairs(run.others or {}) do others_md(o, other) end
   return table.concat(o, "\n") .. "\n"
 end
 

@@ -270,11 +270,12 @@ describe("the docs", function()
     assert.matches("is not what bench/results.json gives", err)
   end)
 
-  it("are drawn by scripts/bench --plot (a tiny run)", function()
+  it("are drawn by scripts/bench --plot (a tiny run, on Lua 5.4 and LuaJIT)", function()
     local dir = workdir({})
     finally(function() H.run("rm -rf " .. shquote(dir)) end)
-    local status, out, err = H.run(string.format("LPAR_BUILD=%s timeout 600 scripts/bench --tiny --plot --out %s/b",
-      shquote(build), shquote(dir)))
+    local status, out, err = H.run(string.format(
+      "LPAR_BUILD=%s timeout 600 scripts/bench --tiny --plot --lua 5.4,luajit --out %s/b", shquote(build),
+      shquote(dir)))
     assert(status == 0, out .. err)
     local run = require("cjson").decode(readfile(dir .. "/b/results.json"))
     assert.is_true(run.tiny)
@@ -284,6 +285,18 @@ describe("the docs", function()
       assert.is_true(c.serial > 0 and c.floor > 0 and c.tools.lpar.best > 0, c.id)
     end
     assert.same({"A", "B", "C", "D", "pool8", "poolB", "cli10k", "cli1m", "clicpu"}, ids)
+    -- every case on LuaJIT too, against LuaJIT's own serial loop
+    assert.equal("Lua 5.4", run.lua)
+    assert.equal(1, #run.others)
+    local jit = run.others[1]
+    assert.equal("LuaJIT 2.1", jit.lua)
+    local jids = {}
+    for _, c in ipairs(jit.cases) do
+      jids[#jids + 1] = c.id
+      assert.is_true(c.serial > 0 and c.floor > 0 and c.tools.lpar.best > 0, c.id)
+    end
+    assert.same(ids, jids)
+    assert.matches("one luajit loop over the file", jit.cases[7].serial_is, 1, true)
     local svg = readfile(dir .. "/b/bench.svg")
     assert.matches("^%s*<%?xml", svg)
     assert.matches("</svg>%s*$", svg)
@@ -294,7 +307,10 @@ describe("the docs", function()
       local xs, xout, xerr = H.run("xmllint --noout " .. shquote(dir .. "/b/bench.svg"))
       assert(xs == 0, xout .. xerr)
     end
-    assert.matches("| CLI: 200 trivial lines", readfile(dir .. "/b/benchmarks.md"), 1, true)
+    local doc = readfile(dir .. "/b/benchmarks.md")
+    assert.matches("| CLI: 200 trivial lines", doc, 1, true)
+    assert.matches("| case | Lua 5.4: serial | Lua 5.4: floor | Lua 5.4: lpar | LuaJIT 2.1: serial", doc, 1, true)
+    assert.is_nil(out:find("warning", 1, true), out)
   end)
 
   for _, p in ipairs(all) do
