@@ -167,6 +167,7 @@ local function table_md()
   o[#o + 1] = string.format("%s%s on %s, %d cores, load %s%s, %s%s.", run.version, run.lua and " (" .. run.lua .. ")"
     or "", run.system, run.cores, run.load, run.load_after and " at the start and " .. run.load_after .. " at the end"
     or "", run.date, run.tiny and " (a tiny run)" or "")
+  if run.command then o[#o] = o[#o] .. string.format(" Made by `%s`.", run.command) end
   o[#o + 1] = ""
   local head = {"case", "serial", "floor"}
   for _, t in ipairs(tools) do head[#head + 1] = t.name end

@@ -498,7 +498,7 @@ end
 local run = {
   version = luas[1].version, lua = luas[1].name, interp = luas[1].interp, system = readl("uname -srm"),
   cores = cores, date = readl("date -u +%Y-%m-%dT%H:%M:%SZ"), load = readl("cut -d' ' -f1-3 /proc/loadavg"),
-  tiny = tiny or nil, cases = {},
+  tiny = tiny or nil, command = os.getenv("LPAR_BENCH_COMMAND"), cases = {},
 }
 if #luas > 1 then run.others = {} end
 for i = 2, #luas do
