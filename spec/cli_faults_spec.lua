@@ -35,6 +35,30 @@ describe("lpar with a worker lost in the middle of its items", function()
     end
   end)
 
+  it("fails a long line whose worker dies after it ran, before its result went", function()
+    -- the record leaves garbage whose finalizer kills its worker: a long
+    -- line's batch collects garbage once its record ran (it went
+    -- unreported, the run ending with status 0)
+    local script, items = tmpname(), tmpname()
+    writefile(script, [[
+      local signal, unistd = require "posix.signal", require "posix.unistd"
+      return function(s)
+        if s:sub(1, 1) == "b" then
+          setmetatable({}, {__gc = function() signal.kill(unistd.getpid(), signal.SIGKILL) end})
+        end
+        return #s
+      end]])
+    local input = "a\n" .. ("b"):rep(2000000) .. "\nc\n"
+    writefile(items, input)
+    for _, from in ipairs({items, "-"}) do
+      local code, out, err = lpar("-j1 " .. script .. " " .. from, from == "-" and input or nil)
+      assert.equal(1, code, err)
+      assert.equal("1\n1\n", out)
+      assert.matches('^lpar: line 2 %("bbbb[^\n]*%): worker %d+ killed by signal 9', err)
+      assert.matches("\nlpar: 1 of 3 items failed\n$", err)
+    end
+  end)
+
   it("finishes when a worker dies on a first or middle item (-j1)", function()
     local code, out, err = lpar("-j1 " .. crash .. " -", "exit\na\nexit\nb\n")
     assert.equal(1, code, err)

@@ -91,6 +91,8 @@ static int flush(Agent *a) {
     a->outpos += (size_t)k;
     a->lastout = lpar_proc_now();
   }
+  if (a->outpos > 0 && lpar_buf_shed(&a->outb)) /* a long result, sent */
+    a->outpos = 0;
   return 0;
 }
 
@@ -324,7 +326,7 @@ static void call(Agent *a, const Frame *f, const char *p) {
 }
 
 /* An ITEMS frame: its items become a job of the pool, queued. */
-static void items(Agent *a, const Frame *f, const char *p) {
+static void items(Agent *a, const Frame *f, const char *p, int last) {
   lua_State *L = a->L;
   size_t pos = 8;
   uint32_t k;
@@ -365,6 +367,10 @@ static void items(Agent *a, const Frame *f, const char *p) {
     }
     lua_rawseti(L, -2, k);
   }
+  /* a long frame, decoded, is not kept while its items go to a worker
+     (the last in the buffer: frames() reads no further) */
+  if (last && f->len >= LPAR_KEEPBUF)
+    lpar_buf_free(&a->inb);
   {
     JobOpts o;
     memset(&o, 0, sizeof o);
@@ -480,8 +486,11 @@ static int frames(Agent *a) {
   while ((rc = nextframe(a, &at, &f, &p)) > 0) {
     if (f.type == LPAR_FCALL)
       call(a, &f, p);
-    else if (f.type == LPAR_FITEMS)
-      items(a, &f, p);
+    else if (f.type == LPAR_FITEMS) {
+      items(a, &f, p, at == a->inb.n);
+      if (a->inb.p == NULL) /* let go by items */
+        at = 0;
+    }
     else if (f.type == LPAR_FCANCEL)
       cancelall(a);
     else if (f.type == LPAR_FBEAT && f.count == 0 && f.len == 8)
@@ -490,6 +499,8 @@ static int frames(Agent *a) {
       return -1;
   }
   lpar_buf_drop(&a->inb, at);
+  if (a->inb.n == 0) /* a long item, taken, is not kept twice */
+    lpar_buf_shed(&a->inb);
   return rc < 0 ? -1 : 0;
 }
 

@@ -242,6 +242,9 @@ static void sendframe(Runner *r) {
 void lpar_worker_flush(Runner *r) {
   if (lpar_worker_seal(r)) {
     sendframe(r);
+    /* a long result's frame is let go once sent */
+    if (lpar_buf_shed(&r->out) && lpar_buf_reserve(&r->out, 4096) != 0)
+      _exit(LPAR_EXITBROKEN);
     lpar_worker_begin(r, r->first + r->count);
   }
 }

@@ -873,6 +873,9 @@ function M.batcher(map, fmt, nul, halt, timed, c, maxmem, label, plain)
     local parts
     if label then first, block = block[1], block[2] end
     local big = (type(block) == "table" and block[2] or #block) >= BIGBATCH
+    -- the result of the last long batch, sent, is garbage: before another
+    -- long batch is read, let it go
+    if big then collectgarbage() end
     recs, nrec = split(block, nul, recs)
     local bare = plain and big and nrec == 1 and type(block) == "string" and not label
     local reclen = bare and #recs[1]
@@ -918,6 +921,7 @@ function M.batcher(map, fmt, nul, halt, timed, c, maxmem, label, plain)
       for i = 1, n + 1 do out[i] = nil end
       collectgarbage()
     end
+    io.stdout:flush() -- what f printed (a worker leaves with _exit)
     if timed or over or alone then
       parts = parts or {}
       if timed then parts.times = string.pack(("d"):rep(k), table.unpack(times, 1, k)) end
@@ -1492,20 +1496,17 @@ function M.workerfns(o, c, map, init, close)
   local batch = M.batcher(map, fmt, o.nul, (halt and halt.what == "fail") == true,
                           o.timed, c, o.maxmem, M.labeller(o), plain)
   local flush = io.stdout.flush
-  -- what f prints (to stderr) is flushed after each batch: a worker
-  -- leaves with _exit; a script without close has none (a worker with no
-  -- close hook gets at least a second to leave, whatever --timeout)
+  -- what f prints (to stderr) is flushed after each batch (M.batcher): a
+  -- worker leaves with _exit; a script without close has none (a worker
+  -- with no close hook gets at least a second to leave, whatever
+  -- --timeout)
   return function()
     isolate()
     if init then init() end
   end, close and function()
     close()
     flush(io.stdout)
-  end, function(block)
-    local r = batch(block)
-    flush(io.stdout)
-    return r
-  end
+  end, batch
 end
 
 -- With --number: what starts the output line of the reader's record i
@@ -1975,7 +1976,11 @@ function M.run(o, c, reader, counter, map, init, close)
     if e ~= nil then
       -- lost with its worker (or stopped at its timeout): the record it
       -- was running fails unless it ran again; the others ran again
-      local at = type(e) == "table" and math.tointeger(e.record) or (n == 1 and 1)
+      -- (a record past the batch's last: it died after its records ran,
+      -- before their result went; as the engine does, the one record of
+      -- a batch of one fails, more run again alone, in parts)
+      local at = type(e) == "table" and math.tointeger(e.record)
+      if not at or at < 1 or at > n then at = n == 1 and 1 or nil end
       if type(e) == "table" and e.message then e = e.message end
       stopping(kind, detail)
       local k = 1
@@ -2060,8 +2065,11 @@ function M.run(o, c, reader, counter, map, init, close)
       walk(first, n, r, e, 1, type(r) == "table" and r.kids, kind, detail, recof)
       whole = nil
       firstof[i] = nil
-      if type(block) == "string" and #block >= BIGBATCH then
-        block, recs = nil, nil -- luacheck: ignore 311 (a long line from a pipe: let it go now)
+      -- a long line (its bytes from a pipe, its result from a file): let
+      -- it go now, not when the next one is in too
+      if (type(block) == "string" and #block or type(block) == "table" and block[2] or 0)
+         >= BIGBATCH then
+        block, recs, r = nil, nil, nil -- luacheck: ignore 311
         collectgarbage()
       end
       if o.joblog then
