@@ -249,6 +249,54 @@ describe("lpar and the memory of a long line", function()
     os.remove(items)
   end)
 
+  it("holds each of several long lines in a row at most 2.5 times, in lpar and in its worker", function()
+    -- two 100 MB lines, one worker, from a file and from a pipe, with
+    -- --tag: the output lines hold them (before: 4 times in both). The
+    -- worker says its VmHWM with each result; lpar's is read by the shell
+    -- while it runs, to its end
+    local script, size = tmpname(), 100 * 1000 * 1000
+    local items = tmpname()
+    local f = assert(io.open(items, "wb"))
+    local chunk = ("y"):rep(1000 * 1000)
+    for _ = 1, 2 do
+      for _ = 1, size / #chunk do f:write(chunk) end
+      f:write("\n")
+    end
+    f:write("z\n")
+    f:close()
+    writefile(script, ([[
+      local status = dofile(%q)
+      return function(s) return ("%%d %%s"):format(#s, status("self", "VmHWM")) end]]):format(HWM))
+    local peaks = not os.getenv("ASAN_OPTIONS")
+    for _, how in ipairs({"file", "pipe"}) do
+      local out, hwm = tmpname(), tmpname()
+      local run = ("%s -j1 --tag %s %s > %s & p=$!; w=0; " ..
+                   "while v=$(awk '/VmHWM/{print $2}' /proc/$p/status 2>/dev/null) && [ -n \"$v\" ]; " ..
+                   "do w=$v; sleep 0.05; done; wait $p; c=$?; echo $w > %s; exit $c")
+                  :format(quote(H.cli), script, how == "file" and quote(items) or "- <&3", quote(out), quote(hwm))
+      if how == "pipe" then run = "cat " .. quote(items) .. " | { exec 3<&0; " .. run .. "; }" end
+      local code, _, err = H.run("timeout -k 5 120 sh -c " .. quote(run))
+      assert.equal(0, code, how .. ": " .. err)
+      local text = readfile(out)
+      os.remove(out)
+      local worker = text:match("\nz\t1 (%d+)\n$")
+      assert.is_truthy(worker, how .. ": " .. #text)
+      local n = 0
+      for len in text:gmatch("\t(%d+) %d+\n") do
+        if tonumber(len) == size then n = n + 1 end
+      end
+      assert.equal(2, n, how)
+      local parent = tonumber(readfile(hwm):match("%d+"))
+      os.remove(hwm)
+      assert.is_true(parent > 0, how)
+      if peaks then
+        assert.is_true(tonumber(worker) * 1024 <= 2.5 * size, how .. ": worker VmHWM " .. worker .. " kB")
+        assert.is_true(parent * 1024 <= 2.5 * size, how .. ": lpar VmHWM " .. parent .. " kB")
+      end
+    end
+    os.remove(items)
+  end)
+
   it("holds it at most 2.5 times in each worker with -j2 and several long lines in flight", function()
     -- a worker forked while lpar sends a long line to another does not
     -- map lpar's copy of it (each worker says its pid, the length of its
