@@ -382,10 +382,10 @@ describe("lpar.encode and lpar.decode", function()
     local enc, dec = "lpar.encode", "lpar.decode"
     if _VERSION < "Lua 5.3" then enc, dec = "?", "?" end
     assert.equal("bad argument #1 to '" .. enc .. "' (value expected)", errmsg(lpar.encode))
-    assert.matches("bad argument #1 to '" .. dec .. "' %(string expected, got nil%)",
-      errmsg(lpar.decode, nil))
-    assert.matches("bad argument #1 to '" .. dec .. "' %(string expected, got table%)",
-      errmsg(lpar.decode, {}))
+    assert.matches("bad argument #1 to '" .. dec .. "' (string expected, got nil)",
+      errmsg(lpar.decode, nil), 1, true)
+    assert.matches("bad argument #1 to '" .. dec .. "' (string expected, got table)",
+      errmsg(lpar.decode, {}), 1, true)
   end)
 end)
 
