@@ -32,11 +32,13 @@ local ok, err = pcall(function()
   elseif front == "imap" then
     for i, v in lpar.imap(job.map, items, o) do got[i] = v end
   else
-    local p <close> = lpar.pool{n_workers = o.n_workers, init = job.init,
-                                close = job.close, timeout = %s}
-    local r, n = p:map(job.map, items, {timeout = o.timeout, chunksize = o.chunksize})
+    local p = lpar.pool{n_workers = o.n_workers, init = job.init,
+                        close = job.close, timeout = %s}
+    local mapped, r, n = pcall(p.map, p, job.map, items,
+                               {timeout = o.timeout, chunksize = o.chunksize})
+    p:close() -- whether map returned or raised
+    if not mapped then error(r, 0) end
     for i = 1, n do got[i] = r[i] end
-    p:close()
   end
   return table.concat(got, ",")
 end)
@@ -66,7 +68,7 @@ local function command(front, fix, o)
     tostring(o.timeout), tostring(o.chunk), front, tostring(o.hooks and o.timeout),
     o.post or ""))
   tmp[1] = prog
-  return pre .. "lua5.4 " .. prog, tmp
+  return pre .. H.interp .. " " .. prog, tmp
 end
 
 -- Run fixture 'fix' through 'front' under a hard time limit: exit code,
@@ -166,7 +168,7 @@ describe("hooks that never return", function()
   -- runs ends the wait at once, and the caller gets the signal as if
   -- there had been no wait
   for _, case in ipairs({
-    {"a pool's caller (lua)", "lua5.4 " .. H.program([[
+    {"a pool's caller (lua)", H.interp .. " " .. H.program([[
       local lpar = require "lpar"
       local job = dofile("spec/fixtures/bounded/close_pid.lua")
       local pool = lpar.pool{n_workers = 1, timeout = 60, close = job.close}
@@ -324,7 +326,7 @@ describe("a pool worker stopped between items", function()
       signal.kill(pids[1], signal.SIGCONT)
       pool:close()
     ]])
-    local rc, out, err = H.run(("timeout -k 5 %d lua5.4 %s"):format(LIMIT, f))
+    local rc, out, err = H.run(("timeout -k 5 %d %s %s"):format(LIMIT, H.interp, f))
     os.remove(f)
     assert.equal("", err)
     assert.equal(0, rc)
@@ -374,7 +376,7 @@ end)
 describe("a caller that ignores SIGCHLD", function()
   local pre = 'local signal = require "posix.signal"\nsignal.signal(signal.SIGCHLD, signal.SIG_IGN)'
   local post = 'print("after " .. tostring(signal.signal(signal.SIGCHLD, signal.SIG_IGN) == signal.SIG_IGN))'
-  local wrap = "lua5.4 " .. FIX .. "ignchld.lua"
+  local wrap = H.interp .. " " .. FIX .. "ignchld.lua"
 
   for _, front in ipairs(FRONTS) do
     it("still gets a dead worker's exit status, with " .. front, function()
@@ -394,34 +396,35 @@ end)
 
 describe("job:cancel()", function()
   it("reaps the workers it kills before it returns", function()
-    local p <close> = lpar.pool(2)
-    local flag = tmpname()
-    local j = p:submit(function(x)
-      local f = io.open(flag, "a")
-      f:write(x, "\n")
-      f:close()
-      require("posix.unistd").sleep(60)
-      return x
-    end, {1, 2}, {chunksize = 1})
-    assert.is_true(waitfor(function()
-      j:done()
-      local s = H.slurp(flag)
-      return s ~= nil and select(2, s:gsub("\n", "")) == 2
-    end, 30))
-    local before = p:pids()
-    assert.is_true(j:cancel())
-    os.remove(flag)
-    local after = {}
-    for _, pid in ipairs(p:pids()) do after[pid] = true end
-    local killed = 0
-    for _, pid in ipairs(before) do
-      if not after[pid] then
-        killed = killed + 1
-        assert.is_false(H.alive(pid)) -- reaped: not even a zombie
+    H.using(lpar.pool(2), function(p)
+      local flag = tmpname()
+      local j = p:submit(function(x)
+        local f = io.open(flag, "a")
+        f:write(x, "\n")
+        f:close()
+        require("posix.unistd").sleep(60)
+        return x
+      end, {1, 2}, {chunksize = 1})
+      assert.is_true(waitfor(function()
+        j:done()
+        local s = H.slurp(flag)
+        return s ~= nil and select(2, s:gsub("\n", "")) == 2
+      end, 30))
+      local before = p:pids()
+      assert.is_true(j:cancel())
+      os.remove(flag)
+      local after = {}
+      for _, pid in ipairs(p:pids()) do after[pid] = true end
+      local killed = 0
+      for _, pid in ipairs(before) do
+        if not after[pid] then
+          killed = killed + 1
+          assert.is_false(H.alive(pid)) -- reaped: not even a zombie
+        end
       end
-    end
-    assert.equal(2, killed)
-    p:close()
-    assert.same({}, H.children())
+      assert.equal(2, killed)
+      p:close()
+      assert.same({}, H.children())
+    end)
   end)
 end)

@@ -8,6 +8,8 @@ local fcntl = require "posix.fcntl"
 local stat = require "posix.sys.stat"
 
 local range = H.range
+-- string.pack before 5.3: lua-compat53's
+local pack = string.pack or require("compat53.string").pack
 
 local function sorted_keys(t)
   local k = {}
@@ -57,8 +59,9 @@ describe("worker faults", function()
         if front == "parallel" then
           r, n, errs = lpar.parallel(f, range(40), {n_workers = 3, chunksize = 8, on_error = "collect"})
         else
-          local pool <close> = lpar.pool{n_workers = 3}
-          r, n, errs = pool:map(f, range(40), {chunksize = 8, on_error = "collect"})
+          r, n, errs = H.using(lpar.pool{n_workers = 3}, function(pool)
+            return pool:map(f, range(40), {chunksize = 8, on_error = "collect"})
+          end)
         end
         assert.equal(40, n)
         assert.same({13}, sorted_keys(errs))
@@ -80,10 +83,11 @@ describe("worker faults", function()
       if front == "parallel" then
         r, _, errs = lpar.parallel(f, range(10), {n_workers = 1, chunksize = 10, on_error = "collect"})
       else
-        local pool <close> = lpar.pool{n_workers = 1}
-        r, _, errs = pool:map(f, range(10), {chunksize = 10, on_error = "collect"})
+        r, _, errs = H.using(lpar.pool{n_workers = 1}, function(pool)
+          return pool:map(f, range(10), {chunksize = 10, on_error = "collect"})
+        end)
       end
-      local fh = io.open(path); local log = fh:read("a"); fh:close()
+      local fh = io.open(path); local log = fh:read("*a"); fh:close()
       os.remove(path)
       assert.same({3}, sorted_keys(errs))
       complete(r, 10, {[3] = true})
@@ -119,7 +123,7 @@ describe("worker faults", function()
   it("drops a result cut off by the worker's death and runs its item again", function()
     local flag = os.tmpname()
     os.remove(flag)
-    local block = string.rep("z", 1 << 16)
+    local block = string.rep("z", 65536)
     local r, n, errs = lpar.parallel(function(x)
       if x == 1 and not io.open(flag) then
         io.open(flag, "w"):close()
@@ -133,7 +137,7 @@ describe("worker faults", function()
           repeat
             H.sleep(0.002)
             local w = io.open("/proc/" .. worker .. "/wchan")
-            local where = w and w:read("a") or ""
+            local where = w and w:read("*a") or ""
             if w then w:close() end
           until where:find("pipe_write") or H.now() > deadline
           signal.kill(worker, signal.SIGKILL)
@@ -155,15 +159,15 @@ describe("worker faults", function()
     {"garbage on a worker's pipe", string.rep("\255", 64), "bad frame header"},
     -- type 7 (RING), len 16: a place far outside the ring
     {"a ring frame that points outside the ring",
-      string.pack("<I4I4I8I8I8", 7, 0, 16, 1 << 40, 1 << 20), "bad place in the ring"},
+      pack("<I4I4I8I8I8", 7, 0, 16, 2 ^ 40, 2 ^ 20), "bad place in the ring"},
     -- type 3 (RESULT) for item 5, the string "fake", then two bytes too many:
     -- "fake" must not become item 5's result
     {"a results frame with trailing bytes",
-      string.pack("<I4I4I8I8I8", 3, 1, 24, 5, 1000) .. "\5\4fake" .. "zz",
+      pack("<I4I4I8I8I8", 3, 1, 24, 5, 1000) .. "\5\4fake" .. "zz",
       "trailing bytes in a frame"},
     -- type 3 (RESULT) with no results
     {"a results frame of no results",
-      string.pack("<I4I4I8I8I8", 3, 0, 16, 5, 1000), "bad frame header"},
+      pack("<I4I4I8I8I8", 3, 0, 16, 5, 1000), "bad frame header"},
   } do
     local what, bytes, why = case[1], case[2], case[3]
     for _, front in ipairs{"parallel", "pool"} do
@@ -183,8 +187,9 @@ describe("worker faults", function()
         if front == "parallel" then
           r, n, errs = lpar.parallel(f, range(12), {n_workers = 2, chunksize = 1, on_error = "collect"})
         else
-          local pool <close> = lpar.pool{n_workers = 2}
-          r, n, errs = pool:map(f, range(12), {chunksize = 1, on_error = "collect"})
+          r, n, errs = H.using(lpar.pool{n_workers = 2}, function(pool)
+            return pool:map(f, range(12), {chunksize = 1, on_error = "collect"})
+          end)
         end
         assert.equal(12, n)
         assert.same({5}, sorted_keys(errs))
@@ -195,7 +200,7 @@ describe("worker faults", function()
   end
 
   it("keeps the results a worker put in its ring before it was killed", function()
-    local big = string.rep("r", 300 << 10) -- over the flush size: sent at once
+    local big = string.rep("r", 307200) -- over the flush size: sent at once
     local r, n, errs = lpar.parallel(function(x)
       if x == 3 then signal.kill(unistd.getpid(), signal.SIGKILL) end
       return x == 6 and x * 10 or big .. x
@@ -237,7 +242,7 @@ describe("worker faults", function()
     local r, n, errs = lpar.parallel(function(x)
       if x == 2 then
         local f = io.open(path, "a"); f:write("x"); f:close()
-        f = io.open(path); local tries = #f:read("a"); f:close()
+        f = io.open(path); local tries = #f:read("*a"); f:close()
         if tries < 3 then os.exit(9) end
       end
       return x * 10
@@ -266,7 +271,7 @@ describe("worker faults", function()
         error("cannot open the database", 0)
       end,
     })
-    local f = io.open(path); local inits = #f:read("a"); f:close()
+    local f = io.open(path); local inits = #f:read("*a"); f:close()
     os.remove(path)
     assert.is_false(ok)
     assert.matches("^worker init failed: cannot open the database", err)
@@ -299,7 +304,7 @@ describe("resource limits", function()
     stat.chmod(f, tonumber("644", 8)) -- readable by the unprivileged user
     -- root ignores RLIMIT_NPROC: run as nobody, allowed one process
     local rc, out, err = H.run("setpriv --reuid=65534 --regid=65534 --clear-groups "
-      .. "bash -c 'ulimit -u 1; exec lua5.4 " .. f .. "'")
+      .. "bash -c 'ulimit -u 1; exec " .. H.interp .. " " .. f .. "'")
     assert.equal("", err)
     os.remove(f)
     assert.equal(0, rc)
@@ -325,7 +330,7 @@ describe("resource limits", function()
       local ok, err = pcall(lpar.parallel, function(x) return x end, {1, 2, 3}, 2)
       io.write(tostring(ok), " ", err)
     ]])
-    local rc, out, err = H.run("bash -c 'ulimit -n 64; exec lua5.4 " .. f .. "'")
+    local rc, out, err = H.run("bash -c 'ulimit -n 64; exec " .. H.interp .. " " .. f .. "'")
     os.remove(f)
     assert.equal("", err)
     assert.equal(0, rc)
@@ -339,7 +344,7 @@ describe("resource limits", function()
       local r = lpar.parallel(function(x) return x * 2 end, {1, 2, 3, 4, 5, 6, 7, 8}, 8)
       io.write(table.concat(r, ","))
     ]])
-    local rc, out, err = H.run("bash -c 'ulimit -n 64; exec lua5.4 " .. f .. "'")
+    local rc, out, err = H.run("bash -c 'ulimit -n 64; exec " .. H.interp .. " " .. f .. "'")
     os.remove(f)
     assert.equal("", err)
     assert.equal(0, rc)
@@ -377,14 +382,14 @@ describe("parent faults", function()
     ]], pidfile))
     local pid = unistd.fork()
     if pid == 0 then
-      unistd.execp("lua5.4", {f})
+      unistd.execp(H.interp, {f})
       unistd._exit(127)
     end
     local pids
     local deadline = H.now() + 10
     repeat
       H.sleep(0.05)
-      local h = io.open(pidfile); local text = h:read("a"); h:close()
+      local h = io.open(pidfile); local text = h:read("*a"); h:close()
       pids = {}
       for p in text:gmatch("%d+") do pids[#pids + 1] = tonumber(p) end
     until #pids == 3 or H.now() > deadline
@@ -431,8 +436,8 @@ describe("a worker leaving by os.exit", function()
   setup(function()
     exe = os.tmpname()
     local cmd = string.format("cc -std=c11 -D_GNU_SOURCE -o %s " ..
-      "spec/fixtures/embed/atexit_host.c -Isrc $(pkg-config --cflags lua5.4) " ..
-      "%s/liblpar.a $(pkg-config --libs lua5.4) -lm -ldl 2>&1", exe, H.build)
+      "spec/fixtures/embed/atexit_host.c %s %s/liblpar.a %s -lm -ldl 2>&1", exe,
+      H.cflags, H.build, H.libs)
     local rc, out = H.run(cmd)
     assert.equal(0, rc, out)
   end)
@@ -454,8 +459,9 @@ describe("a worker leaving by os.exit", function()
         return x
       end, {1, 2, 3}, {n_workers = 2, on_error = "collect"})
       print(r[1], r[3], n, errs[2]:match("exited with status %d+"))
-      local pool <close> = lpar.pool{n_workers = 1}
+      local pool = lpar.pool{n_workers = 1}
       local _, _, perrs = pool:map(function() os.exit(true) end, {1}, {on_error = "collect"})
+      pool:close()
       print(perrs[1]:match("exited with status %d+"))
     ]])
     local pid = out:match("^host (%d+)\n")
@@ -483,7 +489,7 @@ describe("a worker lost with nothing to name its item", function()
         local h = assert(io.open(count, "a"))
         h:write("ran\n")
         h:close()
-        local pid = io.open("/proc/self/stat"):read("n")
+        local pid = io.open("/proc/self/stat"):read("*n")
         -- a watcher in one process (a shell loop would fork thousands,
         -- and the pids wrap around): it kills this worker when it is
         -- writing to its pipe, and stops once the worker is gone, never
@@ -492,7 +498,7 @@ describe("a worker lost with nothing to name its item", function()
           local signal, time = require "posix.signal", require "posix.time"
           local function born()
             local f = io.open("/proc/%d/stat")
-            local s = f and f:read("a")
+            local s = f and f:read("*a")
             if f then f:close() end
             return s and s:match("%%) %%S+ " .. ("%%S+ "):rep(18) .. "(%%d+)")
           end
@@ -500,7 +506,7 @@ describe("a worker lost with nothing to name its item", function()
           for _ = 1, 20000 do
             if start == nil or born() ~= start then return end
             local f = io.open("/proc/%d/wchan")
-            local w = f and f:read("a")
+            local w = f and f:read("*a")
             if f then f:close() end
             if w == "anon_pipe_write" and born() == start then
               signal.kill(%d, signal.SIGKILL)
@@ -546,8 +552,9 @@ describe("a worker lost with nothing to name its item", function()
       if front == "parallel" then
         r, n, errs = lpar.parallel(f(count), range(6), {n_workers = 2, on_error = "collect"})
       else
-        local pool <close> = lpar.pool{n_workers = 2}
-        r, n, errs = pool:map(f(count), range(6), {on_error = "collect"})
+        r, n, errs = H.using(lpar.pool{n_workers = 2}, function(pool)
+          return pool:map(f(count), range(6), {on_error = "collect"})
+        end)
       end
       local runs = #(H.slurp(count) or ""):gsub("[^\n]", "")
       os.remove(count)
@@ -583,8 +590,9 @@ describe("a worker that leaves its process group", function()
         end
         local r, _, errs
         if "]] .. front .. [[" == "pool" then
-          local p <close> = lpar.pool{n_workers = 1}
+          local p = lpar.pool{n_workers = 1}
           r, _, errs = p:map(f, {1, 2}, {timeout = 1, on_error = "collect"})
+          p:close()
         else
           r, _, errs = lpar.parallel(f, {1, 2}, {n_workers = 1, timeout = 1, on_error = "collect"})
         end
@@ -660,9 +668,10 @@ describe("an ERROR frame of index 0 once a worker runs items", function()
   local F = [[
 local unistd = require "posix.unistd"
 local resultsfd = dofile("spec/fixtures/resultsfd.lua")
+local pack = string.pack or require("compat53.string").pack -- before 5.3
 return function(s)
   if s == "3" then
-    unistd.write(resultsfd(), string.pack("<I4I4I8I8", 4, %d, 10, 0) .. "\0\0")
+    unistd.write(resultsfd(), pack("<I4I4I8I8", 4, %d, 10, 0) .. "\0\0")
   end
   return s
 end

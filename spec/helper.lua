@@ -109,6 +109,17 @@ end
 -- The interpreter running the specs ("lua5.4", "luajit"...).
 H.interp = rawget(_G, "jit") and "luajit" or "lua" .. _VERSION:sub(5)
 
+-- Compiler and linker flags for a C host (a spec's fixture) built with
+-- liblpar.a against the Lua running the specs. Before 5.3 the host gets
+-- lpar's shims of the newer C API (src/lcompat.h, over lua-compat53's,
+-- which LuaJIT takes from 5.1's headers) so that it is written once.
+H.cflags = "-Isrc $(pkg-config --cflags " .. H.interp .. ")"
+if _VERSION < "Lua 5.3" then
+  H.cflags = H.cflags .. (H.interp == "luajit" and " -I/usr/include/lua5.1" or "")
+    .. " -include src/lcompat.h"
+end
+H.libs = "$(pkg-config --libs " .. H.interp .. ")"
+
 -- Run such a program in a fresh interpreter like this one: exit code,
 -- stdout, stderr.
 function H.lua(code)
@@ -413,6 +424,16 @@ function H.closing(finally, p)
   finally(closeall)
   return p
 end
+
+-- Run f(p) and close p when f returns or raises, at once (as <close>
+-- closes at the end of its block, where H.closing waits for the end of
+-- the test); returns what f returns.
+local function closed(p, ok, ...)
+  p:close()
+  if not ok then error((...), 0) end
+  return ...
+end
+function H.using(p, f) return closed(p, pcall(f, p)) end
 
 _G.lpar_helper = H
 return H

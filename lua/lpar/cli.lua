@@ -733,13 +733,15 @@ function M.trace(msg, level)
     if debug.getinfo(mid, "S") then lo = mid else hi = mid end
   end
   -- from there up, past lpar's frames (this file's and C functions), to
-  -- the first frame of the user's, called by this file: 'top'
+  -- the first frame of the user's, called by this file: 'top'. (5.1 shows
+  -- a tail call as a level of its own, what = "tail": one made by this
+  -- file counts as its own.)
   local top, l = nil, lo
   while l > level do
     local info, below = debug.getinfo(l - 1, "S"), debug.getinfo(l, "S")
     l = l - 1
-    if info.short_src ~= SELF and info.what ~= "C" then
-      if below.short_src ~= SELF then break end
+    if info.short_src ~= SELF and info.what ~= "C" and info.what ~= "tail" then
+      if below.short_src ~= SELF and below.what ~= "tail" then break end
       top = l
       break
     end
