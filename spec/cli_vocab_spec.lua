@@ -99,6 +99,13 @@ describe("lpar --halt", function()
     assert.equal(1, rc)
     assert.equal("1\n2\n", out)
     assert.matches("stopped at line 3 %(%-%-halt now,fail=30%%: 1 failed of 3%)", err)
+    -- each line's outcome counts, whatever the batch it ran in: the
+    -- share is met at line 3 (1 of 3), not judged at the batch's end
+    local first = writefile(dir .. "/first", "3\n1\n2\n4\n5\n7\n8\n")
+    rc, out, err = lpar("-j1 --halt now,fail=30% -e " .. FAIL3 .. " " .. first)
+    assert.equal(1, rc)
+    assert.equal("1\n2\n", out)
+    assert.matches("stopped at line 3 %(%-%-halt now,fail=30%%: 1 failed of 3%)", err)
     -- one in three fail: 34% is never reached
     rc, out, err = lpar("-j1 --halt now,fail=34% -e " .. FAIL3 .. " " .. items)
     assert.equal(1, rc)

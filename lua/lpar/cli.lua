@@ -1654,8 +1654,9 @@ function M.run(o, c, reader, counter, map, init, close)
                    timeout = o.timeout, chunksize = o.chunk, batched = true,
                    retries = retries, slice = M.slicer(c, nul, o.number),
                    nonblocking = (reader:regular() and not halt) or nil}
-  -- --halt ...,success= or done=: each record's outcome is seen on its own
-  if halt and halt.what ~= "fail" then jobopts.chunksize = 1 end
+  -- --halt ...,success=, done= or a share (N%): each record's outcome is
+  -- seen on its own (a count of failures alone is seen batch by batch)
+  if halt and (halt.what ~= "fail" or halt.pct) then jobopts.chunksize = 1 end
 
   -- where results and the joblog go; what a resumed run skips
   local skipped = 0
