@@ -42,17 +42,7 @@ if INTEGERS then
     return table.concat(s)
   ]]
 else
-  varint = function(v)
-    assert(v >= 0 and v < 2 ^ 64 and v == math.floor(v), v)
-    local s = {}
-    while v >= 128 do
-      local low = v % 128
-      s[#s + 1] = string.char(low + 128)
-      v = (v - low) / 128
-    end
-    s[#s + 1] = string.char(v)
-    return table.concat(s)
-  end
+  varint = H.uvarint
 end
 -- the varint of -1 as 5.3 and 5.4 write it (as unsigned: 2^64 - 1)
 local MINUS1 = string.rep("\255", 9) .. "\1"

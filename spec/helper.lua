@@ -13,6 +13,33 @@ local wait = require "posix.sys.wait"
 local H = {build = build, cli = os.getenv("LPAR_CLI") or build .. "/lpar"}
 
 -- Seconds on the monotonic clock.
+-- The bytes of n (0 <= n < 2^53) as a little-endian unsigned integer of
+-- 'size' bytes, as string.pack("<I" .. size) writes it (5.3+ only), on
+-- every Lua.
+function H.le(n, size)
+  local t = {}
+  for i = 1, size do
+    t[i] = string.char(n % 256)
+    n = math.floor(n / 256)
+  end
+  return table.concat(t)
+end
+
+-- The varint of the codec for a whole number v, 0 <= v < 2^64, held in a
+-- double (7 bits a byte, low first, the high bit set on all but the
+-- last), on every Lua.
+function H.uvarint(v)
+  assert(v >= 0 and v < 2 ^ 64 and v == math.floor(v), v)
+  local s = {}
+  while v >= 128 do
+    local low = v % 128
+    s[#s + 1] = string.char(low + 128)
+    v = (v - low) / 128
+  end
+  s[#s + 1] = string.char(v)
+  return table.concat(s)
+end
+
 function H.now()
   local t = time.clock_gettime(time.CLOCK_MONOTONIC)
   return t.tv_sec + t.tv_nsec * 1e-9

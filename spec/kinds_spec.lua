@@ -4,16 +4,7 @@
 local lpar = require "lpar"
 local H = require "spec.helper"
 
--- The bytes of n (0 <= n < 2^53) as a little-endian unsigned integer of
--- 'size' bytes, as string.pack("<I" .. size) writes it (Lua 5.3+ only).
-local function le(n, size)
-  local t = {}
-  for i = 1, size do
-    t[i] = string.char(n % 256)
-    n = math.floor(n / 256)
-  end
-  return table.concat(t)
-end
+local le = H.le
 
 -- item 2 fails as 'how' says; the others return x * 10
 local failing = {

@@ -21,16 +21,7 @@ local range = H.range
 local INTEGERS = math.type ~= nil
 local MiB = 1048576
 
--- The bytes of n (0 <= n < 2^53) as a little-endian unsigned integer of
--- 'size' bytes, as string.pack("<I" .. size) writes it (Lua 5.3+ only).
-local function le(n, size)
-  local t = {}
-  for i = 1, size do
-    t[i] = string.char(n % 256)
-    n = math.floor(n / 256)
-  end
-  return table.concat(t)
-end
+local le = H.le
 
 -- A value as text that tells every double apart (-0.0 from 0.0 too), and
 -- on 5.3+ an integer from a float: %q's hexadecimal floats there.

@@ -17,14 +17,7 @@ end
 -- The bytes of an integer as the codec writes it: its tag (3), then the
 -- zigzag varint, built with doubles (n >= 0, even, within 2^63).
 local function intbytes(n)
-  local z, t = 2 * n, {string.char(3)}
-  while z >= 128 do
-    local low = z % 128
-    t[#t + 1] = string.char(low + 128)
-    z = (z - low) / 128
-  end
-  t[#t + 1] = string.char(z)
-  return table.concat(t)
+  return string.char(3) .. H.uvarint(2 * n)
 end
 
 describe("the Lua lpar runs on", function()
