@@ -154,7 +154,8 @@ static void tellstarted(Ctx *c, Job *j, const char *why) {
     items[n++] = lua_tointeger(L, -1);
   }
   lua_pop(L, 1);
-  qsort(items, n, sizeof *items, byitem);
+  if (n > 1)
+    qsort(items, n, sizeof *items, byitem);
   for (k = 0; k < n && j->o.onevent; k++)
     tellend(c, j, uv, items[k], uv + 1, LPAR_KCANCELLED, -1, 0, 0);
   free(items);
