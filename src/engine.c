@@ -85,11 +85,15 @@ static void onwake(Loop *l, Watcher *ww, uint32_t events, void *arg) {
   }
 }
 
-/* Wait up to 'ms' for events and handle them; returns how many came. */
+/* Wait up to 'ms' for events and handle them; returns how many came. A
+   job halted now by an on_event they called has its workers stopped
+   here, once no frame is being read. */
 static int events(Ctx *c, int ms) {
   int n = lpar_loop_run(&c->e->loop, ms, c);
   if (n < 0)
     luaL_error(c->L, "epoll_wait: %s", strerror(-n));
+  if (c->e->haltnow)
+    lpar_job_stopnow(c);
   return n;
 }
 
@@ -117,7 +121,7 @@ static void pump(Ctx *c, int ms) {
   int d;
   lpar_place_reapdying(e, 0);
   pollfirst(c);
-  if (e->haltnow) /* a job halted now while results were read */
+  if (e->haltnow) /* halted now from a start event, in the last dispatch */
     lpar_job_stopnow(c);
   lpar_deal_refill(c);
   if (lpar_deal_broken(c))
@@ -128,8 +132,6 @@ static void pump(Ctx *c, int ms) {
   if (lpar_deal_canspawn(
           c)) { /* all busy: another worker, unless results are in */
     if (events(c, 0) > 0) {
-      if (e->haltnow)
-        lpar_job_stopnow(c);
       lpar_place_deadlines(c);
       lpar_deal_refill(c);
       lpar_deal_dispatch(c);
@@ -152,8 +154,6 @@ static void pump(Ctx *c, int ms) {
     ms = 0;
   e->vacated = 0;
   events(c, ms);
-  if (e->haltnow)
-    lpar_job_stopnow(c);
   lpar_place_deadlines(c);
   lpar_deal_refill(c);
   lpar_deal_dispatch(c);

@@ -162,9 +162,19 @@ static void tellstarted(Ctx *c, Job *j, const char *why) {
   lua_settop(L, uv - 2);
 }
 
-/* Job j (with on_event) is cancelled: the items started end so. */
-static void tellcancelled(Ctx *c, Job *j) {
-  tellstarted(c, j, "cancelled");
+/* Worker w stops the chunks of its job it holds: a host's agent is told
+   to (a host costs a connection) and says READY for each; a local worker
+   is killed and replaced. */
+static void stopchunks(Ctx *c, EWorker *w) {
+  if (w->host) {
+    w->job = NULL;
+    if (w->proc.cmdfd >= 0) { /* a channel that failed ends it later */
+      lpar_host_send(c, w, LPAR_FCANCEL, 0, NULL, 0);
+      lpar_place_sendsome(c->e, w);
+    }
+  }
+  else
+    lpar_place_drop(c->e, w);
 }
 
 /*
@@ -189,26 +199,17 @@ void lpar_job_end(Ctx *c, Job *j, int state, EWorker *self, int code) {
   j->state = state;
   j->failcode = code;
   e->ended = 1;
-  e->vacated = 1; /* a wait for it must not block */
-  if (state == J_CANCELLED && j->o.onevent)
-    tellcancelled(c, j);
+  e->vacated = 1;                           /* a wait for it must not block */
+  if (state == J_CANCELLED && j->o.onevent) /* the items started end so */
+    tellstarted(c, j, "cancelled");
   for (i = 0; i < e->o.n; i++) {
     EWorker *w = &e->w[i];
     if (w->job != j)
       continue;
-    /* it skips the rest and says READY; a host's agent is told to stop
-       its chunks (a host costs a connection) and says READY for each */
-    if (w->host) {
-      w->job = NULL;
-      if (w->proc.cmdfd >= 0) { /* a channel that failed ends it later */
-        lpar_host_send(c, w, LPAR_FCANCEL, 0, NULL, 0);
-        lpar_place_sendsome(e, w);
-      }
-    }
-    else if (w == self && w->nq == 1)
-      w->job = NULL;
+    if (w == self && !w->host && w->nq == 1)
+      w->job = NULL; /* it skips the rest and says READY */
     else
-      lpar_place_drop(e, w);
+      stopchunks(c, w);
   }
   detach(c, j);
 }
@@ -243,15 +244,7 @@ void lpar_job_stopnow(Ctx *c) {
       if (w->job != j || w->nq == 0)
         continue;
       lpar_place_giveback(c, w, 0);
-      if (w->host) {
-        w->job = NULL;
-        if (w->proc.cmdfd >= 0) {
-          lpar_host_send(c, w, LPAR_FCANCEL, 0, NULL, 0);
-          lpar_place_sendsome(e, w);
-        }
-      }
-      else
-        lpar_place_drop(e, w);
+      stopchunks(c, w);
     }
     e->vacated = 1;
     lpar_job_settle(c, j);

@@ -560,6 +560,29 @@ static int limitfailed(Runner *r, int status) {
 }
 
 /*
+** lua_pcall of the user's code (or of what reads the items it is given),
+** with 'nargs' and 'nres', under the message handler: the memory limit's
+** refusals count from the call on, a forked copy of the worker that comes
+** back leaves, and after a failure of the limit's the garbage the call
+** left is collected. Returns the status; *memerr, if given, says whether
+** the limit failed it.
+*/
+static int usercall(Runner *r, int nargs, int nres, int *memerr) {
+  int status, lim;
+  worklimit.refused = 0;
+  status = lua_pcall(r->L, nargs, nres, r->msgh);
+  lpar_worker_own();
+  if (status == LUA_OK)
+    return status;
+  lim = limitfailed(r, status);
+  if (lim)
+    collectleft(r->L);
+  if (memerr != NULL)
+    *memerr = lim;
+  return status;
+}
+
+/*
 ** Results this big are built and dropped item after item: from now on
 ** keep freed memory for reuse, since fresh pages cost a fault each. (Not
 ** done at start: it walks the malloc heap, copying pages shared with the
@@ -586,9 +609,7 @@ int lpar_worker_runitem(Runner *r, lua_Integer i) {
      a death before that is its failure */
   r->slot->part = -1;
   r->slot->item = i;
-  worklimit.refused = 0;
-  status = lua_pcall(L, 1, 1, r->msgh);
-  lpar_worker_own();
+  status = usercall(r, 1, 1, &r->memerr);
   if (status == LUA_OK) {
     size_t mark = r->out.n;
     if (r->count == 0)
@@ -610,26 +631,16 @@ int lpar_worker_runitem(Runner *r, lua_Integer i) {
     lua_pop(L, 1);
     lua_pushnil(L); /* no traceback */
   }
-  else {
-    r->memerr = limitfailed(r, status);
-    if (r->memerr)
-      collectleft(L);
+  else
     lpar_worker_unpackerror(L);
-  }
   lpar_worker_senderror(r, i);
   return 1;
 }
 
 int lpar_worker_hook(Runner *r, int idx) {
-  int status;
   lua_pushvalue(r->L, idx);
-  worklimit.refused = 0;
-  status = lua_pcall(r->L, 0, 0, r->msgh);
-  lpar_worker_own();
-  if (status == LUA_OK)
+  if (usercall(r, 0, 0, NULL) == LUA_OK)
     return 0;
-  if (limitfailed(r, status))
-    collectleft(r->L);
   lpar_worker_unpackerror(r->L);
   return 1;
 }
@@ -853,8 +864,7 @@ static void call(WState *ws, const Frame *f) {
   }
   lua_pushcfunction(L, lpar_worker_loadfn);
   lua_pushlstring(L, ws->in.p, ws->in.n);
-  status = lua_pcall(L, 1, 1, ws->r.msgh);
-  lpar_worker_own();
+  status = usercall(&ws->r, 1, 1, NULL);
   if (status == LUA_OK) {
     lua_replace(L, ws->fidx);
     return;
@@ -893,14 +903,11 @@ static int fetchitem(Runner *r, int idx, lua_Integer i) {
   lua_pushcfunction(L, getitem);
   lua_pushvalue(L, idx);
   lua_pushinteger(L, i);
-  worklimit.refused = 0;
-  status = lua_pcall(L, 2, 1, r->msgh);
-  lpar_worker_own();
+  status = usercall(r, 2, 1, &r->memerr);
   r->slot->item = 0;
   if (status == LUA_OK)
     return 0;
   lpar_worker_unpackerror(L); /* function, error, traceback */
-  r->memerr = limitfailed(r, status);
   lua_remove(L, -3);
   lpar_worker_senderror(r, i);
   return 1;
@@ -953,9 +960,7 @@ static int decodeitem(WState *ws, lua_Integer i, size_t *pos) {
   lua_pushcfunction(L, decodeat);
   lua_pushlightuserdata(L, &ws->in);
   lua_pushinteger(L, (lua_Integer)*pos);
-  worklimit.refused = 0;
-  status = lua_pcall(L, 2, 2, ws->r.msgh);
-  lpar_worker_own();
+  status = usercall(&ws->r, 2, 2, &ws->r.memerr);
   if (status == LUA_OK) {
     if (lua_isnil(L, -1))
       _exit(LPAR_EXITBADINPUT); /* the parent sent bad bytes */
@@ -966,7 +971,6 @@ static int decodeitem(WState *ws, lua_Integer i, size_t *pos) {
   if (skipstring(&ws->in, pos) != 0)
     _exit(LPAR_EXITBROKEN);
   lpar_worker_unpackerror(L); /* function, error, traceback */
-  ws->r.memerr = limitfailed(&ws->r, status);
   lua_remove(L, -3);
   lpar_worker_senderror(&ws->r, i);
   return 1;

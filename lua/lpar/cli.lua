@@ -812,6 +812,13 @@ end
 -- still held when the next batch comes.
 local BIGBATCH = 1048576 -- 2^20, written so that every Lua parses it
 
+-- Whether batch 'block' (its bytes, or the range {offset, length} of
+-- them in the input file) is that long.
+local function isbig(block)
+  return (type(block) == "string" and #block or type(block) == "table" and block[2] or 0)
+         >= BIGBATCH
+end
+
 -- The function the workers run on a batch (a block of records, see
 -- main.c; the engine's policy sizes it): a block is the records' bytes
 -- (a pipe, several files, --shard, hosts) or, for one regular file, the
@@ -874,7 +881,7 @@ function M.batcher(map, fmt, nul, halt, timed, c, maxmem, label, plain)
   return function(block)
     local parts
     if label then first, block = block[1], block[2] end
-    local big = (type(block) == "table" and block[2] or #block) >= BIGBATCH
+    local big = isbig(block)
     -- the result of the last long batch, sent, is garbage: before another
     -- long batch is read, let it go
     if big then collectgarbage() end
@@ -2070,8 +2077,7 @@ function M.run(o, c, reader, counter, map, init, close)
       firstof[i] = nil
       -- a long line (its bytes from a pipe, its result from a file): let
       -- it go now, not when the next one is in too
-      if (type(block) == "string" and #block or type(block) == "table" and block[2] or 0)
-         >= BIGBATCH then
+      if isbig(block) then
         block, recs, r = nil, nil, nil -- luacheck: ignore 311
         collectgarbage()
       end
