@@ -82,16 +82,28 @@ end)
 describe("job:halt() of an imap job over a table", function()
   it("ends with the items never handed out coming back as not run", function()
     -- before: the job waited for items it would never hand out
+    -- items past 2 wait (60 s at most) until the test has halted the job,
+    -- so that most are still to be handed out then
+    local dir = H.tmpdir()
+    local go = dir .. "/go"
     local pool = lpar.pool({n_workers = 2})
     local items = {}
     for i = 1, 200 do items[i] = i end
-    local iter, _, _, job = pool:imap(function(x) return x end, items, {chunksize = 1})
+    local iter, _, _, job = pool:imap(function(x)
+      local deadline = os.time() + 60
+      while x > 2 and not io.open(go) and os.time() < deadline do os.execute("sleep 0.01") end
+      return x
+    end, items, {chunksize = 1})
     local n, last = 0, 0
     for i, v in iter, nil, nil, job do
-      if i == 2 then job:halt() end
+      if i == 2 then
+        job:halt()
+        H.writefile(go, "")
+      end
       if v ~= nil then n = n + 1 end
       last = i
     end
+    H.rmdir(dir)
     assert.equal(200, last)
     assert.is_true(n >= 2 and n < 200, n .. " results")
     assert.equal("done", job:status())
