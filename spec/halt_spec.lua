@@ -3,25 +3,35 @@
 local lpar = require "lpar"
 local H = require "spec.helper"
 
--- f: item 1 waits (up to 60 s) until the file 'go' exists, saying so
--- in 'started' first; item 3 fails; the others come back at once.
+-- Wait (60 s at most) until the file 'path' exists.
+local function await(path)
+  local deadline = os.time() + 60
+  while not io.open(path) and os.time() < deadline do os.execute("sleep 0.05") end
+end
+
+-- f: item 1 waits until the file 'go' exists, saying so in 'started'
+-- first; item 3 fails once the file 'ready' exists (the caller has the
+-- job then: events can come inside the imap call); the others come back
+-- at once.
 local function blocker(dir)
-  local started, go = dir .. "/started", dir .. "/go"
+  local started, go, ready = dir .. "/started", dir .. "/go", dir .. "/ready"
   return function(x)
     if x == 1 then
       io.open(started, "w"):close()
-      local deadline = os.time() + 60
-      while not io.open(go) and os.time() < deadline do os.execute("sleep 0.05") end
+      await(go)
     end
-    if x == 3 then error("three") end
+    if x == 3 then
+      await(ready)
+      error("three")
+    end
     return x
-  end, started, go
+  end, started, ready
 end
 
 describe("job:halt('now')", function()
   it("kills the workers running the job's items at once: they come back as not run", function()
     local dir = H.tmpdir()
-    local f, started = blocker(dir)
+    local f, started, ready = blocker(dir)
     local pool = lpar.pool({n_workers = 2})
     local job
     local ends = {}
@@ -37,6 +47,7 @@ describe("job:halt('now')", function()
         end
       end})
     job = j
+    H.writefile(ready, "")
     local got, errs = {}, {}
     local t0 = os.time()
     for i, v, e in iter, nil, nil, job do got[i], errs[i] = v, e end
@@ -90,8 +101,7 @@ describe("job:halt() of an imap job over a table", function()
     local items = {}
     for i = 1, 200 do items[i] = i end
     local iter, _, _, job = pool:imap(function(x)
-      local deadline = os.time() + 60
-      while x > 2 and not io.open(go) and os.time() < deadline do os.execute("sleep 0.01") end
+      if x > 2 then await(go) end
       return x
     end, items, {chunksize = 1})
     local n, last = 0, 0
@@ -113,12 +123,16 @@ end)
 
 describe("on_event of a job that halts", function()
   it("ends every item that started, those sent back unrun too", function()
-    -- one worker takes items 1..4 as a chunk and dies on item 1: items 2
-    -- to 4 go back unrun, and the job halts at item 1's end
+    -- one worker takes items 1..4 as a chunk and dies on item 1 (once
+    -- the imap call has returned the job: up to 60 s): items 2 to 4 go
+    -- back unrun, and the job halts at item 1's end
+    local dir = H.tmpdir()
+    local go = dir .. "/go"
     local pool = lpar.pool({n_workers = 1})
     local starts, ends, status = {}, {}, {}
     local job
     local iter, _, _, j = pool:imap(function(x)
+      await(go)
       if x == 1 then os.exit(3) end
       return x
     end, {1, 2, 3, 4}, {chunksize = 4, on_error = "collect", on_event = function(ev)
@@ -131,9 +145,11 @@ describe("on_event of a job that halts", function()
       end
     end})
     job = j
+    H.writefile(go, "")
     local got = {}
     for i, v, e in iter, nil, nil, job do got[i] = {v, e} end
     pool:close()
+    H.rmdir(dir)
     assert.equal("lost", status[1])
     assert.matches("exited with status 3", got[1][2])
     for i = 1, 4 do
