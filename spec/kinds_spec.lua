@@ -244,3 +244,59 @@ describe("lpar.errkind", function()
     assert.has_error(function() lpar.errkind() end)
   end)
 end)
+
+describe("the memory limit (max_memory) and the kinds", function()
+  -- kind and message (first line) of each item of an imap under a limit,
+  -- of the items made(): made once the pool's worker started (it would
+  -- inherit them)
+  local function run(f, made)
+    local got = {}
+    collectgarbage() -- what an earlier case left would count in the worker
+    collectgarbage()
+    local pool = lpar.pool({n_workers = 1, max_memory = "8M"})
+    pool:map(function(x) return x end, {1})
+    for i, v, e, _, kind in pool:imap(f, made(), {on_error = "collect", chunksize = 1}) do
+      got[i] = e == nil and {v} or {kind, (tostring(e):match("^[^\n]*"))}
+    end
+    -- the pool goes on
+    assert.same({1, 2}, pool:map(function(x) return x end, {1, 2}))
+    pool:close()
+    return got
+  end
+
+  it("fails a table item too big for the worker alone, as memory", function()
+    -- before: the worker could not step over it, and left; the run
+    -- failed and the pool was broken (workers keep dying)
+    local got = run(function(x) return type(x) end,
+                    function() return {"a", {("z"):rep(12 * 1048576)}, "b"} end)
+    assert.same({"string"}, got[1])
+    assert.same({"memory", "not enough memory (limit 8 MiB)"}, got[2])
+    assert.same({"string"}, got[3])
+  end)
+
+  it("keeps its own kind and message for an error after a refusal the item caught", function()
+    local got = run(function(x)
+      if x == 1 then
+        pcall(string.rep, "x", 2 ^ 26) -- refused, and caught
+        error("database down", 0)
+      end
+      if x == 2 then error("not enough memory", 0) end -- said by the item
+      return x
+    end, function() return {1, 2, 3} end)
+    assert.same({"error", "database down"}, got[1])
+    assert.same({"error", "not enough memory"}, got[2])
+    assert.same({3}, got[3])
+  end)
+
+  it("names the limit when init goes past it", function()
+    local ok, e = pcall(lpar.parallel, function(x) return x end, {1}, {n_workers = 1, max_memory = "8M",
+      init = function()
+        local t = {}
+        for i = 1, 1e7 do t[i] = {} end
+        return #t
+      end})
+    assert.is_false(ok)
+    assert.equal("init", lpar.errkind(e))
+    assert.matches("^worker init failed: not enough memory %(limit 8 MiB%)", e)
+  end)
+end)

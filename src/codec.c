@@ -752,3 +752,53 @@ int lpar_codec_decode(lua_State *L, const char *p, size_t len, size_t *pos) {
   *pos = ds.pos;
   return 0;
 }
+
+/* lpar_codec_skip at nesting 'depth'. */
+static int skipvalue(const char *p, size_t len, size_t *pos, int depth) {
+  unsigned long long v;
+  if (*pos >= len || depth > LPAR_MAXDEPTH)
+    return -1;
+  switch ((unsigned char)p[(*pos)++]) {
+  case LPAR_TNIL:
+  case LPAR_TFALSE:
+  case LPAR_TTRUE:
+    return 0;
+  case LPAR_TINT:
+  case LPAR_TREF:
+    return lpar_codec_getvarint(p, len, pos, &v);
+  case LPAR_TFLOAT:
+    if (len - *pos < 8)
+      return -1;
+    *pos += 8;
+    return 0;
+  case LPAR_TSTR:
+    if (lpar_codec_getvarint(p, len, pos, &v) != 0 || v > len - *pos)
+      return -1;
+    *pos += (size_t)v;
+    return 0;
+  case LPAR_TTABLE: /* each value takes a byte at least: n is bounded */
+    if (lpar_codec_getvarint(p, len, pos, &v) != 0)
+      return -1;
+    for (; v > 0; v--)
+      if (skipvalue(p, len, pos, depth + 1) != 0)
+        return -1;
+    while (*pos < len && (unsigned char)p[*pos] != LPAR_TEND)
+      if (skipvalue(p, len, pos, depth + 1) != 0 ||
+          skipvalue(p, len, pos, depth + 1) != 0)
+        return -1;
+    if (*pos >= len)
+      return -1;
+    (*pos)++;
+    return 0;
+  default:
+    return -1;
+  }
+}
+
+int lpar_codec_skip(const char *p, size_t len, size_t *pos) {
+  size_t at = *pos;
+  if (skipvalue(p, len, &at, 0) != 0)
+    return -1;
+  *pos = at;
+  return 0;
+}

@@ -38,6 +38,10 @@ int lpar_codec_encode(lua_State *L, int idx, Buf *b);
 */
 int lpar_codec_decode(lua_State *L, const char *p, size_t len, size_t *pos);
 
+/* Move *pos past the value encoded at p[*pos .. len) without making it
+   (nothing is allocated): 0, or -1 if it is not a whole value. */
+int lpar_codec_skip(const char *p, size_t len, size_t *pos);
+
 /* Push a userdata holding an empty Buf that its __gc frees. */
 Buf *lpar_codec_newbuf(lua_State *L);
 

@@ -551,12 +551,27 @@ static void collectleft(lua_State *L) {
   worklimit.refused = 0;
 }
 
-/* Whether an item's call that ended with 'status' (not LUA_OK) failed of
-   r's memory limit; forgets the refusal noted. */
+/* what lauxlib raises, as a plain error, when a buffer cannot grow (5.3) */
+#define BUFFERMSG "not enough memory for buffer allocation"
+
+/*
+** Whether an item's call that ended with 'status' (not LUA_OK), its error
+** value on top, failed of r's memory limit; forgets the refusal noted. It
+** did if the limit refused a request the call never got, and the call
+** ended with a memory error or lauxlib's word for one: an error raised
+** after a refusal the code caught is its own.
+*/
 static int limitfailed(Runner *r, int status) {
   int refused = worklimit.refused;
+  size_t len, n = sizeof BUFFERMSG - 1;
+  const char *s;
   worklimit.refused = 0;
-  return r->limit != NULL && (status == LUA_ERRMEM || refused);
+  if (r->limit == NULL || !refused)
+    return 0;
+  if (status == LUA_ERRMEM)
+    return 1;
+  s = lua_type(r->L, -1) == LUA_TSTRING ? lua_tolstring(r->L, -1, &len) : NULL;
+  return s != NULL && len >= n && memcmp(s + len - n, BUFFERMSG, n) == 0;
 }
 
 /*
@@ -638,10 +653,17 @@ int lpar_worker_runitem(Runner *r, lua_Integer i) {
 }
 
 int lpar_worker_hook(Runner *r, int idx) {
+  int memerr = 0;
   lua_pushvalue(r->L, idx);
-  if (usercall(r, 0, 0, NULL) == LUA_OK)
+  if (usercall(r, 0, 0, &memerr) == LUA_OK)
     return 0;
   lpar_worker_unpackerror(r->L);
+  if (memerr) { /* named as an item's is */
+    lua_pushfstring(r->L, "not enough memory (limit %s)", r->limit);
+    lua_replace(r->L, -3);
+    lua_pushnil(r->L);
+    lua_replace(r->L, -2);
+  }
   return 1;
 }
 
@@ -927,27 +949,11 @@ static int decodeat(lua_State *L) {
   return 2;
 }
 
-/* Move *pos past the item there if it is a string (the CLI's batches
-   are): 0; -1 if it is not, or its bytes are bad. */
-static int skipstring(const Buf *b, size_t *pos) {
-  size_t at = *pos;
-  unsigned long long len;
-  if (at >= b->n || (unsigned char)b->p[at] != LPAR_TSTR)
-    return -1;
-  at++;
-  if (lpar_codec_getvarint(b->p, b->n, &at, &len) != 0 || len > b->n - at)
-    return -1;
-  *pos = at + (size_t)len;
-  return 0;
-}
-
 /*
 ** Push item i of the ITEMS frame at *pos (under the function), decoded
 ** under a protected call when the heap has a limit: 0; or, when the heap
 ** cannot hold it (past max_memory), send that error as item i's, pop the
-** function and move *pos past it: 1. A worker that cannot find where the
-** next item starts (the item is not a string) leaves, as one that fails
-** outside an item.
+** function and move *pos past it: 1.
 */
 static int decodeitem(WState *ws, lua_Integer i, size_t *pos) {
   lua_State *L = ws->r.L;
@@ -968,8 +974,8 @@ static int decodeitem(WState *ws, lua_Integer i, size_t *pos) {
     lua_pop(L, 1);
     return 0;
   }
-  if (skipstring(&ws->in, pos) != 0)
-    _exit(LPAR_EXITBROKEN);
+  if (lpar_codec_skip(ws->in.p, ws->in.n, pos) != 0)
+    _exit(LPAR_EXITBADINPUT); /* the parent sent bad bytes */
   lpar_worker_unpackerror(L); /* function, error, traceback */
   lua_remove(L, -3);
   lpar_worker_senderror(&ws->r, i);
