@@ -61,8 +61,11 @@ static int decodeall(lua_State *L) {
     lua_pushboolean(L, 0);
   }
   else {
+    size_t skipped = 0;
     if (pos == 0 || pos > len)
       abort(); /* a value takes at least its tag, and no more than given */
+    if (lpar_codec_skip(p, len, &skipped) != 0 || skipped != pos)
+      abort(); /* skipping a value ends where decoding it does */
     lua_pushboolean(L, 1);
   }
   return 2;
